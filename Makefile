@@ -1,0 +1,36 @@
+# `make test` and `make bench` set up their own environment: .venv, refreshed whenever
+# pyproject.toml changes. Nothing but Python >= 3.10 is needed beforehand.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: test bench bench-quick bench-micro lint sample clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "Python >= 3.10 is needed"'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,plots]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m mlshift_jax bench
+
+bench-quick: $(STAMP)
+	$(PY) -m mlshift_jax bench --quick
+
+bench-micro: $(STAMP)
+	$(PY) -m pytest bench -q --benchmark-only --benchmark-autosave
+
+lint: $(STAMP)
+	$(PY) -m ruff check mlshift_jax tests bench scripts
+
+# Rebuild the bundled sample from a full MNIST (MLSHIFT_DATA_DIR or the cache).
+sample: $(STAMP)
+	$(PY) scripts/make_sample.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .benchmarks
