@@ -1,0 +1,30 @@
+"""Shared fixtures. Tests never reach the internet: downloads are switched off here, and the
+data comes from MLSHIFT_DATA_DIR (CI points it at the full MNIST) or the bundled sample."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("MLSHIFT_NO_DOWNLOAD", "1")
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    """Whatever MNIST this machine has: the full set, else the bundled sample."""
+    import warnings
+
+    from mlshift_jax import data
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return data.load("mnist")
+
+
+@pytest.fixture(scope="session")
+def full_mnist(mnist):
+    """The full MNIST (60k/10k); skips where only the bundled sample is present."""
+    if mnist.is_sample:
+        pytest.skip("full MNIST not found: set MLSHIFT_DATA_DIR to a folder with the IDX files")
+    return mnist
