@@ -1,0 +1,130 @@
+"""Trainers: the study's per-sample rule as one `lax.scan`, minibatch optax training, and
+populations of models trained at once with `vmap`.
+
+Everything here is a pure function of (key or params, data); one `jit` covers a whole
+training run, so a population is just `vmap` of the same function over a leading model axis.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mlshift_jax.errors import ConfigError
+from mlshift_jax.models import Model, Params, study_targets
+
+OPTIMIZERS = {"sgd": optax.sgd, "adam": optax.adam}
+
+
+# --- the study's per-sample rule ---------------------------------------------------------
+
+
+def seed_sgd_step(params: Params, x: jax.Array, t: jax.Array, lr) -> Params:
+    """One update of the study's `neuralNetwork.train`, exactly as written.
+
+    x: [784], t: [10] (0.01/0.99 targets). The hidden layer receives the raw output errors
+    (`who.T @ output_errors`), not the gradient of the squared error: this is the study's
+    rule, not `jax.grad`.
+    """
+    wih, who = params["wih"], params["who"]
+    hidden = jax.nn.sigmoid(wih @ x)
+    out = jax.nn.sigmoid(who @ hidden)
+    out_err = t - out
+    hid_err = who.T @ out_err
+    return {
+        "wih": wih + lr * jnp.outer(hid_err * hidden * (1.0 - hidden), x),
+        "who": who + lr * jnp.outer(out_err * out * (1.0 - out), hidden),
+    }
+
+
+@partial(jax.jit, static_argnames=("epochs",))
+def train_seed_sgd(params: Params, x: jax.Array, y: jax.Array, *, lr, epochs: int = 1) -> Params:
+    """The study's training loop: `epochs` passes over x in order, one sample per update.
+
+    params: {"wih": [h, 784], "who": [10, h]}; x: [n, 784]; y: int [n]. One compiled scan.
+    """
+    t = study_targets(y, params["who"].shape[0], params["who"].dtype)
+    x = x.astype(params["wih"].dtype)
+
+    def one_sample(p, xt):
+        return seed_sgd_step(p, xt[0], xt[1], lr), None
+
+    def one_epoch(p, _):
+        return jax.lax.scan(one_sample, p, (x, t))[0], None
+
+    return jax.lax.scan(one_epoch, params, None, length=epochs)[0]
+
+
+# --- minibatch training with optax -------------------------------------------------------
+
+
+def make_optimizer(name: str, lr: float) -> optax.GradientTransformation:
+    """optax optimizer by name ("sgd" or "adam") at learning rate lr."""
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {name!r}; expected one of {sorted(OPTIMIZERS)}")
+    return OPTIMIZERS[name](lr)
+
+
+@partial(jax.jit, static_argnames=("model", "optimizer", "lr", "batch_size", "epochs"))
+def train_minibatch(key: jax.Array, params: Params, x: jax.Array, y: jax.Array, *,
+                    model: Model, optimizer: str = "adam", lr: float = 3e-3,
+                    batch_size: int = 64, epochs: int = 5) -> Params:
+    """Minibatch training on the mean of `model.loss` over each batch.
+
+    key: shuffles each epoch (fold_in(key, epoch)); x: [n, 784]; y: int [n]. The last
+    n % batch_size samples of each shuffled epoch are dropped. One compiled run.
+    """
+    opt = make_optimizer(optimizer, lr)
+    n_batches = x.shape[0] // batch_size
+    x = x.astype(jax.tree.leaves(params)[0].dtype)
+
+    def batch_loss(p, xb, yb):
+        return jnp.mean(jax.vmap(model.loss, in_axes=(None, 0, 0))(p, xb, yb))
+
+    def one_batch(carry, idx):
+        p, s = carry
+        grads = jax.grad(batch_loss)(p, x[idx], y[idx])
+        updates, s = opt.update(grads, s, p)
+        return (optax.apply_updates(p, updates), s), None
+
+    def one_epoch(carry, epoch):
+        perm = jax.random.permutation(jax.random.fold_in(key, epoch), x.shape[0])
+        batches = perm[: n_batches * batch_size].reshape(n_batches, batch_size)
+        return jax.lax.scan(one_batch, carry, batches)[0], None
+
+    (params, _), _ = jax.lax.scan(one_epoch, (params, opt.init(params)), jnp.arange(epochs))
+    return params
+
+
+# --- populations --------------------------------------------------------------------------
+
+
+def init_population(model: Model, keys: jax.Array, **init_kw) -> Params:
+    """Stacked initial params, one model per key. keys: [m] -> params with leading axis m."""
+    return jax.vmap(partial(model.init, **init_kw))(keys)
+
+
+def data_axis(x: jax.Array) -> int | None:
+    """0 when x is stacked per model ([m, n, 784]), None when shared by all ([n, 784])."""
+    return 0 if x.ndim == 3 else None
+
+
+def train_seed_sgd_population(params: Params, x: jax.Array, y: jax.Array, *, lr,
+                              epochs: int = 1) -> Params:
+    """`train_seed_sgd` for a population in one jit. params: leading axis m; x: [n, 784]
+    shared, or [m, n, 784] one dataset per model (y alike)."""
+    ax = data_axis(x)
+    fn = jax.vmap(partial(train_seed_sgd, lr=lr, epochs=epochs), in_axes=(0, ax, ax))
+    return fn(params, x, y)
+
+
+def train_minibatch_population(keys: jax.Array, params: Params, x: jax.Array, y: jax.Array,
+                               **kw) -> Params:
+    """`train_minibatch` for a population in one jit (vmap over keys, params and, when
+    stacked, the data). kw: the static settings of `train_minibatch`."""
+    ax = data_axis(x)
+    fn = jax.vmap(partial(train_minibatch, **kw), in_axes=(0, 0, ax, ax))
+    return fn(keys, params, x, y)
