@@ -1,0 +1,98 @@
+"""How mlshift_jax times things: the JAX FAQ's way ("Benchmarking JAX code").
+
+- Inputs go on the device first (`jax.device_put`), so that host->device transfer is not
+  timed; `time_call` does not move them.
+- The first call, which traces and compiles, is timed apart (`compile_s`).
+- Every timed call ends with `jax.block_until_ready` on its output, since JAX dispatches
+  asynchronously. It passes non-JAX leaves (numpy arrays, floats, None) through untouched,
+  so numpy baselines are timed by the same function.
+- The statistics are those of pytest-benchmark / asv: median, min, max, IQR over `rounds`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from mlshift_jax.errors import ConfigError
+
+
+class Timing(NamedTuple):
+    """Wall-clock seconds of one timed function.
+
+    compile_s: the first call (trace + compile + run), None when warmup=0.
+    median_s, min_s, max_s, iqr_s: over the `rounds` timed calls (iqr: 75th - 25th percentile,
+    numpy's linear interpolation; 0 for a single round).
+    times_s: every timed call, in order.
+    """
+
+    compile_s: float | None
+    median_s: float
+    min_s: float
+    max_s: float
+    iqr_s: float
+    rounds: int
+    times_s: tuple[float, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON-ready dict of the fields (times_s as a list)."""
+        d = self._asdict()
+        d["times_s"] = list(self.times_s)
+        return d
+
+
+def _timed(fn: Callable[..., Any], args: tuple, sync: Callable[[Any], Any]) -> float:
+    start = time.perf_counter()
+    sync(fn(*args))
+    return time.perf_counter() - start
+
+
+def time_call(
+    fn: Callable[..., Any],
+    *args: Any,
+    rounds: int = 5,
+    warmup: int = 1,
+    sync: Callable[[Any], Any] = jax.block_until_ready,
+) -> Timing:
+    """Time `fn(*args)`: `warmup` calls first, then `rounds` timed calls.
+
+    args should already be on the device (`jax.device_put`); they are passed as they are.
+    The first warmup call is timed as `compile_s`; the others only warm caches. Every call,
+    warmup or timed, ends with `sync(output)` inside its timing (`jax.block_until_ready`).
+    Pass keyword arguments with `functools.partial`. Calls `fn` exactly `warmup + rounds`
+    times.
+
+    For slow numpy baselines use `time_once` (rounds=1, warmup=0): the single call is the
+    measurement and compile_s is None.
+    """
+    if rounds < 1:
+        raise ConfigError(f"time_call: rounds must be >= 1, got {rounds}")
+    if warmup < 0:
+        raise ConfigError(f"time_call: warmup must be >= 0, got {warmup}")
+    compile_s = None
+    for i in range(warmup):
+        t = _timed(fn, args, sync)
+        if i == 0:
+            compile_s = t
+    times = np.array([_timed(fn, args, sync) for _ in range(rounds)])
+    q1, q3 = np.percentile(times, [25, 75])
+    return Timing(
+        compile_s=compile_s,
+        median_s=float(np.median(times)),
+        min_s=float(np.min(times)),
+        max_s=float(np.max(times)),
+        iqr_s=float(q3 - q1),
+        rounds=rounds,
+        times_s=tuple(float(t) for t in times),
+    )
+
+
+def time_once(
+    fn: Callable[..., Any], *args: Any, sync: Callable[[Any], Any] = jax.block_until_ready
+) -> Timing:
+    """One call, no warmup: for numpy baselines too slow to repeat. compile_s is None."""
+    return time_call(fn, *args, rounds=1, warmup=0, sync=sync)

@@ -1,0 +1,103 @@
+"""Structure of `time_call`, never speed: the machine is noisy."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlshift_jax.errors import ConfigError
+from mlshift_jax.timing import Timing, time_call, time_once
+
+
+@jax.jit
+def _square_sum(x):
+    return jnp.sum(x * x)
+
+
+class _Counter:
+    """Wraps a function and counts its calls."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.fn(*args)
+
+
+@pytest.fixture(scope="module")
+def x():
+    return jax.device_put(jnp.ones((64, 64)))
+
+
+@pytest.mark.parametrize("rounds,warmup", [(1, 0), (3, 1), (4, 2)])
+def test_calls_rounds_plus_warmup_times(x, rounds, warmup):
+    fn = _Counter(_square_sum)
+    t = time_call(fn, x, rounds=rounds, warmup=warmup)
+    assert fn.calls == rounds + warmup
+    assert t.rounds == rounds and len(t.times_s) == rounds
+    assert (t.compile_s is None) == (warmup == 0)
+
+
+def test_stats_are_ordered(x):
+    t = time_call(_square_sum, x, rounds=7)
+    assert 0 < t.min_s <= t.median_s <= t.max_s
+    assert 0 <= t.iqr_s <= t.max_s - t.min_s
+    assert t.compile_s is not None and t.compile_s > 0
+    assert min(t.times_s) == t.min_s and max(t.times_s) == t.max_s
+
+
+def test_compile_call_is_timed_apart_from_rounds(x):
+    slow_first = {"n": 0}
+
+    def fn(a):
+        slow_first["n"] += 1
+        if slow_first["n"] == 1:
+            time.sleep(0.3)  # stands in for compilation
+        return _square_sum(a)
+
+    t = time_call(fn, x, rounds=3, warmup=1)
+    assert t.compile_s >= 0.3
+    assert t.max_s < 0.3
+
+
+def test_every_call_is_synced_inside_the_timing(x):
+    seen = []
+
+    def sync(out):
+        seen.append(out)
+        time.sleep(0.01)  # the sync's duration must land inside each measurement
+        return jax.block_until_ready(out)
+
+    t = time_call(_square_sum, x, rounds=3, warmup=1, sync=sync)
+    assert len(seen) == 4
+    assert all(isinstance(o, jax.Array) and o.is_ready() for o in seen)
+    assert t.min_s >= 0.01 and t.compile_s >= 0.01
+
+
+def test_default_sync_is_block_until_ready_and_passes_numpy_through():
+    assert time_call.__kwdefaults__["sync"] is jax.block_until_ready
+    out = np.arange(3.0)
+    assert jax.block_until_ready(out) is out
+    assert jax.block_until_ready({"a": 1.0, "b": None}) == {"a": 1.0, "b": None}
+    t = time_once(np.linalg.norm, np.ones(10))
+    assert t.rounds == 1 and t.compile_s is None and t.iqr_s == 0.0
+    assert t.min_s == t.median_s == t.max_s
+
+
+def test_to_dict_is_json_ready(x):
+    t = time_call(_square_sum, x, rounds=2)
+    d = t.to_dict()
+    assert set(d) == set(Timing._fields)
+    assert json.loads(json.dumps(d)) == d
+
+
+@pytest.mark.parametrize("kwargs", [{"rounds": 0}, {"warmup": -1}])
+def test_bad_arguments_raise(x, kwargs):
+    with pytest.raises(ConfigError):
+        time_call(_square_sum, x, **kwargs)
