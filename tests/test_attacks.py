@@ -1,0 +1,347 @@
+"""Property tests of the test-time attacks (cleverhans-style), driven by `ATTACKS`.
+
+eps=0 returns x; the perturbation stays within eps; outputs stay in [lo, hi]; the FGSM
+gradient matches finite differences and the numpy baseline; PGD is at least as strong as
+FGSM on a trained model; targeted attacks move predictions to the target; eps sweeps never
+recompile; bad arguments raise ConfigError.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlshift_jax import attacks, baseline
+from mlshift_jax.attacks import ATTACKS, Attack, get_attack
+from mlshift_jax.errors import ConfigError
+from mlshift_jax.models import MLP_CE, SEED_MLP, Model, predict
+
+N_TRAIN, N_TEST, TARGET = 3000, 500, 3
+NAMES = sorted(ATTACKS)
+KEY = jax.random.key(0)
+
+
+@pytest.fixture(scope="session")
+def trained(mnist):
+    """The study's numpy MLP (784-100-10, lr 0.1) after one epoch on 3000 images.
+
+    Returns the float64 net, its float32 params for JAX, and 500 test images (float32).
+    """
+    net = baseline.neuralNetwork(784, 100, 10, 0.1, rng=np.random.default_rng(0))
+    net.train_epoch(np.asarray(mnist.x_train[:N_TRAIN], np.float64), mnist.y_train[:N_TRAIN])
+    params = {k: jnp.asarray(v, jnp.float32) for k, v in net.params().items()}
+    x = np.asarray(mnist.x_test[:N_TEST], np.float32)
+    y = np.asarray(mnist.y_test[:N_TEST], np.int32)
+    return net, params, x, y
+
+
+def accuracy(params, x, y, model=SEED_MLP) -> float:
+    return float(jnp.mean(jnp.argmax(predict(model, params, x), -1) == y))
+
+
+def run(name, params, x, y, eps, model=SEED_MLP, **kw):
+    """Call attack `name` with the key/target it needs."""
+    attack = get_attack(name)
+    if attack.needs_key:
+        kw.setdefault("key", KEY)
+    if attack.targeted:
+        kw.setdefault("target", TARGET)
+    return attack.fn(model, params, x, y, eps=eps, **kw)
+
+
+# --- the registry ------------------------------------------------------------------------------
+
+
+def test_registry():
+    assert set(ATTACKS) == {"none", "noise-sign", "noise-uniform", "noise-gauss", "fgsm", "pgd",
+                            "fgsm-targeted", "pgd-targeted"}
+    for name, attack in ATTACKS.items():
+        assert isinstance(attack, Attack) and attack.name == name and callable(attack.fn)
+        assert get_attack(name) is attack
+    assert {n for n, a in ATTACKS.items() if a.targeted} == {"fgsm-targeted", "pgd-targeted"}
+    assert {n for n, a in ATTACKS.items() if a.needs_key} == {
+        "noise-sign", "noise-uniform", "noise-gauss", "pgd", "pgd-targeted"}
+
+
+def test_default_range_is_the_data_scaling():
+    from mlshift_jax import data
+
+    assert (attacks.INPUT_LO, attacks.INPUT_HI) == tuple(data.INPUT_RANGE)
+
+
+def test_unknown_attack_lists_known_names():
+    with pytest.raises(ConfigError, match="fgsm") as err:
+        get_attack("fgsn")
+    assert "fgsn" in str(err.value) and "pgd-targeted" in str(err.value)
+
+
+# --- properties over the registry --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_eps_zero_returns_x(trained, name):
+    _, params, x, y = trained
+    x_adv = run(name, params, x, y, 0.0)
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
+    np.testing.assert_array_equal(np.asarray(x_adv), x)
+    assert accuracy(params, x_adv, y) == accuracy(params, x, y)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("eps", [0.05, 0.3])
+def test_within_eps_and_range(trained, name, eps):
+    _, params, x, y = trained
+    x_adv = np.asarray(run(name, params, x, y, eps))
+    assert np.all(np.isfinite(x_adv))
+    assert x_adv.min() >= attacks.INPUT_LO and x_adv.max() <= attacks.INPUT_HI
+    if attacks.linf_bounded(name):
+        assert np.abs(x_adv - x).max() <= eps + 1e-6
+    if name != "none":
+        assert np.abs(x_adv - x).max() > 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_custom_range_on_an_untrained_ce_model(name):
+    """Other model, other range: outputs in [lo, hi], and in the eps-ball of clip(x)."""
+    params = MLP_CE.init(jax.random.key(1), n_hidden=32)
+    lo, hi, eps = 0.2, 0.7, 0.1
+    x = jax.random.uniform(jax.random.key(2), (64, 784), minval=lo, maxval=hi)
+    y = jnp.arange(64, dtype=jnp.int32) % 10
+    x_adv = np.asarray(run(name, params, x, y, eps, model=MLP_CE, lo=lo, hi=hi))
+    assert x_adv.min() >= np.float32(lo) and x_adv.max() <= np.float32(hi)
+    if attacks.linf_bounded(name):
+        assert np.abs(x_adv - np.asarray(x)).max() <= eps + 1e-6
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_runs_under_an_outer_jit_with_traced_eps(trained, name):
+    """The attacks compose with jit (eps traced) and give the same answer as the plain call."""
+    _, params, x, y = trained
+    kw = {"key": KEY} if ATTACKS[name].needs_key else {}
+    if ATTACKS[name].targeted:
+        kw["target"] = TARGET
+    fn = ATTACKS[name].fn
+    jitted = jax.jit(lambda p, x, y, e: fn(SEED_MLP, p, x, y, eps=e, **kw))
+    np.testing.assert_allclose(jitted(params, x[:50], y[:50], 0.2),
+                               fn(SEED_MLP, params, x[:50], y[:50], eps=0.2, **kw), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if ATTACKS[n].needs_key])
+def test_keys_same_result_same_key(trained, name):
+    _, params, x, y = trained
+    a = run(name, params, x[:50], y[:50], 0.1, key=jax.random.key(7))
+    b = run(name, params, x[:50], y[:50], 0.1, key=jax.random.key(7))
+    c = run(name, params, x[:50], y[:50], 0.1, key=jax.random.key(8))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    with pytest.raises(ConfigError, match="key"):
+        ATTACKS[name].fn(SEED_MLP, params, x, y, eps=0.1,
+                         **({"target": TARGET} if ATTACKS[name].targeted else {}))
+
+
+# --- gradients against references --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", [SEED_MLP, MLP_CE], ids=lambda m: m.name)
+def test_input_grad_matches_finite_differences(model):
+    with jax.enable_x64(True):
+        params = model.init(jax.random.key(3), n_in=20, n_hidden=8, dtype=jnp.float64)
+        x = jax.random.uniform(jax.random.key(4), (4, 20), jnp.float64, 0.01, 1.0)
+        y = jnp.array([0, 3, 7, 9])
+        g = np.asarray(attacks.input_grad(model, params, x, y))
+        assert g.dtype == np.float64
+        h = 1e-6
+        loss = jax.jit(jax.vmap(model.loss, in_axes=(None, 0, 0)))
+        for j in (0, 5, 13, 19):
+            e = jnp.zeros(20, jnp.float64).at[j].set(h)
+            fd = (np.asarray(loss(params, x + e, y)) - np.asarray(loss(params, x - e, y))) / (2 * h)
+            np.testing.assert_allclose(g[:, j], fd, rtol=1e-6, atol=1e-11)
+
+
+def test_numpy_gradient_matches_jax_float64(trained):
+    net, _, x, y = trained
+    with jax.enable_x64(True):
+        params = {k: jnp.asarray(v) for k, v in net.params().items()}
+        g_jax = np.asarray(attacks.input_grad(SEED_MLP, params, x.astype(np.float64), y))
+    g_np = baseline.input_grad_batched(net.wih, net.who, x.astype(np.float64), y)
+    np.testing.assert_allclose(g_np, g_jax, rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(baseline.input_grad_one(net.wih, net.who, x[7], int(y[7])),
+                               g_jax[7], rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.3])
+def test_fgsm_equals_numpy_float64(trained, eps):
+    net, _, x, y = trained
+    x64 = x.astype(np.float64)
+    with jax.enable_x64(True):
+        params = {k: jnp.asarray(v) for k, v in net.params().items()}
+        x_jax = np.asarray(attacks.fgsm(SEED_MLP, params, x64, y, eps=eps))
+    assert x_jax.dtype == np.float64
+    np.testing.assert_array_equal(x_jax, baseline.fgsm_batched(net.wih, net.who, x64, y, eps))
+    np.testing.assert_array_equal(x_jax, baseline.fgsm_loop(net.wih, net.who, x64, y, eps))
+
+
+def test_fgsm_equals_numpy_float32(trained):
+    """float32: only sign flips of near-zero gradients may differ (>= 99.99% of pixels equal)."""
+    _, params, x, y = trained
+    wih, who = np.asarray(params["wih"]), np.asarray(params["who"])
+    x_jax = np.asarray(attacks.fgsm(SEED_MLP, params, x, y, eps=0.1))
+    for x_np in (baseline.fgsm_batched(wih, who, x, y, 0.1),
+                 baseline.fgsm_loop(wih, who, x, y, 0.1)):
+        assert x_np.dtype == np.float32
+        assert np.mean(x_jax == x_np) >= 0.9999
+
+
+def test_one_step_pgd_without_random_start_is_fgsm(trained):
+    _, params, x, y = trained
+    one_step = attacks.pgd(SEED_MLP, params, x, y, eps=0.2, steps=1, step_size=0.2,
+                           random_start=False)
+    np.testing.assert_array_equal(one_step, attacks.fgsm(SEED_MLP, params, x, y, eps=0.2))
+
+
+# --- strength on a trained model ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.1, 0.2])
+def test_pgd_at_least_as_strong_as_fgsm(trained, eps):
+    _, params, x, y = trained
+    clean = accuracy(params, x, y)
+    acc_noise = accuracy(params, run("noise-sign", params, x, y, eps), y)
+    acc_fgsm = accuracy(params, attacks.fgsm(SEED_MLP, params, x, y, eps=eps), y)
+    acc_pgd = accuracy(params, attacks.pgd(SEED_MLP, params, x, y, eps=eps, key=KEY), y)
+    assert clean > 0.8
+    assert acc_pgd <= acc_fgsm < acc_noise <= clean + 0.01
+
+
+@pytest.mark.parametrize("name", ["fgsm-targeted", "pgd-targeted"])
+def test_targeted_raises_share_of_target(trained, name):
+    _, params, x, y = trained
+    share = accuracy  # the share predicted as t is the "accuracy" against t
+    x_adv = run(name, params, x, y, 0.2, target=TARGET)
+    assert share(params, x_adv, TARGET) > share(params, x, TARGET) + 0.3
+    per_example = (y + 1) % 10  # a different target for every image
+    x_adv = run(name, params, x, y, 0.2, target=per_example)
+    assert share(params, x_adv, per_example) > share(params, x, per_example) + 0.2
+
+
+# --- eps sweeps: one compiled call, no recompiles ----------------------------------------------
+
+
+def counting_model() -> tuple[Model, list[int]]:
+    """SEED_MLP with a loss that counts how often it is traced (a fresh jit cache entry)."""
+    count = [0]
+
+    def loss(params, x, y):
+        count[0] += 1
+        return SEED_MLP.loss(params, x, y)
+
+    return SEED_MLP._replace(name="counted", loss=loss), count
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "pgd-targeted"])
+def test_eps_changes_never_retrace(trained, name):
+    _, params, x, y = trained
+    model, count = counting_model()
+    run(name, params, x, y, 0.1, model=model)
+    traced = count[0]
+    assert traced >= 1
+    for eps in (np.float32(0.2), jnp.asarray(0.3), 0.25):
+        run(name, params, x, y, eps, model=model)
+    assert count[0] == traced
+
+
+def test_sweep_traces_once(trained):
+    _, params, x, y = trained
+    model, count = counting_model()
+    out = attacks.sweep(ATTACKS["fgsm"], model, params, x, y, [0.0, 0.1, 0.2])
+    traced = count[0]
+    assert out.shape == (3, *x.shape)
+    for eps_values in ([0.05, 0.15, 0.3], np.array([0.3, 0.2, 0.1]), jnp.array([0.0, 0.0, 0.1])):
+        attacks.sweep(attacks.fgsm, model, params, x, y, eps_values)
+    assert count[0] == traced
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sweep_matches_single_calls(trained, name):
+    _, params, x, y = trained
+    x, y = x[:100], y[:100]
+    kw = {"key": KEY} if ATTACKS[name].needs_key else {}
+    if ATTACKS[name].targeted:
+        kw["target"] = TARGET
+    eps_values = [0.0, 0.1, 0.3]
+    out = attacks.sweep(ATTACKS[name], SEED_MLP, params, x, y, eps_values, **kw)
+    assert out.shape == (3, 100, 784)
+    np.testing.assert_array_equal(out[0], x)
+    for i, eps in enumerate(eps_values):
+        single = ATTACKS[name].fn(SEED_MLP, params, x, y, eps=eps, **kw)
+        close = np.abs(np.asarray(out[i]) - np.asarray(single)) <= 1e-6  # fused: last-ulp noise
+        assert np.mean(close) >= 0.999  # gradient attacks: rare sign flips of ~0 gradients
+
+
+# --- bad arguments -----------------------------------------------------------------------------
+
+_x = np.full((4, 784), 0.5, np.float32)
+_y = np.arange(4, dtype=np.int32)
+_p = SEED_MLP.init(jax.random.key(0), n_hidden=8)
+
+BAD = {
+    "eps<0": (functools.partial(attacks.fgsm, eps=-0.1), "eps"),
+    "eps nan": (functools.partial(attacks.pgd, eps=float("nan"), key=KEY), "eps"),
+    "eps array<0": (functools.partial(attacks.noise_sign, eps=jnp.asarray(-1.0), key=KEY), "eps"),
+    "eps not scalar": (functools.partial(attacks.fgsm, eps=[0.1, 0.2]), "eps"),
+    "eps str": (functools.partial(attacks.fgsm, eps="0.1"), "eps"),
+    "lo str": (functools.partial(attacks.fgsm, eps=0.1, lo="0"), "lo"),
+    "lo>=hi": (functools.partial(attacks.fgsm, eps=0.1, lo=1.0, hi=0.01), "lo < hi"),
+    "lo==hi": (functools.partial(attacks.noise_uniform, eps=0.1, key=KEY, lo=0.5, hi=0.5),
+               "lo < hi"),
+    "steps=0": (functools.partial(attacks.pgd, eps=0.1, key=KEY, steps=0), "steps"),
+    "steps float": (functools.partial(attacks.pgd, eps=0.1, key=KEY, steps=2.5), "steps"),
+    "step_size<0": (functools.partial(attacks.pgd, eps=0.1, key=KEY, step_size=-1.0),
+                    "step_size"),
+    "no key sign": (functools.partial(attacks.noise_sign, eps=0.1), "key"),
+    "no key uniform": (functools.partial(attacks.noise_uniform, eps=0.1), "key"),
+    "no key gauss": (functools.partial(attacks.noise_gauss, eps=0.1), "key"),
+    "no key pgd": (functools.partial(attacks.pgd, eps=0.1), "key"),
+    "no key pgd-targeted": (functools.partial(attacks.pgd_targeted, eps=0.1, target=1), "key"),
+    "no target": (functools.partial(attacks.fgsm_targeted, eps=0.1), "target"),
+    "target out of range": (functools.partial(attacks.fgsm_targeted, eps=0.1, target=10),
+                            "target"),
+    "target bad shape": (functools.partial(attacks.pgd_targeted, eps=0.1, key=KEY,
+                                           target=np.zeros(3, np.int32)), "target"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_arguments_raise_config_error(case):
+    fn, match = BAD[case]
+    with pytest.raises(ConfigError, match=match):
+        fn(SEED_MLP, _p, _x, _y)
+
+
+def test_bad_inputs_raise_config_error():
+    with pytest.raises(ConfigError, match="x:"):
+        attacks.fgsm(SEED_MLP, _p, _x[0], _y, eps=0.1)
+    with pytest.raises(ConfigError, match="y:"):
+        attacks.fgsm(SEED_MLP, _p, _x, _y[:3], eps=0.1)
+    with pytest.raises(ConfigError, match="model"):
+        attacks.fgsm("seed-mlp", _p, _x, _y, eps=0.1)
+    with pytest.raises(ConfigError, match="eps_values"):
+        attacks.sweep(attacks.fgsm, SEED_MLP, _p, _x, _y, [0.1, -0.1])
+    with pytest.raises(ConfigError, match="lo < hi"):
+        attacks.sweep(attacks.fgsm, SEED_MLP, _p, _x, _y, [0.1], lo=0.9, hi=0.1)
+    with pytest.raises(ConfigError, match="steps"):
+        attacks.sweep(attacks.pgd, SEED_MLP, _p, _x, _y, [0.1], key=KEY, steps=0)
+    with pytest.raises(ConfigError, match="key"):
+        attacks.sweep(attacks.pgd, SEED_MLP, _p, _x, _y, [0.1])
+
+
+def test_numpy_fgsm_bad_arguments():
+    wih, who = (np.asarray(_p[k]) for k in ("wih", "who"))
+    with pytest.raises(ConfigError, match="eps"):
+        baseline.fgsm_batched(wih, who, _x, _y, -0.1)
+    with pytest.raises(ConfigError, match="lo < hi"):
+        baseline.fgsm_loop(wih, who, _x, _y, 0.1, lo=1.0, hi=0.0)
