@@ -1,0 +1,199 @@
+"""Command line: `python -m mlshift_jax <command>` (also installed as `mlshift`).
+
+Every error the harness raises on purpose (MlshiftError) and every bad argument prints one
+line to stderr and exits 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from functools import partial
+
+import jax
+import numpy as np
+from tabulate import tabulate
+
+from mlshift_jax import data
+from mlshift_jax.errors import ConfigError, MlshiftError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (no usage block) and exits 2."""
+
+    def error(self, message: str):  # noqa: D102
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def _emit(fmt: str, payload, table_rows=None, headers="keys") -> None:
+    if fmt == "json":
+        print(json.dumps(payload, indent=2, default=float))
+    else:
+        print(tabulate(table_rows if table_rows is not None else payload, headers=headers,
+                       floatfmt=".4f"))
+
+
+def _load(args) -> data.Dataset:
+    return data.load(args.dataset, args.data_dir)
+
+
+# --- train --------------------------------------------------------------------------------
+
+
+def cmd_train(args) -> None:
+    from mlshift_jax.files import save_params
+    from mlshift_jax.metrics import evaluate
+    from mlshift_jax.recipes import TrainConfig, fit, get_recipe
+
+    recipe = get_recipe(args.model)
+    cfg = TrainConfig(hidden=args.hidden, lr=args.lr, epochs=args.epochs,
+                      batch_size=args.batch_size, seed=args.seed)
+    ds = _load(args)
+    x, y = ds.x_train, ds.y_train
+    if args.train_size is not None:
+        x, y = x[: args.train_size], y[: args.train_size]
+    start = time.perf_counter()
+    params = jax.block_until_ready(fit(args.model, cfg, x, y))
+    train_seconds = time.perf_counter() - start
+    scores = evaluate(recipe.arch, params, ds.x_test, ds.y_test)
+    result = {"model": args.model, **scores, "train_seconds": train_seconds,
+              "train_size": int(len(y)), "data_source": ds.source,
+              "backend": jax.default_backend()}
+    if args.save:
+        save_params(args.save, {k: np.asarray(v) for k, v in params.items()})
+        result["saved"] = args.save
+    _emit(args.format, result, [[k, v] for k, v in result.items()], headers=["", "value"])
+
+
+# --- stability ----------------------------------------------------------------------------
+
+
+def cmd_stability(args) -> None:
+    from mlshift_jax.stability import stability
+
+    ds = _load(args)
+    table, seconds = stability(ds, samples=args.samples, size=args.size, hidden=args.hidden,
+                               lr=args.lr, epochs=args.epochs, seed=args.seed)
+    payload = {"samples": table.to_dict(orient="index"), "train_seconds": seconds,
+               "data_source": ds.source}
+    _emit(args.format, payload, table.reset_index().values.tolist(),
+          headers=["", *table.columns])
+
+
+# --- attack -------------------------------------------------------------------------------
+
+
+def cmd_attack(args) -> None:
+    from mlshift_jax.attacks import get_attack
+    from mlshift_jax.files import load_params
+    from mlshift_jax.metrics import evaluate
+    from mlshift_jax.models import infer_model
+    from mlshift_jax.recipes import TrainConfig, fit, get_recipe
+    from mlshift_jax.timing import time_call
+
+    attacks = [get_attack(name) for name in args.attack]
+    if (args.params is None) == (args.model is None):
+        raise ConfigError("give exactly one of --params FILE.npz or --model NAME")
+    ds = _load(args)
+    if args.params:
+        params = load_params(args.params)
+        model = infer_model(params)
+    else:
+        model = get_recipe(args.model).arch
+        params = fit(args.model, TrainConfig(hidden=args.hidden, seed=args.seed),
+                     ds.x_train, ds.y_train)
+    params = jax.device_put({k: jax.numpy.asarray(v, jax.numpy.float32)
+                             for k, v in params.items()})
+    n = len(ds.y_test) if args.n is None else min(args.n, len(ds.y_test))
+    x, y = jax.device_put((ds.x_test[:n], ds.y_test[:n]))
+    key = jax.random.key(args.seed)
+    rows = []
+    for attack in attacks:
+        kw = {"key": key, **({"target": args.target} if attack.targeted else {})}
+        for eps in args.eps:  # eps is traced: one compile per attack, not per eps
+            run = partial(attack.fn, model, params, x, y, eps=eps, **kw)
+            timing = time_call(run, rounds=args.rounds)
+            scores = evaluate(model, params, run(), y)
+            rows.append({"attack": attack.name, "eps": eps, **scores,
+                         "attack_seconds": timing.median_s, "compile_seconds": timing.compile_s,
+                         "n_images": n})
+    _emit(args.format, rows)
+
+
+# --- parser -------------------------------------------------------------------------------
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}; got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a value > 0; got {text}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mlshift_jax.recipes import RECIPES
+
+    parser = _Parser(prog="mlshift", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    common = _Parser(add_help=False)
+    common.add_argument("--data-dir", help="folder with MNIST IDX (gz or raw) or CSV files")
+    common.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--format", choices=["table", "json"], default="table")
+    common.add_argument("--hidden", type=_positive(int), default=200)
+    common.add_argument("--epochs", type=_positive(int), default=None)
+
+    p = sub.add_parser("train", parents=[common], help="train one model and score it")
+    p.add_argument("--model", default="seed-mlp", help=f"one of {', '.join(RECIPES)}")
+    p.add_argument("--lr", type=_positive(float), default=None)
+    p.add_argument("--batch-size", type=_positive(int), default=None)
+    p.add_argument("--train-size", type=_positive(int), default=None,
+                   help="train on the first N training images only")
+    p.add_argument("--save", help="write the params to this .npz")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("stability", parents=[common],
+                       help="E2: models on random training samples, one vmapped jit")
+    p.add_argument("--samples", type=_positive(int), default=10)
+    p.add_argument("--size", type=_positive(int), default=10_000)
+    p.add_argument("--lr", type=_positive(float), default=0.1)
+    p.set_defaults(func=cmd_stability, epochs=1)
+    p = sub.add_parser("attack", parents=[common],
+                       help="E3: attack a model at test time and score it at each eps")
+    p.add_argument("--params", help=".npz saved by `train --save`")
+    p.add_argument("--model", help="train this recipe first instead of loading --params")
+    p.add_argument("--attack", nargs="+", default=["fgsm"])
+    p.add_argument("--eps", nargs="+", type=float, default=[0.1, 0.2, 0.3])
+    p.add_argument("--target", type=int, default=3, help="class for targeted attacks")
+    p.add_argument("--n", type=_positive(int), default=None, help="attack the first N test images")
+    p.add_argument("--rounds", type=_positive(int), default=3, help="timed rounds per cell")
+    p.set_defaults(func=cmd_attack)
+    return parser
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"mlshift: warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        try:
+            args = build_parser().parse_args(argv)
+            args.func(args)
+        except MlshiftError as e:
+            print(f"mlshift: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+    return 0

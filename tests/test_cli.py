@@ -1,0 +1,68 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mlshift_jax.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_json_has_the_promised_fields(capsys):
+    code, out, err = run_cli(capsys, "train", "--model", "seed-mlp", "--hidden", "32",
+                             "--train-size", "1000", "--format", "json")
+    assert code == 0, err
+    result = json.loads(out)
+    for key in ("accuracy", "precision", "recall", "f1", "confidence", "train_seconds",
+                "data_source"):
+        assert key in result
+    assert 0.5 < result["accuracy"] <= 1.0
+
+
+def test_train_table_and_save_in_study_orientation(capsys, tmp_path):
+    path = tmp_path / "params.npz"
+    code, out, err = run_cli(capsys, "train", "--model", "seed-mlp-numpy", "--hidden", "20",
+                             "--train-size", "300", "--save", str(path))
+    assert code == 0, err
+    assert "accuracy" in out
+    with np.load(path, allow_pickle=False) as f:
+        assert f["wih"].shape == (20, 784) and f["who"].shape == (10, 20)
+    assert [p.name for p in tmp_path.iterdir()] == ["params.npz"]  # no temp file left
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["train", "--lr", "-0.1"], "--lr"),
+    (["train", "--model", "resnet"], "resnet"),
+    (["train", "--data-dir", "/nonexistent/mnist"], "/nonexistent/mnist"),
+    (["train", "--epochs", "zero"], "--epochs"),
+    (["frobnicate"], "frobnicate"),
+])
+def test_bad_arguments_print_one_line_and_exit_2(capsys, argv, fragment):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("mlshift: error:") and fragment in err
+    assert "Traceback" not in err
+
+
+def test_stability_json(capsys):
+    code, out, err = run_cli(capsys, "stability", "--samples", "3", "--size", "400",
+                             "--hidden", "16", "--format", "json")
+    assert code == 0, err
+    samples = json.loads(out)["samples"]
+    assert list(samples)[:3] == ["sample 1", "sample 2", "sample 3"]
+    assert {"mean", "std", "min", "max"} <= set(samples)
+    accs = [samples[f"sample {i}"]["accuracy"] for i in (1, 2, 3)]
+    assert len(set(accs)) == 3  # different samples, different models
+    assert samples["min"]["accuracy"] == min(accs)
+
+
+def test_module_entry_point_runs():
+    proc = subprocess.run([sys.executable, "-m", "mlshift_jax", "train", "--model", "nope"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "nope" in proc.stderr and "Traceback" not in proc.stderr
