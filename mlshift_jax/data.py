@@ -110,7 +110,8 @@ def load(
     """Find, read, check and scale dataset `name` (see the module docstring for the order).
 
     An explicit `data_dir` or `MLSHIFT_DATA_DIR` that lacks the files raises `DataError`; it
-    never falls back. Only unreachable mirrors fall through to the bundled sample, with a
+    never falls back, with one exception: an `MLSHIFT_DATA_DIR` that holds another dataset's
+    files (say MNIST's, when `name` is fashion-mnist) is passed over for `name`. Only unreachable mirrors fall through to the bundled sample, with a
     one-line `SampleDataWarning`; a download that fails its checksum raises `DataError`.
     """
     if name not in DATASETS:
@@ -121,7 +122,10 @@ def load(
     env = os.environ.get("MLSHIFT_DATA_DIR")
     if env:
         path = _subfolder(Path(env), name)
-        return _from_dir(name, path, f"env:{path}", dtype)
+        try:
+            return _from_dir(name, path, f"env:{path}", dtype)
+        except _OtherDataset:
+            pass  # the variable points at another dataset: look for `name` elsewhere
     cache = cache_dir(name)
     if _has_files(cache, name):
         return _from_dir(name, cache, f"cache:{cache}", dtype)
@@ -437,12 +441,16 @@ def _check_split(x: np.ndarray, y: np.ndarray, x_path: Path, y_path: Path) -> No
         )
 
 
+class _OtherDataset(DataError):
+    """The files are those of another known dataset."""
+
+
 def _check_identity(name: str, y_train: np.ndarray, path: Path) -> None:
     """Refuse another known dataset's files read under `name` (same format, same names)."""
     digest = hashlib.md5(y_train.astype(np.uint8).tobytes(), usedforsecurity=False).hexdigest()
     for other, known in _TRAIN_LABELS_MD5.items():
         if other != name and digest == known:
-            raise DataError(
+            raise _OtherDataset(
                 f"{path}: expected {name}, found the {other} training labels; put "
                 f"{name} in its own folder (e.g. $MLSHIFT_DATA_DIR/{name})"
             )

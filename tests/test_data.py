@@ -511,3 +511,16 @@ def test_full_mnist_loads_and_the_sample_is_drawn_from_it():
                 data.scale(sample[f"x_{split}"]), getattr(ds, f"x_{split}")[index]
             )
             np.testing.assert_array_equal(sample[f"y_{split}"], getattr(ds, f"y_{split}")[index])
+
+
+def test_env_dir_holding_another_dataset_is_passed_over_for_this_one(tmp_path, monkeypatch):
+    """CI points MLSHIFT_DATA_DIR at MNIST; fashion-mnist must still be found elsewhere."""
+    mnist_arrays, fashion_arrays = tiny(), tiny(5)
+    write_idx_dir(tmp_path / "env", mnist_arrays)
+    write_idx_dir(tmp_path / "system" / "fashion-mnist", fashion_arrays)
+    monkeypatch.setitem(data._TRAIN_LABELS_MD5, "mnist", md5(mnist_arrays[1].tobytes()))
+    monkeypatch.setenv("MLSHIFT_DATA_DIR", str(tmp_path / "env"))
+    assert data.load("mnist").source.startswith("env:")
+    ds = data.load("fashion-mnist")
+    assert ds.source.startswith("system:")
+    assert_same(ds, fashion_arrays)
