@@ -1,0 +1,496 @@
+"""Records -> files: `tables.md`, `records.csv`, `run.json` and PNG figures in one folder.
+
+`write(records, out_dir) -> list[Path]` takes the DataFrame `runner.run` returns (its
+`attrs["run"]` carries the run's facts) and writes, each file atomically (`files.atomic_path`):
+
+- tables.md: one table per study experiment (E1, E2, E3 on 10,000 and on 6,000 test images)
+  with our numbers beside the study's (`study.py`) and the deltas; the speed table (workload x
+  implementation, median time and speed-up vs numpy); a pairing table per dataset (model x
+  attack@eps); validity warnings, after AutoAttack's flags (Croce & Hein, ICML 2020);
+- records.csv: one row per cell (the `detail` column as JSON, digit images left out);
+- run.json: versions, backend, device, CPU count, git commit, date, wall time, data sources;
+- figures/ (when matplotlib is installed): accuracy vs eps per attack for each model, and a
+  grid of clean and FGSM digits at each eps.
+
+The default folder is `results/<platform_name()>/`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform as _platform
+import re
+import subprocess
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import pandas as pd
+
+from mlshift_jax import study
+from mlshift_jax.files import atomic_path, write_text
+
+MEASURES = ("accuracy", "precision", "recall", "f1", "confidence")
+PRF = ("precision", "recall", "f1", "confidence")
+SCORED_KINDS = ("attack", "stability")  # the kinds whose records carry model scores
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- where and on what -------------------------------------------------------------------------
+
+
+def platform_name(device: Any = None) -> str:
+    """"cpu", or "<platform>-<device kind>" such as "gpu-h200" or "tpu-v5-lite"."""
+    device = jax.devices()[0] if device is None else device
+    if device.platform == "cpu":
+        return "cpu"
+    kind = re.sub(r"[^a-z0-9]+", "-", device.device_kind.lower()).strip("-")
+    kind = re.sub(r"^(nvidia|amd|tesla|geforce|tpu)-", "", kind) or "unknown"
+    return f"{device.platform}-{kind}"
+
+
+def default_out_dir(root: str | Path = REPO_ROOT) -> Path:
+    """results/<platform_name()>/ under `root` (the repository by default)."""
+    return Path(root) / "results" / platform_name()
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def run_info(records: pd.DataFrame) -> dict[str, Any]:
+    """What run.json holds: the environment now, plus the run's facts from records.attrs."""
+    devices = jax.devices()
+    run = dict(records.attrs.get("run", {}))
+    return {
+        "platform": platform_name(devices[0]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+        "versions": {p: _version(p) for p in ("jax", "jaxlib", "numpy", "optax", "pandas")}
+        | {"python": _platform.python_version()},
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+        "cpu_count": os.cpu_count(),
+        **run,
+    }
+
+
+# --- validity warnings ---------------------------------------------------------------------------
+
+
+def _rows(records: pd.DataFrame, *, kind: str | None = None,
+          block: str | None = None) -> pd.DataFrame:
+    """The records of one kind and/or block (an empty frame when there are none)."""
+    if records.empty or "kind" not in records:
+        return records.iloc[0:0]
+    keep = np.ones(len(records), bool)
+    if kind is not None:
+        keep &= (records["kind"] == kind).to_numpy()
+    if block is not None:
+        keep &= (records["block"] == block).to_numpy()
+    return records[keep]
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return value is not None and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def validity_warnings(records: pd.DataFrame) -> pd.DataFrame:
+    """Checks that a result is sound, as AutoAttack flags suspicious robustness numbers.
+
+    Returns a frame (id, warning), one row per finding:
+    - eps=0 or the "none" attack does not reproduce the clean accuracy;
+    - random noise lowers accuracy more than FGSM at the same eps (FGSM is then not finding
+      the gradient: a broken attack or masked gradients);
+    - PGD is weaker than FGSM at the same eps (PGD includes FGSM's step);
+    - zero input gradients: FGSM's step is 0 on more than half of the pixels;
+    - training diverged: NaN/inf params or scores.
+    """
+    found: list[tuple[str, str]] = []
+    scored = pd.concat([_rows(records, kind=k) for k in SCORED_KINDS])
+    for _, r in scored.iterrows():
+        measures = MEASURES if r["kind"] == "attack" else MEASURES[:4]
+        finite = r.get("params_finite") is not False and all(_finite(r.get(m)) for m in measures)
+        if not finite:
+            found.append((r["id"], "training diverged: non-finite params or scores"))
+    attack = _rows(records, kind="attack")
+    for _, r in attack.iterrows():
+        if (r["eps"] == 0 or r["attack"] == "none") and _finite(r.get("clean_accuracy")):
+            if abs(r["accuracy"] - r["clean_accuracy"]) > 1e-9:
+                found.append((r["id"], f"eps=0 gives accuracy {r['accuracy']:.4f}, not the "
+                                       f"clean {r['clean_accuracy']:.4f}"))
+        if _finite(r.get("zero_grad_frac")) and r["zero_grad_frac"] > 0.5:
+            found.append((r["id"], f"zero input gradients: FGSM's step is 0 on "
+                                   f"{r['zero_grad_frac']:.0%} of pixels"))
+    keys = ["block", "dataset", "model", "seed", "n_test", "eps"]
+    for _, group in attack[attack["eps"] > 0].groupby(keys, dropna=False) if len(attack) else ():
+        by = group.set_index("attack")
+        if "fgsm" not in by.index:
+            continue
+        fgsm = by.loc["fgsm"]
+        for name in by.index:
+            other = by.loc[name]
+            if str(name).startswith("noise") and other["accuracy"] < fgsm["accuracy"]:
+                found.append((fgsm["id"], f"random noise ({name}) is stronger than FGSM at "
+                                          f"eps {fgsm['eps']:g}: accuracy "
+                                          f"{other['accuracy']:.4f} < {fgsm['accuracy']:.4f}"))
+            if name == "pgd" and other["accuracy"] > fgsm["accuracy"]:
+                found.append((other["id"], f"PGD is weaker than FGSM at eps "
+                                           f"{fgsm['eps']:g}: accuracy {other['accuracy']:.4f}"
+                                           f" > {fgsm['accuracy']:.4f}"))
+    return pd.DataFrame(found, columns=["id", "warning"]).drop_duplicates()
+
+
+def _warnings_by_id(warnings: pd.DataFrame) -> dict[str, str]:
+    return warnings.groupby("id")["warning"].agg("; ".join).to_dict() if len(warnings) else {}
+
+
+# --- formatting ------------------------------------------------------------------------------
+
+
+def fmt_time(seconds: Any) -> str:
+    """1.23 s, 45.6 ms, 789 µs; "—" when missing."""
+    if not _finite(seconds):
+        return "—"
+    s = float(seconds)
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if abs(s) >= scale or unit == "µs":
+            return f"{s / scale:.3g} {unit}"
+    return f"{s:.3g} s"
+
+
+def _md(frame: pd.DataFrame, note: str, **kw) -> str:
+    """A markdown table and the line under it that says how to read it (scores to 4 decimals,
+    eps as written)."""
+    formats = ["g" if c == "eps" else ".4f" for c in frame.columns]
+    kw.setdefault("floatfmt", ([".4f"] if kw.get("index", True) else []) + formats)
+    return f"{frame.to_markdown(**kw)}\n\n*{note}*\n"
+
+
+def _delta(ours: Any, theirs: Any) -> str:
+    """ours - theirs as a signed string, "—" where either is missing."""
+    return f"{float(ours) - float(theirs):+.4f}" if _finite(ours) and _finite(theirs) else "—"
+
+
+# --- the tables ------------------------------------------------------------------------------
+
+
+def _e1(records: pd.DataFrame) -> str:
+    rows = _rows(records, block="e1")
+    if not len(rows):
+        return "No E1 cells in this run.\n"
+    table = pd.DataFrame({"study": [study.E1[m] for m in MEASURES]}, index=list(MEASURES))
+    for _, r in rows.iterrows():
+        table[r["model"]] = [r[m] for m in MEASURES]
+        table[f"Δ {r['model']}"] = [_delta(r[m], study.E1[m]) for m in MEASURES]
+    r = rows.iloc[0]
+    head = (f"{r['dataset']}, trained on {int(r['n_train']):,} images (hidden {int(r['hidden'])},"
+            f" lr {r['lr']:g}, {int(r['epochs'])} epoch(s), seed {int(r['seed'])}), scored on "
+            f"{int(r['n_test']):,} test images.\n\n")
+    note = ("Rows are the study's measures; Δ = ours − study. The study's \"performance\" "
+            "0.963 is accuracy; its P/R/F1/confidence come from its attack table's first row. "
+            "Confidence is the mean top sigmoid output.")
+    return head + _md(table, note)
+
+
+def _e2(records: pd.DataFrame) -> str:
+    rows = _rows(records, kind="stability")
+    if not len(rows):
+        return "No E2 cells in this run.\n"
+    r = rows.iloc[0]
+    t = r["detail"]["table"]
+    table = pd.DataFrame(t["data"], index=t["index"], columns=t["columns"])
+    table["Δ accuracy vs study E1"] = [
+        "—" if name == "std" else _delta(a, study.E1["accuracy"])
+        for name, a in zip(table.index, table["accuracy"], strict=True)]
+    head = (f"{int(r['detail']['samples'])} seed-mlp models, each trained on its own random "
+            f"sample of {int(r['detail']['size']):,} {r['dataset']} training images, all in one "
+            f"vmapped jit ({fmt_time(r['train_s'])}, compile included); scored on "
+            f"{int(r['n_test']):,} test images.\n\n")
+    note = ("One row per sample, then mean / std (ddof=1) / min / max over samples. The study "
+            "showed these as charts and published no numbers (study.py has none), so the only "
+            "comparison is with its full-data accuracy, 0.963: training on 1/6 of the data "
+            "costs the difference.")
+    return head + _md(table, note)
+
+
+def _e3(records: pd.DataFrame, warns: dict[str, str], test_sizes: dict[str, int]) -> str:
+    rows = _rows(records, kind="attack", block="e3")
+    if not len(rows):
+        return "No E3 cells in this run.\n"
+    parts = []
+    for n in sorted(rows["n_test"].unique(), reverse=True):
+        sub = rows[rows["n_test"] == n]
+        r0 = sub.iloc[0]
+        if n == study.E3_IMAGES:
+            title = (f"### E3 on the study's {n:,} images: the first {n:,} {r0['dataset']} test "
+                     "images (the study does not say which 6,000 it used)\n\n")
+        elif n == test_sizes.get(r0["dataset"]):
+            title = f"### E3 on all {int(n):,} {r0['dataset']} test images\n\n"
+        else:
+            title = f"### E3 on the first {int(n):,} {r0['dataset']} test images\n\n"
+        table = []
+        for _, r in sub.sort_values(["attack", "eps"]).iterrows():
+            ref = study.E3.get(float(r["eps"])) if (r["attack"] == "fgsm" or r["eps"] == 0) \
+                else None
+            row = {"attack": r["attack"], "eps": r["eps"], "accuracy": r["accuracy"],
+                   **{m: r[m] for m in PRF}}
+            row |= {f"Δ {m}": _delta(r[m], ref[m]) if ref else "—" for m in PRF}
+            row["study P / R / F1 / conf"] = (" / ".join(f"{ref[m]:.4f}" for m in PRF)
+                                              if ref else "—")
+            row["time"] = fmt_time(r["median_s"])
+            row["warnings"] = warns.get(r["id"], "")
+            table.append(row)
+        note = (f"{r0['model']} trained on {int(r0['n_train']):,} images. Δ = ours − study, "
+                "where the study has a row: FGSM at each eps, and every attack at eps 0 (the "
+                "clean model). The study published no numbers for its random noise and never "
+                "ran PGD. Our FGSM uses the true gradient of the squared error; time is the "
+                "median of the JAX attack over the subset, compile excluded.")
+        parts.append(title + _md(pd.DataFrame(table), note, index=False))
+    return "\n".join(parts)
+
+
+def _speed(records: pd.DataFrame) -> str:
+    rows = _rows(records, kind="speed")
+    if not len(rows):
+        return "No speed cells in this run.\n"
+    table, lines = [], []
+    for _, r in rows.iterrows():
+        impls = r["detail"]["rows"]
+        ref = next((i["median_s"] for i in impls if i["ref"]), None)
+        for i in impls:
+            table.append({
+                "workload": r["workload"], "implementation": i["impl"],
+                "n": f"{i['n']:,}", "median": fmt_time(i["median_s"]),
+                "min – max": f"{fmt_time(i['min_s'])} – {fmt_time(i['max_s'])}",
+                "rounds": i["rounds"], "compile": fmt_time(i["compile_s"]),
+                "speed-up vs numpy": f"{ref / i['median_s']:.3g}×" if ref else "—",
+                "note": ("reference; " if i["ref"] else "") + i["note"],
+            })
+        extra = r["detail"]["extra"]
+        if r["workload"] == "fgsm":
+            lines.append(
+                f"- FGSM per image: JAX {fmt_time(extra['jax_s_per_image'])} vs the study's "
+                f"{extra['study_s_per_image']:.0f} s (125 h / 6,000 images): "
+                f"{extra['study_over_jax_per_image']:.3g}× less.")
+            lines.append(
+                f"- GEMM floor: one numpy float32 GEMM with FGSM's {extra['flops'] / 1e9:.2f} "
+                f"GFLOP runs at {extra['gemm_gflop_per_s']:.0f} GFLOP/s; JAX FGSM takes "
+                f"{extra['jax_over_floor']:.2f}× the floor's time "
+                f"({extra['jax_over_xla_floor']:.2f}× that of the same GEMM in XLA).")
+        if r["workload"] == "population":
+            lines.append(f"- Population: {extra['models']} models in one vmapped jit take "
+                         f"{extra['vmap_over_separate']:.2f}× the time of {extra['models']} "
+                         f"separate JAX trainings.")
+        if r["workload"] == "metrics":
+            lines.append(f"- Metrics: JAX and numpy scores agree within "
+                         f"{extra['max_abs_diff']:.1e}.")
+    note = ("Median wall time of `rounds` calls after a first (compiling) call, inputs on the "
+            "device, each call ended by block_until_ready. Speed-up = the reference numpy "
+            "row's median / this row's median (> 1: faster than numpy). Rows timed on a "
+            "subset are scaled to n, as their note says. All rows of a workload were timed in "
+            "the same run.")
+    return _md(pd.DataFrame(table), note, index=False) + "\n" + "\n".join(lines) + "\n"
+
+
+def _pairings(records: pd.DataFrame, dataset: str, warns: dict[str, str]) -> str:
+    rows = _rows(records, kind="attack", block="matrix")
+    rows = rows[rows["dataset"] == dataset]
+    table = pd.DataFrame({
+        "model": rows["model"], "attack": rows["attack"], "eps": rows["eps"],
+        "accuracy": rows["accuracy"], "f1": rows["f1"], "confidence": rows["confidence"],
+        "attack time": rows["median_s"].map(fmt_time), "rounds": rows["rounds"].astype(int),
+        "compile": rows["compile_s"].map(fmt_time), "train": rows["train_s"].map(fmt_time),
+        "warnings": [warns.get(i, "") for i in rows["id"]],
+    })
+    r0 = rows.iloc[0]
+    head = (f"Trained on {int(r0['n_train']):,} images, attacked and scored on "
+            f"{int(r0['n_test']):,} test images ({r0['data_source']}).\n\n")
+    note = ("One row per model × attack@eps; `none` at eps 0 is the clean model. Attack time "
+            "is the median over rounds of one jitted call over the whole test set; compile is "
+            "the first call, which traces and compiles only the first time an attack meets a "
+            "model (the other eps reuse that compile); train is one timed training run (JAX "
+            "compile included).")
+    return head + _md(table, note, index=False)
+
+
+def tables_markdown(records: pd.DataFrame, info: dict[str, Any] | None = None) -> str:
+    """The whole tables.md as text."""
+    info = run_info(records) if info is None else info
+    warnings = validity_warnings(records)
+    warns = _warnings_by_id(warnings)
+    out = [f"# mlshift_jax benchmark: {info['platform']}\n", _header(info)]
+    out += ["## E1: the study's clean model\n", _e1(records)]
+    out += ["## E2: stability over random training samples\n", _e2(records)]
+    sizes = {k: d["n_test"] for k, d in info.get("datasets", {}).items()}
+    out += ["## E3: input attacks on the study's MLP\n", _e3(records, warns, sizes)]
+    out += ["## Speed: workload × implementation\n", _speed(records)]
+    for name in dict.fromkeys(_rows(records, kind="attack", block="matrix")["dataset"]):
+        out += [f"## Pairings: {name}\n", _pairings(records, name, warns)]
+    for name, why in info.get("skipped", {}).items():
+        out += [f"## Pairings: {name}\n", f"Skipped: the dataset could not be loaded ({why}).\n"]
+    out += ["## Validity warnings\n", _warning_list(warnings)]
+    return "\n".join(out)
+
+
+def _header(info: dict[str, Any]) -> str:
+    lines = [f"- date {info['date']}, git commit {info['git_commit']}, backend "
+             f"{info['backend']} ({info['device_kind']} x{info['device_count']}), "
+             f"{info['cpu_count']} CPUs; jax {info['versions']['jax']}, numpy "
+             f"{info['versions']['numpy']}"]
+    if "wall_s" in info:
+        lines.append(f"- matrix `{info.get('matrix')}`: {info.get('cells')} cells "
+                     f"({info.get('computed')} computed, {info.get('reused')} reused from the "
+                     f"cache), wall time {fmt_time(info['wall_s'])}")
+    for name, d in info.get("datasets", {}).items():
+        what = "the bundled SAMPLE, not the full dataset" if d["is_sample"] else "full"
+        lines.append(f"- data {name}: {d['source']} ({what}: {d['n_train']:,} train / "
+                     f"{d['n_test']:,} test images)")
+    for name, why in info.get("skipped", {}).items():
+        lines.append(f"- data {name}: SKIPPED ({why})")
+    return "\n".join(lines) + "\n"
+
+
+def _warning_list(warnings: pd.DataFrame) -> str:
+    if not len(warnings):
+        return "None: every check passed.\n"
+    items = [f"- `{r.id}`: {r.warning}" for r in warnings.itertuples()]
+    return "\n".join(items) + ("\n\n*Checks (after AutoAttack): eps 0 reproduces clean "
+                               "accuracy; noise is weaker than FGSM; PGD at least as strong "
+                               "as FGSM; FGSM's step non-zero on most pixels; finite "
+                               "training.*\n")
+
+
+# --- figures ---------------------------------------------------------------------------------
+
+
+def _accuracy_figure(rows: pd.DataFrame, dataset: str):
+    from matplotlib.figure import Figure
+
+    models = list(dict.fromkeys(rows["model"]))
+    fig = Figure(figsize=(3.2 * len(models), 3.0), layout="constrained")
+    axes = fig.subplots(1, len(models), sharey=True, squeeze=False)[0]
+    for ax, model in zip(axes, models, strict=True):
+        sub = rows[rows["model"] == model]
+        clean = sub["clean_accuracy"].iloc[0]
+        for attack in dict.fromkeys(sub["attack"]):
+            if attack == "none":
+                continue
+            a = sub[sub["attack"] == attack].sort_values("eps")
+            eps = np.concatenate([[0.0], a["eps"]]) if a["eps"].min() > 0 else a["eps"]
+            acc = np.concatenate([[clean], a["accuracy"]]) if a["eps"].min() > 0 \
+                else a["accuracy"]
+            ax.plot(eps, acc, marker="o", label=attack)
+        ax.set_title(model)
+        ax.set_xlabel("eps (L∞)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"accuracy ({dataset})")
+    axes[-1].legend(fontsize="small")
+    return fig
+
+
+def _digits_figure(rows: pd.DataFrame, dataset: str):
+    from matplotlib.figure import Figure
+
+    from mlshift_jax.runner import decode_images
+
+    models = list(dict.fromkeys(rows["model"]))
+    model = "seed-mlp" if "seed-mlp" in models else models[0]
+    sub = rows[(rows["model"] == model) & rows["attack"].isin(["none", "fgsm"])]
+    sub = sub[[bool(d.get("examples")) for d in sub["detail"]]].sort_values("eps")
+    if not len(sub):
+        return None
+    k = len(sub.iloc[0]["detail"]["examples"]["labels"])
+    fig = Figure(figsize=(1.3 * k, 1.5 * len(sub)), layout="constrained")
+    axes = fig.subplots(len(sub), k, squeeze=False)
+    for row_axes, (_, r) in zip(axes, sub.iterrows(), strict=True):
+        ex = r["detail"]["examples"]
+        images = decode_images(ex["images"])
+        for j, ax in enumerate(row_axes):
+            ax.imshow(images[j], cmap="gray_r", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{ex['labels'][j]} → {ex['preds'][j]}", fontsize=8,
+                         color="black" if ex["labels"][j] == ex["preds"][j] else "red")
+        label = "original" if r["eps"] == 0 else f"FGSM eps {r['eps']:g}"
+        row_axes[0].set_ylabel(label, fontsize=8)
+    fig.suptitle(f"{model} on {dataset}: label → prediction", fontsize=9)
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return path
+
+
+def write_figures(records: pd.DataFrame, out_dir: str | Path) -> tuple[list[Path], str]:
+    """PNG figures into out_dir/figures; (paths, a note: "" or why none were drawn)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return [], "matplotlib is not installed: no figures (pip install '.[plots]')."
+    rows = _rows(records, kind="attack", block="matrix")
+    paths = []
+    for dataset in dict.fromkeys(rows["dataset"]):
+        sub = rows[rows["dataset"] == dataset]
+        figures = {f"accuracy-vs-eps-{dataset}.png": _accuracy_figure(sub, dataset),
+                   f"fgsm-digits-{dataset}.png": _digits_figure(sub, dataset)}
+        for name, fig in figures.items():
+            if fig is not None:
+                paths.append(_save(fig, Path(out_dir) / "figures" / name))
+    return paths, ""
+
+
+# --- writing it all ------------------------------------------------------------------------
+
+
+def records_csv(records: pd.DataFrame) -> pd.DataFrame:
+    """The records as records.csv holds them: `detail` as JSON, without the digit images."""
+    out = records.copy()
+    if "detail" in out:
+        out["detail"] = [json.dumps({k: v for k, v in (d or {}).items() if k != "examples"})
+                         for d in out["detail"]]
+    return out
+
+
+def write(records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """Write tables.md, records.csv, run.json and figures/ into out_dir (atomically, each).
+
+    records: what `runner.run` returns. Returns the paths written.
+    """
+    out_dir = Path(out_dir)
+    info = run_info(records)
+    figures, note = write_figures(records, out_dir)
+    text = tables_markdown(records, info)
+    if figures or note:
+        links = [f"- [{p.name}](figures/{p.name})" for p in figures]
+        text += "\n## Figures\n\n" + ("\n".join(links) if links else note) + "\n"
+    paths = [out_dir / "tables.md", out_dir / "records.csv", out_dir / "run.json"]
+    write_text(paths[0], text)
+    with atomic_path(paths[1]) as tmp:
+        records_csv(records).to_csv(tmp, index=False)
+    write_text(paths[2], json.dumps(info, indent=2, default=str) + "\n")
+    return paths + figures

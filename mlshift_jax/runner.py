@@ -1,0 +1,592 @@
+"""Run an experiment matrix: train, attack, time and score every cell, caching each one.
+
+`run(matrix_path, *, out_dir, only=None, force=False) -> pandas.DataFrame` of records, one row
+per selected cell (all cells, or those whose id matches `only`), in matrix order. Its
+`attrs["run"]` holds the run's facts (wall time, data source per dataset, skipped datasets,
+cells computed / reused) for `report.write`. A dataset that fails to load (DataError, e.g.
+Fashion-MNIST not installed) is skipped with a note on stderr and in `attrs["run"]["skipped"]`.
+
+The cache lives in `<out_dir>/.cache/` (git-ignored), so each results folder carries its own:
+
+    .cache/cells/<cell hash>.json          one finished cell's record
+    .cache/params/<train hash>-<data hash>.npz / .json   trained params and their training time
+
+Every file is written atomically (`files.atomic_path`): an interrupted run leaves whole files,
+and the next run computes only the cells whose record is missing. A cached record counts only
+if it was computed on the same data (its `data_hash`, a fingerprint of the loaded arrays);
+`force=True` recomputes (and retrains) everything selected.
+
+Timing follows `timing.py`: inputs are put on the device first; the first call (trace +
+compile + run) is `compile_s`; then `rounds` calls, ended by `block_until_ready`, give
+median / min / max (fewer rounds, at least one, where one call would exceed `max_seconds`).
+Training is timed once (`time_once`, compile included for JAX). The numpy baseline is timed in
+the same run as the JAX code it is compared with: both live in one speed cell.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from mlshift_jax import attacks, baseline, data, stability, study
+from mlshift_jax.errors import ConfigError, DataError
+from mlshift_jax.files import load_params, save_params, write_text
+from mlshift_jax.matrix import (
+    AttackConfig,
+    Cell,
+    SpeedConfig,
+    StabilityConfig,
+    TrainSpec,
+    cells,
+    load,
+    select,
+)
+from mlshift_jax.metrics import SCORE_NAMES, evaluate, evaluate_arrays
+from mlshift_jax.models import SEED_MLP, Model, predict
+from mlshift_jax.recipes import TrainConfig, fit, get_recipe, resolve
+from mlshift_jax.timing import Timing, time_call, time_once
+from mlshift_jax.train import (
+    init_population,
+    train_minibatch,
+    train_seed_sgd,
+    train_seed_sgd_population,
+)
+
+CACHE_DIR = ".cache"
+N_EXAMPLES = 6  # images kept per clean / FGSM cell for the report's digit grid
+ATTACK_STREAM = 1  # attack keys: fold_in(key(seed), 1); training uses key(seed) itself
+GRADIENT_ATTACKS = frozenset({"fgsm", "pgd", "fgsm-targeted", "pgd-targeted"})
+TIMING_FIELDS = ("compile_s", "median_s", "min_s", "max_s", "iqr_s", "rounds")
+
+
+# --- timing with the output kept -----------------------------------------------------------
+
+
+def _once(fn: Callable[..., Any], *args: Any) -> tuple[Timing, Any]:
+    """`time_once(fn, *args)` and the call's output."""
+    out = []
+
+    def keep(*a):
+        out.append(fn(*a))
+        return out[-1]
+
+    return time_once(keep, *args), out[0]
+
+
+def measure(fn: Callable[..., Any], *args: Any, rounds: int, max_seconds: float,
+            compiled: bool = True) -> tuple[Timing, Any]:
+    """Time fn(*args) as timing.py says; return (Timing, output of the first call).
+
+    The first call is `compile_s` (None when `compiled=False`, for numpy); then up to `rounds`
+    timed calls, fewer where the first call shows they would take more than `max_seconds`.
+    """
+    first, out = _once(fn, *args)
+    n = max(1, min(rounds, int(max_seconds / max(first.median_s, 1e-9))))
+    timing = time_call(fn, *args, rounds=n, warmup=0)
+    return timing._replace(compile_s=first.median_s if compiled else None), out
+
+
+def _timing_fields(t: Timing, scale: float = 1.0) -> dict[str, Any]:
+    out = {k: getattr(t, k) for k in TIMING_FIELDS}
+    for k in ("median_s", "min_s", "max_s", "iqr_s"):
+        out[k] *= scale
+    return out
+
+
+# --- numpy yardsticks ------------------------------------------------------------------------
+
+
+def numpy_scores(outputs: np.ndarray, y: np.ndarray, n_classes: int = 10) -> dict[str, float]:
+    """The five scores of `metrics.scores_from_outputs`, in numpy. outputs: [n, n_out], y: [n].
+
+    Macro precision / recall / F1 over all classes with zero_division=0, as scikit-learn.
+    """
+    pred = np.argmax(outputs, axis=1)
+    cm = np.bincount(y * n_classes + pred, minlength=n_classes * n_classes)
+    cm = cm.reshape(n_classes, n_classes)
+    tp, n_pred, n_true = np.diag(cm), cm.sum(0), cm.sum(1)
+
+    def div(a, b):
+        return np.divide(a, b, out=np.zeros(len(a)), where=b > 0)
+
+    return {"accuracy": float(np.mean(pred == y)),
+            "precision": float(np.mean(div(tp, n_pred))),
+            "recall": float(np.mean(div(tp, n_true))),
+            "f1": float(np.mean(div(2 * tp, n_pred + n_true))),
+            "confidence": float(np.mean(np.max(outputs, axis=1)))}
+
+
+def numpy_evaluate(wih: np.ndarray, who: np.ndarray, x: np.ndarray, y: np.ndarray):
+    """The seed MLP's forward pass and scores in numpy. x: [n, 784], y: [n]."""
+    return numpy_scores(baseline.sigmoid(baseline.sigmoid(x @ wih.T) @ who.T), y)
+
+
+def gemm_floor_operands(n: int, hidden: int, n_in: int = 784, n_out: int = 10, seed: int = 0):
+    """Two float32 matrices whose product costs exactly FGSM's FLOPs on the seed MLP over n
+    images: a [n, n_in + n_out] @ b [n_in + n_out, 2 * hidden] (forward and backward matmuls
+    folded into one GEMM, the fastest shape numpy has for that work)."""
+    rng = np.random.default_rng(seed)
+    return (rng.random((n, n_in + n_out), dtype=np.float32),
+            rng.random((n_in + n_out, 2 * hidden), dtype=np.float32))
+
+
+_matmul_jit = jax.jit(jnp.matmul)
+
+
+def fgsm_flops(n: int, hidden: int, n_in: int = 784, n_out: int = 10) -> int:
+    """FLOPs of FGSM's matmuls on the seed MLP over n images: forward x @ wih.T, h @ who.T,
+    backward dz2 @ who, dz1 @ wih; 2 FLOPs per multiply-add."""
+    return 2 * n * (n_in * hidden + hidden * n_out) * 2
+
+
+# --- the digit examples a record carries -----------------------------------------------------
+
+
+def encode_images(x: np.ndarray) -> str:
+    """Images in [0.01, 1] -> base64 of uint8 pixels (for the report's digit grid)."""
+    q = np.round((np.asarray(x, np.float64) - 0.01) / 0.99 * 255)
+    return base64.b64encode(np.clip(q, 0, 255).astype(np.uint8).tobytes()).decode()
+
+
+def decode_images(text: str, side: int = 28) -> np.ndarray:
+    """`encode_images` back to floats in [0, 1]: [k, side, side]."""
+    q = np.frombuffer(base64.b64decode(text), np.uint8)
+    return (q.astype(np.float32) / 255).reshape(-1, side, side)
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+class Loaded(NamedTuple):
+    """A loaded dataset and a fingerprint of its arrays (shapes, labels, strided pixels)."""
+
+    ds: data.Dataset
+    hash: str
+
+
+def data_hash(ds: data.Dataset) -> str:
+    """sha256 (12 hex) of the shapes, every label and every 97th image of each split."""
+    h = hashlib.sha256()
+    for a in (ds.y_train, ds.y_test, ds.x_train[::97], ds.x_test[::97]):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:12]
+
+
+def capped(ds: data.Dataset, n_train: int | None, n_test: int | None) -> data.Dataset:
+    """ds cut to its first n_train training and n_test test images (None: all)."""
+    return replace(ds, x_train=ds.x_train[:n_train], y_train=ds.y_train[:n_train],
+                   x_test=ds.x_test[:n_test], y_test=ds.y_test[:n_test])
+
+
+def _load_datasets(names: list[str]) -> tuple[dict[str, Loaded], dict[str, str]]:
+    """({name: Loaded}, {name: why it was skipped}). A DataError skips that dataset only."""
+    loaded, skipped = {}, {}
+    for name in names:
+        try:
+            ds = data.load(name)
+        except DataError as e:
+            skipped[name] = str(e)
+            print(f"mlshift: skipping {name}: {e}", file=sys.stderr)
+            continue
+        loaded[name] = Loaded(ds, data_hash(ds))
+    return loaded, skipped
+
+
+# --- one run's memory: data on the device, trained params, clean scores --------------------
+
+
+class _Memo(NamedTuple):
+    arrays: dict  # (dataset, split, n) -> (x, y) on the device
+    trained: dict  # params key -> _Trained
+    per_test: dict  # (params key, n_test) -> {"clean": scores, "zero_grad_frac": float}
+
+
+class _Trained(NamedTuple):
+    arch: Model
+    params: Any
+    train_s: float
+    n_train: int
+    finite: bool
+
+
+def _device(memo: _Memo, loaded: Loaded, split: str, n: int | None):
+    key = (loaded.ds.name, split, n)
+    if key not in memo.arrays:
+        x, y = getattr(loaded.ds, f"x_{split}")[:n], getattr(loaded.ds, f"y_{split}")[:n]
+        memo.arrays[key] = (jax.device_put(x), jax.device_put(y))
+    return memo.arrays[key]
+
+
+def _trained(spec: TrainSpec, loaded: Loaded, memo: _Memo, cache: Path,
+             force: bool) -> tuple[str, _Trained]:
+    """Params for `spec` on `loaded`: from this run, from the cache, or trained (timed once)."""
+    key = f"{spec.hash}-{loaded.hash}"
+    if key in memo.trained:
+        return key, memo.trained[key]
+    path = cache / "params" / f"{key}.npz"
+    meta_path = path.with_suffix(".json")
+    if not force and path.exists() and meta_path.exists():
+        params, meta = load_params(path), json.loads(meta_path.read_text())
+    else:
+        ds = capped(loaded.ds, spec.n_train, None)
+        timing, params = _once(partial(fit, spec.model, spec.train_config()),
+                               ds.x_train, ds.y_train)
+        params = {k: np.asarray(v) for k, v in params.items()}
+        meta = {"train_s": timing.median_s, "n_train": len(ds.y_train)}
+        save_params(path, params)
+        write_text(meta_path, json.dumps(meta))
+    finite = all(bool(np.all(np.isfinite(v))) for v in params.values())
+    trained = _Trained(get_recipe(spec.model).arch, jax.device_put(params), meta["train_s"],
+                       meta["n_train"], finite)
+    memo.trained[key] = trained
+    return key, trained
+
+
+@jax.jit
+def _perturbation(x: jax.Array, x_adv: jax.Array) -> dict[str, jax.Array]:
+    """Share of pixels changed and the L∞ size of the change. x, x_adv: [n, 784]."""
+    return {"changed_frac": jnp.mean(x_adv != x), "linf": jnp.max(jnp.abs(x_adv - x))}
+
+
+@partial(jax.jit, static_argnames="model")
+def _zero_grad_frac(model: Model, params, x: jax.Array, y: jax.Array) -> jax.Array:
+    """Share of pixels whose input gradient is exactly 0 (FGSM leaves them where they are)."""
+    return jnp.mean(attacks.input_grad(model, params, x, y) == 0)
+
+
+def _per_test(key: str, trained: _Trained, x, y, attack: str, memo: _Memo) -> dict:
+    slot = memo.per_test.setdefault((key, x.shape[0]), {})
+    if "clean" not in slot:
+        slot["clean"] = evaluate(trained.arch, trained.params, x, y)
+    if attack in GRADIENT_ATTACKS and "zero_grad_frac" not in slot:
+        slot["zero_grad_frac"] = float(_zero_grad_frac(trained.arch, trained.params, x, y))
+    return slot
+
+
+# --- computing one cell of each kind --------------------------------------------------------
+
+
+def _base(cell: Cell, loaded: Loaded) -> dict[str, Any]:
+    device = jax.devices()[0]
+    return {"id": cell.id, "hash": cell.hash, "kind": cell.kind, "block": cell.block,
+            "dataset": loaded.ds.name, "data_source": loaded.ds.source,
+            "is_sample": loaded.ds.is_sample, "data_hash": loaded.hash,
+            "backend": jax.default_backend(), "device_kind": device.device_kind}
+
+
+def _attack_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bool) -> dict:
+    cfg: AttackConfig = cell.config
+    spec = cfg.train
+    key, trained = _trained(spec, loaded, memo, cache, force)
+    x, y = _device(memo, loaded, "test", cfg.n_test)
+    per_test = _per_test(key, trained, x, y, cfg.attack, memo)
+    fn = partial(attacks.get_attack(cfg.attack).fn, trained.arch, trained.params, eps=cfg.eps,
+                 key=jax.random.fold_in(jax.random.key(spec.seed), ATTACK_STREAM),
+                 **dict(cfg.options))
+    timing, x_adv = measure(fn, x, y, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
+    scores = evaluate(trained.arch, trained.params, x_adv, y)
+    detail = {}
+    if cfg.attack in ("none", "fgsm"):
+        k = min(N_EXAMPLES, x.shape[0])
+        pred = jnp.argmax(predict(trained.arch, trained.params, x_adv[:k]), axis=-1)
+        detail["examples"] = {"images": encode_images(np.asarray(x_adv[:k])),
+                              "labels": np.asarray(y[:k]).tolist(),
+                              "preds": np.asarray(pred).tolist()}
+    return {
+        **_base(cell, loaded), "model": spec.model, "arch": trained.arch.name,
+        "seed": spec.seed, "attack": cfg.attack, "eps": cfg.eps, "n_train": trained.n_train,
+        "n_test": int(x.shape[0]), "hidden": spec.hidden, "lr": spec.lr,
+        "epochs": spec.epochs, **scores, "clean_accuracy": per_test["clean"]["accuracy"],
+        **_timing_fields(timing), "train_s": trained.train_s, "params_finite": trained.finite,
+        "zero_grad_frac": per_test.get("zero_grad_frac") if cfg.attack in GRADIENT_ATTACKS
+        else None, **{k: float(v) for k, v in _perturbation(x, x_adv).items()},
+        "detail": detail,
+    }
+
+
+def _stability_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bool) -> dict:
+    cfg: StabilityConfig = cell.config
+    ds = capped(loaded.ds, cfg.n_train, cfg.n_test)
+    size = min(cfg.size, len(ds.y_train))
+    table, train_s = stability.stability(ds, samples=cfg.samples, size=size, hidden=cfg.hidden,
+                                         lr=cfg.lr, epochs=cfg.epochs, seed=cfg.seed)
+    mean = table.loc["mean"]
+    return {
+        **_base(cell, loaded), "model": "seed-mlp", "arch": SEED_MLP.name, "seed": cfg.seed,
+        "n_train": size, "n_test": len(ds.y_test), "hidden": cfg.hidden, "lr": cfg.lr,
+        "epochs": cfg.epochs, **{m: float(mean[m]) for m in table.columns},
+        "train_s": train_s, "params_finite": bool(np.all(np.isfinite(table.to_numpy()))),
+        "detail": {"samples": cfg.samples, "size": size,
+                   "table": json.loads(table.to_json(orient="split"))},
+    }
+
+
+def _row(impl: str, timing: Timing, n: int, *, n_timed: int | None = None, ref: bool = False,
+         note: str = "") -> dict[str, Any]:
+    """One implementation's timing, scaled from n_timed items to n when it ran on a subset."""
+    n_timed = n if n_timed is None else n_timed
+    return {"impl": impl, "n": n, "n_timed": n_timed, "scale": n / n_timed, "ref": ref,
+            "note": note, **_timing_fields(timing, n / n_timed)}
+
+
+def _speed_fgsm(ds: data.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
+    params = SEED_MLP.init(jax.random.key(cfg.seed), n_hidden=cfg.hidden)
+    x, y = jax.device_put(ds.x_test), jax.device_put(ds.y_test)
+    xn, yn = np.asarray(ds.x_test), np.asarray(ds.y_test)
+    wih, who = np.asarray(params["wih"]), np.asarray(params["who"])  # float32
+    n, k = len(yn), min(cfg.numpy_loop_images, len(yn))
+    timed = partial(measure, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
+    t_jax, x_adv = timed(partial(attacks.fgsm, SEED_MLP, params, eps=cfg.eps), x, y)
+    t_np, x_np = timed(lambda a, b: baseline.fgsm_batched(wih, who, a, b, cfg.eps), xn, yn,
+                       compiled=False)
+    t_loop, _ = _once(lambda a, b: baseline.fgsm_loop(wih, who, a, b, cfg.eps), xn[:k], yn[:k])
+    a, b = gemm_floor_operands(n, cfg.hidden)
+    t_floor, _ = timed(np.matmul, a, b, compiled=False)
+    t_xla, _ = timed(_matmul_jit, *jax.device_put((a, b)))
+    flops = fgsm_flops(n, cfg.hidden)
+    rows = [
+        _row("jax: jit(vmap(grad)), float32", t_jax, n),
+        _row("numpy: batched matrix form, float32", t_np, n, ref=True),
+        _row("numpy: per-image loop (the study's way), float32", t_loop._replace(compile_s=None),
+             n, n_timed=k, note=f"timed on the first {k} images, scaled x{n / k:g}"),
+        _row("numpy: GEMM floor, float32", t_floor, n,
+             note=f"one [{n}, 794] @ [794, {2 * cfg.hidden}] GEMM = FGSM's "
+                  f"{flops / 1e9:.2f} GFLOP"),
+        _row("jax: the same GEMM, jit, float32", t_xla, n, note="XLA's GEMM floor"),
+    ]
+    jax_per_image = t_jax.median_s / n
+    extra = {
+        "flops": flops, "gemm_gflop_per_s": flops / t_floor.median_s / 1e9,
+        "jax_over_floor": t_jax.median_s / t_floor.median_s,
+        "jax_over_xla_floor": t_jax.median_s / t_xla.median_s,
+        "jax_s_per_image": jax_per_image, "study_s_per_image": study.e3_seconds_per_image(),
+        "study_over_jax_per_image": study.e3_seconds_per_image() / jax_per_image,
+        "agree_with_numpy": float(np.mean(np.asarray(x_adv) == x_np)),
+    }
+    return rows, extra
+
+
+def _speed_epoch_per_sample(ds: data.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
+    params = SEED_MLP.init(jax.random.key(cfg.seed), n_hidden=cfg.hidden)
+    x, y = jax.device_put(ds.x_train), jax.device_put(ds.y_train)
+    n, k = len(ds.y_train), min(cfg.numpy_epoch_samples, len(ds.y_train))
+    t_jax, _ = measure(partial(train_seed_sgd, lr=cfg.lr, epochs=1), params, x, y,
+                       rounds=cfg.rounds, max_seconds=cfg.max_seconds)
+    net = baseline.neuralNetwork(784, cfg.hidden, 10, cfg.lr, wih=np.asarray(params["wih"]),
+                                 who=np.asarray(params["who"]))  # float64, as the study
+    xs, ys = np.asarray(ds.x_train[:k], np.float64), np.asarray(ds.y_train[:k])
+    t_np, _ = _once(net.train_epoch, xs, ys)
+    rows = [
+        _row("jax: one lax.scan, float32", t_jax, n),
+        _row("numpy: neuralNetwork.train_epoch (the study's loop), float64",
+             t_np._replace(compile_s=None), n, n_timed=k, ref=True,
+             note=f"timed on the first {k} samples, scaled x{n / k:g}"),
+    ]
+    return rows, {"samples": n}
+
+
+def _speed_epoch_minibatch(ds: data.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
+    x, y = jax.device_put(ds.x_train), jax.device_put(ds.y_train)
+    rows = []
+    for name in ("mlp-sgd", "mlp-ce"):
+        recipe = get_recipe(name)
+        tc = resolve(recipe, TrainConfig(hidden=cfg.hidden, epochs=1, seed=cfg.seed))
+        k_init, k_shuffle = jax.random.split(jax.random.key(cfg.seed))
+        params = recipe.arch.init(k_init, n_hidden=cfg.hidden)
+        fn = partial(train_minibatch, k_shuffle, model=recipe.arch, optimizer=tc.optimizer,
+                     lr=float(tc.lr), batch_size=tc.batch_size, epochs=1)
+        t, _ = measure(fn, params, x, y, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
+        rows.append(_row(f"jax: {name} ({tc.optimizer}, batch {tc.batch_size}), one scan", t,
+                         len(ds.y_train), note="no numpy counterpart"))
+    return rows, {"samples": len(ds.y_train)}
+
+
+def _speed_metrics(ds: data.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
+    params = SEED_MLP.init(jax.random.key(cfg.seed), n_hidden=cfg.hidden)
+    x, y = jax.device_put(ds.x_test), jax.device_put(ds.y_test)
+    wih, who = np.asarray(params["wih"]), np.asarray(params["who"])
+    timed = partial(measure, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
+    t_jax, s_jax = timed(partial(evaluate_arrays, SEED_MLP, params), x, y)
+    t_np, s_np = timed(partial(numpy_evaluate, wih, who), np.asarray(ds.x_test),
+                       np.asarray(ds.y_test), compiled=False)
+    n = len(ds.y_test)
+    rows = [_row("jax: metrics.evaluate (forward + 5 scores), float32", t_jax, n),
+            _row("numpy: forward + argmax + bincount P/R/F1, float32", t_np, n, ref=True)]
+    diff = max(abs(float(s_jax[m]) - s_np[m]) for m in SCORE_NAMES)
+    return rows, {"max_abs_diff": diff}
+
+
+_population_fit = jax.jit(train_seed_sgd_population, static_argnames="epochs")
+
+
+def _speed_population(ds: data.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
+    n, m = len(ds.y_train), cfg.population
+    size = min(cfg.population_size, n)
+    idx = np.stack([data.subsample(cfg.seed + i, n, size) for i in range(m)])
+    keys = jax.random.split(jax.random.key(cfg.seed), m)
+    params = init_population(SEED_MLP, keys, n_hidden=cfg.hidden)
+    xs, ys = jax.device_put(ds.x_train[idx]), jax.device_put(ds.y_train[idx])
+    timed = partial(measure, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
+    t_vmap, _ = timed(partial(_population_fit, lr=cfg.lr, epochs=1), params, xs, ys)
+    singles = [(jax.tree.map(lambda a, i=i: a[i], params), xs[i], ys[i]) for i in range(m)]
+
+    def separate(models):
+        return [train_seed_sgd(p, a, b, lr=cfg.lr, epochs=1) for p, a, b in models]
+
+    t_sep, _ = timed(separate, singles)
+    k = max(1, min(cfg.numpy_epoch_samples // m, size))
+    nets = [baseline.neuralNetwork(784, cfg.hidden, 10, cfg.lr, wih=np.asarray(p["wih"]),
+                                   who=np.asarray(p["who"])) for p, _, _ in singles]
+    subsets = [(np.asarray(ds.x_train[i[:k]], np.float64), ds.y_train[i[:k]]) for i in idx]
+
+    def numpy_population():
+        for net, (a, b) in zip(nets, subsets, strict=True):
+            net.train_epoch(a, b)
+
+    t_np, _ = _once(numpy_population)
+    total = m * size
+    rows = [
+        _row(f"jax: {m} models in one vmapped jit", t_vmap, total),
+        _row(f"jax: {m} separate trainings (one jit, called {m} times)", t_sep, total),
+        _row(f"numpy: {m} x neuralNetwork.train_epoch, float64", t_np._replace(compile_s=None),
+             total, n_timed=m * k, ref=True,
+             note=f"timed on {k} samples per model, scaled x{size / k:g}"),
+    ]
+    return rows, {"models": m, "size": size, "vmap_over_separate": t_vmap.median_s / t_sep.median_s}
+
+
+SPEED_WORKLOADS: dict[str, Callable[[data.Dataset, SpeedConfig], tuple[list, dict]]] = {
+    "fgsm": _speed_fgsm,
+    "epoch-per-sample": _speed_epoch_per_sample,
+    "epoch-minibatch": _speed_epoch_minibatch,
+    "metrics": _speed_metrics,
+    "population": _speed_population,
+}
+
+
+def _speed_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bool) -> dict:
+    cfg: SpeedConfig = cell.config
+    ds = capped(loaded.ds, cfg.n_train, cfg.n_test)
+    rows, extra = SPEED_WORKLOADS[cfg.workload](ds, cfg)
+    head = rows[0]
+    return {**_base(cell, loaded), "workload": cfg.workload, "n_train": len(ds.y_train),
+            "n_test": len(ds.y_test), "hidden": cfg.hidden, "seed": cfg.seed,
+            **{k: head[k] for k in TIMING_FIELDS}, "detail": {"rows": rows, "extra": extra}}
+
+
+COMPUTE = {"attack": _attack_cell, "stability": _stability_cell, "speed": _speed_cell}
+
+
+# --- progress --------------------------------------------------------------------------------
+
+
+def _clock(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "--:--"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m:02d}:{s:02d}"
+
+
+def progress(stream, done: int, total: int, start: float, label: str = "") -> None:
+    """One carriage-return line: count, percent, elapsed, ETA, label. Silent off a terminal."""
+    if not (hasattr(stream, "isatty") and stream.isatty()):
+        return
+    elapsed = time.perf_counter() - start
+    eta = elapsed / done * (total - done) if done else float("nan")
+    line = (f"[{done:>{len(str(total))}}/{total}] {100 * done / max(total, 1):3.0f}% "
+            f"elapsed {_clock(elapsed)} eta {_clock(eta)}  {label}")
+    stream.write("\r" + line[:119].ljust(119) + ("\n" if done == total else ""))
+    stream.flush()
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def _dataset_of(cell: Cell) -> str:
+    return cell.config.dataset
+
+
+def _cached(cache: Path, cell: Cell, loaded: Loaded) -> dict | None:
+    path = cache / "cells" / f"{cell.hash}.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if record.get("data_hash") == loaded.hash else None
+
+
+def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None,
+        force: bool = False) -> pd.DataFrame:
+    """Run the cells of the matrix at `matrix_path` whose id matches `only` (fnmatch pattern
+    or substring; None: all); reuse cached cells unless `force`. Returns their records.
+
+    Each record is one row: id, kind, block, dataset, model, attack, eps, seed, n_train,
+    n_test, accuracy, precision, recall, f1, confidence, clean_accuracy, compile_s, median_s,
+    min_s, max_s, iqr_s, rounds, train_s, ..., status ("computed" or "reused") and `detail`
+    (a dict: digit examples, the stability table, a speed cell's implementations).
+    """
+    start, started = time.perf_counter(), datetime.now(timezone.utc)
+    mx = load(matrix_path)
+    selected = select(cells(mx), only)
+    if not selected:
+        raise ConfigError(f"{matrix_path}: no cell id matches {only!r}; ids look like "
+                          f"{cells(mx)[0].id!r}")
+    names = list(dict.fromkeys(_dataset_of(c) for c in selected))
+    loaded, skipped = _load_datasets(names)
+    if not loaded:
+        raise DataError(f"{matrix_path}: no dataset of the matrix could be loaded: "
+                        + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    cache = Path(out_dir) / CACHE_DIR
+    records: dict[str, dict] = {}
+    todo = []
+    for cell in selected:
+        name = _dataset_of(cell)
+        if name in skipped:
+            continue
+        record = None if force else _cached(cache, cell, loaded[name])
+        if record is None:
+            todo.append(cell)
+        else:
+            records[cell.id] = {**record, "id": cell.id, "block": cell.block, "status": "reused"}
+    memo = _Memo({}, {}, {})
+    by_hash: dict[str, dict] = {}
+    clock = time.perf_counter()
+    for i, cell in enumerate(todo):
+        progress(sys.stderr, i, len(todo), clock, cell.id)
+        record = by_hash.get(cell.hash)
+        if record is None:
+            record = COMPUTE[cell.kind](cell, loaded[_dataset_of(cell)], memo, cache, force)
+            record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            write_text(cache / "cells" / f"{cell.hash}.json", json.dumps(record, indent=1))
+            by_hash[cell.hash] = record
+        records[cell.id] = {**record, "id": cell.id, "block": cell.block, "status": "computed"}
+    if todo:
+        progress(sys.stderr, len(todo), len(todo), clock, "done")
+    frame = pd.DataFrame([records[c.id] for c in selected if c.id in records])
+    frame.attrs["run"] = {
+        "matrix": str(matrix_path), "only": only, "force": force,
+        "started": started.isoformat(timespec="seconds"),
+        "wall_s": time.perf_counter() - start,
+        "cells": len(selected), "computed": len(todo), "reused": len(records) - len(todo),
+        "datasets": {n: {"source": d.ds.source, "is_sample": d.ds.is_sample,
+                         "n_train": len(d.ds.y_train), "n_test": len(d.ds.y_test),
+                         "data_hash": d.hash} for n, d in loaded.items()},
+        "skipped": skipped,
+    }
+    return frame

@@ -1,0 +1,193 @@
+"""The experiment matrix: parsing, checking, expansion into cells, and config hashes."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from mlshift_jax import matrix
+from mlshift_jax.errors import ConfigError
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+TINY = """
+[matrix]
+datasets = ["mnist"]
+models = ["seed-mlp"]
+attacks = ["none", "fgsm"]
+eps = [0.1, 0.2]
+hidden = 16
+n_train = 500
+n_test = 200
+
+[timing]
+rounds = 2
+"""
+
+
+def _parse(text: str = TINY) -> matrix.Matrix:
+    return matrix.parse(text, "tiny.toml")
+
+
+@pytest.mark.parametrize("name", ["matrix.toml", "matrix-quick.toml"])
+def test_bench_matrices_parse(name):
+    m = matrix.load(BENCH / name)
+    cells = matrix.cells(m)
+    ids = [c.id for c in cells]
+    assert len(ids) == len(set(ids))
+    assert "mnist/seed-mlp/fgsm/0.1/seed0" in ids
+    assert "mnist/seed-mlp/none/0/seed0" in ids
+    assert {c.kind for c in cells} == {"attack", "stability", "speed"}
+    assert {c.block for c in cells} == {"matrix", "e1", "e2", "e3", "speed"}
+
+
+def test_full_matrix_has_the_issue_grid():
+    m = matrix.load(BENCH / "matrix.toml")
+    assert m.datasets == ("mnist", "fashion-mnist")
+    assert set(m.models) == {"seed-mlp-numpy", "seed-mlp", "mlp-sgd", "mlp-ce", "cnn"}
+    assert m.attacks == ("none", "noise-sign", "fgsm", "pgd")
+    assert m.eps == (0.1, 0.2, 0.3) and m.seeds == (0,)
+    assert m.e3.n_test == (10_000, 6_000) and m.e3.eps == (0.0, 0.1, 0.2, 0.3)
+    assert (m.e2.samples, m.e2.size) == (10, 10_000)
+    e1 = [c for c in matrix.cells(m) if c.block == "e1"]
+    assert {c.config.train.model for c in e1} == {"seed-mlp", "seed-mlp-numpy"}
+    assert all((c.config.train.hidden, c.config.train.lr, c.config.train.epochs) == (200, 0.1, 1)
+               for c in e1)
+
+
+def test_quick_matrix_is_capped():
+    m = matrix.load(BENCH / "matrix-quick.toml")
+    assert m.models == ("seed-mlp-numpy", "seed-mlp", "mlp-ce")
+    assert (m.n_train, m.n_test) == (5000, 1000)
+
+
+def test_expansion_none_runs_at_eps_zero_only():
+    cells = matrix.cells(_parse())
+    assert [c.id for c in cells] == [
+        "mnist/seed-mlp/none/0/seed0",
+        "mnist/seed-mlp/fgsm/0.1/seed0",
+        "mnist/seed-mlp/fgsm/0.2/seed0",
+    ]
+    spec = cells[0].config.train
+    assert (spec.hidden, spec.lr, spec.epochs, spec.n_train) == (16, 0.1, 1, 500)
+    assert cells[0].config.n_test == 200 and cells[0].config.rounds == 2
+
+
+def test_recipe_defaults_are_resolved_into_the_spec():
+    m = _parse(TINY.replace('["seed-mlp"]', '["mlp-sgd"]'))
+    spec = matrix.cells(m)[0].config.train
+    assert (spec.optimizer, spec.lr, spec.batch_size, spec.epochs) == ("sgd", 1.0, 16, 5)
+
+
+def test_train_overrides_and_attack_options():
+    m = _parse(TINY + "\n[train.seed-mlp]\nlr = 0.05\nepochs = 2\n")
+    spec = matrix.cells(m)[0].config.train
+    assert (spec.lr, spec.epochs) == (0.05, 2)
+    m = _parse(TINY.replace('"fgsm"]', '"pgd"]') + "\n[attack_options.pgd]\nsteps = 3\n")
+    pgd = [c for c in matrix.cells(m) if c.config.attack == "pgd"]
+    assert pgd and all(c.config.options == (("steps", 3),) for c in pgd)
+
+
+# --- errors name the file and the key --------------------------------------------------------
+
+BAD = [
+    (TINY.replace('["seed-mlp"]', '["resnet"]'), "[matrix].models", "resnet"),
+    (TINY.replace('"fgsm"]', '"deepfool"]'), "[matrix].attacks", "deepfool"),
+    (TINY.replace('["mnist"]', '["cifar10"]'), "[matrix].datasets", "cifar10"),
+    (TINY.replace("[0.1, 0.2]", "[0.1, -0.2]"), "[matrix].eps", "-0.2"),
+    (TINY.replace("hidden = 16", "hiden = 16"), "[matrix].hiden", "unknown key"),
+    (TINY + "\n[extra]\nx = 1\n", "top level.extra", "unknown key"),
+    (TINY.replace("rounds = 2", "rounds = 0"), "[timing].rounds", ">= 1"),
+    (TINY.replace("rounds = 2", "round = 2"), "[timing].round", "unknown key"),
+    (TINY + "\n[e3]\nmodel = \"seed-mlp\"\nepsilon = [0.1]\n", "[e3].epsilon", "unknown key"),
+    (TINY + "\n[e3]\neps = [-1.0]\n", "[e3].eps", "-1.0"),
+    (TINY + "\n[e1]\nmodels = [\"nope\"]\n", "[e1].models", "nope"),
+    (TINY + "\n[speed]\nworkloads = [\"warp\"]\n", "[speed].workloads", "warp"),
+    (TINY + "\n[train.seed-mlp]\nlearning_rate = 0.1\n", "[train.seed-mlp].learning_rate",
+     "unknown key"),
+    (TINY + "\n[train.seed-mlp]\noptimizer = \"lion\"\n", "[train.seed-mlp].optimizer", "lion"),
+    (TINY + "\n[train.nope]\nlr = 0.1\n", "[train].nope", "unknown key"),
+    (TINY + "\n[attack_options.pgd]\nsteps = 3\nstride = 2\n", "[attack_options.pgd].stride",
+     "unknown key"),
+    (TINY.replace("[matrix]", "[matrixx]"), "top level", "unknown key"),
+    (TINY.replace('datasets = ["mnist"]\n', ""), "[matrix].datasets", "required"),
+    (TINY.replace("eps = [0.1, 0.2]", "eps = []"), "[matrix].eps", "non-empty"),
+    (TINY.replace("eps = [0.1, 0.2]", "eps = [0.1, 0.1]"), None, None),  # repeated cells
+    (TINY + "\n[matrix2\n", "not valid TOML", ""),
+]
+
+
+@pytest.mark.parametrize("text,key,found", BAD)
+def test_bad_matrix_raises_config_error_naming_file_and_key(text, key, found):
+    if key is None:
+        with pytest.raises(ConfigError, match="cell ids repeat"):
+            _parse(text)
+        return
+    with pytest.raises(ConfigError) as info:
+        _parse(text)
+    message = str(info.value)
+    assert message.startswith("tiny.toml: ")
+    assert key in message and found in message
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="nope.toml"):
+        matrix.load(tmp_path / "nope.toml")
+
+
+# --- hashes --------------------------------------------------------------------------------
+
+
+def test_same_config_same_hash():
+    a, b = matrix.cells(_parse()), matrix.cells(_parse())
+    assert [c.hash for c in a] == [c.hash for c in b]
+    assert len({c.hash for c in a}) == len(a)
+    assert all(len(c.hash) == matrix.HASH_LEN for c in a)
+    # the hash is of the config, not of the block or id: equal work shares one cache entry
+    cell = a[0]
+    assert dataclasses.replace(cell, id="other", block="e1").hash == cell.hash
+
+
+def _changed(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, tuple):
+        return value + (("steps", 2),)
+    return 7  # None
+
+
+def test_any_field_change_changes_the_hash():
+    cell = matrix.cells(_parse())[1]
+    config, spec = cell.config, cell.config.train
+    for f in dataclasses.fields(spec):
+        changed = dataclasses.replace(spec, **{f.name: _changed(getattr(spec, f.name))})
+        assert changed.hash != spec.hash, f.name
+        other = dataclasses.replace(cell, config=dataclasses.replace(config, train=changed))
+        assert other.hash != cell.hash, f.name
+    for f in dataclasses.fields(config):
+        if f.name == "train":
+            continue
+        other = dataclasses.replace(
+            cell, config=dataclasses.replace(config, **{f.name: _changed(getattr(config,
+                                                                               f.name))}))
+        assert other.hash != cell.hash, f.name
+
+
+def test_config_hash_is_canonical():
+    assert matrix.config_hash({"a": 1, "b": [1, 2]}) == matrix.config_hash({"b": [1, 2], "a": 1})
+    assert matrix.config_hash({"a": 1}) != matrix.config_hash({"a": 2})
+
+
+def test_select_by_pattern_or_substring():
+    cells = matrix.cells(_parse())
+    assert [c.id for c in matrix.select(cells, "mnist/seed-mlp/fgsm/*")] == [
+        "mnist/seed-mlp/fgsm/0.1/seed0", "mnist/seed-mlp/fgsm/0.2/seed0"]
+    assert [c.id for c in matrix.select(cells, "/none/")] == ["mnist/seed-mlp/none/0/seed0"]
+    assert matrix.select(cells, None) == cells
+    assert matrix.select(cells, "cifar*") == ()

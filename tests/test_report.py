@@ -1,0 +1,171 @@
+"""The report from planted records: validity warnings, tables, atomic writes, platform names."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mlshift_jax import report, runner
+
+
+def _cell(attack: str, eps: float, accuracy: float, **over) -> dict:
+    rid = f"mnist/seed-mlp/{attack}/{eps:g}/seed0"
+    base = {
+        "id": rid, "hash": rid, "kind": "attack", "block": "matrix", "dataset": "mnist",
+        "data_source": "test", "model": "seed-mlp", "seed": 0, "attack": attack, "eps": eps,
+        "n_train": 500, "n_test": 200, "hidden": 16, "lr": 0.1, "epochs": 1,
+        "accuracy": accuracy, "precision": accuracy, "recall": accuracy, "f1": accuracy,
+        "confidence": 0.8, "clean_accuracy": 0.9, "compile_s": 0.2, "median_s": 0.01,
+        "min_s": 0.01, "max_s": 0.02, "iqr_s": 0.0, "rounds": 3, "train_s": 1.0,
+        "params_finite": True, "zero_grad_frac": 0.0 if attack in ("fgsm", "pgd") else None,
+        "detail": {}, "status": "computed",
+    }
+    return base | over
+
+
+def _records(*rows: dict) -> pd.DataFrame:
+    sound = [_cell("none", 0.0, 0.9), _cell("noise-sign", 0.1, 0.85), _cell("fgsm", 0.1, 0.4),
+             _cell("pgd", 0.1, 0.3)]
+    by_id = {r["id"]: r for r in sound}
+    by_id.update({r["id"]: r for r in rows})
+    return pd.DataFrame(list(by_id.values()))
+
+
+def _warnings(records) -> dict[str, str]:
+    w = report.validity_warnings(records)
+    return dict(zip(w["id"], w["warning"], strict=True))
+
+
+def test_sound_records_raise_no_warning():
+    assert report.validity_warnings(_records()).empty
+
+
+def test_noise_stronger_than_fgsm_is_flagged():
+    w = _warnings(_records(_cell("noise-sign", 0.1, 0.2)))
+    assert "random noise (noise-sign) is stronger than FGSM" in w["mnist/seed-mlp/fgsm/0.1/seed0"]
+
+
+def test_pgd_weaker_than_fgsm_is_flagged():
+    w = _warnings(_records(_cell("pgd", 0.1, 0.6)))
+    assert "PGD is weaker than FGSM" in w["mnist/seed-mlp/pgd/0.1/seed0"]
+
+
+def test_eps_zero_not_clean_is_flagged():
+    w = _warnings(_records(_cell("fgsm", 0.0, 0.8), _cell("none", 0.0, 0.89)))
+    assert "eps=0 gives accuracy 0.8000, not the clean 0.9000" in w[
+        "mnist/seed-mlp/fgsm/0/seed0"]
+    assert "mnist/seed-mlp/none/0/seed0" in w
+
+
+def test_zero_gradients_are_flagged():
+    w = _warnings(_records(_cell("fgsm", 0.1, 0.4, zero_grad_frac=0.8)))
+    assert "zero input gradients" in w["mnist/seed-mlp/fgsm/0.1/seed0"]
+
+
+@pytest.mark.parametrize("over", [{"params_finite": False}, {"f1": float("nan")},
+                                  {"precision": float("inf")}])
+def test_divergence_is_flagged(over):
+    w = _warnings(_records(_cell("noise-sign", 0.1, 0.85, **over)))
+    assert "training diverged" in w["mnist/seed-mlp/noise-sign/0.1/seed0"]
+
+
+def test_warnings_show_in_the_tables():
+    records = _records(_cell("noise-sign", 0.1, 0.2))
+    text = report.tables_markdown(records)
+    assert "## Pairings: mnist" in text and "## Validity warnings" in text
+    pairing = text.split("## Pairings: mnist")[1]
+    row = next(line for line in pairing.splitlines() if "| fgsm" in line)
+    assert "stronger than FGSM" in row
+    assert "No E1 cells" in text and "No speed cells" in text
+
+
+def _speed_record() -> dict:
+    def row(impl, median, ref=False):
+        return {"impl": impl, "n": 100, "n_timed": 100, "scale": 1.0, "ref": ref, "note": "",
+                "compile_s": None, "median_s": median, "min_s": median, "max_s": median,
+                "iqr_s": 0.0, "rounds": 3}
+
+    extra = {"flops": 1e9, "gemm_gflop_per_s": 100.0, "jax_over_floor": 2.0,
+             "jax_over_xla_floor": 1.5, "jax_s_per_image": 1e-6, "study_s_per_image": 75.0,
+             "study_over_jax_per_image": 7.5e7}
+    return {"id": "speed/mnist/fgsm", "kind": "speed", "block": "speed", "dataset": "mnist",
+            "workload": "fgsm", "detail": {"rows": [row("jax", 0.01), row("numpy", 0.04, True)],
+                                           "extra": extra}}
+
+
+def test_speed_table_reports_speed_up_vs_numpy():
+    records = pd.concat([_records(), pd.DataFrame([_speed_record()])], ignore_index=True)
+    text = report.tables_markdown(records)
+    speed = text.split("## Speed")[1].split("## Pairings")[0]
+    jax_row = next(line for line in speed.splitlines() if line.startswith("| fgsm") and
+                   "| jax " in line)
+    assert "4×" in jax_row and "10 ms" in jax_row
+    assert "7.5e+07× less" in speed and "2.00× the floor" in speed
+
+
+def test_write_is_atomic(tmp_path, monkeypatch):
+    records = _records()
+    report.write(records, tmp_path)
+    before = (tmp_path / "tables.md").read_text()
+    real = Path.write_text
+
+    def half_then_fail(self, text, *args, **kw):
+        real(self, text[: len(text) // 2], *args, **kw)  # the temp file exists, half written
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        report.write(_records(_cell("fgsm", 0.1, 0.123)), tmp_path)
+    monkeypatch.undo()
+    assert (tmp_path / "tables.md").read_text() == before
+    left = [p.name for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    assert left == []
+
+
+def test_records_csv_leaves_images_out():
+    r = _cell("fgsm", 0.1, 0.4, detail={"examples": {"images": "AAAA"}, "other": 1})
+    csv = report.records_csv(pd.DataFrame([r]))
+    assert csv["detail"].iloc[0] == '{"other": 1}'
+
+
+def test_figures_are_skipped_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    paths, note = report.write_figures(_records(), tmp_path)
+    assert paths == [] and "matplotlib" in note
+
+
+def test_figures_are_drawn(tmp_path):
+    pytest.importorskip("matplotlib")
+    x = np.full((2, 784), 0.5)
+    ex = {"images": runner.encode_images(x), "labels": [1, 2], "preds": [1, 3]}
+    records = _records(_cell("none", 0.0, 0.9, detail={"examples": ex}),
+                       _cell("fgsm", 0.1, 0.4, detail={"examples": ex}))
+    paths, note = report.write_figures(records, tmp_path)
+    assert note == "" and sorted(p.name for p in paths) == [
+        "accuracy-vs-eps-mnist.png", "fgsm-digits-mnist.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+
+
+@pytest.mark.parametrize("platform,kind,name", [
+    ("cpu", "cpu", "cpu"), ("gpu", "NVIDIA H200", "gpu-h200"),
+    ("gpu", "NVIDIA A100-SXM4-80GB", "gpu-a100-sxm4-80gb"), ("tpu", "TPU v5 lite", "tpu-v5-lite"),
+])
+def test_platform_name(platform, kind, name):
+    assert report.platform_name(SimpleNamespace(platform=platform, device_kind=kind)) == name
+
+
+def test_platform_name_here_and_default_out_dir():
+    assert report.platform_name() in ("cpu",) or report.platform_name().count("-") >= 1
+    assert report.default_out_dir("/x") == Path("/x/results") / report.platform_name()
+
+
+@pytest.mark.parametrize("seconds,text", [(1.234, "1.23 s"), (0.0456, "45.6 ms"),
+                                          (7.89e-5, "78.9 µs"), (None, "—"),
+                                          (float("nan"), "—")])
+def test_fmt_time(seconds, text):
+    assert report.fmt_time(seconds) == text

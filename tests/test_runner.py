@@ -1,0 +1,248 @@
+"""The runner end to end on a tiny matrix: records, report files, resume, determinism.
+
+Never asserts on speed: timings are only checked for shape and sign.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlshift_jax import data, matrix, report, runner
+from mlshift_jax.errors import ConfigError, DataError
+from mlshift_jax.metrics import SCORE_NAMES, scores_from_outputs
+
+TINY = """
+[matrix]
+datasets = ["mnist"]
+models = ["seed-mlp"]
+attacks = ["none", "fgsm"]
+eps = [0.1, 0.2]
+hidden = 16
+n_train = 500
+n_test = 200
+
+[timing]
+rounds = 2
+"""
+
+BLOCKS = """
+[e1]
+models = ["seed-mlp"]
+hidden = 16
+lr = 0.1
+epochs = 1
+
+[e2]
+samples = 2
+size = 100
+hidden = 16
+
+[e3]
+model = "seed-mlp"
+attacks = ["fgsm", "noise-sign"]
+eps = [0.0, 0.1]
+n_test = [200, 100]
+hidden = 16
+
+[speed]
+hidden = 16
+numpy_loop_images = 20
+numpy_epoch_samples = 40
+population = 2
+population_size = 100
+"""
+
+SCORES = list(SCORE_NAMES)
+pytestmark = pytest.mark.filterwarnings("ignore::mlshift_jax.data.SampleDataWarning")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(matrix path, out dir, records of a first run)."""
+    root = tmp_path_factory.mktemp("tiny")
+    path = root / "tiny.toml"
+    path.write_text(TINY)
+    out = root / "out"
+    return path, out, runner.run(path, out_dir=out)
+
+
+def test_tiny_matrix_end_to_end(tiny):
+    path, out, records = tiny
+    assert list(records["id"]) == [c.id for c in matrix.cells(matrix.load(path))]
+    assert set(records["status"]) == {"computed"}
+    assert (records["n_train"] == 500).all() and (records["n_test"] == 200).all()
+    assert records[SCORES].notna().all().all()
+    assert ((records[SCORES] >= 0) & (records[SCORES] <= 1)).all().all()
+    assert (records["rounds"] >= 1).all() and (records["median_s"] > 0).all()
+    assert (records["compile_s"] > 0).all() and (records["train_s"] > 0).all()
+    clean = records.set_index("attack").loc["none"]
+    assert clean["accuracy"] == clean["clean_accuracy"] and clean["linf"] == 0
+    fgsm = records[records["attack"] == "fgsm"]
+    assert np.allclose(fgsm["linf"], fgsm["eps"], atol=1e-6)
+    assert fgsm["accuracy"].max() < clean["accuracy"]
+    run = records.attrs["run"]
+    assert run["computed"] == 3 and run["reused"] == 0 and run["wall_s"] > 0
+    assert run["datasets"]["mnist"]["source"]
+
+    paths = report.write(records, out)
+    for name in ("tables.md", "records.csv", "run.json"):
+        assert (out / name).is_file() and out / name in paths
+    tables = (out / "tables.md").read_text()
+    assert "## Pairings: mnist" in tables and "No E1 cells" in tables
+    info = json.loads((out / "run.json").read_text())
+    for key in ("versions", "backend", "device_kind", "device_count", "cpu_count",
+                "git_commit", "date", "wall_s", "datasets"):
+        assert key in info, key
+    assert {"jax", "jaxlib", "numpy", "optax"} <= set(info["versions"])
+    csv = (out / "records.csv").read_text().splitlines()
+    assert len(csv) == 1 + len(records) and "images" not in csv[1]
+
+
+def test_resume_reruns_only_the_missing_cell(tiny):
+    path, out, first = tiny
+    victim = first.iloc[1]
+    (out / runner.CACHE_DIR / "cells" / f"{victim['hash']}.json").unlink()
+    again = runner.run(path, out_dir=out)
+    status = dict(zip(again["id"], again["status"], strict=True))
+    assert status.pop(victim["id"]) == "computed"
+    assert set(status.values()) == {"reused"}
+    assert again.attrs["run"]["computed"] == 1
+    assert again[SCORES].equals(first[SCORES])
+
+
+def test_force_reruns_everything_with_identical_scores(tiny):
+    path, out, first = tiny
+    again = runner.run(path, out_dir=out, force=True)
+    assert set(again["status"]) == {"computed"}
+    assert again[SCORES].equals(first[SCORES])  # exact: same config + seed, same numbers
+
+
+def test_only_selects_cells(tiny):
+    path, out, _ = tiny
+    some = runner.run(path, out_dir=out, only="mnist/seed-mlp/fgsm/*")
+    assert list(some["id"]) == ["mnist/seed-mlp/fgsm/0.1/seed0", "mnist/seed-mlp/fgsm/0.2/seed0"]
+    assert list(runner.run(path, out_dir=out, only="/none/")["id"]) == [
+        "mnist/seed-mlp/none/0/seed0"]
+    with pytest.raises(ConfigError, match="no cell id matches"):
+        runner.run(path, out_dir=out, only="cifar/*")
+
+
+def test_a_missing_dataset_is_skipped_and_reported(tiny, monkeypatch, tmp_path):
+    path, out, first = tiny
+    real = data.load
+
+    def load(name, *args, **kw):
+        if name == "fashion-mnist":
+            raise DataError("fashion-mnist: expected its files; found none")
+        return real(name, *args, **kw)
+
+    monkeypatch.setattr(data, "load", load)
+    both = path.with_name("both.toml")
+    both.write_text(TINY.replace('["mnist"]', '["mnist", "fashion-mnist"]'))
+    records = runner.run(both, out_dir=out)  # the mnist cells come from the cache
+    assert set(records["dataset"]) == {"mnist"} and set(records["status"]) == {"reused"}
+    assert "fashion-mnist" in records.attrs["run"]["skipped"]
+    text = report.tables_markdown(records)
+    assert "fashion-mnist: SKIPPED" in text and "## Pairings: fashion-mnist" in text
+
+    monkeypatch.setattr(data, "load", lambda *a, **k: (_ for _ in ()).throw(DataError("no")))
+    with pytest.raises(DataError, match="no dataset"):
+        runner.run(both, out_dir=tmp_path)
+
+
+def test_every_block_runs_tiny(tmp_path):
+    path = tmp_path / "blocks.toml"
+    path.write_text(TINY + BLOCKS)
+    records = runner.run(path, out_dir=tmp_path / "out")
+    kinds = records.groupby("block")["kind"].first().to_dict()
+    assert kinds == {"matrix": "attack", "e1": "attack", "e2": "stability", "e3": "attack",
+                     "speed": "speed"}
+    # E1 and the grid's clean cell are the same computation: one hash, one result
+    e1 = records[records["block"] == "e1"].iloc[0]
+    grid = records.set_index("id").loc["mnist/seed-mlp/none/0/seed0"]
+    assert e1["hash"] == grid["hash"] and e1["accuracy"] == grid["accuracy"]
+    e2 = records[records["block"] == "e2"].iloc[0]
+    assert e2["detail"]["table"]["index"][:2] == ["sample 1", "sample 2"]
+    speed = records[records["kind"] == "speed"].set_index("workload")
+    assert set(speed.index) == set(matrix.SPEED_WORKLOADS)
+    for workload, r in speed.iterrows():
+        rows = r["detail"]["rows"]
+        assert all(row["median_s"] > 0 and row["rounds"] >= 1 for row in rows), workload
+        assert sum(row["ref"] for row in rows) == (0 if workload == "epoch-minibatch" else 1)
+    fgsm = speed.loc["fgsm"]["detail"]
+    assert fgsm["extra"]["agree_with_numpy"] > 0.99
+    loop = next(row for row in fgsm["rows"] if "loop" in row["impl"])
+    assert (loop["n_timed"], loop["n"], loop["scale"]) == (20, 200, 10)
+    assert speed.loc["metrics"]["detail"]["extra"]["max_abs_diff"] < 1e-5
+
+    report.write(records, tmp_path / "out")
+    tables = (tmp_path / "out" / "tables.md").read_text()
+    for title in ("## E1", "## E2", "### E3 on the first 200", "### E3 on the first 100",
+                  "## Speed", "speed-up vs numpy", "GEMM floor"):
+        assert title in tables, title
+
+
+# --- pieces ------------------------------------------------------------------------------------
+
+
+def test_speed_workloads_match_the_matrix_grammar():
+    assert set(runner.SPEED_WORKLOADS) == set(matrix.SPEED_WORKLOADS)
+
+
+def test_numpy_scores_match_jax():
+    rng = np.random.default_rng(0)
+    outputs = rng.random((300, 10)).astype(np.float32)
+    y = rng.integers(0, 10, 300)
+    y[y == 7] = 3  # a class absent from y_true: zero_division=0
+    ours = runner.numpy_scores(outputs, y)
+    theirs = scores_from_outputs(jnp.asarray(outputs), jnp.asarray(y))
+    for name in SCORE_NAMES:
+        assert ours[name] == pytest.approx(float(theirs[name]), abs=1e-6), name
+
+
+def test_gemm_floor_has_fgsm_flops():
+    a, b = runner.gemm_floor_operands(5, 16)
+    assert a.dtype == b.dtype == np.float32
+    assert 2 * a.shape[0] * a.shape[1] * b.shape[1] == runner.fgsm_flops(5, 16)
+    assert runner.fgsm_flops(5, 16) == 2 * 5 * (784 * 16 + 16 * 10) * 2
+
+
+def test_measure_keeps_output_and_bounds_rounds():
+    calls = []
+
+    def fn(a):
+        calls.append(a)
+        return a * 2
+
+    timing, out = runner.measure(fn, 3, rounds=4, max_seconds=1e-12)
+    assert out == 6 and timing.rounds == 1 and len(calls) == 2
+    timing, _ = runner.measure(fn, 3, rounds=4, max_seconds=60, compiled=False)
+    assert timing.rounds == 4 and timing.compile_s is None
+
+
+def test_images_round_trip():
+    x = np.linspace(0.01, 1.0, 2 * 784).reshape(2, 784)
+    back = runner.decode_images(runner.encode_images(x))
+    assert back.shape == (2, 28, 28)
+    assert np.allclose(back.reshape(2, 784), (x - 0.01) / 0.99, atol=1 / 255)
+
+
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_is_quiet_off_a_terminal():
+    plain, tty = io.StringIO(), _Tty()
+    runner.progress(plain, 1, 4, 0.0, "a/b")
+    runner.progress(tty, 1, 4, 0.0, "a/b")
+    assert plain.getvalue() == ""
+    line = tty.getvalue()
+    assert line.startswith("\r[1/4]") and "eta" in line and "a/b" in line
+    runner.progress(tty, 4, 4, 0.0, "done")
+    assert tty.getvalue().endswith("\n")
