@@ -12,6 +12,7 @@ import sys
 import time
 import warnings
 from functools import partial
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -21,6 +22,7 @@ from mlshift_jax import data
 from mlshift_jax.errors import ConfigError, MlshiftError
 
 EXIT_USAGE = 2
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,7 +41,12 @@ def _emit(fmt: str, payload, table_rows=None, headers="keys") -> None:
 
 
 def _load(args) -> data.Dataset:
-    return data.load(args.dataset, args.data_dir)
+    """The dataset the arguments name; then one stderr line saying where the work runs."""
+    from mlshift_jax.sharding import describe_devices
+
+    ds = data.load(args.dataset, args.data_dir)
+    print(f"mlshift: {ds.name} from {ds.source}; {describe_devices()}", file=sys.stderr)
+    return ds
 
 
 # --- train --------------------------------------------------------------------------------
@@ -125,6 +132,38 @@ def cmd_attack(args) -> None:
     _emit(args.format, rows)
 
 
+# --- bench --------------------------------------------------------------------------------
+
+
+def cmd_bench(args) -> None:
+    from mlshift_jax import report, runner
+    from mlshift_jax.sharding import describe_devices, initialize_distributed
+
+    if args.distributed:
+        initialize_distributed()
+    matrix = Path(args.matrix) if args.matrix else BENCH_DIR / (
+        "matrix-quick.toml" if args.quick else "matrix.toml")
+    if not matrix.is_file():
+        raise ConfigError(f"matrix file {matrix} not found; pass --matrix PATH")
+    out = Path(args.out) if args.out else report.default_out_dir()
+    if args.quick and not args.out:
+        out = out.with_name(out.name + "-quick")  # never overwrite the committed full results
+    print(f"mlshift: bench {matrix} -> {out}; {describe_devices()}", file=sys.stderr)
+    start = time.perf_counter()
+    records = runner.run(matrix, out_dir=out, only=args.only, force=args.force)
+    seconds = time.perf_counter() - start
+    if args.only:  # a partial run: show its cells, leave the full tables as they are
+        cols = [c for c in ("id", "status", "accuracy", "f1", "median_s") if c in records]
+        print(tabulate(records[cols].values.tolist(), headers=cols, floatfmt=".4f"))
+        print(f"mlshift: --only: {len(records)} cells in {seconds:.0f} s; tables in {out} "
+              "left unchanged (run without --only to rewrite them)", file=sys.stderr)
+        return
+    paths = report.write(records, out)
+    computed = int((records["status"] == "computed").sum())
+    print(f"wrote {len(paths)} files to {out} ({len(records)} cells: {computed} computed, "
+          f"{len(records) - computed} reused) in {seconds:.0f} s")
+
+
 # --- parser -------------------------------------------------------------------------------
 
 
@@ -179,6 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive(int), default=None, help="attack the first N test images")
     p.add_argument("--rounds", type=_positive(int), default=3, help="timed rounds per cell")
     p.set_defaults(func=cmd_attack)
+    p = sub.add_parser("bench", help="run the experiment matrix and write results/<platform>/")
+    p.add_argument("--quick", action="store_true", help="the CI-sized matrix")
+    p.add_argument("--matrix", help="a matrix TOML file (default bench/matrix.toml)")
+    p.add_argument("--only", help="run only the cells whose id matches (glob or substring)")
+    p.add_argument("--out", help="output folder (default results/<platform>/)")
+    p.add_argument("--force", action="store_true", help="rerun cells even if cached")
+    p.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run first (jax.distributed.initialize)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -66,3 +66,25 @@ def test_module_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "mlshift_jax", "train", "--model", "nope"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "nope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_writes_the_report_and_only_leaves_it_alone(capsys, tmp_path):
+    from tests.test_runner import TINY
+
+    matrix = tmp_path / "tiny.toml"
+    matrix.write_text(TINY)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, "bench", "--matrix", str(matrix), "--out", str(out))
+    assert code == 0, err
+    assert "wrote" in stdout and (out / "tables.md").is_file() and (out / "run.json").is_file()
+    tables = (out / "tables.md").read_text()
+    code, stdout, err = run_cli(capsys, "bench", "--matrix", str(matrix), "--out", str(out),
+                                "--only", "none")
+    assert code == 0, err
+    assert "reused" in stdout and "left unchanged" in err
+    assert (out / "tables.md").read_text() == tables
+
+
+def test_bench_with_a_missing_matrix_is_one_line(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "bench", "--matrix", str(tmp_path / "nope.toml"))
+    assert code == 2 and err.count("\n") == 1 and "nope.toml" in err
