@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test bench bench-quick bench-micro lint sample clean
+.PHONY: test bench bench-quick bench-micro bench-gpu lint sample clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "Python >= 3.10 is needed"'
@@ -24,6 +24,11 @@ bench-quick: $(STAMP)
 
 bench-micro: $(STAMP)
 	$(PY) -m pytest bench -q --benchmark-only --benchmark-autosave
+
+# On a machine with an NVIDIA GPU: JAX's CUDA 12 build, then floor check + full matrix.
+bench-gpu: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[cuda12]'
+	scripts/bench_gpu.sh $(PY)
 
 lint: $(STAMP)
 	$(PY) -m ruff check mlshift_jax tests bench scripts

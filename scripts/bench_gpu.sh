@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole accelerator check in one run: bench/floor.py (FGSM vs the machine's floor, a
+# 1,000-model population), then the full matrix, into results/<platform>/ (e.g. gpu-h200).
+# Usage: scripts/bench_gpu.sh [PYTHON]   (default .venv/bin/python, else python3)
+# MNIST: $MLSHIFT_DATA_DIR, else ./.data/mnist when present (how the lent GPU gets it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${1:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MLSHIFT_NO_DOWNLOAD=1 PYTHONUNBUFFERED=1
+if [ -z "${MLSHIFT_DATA_DIR:-}" ] && [ -d .data/mnist ]; then
+  export MLSHIFT_DATA_DIR="$PWD/.data/mnist"
+fi
+platform=$("$PY" -c 'from mlshift_jax.report import platform_name; print(platform_name())')
+if [ "$platform" = cpu ]; then
+  echo "bench-gpu: JAX sees no accelerator; install the .[cuda12] extra (see README)" >&2
+  exit 2
+fi
+start=$(date +%s)
+"$PY" bench/floor.py --out "results/$platform"
+"$PY" -m mlshift_jax bench --force --out "results/$platform"
+echo "bench-gpu: results/$platform written in $(( $(date +%s) - start )) s"
