@@ -1,0 +1,257 @@
+"""A whole poisoning sweep trained as one population: one jit, `vmap` over the model axis.
+
+Member i is the model `recipes.fit(recipe, TrainConfig(seed=seeds[i]), x_i, y_i)` would train
+on `(x_i, y_i, _) = poison.apply(poison_key(seeds[i]), x, y, configs[i])`; `train_poisoned`
+trains them all in one compiled call. Only the CLEAN training set goes in (one copy, shared
+by every member); each member's poisoned copy is built inside the jit from it and the
+member's `poison.PoisonArrays`, right before that member trains (`poison.poison_arrays`), and
+the trainers are those of `train.py` (`train_seed_sgd_population`,
+`train_minibatch_population`).
+
+Members are trained `chunk` at a time: `lax.map` over groups of `chunk` members, each group
+one `vmap`. So at most `chunk` poisoned copies of the training set exist at once (188 MB each
+for the full MNIST in float32). `chunk_size` picks it per backend:
+
+- CPU: 1. Measured on this project's 2-core CPU (`bench/test_bench_population.py`): XLA:CPU
+  runs a batched matmul of many small models slower than the same matmuls one model at a
+  time (7 seed-mlp models, hidden 200, 10,000 images: full vmap took 1.5-1.8x the time of
+  chunk 1, groups of 2 up to 1.5x; mlp-ce and the CNN alike or within the noise), while
+  `lax.map` over single members ran 1.06-1.4x faster than a Python loop of single trainings
+  (one dispatch, the poisoning inside the jit), with one poisoned copy at a time.
+- GPU / TPU: the whole population in one `vmap`, so that many small models fill the device
+  (the issue's H200 prototype: 64 minibatch models in 58 ms per epoch; not re-measured here),
+  capped so the poisoned copies take at most a quarter of the device's memory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mlshift_jax.errors import ConfigError
+from mlshift_jax.models import Model, Params
+from mlshift_jax.poison import PoisonConfig, poison_arrays, stack_arrays, to_arrays
+from mlshift_jax.recipes import TrainConfig, get_recipe, resolve
+from mlshift_jax.train import (
+    init_population,
+    train_minibatch_population,
+    train_seed_sgd_population,
+)
+
+POISON_STREAM = 0x9015  # fold_in(key(seed), POISON_STREAM) draws a member's poisoning
+DEFAULT_DEVICE_BYTES = 16 * 2**30  # assumed when a device does not report its memory
+MEMORY_SHARE = 0.25  # share of device memory the poisoned copies may take
+
+
+class Plan(NamedTuple):
+    """How a population is trained (hashable: a static argument of the jit).
+
+    kind: "seed-sgd" (the study's per-sample rule, `train.train_seed_sgd`) or "minibatch"
+    (`train.train_minibatch`); the other fields are the recipe's resolved settings.
+    """
+
+    recipe: str
+    kind: str
+    arch: Model
+    hidden: int
+    lr: float
+    epochs: int
+    optimizer: str | None = None
+    batch_size: int | None = None
+
+
+class Population(NamedTuple):
+    """A trained population. params: leaves [m, ...]; masks: bool [m, n] (the poisoned
+    training samples of each member); counts: int [m]; chunk: members trained together;
+    compile_s: trace + compile; train_s: the compiled run, ended by block_until_ready."""
+
+    params: Params
+    masks: np.ndarray
+    counts: np.ndarray
+    chunk: int
+    compile_s: float
+    train_s: float
+    plan: Plan
+
+
+def plan_for(recipe: str, train: TrainConfig | None = None) -> Plan:
+    """The training plan of recipe `recipe` with `train`'s settings (recipe defaults filled)."""
+    r = get_recipe(recipe)
+    cfg = resolve(r, train or TrainConfig())
+    if r.name == "seed-mlp":
+        return Plan(r.name, "seed-sgd", r.arch, cfg.hidden, float(cfg.lr), cfg.epochs)
+    if cfg.batch_size is None or cfg.optimizer is None:
+        raise ConfigError(f"population: expected a JAX recipe (seed-mlp or a minibatch one), "
+                          f"found {recipe!r}")
+    return Plan(r.name, "minibatch", r.arch, cfg.hidden, float(cfg.lr), cfg.epochs,
+                cfg.optimizer, cfg.batch_size)
+
+
+def poison_key(seed: int) -> jax.Array:
+    """The key that draws the poisoning of the member with this seed."""
+    return jax.random.fold_in(jax.random.key(seed), POISON_STREAM)
+
+
+def init_members(plan: Plan, seeds: Sequence[int], n_in: int) -> tuple[Params, jax.Array]:
+    """(params [m, ...], shuffle keys [m]) exactly as `recipes.fit` draws them for each seed."""
+    roots = jnp.stack([jax.random.key(int(s)) for s in seeds])
+    if plan.kind == "seed-sgd":
+        init_keys, shuffle_keys = roots, roots  # seed-mlp trains in file order: no shuffle
+    else:
+        pairs = jax.vmap(jax.random.split)(roots)
+        init_keys, shuffle_keys = pairs[:, 0], pairs[:, 1]
+    params = init_population(plan.arch, init_keys, n_in=n_in, n_hidden=plan.hidden)
+    return params, shuffle_keys
+
+
+def device_bytes(device: Any | None = None) -> int:
+    """Memory of `device` (default: the first) in bytes, DEFAULT_DEVICE_BYTES if unknown."""
+    device = device or jax.devices()[0]
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # some backends do not implement memory_stats
+        stats = {}
+    return int(stats.get("bytes_limit", DEFAULT_DEVICE_BYTES))
+
+
+def chunk_size(m: int, n_train: int, *, backend: str | None = None,
+               memory: int | None = None) -> int:
+    """How many of m members to train together in one vmap (see the module docstring).
+
+    CPU: 1. Other backends: m, capped so chunk poisoned copies of an [n_train, 784] float32
+    training set fit in MEMORY_SHARE of `memory` (default: the device's).
+    """
+    if m < 1:
+        raise ConfigError(f"population: expected at least 1 member, found {m}")
+    backend = backend or jax.default_backend()
+    if backend == "cpu":
+        return 1
+    memory = device_bytes() if memory is None else memory
+    per_member = 2 * n_train * 784 * 4  # the poisoned copy and the stamping temporary
+    return int(max(1, min(m, (MEMORY_SHARE * memory) // per_member)))
+
+
+def map_chunks(fn: Callable[[Any], Any], members: Any, chunk: int) -> Any:
+    """fn over a pytree of members (leading axis m), `chunk` members per call.
+
+    fn takes and returns pytrees with a leading axis (a group of members). chunk >= m calls fn
+    once on all; otherwise `lax.map` over [m // chunk, chunk] groups, and one more call on
+    the remainder. Traceable: use inside jit.
+    """
+    m = jax.tree.leaves(members)[0].shape[0]
+    if chunk >= m:
+        return fn(members)
+    n_full = (m // chunk) * chunk
+    parts = []
+    if n_full:
+        head = jax.tree.map(lambda a: a[:n_full].reshape(m // chunk, chunk, *a.shape[1:]),
+                            members)
+        out = jax.lax.map(fn, head)
+        parts.append(jax.tree.map(lambda a: a.reshape(n_full, *a.shape[2:]), out))
+    if n_full < m:
+        parts.append(fn(jax.tree.map(lambda a: a[n_full:], members)))
+    return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+
+
+def _train_group(plan: Plan, x: jax.Array, y: jax.Array, group: dict) -> tuple[Params, jax.Array]:
+    """Poison and train one group of members. x: [n, 784], y: [n] shared (clean)."""
+    xs, ys, masks = jax.vmap(poison_arrays, in_axes=(0, None, None, 0))(
+        group["poison_key"], x, y, group["poison"])  # [g, n, 784], [g, n], [g, n]
+    if plan.kind == "seed-sgd":
+        params = train_seed_sgd_population(group["params"], xs, ys, lr=plan.lr,
+                                           epochs=plan.epochs)
+    else:
+        params = train_minibatch_population(
+            group["shuffle_key"], group["params"], xs, ys, model=plan.arch,
+            optimizer=plan.optimizer, lr=plan.lr, batch_size=plan.batch_size, epochs=plan.epochs)
+    return params, masks
+
+
+@partial(jax.jit, static_argnames=("plan", "chunk"))
+def train_members(members: dict, x: jax.Array, y: jax.Array, *, plan: Plan,
+                  chunk: int) -> tuple[Params, jax.Array]:
+    """The population's one jit. members: {"params", "shuffle_key", "poison_key", "poison"}
+    with leading axis m; x: [n, 784], y: [n] clean and shared. -> (params [m, ...],
+    masks bool [m, n])."""
+    return map_chunks(partial(_train_group, plan, x, y), members, chunk)
+
+
+class Prepared(NamedTuple):
+    """A population ready to train: run() -> (params [m, ...], masks bool [m, n]), the
+    compiled call on device-resident inputs (time it; end with block_until_ready)."""
+
+    run: Callable[[], tuple[Params, jax.Array]]
+    counts: np.ndarray
+    chunk: int
+    compile_s: float
+    plan: Plan
+
+
+def prepare(recipe: str, configs: Sequence[PoisonConfig], x, y, *,
+            train: TrainConfig | None = None, seeds: Sequence[int] | None = None,
+            chunk: int | None = None) -> Prepared:
+    """Everything `train_poisoned` does before the timed run: inputs on the device, initial
+    params drawn, the jit lowered and compiled (compile_s). Same arguments."""
+    configs = list(configs)
+    train = train or TrainConfig()
+    if not configs:
+        raise ConfigError("population: expected at least 1 poison config, found none")
+    seeds = [train.seed] * len(configs) if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != len(configs):
+        raise ConfigError(f"population: expected one seed per config ({len(configs)}), "
+                          f"found {len(seeds)}")
+    plan = plan_for(recipe, replace(train, seed=seeds[0]))
+    x = jax.device_put(jnp.asarray(x, jnp.float32))
+    y_host = np.asarray(y)
+    y = jax.device_put(jnp.asarray(y_host, jnp.int32))
+    m, n = len(configs), int(y.shape[0])
+    chunk = chunk_size(m, n) if chunk is None else int(chunk)
+    if chunk < 1:
+        raise ConfigError(f"population: expected chunk >= 1, found {chunk}")
+    params, shuffle_keys = init_members(plan, seeds, int(x.shape[1]))
+    arrays = [to_arrays(c, y_host) for c in configs]
+    members = jax.device_put({
+        "params": params,
+        "shuffle_key": shuffle_keys,
+        "poison_key": jnp.stack([poison_key(s) for s in seeds]),
+        "poison": jax.tree.map(jnp.asarray, stack_arrays(arrays)),
+    })
+    start = time.perf_counter()
+    compiled = train_members.lower(members, x, y, plan=plan, chunk=chunk).compile()
+    compile_s = time.perf_counter() - start
+    counts = np.array([int(a.count) for a in arrays])
+    return Prepared(partial(compiled, members, x, y), counts, chunk, compile_s, plan)
+
+
+def train_poisoned(recipe: str, configs: Sequence[PoisonConfig], x, y, *,
+                   train: TrainConfig | None = None, seeds: Sequence[int] | None = None,
+                   chunk: int | None = None) -> Population:
+    """Train one model per poisoning config, all in one jit.
+
+    recipe: a JAX recipe name ("seed-mlp", "mlp-sgd", "mlp-ce", "cnn"); configs: m poison
+    configs; x: [n, 784] float, y: int [n] the CLEAN training data; train: the TrainConfig
+    (its seed is the default seed of every member; recipe defaults fill what it leaves
+    None); seeds: one per member (init, shuffle and poisoning draws; all members share
+    `train.seed` by default, so that they differ only by their poisoning, and one fraction's
+    poisoned set is a subset of a larger one's); chunk: members per vmap (None: `chunk_size`).
+    """
+    prepared = prepare(recipe, configs, x, y, train=train, seeds=seeds, chunk=chunk)
+    start = time.perf_counter()
+    params, masks = jax.block_until_ready(prepared.run())
+    train_s = time.perf_counter() - start
+    masks = np.asarray(masks)
+    return Population(params, masks, masks.sum(axis=1), prepared.chunk, prepared.compile_s,
+                      train_s, prepared.plan)
+
+
+def member(params: Params, i: int) -> Params:
+    """Member i's params out of a population's stacked params."""
+    return jax.tree.map(lambda a: a[i], params)
+
