@@ -45,6 +45,7 @@ from mlshift_jax.attacks import ATTACKS, get_attack
 from mlshift_jax.data import DATASETS
 from mlshift_jax.errors import ConfigError
 from mlshift_jax.recipes import RECIPES, TrainConfig, get_recipe, resolve
+from mlshift_jax.sweeps import STUDY_SWEEPS as POISON_SWEEPS
 from mlshift_jax.train import OPTIMIZERS
 
 HASH_LEN = 12
@@ -149,7 +150,22 @@ class SpeedConfig:
     max_seconds: float
 
 
-CellConfig = AttackConfig | StabilityConfig | SpeedConfig
+@dataclass(frozen=True)
+class PoisonSweepConfig:
+    """One of the study's poisoning sweeps (sweeps.sweep_configs), trained as one population."""
+
+    kind: ClassVar[str] = "poison"
+    dataset: str
+    sweep: str
+    model: str
+    seed: int
+    hidden: int
+    epochs: int | None
+    n_train: int | None
+    n_test: int | None
+
+
+CellConfig = AttackConfig | StabilityConfig | SpeedConfig | PoisonSweepConfig
 
 
 @dataclass(frozen=True)
@@ -234,6 +250,23 @@ class Speed:
 
 
 @dataclass(frozen=True)
+class Poison:
+    """E4-E7 for `model`, then the BadNets reference cells for each of `badnets_models`
+    (trained on `badnets_n_train` images when set)."""
+
+    dataset: str = "mnist"
+    model: str = "seed-mlp"
+    sweeps: tuple[str, ...] = POISON_SWEEPS
+    badnets_models: tuple[str, ...] = ("seed-mlp", "cnn")
+    badnets_n_train: int | None = None
+    hidden: int = 200
+    epochs: int | None = None
+    seed: int = 0
+    n_train: int | None = None
+    n_test: int | None = None
+
+
+@dataclass(frozen=True)
 class Matrix:
     """A parsed matrix file. train / attack_options: ((name, ((key, value), ...)), ...)."""
 
@@ -253,6 +286,7 @@ class Matrix:
     e2: E2 | None = None
     e3: E3 | None = None
     speed: Speed | None = None
+    poison: Poison | None = None
 
 
 # --- parsing and checking ----------------------------------------------------------------------
@@ -334,7 +368,7 @@ def parse(text: str, path: str = "<matrix>") -> Matrix:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     chk.table(raw, "top level", {"matrix", "timing", "train", "attack_options", "e1", "e2",
-                                 "e3", "speed"}, {"matrix"})
+                                 "e3", "speed", "poison"}, {"matrix"})
     models, attacks, datasets = set(RECIPES), set(ATTACKS), set(DATASETS)
 
     def dataset(v, w):
@@ -377,6 +411,7 @@ def parse(text: str, path: str = "<matrix>") -> Matrix:
         "models": lambda v, w: chk.names(v, w, models, "model"),
         "attacks": lambda v, w: chk.names(v, w, attacks, "attack"),
         "workloads": lambda v, w: chk.names(v, w, set(SPEED_WORKLOADS), "workload"),
+        "sweeps": lambda v, w: chk.names(v, w, set(POISON_SWEEPS), "sweep"),
     }
     blocks = {
         "e1": (E1, {**common, "dataset": dataset, "models": names["models"]}),
@@ -388,6 +423,9 @@ def parse(text: str, path: str = "<matrix>") -> Matrix:
                           "eps": chk.float_, "numpy_loop_images": chk.int_,
                           "numpy_epoch_samples": chk.int_, "population": chk.int_,
                           "population_size": chk.int_}),
+        "poison": (Poison, {**common, "dataset": dataset, "model": model,
+                            "sweeps": names["sweeps"], "badnets_models": names["models"],
+                            "badnets_n_train": chk.opt_int, "epochs": chk.opt_int}),
     }
     for key, (cls, schema) in blocks.items():
         if key in raw:
@@ -518,8 +556,21 @@ def _speed_cells(matrix: Matrix, sp: Speed) -> list[Cell]:
     return out
 
 
+def _poison_cells(matrix: Matrix, po: Poison) -> list[Cell]:
+    n_train = po.n_train if po.n_train is not None else matrix.n_train
+    n_test = po.n_test if po.n_test is not None else matrix.n_test
+    runs = [(sweep, po.model, po.epochs, n_train) for sweep in po.sweeps]
+    runs += [("badnets", m, po.epochs if m == po.model else None,
+              po.badnets_n_train if po.badnets_n_train is not None else n_train)
+             for m in po.badnets_models]
+    return [Cell(f"poison/{po.dataset}/{model}/{sweep}/seed{po.seed}", "poison",
+                 PoisonSweepConfig(dataset=po.dataset, sweep=sweep, model=model, seed=po.seed,
+                                   hidden=po.hidden, epochs=epochs, n_train=n, n_test=n_test))
+            for sweep, model, epochs, n in runs]
+
+
 def cells(matrix: Matrix) -> tuple[Cell, ...]:
-    """Every cell of the matrix, in run order: the grid, then E1, E2, E3, speed."""
+    """Every cell of the matrix, in run order: the grid, then E1, E2, E3, speed, poison."""
     out = _grid_cells(matrix)
     if matrix.e1 is not None:
         out += _e1_cells(matrix, matrix.e1)
@@ -529,6 +580,8 @@ def cells(matrix: Matrix) -> tuple[Cell, ...]:
         out += _e3_cells(matrix, matrix.e3)
     if matrix.speed is not None:
         out += _speed_cells(matrix, matrix.speed)
+    if matrix.poison is not None:
+        out += _poison_cells(matrix, matrix.poison)
     ids = [c.id for c in out]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})

@@ -23,6 +23,7 @@ import os
 import platform as _platform
 import re
 import subprocess
+import warnings
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -32,7 +33,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from mlshift_jax import study
+from mlshift_jax import data, study, sweeps
 from mlshift_jax.files import atomic_path, write_text
 
 MEASURES = ("accuracy", "precision", "recall", "f1", "confidence")
@@ -335,6 +336,35 @@ def _pairings(records: pd.DataFrame, dataset: str, warns: dict[str, str]) -> str
     return head + _md(table, note, index=False)
 
 
+def poison_tables(records: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The poisoning sweeps of the records: {"E4": table, ..., "badnets": all models'}."""
+    tables, badnets = {}, []
+    for detail in _rows(records, kind="poison")["detail"]:
+        table = pd.DataFrame(**detail["table"])
+        table.attrs.update(detail["attrs"])
+        if detail["sweep"] == "badnets":
+            badnets.append(table)
+        else:
+            tables[detail["sweep"]] = table
+    if badnets:
+        tables["badnets"] = sweeps.concat_tables(badnets)
+    return tables
+
+
+def _poison(records: pd.DataFrame) -> str:
+    tables = poison_tables(records)
+    if not tables:
+        return "No poisoning cells in this run.\n"
+    note = ("Each sweep is one population: every model of a table trained together in one "
+            "jit from the shared clean data, each poisoning its own copy inside the jit. "
+            "`clean_accuracy` is the study's \"performance\" (clean test images); `asr` is the "
+            "attack success rate on triggered test images whose true class is not the target "
+            "(BadNets, Gu et al. 2017); E4/E5's \"noisy\" trigger puts one patch position per "
+            "class on every image of that class, labels kept (the reading of the study that "
+            "reproduces its E4 claim; see the README).")
+    return f"*{note}*\n\n" + sweeps.markdown(tables, sweeps.findings(tables))
+
+
 def tables_markdown(records: pd.DataFrame, info: dict[str, Any] | None = None) -> str:
     """The whole tables.md as text."""
     info = run_info(records) if info is None else info
@@ -345,6 +375,7 @@ def tables_markdown(records: pd.DataFrame, info: dict[str, Any] | None = None) -
     out += ["## E2: stability over random training samples\n", _e2(records)]
     sizes = {k: d["n_test"] for k, d in info.get("datasets", {}).items()}
     out += ["## E3: input attacks on the study's MLP\n", _e3(records, warns, sizes)]
+    out += ["## E4–E7: training-time poisoning\n", _poison(records)]
     out += ["## Speed: workload × implementation\n", _speed(records)]
     for name in dict.fromkeys(_rows(records, kind="attack", block="matrix")["dataset"]):
         out += [f"## Pairings: {name}\n", _pairings(records, name, warns)]
@@ -461,6 +492,12 @@ def write_figures(records: pd.DataFrame, out_dir: str | Path) -> tuple[list[Path
         for name, fig in figures.items():
             if fig is not None:
                 paths.append(_save(fig, Path(out_dir) / "figures" / name))
+    tables = poison_tables(records)
+    if tables:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = data.load(_rows(records, kind="poison")["dataset"].iloc[0])
+        paths += sweeps.figures(tables, ds, Path(out_dir) / "figures")
     return paths, ""
 
 

@@ -42,12 +42,13 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from mlshift_jax import attacks, baseline, data, stability, study
+from mlshift_jax import attacks, baseline, data, stability, study, sweeps
 from mlshift_jax.errors import ConfigError, DataError
 from mlshift_jax.files import load_params, save_params, write_text
 from mlshift_jax.matrix import (
     AttackConfig,
     Cell,
+    PoisonSweepConfig,
     SpeedConfig,
     StabilityConfig,
     TrainSpec,
@@ -490,7 +491,27 @@ def _speed_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: boo
             **{k: head[k] for k in TIMING_FIELDS}, "detail": {"rows": rows, "extra": extra}}
 
 
-COMPUTE = {"attack": _attack_cell, "stability": _stability_cell, "speed": _speed_cell}
+def _poison_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bool) -> dict:
+    cfg: PoisonSweepConfig = cell.config
+    ds = capped(loaded.ds, None, cfg.n_test)
+    table = sweeps.run_sweep(ds, sweeps.sweep_configs(cfg.sweep), model=cfg.model,
+                             seed=cfg.seed, hidden=cfg.hidden, epochs=cfg.epochs,
+                             n_train=None if cfg.n_train is None
+                             else min(cfg.n_train, len(ds.y_train)))
+    a = table.attrs
+    return {
+        **_base(cell, loaded), "model": cfg.model, "arch": get_recipe(cfg.model).arch.name,
+        "seed": cfg.seed, "n_train": a["n_train"], "n_test": a["n_test"], "hidden": cfg.hidden,
+        "epochs": a["epochs"], "train_s": a["train_s"], "compile_s": a["compile_s"],
+        "params_finite": bool(np.all(np.isfinite(table["clean_accuracy"]))),
+        "detail": {"sweep": cfg.sweep, "attrs": {k: v for k, v in a.items()
+                                                  if isinstance(v, (int, float, str))},
+                   "table": json.loads(table.to_json(orient="split"))},
+    }
+
+
+COMPUTE = {"attack": _attack_cell, "stability": _stability_cell, "speed": _speed_cell,
+           "poison": _poison_cell}
 
 
 # --- progress --------------------------------------------------------------------------------

@@ -39,8 +39,8 @@ def test_bench_matrices_parse(name):
     assert len(ids) == len(set(ids))
     assert "mnist/seed-mlp/fgsm/0.1/seed0" in ids
     assert "mnist/seed-mlp/none/0/seed0" in ids
-    assert {c.kind for c in cells} == {"attack", "stability", "speed"}
-    assert {c.block for c in cells} == {"matrix", "e1", "e2", "e3", "speed"}
+    assert {c.kind for c in cells} == {"attack", "stability", "speed", "poison"}
+    assert {c.block for c in cells} == {"matrix", "e1", "e2", "e3", "speed", "poison"}
 
 
 def test_full_matrix_has_the_issue_grid():
@@ -191,3 +191,26 @@ def test_select_by_pattern_or_substring():
     assert [c.id for c in matrix.select(cells, "/none/")] == ["mnist/seed-mlp/none/0/seed0"]
     assert matrix.select(cells, None) == cells
     assert matrix.select(cells, "cifar*") == ()
+
+
+def test_poison_block_expands_to_one_cell_per_sweep_and_badnets_model():
+    text = """
+[matrix]
+datasets = ["mnist"]
+models = ["seed-mlp"]
+attacks = ["none"]
+eps = [0.1]
+
+[poison]
+sweeps = ["E4", "E7"]
+badnets_models = ["seed-mlp", "cnn"]
+badnets_n_train = 2000
+"""
+    cells = [c for c in matrix.cells(matrix.parse(text)) if c.kind == "poison"]
+    assert [c.id for c in cells] == ["poison/mnist/seed-mlp/E4/seed0",
+                                     "poison/mnist/seed-mlp/E7/seed0",
+                                     "poison/mnist/seed-mlp/badnets/seed0",
+                                     "poison/mnist/cnn/badnets/seed0"]
+    assert cells[-1].config.n_train == 2000 and cells[0].config.n_train is None
+    with pytest.raises(ConfigError, match=r"\[poison\].sweeps.*E9"):
+        matrix.parse(text.replace('"E7"', '"E9"'))

@@ -55,6 +55,12 @@ numpy_loop_images = 20
 numpy_epoch_samples = 40
 population = 2
 population_size = 100
+
+[poison]
+sweeps = ["E7"]
+badnets_models = ["seed-mlp"]
+hidden = 8
+n_train = 300
 """
 
 SCORES = list(SCORE_NAMES)
@@ -161,7 +167,7 @@ def test_every_block_runs_tiny(tmp_path):
     records = runner.run(path, out_dir=tmp_path / "out")
     kinds = records.groupby("block")["kind"].first().to_dict()
     assert kinds == {"matrix": "attack", "e1": "attack", "e2": "stability", "e3": "attack",
-                     "speed": "speed"}
+                     "speed": "speed", "poison": "poison"}
     # E1 and the grid's clean cell are the same computation: one hash, one result
     e1 = records[records["block"] == "e1"].iloc[0]
     grid = records.set_index("id").loc["mnist/seed-mlp/none/0/seed0"]
@@ -180,11 +186,20 @@ def test_every_block_runs_tiny(tmp_path):
     assert (loop["n_timed"], loop["n"], loop["scale"]) == (20, 200, 10)
     assert speed.loc["metrics"]["detail"]["extra"]["max_abs_diff"] < 1e-5
 
-    report.write(records, tmp_path / "out")
+    poison = records[records["kind"] == "poison"].set_index("id")
+    assert list(poison.index) == ["poison/mnist/seed-mlp/E7/seed0",
+                                  "poison/mnist/seed-mlp/badnets/seed0"]
+    e7 = report.poison_tables(records)["E7"]
+    assert list(e7["fraction"]) == [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8]
+    assert e7["poisoned_count"].iloc[-1] > 0 and e7["asr"].notna().all()
+
+    paths = report.write(records, tmp_path / "out")
     tables = (tmp_path / "out" / "tables.md").read_text()
     for title in ("## E1", "## E2", "### E3 on the first 200", "### E3 on the first 100",
-                  "## Speed", "speed-up vs numpy", "GEMM floor"):
+                  "## Speed", "speed-up vs numpy", "GEMM floor", "## E4–E7", "### E7",
+                  "### badnets", "ours vs the study"):
         assert title in tables, title
+    assert {"poison_proportion.png", "poison_examples.png"} <= {p.name for p in paths}
 
 
 # --- pieces ------------------------------------------------------------------------------------
