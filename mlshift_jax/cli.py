@@ -132,6 +132,37 @@ def cmd_attack(args) -> None:
     _emit(args.format, rows)
 
 
+# --- poison -------------------------------------------------------------------------------
+
+
+def cmd_poison(args) -> None:
+    from mlshift_jax import sweeps
+
+    sweeps.config_from(args.kind, {"fraction": args.fraction, "patch": args.patch,  # check
+                                   "target": args.target, "mode": args.mode,
+                                   "source": args.source})
+    ds = _load(args)
+    common = dict(model=args.model, seed=args.seed, hidden=args.hidden, epochs=args.epochs,
+                  n_train=args.train_size)
+    if not args.sweep:
+        result = sweeps.poison_one(ds, kind=args.kind, fraction=args.fraction,
+                                   patch=args.patch, target=args.target, mode=args.mode,
+                                   source=args.source, **common)
+        _emit(args.format, result, [[k, v] for k, v in result.items()], headers=["", "value"])
+        return
+    def log(line: str) -> None:
+        print(f"mlshift: {line}", file=sys.stderr)
+
+    tables = sweeps.run_all(ds, badnets_models=(args.model,), log=log, **common)
+    found = sweeps.findings(tables)
+    if args.format == "json":
+        payload = {name: json.loads(t.to_json(orient="records")) for name, t in tables.items()}
+        payload["findings"] = json.loads(found.to_json(orient="records"))
+        print(json.dumps(payload, indent=2))
+    else:
+        print(sweeps.markdown(tables, found))
+
+
 # --- bench --------------------------------------------------------------------------------
 
 
@@ -218,6 +249,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive(int), default=None, help="attack the first N test images")
     p.add_argument("--rounds", type=_positive(int), default=3, help="timed rounds per cell")
     p.set_defaults(func=cmd_attack)
+    p = sub.add_parser("poison", parents=[common],
+                       help="E4-E7: poison the training data, train, score clean and triggered")
+    p.add_argument("--kind", default="mixture", help="clean, wrong-label, trigger or mixture")
+    p.add_argument("--fraction", type=float, default=0.1, help="share of eligible samples")
+    p.add_argument("--patch", type=_positive(int), default=4, help="trigger side in pixels")
+    p.add_argument("--target", type=int, default=3, help="the relabel class (mixture)")
+    p.add_argument("--mode", default="uniform", help="wrong-label: uniform, shift or target")
+    p.add_argument("--source", type=int, default=None, help="poison only this class")
+    p.add_argument("--model", default="seed-mlp", help=f"one of {', '.join(RECIPES)}")
+    p.add_argument("--train-size", type=_positive(int), default=None,
+                   help="train on the first N training images only")
+    p.add_argument("--sweep", action="store_true",
+                   help="run the study's sweeps (E4-E7 + BadNets) instead of one cell")
+    p.set_defaults(func=cmd_poison)
+
     p = sub.add_parser("bench", help="run the experiment matrix and write results/<platform>/")
     p.add_argument("--quick", action="store_true", help="the CI-sized matrix")
     p.add_argument("--matrix", help="a matrix TOML file (default bench/matrix.toml)")

@@ -88,3 +88,27 @@ def test_bench_writes_the_report_and_only_leaves_it_alone(capsys, tmp_path):
 def test_bench_with_a_missing_matrix_is_one_line(capsys, tmp_path):
     code, _, err = run_cli(capsys, "bench", "--matrix", str(tmp_path / "nope.toml"))
     assert code == 2 and err.count("\n") == 1 and "nope.toml" in err
+
+
+def test_poison_json_has_the_promised_fields(capsys):
+    code, out, err = run_cli(capsys, "poison", "--kind", "mixture", "--fraction", "0.2",
+                             "--patch", "4", "--target", "3", "--hidden", "16",
+                             "--train-size", "2000", "--format", "json")
+    assert code == 0, err
+    result = json.loads(out)
+    for key in ("clean_accuracy", "precision", "recall", "f1", "asr", "poisoned_count",
+                "train_seconds"):
+        assert key in result
+    assert 300 < result["poisoned_count"] <= 400  # 20% of the ~1,800 images not of class 3
+    assert result["asr"] > 0.5  # a 20% BadNets trigger takes hold even in a small MLP
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["poison", "--fraction", "1.5"], "1.5"),
+    (["poison", "--kind", "bogus"], "bogus"),
+    (["poison", "--kind", "mixture", "--target", "12"], "12"),
+    (["poison", "--kind", "trigger", "--patch", "40"], "40"),
+])
+def test_poison_bad_arguments_are_one_line(capsys, argv, fragment):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1 and fragment in err, err
