@@ -41,6 +41,7 @@ from mlshift_jax.poison import PoisonConfig, poison_arrays, stack_arrays, to_arr
 from mlshift_jax.recipes import TrainConfig, get_recipe, resolve
 from mlshift_jax.train import (
     init_population,
+    map_chunks,
     train_minibatch_population,
     train_seed_sgd_population,
 )
@@ -136,28 +137,6 @@ def chunk_size(m: int, n_train: int, *, backend: str | None = None,
     memory = device_bytes() if memory is None else memory
     per_member = 2 * n_train * 784 * 4  # the poisoned copy and the stamping temporary
     return int(max(1, min(m, (MEMORY_SHARE * memory) // per_member)))
-
-
-def map_chunks(fn: Callable[[Any], Any], members: Any, chunk: int) -> Any:
-    """fn over a pytree of members (leading axis m), `chunk` members per call.
-
-    fn takes and returns pytrees with a leading axis (a group of members). chunk >= m calls fn
-    once on all; otherwise `lax.map` over [m // chunk, chunk] groups, and one more call on
-    the remainder. Traceable: use inside jit.
-    """
-    m = jax.tree.leaves(members)[0].shape[0]
-    if chunk >= m:
-        return fn(members)
-    n_full = (m // chunk) * chunk
-    parts = []
-    if n_full:
-        head = jax.tree.map(lambda a: a[:n_full].reshape(m // chunk, chunk, *a.shape[1:]),
-                            members)
-        out = jax.lax.map(fn, head)
-        parts.append(jax.tree.map(lambda a: a.reshape(n_full, *a.shape[2:]), out))
-    if n_full < m:
-        parts.append(fn(jax.tree.map(lambda a: a[n_full:], members)))
-    return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
 
 
 def _train_group(plan: Plan, x: jax.Array, y: jax.Array, group: dict) -> tuple[Params, jax.Array]:

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from mlshift_jax import attacks, baseline, data, stability, study, sweeps
+from mlshift_jax import attacks, baseline, data, population, stability, study, sweeps
 from mlshift_jax.errors import ConfigError, DataError
 from mlshift_jax.files import load_params, save_params, write_text
 from mlshift_jax.matrix import (
@@ -433,7 +433,7 @@ def _speed_metrics(ds: data.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
     return rows, {"max_abs_diff": diff}
 
 
-_population_fit = jax.jit(train_seed_sgd_population, static_argnames="epochs")
+_population_fit = jax.jit(train_seed_sgd_population, static_argnames=("epochs", "chunk"))
 
 
 def _speed_population(ds: data.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
@@ -444,6 +444,8 @@ def _speed_population(ds: data.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
     params = init_population(SEED_MLP, keys, n_hidden=cfg.hidden)
     xs, ys = jax.device_put(ds.x_train[idx]), jax.device_put(ds.y_train[idx])
     timed = partial(measure, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
+    chunk = population.chunk_size(m, size)
+    t_pop, _ = timed(partial(_population_fit, lr=cfg.lr, epochs=1, chunk=chunk), params, xs, ys)
     t_vmap, _ = timed(partial(_population_fit, lr=cfg.lr, epochs=1), params, xs, ys)
     singles = [(jax.tree.map(lambda a, i=i: a[i], params), xs[i], ys[i]) for i in range(m)]
 
@@ -463,13 +465,17 @@ def _speed_population(ds: data.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
     t_np, _ = _once(numpy_population)
     total = m * size
     rows = [
-        _row(f"jax: {m} models in one vmapped jit", t_vmap, total),
+        _row(f"jax: {m} models as one population ({chunk} per vmap, the harness's choice "
+             f"on {jax.default_backend()})", t_pop, total),
+        _row(f"jax: {m} models in one vmap", t_vmap, total),
         _row(f"jax: {m} separate trainings (one jit, called {m} times)", t_sep, total),
         _row(f"numpy: {m} x neuralNetwork.train_epoch, float64", t_np._replace(compile_s=None),
              total, n_timed=m * k, ref=True,
              note=f"timed on {k} samples per model, scaled x{size / k:g}"),
     ]
-    return rows, {"models": m, "size": size, "vmap_over_separate": t_vmap.median_s / t_sep.median_s}
+    return rows, {"models": m, "size": size, "chunk": chunk,
+                  "population_over_separate": t_pop.median_s / t_sep.median_s,
+                  "vmap_over_separate": t_vmap.median_s / t_sep.median_s}
 
 
 SPEED_WORKLOADS: dict[str, Callable[[data.Dataset, SpeedConfig], tuple[list, dict]]] = {

@@ -7,7 +7,9 @@ training run, so a population is just `vmap` of the same function over a leading
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -112,19 +114,54 @@ def data_axis(x: jax.Array) -> int | None:
     return 0 if x.ndim == 3 else None
 
 
+def _chunked(fn, members: tuple, shared: tuple, chunk: int | None):
+    """fn(*members, *shared) with the members' leading axis taken `chunk` at a time."""
+    if chunk is None:
+        return fn(*members, *shared)
+    return map_chunks(lambda group: fn(*group, *shared), members, chunk)
+
+
 def train_seed_sgd_population(params: Params, x: jax.Array, y: jax.Array, *, lr,
-                              epochs: int = 1) -> Params:
-    """`train_seed_sgd` for a population in one jit. params: leading axis m; x: [n, 784]
-    shared, or [m, n, 784] one dataset per model (y alike)."""
+                              epochs: int = 1, chunk: int | None = None) -> Params:
+    """`train_seed_sgd` for a population in one compiled call. params: leading axis m;
+    x: [n, 784] shared, or [m, n, 784] one dataset per model (y alike). chunk: models per
+    vmap (None: all m at once; `population.chunk_size` gives each backend's best)."""
     ax = data_axis(x)
     fn = jax.vmap(partial(train_seed_sgd, lr=lr, epochs=epochs), in_axes=(0, ax, ax))
-    return fn(params, x, y)
+    if ax is None:
+        return _chunked(fn, (params,), (x, y), chunk)
+    return _chunked(fn, (params, x, y), (), chunk)
 
 
 def train_minibatch_population(keys: jax.Array, params: Params, x: jax.Array, y: jax.Array,
-                               **kw) -> Params:
-    """`train_minibatch` for a population in one jit (vmap over keys, params and, when
-    stacked, the data). kw: the static settings of `train_minibatch`."""
+                               *, chunk: int | None = None, **kw) -> Params:
+    """`train_minibatch` for a population in one compiled call (vmap over keys, params and,
+    when stacked, the data). kw: the static settings of `train_minibatch`; chunk as in
+    `train_seed_sgd_population`."""
     ax = data_axis(x)
     fn = jax.vmap(partial(train_minibatch, **kw), in_axes=(0, 0, ax, ax))
-    return fn(keys, params, x, y)
+    if ax is None:
+        return _chunked(fn, (keys, params), (x, y), chunk)
+    return _chunked(fn, (keys, params, x, y), (), chunk)
+
+
+def map_chunks(fn: Callable[[Any], Any], members: Any, chunk: int) -> Any:
+    """fn over a pytree of members (leading axis m), `chunk` members per call.
+
+    fn takes and returns pytrees with a leading axis (a group of members). chunk >= m calls fn
+    once on all; otherwise `lax.map` over [m // chunk, chunk] groups, and one more call on
+    the remainder. Traceable: use inside jit.
+    """
+    m = jax.tree.leaves(members)[0].shape[0]
+    if chunk >= m:
+        return fn(members)
+    n_full = (m // chunk) * chunk
+    parts = []
+    if n_full:
+        head = jax.tree.map(lambda a: a[:n_full].reshape(m // chunk, chunk, *a.shape[1:]),
+                            members)
+        out = jax.lax.map(fn, head)
+        parts.append(jax.tree.map(lambda a: a.reshape(n_full, *a.shape[2:]), out))
+    if n_full < m:
+        parts.append(fn(jax.tree.map(lambda a: a[n_full:], members)))
+    return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)

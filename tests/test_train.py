@@ -146,3 +146,24 @@ def test_reproduces_study_e1_in_numpy(full_mnist):
     out = predict(SEED_MLP, {k: jnp.asarray(v, jnp.float32) for k, v in net.params().items()},
                   jnp.asarray(full_mnist.x_test))
     assert (np.asarray(out).argmax(1) == pred).mean() >= 0.999  # float32 JAX, same weights
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_chunked_population_equals_one_vmap(mnist, chunk):
+    """lax.map over groups of `chunk` models (the CPU path) gives the one-vmap result."""
+    x, y = jnp.asarray(mnist.x_train[:400]), jnp.asarray(mnist.y_train[:400])
+    keys = jax.random.split(jax.random.key(7), 5)
+    params = init_population(SEED_MLP, keys, n_hidden=12)
+    whole = train_seed_sgd_population(params, x, y, lr=0.1)
+    parts = train_seed_sgd_population(params, x, y, lr=0.1, chunk=chunk)
+    stacked = train_seed_sgd_population(params, jnp.stack([x] * 5), jnp.stack([y] * 5), lr=0.1,
+                                        chunk=chunk)
+    for k in whole:
+        np.testing.assert_allclose(parts[k], whole[k], atol=1e-6)
+        np.testing.assert_allclose(stacked[k], whole[k], atol=1e-6)
+    kw = dict(model=MLP_CE, optimizer="adam", lr=1e-3, batch_size=40, epochs=1)
+    ce = init_population(MLP_CE, keys, n_hidden=8)
+    a = train_minibatch_population(keys, ce, x, y, **kw)
+    b = train_minibatch_population(keys, ce, x, y, chunk=chunk, **kw)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], atol=1e-5)
