@@ -1,0 +1,273 @@
+"""Has this model changed compared with a reference, and how? `detect_pair`, for the CLI.
+
+    detect_pair(reference_params, suspect_params, ds) -> {"verdict", "p_value", "category",
+                                                          "fingerprint", ...}
+
+1. The **calibration set** (`calibrate`): one population (`retrain.train_sampled`, one jit) of
+   `n_null` clean retrains of the reference's architecture (its recipe's trainer, its hidden
+   size), each on its own random sample of `sample_size` training images with its own seed,
+   plus a few models trained on poisoned data (`poisonings` x `poison_seeds`), all answering
+   the probe set (`fingerprint.make_probes`). Only their responses on the probes are kept,
+   and cached on disk (`cache_dir`, by default `data.cache_dir("detect")`), named by the hash
+   of everything they depend on; a second call with the same architecture and data loads them.
+2. The **test** (`fingerprint.change_test`): the suspect's fingerprint against the reference,
+   compared with the fingerprints of the clean retrains against the same reference; verdict
+   "changed" when the combined p-value <= alpha.
+3. The **category** (`categorize`): a categorizer fitted, for this reference, on the
+   fingerprints of the calibration models (clean retrains = "none", poisoned models = their
+   kind) and of the reference behind input changes of the probes (`attacks`: noise and
+   adversarial inputs). An "unchanged" verdict reports category "none"; a "changed" one the
+   most probable of the other categories. `category_probabilities` has the full picture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mlshift_jax import categorize, fingerprint
+from mlshift_jax.attacks import get_attack
+from mlshift_jax.data import Dataset, cache_dir
+from mlshift_jax.errors import ConfigError, DataError
+from mlshift_jax.files import atomic_path
+from mlshift_jax.models import HIDDEN, Model, Params, infer_model
+from mlshift_jax.poison import make_config
+from mlshift_jax.population import plan_for
+from mlshift_jax.recipes import TrainConfig
+from mlshift_jax.retrain import train_sampled
+
+RECIPE_OF = {"seed-mlp": "seed-mlp", "mlp-ce": "mlp-ce", "cnn": "cnn"}  # arch -> trainer
+CACHE_VERSION = 1  # bump when the calibration's meaning changes: old caches are ignored
+NULL_STREAM = 0xC0FFEE  # member seeds of a calibration start here (+ seed * 10,000)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How the calibration set is built. poisonings, attacks: (kind, fraction or eps);
+    epochs: of every calibration model (None: the recipe's default)."""
+
+    n_null: int = 24
+    sample_size: int = 10_000
+    poisonings: tuple[tuple[str, float], ...] = (
+        ("wrong-label", 0.1), ("wrong-label", 0.3), ("trigger", 0.1), ("trigger", 0.3),
+        ("mixture", 0.05), ("mixture", 0.2))
+    poison_seeds: int = 2
+    attacks: tuple[tuple[str, float], ...] = (
+        ("noise-sign", 0.1), ("noise-sign", 0.2), ("fgsm", 0.1), ("fgsm", 0.2),
+        ("pgd", 0.1), ("pgd", 0.2))
+    probes: int = 1000
+    n_patched: int = 200
+    epochs: int | None = None
+    seed: int = 0
+
+    def validate(self) -> CalibrationConfig:
+        """Raise ConfigError for settings that cannot work; return self."""
+        if self.n_null < 2:
+            raise ConfigError(f"calibration: expected n_null >= 2, found {self.n_null}")
+        if self.sample_size < 1 or self.poison_seeds < 0:
+            raise ConfigError(f"calibration: expected sample_size >= 1 and poison_seeds >= 0, "
+                              f"found {self.sample_size} and {self.poison_seeds}")
+        for kind, fraction in self.poisonings:
+            make_config(kind, fraction=fraction)
+        for kind, _ in self.attacks:
+            get_attack(kind)
+        return self
+
+
+@dataclass(frozen=True, eq=False)
+class Calibration:
+    """Responses on `probes` of the clean retrains (`null`, leading axis n_null) and of the
+    changed models (`changed`, leading axis m, kinds in `changed_kinds`); recipe and hidden:
+    what they were trained as."""
+
+    probes: fingerprint.ProbeSet
+    null: fingerprint.Responses = field(repr=False)
+    changed: fingerprint.Responses = field(repr=False)
+    changed_kinds: tuple[str, ...]
+    recipe: str
+    hidden: int
+    config: CalibrationConfig
+
+    def describe(self) -> dict:
+        """JSON-able summary, for the report of a verdict."""
+        return {"n_null": int(self.null.probs.shape[0]), "recipe": self.recipe,
+                "hidden": self.hidden, "sample_size": self.config.sample_size,
+                "probes": self.probes.size, "n_changed_models": len(self.changed_kinds)}
+
+
+def hidden_size(model: Model, params: Params) -> int:
+    """The width of the penultimate layer of `params` (what `HIDDEN` returns)."""
+    n_in = 784
+    out = jax.eval_shape(HIDDEN[model.name], params, jax.ShapeDtypeStruct((n_in,), jnp.float32))
+    return int(out.shape[-1])
+
+
+def changed_inputs(model: Model, params: Params, probes: fingerprint.ProbeSet,
+                   attacks: tuple[tuple[str, float], ...], key: jax.Array) -> jax.Array:
+    """Each input change (attack, eps) of `attacks` applied to the probes, against `params`,
+    with the probes' labels: -> [len(attacks), P, 784]."""
+    out = []
+    for i, (kind, eps) in enumerate(attacks):
+        attack = get_attack(kind)
+        kw = {"key": jax.random.fold_in(key, i)} if attack.needs_key else {}
+        out.append(attack.fn(model, params, probes.x, probes.y, eps=eps, **kw))
+    return jnp.stack(out)
+
+
+def _cache_key(recipe: str, hidden: int, ds: Dataset, cfg: CalibrationConfig) -> str:
+    """sha256 (12 hex digits) of the canonical JSON of everything a calibration depends on."""
+    payload = {"version": CACHE_VERSION, "recipe": recipe, "hidden": hidden,
+               "dataset": ds.name, "source": ds.source, "n_train": len(ds.y_train),
+               "n_test": len(ds.y_test), "config": asdict(cfg)}
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def calibrate(recipe: str, hidden: int, ds: Dataset, config: CalibrationConfig | None = None, *,
+              cache: bool = True, cache_path: str | os.PathLike | None = None) -> Calibration:
+    """Train (or load from the cache) the calibration set of `recipe` at width `hidden`.
+
+    cache: read and write the cache; cache_path: its folder (default
+    `data.cache_dir("detect")`). The population is one jit.
+    """
+    cfg = (config or CalibrationConfig()).validate()
+    probes = fingerprint.make_probes(ds.x_test, ds.y_test, n=cfg.probes,
+                                     n_patched=cfg.n_patched, seed=cfg.seed)
+    kinds = tuple([f"{k} {f:g}" for k, f in cfg.poisonings] * cfg.poison_seeds)
+    folder = Path(cache_path) if cache_path is not None else cache_dir("detect")
+    path = folder / f"calibration-{_cache_key(recipe, hidden, ds, cfg)}.npz"
+    if cache and path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                null = fingerprint.Responses(*(jnp.asarray(f[f"null_{k}"])
+                                               for k in fingerprint.Responses._fields))
+                changed = fingerprint.Responses(*(jnp.asarray(f[f"changed_{k}"])
+                                                  for k in fingerprint.Responses._fields))
+            return Calibration(probes, null, changed, kinds, recipe, hidden, cfg)
+        except (OSError, KeyError, ValueError):
+            pass  # a damaged cache is rebuilt below
+    configs = [make_config("clean")] * cfg.n_null + [
+        make_config(k, fraction=f) for k, f in cfg.poisonings] * cfg.poison_seeds
+    seeds = NULL_STREAM + cfg.seed * 10_000 + np.arange(len(configs))
+    plan = plan_for(recipe, TrainConfig(hidden=hidden, epochs=cfg.epochs))
+    pop, _ = train_sampled(plan, configs, ds.x_train, ds.y_train, seeds=seeds.tolist(),
+                           size=min(cfg.sample_size, len(ds.y_train)))
+    resp = fingerprint.model_responses(plan.arch, pop.params, probes)
+    null = jax.tree.map(lambda a: a[:cfg.n_null], resp)
+    changed = jax.tree.map(lambda a: a[cfg.n_null:], resp)
+    if cache:
+        arrays = {f"null_{k}": np.asarray(v) for k, v in null._asdict().items()}
+        arrays.update({f"changed_{k}": np.asarray(v) for k, v in changed._asdict().items()})
+        try:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+        except OSError:
+            pass  # an unwritable cache costs time, not correctness
+    return Calibration(probes, null, changed, kinds, recipe, hidden, cfg)
+
+
+def check_pair(reference: Params, suspect: Params) -> Model:
+    """The architecture both params are for; ConfigError if they are not the same model."""
+    model = infer_model(reference)
+    other = infer_model(suspect)
+    if other.name != model.name:
+        raise ConfigError(f"detect: expected the suspect to be a {model.name} like the "
+                          f"reference, found a {other.name}")
+    shapes_r = {k: tuple(np.shape(v)) for k, v in reference.items()}
+    shapes_s = {k: tuple(np.shape(v)) for k, v in suspect.items()}
+    if shapes_r != shapes_s:
+        raise ConfigError(f"detect: expected the suspect's arrays to have the reference's "
+                          f"shapes {shapes_r}, found {shapes_s}")
+    for name, params in (("reference", reference), ("suspect", suspect)):
+        if not all(np.all(np.isfinite(np.asarray(v))) for v in params.values()):
+            raise DataError(f"detect: expected finite weights in the {name}, found NaN or inf")
+    return model
+
+
+def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *,
+                null: Calibration | None = None, seed: int = 0, alpha: float = fingerprint.ALPHA,
+                config: CalibrationConfig | None = None, cache: bool = True,
+                cache_path: str | os.PathLike | None = None) -> dict:
+    """Test whether `suspect_params` behaves as a changed version of `reference_params`.
+
+    reference_params, suspect_params: params of the same registered architecture (e.g. from
+    `files.load_params`); ds: the dataset they were trained on (training images for the
+    clean retrains, test images for the probes); null: a `Calibration` (None: `calibrate`
+    one, cached); seed: of the calibration set and of the random input changes; alpha: the
+    test's level (its false-positive rate on clean retrains).
+
+    Returns a JSON-able dict: verdict ("changed" / "unchanged"), p_value, alpha, statistic,
+    category, category_probabilities, changed_probability, feature_p_values, fingerprint
+    (features, transition matrix, KS p-value), architecture, calibration.
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ConfigError(f"detect: expected alpha in (0, 1), found {alpha!r}")
+    reference = {k: jnp.asarray(v) for k, v in reference_params.items()}
+    suspect = {k: jnp.asarray(v) for k, v in suspect_params.items()}
+    model = check_pair(reference, suspect)
+    hidden = hidden_size(model, reference)
+    if null is None:
+        cfg = config or CalibrationConfig(seed=seed)
+        null = calibrate(RECIPE_OF[model.name], hidden, ds, cfg, cache=cache,
+                         cache_path=cache_path)
+    if null.hidden != hidden or plan_for(null.recipe).arch.name != model.name:
+        raise ConfigError(f"detect: expected a calibration for {model.name} with hidden "
+                          f"{hidden}, found {null.recipe} with hidden {null.hidden}")
+    probes = null.probes
+    ref = fingerprint.responses(model, reference, probes)
+    sus = fingerprint.responses(model, suspect, probes)
+    null_fp = fingerprint.Null(fingerprint.feature_matrix(
+        fingerprint.fingerprints(ref, null.null, probes.y)))
+    fp = fingerprint.fingerprints(ref, jax.tree.map(lambda a: a[None], sus), probes.y)
+    observed = fingerprint.feature_matrix(fp)
+    test = fingerprint.change_test(observed, null_fp)
+    p_value = float(test.p_value[0])
+
+    # the categorizer, fitted for this reference
+    xs = changed_inputs(model, reference, probes, null.config.attacks,
+                        jax.random.fold_in(jax.random.key(seed), 1))
+    inputs_changed = fingerprint.input_responses(model, reference, xs, probes)
+    train_features = np.concatenate([
+        null_fp.features,
+        fingerprint.feature_matrix(fingerprint.fingerprints(ref, null.changed, probes.y)),
+        fingerprint.feature_matrix(fingerprint.fingerprints(ref, inputs_changed, probes.y))])
+    labels = (["none"] * null_fp.size
+              + [categorize.category_of(k.split()[0]) for k in null.changed_kinds]
+              + [categorize.category_of(k) for k, _ in null.config.attacks])
+    model_c = categorize.fit(categorize.categorizer_inputs(train_features, null_fp), labels)
+    probs = model_c.predict_proba(categorize.categorizer_inputs(observed, null_fp))[0]
+    verdict = "changed" if p_value <= alpha else "unchanged"
+    if verdict == "changed":
+        others = [i for i, c in enumerate(model_c.categories) if c != "none"]
+        category = model_c.categories[max(others, key=lambda i: probs[i])]
+    else:
+        category = "none"
+    one = jax.tree.map(lambda a: a[0], fp)
+    conf_r = np.asarray(jnp.max(ref.probs, -1))
+    print_fp = fingerprint.to_json(one)
+    print_fp["ks_pvalue"] = float(fingerprint.ks_pvalue(print_fp["ks"], len(conf_r),
+                                                         len(conf_r)))
+    result = {
+        "verdict": verdict,
+        "p_value": p_value,
+        "alpha": alpha,
+        "statistic": float(test.statistic[0]),
+        "changed_probability": float(fingerprint.changed_probability(p_value)),
+        "category": category,
+        "category_probabilities": {c: float(p) for c, p in zip(model_c.categories, probs,
+                                                                strict=True)},
+        "feature_p_values": {n: float(p) for n, p in zip(null_fp.names, test.feature_p[0],
+                                                          strict=True)},
+        "fingerprint": print_fp,
+        "architecture": model.name,
+        "calibration": null.describe(),
+    }
+    json.dumps(result)  # fail here, not in the CLI, if anything is not JSON-able
+    return result
