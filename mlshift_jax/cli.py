@@ -163,6 +163,27 @@ def cmd_poison(args) -> None:
         print(sweeps.markdown(tables, found))
 
 
+# --- detect -------------------------------------------------------------------------------
+
+
+def cmd_detect(args) -> None:
+    from mlshift_jax.change import check_pair, detect_pair
+    from mlshift_jax.files import load_params
+
+    reference, suspect = load_params(args.reference), load_params(args.suspect)
+    check_pair(reference, suspect)  # before the data loads: a mismatch is one line
+    ds = _load(args)
+    result = detect_pair(reference, suspect, ds, seed=args.seed, alpha=args.alpha)
+    if args.format == "json":
+        print(json.dumps(result, indent=2, default=float))
+        return
+    rows = [[k, result[k]] for k in ("verdict", "p_value", "alpha", "category",
+                                     "changed_probability", "architecture") if k in result]
+    rows += [[f"fingerprint {k}", v] for k, v in result["fingerprint"].items()
+             if k != "transitions"]
+    _emit("table", None, rows, headers=["", "value"])
+
+
 # --- bench --------------------------------------------------------------------------------
 
 
@@ -263,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="store_true",
                    help="run the study's sweeps (E4-E7 + BadNets) instead of one cell")
     p.set_defaults(func=cmd_poison)
+
+    p = sub.add_parser("detect", parents=[common],
+                       help="has the suspect model changed from the reference, and how?")
+    p.add_argument("--reference", required=True, help=".npz of the reference model")
+    p.add_argument("--suspect", required=True, help=".npz of the model to test")
+    p.add_argument("--alpha", type=_positive(float), default=0.05,
+                   help="the test's level: its false-positive rate on clean retrains")
+    p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("bench", help="run the experiment matrix and write results/<platform>/")
     p.add_argument("--quick", action="store_true", help="the CI-sized matrix")

@@ -165,7 +165,18 @@ class PoisonSweepConfig:
     n_test: int | None
 
 
-CellConfig = AttackConfig | StabilityConfig | SpeedConfig | PoisonSweepConfig
+@dataclass(frozen=True)
+class DetectConfig:
+    """The detection benchmark (detection_bench.run): every detector on every change kind."""
+
+    kind: ClassVar[str] = "detect"
+    dataset: str
+    quick: bool
+    seed: int
+
+
+CellConfig = (AttackConfig | StabilityConfig | SpeedConfig | PoisonSweepConfig
+              | DetectConfig)
 
 
 @dataclass(frozen=True)
@@ -267,6 +278,15 @@ class Poison:
 
 
 @dataclass(frozen=True)
+class Detect:
+    """The detection benchmark: `quick` picks detection_bench.QUICK over FULL."""
+
+    dataset: str = "mnist"
+    quick: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Matrix:
     """A parsed matrix file. train / attack_options: ((name, ((key, value), ...)), ...)."""
 
@@ -287,6 +307,7 @@ class Matrix:
     e3: E3 | None = None
     speed: Speed | None = None
     poison: Poison | None = None
+    detect: Detect | None = None
 
 
 # --- parsing and checking ----------------------------------------------------------------------
@@ -314,6 +335,11 @@ class _Checker:
     def int_(self, value: Any, where: str, minimum: int = 1) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             self.fail(where, f"expected an integer >= {minimum}, found {value!r}")
+        return value
+
+    def bool_(self, value: Any, where: str) -> bool:
+        if not isinstance(value, bool):
+            self.fail(where, f"expected true or false, found {value!r}")
         return value
 
     def opt_int(self, value: Any, where: str) -> int | None:
@@ -368,7 +394,7 @@ def parse(text: str, path: str = "<matrix>") -> Matrix:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     chk.table(raw, "top level", {"matrix", "timing", "train", "attack_options", "e1", "e2",
-                                 "e3", "speed", "poison"}, {"matrix"})
+                                 "e3", "speed", "poison", "detect"}, {"matrix"})
     models, attacks, datasets = set(RECIPES), set(ATTACKS), set(DATASETS)
 
     def dataset(v, w):
@@ -426,6 +452,8 @@ def parse(text: str, path: str = "<matrix>") -> Matrix:
         "poison": (Poison, {**common, "dataset": dataset, "model": model,
                             "sweeps": names["sweeps"], "badnets_models": names["models"],
                             "badnets_n_train": chk.opt_int, "epochs": chk.opt_int}),
+        "detect": (Detect, {"dataset": dataset, "quick": chk.bool_,
+                            "seed": lambda v, w: chk.int_(v, w, 0)}),
     }
     for key, (cls, schema) in blocks.items():
         if key in raw:
@@ -570,7 +598,7 @@ def _poison_cells(matrix: Matrix, po: Poison) -> list[Cell]:
 
 
 def cells(matrix: Matrix) -> tuple[Cell, ...]:
-    """Every cell of the matrix, in run order: the grid, then E1, E2, E3, speed, poison."""
+    """Every cell of the matrix, in run order: the grid, E1, E2, E3, speed, poison, detect."""
     out = _grid_cells(matrix)
     if matrix.e1 is not None:
         out += _e1_cells(matrix, matrix.e1)
@@ -582,6 +610,10 @@ def cells(matrix: Matrix) -> tuple[Cell, ...]:
         out += _speed_cells(matrix, matrix.speed)
     if matrix.poison is not None:
         out += _poison_cells(matrix, matrix.poison)
+    if matrix.detect is not None:
+        d = matrix.detect
+        out.append(Cell(f"detect/{d.dataset}/seed{d.seed}", "detect",
+                        DetectConfig(dataset=d.dataset, quick=d.quick, seed=d.seed)))
     ids = [c.id for c in out]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})

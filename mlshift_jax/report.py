@@ -186,6 +186,7 @@ def _md(frame: pd.DataFrame, note: str, **kw) -> str:
     eps as written)."""
     formats = ["g" if c == "eps" else ".4f" for c in frame.columns]
     kw.setdefault("floatfmt", ([".4f"] if kw.get("index", True) else []) + formats)
+    kw.setdefault("missingval", "")
     return f"{frame.to_markdown(**kw)}\n\n*{note}*\n"
 
 
@@ -367,6 +368,45 @@ def _poison(records: pd.DataFrame) -> str:
     return f"*{note}*\n\n" + sweeps.markdown(tables, sweeps.findings(tables))
 
 
+def detection_tables(records: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The detection benchmark's tables (detection_bench.run) of the first detect record."""
+    rows = _rows(records, kind="detect")
+    if not len(rows):
+        return {}
+    return {name: pd.DataFrame(**split) for name, split in rows.iloc[0]["detail"].items()}
+
+
+def _detect(records: pd.DataFrame) -> str:
+    t = detection_tables(records)
+    if not t:
+        return "No detection cell in this run.\n"
+    r = _rows(records, kind="detect").iloc[0]
+    members = int(t["timing"].loc["population members", "seconds"])
+    head = (f"{r['dataset']}: {members} {r['model']} models (hidden {r['hidden']}, each on "
+            f"its own random sample of {r['n_train']:,} training images) trained as one "
+            f"population in {fmt_time(r['train_s'])}; the whole benchmark took "
+            f"{fmt_time(r['median_s'])}.\n\n")
+    auc = _md(t["auc"], "ROC-AUC of each detector (rows) on each change kind (columns); blank "
+              "where the detector does not apply. Input detectors score attacked vs clean test "
+              "images; the fingerprint test scores changed systems vs clean retrains; "
+              "activation clustering (Chen et al. 2018) and spectral signatures (Tran et al. "
+              "2018) score poisoned vs clean training samples.", floatfmt=".3f")
+    change = _md(t["change_test"].astype({"n": int}), "The model-level change test per "
+                 "change kind, as NIST TrojAI scores its rounds: ROC-AUC against clean "
+                 "retrains, detection rate at alpha, mean p-value, cross-entropy of the "
+                 "'changed' probability. The 'clean' row is the false-positive rate on "
+                 "clean retrains.", floatfmt=".3f")
+    confusion = _md(t["confusion"], "The categorizer's confusion matrix (rows: the true "
+                    "change, columns: its verdict), every cell predicted by a categorizer "
+                    "trained without that cell's seed.")
+    data_tab = _md(t["training_data"], "Training-data detectors against the poison mask "
+                   "(means over seeds).", index=False, floatfmt=".3f")
+    return (head + "### Detector × change kind: ROC-AUC\n\n" + auc
+            + "\n### Has the model changed? (fingerprint test)\n\n" + change
+            + "\n### How did it change? (categorizer, held out by seed)\n\n" + confusion
+            + "\n### Which training samples are poisoned?\n\n" + data_tab)
+
+
 def tables_markdown(records: pd.DataFrame, info: dict[str, Any] | None = None) -> str:
     """The whole tables.md as text."""
     info = run_info(records) if info is None else info
@@ -378,6 +418,7 @@ def tables_markdown(records: pd.DataFrame, info: dict[str, Any] | None = None) -
     sizes = {k: d["n_test"] for k, d in info.get("datasets", {}).items()}
     out += ["## E3: input attacks on the study's MLP\n", _e3(records, warns, sizes)]
     out += ["## E4–E7: training-time poisoning\n", _poison(records)]
+    out += ["## Detection: telling that, and how, a model changed\n", _detect(records)]
     out += ["## Speed: workload × implementation\n", _speed(records)]
     for name in dict.fromkeys(_rows(records, kind="attack", block="matrix")["dataset"]):
         out += [f"## Pairings: {name}\n", _pairings(records, name, warns)]

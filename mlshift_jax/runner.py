@@ -42,12 +42,22 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from mlshift_jax import attacks, baseline, data, population, stability, study, sweeps
+from mlshift_jax import (
+    attacks,
+    baseline,
+    data,
+    detection_bench,
+    population,
+    stability,
+    study,
+    sweeps,
+)
 from mlshift_jax.errors import ConfigError, DataError
 from mlshift_jax.files import load_params, save_params, write_text
 from mlshift_jax.matrix import (
     AttackConfig,
     Cell,
+    DetectConfig,
     PoisonSweepConfig,
     SpeedConfig,
     StabilityConfig,
@@ -516,8 +526,22 @@ def _poison_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bo
     }
 
 
+def _detect_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bool) -> dict:
+    cfg: DetectConfig = cell.config
+    start = time.perf_counter()
+    tables = detection_bench.run(loaded.ds, quick=cfg.quick, seed=cfg.seed)
+    bench = detection_bench.QUICK if cfg.quick else detection_bench.FULL
+    return {
+        **_base(cell, loaded), "model": bench.recipe, "seed": cfg.seed, "hidden": bench.hidden,
+        "n_train": min(bench.sample_size, len(loaded.ds.y_train)),
+        "train_s": float(tables["timing"].loc["train population", "seconds"]),
+        "median_s": time.perf_counter() - start,
+        "detail": {name: json.loads(t.to_json(orient="split")) for name, t in tables.items()},
+    }
+
+
 COMPUTE = {"attack": _attack_cell, "stability": _stability_cell, "speed": _speed_cell,
-           "poison": _poison_cell}
+           "poison": _poison_cell, "detect": _detect_cell}
 
 
 # --- progress --------------------------------------------------------------------------------

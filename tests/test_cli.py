@@ -112,3 +112,31 @@ def test_poison_json_has_the_promised_fields(capsys):
 def test_poison_bad_arguments_are_one_line(capsys, argv, fragment):
     code, _, err = run_cli(capsys, *argv)
     assert code == 2 and err.count("\n") == 1 and fragment in err, err
+
+
+def test_detect_flags_a_planted_change_and_not_the_model_itself(capsys, tmp_path):
+    ref = tmp_path / "ref.npz"
+    assert main(["train", "--hidden", "16", "--train-size", "3000", "--save", str(ref)]) == 0
+    with np.load(ref) as f:
+        params = {k: f[k] for k in f.files}
+    swapped = {**params, "who": params["who"][[1, 0, *range(2, 10)]]}  # labels 0 and 1 swapped
+    np.savez(tmp_path / "swapped.npz", **swapped)
+    capsys.readouterr()
+    code, out, err = run_cli(capsys, "detect", "--reference", str(ref), "--suspect",
+                             str(tmp_path / "swapped.npz"), "--format", "json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["verdict"] == "changed" and result["category"] != "none"
+    assert {"p_value", "fingerprint", "category_probabilities"} <= set(result)
+    assert result["fingerprint"]["disagreement"] > 0.1
+    code, out, err = run_cli(capsys, "detect", "--reference", str(ref), "--suspect", str(ref),
+                             "--format", "json")
+    assert code == 0 and json.loads(out)["verdict"] == "unchanged", err
+
+
+def test_detect_refuses_mismatched_models_in_one_line(capsys, tmp_path):
+    np.savez(tmp_path / "a.npz", wih=np.zeros((8, 784)), who=np.zeros((10, 8)))
+    np.savez(tmp_path / "b.npz", wih=np.zeros((16, 784)), who=np.zeros((10, 16)))
+    code, _, err = run_cli(capsys, "detect", "--reference", str(tmp_path / "a.npz"),
+                           "--suspect", str(tmp_path / "b.npz"))
+    assert code == 2 and err.count("\n") == 1, err

@@ -214,3 +214,20 @@ badnets_n_train = 2000
     assert cells[-1].config.n_train == 2000 and cells[0].config.n_train is None
     with pytest.raises(ConfigError, match=r"\[poison\].sweeps.*E9"):
         matrix.parse(text.replace('"E7"', '"E9"'))
+
+
+def test_detect_block_is_one_cell_and_checks_its_types():
+    text = """
+[matrix]
+datasets = ["mnist"]
+models = ["seed-mlp"]
+attacks = ["none"]
+eps = [0.1]
+
+[detect]
+quick = true
+"""
+    cell = [c for c in matrix.cells(matrix.parse(text)) if c.kind == "detect"]
+    assert [c.id for c in cell] == ["detect/mnist/seed0"] and cell[0].config.quick is True
+    with pytest.raises(ConfigError, match=r"\[detect\].quick: expected true or false"):
+        matrix.parse(text.replace("quick = true", 'quick = "yes"'))

@@ -261,3 +261,21 @@ def test_progress_is_quiet_off_a_terminal():
     assert line.startswith("\r[1/4]") and "eta" in line and "a/b" in line
     runner.progress(tty, 4, 4, 0.0, "done")
     assert tty.getvalue().endswith("\n")
+
+
+def test_detect_cell_lands_in_the_report(tmp_path, monkeypatch):
+    """The detection benchmark as a matrix cell (a tiny configuration stands in for QUICK)."""
+    from mlshift_jax import detection_bench
+    from tests.test_categorize import TINY as TINY_DETECT
+
+    monkeypatch.setattr(detection_bench, "QUICK", TINY_DETECT)
+    path = tmp_path / "detect.toml"
+    path.write_text(TINY + '\n[detect]\nquick = true\nseed = 1\n')
+    records = runner.run(path, out_dir=tmp_path / "out", only="detect")
+    assert list(records["id"]) == ["detect/mnist/seed1"]
+    tables = report.detection_tables(records)
+    assert {"auc", "change_test", "confusion", "training_data"} <= set(tables)
+    assert list(tables["auc"].index) == list(detection_bench.ROWS)
+    text = report.tables_markdown(records)
+    for title in ("## Detection", "ROC-AUC", "fingerprint test", "categorizer"):
+        assert title in text, title
