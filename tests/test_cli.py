@@ -116,7 +116,7 @@ def test_poison_bad_arguments_are_one_line(capsys, argv, fragment):
 
 def test_detect_flags_a_planted_change_and_not_the_model_itself(capsys, tmp_path):
     ref = tmp_path / "ref.npz"
-    assert main(["train", "--hidden", "16", "--train-size", "3000", "--save", str(ref)]) == 0
+    assert main(["train", "--hidden", "16", "--train-size", "10000", "--save", str(ref)]) == 0
     with np.load(ref) as f:
         params = {k: f[k] for k in f.files}
     swapped = {**params, "who": params["who"][[1, 0, *range(2, 10)]]}  # labels 0 and 1 swapped
