@@ -29,11 +29,12 @@ from mlshift_jax import attacks, data
 from mlshift_jax.files import write_text
 from mlshift_jax.models import SEED_MLP
 from mlshift_jax.report import platform_name
+from mlshift_jax.runner import fgsm_flops
 from mlshift_jax.sharding import describe_devices
 from mlshift_jax.timing import time_call
 from mlshift_jax.train import init_population, train_seed_sgd_population
 
-N_IN, N_OUT = 784, 10
+N_IN = 784
 
 
 def matmul_rate(n: int) -> tuple[float, float]:
@@ -52,10 +53,9 @@ def bandwidth(n_bytes: int) -> float:
 
 
 def fgsm_cost(n: int, hidden: int) -> tuple[float, float]:
-    """(FLOPs, bytes) of FGSM on the seed MLP for n images: 2 forward + 2 backward matmuls;
+    """(FLOPs, bytes) of FGSM on the seed MLP for n images: its 4 matmuls (`fgsm_flops`);
     reads x once and writes x_adv once (float32), the weights are negligible."""
-    flops = 2.0 * 2.0 * n * (N_IN * hidden + hidden * N_OUT)
-    return flops, 2.0 * 4.0 * n * N_IN
+    return float(fgsm_flops(n, hidden)), 2.0 * 4.0 * n * N_IN
 
 
 def main(argv: list[str] | None = None) -> int:

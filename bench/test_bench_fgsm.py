@@ -25,6 +25,7 @@ import pytest
 
 from mlshift_jax import attacks, baseline, data
 from mlshift_jax.models import SEED_MLP
+from mlshift_jax.runner import fgsm_flops
 
 EPS = 0.1
 HIDDEN = 200
@@ -86,7 +87,7 @@ def test_fgsm_numpy_loop(benchmark, case):
 @pytest.mark.benchmark(group="fgsm")
 def test_gemm_floor(benchmark, case):
     n = len(case["y"])
-    flop = 2 * n * (784 * HIDDEN + HIDDEN * 10) * 2
+    flop = fgsm_flops(n, HIDDEN)
     rng = np.random.default_rng(0)
     a = rng.random((n, 784 + 10), dtype=np.float32)
     b = rng.random((784 + 10, 2 * HIDDEN), dtype=np.float32)

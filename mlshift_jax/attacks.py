@@ -37,6 +37,17 @@ from mlshift_jax.models import Model, Params
 # The valid input range under the study's scaling x/255*0.99 + 0.01 (`data.INPUT_RANGE`).
 INPUT_LO, INPUT_HI = 0.01, 1.0
 
+# The attack key of a run seeded `seed`: fold_in(key(seed), KEY_STREAM). Training draws from
+# key(seed) and its splits (fold_in(k, i) == split(k)[i] for small i), so attacks use a stream
+# far from them and never reuse a training key.
+KEY_STREAM = 0xA77AC
+
+
+def attack_key(seed: int) -> jax.Array:
+    """The random-attack key of a run seeded `seed` (noise draws, PGD's random start)."""
+    return jax.random.fold_in(jax.random.key(seed), KEY_STREAM)
+
+
 # PGD defaults: Madry et al.'s step size rule 2.5 * eps / steps (= eps / 4 at 10 steps).
 PGD_STEPS = 10
 PGD_STEP_FACTOR = 2.5

@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -33,10 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlshift_jax import categorize, fingerprint
-from mlshift_jax.attacks import get_attack
+from mlshift_jax.attacks import attack_key, get_attack
 from mlshift_jax.data import Dataset, cache_dir
 from mlshift_jax.errors import ConfigError, DataError
 from mlshift_jax.files import atomic_path
+from mlshift_jax.matrix import config_hash
 from mlshift_jax.models import HIDDEN, Model, Params, infer_model
 from mlshift_jax.poison import make_config
 from mlshift_jax.population import plan_for
@@ -126,8 +126,7 @@ def _cache_key(recipe: str, hidden: int, ds: Dataset, cfg: CalibrationConfig) ->
     payload = {"version": CACHE_VERSION, "recipe": recipe, "hidden": hidden,
                "dataset": ds.name, "source": ds.source, "n_train": len(ds.y_train),
                "n_test": len(ds.y_test), "config": asdict(cfg)}
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return config_hash(payload)
 
 
 def calibrate(recipe: str, hidden: int, ds: Dataset, config: CalibrationConfig | None = None, *,
@@ -232,7 +231,7 @@ def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *
 
     # the categorizer, fitted for this reference
     xs = changed_inputs(model, reference, probes, null.config.attacks,
-                        jax.random.fold_in(jax.random.key(seed), 1))
+                        attack_key(seed))
     inputs_changed = fingerprint.input_responses(model, reference, xs, probes)
     train_features = np.concatenate([
         null_fp.features,

@@ -96,7 +96,7 @@ def cmd_stability(args) -> None:
 
 
 def cmd_attack(args) -> None:
-    from mlshift_jax.attacks import get_attack
+    from mlshift_jax.attacks import attack_key, get_attack
     from mlshift_jax.files import load_params
     from mlshift_jax.metrics import evaluate
     from mlshift_jax.models import infer_model
@@ -118,7 +118,7 @@ def cmd_attack(args) -> None:
                              for k, v in params.items()})
     n = len(ds.y_test) if args.n is None else min(args.n, len(ds.y_test))
     x, y = jax.device_put((ds.x_test[:n], ds.y_test[:n]))
-    key = jax.random.key(args.seed)
+    key = attack_key(args.seed)
     rows = []
     for attack in attacks:
         kw = {"key": key, **({"target": args.target} if attack.targeted else {})}
@@ -167,13 +167,14 @@ def cmd_poison(args) -> None:
 
 
 def cmd_detect(args) -> None:
-    from mlshift_jax.change import check_pair, detect_pair
+    from mlshift_jax.change import CalibrationConfig, check_pair, detect_pair
     from mlshift_jax.files import load_params
 
     reference, suspect = load_params(args.reference), load_params(args.suspect)
     check_pair(reference, suspect)  # before the data loads: a mismatch is one line
     ds = _load(args)
-    result = detect_pair(reference, suspect, ds, seed=args.seed, alpha=args.alpha)
+    config = CalibrationConfig(sample_size=args.sample_size)
+    result = detect_pair(reference, suspect, ds, seed=args.seed, alpha=args.alpha, config=config)
     if args.format == "json":
         print(json.dumps(result, indent=2, default=float))
         return
@@ -209,6 +210,8 @@ def cmd_bench(args) -> None:
         print(tabulate(records[cols].values.tolist(), headers=cols, floatfmt=".4f"))
         print(f"mlshift: --only: {len(records)} cells in {seconds:.0f} s; tables in {out} "
               "left unchanged (run without --only to rewrite them)", file=sys.stderr)
+        return
+    if jax.process_index() != 0:  # a multi-host run: process 0 writes the report
         return
     paths = report.write(records, out)
     computed = int((records["status"] == "computed").sum())
@@ -291,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suspect", required=True, help=".npz of the model to test")
     p.add_argument("--alpha", type=_positive(float), default=0.05,
                    help="the test's level: its false-positive rate on clean retrains")
+    p.add_argument("--sample-size", type=_positive(int), default=10_000,
+                   help="training images of each clean retrain in the null; match how the "
+                   "reference was trained (p-values assume the reference is such a model)")
     p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("bench", help="run the experiment matrix and write results/<platform>/")
@@ -318,5 +324,8 @@ def main(argv: list[str] | None = None) -> int:
             args.func(args)
         except MlshiftError as e:
             print(f"mlshift: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        except OSError as e:  # an unwritable --out / --save, an unreadable file
+            print(f"mlshift: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
             return EXIT_USAGE
     return 0

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from mlshift_jax import categorize, detect, detect_data, fingerprint
-from mlshift_jax.attacks import get_attack
+from mlshift_jax.attacks import attack_key, get_attack
 from mlshift_jax.change import changed_inputs
 from mlshift_jax.data import Dataset
 from mlshift_jax.errors import ConfigError
@@ -214,7 +214,7 @@ def run(ds: Dataset, *, quick: bool = False, seed: int = 0,
     cfg = (config or (QUICK if quick else FULL)).validate()
     timing: dict[str, float] = {}
     clock = time.perf_counter()
-    key = jax.random.key(seed)
+    key = attack_key(seed)  # input changes and detector draws: apart from training keys
     members = _Members(cfg, seed)
     sample = min(cfg.sample_size, len(ds.y_train))
     plan = plan_for(cfg.recipe, TrainConfig(hidden=cfg.hidden))

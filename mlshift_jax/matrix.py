@@ -51,7 +51,7 @@ from mlshift_jax.train import OPTIMIZERS
 HASH_LEN = 12
 SCHEMA = 2  # bump when a record's meaning changes: every cached cell is then recomputed
 SPEED_WORKLOADS = ("fgsm", "epoch-per-sample", "epoch-minibatch", "metrics", "population")
-_ATTACK_FIXED_KW = {"eps", "key", "lo", "hi", "target"}
+_ATTACK_FIXED_KW = {"eps", "key", "lo", "hi"}  # targeted attacks may set `target` (default 3)
 
 
 def config_hash(payload: Any) -> str:

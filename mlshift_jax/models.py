@@ -182,6 +182,12 @@ def infer_model(params: Params) -> Model:
     names = set(params)
     for model in MODELS.values():
         if set(jax.eval_shape(lambda m=model: m.init(jax.random.key(0)))) == names:
+            try:  # the arrays must fit together and take 784-pixel images
+                jax.eval_shape(model.apply, params, jax.ShapeDtypeStruct((784,), jnp.float32))
+            except (TypeError, ValueError) as e:
+                shapes = {k: tuple(jnp.shape(v)) for k, v in params.items()}
+                raise ConfigError(f"params for {model.name} with shapes {shapes} do not take "
+                                  f"784-pixel images ({str(e).splitlines()[0]})") from None
             return model
     raise ConfigError(f"params with arrays {sorted(names)} match no model in {sorted(MODELS)}")
 

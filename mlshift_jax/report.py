@@ -184,10 +184,12 @@ def fmt_time(seconds: Any) -> str:
 def _md(frame: pd.DataFrame, note: str, **kw) -> str:
     """A markdown table and the line under it that says how to read it (scores to 4 decimals,
     eps as written)."""
-    formats = ["g" if c == "eps" else ".4f" for c in frame.columns]
-    kw.setdefault("floatfmt", ([".4f"] if kw.get("index", True) else []) + formats)
-    kw.setdefault("missingval", "")
-    return f"{frame.to_markdown(**kw)}\n\n*{note}*\n"
+    digits = kw.pop("floatfmt", ".4f")
+    formats = ["g" if c == "eps" or pd.api.types.is_integer_dtype(frame[c]) else digits
+               for c in frame.columns]
+    kw["floatfmt"] = ([digits] if kw.get("index", True) else []) + formats
+    shown = frame.astype(object).where(frame.notna(), None)  # NaN: a blank cell
+    return f"{shown.to_markdown(missingval='', **kw)}\n\n*{note}*\n"
 
 
 def _delta(ours: Any, theirs: Any) -> str:

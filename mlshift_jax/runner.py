@@ -26,6 +26,7 @@ the same run as the JAX code it is compared with: both live in one speed cell.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import sys
@@ -48,6 +49,7 @@ from mlshift_jax import (
     data,
     detection_bench,
     population,
+    sharding,
     stability,
     study,
     sweeps,
@@ -79,7 +81,6 @@ from mlshift_jax.train import (
 
 CACHE_DIR = ".cache"
 N_EXAMPLES = 6  # images kept per clean / FGSM cell for the report's digit grid
-ATTACK_STREAM = 1  # attack keys: fold_in(key(seed), 1); training uses key(seed) itself
 GRADIENT_ATTACKS = frozenset({"fgsm", "pgd", "fgsm-targeted", "pgd-targeted"})
 TIMING_FIELDS = ("compile_s", "median_s", "min_s", "max_s", "iqr_s", "rounds")
 
@@ -103,10 +104,11 @@ def measure(fn: Callable[..., Any], *args: Any, rounds: int, max_seconds: float,
     """Time fn(*args) as timing.py says; return (Timing, output of the first call).
 
     The first call is `compile_s` (None when `compiled=False`, for numpy); then up to `rounds`
-    timed calls, fewer where the first call shows they would take more than `max_seconds`.
+    timed calls, fewer where one warm call shows they would take more than `max_seconds`.
     """
     first, out = _once(fn, *args)
-    n = max(1, min(rounds, int(max_seconds / max(first.median_s, 1e-9))))
+    warm = _once(fn, *args)[0] if compiled else first
+    n = max(1, min(rounds, int(max_seconds / max(warm.median_s, 1e-9))))
     timing = time_call(fn, *args, rounds=n, warmup=0)
     return timing._replace(compile_s=first.median_s if compiled else None), out
 
@@ -260,8 +262,9 @@ def _trained(spec: TrainSpec, loaded: Loaded, memo: _Memo, cache: Path,
                                ds.x_train, ds.y_train)
         params = {k: np.asarray(v) for k, v in params.items()}
         meta = {"train_s": timing.median_s, "n_train": len(ds.y_train)}
-        save_params(path, params)
-        write_text(meta_path, json.dumps(meta))
+        if jax.process_index() == 0:
+            save_params(path, params)
+            write_text(meta_path, json.dumps(meta))
     finite = all(bool(np.all(np.isfinite(v))) for v in params.values())
     trained = _Trained(get_recipe(spec.model).arch, jax.device_put(params), meta["train_s"],
                        meta["n_train"], finite)
@@ -293,6 +296,12 @@ def _per_test(key: str, trained: _Trained, x, y, attack: str, memo: _Memo) -> di
 # --- computing one cell of each kind --------------------------------------------------------
 
 
+@functools.cache
+def _mesh():
+    """All devices (every host's) as one mesh; see `sharding`."""
+    return sharding.make_mesh()
+
+
 def _base(cell: Cell, loaded: Loaded) -> dict[str, Any]:
     device = jax.devices()[0]
     return {"id": cell.id, "hash": cell.hash, "kind": cell.kind, "block": cell.block,
@@ -307,10 +316,16 @@ def _attack_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bo
     key, trained = _trained(spec, loaded, memo, cache, force)
     x, y = _device(memo, loaded, "test", cfg.n_test)
     per_test = _per_test(key, trained, x, y, cfg.attack, memo)
-    fn = partial(attacks.get_attack(cfg.attack).fn, trained.arch, trained.params, eps=cfg.eps,
-                 key=jax.random.fold_in(jax.random.key(spec.seed), ATTACK_STREAM),
-                 **dict(cfg.options))
-    timing, x_adv = measure(fn, x, y, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
+    attack = attacks.get_attack(cfg.attack)
+    options = dict(cfg.options)
+    if attack.targeted:
+        options.setdefault("target", study.E7_TARGET)
+    # one code path from 1 device to N: the batch split across the mesh, params replicated
+    (xs, ys), n = sharding.shard_leading((x, y), _mesh())
+    fn = partial(attack.fn, trained.arch, sharding.replicate(trained.params, _mesh()),
+                 eps=cfg.eps, key=attacks.attack_key(spec.seed), **options)
+    timing, x_adv = measure(fn, xs, ys, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
+    x_adv = sharding.unpad(x_adv, n)
     scores = evaluate(trained.arch, trained.params, x_adv, y)
     detail = {}
     if cfg.attack in ("none", "fgsm"):
@@ -443,7 +458,6 @@ def _speed_metrics(ds: data.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
     return rows, {"max_abs_diff": diff}
 
 
-_population_fit = jax.jit(train_seed_sgd_population, static_argnames=("epochs", "chunk"))
 
 
 def _speed_population(ds: data.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
@@ -455,8 +469,9 @@ def _speed_population(ds: data.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
     xs, ys = jax.device_put(ds.x_train[idx]), jax.device_put(ds.y_train[idx])
     timed = partial(measure, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
     chunk = population.chunk_size(m, size)
-    t_pop, _ = timed(partial(_population_fit, lr=cfg.lr, epochs=1, chunk=chunk), params, xs, ys)
-    t_vmap, _ = timed(partial(_population_fit, lr=cfg.lr, epochs=1), params, xs, ys)
+    t_pop, _ = timed(partial(train_seed_sgd_population, lr=cfg.lr, epochs=1, chunk=chunk),
+                     params, xs, ys)
+    t_vmap, _ = timed(partial(train_seed_sgd_population, lr=cfg.lr, epochs=1), params, xs, ys)
     singles = [(jax.tree.map(lambda a, i=i: a[i], params), xs[i], ys[i]) for i in range(m)]
 
     def separate(models):
@@ -624,7 +639,8 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
         if record is None:
             record = COMPUTE[cell.kind](cell, loaded[_dataset_of(cell)], memo, cache, force)
             record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            write_text(cache / "cells" / f"{cell.hash}.json", json.dumps(record, indent=1))
+            if jax.process_index() == 0:  # several hosts run the same cells; one writes
+                write_text(cache / "cells" / f"{cell.hash}.json", json.dumps(record, indent=1))
             by_hash[cell.hash] = record
         records[cell.id] = {**record, "id": cell.id, "block": cell.block, "status": "computed"}
     if todo:

@@ -16,6 +16,7 @@ from mlshift_jax.errors import ConfigError
 from mlshift_jax.metrics import evaluate_many
 from mlshift_jax.models import SEED_MLP
 from mlshift_jax.population import chunk_size
+from mlshift_jax.sharding import make_mesh, population_sharded
 from mlshift_jax.train import init_population, train_seed_sgd_population
 
 MEASURES = ["accuracy", "precision", "recall", "f1"]
@@ -36,8 +37,9 @@ def stability(ds: Dataset, *, samples: int = 10, size: int = 10_000, hidden: int
     params = init_population(SEED_MLP, keys, n_in=ds.x_train.shape[1], n_hidden=hidden)
     x, y = jnp.asarray(ds.x_train[idx]), jnp.asarray(ds.y_train[idx])
     start = time.perf_counter()
-    params = jax.block_until_ready(train_seed_sgd_population(
-        params, x, y, lr=lr, epochs=epochs, chunk=chunk_size(samples, size)))
+    params = jax.block_until_ready(population_sharded(  # the model axis split across devices
+        train_seed_sgd_population, params, x, y, mesh=make_mesh(), lr=lr, epochs=epochs,
+        chunk=chunk_size(samples, size)))
     train_seconds = time.perf_counter() - start
     scores = evaluate_many(SEED_MLP, params, jnp.asarray(ds.x_test), jnp.asarray(ds.y_test))
     table = pd.DataFrame({m: np.asarray(scores[m]) for m in MEASURES})

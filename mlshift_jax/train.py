@@ -81,6 +81,9 @@ def train_minibatch(key: jax.Array, params: Params, x: jax.Array, y: jax.Array, 
     """
     opt = make_optimizer(optimizer, lr)
     n_batches = x.shape[0] // batch_size
+    if n_batches == 0:
+        raise ConfigError(f"minibatch training: expected at least batch_size={batch_size} "
+                          f"training images, found {x.shape[0]}")
     x = x.astype(jax.tree.leaves(params)[0].dtype)
 
     def batch_loss(p, xb, yb):
@@ -121,6 +124,7 @@ def _chunked(fn, members: tuple, shared: tuple, chunk: int | None):
     return map_chunks(lambda group: fn(*group, *shared), members, chunk)
 
 
+@partial(jax.jit, static_argnames=("epochs", "chunk"))
 def train_seed_sgd_population(params: Params, x: jax.Array, y: jax.Array, *, lr,
                               epochs: int = 1, chunk: int | None = None) -> Params:
     """`train_seed_sgd` for a population in one compiled call. params: leading axis m;
@@ -133,13 +137,17 @@ def train_seed_sgd_population(params: Params, x: jax.Array, y: jax.Array, *, lr,
     return _chunked(fn, (params, x, y), (), chunk)
 
 
+@partial(jax.jit, static_argnames=("model", "optimizer", "lr", "batch_size", "epochs", "chunk"))
 def train_minibatch_population(keys: jax.Array, params: Params, x: jax.Array, y: jax.Array,
-                               *, chunk: int | None = None, **kw) -> Params:
+                               *, model: Model, optimizer: str = "adam", lr: float = 3e-3,
+                               batch_size: int = 64, epochs: int = 5,
+                               chunk: int | None = None) -> Params:
     """`train_minibatch` for a population in one compiled call (vmap over keys, params and,
-    when stacked, the data). kw: the static settings of `train_minibatch`; chunk as in
+    when stacked, the data); the settings are `train_minibatch`'s, chunk as in
     `train_seed_sgd_population`."""
     ax = data_axis(x)
-    fn = jax.vmap(partial(train_minibatch, **kw), in_axes=(0, 0, ax, ax))
+    fn = jax.vmap(partial(train_minibatch, model=model, optimizer=optimizer, lr=lr,
+                          batch_size=batch_size, epochs=epochs), in_axes=(0, 0, ax, ax))
     if ax is None:
         return _chunked(fn, (keys, params), (x, y), chunk)
     return _chunked(fn, (keys, params, x, y), (), chunk)

@@ -4,10 +4,13 @@ data comes from MLSHIFT_DATA_DIR (CI points it at the full MNIST) or the bundled
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("MLSHIFT_NO_DOWNLOAD", "1")
+# caches (the detect calibration, downloads) go to a throwaway folder, never the user's
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="mlshift-test-cache-")
 
 
 @pytest.fixture(scope="session")

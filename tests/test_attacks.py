@@ -345,3 +345,14 @@ def test_numpy_fgsm_bad_arguments():
         baseline.fgsm_batched(wih, who, _x, _y, -0.1)
     with pytest.raises(ConfigError, match="lo < hi"):
         baseline.fgsm_loop(wih, who, _x, _y, 0.1, lo=1.0, hi=0.0)
+
+
+def test_attack_key_is_no_training_key():
+    """Training draws from key(seed), its splits and small fold_ins; attacks must not."""
+    from mlshift_jax.attacks import attack_key
+
+    base = jax.random.key(0)
+    training = [base, *jax.random.split(base, 4), *(jax.random.fold_in(base, i) for i in range(8))]
+    data = jax.random.key_data
+    assert all(not np.array_equal(data(attack_key(0)), data(k)) for k in training)
+    assert not np.array_equal(data(attack_key(0)), data(attack_key(1)))

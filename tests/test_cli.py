@@ -140,3 +140,19 @@ def test_detect_refuses_mismatched_models_in_one_line(capsys, tmp_path):
     code, _, err = run_cli(capsys, "detect", "--reference", str(tmp_path / "a.npz"),
                            "--suspect", str(tmp_path / "b.npz"))
     assert code == 2 and err.count("\n") == 1, err
+
+
+def test_unwritable_save_path_is_one_line(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, _, err = run_cli(capsys, "train", "--hidden", "8", "--train-size", "100",
+                           "--save", str(blocker / "p.npz"))
+    assert code == 2 and err.strip().splitlines()[-1].startswith("mlshift: error:")
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == [blocker]
+
+
+def test_params_of_the_wrong_width_are_one_line(capsys, tmp_path):
+    np.savez(tmp_path / "p.npz", wih=np.zeros((8, 100), np.float32),
+             who=np.zeros((10, 8), np.float32))
+    code, _, err = run_cli(capsys, "attack", "--params", str(tmp_path / "p.npz"))
+    assert code == 2 and "784" in err and "Traceback" not in err

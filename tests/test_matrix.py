@@ -231,3 +231,18 @@ quick = true
     assert [c.id for c in cell] == ["detect/mnist/seed0"] and cell[0].config.quick is True
     with pytest.raises(ConfigError, match=r"\[detect\].quick: expected true or false"):
         matrix.parse(text.replace("quick = true", 'quick = "yes"'))
+
+
+def test_targeted_attacks_may_set_their_target():
+    text = """
+[matrix]
+datasets = ["mnist"]
+models = ["seed-mlp"]
+attacks = ["fgsm-targeted"]
+eps = [0.1]
+
+[attack_options.fgsm-targeted]
+target = 5
+"""
+    cell = matrix.cells(matrix.parse(text))[0]
+    assert dict(cell.config.options) == {"target": 5}

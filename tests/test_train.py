@@ -167,3 +167,10 @@ def test_chunked_population_equals_one_vmap(mnist, chunk):
     b = train_minibatch_population(keys, ce, x, y, chunk=chunk, **kw)
     for k in a:
         np.testing.assert_allclose(b[k], a[k], atol=1e-5)
+
+
+def test_minibatch_needs_at_least_one_batch(mnist):
+    x, y = jnp.asarray(mnist.x_train[:10]), jnp.asarray(mnist.y_train[:10])
+    params = MLP_CE.init(jax.random.key(0), n_hidden=8)
+    with pytest.raises(ConfigError, match="batch_size=64.*found 10"):
+        train_minibatch(jax.random.key(1), params, x, y, model=MLP_CE, batch_size=64)
