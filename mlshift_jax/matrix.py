@@ -49,7 +49,7 @@ from mlshift_jax.sweeps import STUDY_SWEEPS as POISON_SWEEPS
 from mlshift_jax.train import OPTIMIZERS
 
 HASH_LEN = 12
-SCHEMA = 2  # bump when a record's meaning changes: every cached cell is then recomputed
+SCHEMA = 3  # bump when a record's meaning changes: every cached cell is then recomputed
 SPEED_WORKLOADS = ("fgsm", "epoch-per-sample", "epoch-minibatch", "metrics", "population")
 _ATTACK_FIXED_KW = {"eps", "key", "lo", "hi"}  # targeted attacks may set `target` (default 3)
 
