@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("stability", parents=[common],
-                       help="E2: models on random training samples, one vmapped jit")
+                       help="E2: models on random training samples, trained as one population")
     p.add_argument("--samples", type=_positive(int), default=10)
     p.add_argument("--size", type=_positive(int), default=10_000)
     p.add_argument("--lr", type=_positive(float), default=0.1)

@@ -115,7 +115,7 @@ class AttackConfig:
 
 @dataclass(frozen=True)
 class StabilityConfig:
-    """E2: `samples` seed-mlp models on random subsets of `size` images, one vmapped jit."""
+    """E2: `samples` seed-mlp models on random subsets of `size` images, one population."""
 
     kind: ClassVar[str] = "stability"
     dataset: str

@@ -229,8 +229,9 @@ def _e2(records: pd.DataFrame) -> str:
         "—" if name == "std" else _delta(a, study.E1["accuracy"])
         for name, a in zip(table.index, table["accuracy"], strict=True)]
     head = (f"{int(r['detail']['samples'])} seed-mlp models, each trained on its own random "
-            f"sample of {int(r['detail']['size']):,} {r['dataset']} training images, all in one "
-            f"vmapped jit ({fmt_time(r['train_s'])}, compile included); scored on "
+            f"sample of {int(r['detail']['size']):,} {r['dataset']} training images, trained "
+            f"as one population in one compiled call ({fmt_time(r['train_s'])}, compile "
+            f"included); scored on "
             f"{int(r['n_test']):,} test images.\n\n")
     note = ("One row per sample, then mean / std (ddof=1) / min / max over samples. The study "
             "showed these as charts and published no numbers (study.py has none), so the only "
