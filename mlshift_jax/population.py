@@ -139,18 +139,22 @@ def chunk_size(m: int, n_train: int, *, backend: str | None = None,
     return int(max(1, min(m, (MEMORY_SHARE * memory) // per_member)))
 
 
+def fit_group(plan: Plan, group: dict, xs: jax.Array, ys: jax.Array) -> Params:
+    """Train one group of members on their own (already poisoned) data with the plan's
+    trainer. group: {"params", "shuffle_key", ...} with leading axis g; xs: [g, n, 784]."""
+    if plan.kind == "seed-sgd":
+        return train_seed_sgd_population(group["params"], xs, ys, lr=plan.lr,
+                                         epochs=plan.epochs)
+    return train_minibatch_population(
+        group["shuffle_key"], group["params"], xs, ys, model=plan.arch,
+        optimizer=plan.optimizer, lr=plan.lr, batch_size=plan.batch_size, epochs=plan.epochs)
+
+
 def _train_group(plan: Plan, x: jax.Array, y: jax.Array, group: dict) -> tuple[Params, jax.Array]:
     """Poison and train one group of members. x: [n, 784], y: [n] shared (clean)."""
     xs, ys, masks = jax.vmap(poison_arrays, in_axes=(0, None, None, 0))(
         group["poison_key"], x, y, group["poison"])  # [g, n, 784], [g, n], [g, n]
-    if plan.kind == "seed-sgd":
-        params = train_seed_sgd_population(group["params"], xs, ys, lr=plan.lr,
-                                           epochs=plan.epochs)
-    else:
-        params = train_minibatch_population(
-            group["shuffle_key"], group["params"], xs, ys, model=plan.arch,
-            optimizer=plan.optimizer, lr=plan.lr, batch_size=plan.batch_size, epochs=plan.epochs)
-    return params, masks
+    return fit_group(plan, group, xs, ys), masks
 
 
 @partial(jax.jit, static_argnames=("plan", "chunk"))

@@ -6,7 +6,7 @@ poisoning sweep differs only by its poisoning. A null distribution for a change 
 what the study's stability experiment (E2) varies as well: the training sample. Here member i
 trains on `x[idx_i]` (idx_i = `data.subsample(seed_i, n, size)`), poisoned by its config with
 `population.poison_key(seed_i)`. The sample is gathered inside the jit, one group of members
-at a time (`population.map_chunks`, `population.chunk_size` members per vmap), so at most one
+at a time (`train.map_chunks`, `population.chunk_size` members per vmap), so at most one
 group's copy of the sampled data exists at once; the trainers are those of `train.py`.
 """
 
@@ -27,25 +27,18 @@ from mlshift_jax.population import (
     Plan,
     Population,
     chunk_size,
+    fit_group,
     init_members,
     map_chunks,
     poison_key,
 )
-from mlshift_jax.train import train_minibatch_population, train_seed_sgd_population
 
 
 def _train_group(plan: Plan, x: jax.Array, y: jax.Array, group: dict):
     """Gather, poison and train one group. x: [n, 784], y: [n] the full clean set."""
     xs, ys = x[group["idx"]], y[group["idx"]]  # [g, size, 784], [g, size]
     xs, ys, masks = jax.vmap(poison_arrays)(group["poison_key"], xs, ys, group["poison"])
-    if plan.kind == "seed-sgd":
-        params = train_seed_sgd_population(group["params"], xs, ys, lr=plan.lr,
-                                           epochs=plan.epochs)
-    else:
-        params = train_minibatch_population(
-            group["shuffle_key"], group["params"], xs, ys, model=plan.arch,
-            optimizer=plan.optimizer, lr=plan.lr, batch_size=plan.batch_size, epochs=plan.epochs)
-    return params, masks
+    return fit_group(plan, group, xs, ys), masks
 
 
 _poison = jax.jit(poison_arrays)
