@@ -10,21 +10,20 @@ the trainers are those of `train.py` (`train_seed_sgd_population`,
 
 Members are trained `chunk` at a time: `lax.map` over groups of `chunk` members, each group
 one `vmap`. So at most `chunk` poisoned copies of the training set exist at once (188 MB each
-for the full MNIST in float32). `chunk_size` picks it per backend:
+for the full MNIST in float32). `chunk_size` picks it:
 
-- CPU: 1. Measured on this project's 2-core CPU (`bench/test_bench_population.py`): XLA:CPU
-  runs a batched matmul of many small models slower than the same matmuls one model at a
-  time (7 seed-mlp models, hidden 200, 10,000 images: full vmap took 1.5-1.8x the time of
-  chunk 1, groups of 2 up to 1.5x; mlp-ce and the CNN alike or within the noise), while
-  `lax.map` over single members ran 1.06-1.4x faster than a Python loop of single trainings
-  (one dispatch, the poisoning inside the jit), with one poisoned copy at a time.
-- GPU / TPU: the whole population in one `vmap`, so that many small models fill the device
-  (the issue's H200 prototype: 64 minibatch models in 58 ms per epoch; not re-measured here),
-  capped so the poisoned copies take at most a quarter of the device's memory.
+- Every backend: the whole population in one `vmap`, capped so the poisoned copies take at
+  most a quarter of the memory (the device's; on CPU the machine's RAM). Measured on this
+  project's 2-core CPU (`bench/test_bench_population.py`, 7-model E7 sweep on 10,000 images,
+  one run on a quiet machine): seed-mlp one vmap 2.05 s, one model at a time (`lax.map`)
+  2.06 s, a Python loop of single trainings 2.08 s; mlp-ce 0.95 s, 1.10 s and 1.02 s. So one
+  vmap is at least as fast as the loop on CPU too; on GPU and TPU it is what fills the device
+  (the issue's H200 prototype: 64 minibatch models in 58 ms per epoch; not re-measured here).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -122,19 +121,26 @@ def device_bytes(device: Any | None = None) -> int:
     return int(stats.get("bytes_limit", DEFAULT_DEVICE_BYTES))
 
 
+def host_bytes() -> int:
+    """Physical memory of this machine in bytes, DEFAULT_DEVICE_BYTES if unknown."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return DEFAULT_DEVICE_BYTES
+
+
 def chunk_size(m: int, n_train: int, *, backend: str | None = None,
                memory: int | None = None) -> int:
     """How many of m members to train together in one vmap (see the module docstring).
 
-    CPU: 1. Other backends: m, capped so chunk poisoned copies of an [n_train, 784] float32
-    training set fit in MEMORY_SHARE of `memory` (default: the device's).
+    Every backend: m, capped so chunk poisoned copies of an [n_train, 784] float32 training set
+    fit in MEMORY_SHARE of `memory` (default: the device's; on CPU the machine's RAM).
     """
     if m < 1:
         raise ConfigError(f"population: expected at least 1 member, found {m}")
     backend = backend or jax.default_backend()
-    if backend == "cpu":
-        return 1
-    memory = device_bytes() if memory is None else memory
+    if memory is None:
+        memory = host_bytes() if backend == "cpu" else device_bytes()
     per_member = 2 * n_train * 784 * 4  # the poisoned copy and the stamping temporary
     return int(max(1, min(m, (MEMORY_SHARE * memory) // per_member)))
 

@@ -92,7 +92,7 @@ def test_members_with_their_own_seeds(xy):
 
 def test_chunk_rule():
     n = 60_000
-    assert population.chunk_size(21, n, backend="cpu") == 1
+    assert population.chunk_size(21, n, backend="cpu", memory=140 * 2**30) == 21
     assert population.chunk_size(21, n, backend="gpu", memory=140 * 2**30) == 21
     per_member = 2 * n * 784 * 4
     small = population.chunk_size(21, n, backend="gpu", memory=8 * per_member)
