@@ -201,7 +201,7 @@ def noise_sign(model: Model, params: Params, x, y, *, eps, key=None, lo=INPUT_LO
                hi=INPUT_HI) -> jax.Array:
     """x + eps * s, s = ±1 per pixel at random, clipped to [lo, hi]. x: [batch, n_in].
 
-    The study's "randomly generated noise" (seed/detection-of-ml-behavior-changes.txt): the
+    The study's "randomly generated noise" ("Detection of ML Behavior Changes", Part 4): the
     FGSM step with the gradient's sign replaced by a coin flip, so it is FGSM's control.
     """
     _check_key(key, "noise-sign")

@@ -111,9 +111,9 @@ def load(
 
     An explicit `data_dir` or `MLSHIFT_DATA_DIR` that lacks the files raises `DataError`; it
     never falls back, with one exception: an `MLSHIFT_DATA_DIR` that holds another dataset's
-    files (say MNIST's, when `name` is fashion-mnist) is passed over for `name`. Only
-    unreachable mirrors fall through to the bundled sample, with a
-    one-line `SampleDataWarning`; a download that fails its checksum raises `DataError`.
+    files (say MNIST's, when `name` is fashion-mnist) is passed over for `name`. Unreachable
+    mirrors, or downloads switched off, fall through to the bundled sample with a one-line
+    `SampleDataWarning`; a download that fails its checksum raises `DataError`.
     """
     if name not in DATASETS:
         raise ConfigError(f"dataset: expected one of {', '.join(DATASETS)}, found {name!r}")

@@ -13,7 +13,7 @@ input channel that adds noise or an adversarial perturbation to whatever comes i
 the changed batch being probe i after the change. Patches are stamped on the inputs the
 system sees; feature squeezing is applied to them too. A Responses record holds the outputs
 (`model.probs`) on the inputs [P, C], on the patched inputs [K, Q, C], and the feature
-squeezing score of each input [P] (`detect.squeezing_score`).
+squeezing score of each input [P] (the L1 output distance of `detect.squeeze_distance`).
 
 **Fingerprint** (`fingerprint_arrays`): features of (reference responses, suspect responses),
 probe by probe:

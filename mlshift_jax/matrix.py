@@ -14,12 +14,15 @@ A matrix file (see `bench/matrix.toml`) has these tables; every key not listed i
     [speed]       workload x implementation timings: dataset, workloads, hidden, lr, eps, seed,
                   n_train, n_test, numpy_loop_images, numpy_epoch_samples, population,
                   population_size
+    [poison]      E4-E7 sweeps + BadNets: dataset, model, sweeps, badnets_models,
+                  badnets_n_train, hidden, epochs, seed, n_train, n_test
+    [detect]      the detection benchmark: dataset, quick = false, seed
 
 n_train / n_test cap the data to its first n images (file order); absent means all of it.
 
 `load(path) -> Matrix`; `cells(matrix) -> tuple[Cell, ...]`. A `Cell` is one unit of work and
-of caching: `kind` says what it runs ("attack", "stability", "speed"; poisonings will add
-theirs), `config` is a frozen dataclass with everything that determines its result, and
+of caching: `kind` says what it runs ("attack", "stability", "speed", "poison", "detect"),
+`config` is a frozen dataclass with everything that determines its result, and
 `hash` (sha256 of the canonical JSON of kind + config, 12 hex digits) names its cached record.
 The cell id is for people ("mnist/seed-mlp/fgsm/0.1/seed0"); the hash is for the cache, so two
 blocks asking for the same computation share one result.

@@ -4,13 +4,16 @@
 `attrs["run"]` carries the run's facts) and writes, each file atomically (`files.atomic_path`):
 
 - tables.md: one table per study experiment (E1, E2, E3 on 10,000 and on 6,000 test images)
-  with our numbers beside the study's (`study.py`) and the deltas; the speed table (workload x
+  with our numbers beside the study's (`study.py`) and the deltas; the poisoning sweeps
+  (E4-E7, BadNets, ours vs the study); the detection tables (detector x change kind ROC-AUC,
+  the change test, the categorizer's confusion matrix, training-data detectors); the speed
+  table (workload x
   implementation, median time and speed-up vs numpy); a pairing table per dataset (model x
   attack@eps); validity warnings, after AutoAttack's flags (Croce & Hein, ICML 2020);
 - records.csv: one row per cell (the `detail` column as JSON, digit images left out);
 - run.json: versions, backend, device, CPU count, git commit, date, wall time, data sources;
 - figures/ (when matplotlib is installed): accuracy vs eps per attack for each model, and a
-  grid of clean and FGSM digits at each eps.
+  grid of clean and FGSM digits at each eps; the poisoning curves and examples (`sweeps`).
 
 The default folder is `results/<platform_name()>/`.
 """

@@ -4,7 +4,7 @@ Stratified by class and seeded: each class keeps its share of the full split (la
 remainder), images drawn without replacement and kept in file order. Stored as uint8 with
 np.savez_compressed, with the indices into the full files so the sample can be checked.
 
-    MLSHIFT_DATA_DIR=../shared/data/mnist python scripts/make_sample.py
+    MLSHIFT_DATA_DIR=~/data/mnist python scripts/make_sample.py
     python scripts/make_sample.py --data-dir ~/data/mnist --train 10000 --test 2000 --seed 0
 """
 
