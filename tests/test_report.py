@@ -169,3 +169,13 @@ def test_platform_name_here_and_default_out_dir():
                                           (float("nan"), "—")])
 def test_fmt_time(seconds, text):
     assert report.fmt_time(seconds) == text
+
+
+def test_cells_capped_to_the_same_test_set_do_not_break_the_checks():
+    """E3's 10,000- and 6,000-image cells both shrink to the sample's 2,000 test images."""
+    rows = [_cell(a, 0.1, acc, id=f"e3/n{n}/mnist/seed-mlp/{a}/0.1/seed0", block="e3",
+                  n_test=2000)
+            for n in (10000, 6000) for a, acc in (("fgsm", 0.4), ("noise-sign", 0.2))]
+    w = _warnings(_records(*rows))
+    assert any("stronger than FGSM" in v for v in w.values())
+    assert "## E3" in report.tables_markdown(_records(*rows))
