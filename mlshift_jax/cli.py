@@ -112,7 +112,8 @@ def cmd_attack(args) -> None:
         model = infer_model(params)
     else:
         model = get_recipe(args.model).arch
-        params = fit(args.model, TrainConfig(hidden=args.hidden, seed=args.seed),
+        params = fit(args.model, TrainConfig(hidden=args.hidden, epochs=args.epochs,
+                                             seed=args.seed),
                      ds.x_train, ds.y_train)
     params = jax.device_put({k: jax.numpy.asarray(v, jax.numpy.float32)
                              for k, v in params.items()})

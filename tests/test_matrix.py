@@ -9,22 +9,9 @@ import pytest
 
 from mlshift_jax import matrix
 from mlshift_jax.errors import ConfigError
+from tests.test_runner import TINY
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-TINY = """
-[matrix]
-datasets = ["mnist"]
-models = ["seed-mlp"]
-attacks = ["none", "fgsm"]
-eps = [0.1, 0.2]
-hidden = 16
-n_train = 500
-n_test = 200
-
-[timing]
-rounds = 2
-"""
 
 
 def _parse(text: str = TINY) -> matrix.Matrix:
