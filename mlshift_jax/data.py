@@ -73,10 +73,11 @@ class SampleDataWarning(UserWarning):
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """A dataset scaled as the study did; its arrays are read-only.
+    """A dataset, scaled to its input range; its arrays are read-only.
 
-    x_train: float [n, 784] in INPUT_RANGE; y_train: int32 [n] in 0..9;
-    x_test: float [m, 784]; y_test: int32 [m]. `source` says where it came from:
+    x_train: float [n, D] in input_range, each image flattened row-major from image_shape
+    (H, W, C), D = H * W * C; y_train: int32 [n] in 0..n_classes-1; x_test: float [m, D];
+    y_test: int32 [m]. `source` says where it came from:
     "data_dir:<path>", "env:<path>", "cache:<path>", "system:<path>", "download:<url>" or
     "bundled-sample".
     """
@@ -87,6 +88,9 @@ class Dataset:
     x_test: np.ndarray = field(repr=False)
     y_test: np.ndarray = field(repr=False)
     source: str
+    image_shape: tuple[int, ...] = (28, 28, 1)
+    n_classes: int = 10
+    input_range: tuple[float, float] = INPUT_RANGE
 
     @property
     def is_sample(self) -> bool:

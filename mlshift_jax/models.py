@@ -22,12 +22,21 @@ TARGET_LOW, TARGET_HIGH = 0.01, 0.99  # the study's one-hot targets
 
 
 class Model(NamedTuple):
-    """A model family.
+    """A model: pure functions on ONE flat example, plus what the harness must know of it.
 
     init(key, *, n_in, n_hidden, n_out, dtype) -> params
-    apply(params, x: [n_in]) -> scores: [n_out]   (sigmoid outputs or logits)
-    loss(params, x: [n_in], y: int) -> scalar      the training loss on one example
-    probs(scores: [n_out]) -> [n_out]              what "confidence" is read from
+    apply(params, x: [D]) -> scores: [n_classes]   (sigmoid outputs or logits)
+    loss(params, x: [D], y: int) -> scalar          the training loss on one example
+    probs(scores: [n_classes]) -> [n_classes]       what "confidence" is read from
+
+    Inputs are flat: D = prod(input_shape), the image flattened row-major as (H, W, C)
+    (`x.reshape(input_shape)` gives the image back).
+
+    input_shape: (H, W, C) of one example; n_classes: K; input_range: (lo, hi), the valid
+    input values (attacks clip to it); features: features(params, x: [D]) -> [F], the
+    penultimate activations (training-data detectors), or None; stochastic: True when
+    apply and loss draw randomness and so take a keyword `key` (a randomized defense);
+    hparams: ((name, value), ...) the hyper-parameters the model was built with (metadata).
     """
 
     name: str
@@ -35,6 +44,12 @@ class Model(NamedTuple):
     apply: Callable[[Params, jax.Array], jax.Array]
     loss: Callable[[Params, jax.Array, jax.Array], jax.Array]
     probs: Callable[[jax.Array], jax.Array]
+    input_shape: tuple[int, ...] = (28, 28, 1)
+    n_classes: int = 10
+    input_range: tuple[float, float] = (0.01, 1.0)
+    features: Callable[[Params, jax.Array], jax.Array] | None = None
+    stochastic: bool = False
+    hparams: tuple = ()
 
 
 def study_targets(y: jax.Array, n_out: int = 10, dtype=jnp.float32) -> jax.Array:
@@ -158,10 +173,12 @@ def _identity(scores: jax.Array) -> jax.Array:
     return scores
 
 
-SEED_MLP = Model("seed-mlp", seed_mlp_init, seed_mlp_apply, seed_mlp_loss, _identity)
-MLP_CE = Model("mlp-ce", mlp_ce_init, mlp_ce_apply, mlp_ce_loss, jax.nn.softmax)
+SEED_MLP = Model("seed-mlp", seed_mlp_init, seed_mlp_apply, seed_mlp_loss, _identity,
+                 features=seed_mlp_hidden)
+MLP_CE = Model("mlp-ce", mlp_ce_init, mlp_ce_apply, mlp_ce_loss, jax.nn.softmax,
+               features=mlp_ce_hidden)
 
-CNN = Model("cnn", cnn_init, cnn_apply, cnn_loss, jax.nn.softmax)
+CNN = Model("cnn", cnn_init, cnn_apply, cnn_loss, jax.nn.softmax, features=cnn_hidden)
 
 MODELS: dict[str, Model] = {m.name: m for m in (SEED_MLP, MLP_CE, CNN)}
 
