@@ -1,0 +1,161 @@
+"""weights: any pytree round-trips through safetensors and .npz with its metadata; no pickle;
+damaged files are one DataError; metadata-free files fall back to the built-in layouts."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlshift_jax import weights
+from mlshift_jax.errors import ConfigError, DataError
+from mlshift_jax.files import save_params
+from mlshift_jax.models import MODELS
+
+SUFFIXES = ("w.safetensors", "w.npz")
+
+
+def _same(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_builtin_params_round_trip_with_metadata(tmp_path, suffix, name):
+    model = MODELS[name]
+    params = model.init(jax.random.key(1), n_hidden=16)
+    meta = weights.metadata(model, seed=3, poison={"kind": "mixture", "fraction": 0.1})
+    path = tmp_path / suffix
+    weights.save(path, params, meta)
+    loaded, got = weights.load(path)
+    _same(loaded, jax.device_get(params))
+    assert got["model"] == {"ref": name, "hparams": {}}
+    assert got["input_shape"] == [28, 28, 1] and got["n_classes"] == 10
+    assert got["input_range"] == [0.01, 1.0] and got["seed"] == 3
+    assert got["poison"]["kind"] == "mixture" and got["finite"] is True
+    assert got["format"] == weights.FORMAT and "mlshift_version" in got
+    m2, p2, _ = weights.load_model(path)
+    assert m2.name == name
+    _same(p2, loaded)
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_nested_dicts_lists_tuples_and_scalars_round_trip(tmp_path, suffix):
+    flax_like = {"params": {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)},
+                            "scale": jnp.float32(2.0)}}
+    jax_example = [(np.ones((4, 3), np.float32), np.zeros(3, np.float32)),
+                   (np.ones((3, 2), np.float64), np.arange(2, dtype=np.int32))]
+    for tree, expected in ((flax_like, flax_like),
+                           (jax_example, [list(layer) for layer in jax_example])):
+        weights.save(tmp_path / suffix, tree, {})
+        loaded, meta = weights.load(tmp_path / suffix)
+        _same(loaded, jax.device_get(expected))
+
+
+def test_flatten_names_paths_with_slashes():
+    flat = weights.flatten({"a": [{"b": 1.0}, 2.0], "c": np.zeros(2)})
+    assert sorted(flat) == ["a/0/b", "a/1", "c"]
+    with pytest.raises(ConfigError, match="'/'"):
+        weights.flatten({"a/b": np.zeros(1)})
+    with pytest.raises(ConfigError, match="PRNG key"):
+        weights.flatten({"k": jax.random.key(0)})
+
+
+def test_equinox_pytree_round_trips(tmp_path):
+    eqx = pytest.importorskip("equinox")
+    mlp = eqx.nn.MLP(6, 3, 5, 2, key=jax.random.key(0))
+    arrays = eqx.partition(mlp, eqx.is_array)[0]
+    weights.save(tmp_path / "e.safetensors", arrays, {"model": {"ref": "x:y"}})
+    loaded, meta = weights.load(tmp_path / "e.safetensors")
+    assert sorted(weights.flatten(loaded)) == sorted(weights.flatten(arrays))
+    for name, value in weights.flatten(arrays).items():
+        np.testing.assert_array_equal(weights.flatten(loaded)[name], value)
+
+
+def test_bfloat16_is_kept(tmp_path):
+    params = {"w": jnp.arange(4, dtype=jnp.bfloat16)}
+    weights.save(tmp_path / "b.safetensors", params, {})
+    loaded, meta = weights.load(tmp_path / "b.safetensors")
+    assert loaded["w"].dtype == jnp.bfloat16 and meta["widened"] == {"w": "bfloat16"}
+
+
+def test_non_finite_weights_are_flagged_not_refused(tmp_path):
+    weights.save(tmp_path / "n.safetensors", {"w": np.array([1.0, np.nan])}, {})
+    _, meta = weights.load(tmp_path / "n.safetensors")
+    assert meta["finite"] is False
+
+
+def test_metadata_free_npz_falls_back_to_the_builtin_layouts(tmp_path):
+    params = MODELS["mlp-ce"].init(jax.random.key(0), n_hidden=8)
+    save_params(tmp_path / "old.npz", {k: np.asarray(v) for k, v in params.items()})
+    model, loaded, meta = weights.load_model(tmp_path / "old.npz")
+    assert model.name == "mlp-ce" and meta == {"finite": True}
+    from safetensors.numpy import save_file
+
+    save_file({k: np.asarray(v) for k, v in params.items()}, str(tmp_path / "bare.st"))
+    model, _, meta = weights.load_model(tmp_path / "bare.st")
+    assert model.name == "mlp-ce" and meta == {"finite": True}
+
+
+def test_file_is_written_atomically(tmp_path):
+    weights.save(tmp_path / "w.safetensors", {"w": np.ones(2)}, {})
+    with pytest.raises(ConfigError):
+        weights.save(tmp_path / "w.safetensors", {"w": object()}, {})
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+    assert weights.load(tmp_path / "w.safetensors")[0]["w"].tolist() == [1.0, 1.0]
+
+
+def _damaged(tmp_path):
+    """(name, bytes) of damaged weights files."""
+    good = tmp_path / "good.safetensors"
+    weights.save(good, {"w": np.arange(6, dtype=np.float32)}, {"model": {"ref": "mlp-ce"}})
+    blob = good.read_bytes()
+    weights.save(tmp_path / "good.npz", {"w": np.arange(6, dtype=np.float32)}, {})
+    npz = (tmp_path / "good.npz").read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    header["__metadata__"]["mlshift"] = "{not json"
+    bad_json = json.dumps(header).encode()
+    bad_json += b" " * (n - len(bad_json)) if len(bad_json) <= n else b""
+    nan = blob[:-4] + np.float32(np.nan).tobytes()  # finite when saved, NaN now
+    return [("empty", b""), ("truncated", blob[:-5]), ("header-only", blob[:12]),
+            ("garbage", b"\x00\x01 not weights at all" * 3), ("npz-truncated", npz[:40]),
+            ("npz-garbage", b"PK\x03\x04" + b"\x00" * 60),
+            ("bad-json", struct.pack("<Q", n) + bad_json[:n] + blob[8 + n:]),
+            ("nan", nan)]
+
+
+def test_damaged_files_are_one_data_error(tmp_path):
+    for name, blob in _damaged(tmp_path):
+        path = tmp_path / f"{name}.bin"
+        path.write_bytes(blob)
+        with pytest.raises(DataError) as info:
+            weights.load(path)
+        message = str(info.value)
+        assert str(path) in message and "\n" not in message, (name, message)
+    with pytest.raises(DataError, match="no such file"):
+        weights.load(tmp_path / "missing.safetensors")
+    with pytest.raises(DataError, match="folder"):
+        weights.load(tmp_path)
+
+
+def test_pickled_npz_is_refused(tmp_path):
+    path = tmp_path / "p.npz"
+    np.savez(path, w=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(DataError):
+        weights.load(path)
+
+
+def test_weights_that_do_not_fit_their_model_are_a_data_error(tmp_path):
+    params = MODELS["mlp-ce"].init(jax.random.key(0), n_hidden=8)
+    params["w2"] = params["w2"][:, :3]
+    weights.save(tmp_path / "w.safetensors", params, weights.metadata(MODELS["mlp-ce"]))
+    with pytest.raises(DataError, match="do not fit"):
+        weights.load_model(tmp_path / "w.safetensors")
