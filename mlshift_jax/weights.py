@@ -351,26 +351,37 @@ def _check(shown: str, flat: dict) -> dict[str, np.ndarray]:
 # --- model from a weights file ----------------------------------------------------------------
 
 
-def load_model(path: str | os.PathLike):
-    """(Model, params, meta) from a weights file: the architecture named in its metadata
-    (a built-in name or "pkg.mod:attr", built for the stored input shape, range, classes and
-    hyper-parameters), else, for a metadata-free file, the built-in layout its arrays match
-    (`models.infer_model`). DataError when the arrays do not fit that model; ConfigError when
-    the model reference cannot be resolved.
+def load_model(path: str | os.PathLike, model=None):
+    """(Model, params, meta) from a weights file.
+
+    The architecture is `model` when given (a built `models.Model`, e.g. from `wrap(obj)
+    .build(spec)`, for files whose reference cannot be imported), else the one named in the
+    metadata (a built-in name or "pkg.mod:attr", built for the stored input shape, range,
+    classes and hyper-parameters), else, for a metadata-free file, the built-in layout its
+    arrays match (`models.infer_model`). DataError when the arrays do not fit that model;
+    ConfigError when the reference cannot be resolved.
     """
+    from mlshift_jax.usermodels import build_model, fit_check
+
     params, meta = load(path)
     ref = (meta.get("model") or {}).get("ref")
-    if ref is None:
+    if model is None and ref is None:
         from mlshift_jax.models import infer_model
 
         if not isinstance(params, dict):
             raise DataError(f"{path}: expected metadata naming the model, or the arrays of a "
                             "built-in model; found neither")
         return infer_model(params), params, meta
-    from mlshift_jax.usermodels import build_model, fit_check
+    if model is None:
+        from mlshift_jax.recipes import RECIPES
 
-    model = build_model(ref, input_shape=meta.get("input_shape"),
-                        n_classes=meta.get("n_classes"), input_range=meta.get("input_range"),
-                        hparams=(meta.get("model") or {}).get("hparams") or {})
+        if ":" not in ref and ref not in RECIPES:
+            raise ConfigError(f"{path}: its model {ref!r} is neither a built-in name "
+                              f"({', '.join(sorted(RECIPES))}) nor a pkg.module:attr "
+                              "reference; pass the model: load_model(path, model=...)")
+        model = build_model(ref, input_shape=meta.get("input_shape"),
+                            n_classes=meta.get("n_classes"),
+                            input_range=meta.get("input_range"),
+                            hparams=(meta.get("model") or {}).get("hparams") or {})
     fit_check(model, params, where=str(path))
     return model, params, meta

@@ -159,3 +159,13 @@ def test_weights_that_do_not_fit_their_model_are_a_data_error(tmp_path):
     weights.save(tmp_path / "w.safetensors", params, weights.metadata(MODELS["mlp-ce"]))
     with pytest.raises(DataError, match="do not fit"):
         weights.load_model(tmp_path / "w.safetensors")
+
+
+def test_a_reference_that_cannot_be_built_asks_for_the_model(tmp_path):
+    model = MODELS["mlp-ce"]._replace(name="MyNet")
+    params = model.init(jax.random.key(0), n_hidden=8)
+    weights.save(tmp_path / "w.safetensors", params, weights.metadata(model))
+    with pytest.raises(ConfigError, match=r"'MyNet' is neither .*load_model\(path, model="):
+        weights.load_model(tmp_path / "w.safetensors")
+    got, _, meta = weights.load_model(tmp_path / "w.safetensors", model=model)
+    assert got is model and meta["model"]["ref"] == "MyNet"
