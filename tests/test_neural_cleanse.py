@@ -83,7 +83,7 @@ def test_reverse_triggers_finds_the_planted_target(planted):
     (idx, cls), (clean_idx, _) = anomaly_index(norms), anomaly_index(np.asarray(clean.norms))
     assert cls == 3 and idx > clean_idx
     lo, hi = SEED_MLP.input_range
-    assert float(tr.patterns.min()) >= lo and float(tr.patterns.max()) <= hi
+    assert float(backdoor.patterns.min()) >= lo and float(backdoor.patterns.max()) <= hi
 
 
 def test_population_scan_equals_one_model_at_a_time(planted):
