@@ -40,6 +40,7 @@ import optax
 
 from mlshift_jax.errors import ConfigError
 from mlshift_jax.models import Model, Params
+from mlshift_jax.train import map_chunks
 
 MAD_SCALE = 1.4826  # MAD of a normal sample times this estimates its standard deviation
 TEXTBOOK_THRESHOLD = 2.0  # Wang et al.'s cut-off on the anomaly index
@@ -170,8 +171,11 @@ def _scan(model: Model, cfg: ScanConfig, params: Params, x: jax.Array, y: jax.Ar
     return jax.vmap(one)(targets, keys)
 
 
-_scan_models = jax.jit(jax.vmap(_scan, in_axes=(None, None, 0, None, None, None)),
-                       static_argnums=(0, 1))
+@functools.partial(jax.jit, static_argnames=("model", "cfg", "chunk"))
+def _scan_models(model: Model, cfg: ScanConfig, stacked: Params, x: jax.Array, y: jax.Array,
+                 key: jax.Array, chunk: int) -> Triggers:
+    group = jax.vmap(functools.partial(_scan, model, cfg), in_axes=(0, None, None, None))
+    return map_chunks(lambda p: group(p, x, y, key), stacked, chunk)
 
 
 def _check(model: Model, x, y) -> tuple[jax.Array, jax.Array]:
@@ -207,13 +211,21 @@ def reverse_triggers(model: Model, params: Params, x, y, *, key: jax.Array,
 
 
 def scan_population(model: Model, stacked_params: Params, x, y, *, key: jax.Array,
-                    config: ScanConfig = ScanConfig()) -> Triggers:
+                    config: ScanConfig = ScanConfig(), chunk: int | None = None) -> Triggers:
     """`reverse_triggers` for a population: stacked_params leaves [M, ...] -> Triggers [M, K, ...].
 
-    One jit, vmap over models and classes; every model sees the same images and key.
+    One jit: `chunk` models per vmap (each vmapping its classes), `lax.map` over the groups;
+    every model sees the same images and key. chunk None: 1 on CPU, where a vmap over models
+    turns the model's matrix products into batched ones that run no faster than one model
+    after another, and all M at once on an accelerator, which a single model leaves idle.
     """
     x, y = _check(model, x, y)
-    return _scan_models(model, config.validate(), stacked_params, x, y, key)
+    m = jax.tree.leaves(stacked_params)[0].shape[0]
+    if chunk is None:
+        chunk = 1 if jax.default_backend() == "cpu" else m
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ConfigError(f"scan: expected chunk an integer >= 1, found {chunk!r}")
+    return _scan_models(model, config.validate(), stacked_params, x, y, key, int(chunk))
 
 
 def anomaly_indices(norms) -> np.ndarray:

@@ -90,7 +90,10 @@ def test_population_scan_equals_one_model_at_a_time(planted):
     pop, x, y = planted
     cfg = ScanConfig(steps=20, batch=64)
     both = scan_population(SEED_MLP, pop.params, x[:100], y[:100], key=jax.random.key(1),
-                           config=cfg)
+                           config=cfg, chunk=2)
+    mapped = scan_population(SEED_MLP, pop.params, x[:100], y[:100], key=jax.random.key(1),
+                             config=cfg, chunk=1)
+    np.testing.assert_allclose(both.norms, mapped.norms, rtol=1e-4, atol=1e-4)
     one = reverse_triggers(SEED_MLP, member(pop.params, 1), x[:100], y[:100],
                            key=jax.random.key(1), config=cfg)
     assert both.norms.shape == (2, 10)
