@@ -78,7 +78,11 @@ def time_call(
         t = _timed(fn, args, sync)
         if i == 0:
             compile_s = t
-    times = np.array([_timed(fn, args, sync) for _ in range(rounds)])
+    return _stats(compile_s, [_timed(fn, args, sync) for _ in range(rounds)])
+
+
+def _stats(compile_s: float | None, times: list[float]) -> Timing:
+    times = np.asarray(times, dtype=np.float64)
     q1, q3 = np.percentile(times, [25, 75])
     return Timing(
         compile_s=compile_s,
@@ -86,9 +90,50 @@ def time_call(
         min_s=float(np.min(times)),
         max_s=float(np.max(times)),
         iqr_s=float(q3 - q1),
-        rounds=rounds,
+        rounds=len(times),
         times_s=tuple(float(t) for t in times),
     )
+
+
+def spread(t: Timing) -> float:
+    """(max - min) / median of a timing's rounds: how noisy it was (0 for one round)."""
+    return (t.max_s - t.min_s) / t.median_s if t.median_s > 0 else 0.0
+
+
+def interleaved(
+    fns: dict[str, Callable[[], Any]],
+    *,
+    rounds: int = 5,
+    warmup: int = 1,
+    sync: Callable[[Any], Any] = jax.block_until_ready,
+) -> dict[str, Timing]:
+    """Time several implementations of one workload in interleaved rounds.
+
+    fns: {name: zero-argument callable} (bind inputs, already on their device, with
+    functools.partial). Each is warmed up `warmup` times (the first timed as compile_s); then
+    every round times each implementation once, the order rotating from round to round, so
+    that a burst of load on a noisy machine hits all of them alike and their ratio, taken
+    from medians over the same rounds, is fair. Returns {name: Timing}.
+    """
+    if rounds < 1:
+        raise ConfigError(f"interleaved: rounds must be >= 1, got {rounds}")
+    if warmup < 0:
+        raise ConfigError(f"interleaved: warmup must be >= 0, got {warmup}")
+    if not fns:
+        raise ConfigError("interleaved: expected at least one function, found none")
+    names = list(fns)
+    compile_s: dict[str, float | None] = dict.fromkeys(names)
+    for name in names:
+        for i in range(warmup):
+            t = _timed(fns[name], (), sync)
+            if i == 0:
+                compile_s[name] = t
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for j in range(len(names)):
+            name = names[(r + j) % len(names)]
+            times[name].append(_timed(fns[name], (), sync))
+    return {name: _stats(compile_s[name], times[name]) for name in names}
 
 
 def time_once(

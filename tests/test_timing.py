@@ -101,3 +101,19 @@ def test_to_dict_is_json_ready(x):
 def test_bad_arguments_raise(x, kwargs):
     with pytest.raises(ConfigError):
         time_call(_square_sum, x, **kwargs)
+
+
+def test_interleaved_times_every_implementation_in_every_round():
+    from mlshift_jax.timing import interleaved, spread
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    out = interleaved(fns, rounds=4, warmup=1, sync=lambda r: r)
+    assert set(out) == {"a", "b", "c"} and all(t.rounds == 4 for t in out.values())
+    assert calls[:3] == ["a", "b", "c"]  # warmups
+    rounds = [calls[3 + 3 * r: 6 + 3 * r] for r in range(4)]
+    assert rounds[0] == ["a", "b", "c"] and rounds[1] == ["b", "c", "a"]  # order rotates
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    assert all(out[n].compile_s is not None and spread(out[n]) >= 0 for n in out)
+    with pytest.raises(ConfigError):
+        interleaved({}, rounds=2)
