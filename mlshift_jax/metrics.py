@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from mlshift_jax.checks import finite_inputs
 from mlshift_jax.errors import ConfigError
 from mlshift_jax.models import Model, Params, predict
 
@@ -157,7 +158,9 @@ def evaluate(
     """accuracy, precision, recall, f1 (macro) and confidence of one model on (x, y).
 
     x: [batch, n_in], y: [batch] int. One jitted call, then one device->host transfer.
+    ConfigError for NaN / inf in x (they would count as class 0).
     """
+    finite_inputs("evaluate: x", x)
     scores = jax.device_get(evaluate_arrays(model, params, x, y, n_classes=n_classes))
     return {k: float(v) for k, v in scores.items()}
 
