@@ -102,11 +102,13 @@ def attack_success_rate(y_true: jax.Array, y_pred: jax.Array, target: int | jax.
     """BadNets attack success rate. y_true, y_pred: [batch] int, target: int -> scalar.
 
     The share of examples whose true class is not `target` that are predicted as `target`
-    (Gu et al., "BadNets", 2017); 0 when every example is of class `target`.
+    (Gu et al., "BadNets", 2017); NaN when no example is eligible (every one is of class
+    `target`): there is nothing to measure, and 0 would read as "the backdoor failed".
     """
     eligible = y_true != target
     hits = eligible & (y_pred == target)
-    return _safe_div(jnp.sum(hits), jnp.sum(eligible))
+    n = jnp.sum(eligible)
+    return jnp.where(n > 0, _safe_div(jnp.sum(hits), n), jnp.nan)
 
 
 def scores_from_outputs(
