@@ -384,6 +384,8 @@ def linf_bounded(name: str) -> bool:
 
 # --- is the gradient informative? --------------------------------------------------------------
 
+GRADIENT_ATTACKS = frozenset({"fgsm", "pgd", "fgsm-targeted", "pgd-targeted"})
+
 ZERO_GRAD_TOL = 1e-12  # |d loss / d pixel| at or below this counts as zero
 ZERO_GRAD_FLAG = 0.5  # flag when more than this share of pixels has a zero gradient
 

@@ -35,7 +35,7 @@ import hashlib
 import inspect
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -504,6 +504,17 @@ def _parse_attack_options(chk: _Checker, raw: Any, attacks: set[str]) -> tuple:
         chk.table(table, f"[attack_options.{name}]", _attack_option_keys(name))
         out.append((name, tuple(sorted(table.items()))))
     return tuple(out)
+
+
+def with_dataset(matrix: Matrix, name: str) -> Matrix:
+    """`matrix` with every dataset it names (the grid's and each block's) replaced by `name`
+    (`bench --dataset`); the dataset itself is checked when it loads."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"--dataset: expected a dataset name or path, found {name!r}")
+    blocks = {k: replace(getattr(matrix, k), dataset=name)
+              for k in ("e1", "e2", "e3", "speed", "poison", "detect")
+              if getattr(matrix, k) is not None}
+    return replace(matrix, datasets=(name,), **blocks)
 
 
 def load(path: str | Path) -> Matrix:

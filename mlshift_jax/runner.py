@@ -69,6 +69,7 @@ from mlshift_jax.matrix import (
     cells,
     load,
     select,
+    with_dataset,
 )
 from mlshift_jax.metrics import SCORE_NAMES, evaluate, evaluate_arrays
 from mlshift_jax.models import SEED_MLP, Model, predict
@@ -209,12 +210,13 @@ def capped(ds: data.Dataset, n_train: int | None, n_test: int | None) -> data.Da
                    x_test=ds.x_test[:n_test], y_test=ds.y_test[:n_test])
 
 
-def _load_datasets(names: list[str]) -> tuple[dict[str, Loaded], dict[str, str]]:
+def _load_datasets(names: list[str], data_dir: str | None = None
+                   ) -> tuple[dict[str, Loaded], dict[str, str]]:
     """({name: Loaded}, {name: why it was skipped}). A DataError skips that dataset only."""
     loaded, skipped = {}, {}
     for name in names:
         try:
-            ds = data.load(name)
+            ds = data.load(name, data_dir)
         except DataError as e:
             skipped[name] = str(e)
             print(f"mlshift: skipping {name}: {e}", file=sys.stderr)
@@ -667,9 +669,16 @@ def _warn_damaged(cache: Path, damaged: list) -> None:
 
 
 def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None,
-        force: bool = False) -> pd.DataFrame:
+        force: bool = False, data_dir: str | None = None, dataset: str | None = None,
+        sample_out_dir: str | Path | None = None) -> pd.DataFrame:
     """Run the cells of the matrix at `matrix_path` whose id matches `only` (fnmatch pattern
     or substring; None: all); reuse cached cells unless `force`. Returns their records.
+
+    data_dir: where every dataset is looked for (`data.load`); dataset: run the matrix on this
+    dataset instead of its own (`matrix.with_dataset`); sample_out_dir: where the run goes
+    instead of `out_dir` when a dataset comes from the bundled sample (said in one line), so
+    a sample run never lands in a full-data results folder. `attrs["run"]["out_dir"]` is the
+    folder used. Ctrl-C raises `Interrupted` (how many cells are cached).
 
     Each record is one row: id, kind, block, dataset, model, attack, eps, seed, n_train,
     n_test, accuracy, precision, recall, f1, confidence, clean_accuracy, compile_s, median_s,
@@ -678,15 +687,21 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
     """
     start, started = time.perf_counter(), datetime.now(timezone.utc)
     mx = load(matrix_path)
+    if dataset is not None:
+        mx = with_dataset(mx, dataset)
     selected = select(cells(mx), only)
     if not selected:
         raise ConfigError(f"{matrix_path}: no cell id matches {only!r}; ids look like "
                           f"{cells(mx)[0].id!r}")
     names = list(dict.fromkeys(_dataset_of(c) for c in selected))
-    loaded, skipped = _load_datasets(names)
+    loaded, skipped = _load_datasets(names, data_dir)
     if not loaded:
         raise DataError(f"{matrix_path}: no dataset of the matrix could be loaded: "
                         + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    if sample_out_dir is not None and any(d.ds.is_sample for d in loaded.values()):
+        print(f"mlshift: the bundled sample, not the full data: results go to "
+              f"{sample_out_dir}, not {out_dir}", file=sys.stderr)
+        out_dir = sample_out_dir
     cache = Path(out_dir) / CACHE_DIR
     clean_stale_temps(out_dir)  # what a hard-killed run left half-written
     records: dict[str, dict] = {}
@@ -731,6 +746,6 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
         "datasets": {n: {"source": d.ds.source, "is_sample": d.ds.is_sample,
                          "n_train": len(d.ds.y_train), "n_test": len(d.ds.y_test),
                          "data_hash": d.hash} for n, d in loaded.items()},
-        "skipped": skipped,
+        "skipped": skipped, "out_dir": str(out_dir), "determinism": determinism_key(),
     }
     return frame

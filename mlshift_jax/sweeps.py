@@ -289,14 +289,16 @@ def _subset(ds: Dataset, n_train: int | None) -> tuple[np.ndarray, np.ndarray]:
 def run_sweep(ds: Dataset, configs: Sequence[PoisonConfig], *, model: str = "seed-mlp",
               seed: int = 0, hidden: int = 200, epochs: int | None = None,
               n_train: int | None = None, chunk: int | None = None,
-              keep: dict | None = None) -> pd.DataFrame:
+              keep: dict | None = None, lr: float | None = None,
+              batch_size: int | None = None, optimizer: str | None = None) -> pd.DataFrame:
     """Train one model per config as one population and score each: a DataFrame, one row per
     cell (CONFIG_COLUMNS, "model", CELL_COLUMNS). n_train: the first n_train training
     images (None: all). attrs: model, n_train, n_test, epochs, hidden, seed, chunk, compile_s,
     train_s (the whole population), backend."""
     configs = list(configs)
     x, y = _subset(ds, n_train)
-    train = TrainConfig(hidden=hidden, epochs=epochs, seed=seed)
+    train = TrainConfig(hidden=hidden, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size,
+                        optimizer=optimizer)
     pop = train_poisoned(model, configs, x, y, train=train, chunk=chunk)
     if keep is not None:  # the caller wants the trained params (leading axis: member)
         keep["params"] = pop.params
@@ -399,7 +401,9 @@ def poison_one(ds: Dataset, *, kind: str, fraction: float = 0.1, patch: int = SW
                target: int = TARGET, model: str = "seed-mlp", seed: int = 0,
                mode: str = "uniform", hidden: int = 200, source: int | None = None,
                position: str | tuple[int, int] | None = None, epochs: int | None = None,
-               n_train: int | None = None, keep_params: bool = False) -> dict:
+               n_train: int | None = None, keep_params: bool = False,
+               lr: float | None = None, batch_size: int | None = None,
+               optimizer: str | None = None) -> dict:
     """Poison, train and score one model (`python -m mlshift_jax poison`).
 
     kind: a `poison.POISONINGS` name; the settings a kind has no use for are ignored (patch
@@ -427,7 +431,8 @@ def poison_one(ds: Dataset, *, kind: str, fraction: float = 0.1, patch: int = SW
         config = replace(config, patch=replace(config.patch, position=where))
     kept: dict = {}
     table = run_sweep(ds, [config], model=model, seed=seed, hidden=hidden, epochs=epochs,
-                      n_train=n_train, keep=kept)
+                      n_train=n_train, keep=kept, lr=lr, batch_size=batch_size,
+                      optimizer=optimizer)
     row = {k: _plain(v) for k, v in table.iloc[0].to_dict().items()}
     params = {k: np.asarray(v[0]) for k, v in kept["params"].items()}
     finite = all(bool(np.all(np.isfinite(v))) for v in params.values())
