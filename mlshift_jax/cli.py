@@ -368,6 +368,8 @@ def _bench_out(args, matrix: Path) -> tuple[Path, Path | None, str]:
 
 def cmd_bench(args) -> None:
     from mlshift_jax import report, runner
+    from mlshift_jax.matrix import load as load_matrix
+    from mlshift_jax.matrix import with_dataset
     from mlshift_jax.sharding import describe_devices, initialize_distributed
 
     if args.distributed:  # before any other JAX call (platform names, devices)
@@ -375,7 +377,12 @@ def cmd_bench(args) -> None:
     matrix = Path(args.matrix) if args.matrix else BENCH_DIR / (
         "matrix-quick.toml" if args.quick else "matrix.toml")
     if not matrix.is_file():
-        raise ConfigError(f"matrix file {matrix} not found; pass --matrix PATH")
+        found = "a folder" if matrix.is_dir() else "nothing"
+        raise ConfigError(f"{matrix}: expected a matrix TOML file, found {found}; pass "
+                          "--matrix PATH")
+    mx = load_matrix(matrix)  # every key checked before anything runs or prints
+    if args.dataset is not None:
+        with_dataset(mx, args.dataset)
     out, sample_out, why = _bench_out(args, matrix)
     if why:
         print(f"mlshift: {why}: results go to {out}, not {report.default_out_dir()} "
