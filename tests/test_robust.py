@@ -369,27 +369,37 @@ def test_strict_json_has_no_bare_nan():
 
 
 def _interrupt_after(argv, wait_for: str, tmp_path: Path):
+    """Run the CLI, send SIGINT a second after `wait_for` shows on stderr; (rc, stderr)."""
+    import threading
+
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLSHIFT_NO_DOWNLOAD": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "mlshift_jax", *argv], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 240
-    err = ""
-    os.set_blocking(proc.stderr.fileno(), False)
-    while time.monotonic() < deadline and wait_for not in err:
-        chunk = proc.stderr.read()
-        err += chunk or ""
-        if proc.poll() is not None:
-            break
-        time.sleep(0.2)
-    time.sleep(1.0)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if wait_for in line:
+                seen.set()
+        seen.set()  # the process ended: do not wait out the timeout
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert seen.wait(240) and proc.poll() is None, "".join(lines)
+    time.sleep(1.5)
     proc.send_signal(signal.SIGINT)
-    out, rest = proc.communicate(timeout=240)
-    return proc.returncode, err + (rest or "")
+    code = proc.wait(timeout=240)
+    reader.join(10)
+    return code, "".join(lines)
 
 
 def test_sigint_exits_130_in_one_line(tmp_path):
     code, err = _interrupt_after(["attack", "--model", "seed-mlp", "--hidden", "4",
-                                  "--train-size", "200", "--n", "50", "--rounds", "1000000"],
+                                  "--train-size", "200", "--n", "50", "--rounds", "10000",
+                                  "--attack", "pgd", "--eps", "0.1", "0.2", "0.3"],
                                  "mlshift: mnist from", tmp_path)
     assert code == 130, err
     assert err.strip().splitlines()[-1] == "mlshift: interrupted" and "Traceback" not in err
