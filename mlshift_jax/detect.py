@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlshift_jax.data import INPUT_RANGE
 from mlshift_jax.checks import finite_inputs
+from mlshift_jax.data import INPUT_RANGE
 from mlshift_jax.errors import ConfigError
 from mlshift_jax.models import Model, Params
 

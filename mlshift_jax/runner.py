@@ -9,7 +9,11 @@ Fashion-MNIST not installed) is skipped with a note on stderr and in `attrs["run
 The cache lives in `<out_dir>/.cache/` (git-ignored), so each results folder carries its own:
 
     .cache/cells/<cell hash>.json          one finished cell's record
-    .cache/params/<train hash>-<data hash>.npz / .json   trained params and their training time
+    .cache/params/<train hash>-<data hash>-<determinism>.npz / .json   trained params, time
+
+A damaged entry (unreadable, truncated, not a record of its cell) counts as missing: it is
+rebuilt, and one warning line lists what was damaged. Every key includes
+`determinism_key()` (jaxlib, backend, device kind, CPU cores): see the README.
 
 Every file is written atomically (`files.atomic_path`): an interrupted run leaves whole files,
 and the next run computes only the cells whose record is missing. A cached record counts only

@@ -322,10 +322,10 @@ def test_version_and_help_show_defaults_and_choices(capsys):
 
 
 def test_non_finite_inputs_are_refused_at_the_api(mnist):
+    import jax
+
     from mlshift_jax import attacks, detect, metrics
     from mlshift_jax.models import SEED_MLP
-
-    import jax
 
     params = SEED_MLP.init(jax.random.key(0), n_hidden=8)
     x = np.array(mnist.x_test[:4])
