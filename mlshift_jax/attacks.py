@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlshift_jax.checks import finite_inputs
 from mlshift_jax.errors import ConfigError
 from mlshift_jax.models import Model, Params
 
@@ -70,6 +71,7 @@ def _check_inputs(model: Model, x: Any, y: Any) -> tuple[jax.Array, jax.Array]:
     x, y = jnp.asarray(x), jnp.asarray(y)
     if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
         raise ConfigError(f"x: expected a float array [batch, n_in], found {x.dtype}{x.shape}")
+    finite_inputs("x", x)
     if y.shape != x.shape[:1] or not jnp.issubdtype(y.dtype, jnp.integer):
         raise ConfigError(
             f"y: expected int labels of shape ({x.shape[0]},), found {y.dtype}{y.shape}")
@@ -378,3 +380,44 @@ def sweep(attack_fn: Attack | Callable[..., jax.Array], model: Model, params: Pa
 def linf_bounded(name: str) -> bool:
     """Whether attack `name` keeps ‖x_adv - x‖∞ <= eps (all but Gaussian noise)."""
     return get_attack(name).name != "noise-gauss"
+
+
+# --- is the gradient informative? --------------------------------------------------------------
+
+GRADIENT_ATTACKS = frozenset({"fgsm", "pgd", "fgsm-targeted", "pgd-targeted"})
+
+ZERO_GRAD_TOL = 1e-12  # |d loss / d pixel| at or below this counts as zero
+ZERO_GRAD_FLAG = 0.5  # flag when more than this share of pixels has a zero gradient
+
+
+class GradientMaskingWarning(UserWarning):
+    """Most input gradients are (near) zero: gradient attacks cannot move those pixels, so a
+    high accuracy under FGSM/PGD says little about robustness (Athalye et al., ICML 2018)."""
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _zero_grad_stats(model: Model, params: Params, x: jax.Array, y: jax.Array, tol: float):
+    g = jnp.abs(_input_grad(model, params, x, y))
+    return jnp.mean(g <= tol), jnp.mean(jnp.all(g <= tol, axis=1))
+
+
+def gradient_report(model: Model, params: Params, x, y, *, tol: float = ZERO_GRAD_TOL,
+                    warn: bool = True) -> dict:
+    """How much of the input gradient is (near) zero. x: [batch, n_in], y: [batch].
+
+    Returns {"zero_grad_frac": share of pixels with |grad| <= tol, "zero_grad_images": share
+    of images whose whole gradient is <= tol, "gradient_flag": True when zero_grad_frac >
+    ZERO_GRAD_FLAG or any image has no gradient at all}; warns `GradientMaskingWarning` when
+    flagged (unless `warn=False`). Inputs are checked as every attack checks them.
+    """
+    x, y = _check_inputs(model, x, y)
+    frac, images = (float(v) for v in _zero_grad_stats(model, params, x, y, tol))
+    flag = frac > ZERO_GRAD_FLAG or images > 0
+    if flag and warn:
+        import warnings
+
+        warnings.warn(f"{100 * frac:.0f}% of input gradients and {100 * images:.0f}% of "
+                      f"images' whole gradients are zero (|grad| <= {tol:g}): gradient "
+                      "attacks cannot move them; their accuracy under attack overstates "
+                      "robustness", GradientMaskingWarning, stacklevel=2)
+    return {"zero_grad_frac": frac, "zero_grad_images": images, "gradient_flag": flag}

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from mlshift_jax import categorize, fingerprint
 from mlshift_jax.attacks import attack_key, get_attack
 from mlshift_jax.data import Dataset, cache_dir
 from mlshift_jax.errors import ConfigError, DataError
-from mlshift_jax.files import atomic_path
+from mlshift_jax.files import atomic_path, read_npz
 from mlshift_jax.matrix import config_hash
 from mlshift_jax.models import HIDDEN, Model, Params, infer_model
 from mlshift_jax.poison import make_config
@@ -142,16 +143,17 @@ def calibrate(recipe: str, hidden: int, ds: Dataset, config: CalibrationConfig |
     kinds = tuple([f"{k} {f:g}" for k, f in cfg.poisonings] * cfg.poison_seeds)
     folder = Path(cache_path) if cache_path is not None else cache_dir("detect")
     path = folder / f"calibration-{_cache_key(recipe, hidden, ds, cfg)}.npz"
-    if cache and path.is_file():
+    if cache and path.exists():
         try:
-            with np.load(path, allow_pickle=False) as f:
-                null = fingerprint.Responses(*(jnp.asarray(f[f"null_{k}"])
-                                               for k in fingerprint.Responses._fields))
-                changed = fingerprint.Responses(*(jnp.asarray(f[f"changed_{k}"])
-                                                  for k in fingerprint.Responses._fields))
+            f = read_npz(path, what="a cached calibration")
+            null = fingerprint.Responses(*(jnp.asarray(f[f"null_{k}"])
+                                           for k in fingerprint.Responses._fields))
+            changed = fingerprint.Responses(*(jnp.asarray(f[f"changed_{k}"])
+                                              for k in fingerprint.Responses._fields))
             return Calibration(probes, null, changed, kinds, recipe, hidden, cfg)
-        except (OSError, KeyError, ValueError):
-            pass  # a damaged cache is rebuilt below
+        except (DataError, KeyError, TypeError):  # a damaged cache is rebuilt below
+            warnings.warn(f"damaged cache entry {path} treated as missing and rebuilt",
+                          stacklevel=2)
     configs = [make_config("clean")] * cfg.n_null + [
         make_config(k, fraction=f) for k, f in cfg.poisonings] * cfg.poison_seeds
     seeds = NULL_STREAM + cfg.seed * 10_000 + np.arange(len(configs))

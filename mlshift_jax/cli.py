@@ -1,13 +1,18 @@
 """Command line: `python -m mlshift_jax <command>` (also installed as `mlshift`).
 
 Every error the harness raises on purpose (MlshiftError) and every bad argument prints one
-line to stderr and exits 2; no traceback.
+line to stderr and exits 2; no traceback. Ctrl-C prints one line and exits 130. Every number
+is checked by its one rule (`rules.py`) before any data loads; options a command would ignore
+are refused. `--format json` is strict JSON: a NaN or inf becomes null and is named in
+"non_finite".
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import signal
 import sys
 import time
 import warnings
@@ -18,23 +23,72 @@ import jax
 import numpy as np
 from tabulate import tabulate
 
-from mlshift_jax import data
+from mlshift_jax import __version__, data, rules
 from mlshift_jax.errors import ConfigError, MlshiftError
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+TRAIN_OPTIONS = ("model", "hidden", "lr", "epochs", "batch_size", "optimizer", "seed",
+                 "train_size", "save")
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument in one line (no usage block) and exits 2."""
 
     def error(self, message: str):  # noqa: D102
-        raise ConfigError(f"{self.prog}: {message}")
+        command = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        raise ConfigError(f"{command}: {message}" if command else message)
+
+
+class _Help(argparse.HelpFormatter):
+    """--help lists each option's default after its help (unit and choices are in the help)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" not in text and action.option_strings and action.default is not None
+                and action.default is not argparse.SUPPRESS and action.nargs != 0):
+            shown = (" ".join(map(str, action.default)) if isinstance(action.default, list)
+                     else action.default)
+            text += f" (default: {shown})"
+        return text
+
+
+def _strict(value, path: str, bad: list):
+    """value with every NaN / inf float replaced by None; their paths appended to `bad`."""
+    if isinstance(value, dict):
+        return {k: _strict(v, f"{path}.{k}" if path else str(k), bad) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v, f"{path}[{i}]", bad) for i, v in enumerate(value)]
+    if isinstance(value, (np.generic,)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        bad.append(path)
+        return None
+    return value
+
+
+def strict_json(payload) -> str:
+    """payload as strict JSON: NaN / inf -> null, and a "non_finite" list of where they were
+    (on the payload, or on each row of a list of rows)."""
+    if isinstance(payload, list):
+        rows = []
+        for row in payload:
+            bad: list = []
+            row = _strict(row, "", bad)
+            rows.append({**row, "non_finite": bad} if isinstance(row, dict) else row)
+        out = rows
+    else:
+        bad = []
+        out = _strict(payload, "", bad)
+        if isinstance(out, dict):
+            out["non_finite"] = bad
+    return json.dumps(out, indent=2, default=float, allow_nan=False)
 
 
 def _emit(fmt: str, payload, table_rows=None, headers="keys") -> None:
     if fmt == "json":
-        print(json.dumps(payload, indent=2, default=float))
+        print(strict_json(payload))
     else:
         print(tabulate(table_rows if table_rows is not None else payload, headers=headers,
                        floatfmt=".4f"))
@@ -49,30 +103,78 @@ def _load(args) -> data.Dataset:
     return ds
 
 
+def _train_data(args, ds: data.Dataset):
+    """The first --train-size training images (all without it); more than there are is an
+    error, the same rule in every command."""
+    n = rules.check_at_most(args.train_size, len(ds.y_train), "--train-size",
+                            f"training images of {ds.name}")
+    return ds.x_train[:n], ds.y_train[:n]
+
+
+def _train_config(args):
+    from mlshift_jax.recipes import TrainConfig
+
+    return TrainConfig(hidden=args.hidden, lr=args.lr, epochs=args.epochs,
+                       batch_size=args.batch_size, optimizer=args.optimizer, seed=args.seed)
+
+
+def _check_recipe(args):
+    """The recipe --model names and the resolved TrainConfig: checked before data loads."""
+    from mlshift_jax.recipes import get_recipe, resolve
+
+    recipe = get_recipe(args.model)
+    return recipe, resolve(recipe, _train_config(args))
+
+
+def _check_train_memory(x: np.ndarray, hidden: int, what: str) -> None:
+    """Refuse a training run whose inputs (host and device copies, float32) and weights
+    (with optimizer state) would not fit."""
+    n, d = x.shape
+    need = 2 * n * d * 4 + 8 * hidden * (d + 10) * 4
+    rules.check_memory(need, f"training on {n} images of {d} values, hidden {hidden},",
+                       "lower --train-size/--hidden")
+
+
+def _finite_or_fail(params: dict, args) -> None:
+    """A diverged training (NaN / inf weights) fails here: nothing is saved."""
+    bad = sum(int(np.size(v) - np.count_nonzero(np.isfinite(np.asarray(v))))
+              for v in params.values())
+    if bad:
+        total = sum(int(np.size(v)) for v in params.values())
+        raise ConfigError(f"training diverged: {bad} of {total} weights are NaN/inf "
+                          f"(lr {args.lr if args.lr is not None else 'default'}); lower --lr; "
+                          "nothing saved")
+
+
+def _save(args, params: dict) -> None:
+    from mlshift_jax.files import clean_stale_temps, save_params
+
+    clean_stale_temps(Path(args.save).parent, recursive=False)
+    save_params(args.save, {k: np.asarray(v) for k, v in params.items()})
+
+
 # --- train --------------------------------------------------------------------------------
 
 
 def cmd_train(args) -> None:
-    from mlshift_jax.files import save_params
     from mlshift_jax.metrics import evaluate
-    from mlshift_jax.recipes import TrainConfig, fit, get_recipe
+    from mlshift_jax.recipes import fit
 
-    recipe = get_recipe(args.model)
-    cfg = TrainConfig(hidden=args.hidden, lr=args.lr, epochs=args.epochs,
-                      batch_size=args.batch_size, seed=args.seed)
+    recipe, cfg = _check_recipe(args)
     ds = _load(args)
-    x, y = ds.x_train, ds.y_train
-    if args.train_size is not None:
-        x, y = x[: args.train_size], y[: args.train_size]
+    x, y = _train_data(args, ds)
+    _check_train_memory(x, cfg.hidden, "train")
     start = time.perf_counter()
-    params = jax.block_until_ready(fit(args.model, cfg, x, y))
+    params = jax.block_until_ready(fit(args.model, _train_config(args), x, y))
     train_seconds = time.perf_counter() - start
+    params = {k: np.asarray(v) for k, v in params.items()}
+    _finite_or_fail(params, args)
     scores = evaluate(recipe.arch, params, ds.x_test, ds.y_test)
     result = {"model": args.model, **scores, "train_seconds": train_seconds,
               "train_size": int(len(y)), "data_source": ds.source,
               "backend": jax.default_backend()}
     if args.save:
-        save_params(args.save, {k: np.asarray(v) for k, v in params.items()})
+        _save(args, params)
         result["saved"] = args.save
     _emit(args.format, result, [[k, v] for k, v in result.items()], headers=["", "value"])
 
@@ -81,9 +183,13 @@ def cmd_train(args) -> None:
 
 
 def cmd_stability(args) -> None:
+    from dataclasses import replace
+
     from mlshift_jax.stability import stability
 
     ds = _load(args)
+    x, y = _train_data(args, ds)
+    ds = replace(ds, x_train=x, y_train=y)
     table, seconds = stability(ds, samples=args.samples, size=args.size, hidden=args.hidden,
                                lr=args.lr, epochs=args.epochs, seed=args.seed)
     payload = {"samples": table.to_dict(orient="index"), "train_seconds": seconds,
@@ -95,31 +201,57 @@ def cmd_stability(args) -> None:
 # --- attack -------------------------------------------------------------------------------
 
 
+def _check_attack_memory(n: int, d: int, hidden: int, attacks) -> None:
+    """Inputs, adversarial copies and gradients of n images (PGD keeps a few more)."""
+    copies = 6 if any(a.name.startswith("pgd") for a in attacks) else 4
+    need = n * d * 4 * copies + n * hidden * 4 * 4
+    rules.check_memory(need, f"attacking {n} images of {d} values", "lower --n")
+
+
 def cmd_attack(args) -> None:
-    from mlshift_jax.attacks import attack_key, get_attack
+    from mlshift_jax.attacks import GRADIENT_ATTACKS, attack_key, get_attack, gradient_report
     from mlshift_jax.files import load_params
     from mlshift_jax.metrics import evaluate
     from mlshift_jax.models import infer_model
-    from mlshift_jax.recipes import TrainConfig, fit, get_recipe
+    from mlshift_jax.recipes import fit
     from mlshift_jax.timing import time_call
 
     attacks = [get_attack(name) for name in args.attack]
     if (args.params is None) == (args.model is None):
         raise ConfigError("give exactly one of --params FILE.npz or --model NAME")
-    ds = _load(args)
     if args.params:
-        params = load_params(args.params)
+        given = [f"--{k.replace('_', '-')}" for k in TRAIN_OPTIONS
+                 if k != "model" and getattr(args, k) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: training options apply only with --model; "
+                              "--params gives a trained model")
+        params = load_params(args.params)  # before the data loads: a bad file is one line
         model = infer_model(params)
     else:
-        model = get_recipe(args.model).arch
-        params = fit(args.model, TrainConfig(hidden=args.hidden, epochs=args.epochs,
-                                             seed=args.seed),
-                     ds.x_train, ds.y_train)
+        args.hidden = 200 if args.hidden is None else args.hidden
+        args.seed = 0 if args.seed is None else args.seed
+        recipe, _ = _check_recipe(args)
+        model = recipe.arch
+    ds = _load(args)
+    n = rules.check_at_most(args.n, len(ds.y_test), "--n", f"test images of {ds.name}")
+    hidden = int(np.shape(params["wih"])[0]) if args.params and "wih" in params else (
+        args.hidden or 200)
+    _check_attack_memory(n, ds.x_test.shape[1], hidden, attacks)
+    if not args.params:
+        x_train, y_train = _train_data(args, ds)
+        _check_train_memory(x_train, args.hidden, "attack --model")
+        params = {k: np.asarray(v) for k, v in
+                  fit(args.model, _train_config(args), x_train, y_train).items()}
+        _finite_or_fail(params, args)
+        if args.save:
+            _save(args, params)
     params = jax.device_put({k: jax.numpy.asarray(v, jax.numpy.float32)
                              for k, v in params.items()})
-    n = len(ds.y_test) if args.n is None else min(args.n, len(ds.y_test))
     x, y = jax.device_put((ds.x_test[:n], ds.y_test[:n]))
-    key = attack_key(args.seed)
+    key = attack_key(args.seed or 0)
+    grads = None
+    if any(a.name in GRADIENT_ATTACKS for a in attacks):
+        grads = gradient_report(model, params, x, y)  # warns in one line when flagged
     rows = []
     for attack in attacks:
         kw = {"key": key, **({"target": args.target} if attack.targeted else {})}
@@ -127,9 +259,13 @@ def cmd_attack(args) -> None:
             run = partial(attack.fn, model, params, x, y, eps=eps, **kw)
             timing = time_call(run, rounds=args.rounds)
             scores = evaluate(model, params, run(), y)
-            rows.append({"attack": attack.name, "eps": eps, **scores,
-                         "attack_seconds": timing.median_s, "compile_seconds": timing.compile_s,
-                         "n_images": n})
+            row = {"attack": attack.name, "eps": eps, **scores,
+                   "attack_seconds": timing.median_s, "compile_seconds": timing.compile_s,
+                   "n_images": n}
+            if grads is not None and attack.name in GRADIENT_ATTACKS:
+                row.update(zero_grad_frac=grads["zero_grad_frac"],
+                           gradient_flag=grads["gradient_flag"])
+            rows.append(row)
     _emit(args.format, rows)
 
 
@@ -142,15 +278,33 @@ def cmd_poison(args) -> None:
     sweeps.config_from(args.kind, {"fraction": args.fraction, "patch": args.patch,  # check
                                    "target": args.target, "mode": args.mode,
                                    "source": args.source})
+    _check_recipe(args)
+    if args.sweep and args.save:
+        raise ConfigError("--save: saves the one model `poison` trains; --sweep trains "
+                          "many (drop one of them)")
+    if args.sweep and (args.lr is not None or args.batch_size is not None
+                       or args.optimizer is not None):
+        raise ConfigError("--lr/--batch-size/--optimizer: the sweeps train with each "
+                          "model's recipe defaults; drop them with --sweep")
     ds = _load(args)
+    x, _ = _train_data(args, ds)
+    _check_train_memory(x, args.hidden, "poison")
     common = dict(model=args.model, seed=args.seed, hidden=args.hidden, epochs=args.epochs,
                   n_train=args.train_size)
     if not args.sweep:
         result = sweeps.poison_one(ds, kind=args.kind, fraction=args.fraction,
                                    patch=args.patch, target=args.target, mode=args.mode,
-                                   source=args.source, **common)
+                                   source=args.source, keep_params=True, lr=args.lr,
+                                   batch_size=args.batch_size, optimizer=args.optimizer,
+                                   **common)
+        params = result.pop("params")
+        _finite_or_fail(params, args)
+        if args.save:
+            _save(args, params)
+            result["saved"] = args.save
         _emit(args.format, result, [[k, v] for k, v in result.items()], headers=["", "value"])
         return
+
     def log(line: str) -> None:
         print(f"mlshift: {line}", file=sys.stderr)
 
@@ -159,7 +313,7 @@ def cmd_poison(args) -> None:
     if args.format == "json":
         payload = {name: json.loads(t.to_json(orient="records")) for name, t in tables.items()}
         payload["findings"] = json.loads(found.to_json(orient="records"))
-        print(json.dumps(payload, indent=2))
+        print(strict_json(payload))
     else:
         print(sweeps.markdown(tables, found))
 
@@ -174,10 +328,12 @@ def cmd_detect(args) -> None:
     reference, suspect = load_params(args.reference), load_params(args.suspect)
     check_pair(reference, suspect)  # before the data loads: a mismatch is one line
     ds = _load(args)
+    rules.check_at_most(args.sample_size, len(ds.y_train), "--sample-size",
+                        f"training images of {ds.name}")
     config = CalibrationConfig(sample_size=args.sample_size)
     result = detect_pair(reference, suspect, ds, seed=args.seed, alpha=args.alpha, config=config)
     if args.format == "json":
-        print(json.dumps(result, indent=2, default=float))
+        print(strict_json(result))
         return
     rows = [[k, result[k]] for k in ("verdict", "p_value", "alpha", "category",
                                      "changed_probability", "architecture") if k in result]
@@ -189,22 +345,54 @@ def cmd_detect(args) -> None:
 # --- bench --------------------------------------------------------------------------------
 
 
+def _bench_out(args, matrix: Path) -> tuple[Path, Path | None, str]:
+    """(out folder, folder for a run on the bundled sample or None, why it is not the default).
+
+    Only the default matrix on the full data writes the committed results/<platform>/; a
+    custom matrix, --quick or the bundled sample each get their own folder unless --out says
+    otherwise, so a results folder always holds one kind of run."""
+    from mlshift_jax import report
+
+    if args.out is not None:
+        if not args.out.strip():
+            raise ConfigError("--out: expected a folder, found an empty string")
+        return Path(args.out), None, ""
+    out = report.default_out_dir()
+    why = ""
+    if args.matrix:
+        out, why = out.with_name(f"{out.name}-{matrix.stem}"), f"custom matrix {matrix.name}"
+    elif args.quick:
+        out = out.with_name(out.name + "-quick")  # never overwrite the committed full results
+    return out, out.with_name(out.name + "-sample"), why
+
+
 def cmd_bench(args) -> None:
     from mlshift_jax import report, runner
+    from mlshift_jax.matrix import load as load_matrix
+    from mlshift_jax.matrix import with_dataset
     from mlshift_jax.sharding import describe_devices, initialize_distributed
 
-    if args.distributed:
+    if args.distributed:  # before any other JAX call (platform names, devices)
         initialize_distributed()
     matrix = Path(args.matrix) if args.matrix else BENCH_DIR / (
         "matrix-quick.toml" if args.quick else "matrix.toml")
     if not matrix.is_file():
-        raise ConfigError(f"matrix file {matrix} not found; pass --matrix PATH")
-    out = Path(args.out) if args.out else report.default_out_dir()
-    if args.quick and not args.out:
-        out = out.with_name(out.name + "-quick")  # never overwrite the committed full results
+        found = "a folder" if matrix.is_dir() else "nothing"
+        raise ConfigError(f"{matrix}: expected a matrix TOML file, found {found}; pass "
+                          "--matrix PATH")
+    mx = load_matrix(matrix)  # every key checked before anything runs or prints
+    if args.dataset is not None:
+        with_dataset(mx, args.dataset)
+    out, sample_out, why = _bench_out(args, matrix)
+    if why:
+        print(f"mlshift: {why}: results go to {out}, not {report.default_out_dir()} "
+              "(pass --out to choose)", file=sys.stderr)
     print(f"mlshift: bench {matrix} -> {out}; {describe_devices()}", file=sys.stderr)
     start = time.perf_counter()
-    records = runner.run(matrix, out_dir=out, only=args.only, force=args.force)
+    records = runner.run(matrix, out_dir=out, only=args.only, force=args.force,
+                         data_dir=args.data_dir, dataset=args.dataset,
+                         sample_out_dir=sample_out)
+    out = Path(records.attrs["run"]["out_dir"])
     seconds = time.perf_counter() - start
     if args.only:  # a partial run: show its cells, leave the full tables as they are
         cols = [c for c in ("id", "status", "accuracy", "f1", "median_s") if c in records]
@@ -223,110 +411,195 @@ def cmd_bench(args) -> None:
 # --- parser -------------------------------------------------------------------------------
 
 
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}; got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a value > 0; got {text}")
-        return value
-    return parse
+def _names(mapping) -> str:
+    return ", ".join(mapping)
+
+
+def _options():
+    """Every option, defined once: flag -> add_argument keywords (shared by every command)."""
+    from mlshift_jax.attacks import ATTACKS
+    from mlshift_jax.poison import MODES, POISONINGS
+    from mlshift_jax.recipes import RECIPES
+    from mlshift_jax.train import OPTIMIZERS
+
+    def num(name, default, text):
+        return {"type": rules.argtype(name), "default": default, "metavar": name.upper(),
+                "help": f"{text}: {rules.describe(name)}"}
+
+    return {
+        "data_dir": {"help": "folder with the dataset's files (IDX, gz or raw, or CSV)",
+                     "metavar": "DIR"},
+        "dataset": {"default": "mnist", "metavar": "NAME|PATH",
+                    "help": f"a built-in dataset ({', '.join(data.DATASETS)}) or a path"},
+        "format": {"choices": ["table", "json"], "default": "table",
+                   "help": "output: a table, or strict JSON (NaN/inf -> null + non_finite)"},
+        "model": {"default": "seed-mlp", "metavar": "NAME|PKG.MOD:ATTR",
+                  "help": f"the model to train: {_names(RECIPES)}, or pkg.module:attr"},
+        "hidden": num("hidden", 200, "hidden width"),
+        "lr": num("lr", None, "learning rate; default: the model's own"),
+        "epochs": num("epochs", None, "training epochs; default: the model's own"),
+        "batch_size": num("batch_size", None, "minibatch size; default: the model's own "
+                          "(per-sample models ignore it)"),
+        "optimizer": {"choices": sorted(OPTIMIZERS), "default": None,
+                      "help": "optimizer of minibatch models; default: the model's own"},
+        "seed": num("seed", 0, "seed of every random draw"),
+        "train_size": num("train_size", None, "train on the first N training images "
+                          "(more than there are is an error); default: all"),
+        "save": {"metavar": "FILE.npz", "help": "write the trained params here (atomically)"},
+        "samples": num("samples", 10, "models, one per random sample"),
+        "size": num("size", 10_000, "training images per sample"),
+        "params": {"metavar": "FILE.npz", "help": "a trained model saved by --save"},
+        "attack": {"nargs": "+", "default": ["fgsm"], "choices": list(ATTACKS),
+                   "metavar": "ATTACK", "help": f"one or more of: {_names(ATTACKS)}"},
+        "eps": {"nargs": "+", "type": rules.argtype("eps"), "default": [0.1, 0.2, 0.3],
+                "help": f"perturbation sizes: {rules.describe('eps')}"},
+        "target": num("target", 3, "target class (targeted attacks; mixture and "
+                      "wrong-label mode target relabel to it)"),
+        "n": num("n", None, "attack the first N test images; default: all"),
+        "rounds": num("rounds", 3, "timed rounds per cell"),
+        "kind": {"default": "mixture", "choices": list(POISONINGS),
+                 "help": f"poisoning: {_names(POISONINGS)}"},
+        "fraction": num("fraction", 0.1, "share of the eligible training images poisoned"),
+        "patch": num("patch", 4, "trigger side"),
+        "mode": {"default": "uniform", "choices": list(MODES),
+                 "help": f"wrong-label mode: {_names(MODES)}"},
+        "source": num("source", None, "poison only this class; default: every class"),
+        "sweep": {"action": "store_true",
+                  "help": "run the study's sweeps (E4-E7 + BadNets) instead of one cell"},
+        "reference": {"required": True, "metavar": "FILE.npz",
+                      "help": "params of the reference model"},
+        "suspect": {"required": True, "metavar": "FILE.npz",
+                    "help": "params of the model to test"},
+        "alpha": num("alpha", 0.05, "the test's level (its false-positive rate on clean "
+                     "retrains)"),
+        "sample_size": num("sample_size", 10_000, "training images of each clean retrain in "
+                           "the null; match how the reference was trained"),
+        "quick": {"action": "store_true", "help": "the CI-sized matrix"},
+        "matrix": {"metavar": "FILE.toml",
+                   "help": "a matrix TOML file; default bench/matrix.toml (a custom matrix "
+                   "writes to results/<platform>-<name>/ unless --out)"},
+        "only": {"metavar": "PATTERN",
+                 "help": "run only the cells whose id matches (glob or substring)"},
+        "out": {"metavar": "DIR", "help": "output folder; default results/<platform>/ (its "
+                "-quick, -<matrix> or -sample sibling for --quick, --matrix or the bundled "
+                "sample)"},
+        "force": {"action": "store_true", "help": "rerun cells even if cached"},
+        "distributed": {"action": "store_true",
+                        "help": "join a multi-process run first (jax.distributed.initialize; "
+                        "MLSHIFT_COORDINATOR, MLSHIFT_NUM_PROCESSES, MLSHIFT_PROCESS_ID)"},
+    }
+
+
+def _add(p: argparse.ArgumentParser, options: dict, *names: str, **override) -> None:
+    for name in names:
+        kw = {**options[name], **override.get(name, {})}
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(flag, dest=name, **kw)
+
+
+DATA = ("data_dir", "dataset", "format")
+PATH_OPTIONS = ("data_dir", "dataset", "save", "params", "reference", "suspect", "matrix",
+                "out")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mlshift_jax.recipes import RECIPES
-
-    parser = _Parser(prog="mlshift", description=__doc__.splitlines()[0])
+    options = _options()
+    parser = _Parser(prog="mlshift", description=__doc__.splitlines()[0],
+                     formatter_class=_Help)
+    parser.add_argument("--version", action="version", version=f"mlshift {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    common = _Parser(add_help=False)
-    common.add_argument("--data-dir", help="folder with MNIST IDX (gz or raw) or CSV files")
-    common.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
-    common.add_argument("--seed", type=int, default=0)
-    common.add_argument("--format", choices=["table", "json"], default="table")
-    common.add_argument("--hidden", type=_positive(int), default=200)
-    common.add_argument("--epochs", type=_positive(int), default=None)
+    def command(name, func, text, *names, **override):
+        p = sub.add_parser(name, help=text, description=text, formatter_class=_Help)
+        _add(p, options, *names, **override)
+        p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("train", parents=[common], help="train one model and score it")
-    p.add_argument("--model", default="seed-mlp", help=f"one of {', '.join(RECIPES)}")
-    p.add_argument("--lr", type=_positive(float), default=None)
-    p.add_argument("--batch-size", type=_positive(int), default=None)
-    p.add_argument("--train-size", type=_positive(int), default=None,
-                   help="train on the first N training images only")
-    p.add_argument("--save", help="write the params to this .npz")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("stability", parents=[common],
-                       help="E2: models on random training samples, trained as one population")
-    p.add_argument("--samples", type=_positive(int), default=10)
-    p.add_argument("--size", type=_positive(int), default=10_000)
-    p.add_argument("--lr", type=_positive(float), default=0.1)
-    p.set_defaults(func=cmd_stability, epochs=1)
-    p = sub.add_parser("attack", parents=[common],
-                       help="E3: attack a model at test time and score it at each eps")
-    p.add_argument("--params", help=".npz saved by `train --save`")
-    p.add_argument("--model", help="train this recipe first instead of loading --params")
-    p.add_argument("--attack", nargs="+", default=["fgsm"])
-    p.add_argument("--eps", nargs="+", type=float, default=[0.1, 0.2, 0.3])
-    p.add_argument("--target", type=int, default=3, help="class for targeted attacks")
-    p.add_argument("--n", type=_positive(int), default=None, help="attack the first N test images")
-    p.add_argument("--rounds", type=_positive(int), default=3, help="timed rounds per cell")
-    p.set_defaults(func=cmd_attack)
-    p = sub.add_parser("poison", parents=[common],
-                       help="E4-E7: poison the training data, train, score clean and triggered")
-    p.add_argument("--kind", default="mixture", help="clean, wrong-label, trigger or mixture")
-    p.add_argument("--fraction", type=float, default=0.1, help="share of eligible samples")
-    p.add_argument("--patch", type=_positive(int), default=4, help="trigger side in pixels")
-    p.add_argument("--target", type=int, default=3, help="the relabel class (mixture)")
-    p.add_argument("--mode", default="uniform", help="wrong-label: uniform, shift or target")
-    p.add_argument("--source", type=int, default=None, help="poison only this class")
-    p.add_argument("--model", default="seed-mlp", help=f"one of {', '.join(RECIPES)}")
-    p.add_argument("--train-size", type=_positive(int), default=None,
-                   help="train on the first N training images only")
-    p.add_argument("--sweep", action="store_true",
-                   help="run the study's sweeps (E4-E7 + BadNets) instead of one cell")
-    p.set_defaults(func=cmd_poison)
-
-    p = sub.add_parser("detect", parents=[common],
-                       help="has the suspect model changed from the reference, and how?")
-    p.add_argument("--reference", required=True, help=".npz of the reference model")
-    p.add_argument("--suspect", required=True, help=".npz of the model to test")
-    p.add_argument("--alpha", type=_positive(float), default=0.05,
-                   help="the test's level: its false-positive rate on clean retrains")
-    p.add_argument("--sample-size", type=_positive(int), default=10_000,
-                   help="training images of each clean retrain in the null; match how the "
-                   "reference was trained (p-values assume the reference is such a model)")
-    p.set_defaults(func=cmd_detect)
-
-    p = sub.add_parser("bench", help="run the experiment matrix and write results/<platform>/")
-    p.add_argument("--quick", action="store_true", help="the CI-sized matrix")
-    p.add_argument("--matrix", help="a matrix TOML file (default bench/matrix.toml)")
-    p.add_argument("--only", help="run only the cells whose id matches (glob or substring)")
-    p.add_argument("--out", help="output folder (default results/<platform>/)")
-    p.add_argument("--force", action="store_true", help="rerun cells even if cached")
-    p.add_argument("--distributed", action="store_true",
-                   help="join a multi-process run first (jax.distributed.initialize)")
-    p.set_defaults(func=cmd_bench)
+    command("train", cmd_train, "train one model and score it", *DATA, *TRAIN_OPTIONS)
+    command("stability", cmd_stability, "E2: seed-mlp models on random training samples, "
+            "trained as one population", *DATA, "samples", "size", "hidden", "lr", "epochs",
+            "seed", "train_size",
+            lr={"default": 0.1, "help": f"learning rate: {rules.describe('lr')}"},
+            epochs={"default": 1, "help": f"training epochs: {rules.describe('epochs')}"},
+            train_size={"help": "draw the samples from the first N training images; default: "
+                        f"all. {rules.describe('train_size')}"})
+    none_default = {"default": None}
+    command("attack", cmd_attack, "E3: attack a model at test time and score it at each eps",
+            *DATA, "params", *TRAIN_OPTIONS, "attack", "eps", "target", "n", "rounds",
+            model={"default": None, "metavar": "NAME|PKG.MOD:ATTR",
+                   "help": "train this model first instead of loading --params"},
+            hidden={**none_default, "help": "hidden width with --model (default 200): "
+                    f"{rules.describe('hidden')}"},
+            seed={**none_default, "help": "seed of training and of random attacks (default 0): "
+                  f"{rules.describe('seed')}"})
+    command("poison", cmd_poison, "E4-E7: poison the training data, train, score clean and "
+            "triggered", *DATA, *TRAIN_OPTIONS, "kind", "fraction", "patch", "target", "mode",
+            "source", "sweep")
+    command("detect", cmd_detect, "has the suspect model changed from the reference, and how?",
+            *DATA, "reference", "suspect", "alpha", "sample_size", "seed")
+    command("bench", cmd_bench, "run the experiment matrix and write results/<platform>/",
+            "quick", "matrix", "only", "out", "force", "distributed", "data_dir", "dataset",
+            dataset={"default": None, "metavar": "NAME|PATH",
+                     "help": "run the matrix on this dataset instead of its own"})
     return parser
 
 
+def _one_line(text: str) -> str:
+    return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"mlshift: warning: {message}", file=sys.stderr)
+    print(f"mlshift: warning: {_one_line(message)}", file=sys.stderr)
+
+
+def _interrupt(signum, frame):
+    _interrupt.seen = True
+    raise KeyboardInterrupt
+
+
+_interrupt.seen = False
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
-    with warnings.catch_warnings():
-        warnings.showwarning = _one_line_warning
-        try:
-            args = build_parser().parse_args(argv)
-            args.func(args)
-        except MlshiftError as e:
-            print(f"mlshift: error: {e}", file=sys.stderr)
-            return EXIT_USAGE
-        except OSError as e:  # an unwritable --out / --save, an unreadable file
-            print(f"mlshift: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-            return EXIT_USAGE
+    """Entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
+    from mlshift_jax.runner import Interrupted
+
+    _interrupt.seen = False
+    try:
+        previous = signal.signal(signal.SIGINT, _interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            try:
+                args = build_parser().parse_args(argv)
+                for name in PATH_OPTIONS:
+                    value = getattr(args, name, None)
+                    if value is not None and not value.strip():
+                        raise ConfigError(f"--{name.replace('_', '-')}: expected a path, "
+                                          "found an empty string")
+                args.func(args)
+            except MlshiftError as e:
+                print(f"mlshift: error: {_one_line(e)}", file=sys.stderr)
+                return EXIT_USAGE
+            except OSError as e:  # an unwritable --out / --save, a full disk
+                where = f"{e.filename}: " if e.filename else ""
+                print(f"mlshift: error: {where}{_one_line(e.strerror or e)}", file=sys.stderr)
+                return EXIT_USAGE
+            except SystemExit as e:  # --help, --version
+                return e.code if isinstance(e.code, int) else 0
+    except Interrupted as e:
+        print(f"mlshift: interrupted: {e.cached} cells cached; rerun to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("mlshift: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if _interrupt.seen:  # swallowed somewhere (a callback, a __del__): still an interrupt
+        print("mlshift: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0

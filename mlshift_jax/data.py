@@ -14,11 +14,11 @@ Fashion-MNIST: Xiao, Rasul, Vollgraf, arXiv:1708.07747 (2017).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -29,6 +29,7 @@ import numpy.typing as npt
 from mlshift_jax import download as _dl
 from mlshift_jax.download import download
 from mlshift_jax.errors import ConfigError, DataError
+from mlshift_jax.files import MEMORY_SHARE, available_memory, gib, read_npz
 
 __all__ = [
     "DATASETS",
@@ -205,7 +206,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     byte count matches the header. The result is a read-only view of the file's bytes.
     """
     path = Path(path)
-    raw = _read_bytes(path)
+    raw = _read_bytes(path, _idx_size)
     magic = int.from_bytes(raw[:4], "big")
     if len(raw) < 4 or magic not in _IDX_MAGIC:
         found = f"magic {magic}" if len(raw) >= 4 else f"{len(raw)} bytes"
@@ -314,14 +315,13 @@ def _load_sample(name: str, dtype: npt.DTypeLike) -> Dataset:
     """The sample shipped in `mlshift_jax/_sample/` (built by scripts/make_sample.py)."""
     res = resources.files("mlshift_jax") / "_sample" / _SAMPLE_FILES[name]
     keys = ("x_train", "y_train", "x_test", "y_test")
-    try:
-        with res.open("rb") as f, np.load(f) as npz:
-            x_train, y_train, x_test, y_test = (npz[k] for k in keys)
-    except (OSError, KeyError, ValueError) as e:
-        raise DataError(
-            f"{res}: expected the bundled {name} sample ({', '.join(keys)}), "
-            f"found {type(e).__name__}: {e}"
-        ) from e
+    with resources.as_file(res) as path:
+        arrays = read_npz(path, what=f"the bundled {name} sample ({', '.join(keys)})")
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise DataError(f"{res}: expected the bundled {name} sample ({', '.join(keys)}), "
+                        f"found {sorted(arrays)}")
+    x_train, y_train, x_test, y_test = (arrays[k] for k in keys)
     _check_split(x_train, y_train, Path(str(res)), Path(str(res)))
     _check_split(x_test, y_test, Path(str(res)), Path(str(res)))
     return _dataset(name, x_train, y_train, x_test, y_test, "bundled-sample", dtype)
@@ -376,25 +376,69 @@ def _has_files(directory: Path, name: str) -> bool:
     return True
 
 
-def _read_bytes(path: Path) -> bytes:
-    """A file's bytes, gunzipped if they start with the gzip magic."""
+def _read_bytes(path: Path, declared: Callable[[bytes], int | None] | None = None) -> bytes:
+    """A file's bytes, gunzipped if they start with the gzip magic.
+
+    Nothing is read or inflated past what memory allows (`files.MEMORY_SHARE` of the memory
+    free now). declared(head) -> the total size the file's own header declares (None: not
+    known); given it, a gzip stream is inflated only that far (and one byte more, to catch a
+    stream longer than its header says), so a small gzip cannot inflate into gigabytes.
+    """
+    budget = int(MEMORY_SHARE * available_memory())
     try:
+        size = path.stat().st_size
+        if size > budget:
+            raise DataError(f"{path}: needs ~{gib(size)} to read, this machine has "
+                            f"{gib(budget / MEMORY_SHARE)} free")
         raw = path.read_bytes()
     except FileNotFoundError as e:
         raise DataError(f"{path}: expected a file, found nothing") from e
+    except IsADirectoryError as e:
+        raise DataError(f"{path}: expected a file, found a folder") from e
     except OSError as e:
         raise DataError(f"{path}: expected a readable file, found {e.strerror}") from e
     if raw[:2] != b"\x1f\x8b":
         return raw
+    d = zlib.decompressobj(wbits=31)  # gzip: header and CRC-32 trailer checked by zlib
     try:
-        return gzip.decompress(raw)
-    except EOFError as e:
+        out = d.decompress(raw, 64)
+        limit = budget
+        if declared is not None and (n := declared(out)) is not None:
+            if n > budget:
+                raise DataError(f"{path}: its header declares {n} bytes (~{gib(n)}), this "
+                                f"machine has {gib(budget / MEMORY_SHARE)} free")
+            limit = n
+        while d.unconsumed_tail and len(out) <= limit:
+            out += d.decompress(d.unconsumed_tail, limit + 1 - len(out))
+    except zlib.error as e:
+        raise DataError(f"{path}: expected gzip data, found a corrupt stream ({e})") from e
+    if len(out) > limit:
+        why = "its header declares" if limit != budget else "memory allows"
+        raise DataError(f"{path}: expected the gzip stream to inflate to at most {limit} "
+                        f"bytes ({why}), found more; refusing it")
+    if not d.eof:
         raise DataError(
             f"{path}: truncated: expected a complete gzip stream, found its "
             f"{len(raw)} bytes end early"
-        ) from e
-    except (OSError, zlib.error) as e:
-        raise DataError(f"{path}: expected gzip data, found a corrupt stream ({e})") from e
+        )
+    if d.unused_data:
+        raise DataError(f"{path}: expected one gzip stream, found {len(d.unused_data)} "
+                        "bytes after it")
+    return out
+
+
+def _idx_size(head: bytes) -> int | None:
+    """The total byte count an IDX header declares (None: not an IDX header)."""
+    if len(head) < 4 or int.from_bytes(head[:4], "big") not in _IDX_MAGIC:
+        return None
+    ndim = _IDX_MAGIC[int.from_bytes(head[:4], "big")]
+    header = 4 + 4 * ndim
+    if len(head) < header:
+        return None
+    n = 1
+    for i in range(4, header, 4):
+        n *= int.from_bytes(head[i : i + 4], "big")
+    return header + n
 
 
 def _parse_row(path: Path, lineno: int, line: str) -> np.ndarray:

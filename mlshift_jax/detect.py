@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlshift_jax.checks import finite_inputs
 from mlshift_jax.data import INPUT_RANGE
 from mlshift_jax.errors import ConfigError
 from mlshift_jax.models import Model, Params
@@ -141,25 +142,37 @@ def _one(model: Model, params: Params, x: jax.Array,
 INPUT_DETECTORS = ("confidence", "margin", "entropy", "squeezing")
 
 
-@functools.partial(jax.jit, static_argnames=("model", "squeezers"))
 def input_scores(model: Model, params: Params, x: jax.Array,
                  squeezers: tuple[Squeezer, ...] = SQUEEZERS) -> dict[str, jax.Array]:
     """Every input-level detector's score for every example, in one jitted call.
 
     x: [batch, n_in] -> {name: [batch]} for the names in `INPUT_DETECTORS`, each oriented so
     that a higher score means "more likely adversarial or noisy". `model` and `squeezers` are
-    static (hashable NamedTuples of functions).
+    static (hashable NamedTuples of functions). ConfigError for NaN / inf in x (entropy would
+    call such an input the least suspicious one).
     """
-    return jax.vmap(lambda xi: _one(model, params, xi, squeezers))(x)
+    finite_inputs("input_scores: x", x)
+    return _input_scores(model, params, x, squeezers)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "squeezers"))
+def _input_scores(model, params, x, squeezers):
+    return jax.vmap(lambda xi: _one(model, params, xi, squeezers))(x)
+
+
 def squeezing_score(model: Model, params: Params, x: jax.Array,
                     squeezers: tuple[Squeezer, ...] = SQUEEZERS) -> jax.Array:
     """Feature squeezing alone (Xu et al., NDSS 2018): x: [batch, n_in] -> [batch].
 
     max over squeezers of || distribution(f(x)) - distribution(f(squeeze(x))) ||_1.
+    ConfigError for NaN / inf in x.
     """
+    finite_inputs("squeezing_score: x", x)
+    return _squeezing_score(model, params, x, squeezers)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "squeezers"))
+def _squeezing_score(model, params, x, squeezers):
     def one(xi):
         return squeeze_distance(model, params, xi, distribution(model, model.apply(params, xi)),
                            squeezers)

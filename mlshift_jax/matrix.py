@@ -35,7 +35,7 @@ import hashlib
 import inspect
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -44,6 +44,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from mlshift_jax import rules
 from mlshift_jax.attacks import ATTACKS, get_attack
 from mlshift_jax.data import DATASETS
 from mlshift_jax.errors import ConfigError
@@ -52,6 +53,7 @@ from mlshift_jax.sweeps import STUDY_SWEEPS as POISON_SWEEPS
 from mlshift_jax.train import OPTIMIZERS
 
 HASH_LEN = 12
+MAX_MATRIX_BYTES = 1 << 20
 SCHEMA = 3  # bump when a record's meaning changes: every cached cell is then recomputed
 SPEED_WORKLOADS = ("fgsm", "epoch-per-sample", "epoch-minibatch", "metrics", "population")
 _ATTACK_FIXED_KW = {"eps", "key", "lo", "hi"}  # targeted attacks may set `target` (default 3)
@@ -340,6 +342,18 @@ class _Checker:
             self.fail(where, f"expected an integer >= {minimum}, found {value!r}")
         return value
 
+    def rule(self, name: str):
+        """The shared rule for `name` (see `rules`), as a (value, where) checker."""
+        def check(value: Any, where: str):
+            if isinstance(value, float) and rules.RULES[name].kind is int:
+                value = repr(value)  # TOML 3.0 for an integer key: refused, shown as written
+            return rules.check(name, value, f"{self.path}: {where}")
+        return check
+
+    def opt_rule(self, name: str):
+        check = self.rule(name)
+        return lambda value, where: None if value is None else check(value, where)
+
     def bool_(self, value: Any, where: str) -> bool:
         if not isinstance(value, bool):
             self.fail(where, f"expected true or false, found {value!r}")
@@ -409,9 +423,9 @@ def parse(text: str, path: str = "<matrix>") -> Matrix:
     def pos_float(v, w):
         return chk.float_(v, w, positive=True)
 
-    common = {"hidden": chk.int_, "lr": pos_float, "epochs": chk.int_,
-              "seed": lambda v, w: chk.int_(v, w, 0), "n_train": chk.opt_int,
-              "n_test": chk.opt_int}
+    common = {"hidden": chk.rule("hidden"), "lr": chk.rule("lr"), "epochs": chk.rule("epochs"),
+              "seed": chk.rule("seed"), "n_train": chk.opt_rule("n_train"),
+              "n_test": chk.opt_rule("n_test")}
 
     m = chk.table(raw["matrix"], "[matrix]",
                   {"datasets", "models", "attacks", "eps", "seeds", "hidden", "n_train",
@@ -425,14 +439,15 @@ def parse(text: str, path: str = "<matrix>") -> Matrix:
     }
     if "seeds" in m:
         seeds = chk.list_(m["seeds"], "[matrix].seeds")
-        fields["seeds"] = tuple(chk.int_(s, "[matrix].seeds", 0) for s in seeds)
+        fields["seeds"] = tuple(chk.rule("seed")(s, "[matrix].seeds") for s in seeds)
     for key in ("hidden", "n_train", "n_test"):
         if key in m:
             fields[key] = common[key](m[key], f"[matrix].{key}")
 
     if "timing" in raw:
         fields["timing"] = _parse_block(chk, raw["timing"], "[timing]", Timing,
-                                        {"rounds": chk.int_, "max_seconds": pos_float})
+                                        {"rounds": chk.rule("rounds"),
+                                         "max_seconds": chk.rule("max_seconds")})
     fields["train"] = _parse_train(chk, raw.get("train", {}), models)
     fields["attack_options"] = _parse_attack_options(chk, raw.get("attack_options", {}),
                                                      attacks)
@@ -444,19 +459,21 @@ def parse(text: str, path: str = "<matrix>") -> Matrix:
     }
     blocks = {
         "e1": (E1, {**common, "dataset": dataset, "models": names["models"]}),
-        "e2": (E2, {**common, "dataset": dataset, "samples": chk.int_, "size": chk.int_}),
+        "e2": (E2, {**common, "dataset": dataset, "samples": chk.rule("samples"),
+                    "size": chk.rule("size")}),
         "e3": (E3, {**common, "dataset": dataset, "model": model, "attacks": names["attacks"],
                     "eps": chk.eps_list,
-                    "n_test": lambda v, w: tuple(chk.int_(n, w) for n in chk.list_(v, w))}),
+                    "n_test": lambda v, w: tuple(chk.rule("n_test")(n, w)
+                                                 for n in chk.list_(v, w))}),
         "speed": (Speed, {**common, "dataset": dataset, "workloads": names["workloads"],
                           "eps": chk.float_, "numpy_loop_images": chk.int_,
                           "numpy_epoch_samples": chk.int_, "population": chk.int_,
                           "population_size": chk.int_}),
         "poison": (Poison, {**common, "dataset": dataset, "model": model,
                             "sweeps": names["sweeps"], "badnets_models": names["models"],
-                            "badnets_n_train": chk.opt_int, "epochs": chk.opt_int}),
-        "detect": (Detect, {"dataset": dataset, "quick": chk.bool_,
-                            "seed": lambda v, w: chk.int_(v, w, 0)}),
+                            "badnets_n_train": chk.opt_rule("n_train"),
+                            "epochs": chk.opt_rule("epochs")}),
+        "detect": (Detect, {"dataset": dataset, "quick": chk.bool_, "seed": chk.rule("seed")}),
     }
     for key, (cls, schema) in blocks.items():
         if key in raw:
@@ -475,10 +492,8 @@ def _parse_train(chk: _Checker, raw: Any, models: set[str]) -> tuple:
         for key, value in table.items():
             if key == "optimizer":
                 chk.name(value, f"{where}.optimizer", set(OPTIMIZERS), "optimizer")
-            elif key == "lr":
-                chk.float_(value, f"{where}.lr", positive=True)
             else:
-                chk.int_(value, f"{where}.{key}")
+                chk.rule(key)(value, f"{where}.{key}")
         out.append((name, tuple(sorted(table.items()))))
     return tuple(out)
 
@@ -491,13 +506,34 @@ def _parse_attack_options(chk: _Checker, raw: Any, attacks: set[str]) -> tuple:
     return tuple(out)
 
 
+def with_dataset(matrix: Matrix, name: str) -> Matrix:
+    """`matrix` with every dataset it names (the grid's and each block's) replaced by `name`
+    (`bench --dataset`); the dataset itself is checked when it loads."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"--dataset: expected a dataset name or path, found {name!r}")
+    blocks = {k: replace(getattr(matrix, k), dataset=name)
+              for k in ("e1", "e2", "e3", "speed", "poison", "detect")
+              if getattr(matrix, k) is not None}
+    return replace(matrix, datasets=(name,), **blocks)
+
+
 def load(path: str | Path) -> Matrix:
     """Read and check the matrix file at `path`; ConfigError naming the file and key if bad."""
     path = Path(path)
+    shown = str(path) if str(path) not in ("", ".") else repr(str(path))
     try:
-        text = path.read_text()
+        if path.stat().st_size > MAX_MATRIX_BYTES:
+            raise ConfigError(f"{shown}: expected a matrix file of at most {MAX_MATRIX_BYTES} "
+                              f"bytes, found {path.stat().st_size}")
+        raw = path.read_bytes()
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read the matrix file ({e.strerror})") from None
+        raise ConfigError(f"{shown}: cannot read the matrix file "
+                          f"({e.strerror or type(e).__name__})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{shown}: expected a UTF-8 TOML file, found byte "
+                          f"0x{raw[e.start]:02x} at offset {e.start} that is not UTF-8") from None
     return parse(text, str(path))
 
 

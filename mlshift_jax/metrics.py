@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from mlshift_jax.checks import finite_inputs
 from mlshift_jax.errors import ConfigError
 from mlshift_jax.models import Model, Params, predict
 
@@ -101,11 +102,13 @@ def attack_success_rate(y_true: jax.Array, y_pred: jax.Array, target: int | jax.
     """BadNets attack success rate. y_true, y_pred: [batch] int, target: int -> scalar.
 
     The share of examples whose true class is not `target` that are predicted as `target`
-    (Gu et al., "BadNets", 2017); 0 when every example is of class `target`.
+    (Gu et al., "BadNets", 2017); NaN when no example is eligible (every one is of class
+    `target`): there is nothing to measure, and 0 would read as "the backdoor failed".
     """
     eligible = y_true != target
     hits = eligible & (y_pred == target)
-    return _safe_div(jnp.sum(hits), jnp.sum(eligible))
+    n = jnp.sum(eligible)
+    return jnp.where(n > 0, _safe_div(jnp.sum(hits), n), jnp.nan)
 
 
 def scores_from_outputs(
@@ -157,7 +160,9 @@ def evaluate(
     """accuracy, precision, recall, f1 (macro) and confidence of one model on (x, y).
 
     x: [batch, n_in], y: [batch] int. One jitted call, then one device->host transfer.
+    ConfigError for NaN / inf in x (they would count as class 0).
     """
+    finite_inputs("evaluate: x", x)
     scores = jax.device_get(evaluate_arrays(model, params, x, y, n_classes=n_classes))
     return {k: float(v) for k, v in scores.items()}
 

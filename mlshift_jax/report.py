@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from mlshift_jax import data, study, sweeps
-from mlshift_jax.files import atomic_path, write_text
+from mlshift_jax.files import atomic_path, clean_stale_temps, write_text
 
 MEASURES = ("accuracy", "precision", "recall", "f1", "confidence")
 PRF = ("precision", "recall", "f1", "confidence")
@@ -565,7 +565,9 @@ def records_csv(records: pd.DataFrame) -> pd.DataFrame:
 
 
 def write(records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """Write tables.md, records.csv, run.json and figures/ into out_dir (atomically, each).
+    """Write tables.md, records.csv, run.json and figures/ into out_dir (atomically, each);
+    figures of an earlier run that this one did not draw are removed, so the folder holds
+    one run.
 
     records: what `runner.run` returns. Returns the paths written.
     """
@@ -581,4 +583,10 @@ def write(records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     with atomic_path(paths[1]) as tmp:
         records_csv(records).to_csv(tmp, index=False)
     write_text(paths[2], json.dumps(info, indent=2, default=str) + "\n")
+    # one run per folder: figures an earlier run drew and this one did not are removed
+    kept = {p.resolve() for p in figures}
+    for old in sorted((out_dir / "figures").glob("*.png")):
+        if old.resolve() not in kept:
+            old.unlink()
+    clean_stale_temps(out_dir)
     return paths + figures

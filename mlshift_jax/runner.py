@@ -9,7 +9,11 @@ Fashion-MNIST not installed) is skipped with a note on stderr and in `attrs["run
 The cache lives in `<out_dir>/.cache/` (git-ignored), so each results folder carries its own:
 
     .cache/cells/<cell hash>.json          one finished cell's record
-    .cache/params/<train hash>-<data hash>.npz / .json   trained params and their training time
+    .cache/params/<train hash>-<data hash>-<determinism>.npz / .json   trained params, time
+
+A damaged entry (unreadable, truncated, not a record of its cell) counts as missing: it is
+rebuilt, and one warning line lists what was damaged. Every key includes
+`determinism_key()` (jaxlib, backend, device kind, CPU cores): see the README.
 
 Every file is written atomically (`files.atomic_path`): an interrupted run leaves whole files,
 and the next run computes only the cells whose record is missing. A cached record counts only
@@ -29,8 +33,10 @@ import base64
 import functools
 import hashlib
 import json
+import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -55,7 +61,7 @@ from mlshift_jax import (
     sweeps,
 )
 from mlshift_jax.errors import ConfigError, DataError
-from mlshift_jax.files import load_params, save_params, write_text
+from mlshift_jax.files import clean_stale_temps, load_params, save_params, write_text
 from mlshift_jax.matrix import (
     AttackConfig,
     Cell,
@@ -67,6 +73,7 @@ from mlshift_jax.matrix import (
     cells,
     load,
     select,
+    with_dataset,
 )
 from mlshift_jax.metrics import SCORE_NAMES, evaluate, evaluate_arrays
 from mlshift_jax.models import SEED_MLP, Model, predict
@@ -207,12 +214,13 @@ def capped(ds: data.Dataset, n_train: int | None, n_test: int | None) -> data.Da
                    x_test=ds.x_test[:n_test], y_test=ds.y_test[:n_test])
 
 
-def _load_datasets(names: list[str]) -> tuple[dict[str, Loaded], dict[str, str]]:
+def _load_datasets(names: list[str], data_dir: str | None = None
+                   ) -> tuple[dict[str, Loaded], dict[str, str]]:
     """({name: Loaded}, {name: why it was skipped}). A DataError skips that dataset only."""
     loaded, skipped = {}, {}
     for name in names:
         try:
-            ds = data.load(name)
+            ds = data.load(name, data_dir)
         except DataError as e:
             skipped[name] = str(e)
             print(f"mlshift: skipping {name}: {e}", file=sys.stderr)
@@ -228,6 +236,36 @@ class _Memo(NamedTuple):
     arrays: dict  # (dataset, split, n) -> (x, y) on the device
     trained: dict  # params key -> _Trained
     per_test: dict  # (params key, n_test) -> {"clean": scores, "zero_grad_frac": float}
+    damaged: list  # cache entries found damaged (treated as missing, rebuilt)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during `run`: `cached` cells of the selection have their record on disk."""
+
+    def __init__(self, cached: int, total: int):
+        super().__init__(f"{cached} cells cached")
+        self.cached, self.total = cached, total
+
+
+def determinism_key() -> str:
+    """What, besides a cell's config and data, decides its bits: jaxlib version, backend,
+    device kind and, on CPU, the number of cores this process may use (XLA's CPU thread
+    pool splits reductions by it). Part of every cache key: change one, and cells rerun."""
+    import jaxlib
+
+    device = jax.devices()[0]
+    key = f"jaxlib {jaxlib.__version__}, {jax.default_backend()} {device.device_kind}"
+    if jax.default_backend() == "cpu":
+        key += f", {cpu_threads()} cores"
+    return key
+
+
+def cpu_threads() -> int:
+    """Cores this process may run on (what XLA's CPU backend sizes its thread pool by)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 class _Trained(NamedTuple):
@@ -249,14 +287,21 @@ def _device(memo: _Memo, loaded: Loaded, split: str, n: int | None):
 def _trained(spec: TrainSpec, loaded: Loaded, memo: _Memo, cache: Path,
              force: bool) -> tuple[str, _Trained]:
     """Params for `spec` on `loaded`: from this run, from the cache, or trained (timed once)."""
-    key = f"{spec.hash}-{loaded.hash}"
+    where = hashlib.sha256(determinism_key().encode()).hexdigest()[:6]
+    key = f"{spec.hash}-{loaded.hash}-{where}"
     if key in memo.trained:
         return key, memo.trained[key]
     path = cache / "params" / f"{key}.npz"
     meta_path = path.with_suffix(".json")
-    if not force and path.exists() and meta_path.exists():
-        params, meta = load_params(path), json.loads(meta_path.read_text())
-    else:
+    params = None
+    if not force and (path.exists() or meta_path.exists()):
+        try:  # diverged params are cached as they are: the record flags them (params_finite)
+            params, meta = load_params(path, finite=False), json.loads(meta_path.read_text())
+            meta = {"train_s": float(meta["train_s"]), "n_train": int(meta["n_train"])}
+        except (DataError, OSError, ValueError, KeyError, TypeError):
+            memo.damaged.append(f"params/{path.name}")
+            params = None
+    if params is None:
         ds = capped(loaded.ds, spec.n_train, None)
         timing, params = _once(partial(fit, spec.model, spec.train_config()),
                                ds.x_train, ds.y_train)
@@ -307,7 +352,8 @@ def _base(cell: Cell, loaded: Loaded) -> dict[str, Any]:
     return {"id": cell.id, "hash": cell.hash, "kind": cell.kind, "block": cell.block,
             "dataset": loaded.ds.name, "data_source": loaded.ds.source,
             "is_sample": loaded.ds.is_sample, "data_hash": loaded.hash,
-            "backend": jax.default_backend(), "device_kind": device.device_kind}
+            "backend": jax.default_backend(), "device_kind": device.device_kind,
+            "determinism": determinism_key()}
 
 
 def _attack_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bool) -> dict:
@@ -555,6 +601,15 @@ def _detect_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bo
     }
 
 
+def _json_default(value: Any) -> Any:
+    """numpy scalars and arrays -> Python (for a record's JSON)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON-serializable: {type(value).__name__}")
+
+
 COMPUTE = {"attack": _attack_cell, "stability": _stability_cell, "speed": _speed_cell,
            "poison": _poison_cell, "detect": _detect_cell}
 
@@ -588,19 +643,46 @@ def _dataset_of(cell: Cell) -> str:
     return cell.config.dataset
 
 
-def _cached(cache: Path, cell: Cell, loaded: Loaded) -> dict | None:
+def _cached(cache: Path, cell: Cell, loaded: Loaded, damaged: list) -> dict | None:
+    """The cell's cached record if it is whole and was computed on the same data under the
+    same `determinism_key`; None otherwise. A damaged record (unreadable, not JSON, not a
+    record of this cell) is listed in `damaged` and treated as missing."""
     path = cache / "cells" / f"{cell.hash}.json"
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
+    if not path.exists():
         return None
-    return record if record.get("data_hash") == loaded.hash else None
+    try:
+        record = json.loads(path.read_bytes().decode("utf-8"))
+        whole = (isinstance(record, dict) and record.get("hash") == cell.hash
+                 and isinstance(record.get("data_hash"), str))
+    except (OSError, ValueError):
+        whole = False
+    if not whole:
+        damaged.append(f"cells/{path.name}")
+        return None
+    if record.get("data_hash") != loaded.hash:
+        return None
+    return record if record.get("determinism") == determinism_key() else None
+
+
+def _warn_damaged(cache: Path, damaged: list) -> None:
+    if damaged:
+        shown = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3
+                                          else "")
+        warnings.warn(f"{len(damaged)} damaged cache entr{'y' if len(damaged) == 1 else 'ies'} "
+                      f"in {cache} treated as missing and rebuilt: {shown}", stacklevel=3)
 
 
 def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None,
-        force: bool = False) -> pd.DataFrame:
+        force: bool = False, data_dir: str | None = None, dataset: str | None = None,
+        sample_out_dir: str | Path | None = None) -> pd.DataFrame:
     """Run the cells of the matrix at `matrix_path` whose id matches `only` (fnmatch pattern
     or substring; None: all); reuse cached cells unless `force`. Returns their records.
+
+    data_dir: where every dataset is looked for (`data.load`); dataset: run the matrix on this
+    dataset instead of its own (`matrix.with_dataset`); sample_out_dir: where the run goes
+    instead of `out_dir` when a dataset comes from the bundled sample (said in one line), so
+    a sample run never lands in a full-data results folder. `attrs["run"]["out_dir"]` is the
+    folder used. Ctrl-C raises `Interrupted` (how many cells are cached).
 
     Each record is one row: id, kind, block, dataset, model, attack, eps, seed, n_train,
     n_test, accuracy, precision, recall, f1, confidence, clean_accuracy, compile_s, median_s,
@@ -609,42 +691,56 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
     """
     start, started = time.perf_counter(), datetime.now(timezone.utc)
     mx = load(matrix_path)
+    if dataset is not None:
+        mx = with_dataset(mx, dataset)
     selected = select(cells(mx), only)
     if not selected:
         raise ConfigError(f"{matrix_path}: no cell id matches {only!r}; ids look like "
                           f"{cells(mx)[0].id!r}")
     names = list(dict.fromkeys(_dataset_of(c) for c in selected))
-    loaded, skipped = _load_datasets(names)
+    loaded, skipped = _load_datasets(names, data_dir)
     if not loaded:
         raise DataError(f"{matrix_path}: no dataset of the matrix could be loaded: "
                         + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    if sample_out_dir is not None and any(d.ds.is_sample for d in loaded.values()):
+        print(f"mlshift: the bundled sample, not the full data: results go to "
+              f"{sample_out_dir}, not {out_dir}", file=sys.stderr)
+        out_dir = sample_out_dir
     cache = Path(out_dir) / CACHE_DIR
+    clean_stale_temps(out_dir)  # what a hard-killed run left half-written
     records: dict[str, dict] = {}
     todo = []
+    memo = _Memo({}, {}, {}, [])
     for cell in selected:
         name = _dataset_of(cell)
         if name in skipped:
             continue
-        record = None if force else _cached(cache, cell, loaded[name])
+        record = None if force else _cached(cache, cell, loaded[name], memo.damaged)
         if record is None:
             todo.append(cell)
         else:
             records[cell.id] = {**record, "id": cell.id, "block": cell.block, "status": "reused"}
-    memo = _Memo({}, {}, {})
     by_hash: dict[str, dict] = {}
     clock = time.perf_counter()
-    for i, cell in enumerate(todo):
-        progress(sys.stderr, i, len(todo), clock, cell.id)
-        record = by_hash.get(cell.hash)
-        if record is None:
-            record = COMPUTE[cell.kind](cell, loaded[_dataset_of(cell)], memo, cache, force)
-            record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            if jax.process_index() == 0:  # several hosts run the same cells; one writes
-                write_text(cache / "cells" / f"{cell.hash}.json", json.dumps(record, indent=1))
-            by_hash[cell.hash] = record
-        records[cell.id] = {**record, "id": cell.id, "block": cell.block, "status": "computed"}
+    try:
+        for i, cell in enumerate(todo):
+            progress(sys.stderr, i, len(todo), clock, cell.id)
+            record = by_hash.get(cell.hash)
+            if record is None:
+                record = COMPUTE[cell.kind](cell, loaded[_dataset_of(cell)], memo, cache, force)
+                record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                if jax.process_index() == 0:  # several hosts run the same cells; one writes
+                    write_text(cache / "cells" / f"{cell.hash}.json",
+                               json.dumps(record, indent=1, default=_json_default))
+                by_hash[cell.hash] = record
+            records[cell.id] = {**record, "id": cell.id, "block": cell.block,
+                                "status": "computed"}
+    except KeyboardInterrupt:
+        _warn_damaged(cache, memo.damaged)
+        raise Interrupted(len(records), len(selected)) from None
     if todo:
         progress(sys.stderr, len(todo), len(todo), clock, "done")
+    _warn_damaged(cache, memo.damaged)
     frame = pd.DataFrame([records[c.id] for c in selected if c.id in records])
     frame.attrs["run"] = {
         "matrix": str(matrix_path), "only": only, "force": force,
@@ -654,6 +750,6 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
         "datasets": {n: {"source": d.ds.source, "is_sample": d.ds.is_sample,
                          "n_train": len(d.ds.y_train), "n_test": len(d.ds.y_test),
                          "data_hash": d.hash} for n, d in loaded.items()},
-        "skipped": skipped,
+        "skipped": skipped, "out_dir": str(out_dir), "determinism": determinism_key(),
     }
     return frame

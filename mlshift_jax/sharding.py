@@ -77,11 +77,33 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     env = os.environ
     coordinator = coordinator or env.get("MLSHIFT_COORDINATOR")
     if num_processes is None and "MLSHIFT_NUM_PROCESSES" in env:
-        num_processes = int(env["MLSHIFT_NUM_PROCESSES"])
+        num_processes = _env_int("MLSHIFT_NUM_PROCESSES", 1)
     if process_id is None and "MLSHIFT_PROCESS_ID" in env:
-        process_id = int(env["MLSHIFT_PROCESS_ID"])
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
+        process_id = _env_int("MLSHIFT_PROCESS_ID", 0)
+    if num_processes is not None and process_id is not None and process_id >= num_processes:
+        raise ConfigError(f"MLSHIFT_PROCESS_ID: expected 0..{num_processes - 1}, "
+                          f"found {process_id}")
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator,
+                                   num_processes=num_processes, process_id=process_id)
+    except (ValueError, RuntimeError, TypeError) as e:  # no cluster found, bad address, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"--distributed: could not join a multi-process run ({first}); set "
+                          "MLSHIFT_COORDINATOR=host:port, MLSHIFT_NUM_PROCESSES and "
+                          "MLSHIFT_PROCESS_ID, or run under SLURM / Open MPI / a TPU pod"
+                          ) from None
+
+
+def _env_int(var: str, minimum: int) -> int:
+    """Env `var` as an integer >= minimum; ConfigError naming it otherwise."""
+    text = os.environ[var]
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ConfigError(f"{var}: expected an integer >= {minimum}, found {text!r}")
+    return value
 
 
 def describe_devices() -> str:

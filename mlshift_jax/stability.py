@@ -1,10 +1,12 @@
 """Stability over random samples (the study's E2): one model per seeded random subsample of
 the training set, all trained together as one population (one compiled call; models per
-vmap by `population.chunk_size`), each scored on the test set."""
+vmap by `population.chunk_size`, and at most `GATHER_BYTES` of sampled copies at once: each
+group gathers its samples inside the compiled call), each scored on the test set."""
 
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +18,37 @@ from mlshift_jax.errors import ConfigError
 from mlshift_jax.metrics import evaluate_many
 from mlshift_jax.models import SEED_MLP
 from mlshift_jax.population import chunk_size
-from mlshift_jax.sharding import make_mesh, population_sharded
-from mlshift_jax.train import init_population, train_seed_sgd_population
+from mlshift_jax.rules import check_at_most, check_memory
+from mlshift_jax.sharding import make_mesh, replicate, shard_leading, unpad
+from mlshift_jax.train import init_population, map_chunks, train_seed_sgd
 
 MEASURES = ["accuracy", "precision", "recall", "f1"]
+
+
+GATHER_BYTES = 1 << 30  # the sampled copies of the training set held at once, at most
+
+
+@partial(jax.jit, static_argnames=("epochs", "chunk"))
+def _train_on_samples(params, idx, x_all, y_all, *, lr, epochs: int, chunk: int):
+    """Model i trains on x_all[idx[i]]; each group of `chunk` models gathers its own samples
+    inside the compiled call, so only `chunk` sampled copies exist at once."""
+    def group(g):
+        train = jax.vmap(partial(train_seed_sgd, lr=lr, epochs=epochs))
+        return train(g["params"], x_all[g["idx"]], y_all[g["idx"]])
+    return map_chunks(group, {"params": params, "idx": idx}, chunk)
+
+
+def peak_bytes(n_train: int, n_test: int, n_in: int, *, samples: int, size: int,
+               hidden: int, n_classes: int = 10) -> tuple[int, int]:
+    """(estimated peak bytes, models per group) of `stability`: the inputs on the device
+    (float32 train and test sets), one group's sampled copies, every model's params (twice:
+    before and after training) and the test outputs."""
+    per_member = size * n_in * 4
+    chunk = int(max(1, min(chunk_size(samples, size), GATHER_BYTES // max(per_member, 1))))
+    inputs = (n_train + n_test) * n_in * 4
+    params = 2 * samples * hidden * (n_in + n_classes) * 4
+    outputs = samples * n_test * n_classes * 4 * 2
+    return inputs + 2 * chunk * per_member + params + outputs + samples * size * 8, chunk
 
 
 def stability(ds: Dataset, *, samples: int = 10, size: int = 10_000, hidden: int = 200,
@@ -27,20 +56,30 @@ def stability(ds: Dataset, *, samples: int = 10, size: int = 10_000, hidden: int
     """Train `samples` seed-mlp models, model i on subsample(seed + i) of `size` images.
 
     Returns (table, train_seconds): one row per sample (accuracy = the study's "performance",
-    macro precision / recall / F1), then rows mean, std, min, max.
+    macro precision / recall / F1), then rows mean, std, min, max. ConfigError for a size
+    above the training images there are, and, before anything large is allocated, when the
+    estimated peak memory (`peak_bytes`, inputs included) exceeds what the machine has free.
     """
     n = len(ds.y_train)
     if samples < 1:
         raise ConfigError(f"samples must be >= 1; got {samples}")
+    check_at_most(size, n, "size", f"training images of {ds.name}")
+    n_in = ds.x_train.shape[1]
+    need, chunk = peak_bytes(n, len(ds.y_test), n_in, samples=samples, size=size,
+                             hidden=hidden)
+    check_memory(need, f"stability with {samples} samples of {size} images, hidden {hidden},",
+                 "lower --samples/--size/--hidden")
     idx = np.stack([subsample(seed + i, n, size) for i in range(samples)])  # [samples, size]
     keys = jax.random.split(jax.random.key(seed), samples)
-    params = init_population(SEED_MLP, keys, n_in=ds.x_train.shape[1], n_hidden=hidden)
-    x, y = jnp.asarray(ds.x_train[idx]), jnp.asarray(ds.y_train[idx])
+    params = init_population(SEED_MLP, keys, n_in=n_in, n_hidden=hidden)
+    mesh = make_mesh()
+    x_all, y_all = replicate((jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)), mesh)
+    (params, idx_d), m = shard_leading((params, jnp.asarray(idx)), mesh)  # models split
     start = time.perf_counter()
-    params = jax.block_until_ready(population_sharded(  # the model axis split across devices
-        train_seed_sgd_population, params, x, y, mesh=make_mesh(), lr=lr, epochs=epochs,
-        chunk=chunk_size(samples, size)))
+    params = jax.block_until_ready(unpad(_train_on_samples(
+        params, idx_d, x_all, y_all, lr=lr, epochs=epochs, chunk=chunk), m))
     train_seconds = time.perf_counter() - start
+    del x_all, y_all, idx_d
     scores = evaluate_many(SEED_MLP, params, jnp.asarray(ds.x_test), jnp.asarray(ds.y_test))
     table = pd.DataFrame({m: np.asarray(scores[m]) for m in MEASURES})
     table.index = [f"sample {i + 1}" for i in range(samples)]

@@ -65,8 +65,10 @@ from mlshift_jax.poison import (
     WrongLabel,
     apply,
     describe,
+    eligible_classes,
     make_config,
     patch_pixels,
+    poison_count,
     trigger_of,
 )
 from mlshift_jax.population import Population, chunk_size, map_chunks, poison_key, train_poisoned
@@ -286,15 +288,20 @@ def _subset(ds: Dataset, n_train: int | None) -> tuple[np.ndarray, np.ndarray]:
 
 def run_sweep(ds: Dataset, configs: Sequence[PoisonConfig], *, model: str = "seed-mlp",
               seed: int = 0, hidden: int = 200, epochs: int | None = None,
-              n_train: int | None = None, chunk: int | None = None) -> pd.DataFrame:
+              n_train: int | None = None, chunk: int | None = None,
+              keep: dict | None = None, lr: float | None = None,
+              batch_size: int | None = None, optimizer: str | None = None) -> pd.DataFrame:
     """Train one model per config as one population and score each: a DataFrame, one row per
     cell (CONFIG_COLUMNS, "model", CELL_COLUMNS). n_train: the first n_train training
     images (None: all). attrs: model, n_train, n_test, epochs, hidden, seed, chunk, compile_s,
     train_s (the whole population), backend."""
     configs = list(configs)
     x, y = _subset(ds, n_train)
-    train = TrainConfig(hidden=hidden, epochs=epochs, seed=seed)
+    train = TrainConfig(hidden=hidden, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size,
+                        optimizer=optimizer)
     pop = train_poisoned(model, configs, x, y, train=train, chunk=chunk)
+    if keep is not None:  # the caller wants the trained params (leading axis: member)
+        keep["params"] = pop.params
     table = score_population(pop, configs, ds.x_test, ds.y_test, chunk=chunk)
     table.insert(len(CONFIG_COLUMNS), "model", model)
     table.attrs.update(model=model, n_train=int(len(y)), n_test=int(len(ds.y_test)),
@@ -394,7 +401,9 @@ def poison_one(ds: Dataset, *, kind: str, fraction: float = 0.1, patch: int = SW
                target: int = TARGET, model: str = "seed-mlp", seed: int = 0,
                mode: str = "uniform", hidden: int = 200, source: int | None = None,
                position: str | tuple[int, int] | None = None, epochs: int | None = None,
-               n_train: int | None = None) -> dict:
+               n_train: int | None = None, keep_params: bool = False,
+               lr: float | None = None, batch_size: int | None = None,
+               optimizer: str | None = None) -> dict:
     """Poison, train and score one model (`python -m mlshift_jax poison`).
 
     kind: a `poison.POISONINGS` name; the settings a kind has no use for are ignored (patch
@@ -402,21 +411,36 @@ def poison_one(ds: Dataset, *, kind: str, fraction: float = 0.1, patch: int = SW
     kind's default (trigger: one place per class, as E4; mixture: the bottom-right corner),
     "bottom-right", "per-class" or (row, col). Returns a JSON-ready dict: the cell's config
     and CELL_COLUMNS (clean_accuracy, precision, recall, f1, asr, ...), train_seconds (the
-    compiled training run), compile_seconds, train_size, model, backend.
+    compiled training run), compile_seconds, train_size, model, backend, params_finite
+    (False: the training diverged) and, with keep_params, "params" (the trained model's).
+    ConfigError when a fraction > 0 poisons no image (naming the eligible count); an ASR
+    with no eligible test image is None, never 0.
     """
     settings = {"fraction": fraction, "patch": patch, "target": target, "mode": mode,
                 "source": source}
     config = config_from(kind, settings)
+    _, y = _subset(ds, n_train)
+    if getattr(config, "fraction", 0.0) > 0 and poison_count(config, y) == 0:
+        n_eligible = int(eligible_classes(config)[np.asarray(y)].sum())
+        need = "no image is eligible" if n_eligible == 0 else (
+            f"expected a fraction >= {0.5 / n_eligible:.2g}")
+        raise ConfigError(f"fraction {fraction:g} of the {n_eligible} eligible training images "
+                          f"poisons none of them; {need}")
     if position is not None and trigger_of(config) is not None:
         where = None if position == "bottom-right" else position
         config = replace(config, patch=replace(config.patch, position=where))
+    kept: dict = {}
     table = run_sweep(ds, [config], model=model, seed=seed, hidden=hidden, epochs=epochs,
-                      n_train=n_train)
+                      n_train=n_train, keep=kept, lr=lr, batch_size=batch_size,
+                      optimizer=optimizer)
     row = {k: _plain(v) for k, v in table.iloc[0].to_dict().items()}
+    params = {k: np.asarray(v[0]) for k, v in kept["params"].items()}
+    finite = all(bool(np.all(np.isfinite(v))) for v in params.values())
     a = table.attrs
     return {**row, "train_seconds": a["train_s"], "compile_seconds": a["compile_s"],
             "train_size": a["n_train"], "epochs": a["epochs"], "hidden": hidden,
-            "seed": seed, "backend": a["backend"], "data_source": ds.source}
+            "seed": seed, "backend": a["backend"], "data_source": ds.source,
+            "params_finite": finite, **({"params": params} if keep_params else {})}
 
 
 def config_from(kind: str, settings: dict) -> PoisonConfig:

@@ -123,10 +123,10 @@ def test_attack_success_rate(variant, target):
 
 
 @variants
-def test_attack_success_rate_is_zero_without_eligible_examples(variant):
+def test_attack_success_rate_is_nan_without_eligible_examples(variant):
     y = jnp.full(20, 5)
     got = variant(metrics.attack_success_rate)(y, y, 5)
-    assert float(got) == 0.0 and np.isfinite(got)
+    assert np.isnan(float(got))  # nothing to measure: not a 0 that reads as "no backdoor"
 
 
 # --- evaluate on real (tiny) models ------------------------------------------------------------
