@@ -274,20 +274,7 @@ def load(path: str | os.PathLike) -> tuple[Any, dict]:
 def _read_npz(path, shown: str) -> tuple[dict[str, np.ndarray], str | None]:
     from mlshift_jax import files
 
-    reader = getattr(files, "read_npz", None)
-    if reader is not None:  # the hardened reader (sizes, inflation, CRC), where present
-        arrays = reader(path, what="a .npz of weights")
-    else:
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in f.files}
-        except (ValueError, OSError, EOFError) as e:
-            raise DataError(f"{shown}: expected a .npz of weights, found a damaged file "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                            ) from None
-        except Exception as e:  # noqa: BLE001 - zipfile.BadZipFile, zlib.error, ...
-            raise DataError(f"{shown}: expected a .npz of weights, found a damaged file "
-                            f"({type(e).__name__})") from None
+    arrays = files.read_npz(path, what="a .npz of weights")  # sizes, inflation, CRC
     raw = arrays.pop(NPZ_META, None)
     if raw is None:
         return arrays, None
