@@ -55,9 +55,9 @@ def _load(args) -> data.Dataset:
 def cmd_train(args) -> None:
     from mlshift_jax.files import save_params
     from mlshift_jax.metrics import evaluate
-    from mlshift_jax.recipes import TrainConfig, fit, get_recipe
+    from mlshift_jax.recipes import TrainConfig, fit_model, get_recipe
 
-    recipe = get_recipe(args.model)
+    get_recipe(args.model)  # an unknown model is one line, before the data loads
     cfg = TrainConfig(hidden=args.hidden, lr=args.lr, epochs=args.epochs,
                       batch_size=args.batch_size, seed=args.seed)
     ds = _load(args)
@@ -65,9 +65,10 @@ def cmd_train(args) -> None:
     if args.train_size is not None:
         x, y = x[: args.train_size], y[: args.train_size]
     start = time.perf_counter()
-    params = jax.block_until_ready(fit(args.model, cfg, x, y))
+    model, params = fit_model(args.model, cfg, x, y, ds.spec)
+    params = jax.block_until_ready(params)
     train_seconds = time.perf_counter() - start
-    scores = evaluate(recipe.arch, params, ds.x_test, ds.y_test)
+    scores = evaluate(model, params, ds.x_test, ds.y_test)
     result = {"model": args.model, **scores, "train_seconds": train_seconds,
               "train_size": int(len(y)), "data_source": ds.source,
               "backend": jax.default_backend()}
@@ -100,7 +101,7 @@ def cmd_attack(args) -> None:
     from mlshift_jax.files import load_params
     from mlshift_jax.metrics import evaluate
     from mlshift_jax.models import infer_model
-    from mlshift_jax.recipes import TrainConfig, fit, get_recipe
+    from mlshift_jax.recipes import TrainConfig, fit_model
     from mlshift_jax.timing import time_call
 
     attacks = [get_attack(name) for name in args.attack]
@@ -109,12 +110,11 @@ def cmd_attack(args) -> None:
     ds = _load(args)
     if args.params:
         params = load_params(args.params)
-        model = infer_model(params)
+        model = infer_model(params, ds.spec)
     else:
-        model = get_recipe(args.model).arch
-        params = fit(args.model, TrainConfig(hidden=args.hidden, epochs=args.epochs,
-                                             seed=args.seed),
-                     ds.x_train, ds.y_train)
+        model, params = fit_model(args.model, TrainConfig(hidden=args.hidden, epochs=args.epochs,
+                                                          seed=args.seed),
+                                  ds.x_train, ds.y_train, ds.spec)
     params = jax.device_put({k: jax.numpy.asarray(v, jax.numpy.float32)
                              for k, v in params.items()})
     n = len(ds.y_test) if args.n is None else min(args.n, len(ds.y_test))

@@ -14,7 +14,7 @@ import pandas as pd
 from mlshift_jax.data import Dataset, subsample
 from mlshift_jax.errors import ConfigError
 from mlshift_jax.metrics import evaluate_many
-from mlshift_jax.models import SEED_MLP
+from mlshift_jax.models import build
 from mlshift_jax.population import chunk_size
 from mlshift_jax.sharding import make_mesh, population_sharded
 from mlshift_jax.train import init_population, train_seed_sgd_population
@@ -34,14 +34,15 @@ def stability(ds: Dataset, *, samples: int = 10, size: int = 10_000, hidden: int
         raise ConfigError(f"samples must be >= 1; got {samples}")
     idx = np.stack([subsample(seed + i, n, size) for i in range(samples)])  # [samples, size]
     keys = jax.random.split(jax.random.key(seed), samples)
-    params = init_population(SEED_MLP, keys, n_in=ds.x_train.shape[1], n_hidden=hidden)
+    model = build("seed-mlp", ds.spec, hidden)
+    params = init_population(model, keys)
     x, y = jnp.asarray(ds.x_train[idx]), jnp.asarray(ds.y_train[idx])
     start = time.perf_counter()
     params = jax.block_until_ready(population_sharded(  # the model axis split across devices
         train_seed_sgd_population, params, x, y, mesh=make_mesh(), lr=lr, epochs=epochs,
-        chunk=chunk_size(samples, size)))
+        chunk=chunk_size(samples, size, model.n_inputs)))
     train_seconds = time.perf_counter() - start
-    scores = evaluate_many(SEED_MLP, params, jnp.asarray(ds.x_test), jnp.asarray(ds.y_test))
+    scores = evaluate_many(model, params, jnp.asarray(ds.x_test), jnp.asarray(ds.y_test))
     table = pd.DataFrame({m: np.asarray(scores[m]) for m in MEASURES})
     table.index = [f"sample {i + 1}" for i in range(samples)]
     summary = table.agg(["mean", "std", "min", "max"])

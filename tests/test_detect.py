@@ -223,7 +223,7 @@ def backdoored(mnist):
     plan = plan_for("seed-mlp", TrainConfig(hidden=100))
     pop, idx = train_sampled(plan, [config], mnist.x_train, mnist.y_train, seeds=[7], size=8000)
     params = member(pop.params, 0)
-    x, y, mask = poisoned_sample(mnist.x_train, mnist.y_train, idx[0], 7, config)
+    x, y, mask = poisoned_sample(mnist.x_train, mnist.y_train, idx[0], 7, config, plan.arch)
     assert np.array_equal(np.asarray(mask), pop.masks[0])
     return params, x, y, mask
 
