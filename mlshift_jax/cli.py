@@ -243,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = _Parser(add_help=False)
     common.add_argument("--data-dir", help="folder with MNIST IDX (gz or raw) or CSV files")
-    common.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
+    common.add_argument("--dataset", default="mnist",
+                        help="mnist, fashion-mnist, or a path: a .npz (x_train, y_train, "
+                             "x_test, y_test) or a folder of IDX files or train.csv/test.csv")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--format", choices=["table", "json"], default="table")
     common.add_argument("--hidden", type=_positive(int), default=200)

@@ -368,9 +368,17 @@ def eligible_classes(config: PoisonConfig, n_classes: int) -> np.ndarray:
     return out
 
 
+def _uses_target(config: PoisonConfig) -> bool:
+    """Whether config relabels to its target (mixture; wrong-label in mode "target")."""
+    return isinstance(config, Mixture) or (isinstance(config, WrongLabel)
+                                           and config.mode == "target")
+
+
 def _classes_needed(config: PoisonConfig, y) -> int:
     """The least K that holds every label of y and every class config names."""
-    named = [getattr(config, k, None) for k in ("target", "source")]
+    named = [getattr(config, "source", None)]
+    if _uses_target(config):
+        named.append(config.target)
     return max([2, int(np.max(y)) + 1 if np.size(y) else 2]
                + [int(c) + 1 for c in named if isinstance(c, (int, np.integer))])
 
@@ -397,7 +405,7 @@ def check_for(config: PoisonConfig, spec) -> None:
     k = spec.n_classes
     if isinstance(config, Clean):
         return
-    if not isinstance(config, Trigger):
+    if _uses_target(config):
         _check_class(config.kind, "target", config.target, n_classes=k)
     _check_class(config.kind, "source", config.source, optional=True, n_classes=k)
     patch = trigger_of(config)

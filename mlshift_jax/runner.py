@@ -675,7 +675,9 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
         "cells": len(selected), "computed": len(todo), "reused": len(records) - len(todo),
         "datasets": {n: {"source": d.ds.source, "is_sample": d.ds.is_sample,
                          "n_train": len(d.ds.y_train), "n_test": len(d.ds.y_test),
-                         "data_hash": d.hash} for n, d in loaded.items()},
+                         "data_hash": d.hash, "image_shape": list(d.ds.image_shape),
+                         "n_classes": d.ds.n_classes, "input_range": list(d.ds.input_range),
+                         "load": mx.load_kwargs(n)} for n, d in loaded.items()},
         "skipped": skipped,
     }
     return frame

@@ -87,7 +87,7 @@ def test_median_smooth_matches_scipy(size):
 
 def test_bit_depth():
     x = jnp.asarray([0.01, 0.2, 0.5, 0.51, 0.99, 1.0])
-    np.testing.assert_allclose(detect.bit_depth(x, 1), [0.01, 0.01, 0.01, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(detect.bit_depth(x, 1, 0.01, 1.0), [0.01, 0.01, 0.01, 1.0, 1.0, 1.0])
     levels = np.unique(np.asarray(detect.bit_depth(jnp.asarray(RNG.random(1000)) * 0.99 + 0.01,
                                                    3)))
     assert len(levels) == 8
