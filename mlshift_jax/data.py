@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import math
+import os
 import warnings
 import zipfile
 import zlib

@@ -33,7 +33,6 @@ import numpy as np
 from mlshift_jax.errors import ConfigError
 from mlshift_jax.models import Model, Params, square_shape
 
-
 # --- squeezers (Xu et al. 2018) ----------------------------------------------------------------
 
 

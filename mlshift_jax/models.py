@@ -334,7 +334,7 @@ BUILTINS: dict[str, _Builtin] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build(name: str, spec: Spec, hidden: int) -> Model:
     return BUILTINS[name].build(spec, hidden)
 

@@ -98,5 +98,6 @@ def poisoned_sample(x, y, idx: np.ndarray, seed: int, config: PoisonConfig, spec
     [size] and seed (for the training-data detectors, which need the poisoned set); spec:
     the data's models.Spec (or the plan's model)."""
     y_s = np.asarray(y)[idx]
+    arrays = jax.tree.map(jnp.asarray, to_arrays(config, y_s, spec))
     return _poison(poison_key(int(seed)), jnp.asarray(np.asarray(x)[idx]),
-                   jnp.asarray(y_s, jnp.int32), jax.tree.map(jnp.asarray, to_arrays(config, y_s, spec)))
+                   jnp.asarray(y_s, jnp.int32), arrays)

@@ -47,6 +47,7 @@ from mlshift_jax import (
     baseline,
     data,
     detection_bench,
+    models,
     population,
     sharding,
     stability,
@@ -69,7 +70,6 @@ from mlshift_jax.matrix import (
     select,
 )
 from mlshift_jax.metrics import SCORE_NAMES, evaluate, evaluate_arrays
-from mlshift_jax import models
 from mlshift_jax.models import Model, predict
 from mlshift_jax.recipes import TrainConfig, fit, get_recipe, model_for, resolve
 from mlshift_jax.timing import Timing, time_call, time_once

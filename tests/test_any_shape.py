@@ -129,7 +129,8 @@ def test_idx_folder_of_any_image_size(tmp_path):
 
 
 def _csv(path, x, y):
-    rows = [",".join(map(str, [int(lab), *img.ravel().tolist()])) for img, lab in zip(x, y)]
+    rows = [",".join(map(str, [int(lab), *img.ravel().tolist()]))
+            for img, lab in zip(x, y, strict=True)]
     path.write_text("\n".join(rows) + "\n")
     return path
 
@@ -334,3 +335,41 @@ def test_matrix_dataset_tables_are_checked(table, match):
             'eps = [0.1]\n\n' + table)
     with pytest.raises(ConfigError, match=match):
         matrix.parse(text, "m.toml")
+
+
+# --- the command line on a path dataset -------------------------------------------------------
+
+
+def test_cli_train_attack_poison_on_a_path_dataset(colour, tmp_path, capsys):
+    import json
+
+    from mlshift_jax import cli
+
+    path = colour.source.split(":", 1)[1]
+
+    def run(*argv):
+        assert cli.main(list(argv)) == 0, capsys.readouterr().err
+        return json.loads(capsys.readouterr().out)
+
+    trained = run("train", "--dataset", path, "--model", "seed-mlp", "--hidden", "32",
+                  "--epochs", "2", "--save", str(tmp_path / "p.npz"), "--format", "json")
+    assert trained["accuracy"] > 0.5
+    rows = run("attack", "--dataset", path, "--params", str(tmp_path / "p.npz"), "--attack",
+               "fgsm", "--eps", "0", "0.2", "--format", "json")
+    assert rows[1]["accuracy"] < rows[0]["accuracy"] == trained["accuracy"]
+    result = run("poison", "--dataset", path, "--kind", "mixture", "--fraction", "0.2",
+                 "--patch", "3", "--target", "1", "--hidden", "32", "--format", "json")
+    assert result["asr"] > 0.5 and result["poisoned_count"] > 0
+
+
+def test_check_pair_places_weights_without_the_data(colour):
+    from mlshift_jax.change import check_pair
+
+    for name in ("seed-mlp", "cnn"):
+        model = models.build(name, colour, 8)
+        a, b = model.init(KEY), model.init(jax.random.key(1))
+        assert check_pair(a, b) == name  # before the data loads: names and shapes only
+        assert check_pair(a, b, colour.spec) == name
+    with pytest.raises(ConfigError, match="like the reference"):
+        check_pair(models.build("seed-mlp", colour, 8).init(KEY),
+                   models.build("mlp-ce", colour, 8).init(KEY))
