@@ -137,11 +137,14 @@ def cmd_attack(args) -> None:
 
 
 def cmd_poison(args) -> None:
-    from mlshift_jax import sweeps
+    from mlshift_jax import poison, sweeps
 
-    sweeps.config_from(args.kind, {"fraction": args.fraction, "patch": args.patch,  # check
-                                   "target": args.target, "mode": args.mode,
-                                   "source": args.source})
+    config = sweeps.config_from(args.kind, {"fraction": args.fraction, "patch": args.patch,
+                                            "target": args.target, "mode": args.mode,
+                                            "source": args.source})  # checked
+    spec = data.builtin_spec(args.dataset)
+    if spec is not None:  # a built-in's shape and classes are known before it loads
+        poison.check_for(config, spec)
     ds = _load(args)
     common = dict(model=args.model, seed=args.seed, hidden=args.hidden, epochs=args.epochs,
                   n_train=args.train_size)

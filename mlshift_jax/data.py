@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DATASETS",
+    "builtin_spec",
     "INPUT_RANGE",
     "Dataset",
     "SampleDataWarning",
@@ -490,6 +491,16 @@ def scale(x_uint8: np.ndarray, dtype: npt.DTypeLike = np.float32,
         table = (np.arange(256) / 255.0 * (hi - lo) + lo).astype(dtype)
         table[-1] = np.asarray(hi, dtype)  # 255 -> hi exactly
     return table[x.reshape(len(x), -1)]
+
+
+def builtin_spec(name) -> models.Spec | None:
+    """The `models.Spec` of built-in dataset `name` under the study's scaling (known before
+    it loads), or None for a path."""
+    if not (isinstance(name, str) and name in DATASETS):
+        return None
+    from mlshift_jax import models
+
+    return models.Spec(_BUILTIN_SHAPE, _BUILTIN_CLASSES, INPUT_RANGE)
 
 
 def to_image(x, image_shape: tuple[int, ...], input_range: tuple[float, float] = (0.0, 1.0),

@@ -325,7 +325,8 @@ def _attack_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bo
     attack = attacks.get_attack(cfg.attack)
     options = dict(cfg.options)
     if attack.targeted:
-        options.setdefault("target", study.E7_TARGET)
+        # the study's target class 3, or the last class of data with fewer classes
+        options.setdefault("target", min(study.E7_TARGET, trained.arch.n_classes - 1))
     # one code path from 1 device to N: the batch split across the mesh, params replicated
     (xs, ys), n = sharding.shard_leading((x, y), _mesh())
     fn = partial(attack.fn, trained.arch, sharding.replicate(trained.params, _mesh()),
@@ -393,9 +394,11 @@ def _speed_fgsm(ds: data.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
     n, k = len(yn), min(cfg.numpy_loop_images, len(yn))
     timed = partial(measure, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
     t_jax, x_adv = timed(partial(attacks.fgsm, model, params, eps=cfg.eps), x, y)
-    t_np, x_np = timed(lambda a, b: baseline.fgsm_batched(wih, who, a, b, cfg.eps), xn, yn,
-                       compiled=False)
-    t_loop, _ = _once(lambda a, b: baseline.fgsm_loop(wih, who, a, b, cfg.eps), xn[:k], yn[:k])
+    lo, hi = model.input_range
+    t_np, x_np = timed(lambda a, b: baseline.fgsm_batched(wih, who, a, b, cfg.eps, lo, hi),
+                       xn, yn, compiled=False)
+    t_loop, _ = _once(lambda a, b: baseline.fgsm_loop(wih, who, a, b, cfg.eps, lo, hi),
+                      xn[:k], yn[:k])
     d, n_out = model.n_inputs, model.n_classes
     a, b = gemm_floor_operands(n, cfg.hidden, d, n_out)
     t_floor, _ = timed(np.matmul, a, b, compiled=False)
