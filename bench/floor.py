@@ -55,7 +55,7 @@ def bandwidth(n_bytes: int) -> float:
 def fgsm_cost(n: int, hidden: int) -> tuple[float, float]:
     """(FLOPs, bytes) of FGSM on the seed MLP for n images: its 4 matmuls (`fgsm_flops`);
     reads x once and writes x_adv once (float32), the weights are negligible."""
-    return float(fgsm_flops(n, hidden)), 2.0 * 4.0 * n * N_IN
+    return float(fgsm_flops(n, hidden, N_IN, 10)), 2.0 * 4.0 * n * N_IN
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,7 +87,7 @@ def test_fgsm_numpy_loop(benchmark, case):
 @pytest.mark.benchmark(group="fgsm")
 def test_gemm_floor(benchmark, case):
     n = len(case["y"])
-    flop = fgsm_flops(n, HIDDEN)
+    flop = fgsm_flops(n, HIDDEN, 784, 10)
     rng = np.random.default_rng(0)
     a = rng.random((n, 784 + 10), dtype=np.float32)
     b = rng.random((784 + 10, 2 * HIDDEN), dtype=np.float32)

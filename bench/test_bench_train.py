@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from mlshift_jax import baseline, data
-from mlshift_jax.models import SEED_MLP
+from mlshift_jax.models import SEED_MLP, STUDY_SPEC
 from mlshift_jax.recipes import TrainConfig, get_recipe, resolve
 from mlshift_jax.train import train_minibatch, train_seed_sgd
 
@@ -74,11 +74,12 @@ def test_epoch_minibatch_jax(benchmark, train_set, name):
     recipe = get_recipe(name)
     cfg = resolve(recipe, TrainConfig(hidden=HIDDEN, epochs=1))
     k_init, k_shuffle = jax.random.split(jax.random.key(0))
-    params = recipe.arch.init(k_init, n_hidden=HIDDEN)
+    model = recipe.build(STUDY_SPEC, cfg)
+    params = model.init(k_init)
 
     def epoch():
         return jax.block_until_ready(train_minibatch(
-            k_shuffle, params, x, y, model=recipe.arch, optimizer=cfg.optimizer,
+            k_shuffle, params, x, y, model=model, optimizer=cfg.optimizer,
             lr=float(cfg.lr), batch_size=cfg.batch_size, epochs=1))
 
     _info(benchmark, impl=f"jax {name}", optimizer=cfg.optimizer, batch_size=cfg.batch_size,

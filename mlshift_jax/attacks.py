@@ -3,15 +3,17 @@
 Every attack has one signature, so that the runner, the CLI and the tests drive them all from
 `ATTACKS`:
 
-    attack(model, params, x, y, *, eps, key=None, lo=0.01, hi=1.0, ...) -> x_adv
+    attack(model, params, x, y, *, eps, key=None, lo=None, hi=None, ...) -> x_adv
 
     model:  a `models.Model` (static under jit: its functions are hashed, not traced)
     params: the model's pytree of weights
-    x:      [batch, n_in] float inputs in [lo, hi]   (0.01..1.0 under the study's scaling)
+    x:      [batch, D] float inputs in [lo, hi], D = prod(model.input_shape)
     y:      [batch] int true labels
     eps:    the L∞ budget; a traced value, so a sweep over eps never recompiles
     key:    a `jax.random` key; required by the random attacks, ignored by the others
-    x_adv:  [batch, n_in], same dtype as x, clipped to [lo, hi]
+    lo, hi: the valid input range; None (the default) takes the model's `input_range`
+            (the dataset's: (0.01, 1.0) under the study's MNIST scaling, [0, 1] by default)
+    x_adv:  [batch, D], same dtype as x, clipped to [lo, hi]
 
 Each attack is one jitted call over the whole batch. Per-example input gradients are
 `jax.vmap(jax.grad(model.loss, argnums=1))`, the gradient of the model's own training loss.
@@ -34,9 +36,6 @@ import numpy as np
 from mlshift_jax.checks import finite_inputs
 from mlshift_jax.errors import ConfigError
 from mlshift_jax.models import Model, Params
-
-# The valid input range under the study's scaling x/255*0.99 + 0.01 (`data.INPUT_RANGE`).
-INPUT_LO, INPUT_HI = 0.01, 1.0
 
 # The attack key of a run seeded `seed`: fold_in(key(seed), KEY_STREAM). Training draws from
 # key(seed) and its splits (fold_in(k, i) == split(k)[i] for small i), so attacks use a stream
@@ -129,9 +128,17 @@ def _check_target(model: Model, params: Params, x: jax.Array, target: Any, attac
                           f"[{value.min()}, {value.max()}]")
 
 
+def _bounds(model: Model, lo: Any, hi: Any) -> tuple[Any, Any]:
+    """lo and hi, each None replaced by the model's input_range."""
+    range_lo, range_hi = model.input_range
+    return (range_lo if lo is None else lo), (range_hi if hi is None else hi)
+
+
 def _prepare(model, x, y, eps, lo, hi):
-    """The checks every attack shares; eps, lo, hi cast to x's dtype (one trace per dtype)."""
+    """The checks every attack shares; eps, lo, hi cast to x's dtype (one trace per dtype);
+    lo / hi None take the model's input_range."""
     x, y = _check_inputs(model, x, y)
+    lo, hi = _bounds(model, lo, hi)
     _check_eps(eps)
     _check_range(lo, hi)
     cast = functools.partial(jnp.asarray, dtype=x.dtype)
@@ -192,15 +199,15 @@ def _pgd_kernel(model, descend: bool, steps: int, random_start: bool, params, x,
 # --- the attacks -------------------------------------------------------------------------------
 
 
-def none(model: Model, params: Params, x, y, *, eps=0.0, key=None, lo=INPUT_LO,
-         hi=INPUT_HI) -> jax.Array:
+def none(model: Model, params: Params, x, y, *, eps=0.0, key=None, lo=None,
+         hi=None) -> jax.Array:
     """The identity: x unchanged ([batch, n_in]); the clean row of every table."""
     x, *_ = _prepare(model, x, y, eps, lo, hi)
     return x
 
 
-def noise_sign(model: Model, params: Params, x, y, *, eps, key=None, lo=INPUT_LO,
-               hi=INPUT_HI) -> jax.Array:
+def noise_sign(model: Model, params: Params, x, y, *, eps, key=None, lo=None,
+               hi=None) -> jax.Array:
     """x + eps * s, s = ±1 per pixel at random, clipped to [lo, hi]. x: [batch, n_in].
 
     The study's "randomly generated noise" ("Detection of ML Behavior Changes", Part 4): the
@@ -211,16 +218,16 @@ def noise_sign(model: Model, params: Params, x, y, *, eps, key=None, lo=INPUT_LO
     return _noise_kernel("sign", x, eps, key, lo, hi)
 
 
-def noise_uniform(model: Model, params: Params, x, y, *, eps, key=None, lo=INPUT_LO,
-                  hi=INPUT_HI) -> jax.Array:
+def noise_uniform(model: Model, params: Params, x, y, *, eps, key=None, lo=None,
+                  hi=None) -> jax.Array:
     """x + u, u ~ Uniform[-eps, eps] per pixel, clipped to [lo, hi]. x: [batch, n_in]."""
     _check_key(key, "noise-uniform")
     x, y, eps, lo, hi = _prepare(model, x, y, eps, lo, hi)
     return _noise_kernel("uniform", x, eps, key, lo, hi)
 
 
-def noise_gauss(model: Model, params: Params, x, y, *, eps, key=None, lo=INPUT_LO,
-                hi=INPUT_HI) -> jax.Array:
+def noise_gauss(model: Model, params: Params, x, y, *, eps, key=None, lo=None,
+                hi=None) -> jax.Array:
     """x + n, n ~ Normal(0, eps^2) per pixel, clipped to [lo, hi]. x: [batch, n_in].
 
     Not bounded in L∞: a pixel may move by more than eps (before clipping).
@@ -230,8 +237,8 @@ def noise_gauss(model: Model, params: Params, x, y, *, eps, key=None, lo=INPUT_L
     return _noise_kernel("gauss", x, eps, key, lo, hi)
 
 
-def fgsm(model: Model, params: Params, x, y, *, eps, key=None, lo=INPUT_LO,
-         hi=INPUT_HI) -> jax.Array:
+def fgsm(model: Model, params: Params, x, y, *, eps, key=None, lo=None,
+         hi=None) -> jax.Array:
     """Fast Gradient Sign Method: clip(x + eps * sign(grad_x J(params, x, y)), lo, hi).
 
     Goodfellow, Shlens & Szegedy, "Explaining and Harnessing Adversarial Examples", ICLR 2015;
@@ -244,7 +251,7 @@ def fgsm(model: Model, params: Params, x, y, *, eps, key=None, lo=INPUT_LO,
 
 
 def fgsm_targeted(model: Model, params: Params, x, y, *, eps, target=None, key=None,
-                  lo=INPUT_LO, hi=INPUT_HI) -> jax.Array:
+                  lo=None, hi=None) -> jax.Array:
     """Targeted FGSM: clip(x - eps * sign(grad_x J(params, x, target)), lo, hi).
 
     One step down the loss toward `target` (an int class, or [batch] ints), as in Kurakin,
@@ -270,7 +277,7 @@ def _pgd(name, descend, model, params, x, labels_fn, *, eps, key, lo, hi, steps,
                        step_size, key if random_start else None, lo, hi)
 
 
-def pgd(model: Model, params: Params, x, y, *, eps, key=None, lo=INPUT_LO, hi=INPUT_HI,
+def pgd(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=None,
         steps: int = PGD_STEPS, step_size=None, random_start: bool = True) -> jax.Array:
     """Projected gradient descent in L∞ (here ascent on the loss), `steps` FGSM steps.
 
@@ -286,7 +293,7 @@ def pgd(model: Model, params: Params, x, y, *, eps, key=None, lo=INPUT_LO, hi=IN
 
 
 def pgd_targeted(model: Model, params: Params, x, y, *, eps, target=None, key=None,
-                 lo=INPUT_LO, hi=INPUT_HI, steps: int = PGD_STEPS, step_size=None,
+                 lo=None, hi=None, steps: int = PGD_STEPS, step_size=None,
                  random_start: bool = True) -> jax.Array:
     """Targeted PGD-L∞: `pgd` descending the loss toward `target` (int or [batch] ints).
 
@@ -366,7 +373,7 @@ def sweep(attack_fn: Attack | Callable[..., jax.Array], model: Model, params: Pa
         raise ConfigError(f"attack_fn: expected an Attack or an attack function, found {fn!r}")
     _check_eps(eps_values, ndim=1, name="eps_values")
     x, y = _check_inputs(model, x, y)
-    _check_range(kw.get("lo", INPUT_LO), kw.get("hi", INPUT_HI))
+    _check_range(*_bounds(model, kw.get("lo"), kw.get("hi")))
     if "steps" in kw or "step_size" in kw:
         _check_steps(kw.get("steps", PGD_STEPS), kw.get("step_size"))
     if kw.get("target") is not None:

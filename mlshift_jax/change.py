@@ -34,11 +34,11 @@ import numpy as np
 
 from mlshift_jax import categorize, fingerprint
 from mlshift_jax.attacks import attack_key, get_attack
-from mlshift_jax.data import Dataset, cache_dir
+from mlshift_jax.data import Dataset, cache_dir, content_hash
 from mlshift_jax.errors import ConfigError, DataError
 from mlshift_jax.files import atomic_path, read_npz
 from mlshift_jax.matrix import config_hash
-from mlshift_jax.models import HIDDEN, Model, Params, infer_model
+from mlshift_jax.models import STUDY_SPEC, Model, Params, build, infer_model
 from mlshift_jax.poison import make_config
 from mlshift_jax.population import plan_for
 from mlshift_jax.recipes import TrainConfig
@@ -104,16 +104,17 @@ class Calibration:
 
 
 def hidden_size(model: Model, params: Params) -> int:
-    """The width of the penultimate layer of `params` (what `HIDDEN` returns)."""
-    n_in = 784
-    out = jax.eval_shape(HIDDEN[model.name], params, jax.ShapeDtypeStruct((n_in,), jnp.float32))
-    return int(out.shape[-1])
+    """The width of the penultimate layer of `params` (what `model.features` returns)."""
+    if model.features is None:
+        raise ConfigError(f"detect: expected a model with features, found {model.name}")
+    x = jax.ShapeDtypeStruct((model.n_inputs,), jnp.float32)
+    return int(jax.eval_shape(model.features, params, x).shape[-1])
 
 
 def changed_inputs(model: Model, params: Params, probes: fingerprint.ProbeSet,
                    attacks: tuple[tuple[str, float], ...], key: jax.Array) -> jax.Array:
     """Each input change (attack, eps) of `attacks` applied to the probes, against `params`,
-    with the probes' labels: -> [len(attacks), P, 784]."""
+    with the probes' labels: -> [len(attacks), P, D]."""
     out = []
     for i, (kind, eps) in enumerate(attacks):
         attack = get_attack(kind)
@@ -127,6 +128,9 @@ def _cache_key(recipe: str, hidden: int, ds: Dataset, cfg: CalibrationConfig) ->
     payload = {"version": CACHE_VERSION, "recipe": recipe, "hidden": hidden,
                "dataset": ds.name, "source": ds.source, "n_train": len(ds.y_train),
                "n_test": len(ds.y_test), "config": asdict(cfg)}
+    if tuple(ds.spec) != tuple(STUDY_SPEC):  # MNIST keys as before; other data by content
+        payload["data"] = [content_hash(ds), list(ds.image_shape), ds.n_classes,
+                           list(ds.input_range)]
     return config_hash(payload)
 
 
@@ -139,7 +143,7 @@ def calibrate(recipe: str, hidden: int, ds: Dataset, config: CalibrationConfig |
     """
     cfg = (config or CalibrationConfig()).validate()
     probes = fingerprint.make_probes(ds.x_test, ds.y_test, n=cfg.probes,
-                                     n_patched=cfg.n_patched, seed=cfg.seed)
+                                     n_patched=cfg.n_patched, seed=cfg.seed, spec=ds.spec)
     kinds = tuple([f"{k} {f:g}" for k, f in cfg.poisonings] * cfg.poison_seeds)
     folder = Path(cache_path) if cache_path is not None else cache_dir("detect")
     path = folder / f"calibration-{_cache_key(recipe, hidden, ds, cfg)}.npz"
@@ -157,7 +161,7 @@ def calibrate(recipe: str, hidden: int, ds: Dataset, config: CalibrationConfig |
     configs = [make_config("clean")] * cfg.n_null + [
         make_config(k, fraction=f) for k, f in cfg.poisonings] * cfg.poison_seeds
     seeds = NULL_STREAM + cfg.seed * 10_000 + np.arange(len(configs))
-    plan = plan_for(recipe, TrainConfig(hidden=hidden, epochs=cfg.epochs))
+    plan = plan_for(recipe, TrainConfig(hidden=hidden, epochs=cfg.epochs), ds.spec)
     pop, _ = train_sampled(plan, configs, ds.x_train, ds.y_train, seeds=seeds.tolist(),
                            size=min(cfg.sample_size, len(ds.y_train)))
     resp = fingerprint.model_responses(plan.arch, pop.params, probes)
@@ -174,13 +178,14 @@ def calibrate(recipe: str, hidden: int, ds: Dataset, config: CalibrationConfig |
     return Calibration(probes, null, changed, kinds, recipe, hidden, cfg)
 
 
-def check_pair(reference: Params, suspect: Params) -> Model:
-    """The architecture both params are for; ConfigError if they are not the same model."""
-    model = infer_model(reference)
-    other = infer_model(suspect)
-    if other.name != model.name:
-        raise ConfigError(f"detect: expected the suspect to be a {model.name} like the "
-                          f"reference, found a {other.name}")
+def check_pair(reference: Params, suspect: Params, spec=None) -> str:
+    """The name of the built-in architecture both params are for; ConfigError if they are
+    not the same model. spec (a models.Spec or Dataset): the data's, checked against the
+    params' shapes; None checks the params alone (before the data is loaded)."""
+    model, other = (_arch(p, spec) for p in (reference, suspect))
+    if other != model:
+        raise ConfigError(f"detect: expected the suspect to be a {model} like the "
+                          f"reference, found a {other}")
     shapes_r = {k: tuple(np.shape(v)) for k, v in reference.items()}
     shapes_s = {k: tuple(np.shape(v)) for k, v in suspect.items()}
     if shapes_r != shapes_s:
@@ -190,6 +195,20 @@ def check_pair(reference: Params, suspect: Params) -> Model:
         if not all(np.all(np.isfinite(np.asarray(v))) for v in params.values()):
             raise DataError(f"detect: expected finite weights in the {name}, found NaN or inf")
     return model
+
+
+def _arch(params: Params, spec) -> str:
+    """The built-in architecture of params; without a spec, by array names alone."""
+    if spec is not None:
+        return infer_model(params, spec).name
+    try:
+        return infer_model(params).name
+    except ConfigError:
+        for name in RECIPE_OF:  # shapes the params alone cannot place (a CNN's image size)
+            probe = build(name, STUDY_SPEC, 8)
+            if set(jax.eval_shape(lambda m=probe: m.init(jax.random.key(0)))) == set(params):
+                return name
+        raise
 
 
 def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *,
@@ -212,13 +231,14 @@ def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *
         raise ConfigError(f"detect: expected alpha in (0, 1), found {alpha!r}")
     reference = {k: jnp.asarray(v) for k, v in reference_params.items()}
     suspect = {k: jnp.asarray(v) for k, v in suspect_params.items()}
-    model = check_pair(reference, suspect)
+    check_pair(reference, suspect, ds.spec)
+    model = infer_model(reference, ds.spec)
     hidden = hidden_size(model, reference)
     if null is None:
         cfg = config or CalibrationConfig(seed=seed)
         null = calibrate(RECIPE_OF[model.name], hidden, ds, cfg, cache=cache,
                          cache_path=cache_path)
-    if null.hidden != hidden or plan_for(null.recipe).arch.name != model.name:
+    if null.hidden != hidden or plan_for(null.recipe, spec=ds.spec).arch.name != model.name:
         raise ConfigError(f"detect: expected a calibration for {model.name} with hidden "
                           f"{hidden}, found {null.recipe} with hidden {null.hidden}")
     probes = null.probes

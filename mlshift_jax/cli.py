@@ -137,20 +137,42 @@ def _check_train_memory(x: np.ndarray, hidden: int, what: str) -> None:
 
 def _finite_or_fail(params: dict, args) -> None:
     """A diverged training (NaN / inf weights) fails here: nothing is saved."""
-    bad = sum(int(np.size(v) - np.count_nonzero(np.isfinite(np.asarray(v))))
-              for v in params.values())
+    leaves = [np.asarray(v) for v in jax.tree.leaves(params)]
+    bad = sum(int(np.size(v) - np.count_nonzero(np.isfinite(v))) for v in leaves)
     if bad:
-        total = sum(int(np.size(v)) for v in params.values())
+        total = sum(int(np.size(v)) for v in leaves)
         raise ConfigError(f"training diverged: {bad} of {total} weights are NaN/inf "
                           f"(lr {args.lr if args.lr is not None else 'default'}); lower --lr; "
                           "nothing saved")
 
 
-def _save(args, params: dict) -> None:
-    from mlshift_jax.files import clean_stale_temps, save_params
+def _save(args, params, model, ds: data.Dataset, poison_config=None) -> None:
+    """Write --save: safetensors (or .npz by its suffix) with the metadata readers need
+    (model reference and hyper-parameters, input shape/range, classes, training config and
+    seed, dataset name and content hash, poisoning)."""
+    from mlshift_jax import weights
+    from mlshift_jax.files import clean_stale_temps
 
     clean_stale_temps(Path(args.save).parent, recursive=False)
-    save_params(args.save, {k: np.asarray(v) for k, v in params.items()})
+    meta = weights.metadata(model, train=_train_config(args), dataset=ds, poison=poison_config)
+    weights.save(args.save, params, meta)
+
+
+def _check_fits(model, ds: data.Dataset) -> None:
+    """The model takes this dataset's images and classes, or one line saying what differs."""
+    if (tuple(model.input_shape), model.n_classes) != (tuple(ds.image_shape), ds.n_classes):
+        raise ConfigError(f"{model.name} takes images {tuple(model.input_shape)} with "
+                          f"{model.n_classes} classes; {ds.name} has {tuple(ds.image_shape)} "
+                          f"with {ds.n_classes}: pass the --dataset the model was trained on")
+
+
+def _load_weights(path: str):
+    """(model, params, meta) of a weights file: the architecture from its metadata, else from
+    the arrays' layout (before the data loads: a bad file is one line)."""
+    from mlshift_jax import weights
+
+    model, params, meta = weights.load_model(path)
+    return model, params, meta or {}
 
 
 # --- train --------------------------------------------------------------------------------
@@ -158,23 +180,24 @@ def _save(args, params: dict) -> None:
 
 def cmd_train(args) -> None:
     from mlshift_jax.metrics import evaluate
-    from mlshift_jax.recipes import fit
+    from mlshift_jax.recipes import fit_model
 
     recipe, cfg = _check_recipe(args)
     ds = _load(args)
     x, y = _train_data(args, ds)
     _check_train_memory(x, cfg.hidden, "train")
     start = time.perf_counter()
-    params = jax.block_until_ready(fit(args.model, _train_config(args), x, y))
+    model, params = fit_model(args.model, _train_config(args), x, y, ds.spec)
+    params = jax.block_until_ready(params)
     train_seconds = time.perf_counter() - start
-    params = {k: np.asarray(v) for k, v in params.items()}
+    params = jax.tree.map(np.asarray, params)
     _finite_or_fail(params, args)
-    scores = evaluate(recipe.arch, params, ds.x_test, ds.y_test)
+    scores = evaluate(model, params, ds.x_test, ds.y_test)
     result = {"model": args.model, **scores, "train_seconds": train_seconds,
               "train_size": int(len(y)), "data_source": ds.source,
               "backend": jax.default_backend()}
     if args.save:
-        _save(args, params)
+        _save(args, params, model, ds)
         result["saved"] = args.save
     _emit(args.format, result, [[k, v] for k, v in result.items()], headers=["", "value"])
 
@@ -210,10 +233,9 @@ def _check_attack_memory(n: int, d: int, hidden: int, attacks) -> None:
 
 def cmd_attack(args) -> None:
     from mlshift_jax.attacks import GRADIENT_ATTACKS, attack_key, get_attack, gradient_report
-    from mlshift_jax.files import load_params
     from mlshift_jax.metrics import evaluate
     from mlshift_jax.models import infer_model
-    from mlshift_jax.recipes import fit
+    from mlshift_jax.recipes import fit_model
     from mlshift_jax.timing import time_call
 
     attacks = [get_attack(name) for name in args.attack]
@@ -225,28 +247,28 @@ def cmd_attack(args) -> None:
         if given:
             raise ConfigError(f"{', '.join(given)}: training options apply only with --model; "
                               "--params gives a trained model")
-        params = load_params(args.params)  # before the data loads: a bad file is one line
-        model = infer_model(params)
+        model, params, meta = _load_weights(args.params)  # before the data loads
     else:
         args.hidden = 200 if args.hidden is None else args.hidden
         args.seed = 0 if args.seed is None else args.seed
-        recipe, _ = _check_recipe(args)
-        model = recipe.arch
+        _check_recipe(args)
     ds = _load(args)
+    if args.params and not meta.get("model"):  # a metadata-free file: place it on this data
+        model = infer_model(params, ds.spec)
     n = rules.check_at_most(args.n, len(ds.y_test), "--n", f"test images of {ds.name}")
-    hidden = int(np.shape(params["wih"])[0]) if args.params and "wih" in params else (
-        args.hidden or 200)
+    hidden = dict(model.hparams).get("hidden", 200) if args.params else args.hidden
     _check_attack_memory(n, ds.x_test.shape[1], hidden, attacks)
     if not args.params:
         x_train, y_train = _train_data(args, ds)
         _check_train_memory(x_train, args.hidden, "attack --model")
-        params = {k: np.asarray(v) for k, v in
-                  fit(args.model, _train_config(args), x_train, y_train).items()}
+        model, params = fit_model(args.model, _train_config(args), x_train, y_train, ds.spec)
+        params = jax.tree.map(np.asarray, params)
         _finite_or_fail(params, args)
         if args.save:
-            _save(args, params)
-    params = jax.device_put({k: jax.numpy.asarray(v, jax.numpy.float32)
-                             for k, v in params.items()})
+            _save(args, params, model, ds)
+    _check_fits(model, ds)
+    params = jax.device_put(jax.tree.map(lambda v: jax.numpy.asarray(v, jax.numpy.float32),
+                                         params))
     x, y = jax.device_put((ds.x_test[:n], ds.y_test[:n]))
     key = attack_key(args.seed or 0)
     grads = None
@@ -273,11 +295,14 @@ def cmd_attack(args) -> None:
 
 
 def cmd_poison(args) -> None:
-    from mlshift_jax import sweeps
+    from mlshift_jax import poison, sweeps
 
-    sweeps.config_from(args.kind, {"fraction": args.fraction, "patch": args.patch,  # check
-                                   "target": args.target, "mode": args.mode,
-                                   "source": args.source})
+    config = sweeps.config_from(args.kind, {"fraction": args.fraction, "patch": args.patch,
+                                            "target": args.target, "mode": args.mode,
+                                            "source": args.source})  # checked
+    spec = data.builtin_spec(args.dataset)
+    if spec is not None:  # a built-in's shape and classes are known before it loads
+        poison.check_for(config, spec)
     _check_recipe(args)
     if args.sweep and args.save:
         raise ConfigError("--save: saves the one model `poison` trains; --sweep trains "
@@ -300,7 +325,10 @@ def cmd_poison(args) -> None:
         params = result.pop("params")
         _finite_or_fail(params, args)
         if args.save:
-            _save(args, params)
+            from mlshift_jax.recipes import model_for
+
+            _save(args, params, model_for(args.model, ds.spec, _train_config(args)), ds,
+                  poison_config=config)
             result["saved"] = args.save
         _emit(args.format, result, [[k, v] for k, v in result.items()], headers=["", "value"])
         return
@@ -323,9 +351,9 @@ def cmd_poison(args) -> None:
 
 def cmd_detect(args) -> None:
     from mlshift_jax.change import CalibrationConfig, check_pair, detect_pair
-    from mlshift_jax.files import load_params
 
-    reference, suspect = load_params(args.reference), load_params(args.suspect)
+    (_, reference, _), (_, suspect, _) = (_load_weights(p) for p in (args.reference,
+                                                                   args.suspect))
     check_pair(reference, suspect)  # before the data loads: a mismatch is one line
     ds = _load(args)
     rules.check_at_most(args.sample_size, len(ds.y_train), "--sample-size",

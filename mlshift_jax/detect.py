@@ -31,19 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlshift_jax.checks import finite_inputs
-from mlshift_jax.data import INPUT_RANGE
 from mlshift_jax.errors import ConfigError
-from mlshift_jax.models import Model, Params
-
-SIDE = 28  # images are SIDE x SIDE
-
+from mlshift_jax.models import Model, Params, square_shape
 
 # --- squeezers (Xu et al. 2018) ----------------------------------------------------------------
 
 
-def bit_depth(x: jax.Array, bits: int, lo: float = INPUT_RANGE[0],
-              hi: float = INPUT_RANGE[1]) -> jax.Array:
-    """Reduce the colour depth to `bits` bits: x: [..., 784] in [lo, hi] -> same shape.
+def bit_depth(x: jax.Array, bits: int, lo: float = 0.0, hi: float = 1.0) -> jax.Array:
+    """Reduce the colour depth to `bits` bits: x: [..., D] in [lo, hi] -> same shape.
 
     Maps [lo, hi] to [0, 1], rounds to one of 2**bits levels, maps back (Xu et al. 2018,
     Sec. 4.1; 1 bit on MNIST thresholds each pixel at the middle of the range).
@@ -63,33 +58,54 @@ def _kth_smallest(values: list[jax.Array], k: int) -> jax.Array:
     return v[k]
 
 
-def median_smooth(x: jax.Array, size: int) -> jax.Array:
-    """Median filter over size x size windows of each 28x28 image: x: [784] -> [784].
+def median_smooth(x: jax.Array, size: int,
+                  input_shape: tuple[int, ...] | None = None) -> jax.Array:
+    """Median filter over size x size windows of each channel of one image: x: [D] -> [D],
+    the image flattened from input_shape (H, W, C) (None: square, one channel).
 
-    As `scipy.ndimage.median_filter(img, size, mode="reflect")`, which Xu et al. (2018,
-    Sec. 4.2) use: the window of pixel i spans i - size//2 .. i - size//2 + size - 1 (so a
-    2x2 window reaches up and left), edges are mirrored with the edge pixel repeated, and
-    an even window takes the upper of its two middle values. One example; vmap to batch.
+    As `scipy.ndimage.median_filter(img, size, mode="reflect")` per channel, which Xu et al.
+    (2018, Sec. 4.2) use: the window of pixel i spans i - size//2 .. i - size//2 + size - 1
+    (so a 2x2 window reaches up and left), edges are mirrored with the edge pixel repeated,
+    and an even window takes the upper of its two middle values. One example; vmap to batch.
     """
-    img = x.reshape(SIDE, SIDE)
+    h, w, c = square_shape(x.shape[-1], "median_smooth") if input_shape is None else input_shape
+    img = x.reshape(h, w, c)
     before, after = size // 2, size - 1 - size // 2
-    padded = jnp.pad(img, ((before, after), (before, after)), mode="symmetric")
-    windows = [padded[i:i + SIDE, j:j + SIDE] for i in range(size) for j in range(size)]
+    padded = jnp.pad(img, ((before, after), (before, after), (0, 0)), mode="symmetric")
+    windows = [padded[i:i + h, j:j + w] for i in range(size) for j in range(size)]
     return _kth_smallest(windows, (size * size) // 2).reshape(x.shape)
 
 
 class Squeezer(NamedTuple):
-    """A squeezer: name and fn(x: [784]) -> [784] on one example."""
+    """A squeezer: name and fn(x: [D], input_shape, input_range) -> [D] on one example (the
+    image's shape (H, W, C) and valid range (lo, hi), from the model)."""
 
     name: str
-    fn: Callable[[jax.Array], jax.Array]
+    fn: Callable[[jax.Array, tuple[int, ...], tuple[float, float]], jax.Array]
+
+
+def _bits(bits: int):
+    def squeeze(x, input_shape, input_range):
+        return bit_depth(x, bits, *input_range)
+    return squeeze
+
+
+def _median(size: int):
+    def squeeze(x, input_shape, input_range):
+        return median_smooth(x, size, input_shape)
+    return squeeze
 
 
 SQUEEZERS: tuple[Squeezer, ...] = (
-    Squeezer("bit-1", functools.partial(bit_depth, bits=1)),
-    Squeezer("median-2x2", functools.partial(median_smooth, size=2)),
-    Squeezer("median-3x3", functools.partial(median_smooth, size=3)),
+    Squeezer("bit-1", _bits(1)),
+    Squeezer("median-2x2", _median(2)),
+    Squeezer("median-3x3", _median(3)),
 )
+
+
+def squeeze(model: Model, squeezer: Squeezer, x: jax.Array) -> jax.Array:
+    """`squeezer` applied to ONE example x: [D] of `model`'s inputs (its shape and range)."""
+    return squeezer.fn(x, tuple(model.input_shape), tuple(model.input_range))
 
 
 # --- per-example scores --------------------------------------------------------------------------
@@ -117,16 +133,16 @@ def entropy(p: jax.Array) -> jax.Array:
 
 def squeeze_distance(model: Model, params: Params, x: jax.Array, d: jax.Array,
                      squeezers: tuple[Squeezer, ...] = SQUEEZERS) -> jax.Array:
-    """max over squeezers of ||d - distribution(f(squeeze(x)))||_1 for ONE example x: [784]
+    """max over squeezers of ||d - distribution(f(squeeze(x)))||_1 for ONE example x: [D]
     whose output distribution is d: [n_out]."""
     return jnp.max(jnp.stack([
-        jnp.sum(jnp.abs(d - distribution(model, model.apply(params, s.fn(x)))))
+        jnp.sum(jnp.abs(d - distribution(model, model.apply(params, squeeze(model, s, x)))))
         for s in squeezers]))
 
 
 def _one(model: Model, params: Params, x: jax.Array,
          squeezers: tuple[Squeezer, ...]) -> dict[str, jax.Array]:
-    """The four detector scores of ONE example x: [784] (higher = more suspicious)."""
+    """The four detector scores of ONE example x: [D] (higher = more suspicious)."""
     out = model.apply(params, x)
     p = model.probs(out)
     top1, top2 = _top2(p)

@@ -32,9 +32,8 @@ import numpy as np
 
 from mlshift_jax.detect import roc_auc
 from mlshift_jax.errors import ConfigError
-from mlshift_jax.models import HIDDEN, Model, Params
+from mlshift_jax.models import Model, Params
 
-N_CLASSES = 10
 AC_DIMS = 10
 AC_SIZE_THRESHOLD = 0.35
 AC_RESTARTS = 4
@@ -50,15 +49,30 @@ class Detection(NamedTuple):
     flag: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("model", "batch_size"))
 def activations(model: Model, params: Params, x: jax.Array, *,
                 batch_size: int = 2048) -> jax.Array:
-    """Penultimate-layer activations `HIDDEN[model.name]`: x: [n, 784] -> [n, n_hidden].
+    """Penultimate-layer activations `model.features`: x: [n, D] -> [n, F].
 
-    Computed `batch_size` examples at a time (lax.map) to bound memory.
+    Computed `batch_size` examples at a time (lax.map) to bound memory. ConfigError for a
+    model without `features`.
     """
-    hidden = HIDDEN[model.name]
-    return jax.lax.map(lambda xi: hidden(params, xi), x, batch_size=batch_size)
+    if model.features is None:
+        raise ConfigError(f"activations: expected a model with features (its penultimate "
+                          f"layer), found {model.name} without")
+    return _activations(model, params, x, batch_size=batch_size)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "batch_size"))
+def _activations(model: Model, params: Params, x: jax.Array, *, batch_size: int) -> jax.Array:
+    return jax.lax.map(lambda xi: model.features(params, xi), x, batch_size=batch_size)
+
+
+def _n_classes(labels, n_classes: int | None) -> int:
+    """n_classes, or the largest label + 1 (labels are concrete here, not traced)."""
+    if n_classes is not None:
+        return int(n_classes)
+    labels = np.asarray(labels)
+    return int(labels.max()) + 1 if labels.size else 1
 
 
 # --- per-class blocks ---------------------------------------------------------------------------
@@ -66,7 +80,7 @@ def activations(model: Model, params: Params, x: jax.Array, *,
 BLOCK = 256  # the smallest class block; blocks grow by steps of 1.5x, 2x (few shapes, compiles)
 
 
-def class_blocks(labels, n_classes: int = N_CLASSES) -> tuple[np.ndarray, np.ndarray]:
+def class_blocks(labels, n_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The rows of each class, padded: (idx int [n_classes, b], valid bool [n_classes, b]).
 
     b is the largest class size rounded up to the next of BLOCK * (1, 1.5, 2, 3, 4, 6, ...);
@@ -76,6 +90,7 @@ def class_blocks(labels, n_classes: int = N_CLASSES) -> tuple[np.ndarray, np.nda
     """
     labels = np.asarray(labels).ravel()
     n = labels.size
+    n_classes = _n_classes(labels, n_classes)
     counts = np.bincount(labels, minlength=n_classes)[:n_classes]
     b = BLOCK
     while b < counts.max():
@@ -128,7 +143,7 @@ def _spectral_blocks(h: jax.Array, idx: jax.Array, valid: jax.Array) -> jax.Arra
     return _scatter(scores, idx, h.shape[0])
 
 
-def spectral_scores(h, y) -> jax.Array:
+def spectral_scores(h, y, n_classes: int | None = None) -> jax.Array:
     """Spectral-signature outlier scores. h: [n, d] activations, y: [n] int labels -> [n].
 
     For the class c of each sample: (h_i - mean_c) . v_c squared, v_c the top right singular
@@ -136,15 +151,18 @@ def spectral_scores(h, y) -> jax.Array:
     the top eigenvalue so that scores of different classes share one scale (a class's scores
     then average 1). Tran, Li & Madry, NeurIPS 2018, Algorithm 1. One jitted call.
     """
-    idx, valid = class_blocks(y)
+    idx, valid = class_blocks(y, n_classes)
     return _spectral_blocks(jnp.asarray(h), jnp.asarray(idx), jnp.asarray(valid))
 
 
-def top_fraction_per_class(scores: jax.Array, y: jax.Array, fraction: float) -> jax.Array:
-    """Flag the round(fraction * n_c) highest scores of each class c: -> bool [n]."""
+def top_fraction_per_class(scores: jax.Array, y: jax.Array, fraction: float,
+                           n_classes: int | None = None) -> jax.Array:
+    """Flag the round(fraction * n_c) highest scores of each class c: -> bool [n]. y is
+    concrete; n_classes defaults to its largest label + 1."""
+    n_classes = _n_classes(y, n_classes)
     scores, y = jnp.asarray(scores), jnp.asarray(y)
     order = jnp.lexsort((-scores, y))  # by class, then by descending score
-    counts = jnp.bincount(y, length=N_CLASSES)
+    counts = jnp.bincount(y, length=n_classes)
     starts = jnp.cumsum(counts) - counts
     sorted_y = y[order]
     position = jnp.arange(y.shape[0]) - starts[sorted_y]  # rank within the class
@@ -153,15 +171,15 @@ def top_fraction_per_class(scores: jax.Array, y: jax.Array, fraction: float) -> 
     return jnp.zeros(y.shape, bool).at[order].set(flag_sorted)
 
 
-def spectral_signatures(h, y, *, eps: float) -> Detection:
+def spectral_signatures(h, y, *, eps: float, n_classes: int | None = None) -> Detection:
     """Spectral signatures (Tran et al., NeurIPS 2018): score every sample, flag the top
     1.5 * eps of each class. h: [n, d], y: [n] training labels, eps: the assumed upper bound
-    on the poisoned fraction (the paper's epsilon)."""
+    on the poisoned fraction (the paper's epsilon); n_classes: K (default: max(y) + 1)."""
     if not 0.0 <= eps <= 1.0:
         raise ConfigError(f"spectral signatures: expected eps in [0, 1], found {eps!r}")
-    scores = spectral_scores(h, y)
-    flag = top_fraction_per_class(scores, jnp.asarray(y, jnp.int32),
-                                  min(1.0, SPECTRAL_FACTOR * eps))
+    scores = spectral_scores(h, y, n_classes)
+    flag = top_fraction_per_class(scores, np.asarray(y, np.int32),
+                                  min(1.0, SPECTRAL_FACTOR * eps), n_classes)
     return Detection(scores, flag)
 
 
@@ -217,21 +235,23 @@ def _cluster_blocks(h, idx, valid, key, *, dims: int, restarts: int):
 
 
 def cluster_classes(h, labels, key: jax.Array, *, dims: int = AC_DIMS,
-                    restarts: int = AC_RESTARTS) -> tuple[jax.Array, jax.Array]:
+                    restarts: int = AC_RESTARTS,
+                    n_classes: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Per class of `labels`: PCA of the class's activations to `dims` dimensions, then the
     best (lowest inertia) of `restarts` seeded 2-means runs. One jitted call.
 
     h: [n, d], labels: [n] int. Returns (cluster: int [n] in {0, 1}, the cluster of each
     sample within its class; rel_size: [n] float, the share of its class in that cluster).
     """
-    idx, valid = class_blocks(labels)
+    idx, valid = class_blocks(labels, n_classes)
     return _cluster_blocks(jnp.asarray(h), jnp.asarray(idx), jnp.asarray(valid), key,
                            dims=dims, restarts=restarts)
 
 
 def activation_clustering(h, predicted, *, key: jax.Array,
                           dims: int = AC_DIMS,
-                          size_threshold: float = AC_SIZE_THRESHOLD) -> Detection:
+                          size_threshold: float = AC_SIZE_THRESHOLD,
+                          n_classes: int | None = None) -> Detection:
     """Activation clustering (Chen et al. 2018): per predicted class, 2-means on the
     activations reduced to `dims` PCA dimensions; the smaller cluster is flagged when its
     relative size is below `size_threshold`.
@@ -243,18 +263,19 @@ def activation_clustering(h, predicted, *, key: jax.Array,
     if not 0.0 < size_threshold <= 0.5:
         raise ConfigError(f"activation clustering: expected size_threshold in (0, 0.5], "
                           f"found {size_threshold!r}")
-    _, rel = cluster_classes(h, predicted, key, dims=dims)
+    _, rel = cluster_classes(h, predicted, key, dims=dims, n_classes=n_classes)
     return Detection(1.0 - rel, rel < size_threshold)
 
 
 # --- scores ----------------------------------------------------------------------------------
 
 
-def poisoned_share(y, mask, n_classes: int = N_CLASSES) -> float:
+def poisoned_share(y, mask, n_classes: int | None = None) -> float:
     """The largest share of poisoned samples in any one class of labels y ([n]): the per-class
     contamination that spectral signatures' eps bounds (Tran et al. 2018 assume an upper bound
     is known; this is the oracle one). mask: [n] bool."""
     y, mask = np.asarray(y).ravel(), np.asarray(mask, bool).ravel()
+    n_classes = _n_classes(y, n_classes)
     counts = np.bincount(y, minlength=n_classes)
     poisoned = np.bincount(y[mask], minlength=n_classes)
     return float(np.max(poisoned / np.maximum(counts, 1)))

@@ -186,14 +186,16 @@ def _training_data_table(cfg: BenchConfig, ds: Dataset, members: _Members, pop, 
         params = member(pop.params, int(i))
         x_p, y_p, mask = poisoned_sample(ds.x_train, ds.y_train, idx[i],
                                          int(members.table.at[i, "member_seed"]),
-                                         members.configs[i])
+                                         members.configs[i], model)
         h = detect_data.activations(model, params, x_p)
         predicted = jnp.argmax(predict(model, params, x_p), -1).astype(jnp.int32)
         found = {
             "activation clustering": detect_data.activation_clustering(
-                h, predicted, key=jax.random.fold_in(key, int(i))),
+                h, predicted, key=jax.random.fold_in(key, int(i)),
+                n_classes=model.n_classes),
             "spectral signatures": detect_data.spectral_signatures(
-                h, y_p, eps=detect_data.poisoned_share(y_p, mask)),
+                h, y_p, eps=detect_data.poisoned_share(y_p, mask, model.n_classes),
+                n_classes=model.n_classes),
         }
         for name, detection in found.items():
             scores = detect_data.precision_recall_auc(detection, mask)
@@ -217,7 +219,7 @@ def run(ds: Dataset, *, quick: bool = False, seed: int = 0,
     key = attack_key(seed)  # input changes and detector draws: apart from training keys
     members = _Members(cfg, seed)
     sample = min(cfg.sample_size, len(ds.y_train))
-    plan = plan_for(cfg.recipe, TrainConfig(hidden=cfg.hidden))
+    plan = plan_for(cfg.recipe, TrainConfig(hidden=cfg.hidden), ds.spec)
     model = plan.arch
     pop, idx = train_sampled(plan, members.configs, ds.x_train, ds.y_train,
                              seeds=members.table["member_seed"].tolist(), size=sample)
@@ -226,7 +228,7 @@ def run(ds: Dataset, *, quick: bool = False, seed: int = 0,
 
     clock = time.perf_counter()
     probes = fingerprint.make_probes(ds.x_test, ds.y_test, n=cfg.probes,
-                                     n_patched=cfg.n_patched, seed=seed)
+                                     n_patched=cfg.n_patched, seed=seed, spec=ds.spec)
     resp = fingerprint.model_responses(model, pop.params, probes)
     null_resp = _take(resp, members.rows("null"))
     cells, feats, inputs = [], [], []

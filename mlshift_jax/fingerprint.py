@@ -72,10 +72,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlshift_jax.data import subsample
-from mlshift_jax.detect import SQUEEZERS
+from mlshift_jax.detect import SQUEEZERS, squeeze
 from mlshift_jax.errors import ConfigError
-from mlshift_jax.models import Model, Params
-from mlshift_jax.poison import SIDE, Patch, patch_pixels
+from mlshift_jax.models import Model, Params, check_spec, guess_spec
+from mlshift_jax.poison import Patch, patch_pixels
 
 FEATURES = ("disagreement", "kl", "ks", "confidence_shift", "accuracy_drop",
             "flip_concentration", "trigger_flip", "patch_sensitivity", "squeeze_gap")
@@ -90,21 +90,28 @@ _SENS_FLOOR = 1e-3  # keeps the log-ratio of patch sensitivities finite
 # --- probes ------------------------------------------------------------------------------------
 
 
-def candidate_patches(sizes: tuple[int, ...] = CANDIDATE_SIZES,
+def candidate_patches(image_shape: tuple[int, ...], sizes: tuple[int, ...] = CANDIDATE_SIZES,
                       margin: int = PATCH_MARGIN) -> tuple[Patch, ...]:
-    """Bright square patches (value 1.0) of each size in the four corners, `margin` pixels
-    from the edges: the trigger candidates a defender tries (BadNets triggers sit in a
-    corner; Gu et al. 2017)."""
+    """Bright square patches (the top of the input range) of each size in the four corners
+    of images of image_shape (H, W[, C]), `margin` pixels from the edges: the trigger
+    candidates a defender tries (BadNets triggers sit in a corner; Gu et al. 2017). Sizes
+    that do not fit the image are left out."""
+    h, w = int(image_shape[0]), int(image_shape[1])
     out = []
     for s in sizes:
-        far = SIDE - margin - s
-        out += [Patch(size=s, position=(r, c)) for r in (margin, far) for c in (margin, far)]
+        if s + 2 * margin > min(h, w):
+            continue
+        rows, cols = (margin, h - margin - s), (margin, w - margin - s)
+        out += [Patch(size=s, position=(r, c)) for r in rows for c in cols]
+    if not out:
+        raise ConfigError(f"probes: expected images of at least {min(sizes) + 2 * margin} "
+                          f"pixels a side for the candidate patches, found {h}x{w}")
     return tuple(out)
 
 
 @dataclass(frozen=True, eq=False)
 class ProbeSet:
-    """The probes. x: [P, 784] test images; y: int [P] their labels; patches: bool [K, 784]
+    """The probes. x: [P, D] test images; y: int [P] their labels; patches: bool [K, D]
     the pixels of each candidate patch; value: the stamped value; n_patched: Q, how many of
     the probes (the first Q) are stamped with each patch; index: the test-set rows used."""
 
@@ -122,19 +129,21 @@ class ProbeSet:
 
 
 def make_probes(x_test, y_test, *, n: int = 1000, n_patched: int = 200, seed: int = 0,
-                patches: tuple[Patch, ...] | None = None) -> ProbeSet:
+                patches: tuple[Patch, ...] | None = None, spec=None) -> ProbeSet:
     """`n` test images drawn by `data.subsample(seed, ...)`, the first `n_patched` of which
-    are also stamped with each of `patches` (default `candidate_patches()`)."""
+    are also stamped with each of `patches` (default `candidate_patches(image shape)`).
+    spec: the data's models.Spec (or Dataset / Model); None guesses it from the arrays."""
     n_test = len(y_test)
     n = min(n, n_test)
     if not 1 <= n_patched <= n:
         raise ConfigError(f"probes: expected n_patched in 1..{n}, found {n_patched}")
-    patches = candidate_patches() if patches is None else patches
-    values = {p.value for p in patches}
+    spec = guess_spec(x_test, y_test) if spec is None else check_spec(spec)
+    patches = candidate_patches(spec.input_shape) if patches is None else patches
+    values = {p.value_for(spec.input_range) for p in patches}
     if len(values) != 1:
         raise ConfigError(f"probes: expected candidate patches of one value, found {values}")
     index = subsample(seed, n_test, n)
-    pix = np.stack([patch_pixels(p)[0] for p in patches])
+    pix = np.stack([patch_pixels(p, spec)[0] for p in patches])
     return ProbeSet(jnp.asarray(np.asarray(x_test)[index], jnp.float32),
                     jnp.asarray(np.asarray(y_test)[index], jnp.int32), jnp.asarray(pix),
                     float(values.pop()), int(n_patched), index)
@@ -153,18 +162,20 @@ class Responses(NamedTuple):
     squeeze: jax.Array
 
 
-def _system_inputs(x: jax.Array, patches: jax.Array, value,
+def _system_inputs(model: Model, x: jax.Array, patches: jax.Array, value,
                    n_patched: int) -> tuple[jax.Array, jax.Array]:
-    """What a system is queried with besides x: [P, 784]: its squeezed copies [S, P, 784]
-    (`detect.SQUEEZERS`) and its first n_patched rows stamped with each patch [K, Q, 784]."""
-    squeezed = jnp.stack([jax.vmap(s.fn)(x) for s in SQUEEZERS])
+    """What a system is queried with besides x: [P, D]: its squeezed copies [S, P, D]
+    (`detect.SQUEEZERS`, on the model's image shape and range) and its first n_patched rows
+    stamped with each patch [K, Q, D]."""
+    squeezed = jnp.stack([jax.vmap(lambda xi, s=s: squeeze(model, s, xi))(x)
+                          for s in SQUEEZERS])
     stamped = jnp.where(patches[:, None, :], jnp.asarray(value, x.dtype), x[None, :n_patched])
     return squeezed, stamped
 
 
 def _answers(model: Model, params: Params, x: jax.Array, squeezed: jax.Array,
              stamped: jax.Array) -> Responses:
-    """Responses of params on inputs x [P, 784] and their squeezed / stamped copies."""
+    """Responses of params on inputs x [P, D] and their squeezed / stamped copies."""
 
     def probs(xb):
         return jax.vmap(lambda xi: model.probs(model.apply(params, xi)))(xb)
@@ -179,7 +190,7 @@ def _answers(model: Model, params: Params, x: jax.Array, squeezed: jax.Array,
 
 @functools.partial(jax.jit, static_argnames=("model", "n_patched", "batch"))
 def _models_jit(model, stacked, x, patches, value, n_patched, batch):
-    squeezed, stamped = _system_inputs(x, patches, value, n_patched)
+    squeezed, stamped = _system_inputs(model, x, patches, value, n_patched)
     return jax.lax.map(lambda p: _answers(model, p, x, squeezed, stamped), stacked,
                        batch_size=batch)
 
@@ -187,13 +198,13 @@ def _models_jit(model, stacked, x, patches, value, n_patched, batch):
 @functools.partial(jax.jit, static_argnames=("model", "n_patched", "batch"))
 def _inputs_jit(model, params, xs, patches, value, n_patched, batch):
     def one(x):
-        return _answers(model, params, x, *_system_inputs(x, patches, value, n_patched))
+        return _answers(model, params, x, *_system_inputs(model, x, patches, value, n_patched))
 
     return jax.lax.map(one, xs, batch_size=batch)
 
 
 def responses(model: Model, params: Params, probes: ProbeSet, x=None) -> Responses:
-    """The responses of one system: `params` on x: [P, 784] (default: the probes themselves;
+    """The responses of one system: `params` on x: [P, D] (default: the probes themselves;
     pass the changed probes for an input-channel change). One jitted call."""
     x = probes.x if x is None else jnp.asarray(x, jnp.float32)
     _check_inputs(x, probes)
@@ -223,11 +234,11 @@ def model_responses(model: Model, stacked: Params, probes: ProbeSet, *,
 
 def input_responses(model: Model, params: Params, xs, probes: ProbeSet, *,
                     batch: int | None = None) -> Responses:
-    """Responses of one model behind many input changes: xs: [m, P, 784], row i of xs[j] the
+    """Responses of one model behind many input changes: xs: [m, P, D], row i of xs[j] the
     j-th change of probe i -> Responses with a leading axis m. One jitted call."""
     xs = jnp.asarray(xs, jnp.float32)
     if xs.ndim != 3:
-        raise ConfigError(f"input_responses: expected changed probes [m, P, 784], found "
+        raise ConfigError(f"input_responses: expected changed probes [m, P, D], found "
                           f"{xs.shape}")
     _check_inputs(xs[0], probes)
     return _inputs_jit(model, params, xs, probes.patches, probes.value, probes.n_patched,

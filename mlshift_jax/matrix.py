@@ -3,6 +3,10 @@
 A matrix file (see `bench/matrix.toml`) has these tables; every key not listed is an error:
 
     [matrix]      datasets, models, attacks, eps, seeds = [0], hidden = 200, n_train, n_test
+    [datasets.<name>]         a dataset by path, usable wherever a dataset name is:
+                              path (a .npz or a folder, relative to the matrix file),
+                              scale ("unit", "study" or [lo, hi]), image_shape ([H, W, C]),
+                              n_classes (see `data.load`)
     [timing]      rounds = 3, max_seconds = 10.0
     [train.<model>]           TrainConfig fields for one recipe: hidden, lr, epochs,
                               batch_size, optimizer (the rest take the recipe's defaults)
@@ -313,6 +317,17 @@ class Matrix:
     speed: Speed | None = None
     poison: Poison | None = None
     detect: Detect | None = None
+    # [datasets.<name>]: ((name, ((key, value), ...)), ...), path made absolute
+    sources: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+
+    def load_kwargs(self, name: str) -> dict[str, Any]:
+        """`data.load` arguments for dataset `name`: {"name": name} for a built-in, else the
+        path and options of its [datasets.<name>] table."""
+        table = dict(self.sources).get(name)
+        if table is None:
+            return {"name": name}
+        kw = dict(table)
+        return {"name": kw.pop("path"), **kw}
 
 
 # --- parsing and checking ----------------------------------------------------------------------
@@ -410,9 +425,11 @@ def parse(text: str, path: str = "<matrix>") -> Matrix:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    chk.table(raw, "top level", {"matrix", "timing", "train", "attack_options", "e1", "e2",
-                                 "e3", "speed", "poison", "detect"}, {"matrix"})
-    models, attacks, datasets = set(RECIPES), set(ATTACKS), set(DATASETS)
+    chk.table(raw, "top level", {"matrix", "datasets", "timing", "train", "attack_options",
+                                 "e1", "e2", "e3", "speed", "poison", "detect"}, {"matrix"})
+    sources = _parse_sources(chk, raw.get("datasets", {}), Path(path).parent)
+    models, attacks = set(RECIPES), set(ATTACKS)
+    datasets = set(DATASETS) | {name for name, _ in sources}
 
     def dataset(v, w):
         return chk.name(v, w, datasets, "dataset")
@@ -432,6 +449,7 @@ def parse(text: str, path: str = "<matrix>") -> Matrix:
                    "n_test"}, {"datasets", "models", "attacks", "eps"})
     fields: dict[str, Any] = {
         "path": path,
+        "sources": sources,
         "datasets": chk.names(m["datasets"], "[matrix].datasets", datasets, "dataset"),
         "models": chk.names(m["models"], "[matrix].models", models, "model"),
         "attacks": chk.names(m["attacks"], "[matrix].attacks", attacks, "attack"),
@@ -481,6 +499,43 @@ def parse(text: str, path: str = "<matrix>") -> Matrix:
     matrix = Matrix(**fields)
     cells(matrix)  # resolves every recipe config: a bad value fails here, naming the file
     return matrix
+
+
+def _parse_sources(chk: _Checker, raw: Any, base: Path) -> tuple:
+    """[datasets.<name>] tables -> ((name, ((key, value), ...)), ...), paths made absolute
+    (relative ones are taken from the matrix file's folder)."""
+    out = []
+    for name, table in sorted(chk.table(raw, "[datasets]", set(raw)).items()):
+        where = f"[datasets.{name}]"
+        if name in DATASETS:
+            chk.fail(where, f"expected a name other than the built-ins {list(DATASETS)}")
+        chk.table(table, where, {"path", "scale", "image_shape", "n_classes"}, {"path"})
+        if not isinstance(table["path"], str) or not table["path"]:
+            chk.fail(f"{where}.path", f"expected a path, found {table['path']!r}")
+        path = Path(table["path"]).expanduser()
+        entry = {"path": str(path if path.is_absolute() else (base / path).absolute())}
+        if "scale" in table:
+            value = table["scale"]
+            if isinstance(value, list):
+                if not (len(value) == 2 and all(
+                        isinstance(v, (int, float)) and not isinstance(v, bool)
+                        and math.isfinite(v) for v in value) and value[0] < value[1]):
+                    chk.fail(f"{where}.scale", f"expected [lo, hi] with lo < hi, found "
+                                               f"{value!r}")
+                value = (float(value[0]), float(value[1]))
+            elif value not in ("unit", "study"):
+                chk.fail(f"{where}.scale", f"expected \"unit\", \"study\" or [lo, hi], found "
+                                           f"{value!r}")
+            entry["scale"] = value
+        if "image_shape" in table:
+            dims = chk.list_(table["image_shape"], f"{where}.image_shape")
+            if len(dims) not in (2, 3):
+                chk.fail(f"{where}.image_shape", f"expected [H, W] or [H, W, C], found {dims!r}")
+            entry["image_shape"] = tuple(chk.int_(d, f"{where}.image_shape") for d in dims)
+        if "n_classes" in table:
+            entry["n_classes"] = chk.int_(table["n_classes"], f"{where}.n_classes", 2)
+        out.append((name, tuple(sorted(entry.items()))))
+    return tuple(out)
 
 
 def _parse_train(chk: _Checker, raw: Any, models: set[str]) -> tuple:

@@ -41,7 +41,7 @@ def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1), 0)
 
 
-def confusion_matrix(y_true: jax.Array, y_pred: jax.Array, n_classes: int = 10) -> jax.Array:
+def confusion_matrix(y_true: jax.Array, y_pred: jax.Array, n_classes: int) -> jax.Array:
     """Counts of (true, predicted) pairs. y_true, y_pred: [batch] int -> [n_classes, n_classes].
 
     Rows are true classes, columns predicted classes, as `sklearn.metrics.confusion_matrix`.
@@ -116,15 +116,18 @@ def scores_from_outputs(
     y: jax.Array,
     probs_fn: Callable[[jax.Array], jax.Array] | None = None,
     *,
-    n_classes: int = 10,
+    n_classes: int | None = None,
 ) -> dict[str, jax.Array]:
-    """The five scores from model outputs already computed. outputs: [batch, n_out], y: [batch].
+    """The five scores from model outputs already computed. outputs: [batch, K], y: [batch].
+
+    n_classes: K for the confusion matrix (default: the outputs' width, the model's classes).
 
     `probs_fn` maps ONE example's outputs [n_out] to what confidence is read from
     (`Model.probs`); None takes the outputs as they are. The prediction is the argmax of the
     outputs. Pure and traceable: call it inside an attack's jit. Returns scalar arrays keyed
     by `SCORE_NAMES`.
     """
+    n_classes = outputs.shape[-1] if n_classes is None else n_classes
     y_pred = jnp.argmax(outputs, axis=-1)
     probs = outputs if probs_fn is None else jax.vmap(probs_fn)(outputs)
     cm = confusion_matrix(y, y_pred, n_classes)
@@ -138,15 +141,16 @@ def scores_from_outputs(
     }
 
 
-def _scores(model: Model, params: Params, x: jax.Array, y: jax.Array, n_classes: int):
+def _scores(model: Model, params: Params, x: jax.Array, y: jax.Array, n_classes: int | None):
     return scores_from_outputs(predict(model, params, x), y, model.probs, n_classes=n_classes)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "n_classes"))
 def evaluate_arrays(
-    model: Model, params: Params, x: jax.Array, y: jax.Array, *, n_classes: int = 10
+    model: Model, params: Params, x: jax.Array, y: jax.Array, *, n_classes: int | None = None
 ) -> dict[str, jax.Array]:
-    """Jitted core of `evaluate`: scalar arrays on the device. x: [batch, n_in], y: [batch].
+    """Jitted core of `evaluate`: scalar arrays on the device. x: [batch, D], y: [batch].
+    n_classes: None takes the model's (the width of its outputs).
 
     `model` is static (a `Model` NamedTuple of functions is hashable); one compile per model
     and input shape.
@@ -155,7 +159,7 @@ def evaluate_arrays(
 
 
 def evaluate(
-    model: Model, params: Params, x: jax.Array, y: jax.Array, *, n_classes: int = 10
+    model: Model, params: Params, x: jax.Array, y: jax.Array, *, n_classes: int | None = None
 ) -> dict[str, float]:
     """accuracy, precision, recall, f1 (macro) and confidence of one model on (x, y).
 
@@ -174,7 +178,7 @@ def evaluate_many(
     x: jax.Array,
     y: jax.Array,
     *,
-    n_classes: int = 10,
+    n_classes: int | None = None,
     batch_size: int | None = None,
 ) -> dict[str, jax.Array]:
     """`evaluate` for many models at once. stacked_params: leaves [n_models, ...].

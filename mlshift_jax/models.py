@@ -1,18 +1,23 @@
-"""JAX models: pure `init(key, ...) -> params` and `apply(params, x) -> scores` on ONE example.
+"""JAX models: pure `init(key) -> params` and `apply(params, x) -> scores` on ONE example.
 
 Batch at the call site with `jax.vmap(model.apply, in_axes=(None, 0))(params, x)`.
 
-Every model is a `Model` record in `MODELS`; the trainers, attacks, runner and CLI look
-models up there, so adding an architecture is adding one entry.
+A dataset tells a model what it needs through a `Spec` (input shape, classes, input range);
+`build(name, spec, hidden)` makes a built-in model for it. Builds are cached, so the same
+arguments give the very same `Model` object (a static argument of jit: an equal object, no
+recompile). `MODELS` holds the built-ins built for the study's MNIST (`STUDY_SPEC`).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mlshift_jax.errors import ConfigError
 
@@ -21,10 +26,29 @@ Params = Any  # a pytree (dict) of arrays
 TARGET_LOW, TARGET_HIGH = 0.01, 0.99  # the study's one-hot targets
 
 
+class Spec(NamedTuple):
+    """What a dataset tells a model: input_shape (H, W, C) of one example, n_classes K and
+    input_range (lo, hi), the valid input values. Inputs are flat, D = H * W * C."""
+
+    input_shape: tuple[int, ...]
+    n_classes: int
+    input_range: tuple[float, float]
+
+    @property
+    def n_inputs(self) -> int:
+        """D = H * W * C, the length of one flat example."""
+        return math.prod(self.input_shape)
+
+
+# the study's MNIST: 28x28 grey images, 10 classes, x/255*0.99+0.01 in [0.01, 1.0]
+STUDY_SPEC = Spec((28, 28, 1), 10, (0.01, 1.0))
+
+
 class Model(NamedTuple):
     """A model: pure functions on ONE flat example, plus what the harness must know of it.
 
-    init(key, *, n_in, n_hidden, n_out, dtype) -> params
+    init(key, **kw) -> params   (built-ins: bound to the spec; n_in / n_hidden / n_out / dtype
+                                 override it, any other keyword is ignored)
     apply(params, x: [D]) -> scores: [n_classes]   (sigmoid outputs or logits)
     loss(params, x: [D], y: int) -> scalar          the training loss on one example
     probs(scores: [n_classes]) -> [n_classes]       what "confidence" is read from
@@ -51,16 +75,84 @@ class Model(NamedTuple):
     stochastic: bool = False
     hparams: tuple = ()
 
+    @property
+    def spec(self) -> Spec:
+        """The Spec this model was built for."""
+        return Spec(tuple(self.input_shape), int(self.n_classes), tuple(self.input_range))
+
+    @property
+    def n_inputs(self) -> int:
+        """D = H * W * C."""
+        return math.prod(self.input_shape)
+
+
+def check_spec(spec: Any) -> Spec:
+    """A Spec with plain Python ints and floats (hashable, cache-friendly); ConfigError for
+    a shape that is not 1-3 positive ints, fewer than 2 classes or lo >= hi.
+
+    Accepts a Spec, a Model, a data.Dataset (anything with `spec`) or a 3-tuple."""
+    if hasattr(spec, "spec") and not isinstance(spec, Spec):
+        spec = spec.spec
+    try:
+        shape, k, (lo, hi) = spec
+        shape = tuple(int(s) for s in shape)
+        if len(shape) == 2:
+            shape = (*shape, 1)
+        k, lo, hi = int(k), float(lo), float(hi)
+    except (TypeError, ValueError):
+        raise ConfigError(f"spec: expected (input_shape (H, W, C), n_classes, (lo, hi)), "
+                          f"found {spec!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"spec: expected an input shape (H, W, C) of positive ints, "
+                          f"found {shape}")
+    if k < 2:
+        raise ConfigError(f"spec: expected at least 2 classes, found {k}")
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ConfigError(f"spec: expected an input range lo < hi, found ({lo}, {hi})")
+    return Spec(shape, k, (lo, hi))
+
+
+def square_shape(n_inputs: int, where: str = "input") -> tuple[int, int, int]:
+    """(s, s, 1) for n_inputs = s * s: the shape of a flat single-channel square image;
+    ConfigError when n_inputs is no square (then the shape must be given)."""
+    s = math.isqrt(int(n_inputs))
+    if s * s != n_inputs or s < 1:
+        raise ConfigError(f"{where}: {n_inputs} values per example are no square image; "
+                          "expected the image shape (H, W, C) to be given")
+    return (s, s, 1)
+
+
+def guess_spec(x, y=None, *, n_classes: int | None = None) -> Spec:
+    """A Spec for flat data that comes without one: x: [n, D] as a square single-channel
+    image; K = n_classes, else max(y) + 1 (at least 2); input range (0.01, 1.0), the study's,
+    when every value lies in it, else [0, 1] when they lie there, else [min, max].
+
+    For library calls given bare arrays; the harness passes the Dataset's spec instead."""
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ConfigError(f"x: expected flat examples [n, D], found shape {x.shape}")
+    if n_classes is None:
+        n_classes = max(2, int(np.max(y)) + 1) if y is not None and np.size(y) else 2
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 1.0)
+    if lo >= np.float32(0.01) and hi <= 1.0:
+        rng = STUDY_SPEC.input_range
+    elif lo >= 0.0 and hi <= 1.0:
+        rng = (0.0, 1.0)
+    else:
+        rng = (lo, hi if hi > lo else lo + 1.0)
+    return check_spec((square_shape(x.shape[1]), n_classes, rng))
+
 
 def study_targets(y: jax.Array, n_out: int = 10, dtype=jnp.float32) -> jax.Array:
     """The study's targets: 0.99 at the label, 0.01 elsewhere. y: [...] int -> [..., n_out]."""
     return jnp.where(jax.nn.one_hot(y, n_out, dtype=bool), TARGET_HIGH, TARGET_LOW).astype(dtype)
 
 
-# --- the study's MLP: 784-hidden-10, sigmoid, no biases, squared error -----------------------
+# --- the study's MLP: D-hidden-K, sigmoid, no biases, squared error ---------------------------
 
 
-def seed_mlp_init(key, *, n_in=784, n_hidden=200, n_out=10, dtype=jnp.float32) -> Params:
+def seed_mlp_init(key, *, n_in: int, n_hidden: int = 200, n_out: int,
+                  dtype=jnp.float32) -> Params:
     """Weights ~ Normal(0, nodes^-0.5) as the study's `neuralNetwork.__init__` draws them.
 
     The study's orientation: wih [n_hidden, n_in] (std n_hidden^-0.5), who [n_out, n_hidden]
@@ -93,7 +185,8 @@ def seed_mlp_loss(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
 # --- ReLU MLP with biases, softmax cross-entropy ---------------------------------------------
 
 
-def mlp_ce_init(key, *, n_in=784, n_hidden=200, n_out=10, dtype=jnp.float32) -> Params:
+def mlp_ce_init(key, *, n_in: int, n_hidden: int = 200, n_out: int,
+                dtype=jnp.float32) -> Params:
     """He-normal weights, zero biases."""
     k1, k2 = jax.random.split(key)
     return {
@@ -123,22 +216,34 @@ def mlp_ce_loss(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
 # --- a small CNN: two strided convolutions + a dense layer, softmax cross-entropy ---------
 
 CNN_CHANNELS = (8, 16)
-_SIDE = 28
 
 
-def cnn_init(key, *, n_in=784, n_hidden=128, n_out=10, dtype=jnp.float32) -> Params:
-    """He-normal conv kernels (OIHW) and dense weights, zero biases. n_in must be 28*28."""
-    if n_in != _SIDE * _SIDE:
-        raise ConfigError(f"cnn expects 28x28 images (n_in=784); got n_in={n_in}")
+def cnn_flat_size(input_shape: tuple[int, ...]) -> int:
+    """Values out of the two stride-2 SAME convolutions: c2 * ceil(ceil(H/2)/2) * same(W)."""
+    def out(n):  # one stride-2 SAME convolution: ceil(n / 2)
+        return -(-n // 2)
+
+    h, w, _ = input_shape
+    return CNN_CHANNELS[1] * out(out(h)) * out(out(w))
+
+
+def cnn_init(key, *, input_shape: tuple[int, ...], n_hidden: int = 128, n_out: int,
+             n_in: int | None = None, dtype=jnp.float32) -> Params:
+    """He-normal conv kernels (OIHW) and dense weights, zero biases, for images input_shape
+    (H, W, C); n_in, when given, must be H * W * C."""
+    if n_in is not None and n_in != math.prod(input_shape):
+        raise ConfigError(f"cnn: expected n_in = {math.prod(input_shape)} for images "
+                          f"{tuple(input_shape)}, found n_in={n_in}")
     c1, c2 = CNN_CHANNELS
     k1, k2, k3, k4 = jax.random.split(key, 4)
-    flat = c2 * 7 * 7
+    channels = input_shape[2]
+    flat = cnn_flat_size(input_shape)
 
     def he(k, shape, fan_in):
         return jax.random.normal(k, shape, dtype) * (2.0 / fan_in) ** 0.5
 
     return {
-        "c1": he(k1, (c1, 1, 3, 3), 9), "cb1": jnp.zeros((c1,), dtype),
+        "c1": he(k1, (c1, channels, 3, 3), 9 * channels), "cb1": jnp.zeros((c1,), dtype),
         "c2": he(k2, (c2, c1, 3, 3), 9 * c1), "cb2": jnp.zeros((c2,), dtype),
         "w1": he(k3, (n_hidden, flat), flat), "b1": jnp.zeros((n_hidden,), dtype),
         "w2": he(k4, (n_out, n_hidden), n_hidden) / 2**0.5, "b2": jnp.zeros((n_out,), dtype),
@@ -152,63 +257,161 @@ def _conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     return jax.nn.relu(y + bias[:, None, None])
 
 
-def cnn_hidden(params: Params, x: jax.Array) -> jax.Array:
-    """Dense-layer activations. x: [784] -> [n_hidden]."""
-    h = _conv(x.reshape(1, _SIDE, _SIDE), params["c1"], params["cb1"])  # [8, 14, 14]
-    h = _conv(h, params["c2"], params["cb2"])  # [16, 7, 7]
+def cnn_hidden(params: Params, x: jax.Array, *, input_shape: tuple[int, ...]) -> jax.Array:
+    """Dense-layer activations. x: [H * W * C] -> [n_hidden]."""
+    img = x.reshape(input_shape).transpose(2, 0, 1)  # (H, W, C) -> [C, H, W]
+    h = _conv(img, params["c1"], params["cb1"])  # [8, H/2, W/2]
+    h = _conv(h, params["c2"], params["cb2"])  # [16, H/4, W/4]
     return jax.nn.relu(params["w1"] @ h.reshape(-1) + params["b1"])
 
 
-def cnn_apply(params: Params, x: jax.Array) -> jax.Array:
-    """x: [784] -> logits [n_out]."""
-    return params["w2"] @ cnn_hidden(params, x) + params["b2"]
+def cnn_apply(params: Params, x: jax.Array, *, input_shape: tuple[int, ...]) -> jax.Array:
+    """x: [H * W * C] -> logits [n_out]."""
+    return params["w2"] @ cnn_hidden(params, x, input_shape=input_shape) + params["b2"]
 
 
-def cnn_loss(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
+def cnn_loss(params: Params, x: jax.Array, y: jax.Array, *,
+             input_shape: tuple[int, ...]) -> jax.Array:
     """Softmax cross-entropy against the integer label y."""
-    return -jax.nn.log_softmax(cnn_apply(params, x))[y]
+    return -jax.nn.log_softmax(cnn_apply(params, x, input_shape=input_shape))[y]
 
 
 def _identity(scores: jax.Array) -> jax.Array:
     return scores
 
 
-SEED_MLP = Model("seed-mlp", seed_mlp_init, seed_mlp_apply, seed_mlp_loss, _identity,
-                 features=seed_mlp_hidden)
-MLP_CE = Model("mlp-ce", mlp_ce_init, mlp_ce_apply, mlp_ce_loss, jax.nn.softmax,
-               features=mlp_ce_hidden)
+# --- building models for a spec ---------------------------------------------------------------
 
-CNN = Model("cnn", cnn_init, cnn_apply, cnn_loss, jax.nn.softmax, features=cnn_hidden)
 
+def _bound_init(raw: Callable[..., Params], accepted: frozenset, **bound) -> Callable:
+    """init(key, **kw): raw(key, **bound) with the keywords in `accepted` overriding the
+    bound ones; any other keyword is ignored (callers written for other models)."""
+
+    def init(key, **kw):
+        return raw(key, **{**bound, **{k: v for k, v in kw.items() if k in accepted}})
+
+    init.__doc__ = f"{raw.__name__} bound to {bound}; overridable: {sorted(accepted)}"
+    return init
+
+
+_MLP_KW = frozenset({"n_in", "n_hidden", "n_out", "dtype"})
+
+
+def _build_seed_mlp(spec: Spec, hidden: int) -> Model:
+    init = _bound_init(seed_mlp_init, _MLP_KW, n_in=spec.n_inputs, n_hidden=hidden,
+                       n_out=spec.n_classes)
+    return Model("seed-mlp", init, seed_mlp_apply, seed_mlp_loss, _identity, *spec,
+                 features=seed_mlp_hidden, hparams=(("hidden", hidden),))
+
+
+def _build_mlp_ce(spec: Spec, hidden: int) -> Model:
+    init = _bound_init(mlp_ce_init, _MLP_KW, n_in=spec.n_inputs, n_hidden=hidden,
+                       n_out=spec.n_classes)
+    return Model("mlp-ce", init, mlp_ce_apply, mlp_ce_loss, jax.nn.softmax, *spec,
+                 features=mlp_ce_hidden, hparams=(("hidden", hidden),))
+
+
+def _build_cnn(spec: Spec, hidden: int) -> Model:
+    shape = spec.input_shape
+    init = _bound_init(cnn_init, _MLP_KW | {"input_shape"}, input_shape=shape,
+                       n_hidden=hidden, n_out=spec.n_classes)
+    return Model("cnn", init, functools.partial(cnn_apply, input_shape=shape),
+                 functools.partial(cnn_loss, input_shape=shape), jax.nn.softmax, *spec,
+                 features=functools.partial(cnn_hidden, input_shape=shape),
+                 hparams=(("hidden", hidden),))
+
+
+class _Builtin(NamedTuple):
+    build: Callable[[Spec, int], Model]
+    hidden: int  # the default hidden size
+    width: Callable[[Params], int]  # the hidden size of a params pytree
+
+
+BUILTINS: dict[str, _Builtin] = {
+    "seed-mlp": _Builtin(_build_seed_mlp, 200, lambda p: p["wih"].shape[0]),
+    "mlp-ce": _Builtin(_build_mlp_ce, 200, lambda p: p["w1"].shape[0]),
+    "cnn": _Builtin(_build_cnn, 128, lambda p: p["w1"].shape[0]),
+}
+
+
+@functools.cache
+def _build(name: str, spec: Spec, hidden: int) -> Model:
+    return BUILTINS[name].build(spec, hidden)
+
+
+def build(name: str, spec: Any = STUDY_SPEC, hidden: int | None = None) -> Model:
+    """The built-in model `name` for `spec` (a Spec, Dataset or Model) with `hidden` units
+    (None: the model's default). Cached: the same arguments return the same object.
+    ConfigError for an unknown name, a bad spec or hidden < 1."""
+    if name not in BUILTINS:
+        raise ConfigError(f"unknown model {name!r}; expected one of {sorted(BUILTINS)}")
+    hidden = BUILTINS[name].hidden if hidden is None else hidden
+    if isinstance(hidden, bool) or not isinstance(hidden, (int, np.integer)) or hidden < 1:
+        raise ConfigError(f"hidden: expected an integer >= 1, found {hidden!r}")
+    return _build(name, check_spec(spec), int(hidden))
+
+
+SEED_MLP = build("seed-mlp")
+MLP_CE = build("mlp-ce")
+CNN = build("cnn")
+
+# the built-ins, built for the study's MNIST with their default hidden sizes
 MODELS: dict[str, Model] = {m.name: m for m in (SEED_MLP, MLP_CE, CNN)}
 
-# the penultimate-layer activations of each architecture (for training-data detectors)
-HIDDEN = {"seed-mlp": seed_mlp_hidden, "mlp-ce": mlp_ce_hidden, "cnn": cnn_hidden}
+
+def get_model(name: str, spec: Any = STUDY_SPEC, hidden: int | None = None) -> Model:
+    """`build(name, spec, hidden)`: ConfigError naming the known models for another name."""
+    return build(name, spec, hidden)
 
 
-def get_model(name: str) -> Model:
-    """The registered model called `name`; ConfigError naming the known ones otherwise."""
-    try:
-        return MODELS[name]
-    except KeyError:
-        raise ConfigError(f"unknown model {name!r}; expected one of {sorted(MODELS)}") from None
+def _shapes(tree) -> dict:
+    return {k: tuple(np.shape(v)) for k, v in tree.items()} if isinstance(tree, dict) else {}
 
 
-def infer_model(params: Params) -> Model:
-    """The registered architecture whose parameter names are exactly params' keys."""
+def infer_model(params: Params, spec: Any = None) -> Model:
+    """The built-in architecture whose arrays are exactly params' (names and shapes), built
+    for `spec` (a Spec, Dataset or Model) with the hidden size the params have.
+
+    For metadata-free weights. spec None: the inputs and classes are read off the params
+    (the study's MNIST when they are 784 and 10, else a square single-channel image in
+    [0, 1]). ConfigError when no built-in matches, naming what was found."""
+    if not isinstance(params, dict):
+        raise ConfigError(f"params: expected a dict of arrays, found {type(params).__name__}")
     names = set(params)
-    for model in MODELS.values():
-        if set(jax.eval_shape(lambda m=model: m.init(jax.random.key(0)))) == names:
-            try:  # the arrays must fit together and take 784-pixel images
-                jax.eval_shape(model.apply, params, jax.ShapeDtypeStruct((784,), jnp.float32))
-            except (TypeError, ValueError) as e:
-                shapes = {k: tuple(jnp.shape(v)) for k, v in params.items()}
-                raise ConfigError(f"params for {model.name} with shapes {shapes} do not take "
-                                  f"784-pixel images ({str(e).splitlines()[0]})") from None
-            return model
-    raise ConfigError(f"params with arrays {sorted(names)} match no model in {sorted(MODELS)}")
+    shapes = _shapes(params)
+    for name, entry in BUILTINS.items():
+        probe = build(name, STUDY_SPEC, 8)
+        if set(jax.eval_shape(lambda m=probe: m.init(jax.random.key(0)))) != names:
+            continue
+        model_spec = check_spec(spec) if spec is not None else _spec_from_params(name, params)
+        model = build(name, model_spec, int(entry.width(params)))
+        expected = _shapes(jax.eval_shape(lambda m=model: m.init(jax.random.key(0))))
+        if expected != shapes:
+            raise ConfigError(
+                f"params for {name} with shapes {shapes} do not fit inputs "
+                f"{model_spec.input_shape} and {model_spec.n_classes} classes: expected "
+                f"{expected}")
+        return model
+    raise ConfigError(f"params with arrays {sorted(names)} match no model in "
+                      f"{sorted(BUILTINS)}")
+
+
+def _spec_from_params(name: str, params: Params) -> Spec:
+    """A Spec read off metadata-free params (see `infer_model`)."""
+    if name == "cnn":
+        k, channels = int(np.shape(params["w2"])[0]), int(np.shape(params["c1"])[1])
+        if channels == 1 and np.shape(params["w1"])[1] == cnn_flat_size(STUDY_SPEC.input_shape) \
+                and k == STUDY_SPEC.n_classes:
+            return STUDY_SPEC
+        raise ConfigError("cnn params: the image size cannot be read off the weights; "
+                          "expected the input shape to be given (a dataset or spec)")
+    first, last = {"seed-mlp": ("wih", "who"), "mlp-ce": ("w1", "w2")}[name]
+    n_in, k = int(np.shape(params[first])[1]), int(np.shape(params[last])[0])
+    if (n_in, k) == (STUDY_SPEC.n_inputs, STUDY_SPEC.n_classes):
+        return STUDY_SPEC
+    return check_spec((square_shape(n_in, "params"), k, (0.0, 1.0)))
 
 
 def predict(model: Model, params: Params, x: jax.Array) -> jax.Array:
-    """Batched scores. x: [batch, n_in] -> [batch, n_out]."""
+    """Batched scores. x: [batch, D] -> [batch, n_classes]."""
     return jax.vmap(model.apply, in_axes=(None, 0))(params, x)

@@ -78,6 +78,9 @@ class ScanConfig(NamedTuple):
         return self
 
 
+DEFAULT = ScanConfig()
+
+
 class Triggers(NamedTuple):
     """The reversed trigger of every class. masks: [..., K, H, W] in [0, 1]; patterns:
     [..., K, H, W, C] in the input range; norms: [..., K] L1 norm of each mask (pixels);
@@ -199,7 +202,7 @@ def _check(model: Model, x, y) -> tuple[jax.Array, jax.Array]:
 
 
 def reverse_triggers(model: Model, params: Params, x, y, *, key: jax.Array,
-                     config: ScanConfig = ScanConfig()) -> Triggers:
+                     config: ScanConfig = DEFAULT) -> Triggers:
     """The minimal trigger of every class of one model, in one compiled call.
 
     model: a `models.Model` (any input shape and class count); params: its weights; x: [N, D]
@@ -211,7 +214,7 @@ def reverse_triggers(model: Model, params: Params, x, y, *, key: jax.Array,
 
 
 def scan_population(model: Model, stacked_params: Params, x, y, *, key: jax.Array,
-                    config: ScanConfig = ScanConfig(), chunk: int | None = None) -> Triggers:
+                    config: ScanConfig = DEFAULT, chunk: int | None = None) -> Triggers:
     """`reverse_triggers` for a population: stacked_params leaves [M, ...] -> Triggers [M, K, ...].
 
     One jit: `chunk` models per vmap (each vmapping its classes), `lax.map` over the groups;

@@ -1,17 +1,21 @@
 """Training-time poisoning: wrong labels, a trigger patch ("noisy" data), and both ("mixture").
 
-Every poisoning is a pure function `(key, x, y, config) -> (x_poisoned, y_poisoned, mask)`:
-x: float [n, 784] in `data.INPUT_RANGE`, y: int [n] in 0..9; it returns new JAX arrays (the
-inputs are never written to) and mask: bool [n], True for the poisoned samples (the ground
-truth detectors are scored against later). Configs are frozen dataclasses, validated when
-built: a bad value raises `ConfigError` saying what was expected and what was found.
+Every poisoning is a pure function `(key, x, y, config, spec) -> (x_poisoned, y_poisoned,
+mask)`: x: float [n, D] flat images of spec.input_shape (H, W, C) in spec.input_range, y: int
+[n] in 0..K-1 (K = spec.n_classes); it returns new JAX arrays (the inputs are never written
+to) and mask: bool [n], True for the poisoned samples (the ground truth detectors are scored
+against later). spec is a `models.Spec` (or the Dataset or Model); left out, it is guessed
+from the arrays (`models.guess_spec`: square single-channel images). Configs are frozen
+dataclasses, validated when built (types, fractions, modes) and against the data when
+applied (the patch inside the image, its value in the input range, classes below K): a bad
+value raises `ConfigError` saying what was expected and what was found.
 
 The kinds, as the study (UTD Team 4, Part 5) named its "abnormal data":
 
 - "wrong-label": the label is changed, the image kept. Modes: `uniform` (a uniformly drawn
-  OTHER label), `shift` (y -> (y + 1) mod 10), `target` (every poisoned sample -> one class).
-- "trigger": the study's "noisy" data. A k x k patch of one value (default 1.0, the top of
-  the input range) is stamped on the image, the label kept.
+  OTHER label), `shift` (y -> (y + 1) mod K), `target` (every poisoned sample -> one class).
+- "trigger": the study's "noisy" data. A k x k patch of one value (default: the top of the
+  input range) is stamped on the image, in every channel, the label kept.
 - "mixture": the study's "mixture" data, i.e. BadNets (Gu, Dolan-Gavitt, Garg, "BadNets:
   Identifying Vulnerabilities in the Machine Learning Model Supply Chain", 2017): the patch
   is stamped AND the label set to a target class (the study used 3).
@@ -39,11 +43,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlshift_jax.data import INPUT_RANGE, N_CLASSES, N_PIXELS
 from mlshift_jax.errors import ConfigError
+from mlshift_jax.models import Spec, check_spec, guess_spec
 from mlshift_jax.study import E7_TARGET
 
-SIDE = 28  # images are SIDE x SIDE = N_PIXELS
 MODES = ("uniform", "shift", "target")
 PER_CLASS = "per-class"
 
@@ -61,18 +64,35 @@ def _check_fraction(where: str, fraction) -> None:
         raise ConfigError(f"{where}: expected a fraction in [0, 1], found {fraction!r}")
 
 
-def _check_class(where: str, name: str, value, *, optional: bool = False) -> None:
+def _check_class(where: str, name: str, value, *, optional: bool = False,
+                 n_classes: int | None = None) -> None:
+    """value: a class, an int in 0..n_classes-1 (or >= 0 while K is not known yet)."""
     if optional and value is None:
         return
-    if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-            or not 0 <= value < N_CLASSES):
-        allowed = "None or a class 0..9" if optional else "a class 0..9"
+    bad = (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0
+           or (n_classes is not None and value >= n_classes))
+    if bad:
+        what = f"a class 0..{n_classes - 1}" if n_classes is not None else "a class (an int >= 0)"
+        allowed = f"None or {what}" if optional else what
         raise ConfigError(f"{where}: expected {name} to be {allowed}, found {value!r}")
 
 
-def _check_int(where: str, name: str, value, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
-        raise ConfigError(f"{where}: expected {name} an integer in {lo}..{hi}, found {value!r}")
+def _check_int(where: str, name: str, value, lo: int, hi: int | None = None) -> None:
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo
+            or (hi is not None and value > hi)):
+        span = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ConfigError(f"{where}: expected {name} an integer {'in ' if hi is not None else ''}"
+                          f"{span}, found {value!r}")
+
+
+def _spec(spec, x=None, y=None, config=None) -> Spec:
+    """spec as a models.Spec; None: guessed from x (square, one channel) and y (K = the
+    largest class that y or the config names + 1)."""
+    if spec is not None:
+        return check_spec(spec)
+    x = np.asarray(x)
+    k = _classes_needed(config, np.zeros(0, int) if y is None else y)
+    return guess_spec(x.reshape(-1, x.shape[-1]), n_classes=k)
 
 
 # --- the trigger patch ------------------------------------------------------------------------
@@ -80,80 +100,111 @@ def _check_int(where: str, name: str, value, lo: int, hi: int) -> None:
 
 @dataclass(frozen=True)
 class Patch:
-    """A square trigger: `size` x `size` pixels set to `value`.
+    """A square trigger: `size` x `size` pixels (every channel) set to `value`.
 
-    position: None puts it in the bottom-right corner, `margin` pixels from both edges (the
-    BadNets placement); (row, col) puts its top-left pixel there; "per-class" gives each
-    class its own place along the border (`patch_pixels` lists them), so that the patch's
-    place names the class, the study's "same label, same noise pixel" intuition.
+    value: None (the default) is the top of the data's input range. position: None puts it
+    in the bottom-right corner, `margin` pixels from both edges (the BadNets placement);
+    (row, col) puts its top-left pixel there; "per-class" gives each class its own place
+    along the border (`corners` lists them), so that the patch's place names the class, the
+    study's "same label, same noise pixel" intuition. Whether it fits is checked against
+    the image it is stamped on.
     """
 
     size: int = 4
-    value: float = INPUT_RANGE[1]
+    value: float | None = None
     position: tuple[int, int] | str | None = None
     margin: int = 1
 
     def __post_init__(self):
-        _check_int("patch", "size", self.size, 1, SIDE)
-        _check_int("patch", "margin", self.margin, 0, SIDE - 1)
-        lo, hi = INPUT_RANGE
+        _check_int("patch", "size", self.size, 1)
+        _check_int("patch", "margin", self.margin, 0)
         v = self.value
-        if (isinstance(v, bool) or not isinstance(v, (int, float, np.number))
-                or not math.isfinite(v) or not lo <= v <= hi):
-            raise ConfigError(f"patch: expected a value in [{lo}, {hi}] (the input range), "
-                              f"found {v!r}")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float, np.number))
+                              or not math.isfinite(v)):
+            raise ConfigError(f"patch: expected a value: None (the top of the input range) or "
+                              f"a finite number, found {v!r}")
         if isinstance(self.position, list):
             object.__setattr__(self, "position", tuple(self.position))
-        for row, col in self.corners():
-            if not (0 <= row and row + self.size <= SIDE and 0 <= col
-                    and col + self.size <= SIDE):
-                raise ConfigError(
-                    f"patch: expected a {self.size}x{self.size} patch inside the {SIDE}x{SIDE} "
-                    f"image, found its top-left pixel at (row {row}, col {col}) (position "
-                    f"{self.position!r}, margin {self.margin})")
-
-    def corners(self) -> list[tuple[int, int]]:
-        """Top-left (row, col) of the patch: one entry, or one per class for "per-class"."""
-        s, m = self.size, self.margin
-        if self.position is None:
-            return [(SIDE - m - s, SIDE - m - s)]
-        if self.position == PER_CLASS:
-            lo, hi, mid = m, SIDE - m - s, (SIDE - s) // 2
-            cols = [int(round(c)) for c in np.linspace(lo, hi, 4)]
-            return ([(lo, c) for c in cols] + [(hi, c) for c in cols]
-                    + [(mid, lo), (mid, hi)])
         pos = self.position
-        if (not isinstance(pos, tuple) or len(pos) != 2
+        if pos is not None and pos != PER_CLASS and (
+                not isinstance(pos, tuple) or len(pos) != 2
                 or not all(isinstance(p, (int, np.integer)) and not isinstance(p, bool)
                            for p in pos)):
             raise ConfigError(f"patch: expected position None, (row, col) or {PER_CLASS!r}, "
                               f"found {pos!r}")
-        return [(int(pos[0]), int(pos[1]))]
+
+    def corners(self, image_shape: tuple[int, ...], n_classes: int = 10) -> list[tuple[int, int]]:
+        """Top-left (row, col) of the patch on images of image_shape (H, W[, C]): one entry,
+        or for "per-class" max(10, K) places along the border (class c takes entry c).
+        ConfigError when the patch does not fit inside the image."""
+        h, w = int(image_shape[0]), int(image_shape[1])
+        s, m = self.size, self.margin
+        if s > min(h, w):
+            raise ConfigError(f"patch: expected size an integer in 1..{min(h, w)} (the {h}x{w} "
+                              f"image), found {s}")
+        if self.position is None:
+            out = [(h - m - s, w - m - s)]
+        elif self.position == PER_CLASS:
+            q = max(4, -(-(n_classes - 2) // 2))  # 4 per edge for 10 classes, as the study's
+            top, bottom, mid_row = m, h - m - s, (h - s) // 2
+            left, right = m, w - m - s
+            cols = [int(round(c)) for c in np.linspace(left, right, q)]
+            out = ([(top, c) for c in cols] + [(bottom, c) for c in cols]
+                   + [(mid_row, left), (mid_row, right)])
+        else:
+            out = [(int(self.position[0]), int(self.position[1]))]
+        for row, col in out:
+            if not (0 <= row and row + s <= h and 0 <= col and col + s <= w):
+                raise ConfigError(
+                    f"patch: expected a {s}x{s} patch inside the {h}x{w} image, found its "
+                    f"top-left pixel at (row {row}, col {col}) (position {self.position!r}, "
+                    f"margin {m})")
+        return out
 
     @property
     def per_class(self) -> bool:
         """True when each class has its own patch position."""
         return self.position == PER_CLASS
 
+    def value_for(self, input_range: tuple[float, float]) -> float:
+        """The stamped value on data in input_range: `value`, or hi when it is None;
+        ConfigError when it lies outside the range."""
+        lo, hi = input_range
+        if self.value is None:
+            return float(hi)
+        if not lo <= self.value <= hi:
+            raise ConfigError(f"patch: expected a value in [{lo}, {hi}] (the input range), "
+                              f"found {self.value!r}")
+        return float(self.value)
 
-def patch_pixels(patch: Patch) -> np.ndarray:
-    """Where the patch goes, per class: bool [10, 784] (all rows alike unless per-class)."""
-    out = np.zeros((N_CLASSES, SIDE, SIDE), bool)
-    corners = patch.corners()
-    for c in range(N_CLASSES):
-        row, col = corners[c % len(corners)]
-        out[c, row:row + patch.size, col:col + patch.size] = True
-    return out.reshape(N_CLASSES, N_PIXELS)
+
+def patch_pixels(patch: Patch, spec) -> np.ndarray:
+    """Where the patch goes, per class: bool [K, D] (all rows alike unless per-class), for
+    images of spec (a models.Spec, Dataset or Model): D = H * W * C, every channel stamped."""
+    spec = check_spec(spec)
+    h, w, c = spec.input_shape
+    k = spec.n_classes
+    out = np.zeros((k, h, w, c), bool)
+    corners = patch.corners(spec.input_shape, k)
+    for cls in range(k):
+        row, col = corners[cls % len(corners)]
+        out[cls, row:row + patch.size, col:col + patch.size, :] = True
+    return out.reshape(k, spec.n_inputs)
 
 
-def apply_trigger(x, patch: Patch, y=None) -> jax.Array:
-    """Stamp `patch` on every image: x: [n, 784] or [784] -> the same shape (a new array).
+def apply_trigger(x, patch: Patch, y=None, spec=None) -> jax.Array:
+    """Stamp `patch` on every image: x: [n, D] or [D] -> the same shape (a new array).
 
     For TEST images, to measure the attack success rate. A "per-class" patch needs y: [n]
-    (or a scalar for one image), the class whose patch each image gets.
+    (or a scalar for one image), the class whose patch each image gets. spec: the images'
+    models.Spec (or Dataset / Model); None guesses it (square, one channel).
     """
     x = jnp.asarray(x)
-    pix = jnp.asarray(patch_pixels(patch))
+    spec = _spec(spec, x, y)
+    if x.shape[-1] != spec.n_inputs:
+        raise ConfigError(f"apply_trigger: expected images of {spec.n_inputs} values "
+                          f"{spec.input_shape}, found x of shape {tuple(x.shape)}")
+    pix = jnp.asarray(patch_pixels(patch, spec))
     if patch.per_class:
         if y is None:
             raise ConfigError("apply_trigger: a per-class patch needs y (the class whose "
@@ -161,7 +212,7 @@ def apply_trigger(x, patch: Patch, y=None) -> jax.Array:
         where = pix[jnp.asarray(y)]
     else:
         where = pix[0] if x.ndim == 1 else pix[0][None, :]
-    return jnp.where(where, jnp.asarray(patch.value, x.dtype), x)
+    return jnp.where(where, jnp.asarray(patch.value_for(spec.input_range), x.dtype), x)
 
 
 # --- configs ----------------------------------------------------------------------------------
@@ -179,7 +230,7 @@ class WrongLabel:
     """The study's "wrong label" data: `fraction` of the eligible samples get another label.
 
     mode: "uniform" (a uniformly drawn label other than the true one), "shift"
-    ((y + 1) mod 10) or "target" (all to `target`, which then only poisons non-target samples).
+    ((y + 1) mod K) or "target" (all to `target`, which then only poisons non-target samples).
     source: None (every class eligible) or the one class whose samples may be relabelled.
     """
 
@@ -261,10 +312,10 @@ PoisonConfig = Clean | WrongLabel | Trigger | Mixture
 class PoisonArrays(NamedTuple):
     """One poisoning as plain arrays, so that a population can `vmap` over many.
 
-    count: int32 [] samples to poison; eligible: bool [10] classes that may be poisoned;
-    relabel: int32 [] (KEEP, UNIFORM, SHIFT, TO_TARGET); target: int32 [];
-    patch: bool [10, 784] pixels stamped, by true class (all False: no patch);
-    value: float32 [] the stamped value.
+    count: int32 [] samples to poison; eligible: bool [K] classes that may be poisoned (its
+    length is the number of classes K); relabel: int32 [] (KEEP, UNIFORM, SHIFT, TO_TARGET);
+    target: int32 []; patch: bool [K, D] pixels stamped, by true class (all False: no
+    patch); value: float32 [] the stamped value.
     """
 
     count: jax.Array
@@ -277,22 +328,23 @@ class PoisonArrays(NamedTuple):
 
 def poison_arrays(key: jax.Array, x: jax.Array, y: jax.Array,
                   arrays: PoisonArrays) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Poison (x: [n, 784], y: int [n]) as `arrays` says: -> (x', y', mask: bool [n]).
+    """Poison (x: [n, D], y: int [n]) as `arrays` says: -> (x', y', mask: bool [n]).
 
     Pure and traceable (jit / vmap over key and arrays with x, y shared). The `count`
     eligible samples with the smallest uniform draw are poisoned, exactly `count` of them as
-    long as count <= the number of eligible samples (`to_arrays` sees to it).
+    long as count <= the number of eligible samples (`to_arrays` sees to it). K, the number
+    of classes, is the (static) length of `arrays.eligible`.
     """
     k_pick, k_label = jax.random.split(key)
-    n = y.shape[0]
+    n, k = y.shape[0], arrays.eligible.shape[-1]
     draw = jax.random.uniform(k_pick, (n,))
     draw = jnp.where(arrays.eligible[y], draw, 2.0)  # the ineligible rank last
     rank = jnp.zeros((n,), jnp.int32).at[jnp.argsort(draw)].set(jnp.arange(n, dtype=jnp.int32))
     mask = rank < arrays.count
-    other = (y + jax.random.randint(k_label, (n,), 1, N_CLASSES)) % N_CLASSES
+    other = (y + jax.random.randint(k_label, (n,), 1, k)) % k
     new = jnp.select([arrays.relabel == UNIFORM, arrays.relabel == SHIFT,
                       arrays.relabel == TO_TARGET],
-                     [other, (y + 1) % N_CLASSES, jnp.broadcast_to(arrays.target, y.shape)], y)
+                     [other, (y + 1) % k, jnp.broadcast_to(arrays.target, y.shape)], y)
     y_out = jnp.where(mask, new, y).astype(y.dtype)
     stamp = arrays.patch[y] & mask[:, None]
     x_out = jnp.where(stamp, arrays.value.astype(x.dtype), x)
@@ -302,9 +354,9 @@ def poison_arrays(key: jax.Array, x: jax.Array, y: jax.Array,
 _poison_jit = jax.jit(poison_arrays)
 
 
-def eligible_classes(config: PoisonConfig) -> np.ndarray:
-    """bool [10]: the classes whose samples `config` may poison (none for Clean)."""
-    out = np.zeros(N_CLASSES, bool)
+def eligible_classes(config: PoisonConfig, n_classes: int) -> np.ndarray:
+    """bool [n_classes]: the classes whose samples `config` may poison (none for Clean)."""
+    out = np.zeros(n_classes, bool)
     if isinstance(config, Clean):
         return out
     if config.source is None:
@@ -316,11 +368,28 @@ def eligible_classes(config: PoisonConfig) -> np.ndarray:
     return out
 
 
-def poison_count(config: PoisonConfig, y) -> int:
-    """How many samples `config` poisons in labels y: [n]: round(fraction * eligible)."""
+def _uses_target(config: PoisonConfig) -> bool:
+    """Whether config relabels to its target (mixture; wrong-label in mode "target")."""
+    return isinstance(config, Mixture) or (isinstance(config, WrongLabel)
+                                           and config.mode == "target")
+
+
+def _classes_needed(config: PoisonConfig, y) -> int:
+    """The least K that holds every label of y and every class config names."""
+    named = [getattr(config, "source", None)]
+    if _uses_target(config):
+        named.append(config.target)
+    return max([2, int(np.max(y)) + 1 if np.size(y) else 2]
+               + [int(c) + 1 for c in named if isinstance(c, (int, np.integer))])
+
+
+def poison_count(config: PoisonConfig, y, n_classes: int | None = None) -> int:
+    """How many samples `config` poisons in labels y: [n]: round(fraction * eligible).
+    n_classes: K (default: enough for y and the config's classes; the count is the same)."""
     if isinstance(config, Clean):
         return 0
-    n_eligible = int(eligible_classes(config)[np.asarray(y)].sum())
+    k = _classes_needed(config, y) if n_classes is None else n_classes
+    n_eligible = int(eligible_classes(config, k)[np.asarray(y)].sum())
     return int(round(config.fraction * n_eligible))
 
 
@@ -329,11 +398,36 @@ def trigger_of(config: PoisonConfig) -> Patch | None:
     return getattr(config, "patch", None)
 
 
-def to_arrays(config: PoisonConfig, y) -> PoisonArrays:
-    """`config` as a `PoisonArrays` record for training labels y: [n] (host-side numpy)."""
-    _check_config(config)
+def check_for(config: PoisonConfig, spec) -> None:
+    """ConfigError unless `config` fits data of `spec`: its classes below K, its patch
+    inside the image and its value in the input range."""
+    spec = check_spec(spec)
+    k = spec.n_classes
+    if isinstance(config, Clean):
+        return
+    if _uses_target(config):
+        _check_class(config.kind, "target", config.target, n_classes=k)
+    _check_class(config.kind, "source", config.source, optional=True, n_classes=k)
     patch = trigger_of(config)
-    pix = patch_pixels(patch) if patch is not None else np.zeros((N_CLASSES, N_PIXELS), bool)
+    if patch is not None:
+        patch.corners(spec.input_shape, k)
+        patch.value_for(spec.input_range)
+
+
+def to_arrays(config: PoisonConfig, y, spec) -> PoisonArrays:
+    """`config` as a `PoisonArrays` record for training labels y: [n] (host-side numpy) of
+    data of `spec` (a models.Spec, Dataset or Model). ConfigError when it does not fit."""
+    _check_config(config)
+    spec = check_spec(spec)
+    check_for(config, spec)
+    k = spec.n_classes
+    y = np.asarray(y)
+    if y.size and (y.min() < 0 or y.max() >= k):
+        raise ConfigError(f"poison: expected labels 0..{k - 1}, found {int(y.min())}.."
+                          f"{int(y.max())}")
+    patch = trigger_of(config)
+    pix = (patch_pixels(patch, spec) if patch is not None
+           else np.zeros((k, spec.n_inputs), bool))
     if isinstance(config, WrongLabel):
         relabel = _RELABEL[config.mode]
     elif isinstance(config, Mixture):
@@ -341,12 +435,12 @@ def to_arrays(config: PoisonConfig, y) -> PoisonArrays:
     else:
         relabel = KEEP
     return PoisonArrays(
-        count=np.int32(poison_count(config, y)),
-        eligible=eligible_classes(config),
+        count=np.int32(poison_count(config, y, k)),
+        eligible=eligible_classes(config, k),
         relabel=np.int32(relabel),
         target=np.int32(getattr(config, "target", 0)),
         patch=pix,
-        value=np.float32(patch.value if patch is not None else 0.0),
+        value=np.float32(patch.value_for(spec.input_range) if patch is not None else 0.0),
     )
 
 
@@ -363,44 +457,57 @@ def _check_config(config, expected: type | tuple[type, ...] | None = None) -> No
                           f"found {type(config).__name__}")
 
 
-def apply(key: jax.Array, x, y, config: PoisonConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Any poisoning by its config: (key, x: [n, 784], y: int [n]) -> (x', y', mask: bool [n]).
+def apply(key: jax.Array, x, y, config: PoisonConfig,
+          spec=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Any poisoning by its config: (key, x: [n, D], y: int [n]) -> (x', y', mask: bool [n]).
 
-    Same key, same result. x and y may be numpy or JAX arrays; they are not modified.
+    spec: the data's models.Spec (or Dataset / Model); None guesses it from x and y (square
+    single-channel images, K = the largest class in y or the config + 1). Same key, same
+    result. x and y may be numpy or JAX arrays; they are not modified. ConfigError when x is
+    not [n, D] with y [n], or the config does not fit the data.
     """
-    arrays = to_arrays(config, y)
+    x_shape, y_shape = np.shape(x), np.shape(y)
+    if len(x_shape) != 2 or y_shape != x_shape[:1]:
+        raise ConfigError(f"poison: expected x [n, D] and y [n], found x {list(x_shape)} and "
+                          f"y {list(y_shape)}")
+    spec = _spec(spec, x, y, config)
+    if x_shape[1] != spec.n_inputs:
+        raise ConfigError(f"poison: expected x [n, {spec.n_inputs}] (images "
+                          f"{spec.input_shape}), found {list(x_shape)}")
+    arrays = to_arrays(config, y, spec)
     return _poison_jit(key, jnp.asarray(x), jnp.asarray(y), arrays)
 
 
-def clean(key, x, y, config: Clean = Clean()):
+def clean(key, x, y, config: Clean = Clean(), spec=None):
     """No poisoning: (x, y) as JAX arrays and an all-False mask."""
     _check_config(config, Clean)
-    return apply(key, x, y, config)
+    return apply(key, x, y, config, spec)
 
 
-def wrong_label(key, x, y, config: WrongLabel):
+def wrong_label(key, x, y, config: WrongLabel, spec=None):
     """The study's "wrong label" data (see `WrongLabel`): x kept, labels changed under mask."""
     _check_config(config, WrongLabel)
-    return apply(key, x, y, config)
+    return apply(key, x, y, config, spec)
 
 
-def trigger(key, x, y, config: Trigger):
+def trigger(key, x, y, config: Trigger, spec=None):
     """The study's "noisy" data (see `Trigger`): the patch stamped under mask, labels kept."""
     _check_config(config, Trigger)
-    return apply(key, x, y, config)
+    return apply(key, x, y, config, spec)
 
 
-def mixture(key, x, y, config: Mixture):
+def mixture(key, x, y, config: Mixture, spec=None):
     """BadNets (Gu et al. 2017), the study's "mixture": patch stamped and label -> target."""
     _check_config(config, Mixture)
-    return apply(key, x, y, config)
+    return apply(key, x, y, config, spec)
 
 
 # --- the registry -----------------------------------------------------------------------------
 
 
 class Poisoning(NamedTuple):
-    """A poisoning kind: name; config: its dataclass; apply(key, x, y, config); about."""
+    """A poisoning kind: name; config: its dataclass; apply(key, x, y, config, spec=None);
+    about."""
 
     name: str
     config: type
@@ -411,7 +518,7 @@ class Poisoning(NamedTuple):
 POISONINGS: dict[str, Poisoning] = {p.name: p for p in (
     Poisoning("clean", Clean, clean, "no poisoning (the control)"),
     Poisoning("wrong-label", WrongLabel, wrong_label,
-              "labels changed: uniform other label, (y+1) mod 10, or one target class"),
+              "labels changed: uniform other label, (y+1) mod K, or one target class"),
     Poisoning("trigger", Trigger, trigger,
               "the study's 'noisy' data: a k x k patch stamped, labels kept"),
     Poisoning("mixture", Mixture, mixture,

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlshift_jax.errors import ConfigError
-from mlshift_jax.models import Model, Params
+from mlshift_jax.models import STUDY_SPEC, Model, Params, check_spec, guess_spec
 from mlshift_jax.poison import PoisonConfig, poison_arrays, stack_arrays, to_arrays
 from mlshift_jax.recipes import TrainConfig, get_recipe, resolve
 from mlshift_jax.train import (
@@ -81,17 +81,32 @@ class Population(NamedTuple):
     plan: Plan
 
 
-def plan_for(recipe: str, train: TrainConfig | None = None) -> Plan:
-    """The training plan of recipe `recipe` with `train`'s settings (recipe defaults filled)."""
+def plan_for(recipe: str, train: TrainConfig | None = None, spec=None) -> Plan:
+    """The training plan of recipe `recipe` with `train`'s settings (recipe defaults filled)
+    for data of `spec` (a models.Spec, Dataset or Model; default: the study's MNIST)."""
     r = get_recipe(recipe)
     cfg = resolve(r, train or TrainConfig())
+    arch = r.build(check_spec(STUDY_SPEC if spec is None else spec), cfg)
     if r.name == "seed-mlp":
-        return Plan(r.name, "seed-sgd", r.arch, cfg.hidden, float(cfg.lr), cfg.epochs)
+        return Plan(r.name, "seed-sgd", arch, cfg.hidden, float(cfg.lr), cfg.epochs)
     if cfg.batch_size is None or cfg.optimizer is None:
         raise ConfigError(f"population: expected a JAX recipe (seed-mlp or a minibatch one), "
                           f"found {recipe!r}")
-    return Plan(r.name, "minibatch", r.arch, cfg.hidden, float(cfg.lr), cfg.epochs,
+    return Plan(r.name, "minibatch", arch, cfg.hidden, float(cfg.lr), cfg.epochs,
                 cfg.optimizer, cfg.batch_size)
+
+
+def check_data(plan: Plan, x, y) -> None:
+    """ConfigError unless x: [n, D] and y: [n] fit the plan's model (D values, K classes)."""
+    model = plan.arch
+    shape = tuple(np.shape(x))
+    if len(shape) != 2 or shape[1] != model.n_inputs:
+        raise ConfigError(f"population: expected x [n, {model.n_inputs}] for {model.name} "
+                          f"on images {tuple(model.input_shape)}, found {list(shape)}")
+    y = np.asarray(y)
+    if y.size and (y.min() < 0 or y.max() >= model.n_classes):
+        raise ConfigError(f"population: expected labels 0..{model.n_classes - 1}, found "
+                          f"{int(y.min())}..{int(y.max())}")
 
 
 def poison_key(seed: int) -> jax.Array:
@@ -129,25 +144,26 @@ def host_bytes() -> int:
         return DEFAULT_DEVICE_BYTES
 
 
-def chunk_size(m: int, n_train: int, *, backend: str | None = None,
+def chunk_size(m: int, n_train: int, n_inputs: int, *, backend: str | None = None,
                memory: int | None = None) -> int:
     """How many of m members to train together in one vmap (see the module docstring).
 
-    Every backend: m, capped so chunk poisoned copies of an [n_train, 784] float32 training set
-    fit in MEMORY_SHARE of `memory` (default: the device's; on CPU the machine's RAM).
+    Every backend: m, capped so chunk poisoned copies of an [n_train, n_inputs] float32
+    training set fit in MEMORY_SHARE of `memory` (default: the device's; on CPU the
+    machine's RAM).
     """
     if m < 1:
         raise ConfigError(f"population: expected at least 1 member, found {m}")
     backend = backend or jax.default_backend()
     if memory is None:
         memory = host_bytes() if backend == "cpu" else device_bytes()
-    per_member = 2 * n_train * 784 * 4  # the poisoned copy and the stamping temporary
+    per_member = 2 * n_train * n_inputs * 4  # the poisoned copy and the stamping temporary
     return int(max(1, min(m, (MEMORY_SHARE * memory) // per_member)))
 
 
 def fit_group(plan: Plan, group: dict, xs: jax.Array, ys: jax.Array) -> Params:
     """Train one group of members on their own (already poisoned) data with the plan's
-    trainer. group: {"params", "shuffle_key", ...} with leading axis g; xs: [g, n, 784]."""
+    trainer. group: {"params", "shuffle_key", ...} with leading axis g; xs: [g, n, D]."""
     if plan.kind == "seed-sgd":
         return train_seed_sgd_population(group["params"], xs, ys, lr=plan.lr,
                                          epochs=plan.epochs)
@@ -157,9 +173,9 @@ def fit_group(plan: Plan, group: dict, xs: jax.Array, ys: jax.Array) -> Params:
 
 
 def _train_group(plan: Plan, x: jax.Array, y: jax.Array, group: dict) -> tuple[Params, jax.Array]:
-    """Poison and train one group of members. x: [n, 784], y: [n] shared (clean)."""
+    """Poison and train one group of members. x: [n, D], y: [n] shared (clean)."""
     xs, ys, masks = jax.vmap(poison_arrays, in_axes=(0, None, None, 0))(
-        group["poison_key"], x, y, group["poison"])  # [g, n, 784], [g, n], [g, n]
+        group["poison_key"], x, y, group["poison"])  # [g, n, D], [g, n], [g, n]
     return fit_group(plan, group, xs, ys), masks
 
 
@@ -167,7 +183,7 @@ def _train_group(plan: Plan, x: jax.Array, y: jax.Array, group: dict) -> tuple[P
 def train_members(members: dict, x: jax.Array, y: jax.Array, *, plan: Plan,
                   chunk: int) -> tuple[Params, jax.Array]:
     """The population's one jit. members: {"params", "shuffle_key", "poison_key", "poison"}
-    with leading axis m; x: [n, 784], y: [n] clean and shared. -> (params [m, ...],
+    with leading axis m; x: [n, D], y: [n] clean and shared. -> (params [m, ...],
     masks bool [m, n])."""
     return map_chunks(partial(_train_group, plan, x, y), members, chunk)
 
@@ -185,7 +201,7 @@ class Prepared(NamedTuple):
 
 def prepare(recipe: str, configs: Sequence[PoisonConfig], x, y, *,
             train: TrainConfig | None = None, seeds: Sequence[int] | None = None,
-            chunk: int | None = None) -> Prepared:
+            chunk: int | None = None, spec=None) -> Prepared:
     """Everything `train_poisoned` does before the timed run: inputs on the device, initial
     params drawn, the jit lowered and compiled (compile_s). Same arguments."""
     configs = list(configs)
@@ -196,16 +212,18 @@ def prepare(recipe: str, configs: Sequence[PoisonConfig], x, y, *,
     if len(seeds) != len(configs):
         raise ConfigError(f"population: expected one seed per config ({len(configs)}), "
                           f"found {len(seeds)}")
-    plan = plan_for(recipe, replace(train, seed=seeds[0]))
+    spec = guess_spec(x, y) if spec is None else check_spec(spec)
+    plan = plan_for(recipe, replace(train, seed=seeds[0]), spec)
+    check_data(plan, x, y)
     x = jax.device_put(jnp.asarray(x, jnp.float32))
     y_host = np.asarray(y)
     y = jax.device_put(jnp.asarray(y_host, jnp.int32))
     m, n = len(configs), int(y.shape[0])
-    chunk = chunk_size(m, n) if chunk is None else int(chunk)
+    chunk = chunk_size(m, n, spec.n_inputs) if chunk is None else int(chunk)
     if chunk < 1:
         raise ConfigError(f"population: expected chunk >= 1, found {chunk}")
     params, shuffle_keys = init_members(plan, seeds, int(x.shape[1]))
-    arrays = [to_arrays(c, y_host) for c in configs]
+    arrays = [to_arrays(c, y_host, spec) for c in configs]
     members = jax.device_put({
         "params": params,
         "shuffle_key": shuffle_keys,
@@ -221,17 +239,18 @@ def prepare(recipe: str, configs: Sequence[PoisonConfig], x, y, *,
 
 def train_poisoned(recipe: str, configs: Sequence[PoisonConfig], x, y, *,
                    train: TrainConfig | None = None, seeds: Sequence[int] | None = None,
-                   chunk: int | None = None) -> Population:
+                   chunk: int | None = None, spec=None) -> Population:
     """Train one model per poisoning config, all in one jit.
 
     recipe: a JAX recipe name ("seed-mlp", "mlp-sgd", "mlp-ce", "cnn"); configs: m poison
-    configs; x: [n, 784] float, y: int [n] the CLEAN training data; train: the TrainConfig
+    configs; x: [n, D] float, y: int [n] the CLEAN training data; spec: their models.Spec
+    (or Dataset; None: `models.guess_spec`, square single-channel images); train: the TrainConfig
     (its seed is the default seed of every member; recipe defaults fill what it leaves
     None); seeds: one per member (init, shuffle and poisoning draws; all members share
     `train.seed` by default, so that they differ only by their poisoning, and one fraction's
     poisoned set is a subset of a larger one's); chunk: members per vmap (None: `chunk_size`).
     """
-    prepared = prepare(recipe, configs, x, y, train=train, seeds=seeds, chunk=chunk)
+    prepared = prepare(recipe, configs, x, y, train=train, seeds=seeds, chunk=chunk, spec=spec)
     start = time.perf_counter()
     params, masks = jax.block_until_ready(prepared.run())
     train_s = time.perf_counter() - start

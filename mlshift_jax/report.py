@@ -509,9 +509,10 @@ def _digits_figure(rows: pd.DataFrame, dataset: str):
     axes = fig.subplots(len(sub), k, squeeze=False)
     for row_axes, (_, r) in zip(axes, sub.iterrows(), strict=True):
         ex = r["detail"]["examples"]
-        images = decode_images(ex["images"])
+        images = decode_images(ex["images"], ex.get("shape"))  # [k, H, W, C] in [0, 1]
         for j, ax in enumerate(row_axes):
-            ax.imshow(images[j], cmap="gray_r", vmin=0, vmax=1)
+            img = images[j] if images.shape[-1] == 3 else images[j][..., 0]
+            ax.imshow(img, cmap="gray_r", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(f"{ex['labels'][j]} → {ex['preds'][j]}", fontsize=8,
@@ -545,9 +546,12 @@ def write_figures(records: pd.DataFrame, out_dir: str | Path) -> tuple[list[Path
                 paths.append(_save(fig, Path(out_dir) / "figures" / name))
     tables = poison_tables(records)
     if tables:
+        name = _rows(records, kind="poison")["dataset"].iloc[0]
+        # a dataset the matrix named by path is loaded as the run loaded it
+        info = records.attrs.get("run", {}).get("datasets", {}).get(name, {})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = data.load(_rows(records, kind="poison")["dataset"].iloc[0])
+            ds = data.load(**info.get("load", {"name": name}))
         paths += sweeps.figures(tables, ds, Path(out_dir) / "figures")
     return paths, ""
 

@@ -26,6 +26,7 @@ from mlshift_jax.poison import PoisonConfig, poison_arrays, stack_arrays, to_arr
 from mlshift_jax.population import (
     Plan,
     Population,
+    check_data,
     chunk_size,
     fit_group,
     init_members,
@@ -35,8 +36,8 @@ from mlshift_jax.population import (
 
 
 def _train_group(plan: Plan, x: jax.Array, y: jax.Array, group: dict):
-    """Gather, poison and train one group. x: [n, 784], y: [n] the full clean set."""
-    xs, ys = x[group["idx"]], y[group["idx"]]  # [g, size, 784], [g, size]
+    """Gather, poison and train one group. x: [n, D], y: [n] the full clean set."""
+    xs, ys = x[group["idx"]], y[group["idx"]]  # [g, size, D], [g, size]
     xs, ys, masks = jax.vmap(poison_arrays)(group["poison_key"], xs, ys, group["poison"])
     return fit_group(plan, group, xs, ys), masks
 
@@ -58,7 +59,7 @@ def train_sampled(plan: Plan, configs: Sequence[PoisonConfig], x, y, *, seeds: S
                   size: int, chunk: int | None = None) -> tuple[Population, np.ndarray]:
     """Train member i on subsample(seeds[i]) of (x, y), poisoned by configs[i]: one jit.
 
-    plan: `population.plan_for(recipe, TrainConfig(...))`; x: [n, 784], y: [n] the clean
+    plan: `population.plan_for(recipe, TrainConfig(...), spec)`; x: [n, D], y: [n] the clean
     training set; size: images per member. Returns (the Population, whose masks are over each
     member's own sample, and idx: int [m, size], the sample of each member).
     """
@@ -66,6 +67,8 @@ def train_sampled(plan: Plan, configs: Sequence[PoisonConfig], x, y, *, seeds: S
     if not configs or len(configs) != len(seeds):
         raise ConfigError(f"retrain: expected one seed per config and at least one member, "
                           f"found {len(configs)} configs and {len(seeds)} seeds")
+    check_data(plan, x, y)
+    spec = plan.arch.spec
     y_host = np.asarray(y)
     idx = sample_indices(seeds, len(y_host), size)
     params, shuffle_keys = init_members(plan, seeds, int(np.shape(x)[1]))
@@ -74,10 +77,10 @@ def train_sampled(plan: Plan, configs: Sequence[PoisonConfig], x, y, *, seeds: S
         "shuffle_key": shuffle_keys,
         "poison_key": jnp.stack([poison_key(s) for s in seeds]),
         "poison": jax.tree.map(jnp.asarray, stack_arrays(
-            [to_arrays(c, y_host[i]) for c, i in zip(configs, idx, strict=True)])),
+            [to_arrays(c, y_host[i], spec) for c, i in zip(configs, idx, strict=True)])),
         "idx": jnp.asarray(idx, jnp.int32),
     })
-    chunk = chunk_size(len(configs), size) if chunk is None else int(chunk)
+    chunk = chunk_size(len(configs), size, spec.n_inputs) if chunk is None else int(chunk)
     x = jax.device_put(jnp.asarray(x, jnp.float32))
     y = jax.device_put(jnp.asarray(y_host, jnp.int32))
     start = time.perf_counter()
@@ -90,9 +93,11 @@ def train_sampled(plan: Plan, configs: Sequence[PoisonConfig], x, y, *, seeds: S
     return Population(params, masks, masks.sum(axis=1), chunk, compile_s, train_s, plan), idx
 
 
-def poisoned_sample(x, y, idx: np.ndarray, seed: int, config: PoisonConfig):
+def poisoned_sample(x, y, idx: np.ndarray, seed: int, config: PoisonConfig, spec):
     """Member data as `train_sampled` built it: (x', y', mask) for one member's sample idx:
-    [size] and seed (for the training-data detectors, which need the poisoned set)."""
+    [size] and seed (for the training-data detectors, which need the poisoned set); spec:
+    the data's models.Spec (or the plan's model)."""
     y_s = np.asarray(y)[idx]
+    arrays = jax.tree.map(jnp.asarray, to_arrays(config, y_s, spec))
     return _poison(poison_key(int(seed)), jnp.asarray(np.asarray(x)[idx]),
-                   jnp.asarray(y_s, jnp.int32), jax.tree.map(jnp.asarray, to_arrays(config, y_s)))
+                   jnp.asarray(y_s, jnp.int32), arrays)

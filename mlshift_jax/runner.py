@@ -54,6 +54,7 @@ from mlshift_jax import (
     baseline,
     data,
     detection_bench,
+    models,
     population,
     sharding,
     stability,
@@ -66,6 +67,7 @@ from mlshift_jax.matrix import (
     AttackConfig,
     Cell,
     DetectConfig,
+    Matrix,
     PoisonSweepConfig,
     SpeedConfig,
     StabilityConfig,
@@ -76,8 +78,8 @@ from mlshift_jax.matrix import (
     with_dataset,
 )
 from mlshift_jax.metrics import SCORE_NAMES, evaluate, evaluate_arrays
-from mlshift_jax.models import SEED_MLP, Model, predict
-from mlshift_jax.recipes import TrainConfig, fit, get_recipe, resolve
+from mlshift_jax.models import Model, predict
+from mlshift_jax.recipes import TrainConfig, fit, get_recipe, model_for, resolve
 from mlshift_jax.timing import Timing, time_call, time_once
 from mlshift_jax.train import (
     init_population,
@@ -130,11 +132,14 @@ def _timing_fields(t: Timing, scale: float = 1.0) -> dict[str, Any]:
 # --- numpy yardsticks ------------------------------------------------------------------------
 
 
-def numpy_scores(outputs: np.ndarray, y: np.ndarray, n_classes: int = 10) -> dict[str, float]:
-    """The five scores of `metrics.scores_from_outputs`, in numpy. outputs: [n, n_out], y: [n].
+def numpy_scores(outputs: np.ndarray, y: np.ndarray,
+                 n_classes: int | None = None) -> dict[str, float]:
+    """The five scores of `metrics.scores_from_outputs`, in numpy. outputs: [n, K], y: [n];
+    n_classes: K (default: the outputs' width).
 
     Macro precision / recall / F1 over all classes with zero_division=0, as scikit-learn.
     """
+    n_classes = outputs.shape[1] if n_classes is None else n_classes
     pred = np.argmax(outputs, axis=1)
     cm = np.bincount(y * n_classes + pred, minlength=n_classes * n_classes)
     cm = cm.reshape(n_classes, n_classes)
@@ -151,11 +156,11 @@ def numpy_scores(outputs: np.ndarray, y: np.ndarray, n_classes: int = 10) -> dic
 
 
 def numpy_evaluate(wih: np.ndarray, who: np.ndarray, x: np.ndarray, y: np.ndarray):
-    """The seed MLP's forward pass and scores in numpy. x: [n, 784], y: [n]."""
+    """The seed MLP's forward pass and scores in numpy. x: [n, D], y: [n]."""
     return numpy_scores(baseline.sigmoid(baseline.sigmoid(x @ wih.T) @ who.T), y)
 
 
-def gemm_floor_operands(n: int, hidden: int, n_in: int = 784, n_out: int = 10, seed: int = 0):
+def gemm_floor_operands(n: int, hidden: int, n_in: int, n_out: int, seed: int = 0):
     """Two float32 matrices whose product costs exactly FGSM's FLOPs on the seed MLP over n
     images: a [n, n_in + n_out] @ b [n_in + n_out, 2 * hidden] (forward and backward matmuls
     folded into one GEMM, the fastest shape numpy has for that work)."""
@@ -167,7 +172,7 @@ def gemm_floor_operands(n: int, hidden: int, n_in: int = 784, n_out: int = 10, s
 _matmul_jit = jax.jit(jnp.matmul)
 
 
-def fgsm_flops(n: int, hidden: int, n_in: int = 784, n_out: int = 10) -> int:
+def fgsm_flops(n: int, hidden: int, n_in: int, n_out: int) -> int:
     """FLOPs of FGSM's matmuls on the seed MLP over n images: forward x @ wih.T, h @ who.T,
     backward dz2 @ who, dz1 @ wih; 2 FLOPs per multiply-add."""
     return 2 * n * (n_in * hidden + hidden * n_out) * 2
@@ -176,16 +181,19 @@ def fgsm_flops(n: int, hidden: int, n_in: int = 784, n_out: int = 10) -> int:
 # --- the digit examples a record carries -----------------------------------------------------
 
 
-def encode_images(x: np.ndarray) -> str:
-    """Images in [0.01, 1] -> base64 of uint8 pixels (for the report's digit grid)."""
-    q = np.round((np.asarray(x, np.float64) - 0.01) / 0.99 * 255)
+def encode_images(x: np.ndarray, input_range: tuple[float, float] = (0.01, 1.0)) -> str:
+    """Flat images [k, D] in input_range (lo, hi) -> base64 of uint8 pixels (the report's
+    example grid; the record carries the image shape beside them)."""
+    lo, hi = input_range
+    q = np.round((np.asarray(x, np.float64) - lo) / (hi - lo) * 255)
     return base64.b64encode(np.clip(q, 0, 255).astype(np.uint8).tobytes()).decode()
 
 
-def decode_images(text: str, side: int = 28) -> np.ndarray:
-    """`encode_images` back to floats in [0, 1]: [k, side, side]."""
-    q = np.frombuffer(base64.b64decode(text), np.uint8)
-    return (q.astype(np.float32) / 255).reshape(-1, side, side)
+def decode_images(text: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """`encode_images` back to floats in [0, 1]: [k, H, W, C] for shape (H, W, C); None:
+    the study's 28x28x1 (records written before they carried their shape)."""
+    q = np.frombuffer(base64.b64decode(text), np.uint8).astype(np.float32) / 255
+    return q.reshape(-1, *(shape or models.STUDY_SPEC.input_shape))
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -199,13 +207,8 @@ class Loaded(NamedTuple):
 
 
 def data_hash(ds: data.Dataset) -> str:
-    """sha256 (12 hex) of the shapes, every label and every 97th image of each split."""
-    h = hashlib.sha256()
-    for a in (ds.y_train, ds.y_test, ds.x_train[::97], ds.x_test[::97]):
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:12]
+    """`data.content_hash`: shapes, labels and every 97th image of each split (12 hex)."""
+    return data.content_hash(ds)
 
 
 def capped(ds: data.Dataset, n_train: int | None, n_test: int | None) -> data.Dataset:
@@ -214,13 +217,20 @@ def capped(ds: data.Dataset, n_train: int | None, n_test: int | None) -> data.Da
                    x_test=ds.x_test[:n_test], y_test=ds.y_test[:n_test])
 
 
-def _load_datasets(names: list[str], data_dir: str | None = None
+def _load_datasets(names: list[str], matrix: Matrix | None = None, data_dir: str | None = None
                    ) -> tuple[dict[str, Loaded], dict[str, str]]:
-    """({name: Loaded}, {name: why it was skipped}). A DataError skips that dataset only."""
+    """({name: Loaded}, {name: why it was skipped}). A DataError skips that dataset only.
+    A name the matrix defines by path ([datasets.<name>]) is loaded from there, named `name`;
+    data_dir (bench --data-dir) is where the built-in datasets are looked for."""
     loaded, skipped = {}, {}
     for name in names:
         try:
-            ds = data.load(name, data_dir)
+            kw = matrix.load_kwargs(name) if matrix else {"name": name}
+            if data_dir is not None and kw == {"name": name}:
+                kw["data_dir"] = data_dir
+            ds = data.load(**kw)
+            if ds.name != name:
+                ds = replace(ds, name=name)
         except DataError as e:
             skipped[name] = str(e)
             print(f"mlshift: skipping {name}: {e}", file=sys.stderr)
@@ -303,7 +313,7 @@ def _trained(spec: TrainSpec, loaded: Loaded, memo: _Memo, cache: Path,
             params = None
     if params is None:
         ds = capped(loaded.ds, spec.n_train, None)
-        timing, params = _once(partial(fit, spec.model, spec.train_config()),
+        timing, params = _once(partial(fit, spec.model, spec.train_config(), spec=ds.spec),
                                ds.x_train, ds.y_train)
         params = {k: np.asarray(v) for k, v in params.items()}
         meta = {"train_s": timing.median_s, "n_train": len(ds.y_train)}
@@ -311,15 +321,15 @@ def _trained(spec: TrainSpec, loaded: Loaded, memo: _Memo, cache: Path,
             save_params(path, params)
             write_text(meta_path, json.dumps(meta))
     finite = all(bool(np.all(np.isfinite(v))) for v in params.values())
-    trained = _Trained(get_recipe(spec.model).arch, jax.device_put(params), meta["train_s"],
-                       meta["n_train"], finite)
+    trained = _Trained(model_for(spec.model, loaded.ds.spec, spec.train_config()),
+                       jax.device_put(params), meta["train_s"], meta["n_train"], finite)
     memo.trained[key] = trained
     return key, trained
 
 
 @jax.jit
 def _perturbation(x: jax.Array, x_adv: jax.Array) -> dict[str, jax.Array]:
-    """Share of pixels changed and the L∞ size of the change. x, x_adv: [n, 784]."""
+    """Share of pixels changed and the L∞ size of the change. x, x_adv: [n, D]."""
     return {"changed_frac": jnp.mean(x_adv != x), "linf": jnp.max(jnp.abs(x_adv - x))}
 
 
@@ -365,7 +375,8 @@ def _attack_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bo
     attack = attacks.get_attack(cfg.attack)
     options = dict(cfg.options)
     if attack.targeted:
-        options.setdefault("target", study.E7_TARGET)
+        # the study's target class 3, or the last class of data with fewer classes
+        options.setdefault("target", min(study.E7_TARGET, trained.arch.n_classes - 1))
     # one code path from 1 device to N: the batch split across the mesh, params replicated
     (xs, ys), n = sharding.shard_leading((x, y), _mesh())
     fn = partial(attack.fn, trained.arch, sharding.replicate(trained.params, _mesh()),
@@ -377,7 +388,9 @@ def _attack_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bo
     if cfg.attack in ("none", "fgsm"):
         k = min(N_EXAMPLES, x.shape[0])
         pred = jnp.argmax(predict(trained.arch, trained.params, x_adv[:k]), axis=-1)
-        detail["examples"] = {"images": encode_images(np.asarray(x_adv[:k])),
+        detail["examples"] = {"images": encode_images(np.asarray(x_adv[:k]),
+                                                      trained.arch.input_range),
+                              "shape": list(trained.arch.input_shape),
                               "labels": np.asarray(y[:k]).tolist(),
                               "preds": np.asarray(pred).tolist()}
     return {
@@ -400,7 +413,7 @@ def _stability_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force:
                                          lr=cfg.lr, epochs=cfg.epochs, seed=cfg.seed)
     mean = table.loc["mean"]
     return {
-        **_base(cell, loaded), "model": "seed-mlp", "arch": SEED_MLP.name, "seed": cfg.seed,
+        **_base(cell, loaded), "model": "seed-mlp", "arch": "seed-mlp", "seed": cfg.seed,
         "n_train": size, "n_test": len(ds.y_test), "hidden": cfg.hidden, "lr": cfg.lr,
         "epochs": cfg.epochs, **{m: float(mean[m]) for m in table.columns},
         "train_s": train_s, "params_finite": bool(np.all(np.isfinite(table.to_numpy()))),
@@ -417,28 +430,37 @@ def _row(impl: str, timing: Timing, n: int, *, n_timed: int | None = None, ref: 
             "note": note, **_timing_fields(timing, n / n_timed)}
 
 
+def _seed_mlp(ds: data.Dataset, cfg: SpeedConfig) -> Model:
+    """The study's MLP for ds with the speed cell's hidden size."""
+    return models.build("seed-mlp", ds.spec, cfg.hidden)
+
+
 def _speed_fgsm(ds: data.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
-    params = SEED_MLP.init(jax.random.key(cfg.seed), n_hidden=cfg.hidden)
+    model = _seed_mlp(ds, cfg)
+    params = model.init(jax.random.key(cfg.seed))
     x, y = jax.device_put(ds.x_test), jax.device_put(ds.y_test)
     xn, yn = np.asarray(ds.x_test), np.asarray(ds.y_test)
     wih, who = np.asarray(params["wih"]), np.asarray(params["who"])  # float32
     n, k = len(yn), min(cfg.numpy_loop_images, len(yn))
     timed = partial(measure, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
-    t_jax, x_adv = timed(partial(attacks.fgsm, SEED_MLP, params, eps=cfg.eps), x, y)
-    t_np, x_np = timed(lambda a, b: baseline.fgsm_batched(wih, who, a, b, cfg.eps), xn, yn,
-                       compiled=False)
-    t_loop, _ = _once(lambda a, b: baseline.fgsm_loop(wih, who, a, b, cfg.eps), xn[:k], yn[:k])
-    a, b = gemm_floor_operands(n, cfg.hidden)
+    t_jax, x_adv = timed(partial(attacks.fgsm, model, params, eps=cfg.eps), x, y)
+    lo, hi = model.input_range
+    t_np, x_np = timed(lambda a, b: baseline.fgsm_batched(wih, who, a, b, cfg.eps, lo, hi),
+                       xn, yn, compiled=False)
+    t_loop, _ = _once(lambda a, b: baseline.fgsm_loop(wih, who, a, b, cfg.eps, lo, hi),
+                      xn[:k], yn[:k])
+    d, n_out = model.n_inputs, model.n_classes
+    a, b = gemm_floor_operands(n, cfg.hidden, d, n_out)
     t_floor, _ = timed(np.matmul, a, b, compiled=False)
     t_xla, _ = timed(_matmul_jit, *jax.device_put((a, b)))
-    flops = fgsm_flops(n, cfg.hidden)
+    flops = fgsm_flops(n, cfg.hidden, d, n_out)
     rows = [
         _row("jax: jit(vmap(grad)), float32", t_jax, n),
         _row("numpy: batched matrix form, float32", t_np, n, ref=True),
         _row("numpy: per-image loop (the study's way), float32", t_loop._replace(compile_s=None),
              n, n_timed=k, note=f"timed on the first {k} images, scaled x{n / k:g}"),
         _row("numpy: GEMM floor, float32", t_floor, n,
-             note=f"one [{n}, 794] @ [794, {2 * cfg.hidden}] GEMM = FGSM's "
+             note=f"one [{n}, {d + n_out}] @ [{d + n_out}, {2 * cfg.hidden}] GEMM = FGSM's "
                   f"{flops / 1e9:.2f} GFLOP"),
         _row("jax: the same GEMM, jit, float32", t_xla, n, note="XLA's GEMM floor"),
     ]
@@ -455,12 +477,14 @@ def _speed_fgsm(ds: data.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
 
 
 def _speed_epoch_per_sample(ds: data.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
-    params = SEED_MLP.init(jax.random.key(cfg.seed), n_hidden=cfg.hidden)
+    model = _seed_mlp(ds, cfg)
+    params = model.init(jax.random.key(cfg.seed))
     x, y = jax.device_put(ds.x_train), jax.device_put(ds.y_train)
     n, k = len(ds.y_train), min(cfg.numpy_epoch_samples, len(ds.y_train))
     t_jax, _ = measure(partial(train_seed_sgd, lr=cfg.lr, epochs=1), params, x, y,
                        rounds=cfg.rounds, max_seconds=cfg.max_seconds)
-    net = baseline.neuralNetwork(784, cfg.hidden, 10, cfg.lr, wih=np.asarray(params["wih"]),
+    net = baseline.neuralNetwork(model.n_inputs, cfg.hidden, model.n_classes, cfg.lr,
+                                 wih=np.asarray(params["wih"]),
                                  who=np.asarray(params["who"]))  # float64, as the study
     xs, ys = np.asarray(ds.x_train[:k], np.float64), np.asarray(ds.y_train[:k])
     t_np, _ = _once(net.train_epoch, xs, ys)
@@ -480,8 +504,9 @@ def _speed_epoch_minibatch(ds: data.Dataset, cfg: SpeedConfig) -> tuple[list, di
         recipe = get_recipe(name)
         tc = resolve(recipe, TrainConfig(hidden=cfg.hidden, epochs=1, seed=cfg.seed))
         k_init, k_shuffle = jax.random.split(jax.random.key(cfg.seed))
-        params = recipe.arch.init(k_init, n_hidden=cfg.hidden)
-        fn = partial(train_minibatch, k_shuffle, model=recipe.arch, optimizer=tc.optimizer,
+        model = recipe.build(ds.spec, tc)
+        params = model.init(k_init)
+        fn = partial(train_minibatch, k_shuffle, model=model, optimizer=tc.optimizer,
                      lr=float(tc.lr), batch_size=tc.batch_size, epochs=1)
         t, _ = measure(fn, params, x, y, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
         rows.append(_row(f"jax: {name} ({tc.optimizer}, batch {tc.batch_size}), one scan", t,
@@ -490,11 +515,12 @@ def _speed_epoch_minibatch(ds: data.Dataset, cfg: SpeedConfig) -> tuple[list, di
 
 
 def _speed_metrics(ds: data.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
-    params = SEED_MLP.init(jax.random.key(cfg.seed), n_hidden=cfg.hidden)
+    model = _seed_mlp(ds, cfg)
+    params = model.init(jax.random.key(cfg.seed))
     x, y = jax.device_put(ds.x_test), jax.device_put(ds.y_test)
     wih, who = np.asarray(params["wih"]), np.asarray(params["who"])
     timed = partial(measure, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
-    t_jax, s_jax = timed(partial(evaluate_arrays, SEED_MLP, params), x, y)
+    t_jax, s_jax = timed(partial(evaluate_arrays, model, params), x, y)
     t_np, s_np = timed(partial(numpy_evaluate, wih, who), np.asarray(ds.x_test),
                        np.asarray(ds.y_test), compiled=False)
     n = len(ds.y_test)
@@ -511,10 +537,11 @@ def _speed_population(ds: data.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
     size = min(cfg.population_size, n)
     idx = np.stack([data.subsample(cfg.seed + i, n, size) for i in range(m)])
     keys = jax.random.split(jax.random.key(cfg.seed), m)
-    params = init_population(SEED_MLP, keys, n_hidden=cfg.hidden)
+    model = _seed_mlp(ds, cfg)
+    params = init_population(model, keys)
     xs, ys = jax.device_put(ds.x_train[idx]), jax.device_put(ds.y_train[idx])
     timed = partial(measure, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
-    chunk = population.chunk_size(m, size)
+    chunk = population.chunk_size(m, size, model.n_inputs)
     t_pop, _ = timed(partial(train_seed_sgd_population, lr=cfg.lr, epochs=1, chunk=chunk),
                      params, xs, ys)
     t_vmap, _ = timed(partial(train_seed_sgd_population, lr=cfg.lr, epochs=1), params, xs, ys)
@@ -525,7 +552,8 @@ def _speed_population(ds: data.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
 
     t_sep, _ = timed(separate, singles)
     k = max(1, min(cfg.numpy_epoch_samples // m, size))
-    nets = [baseline.neuralNetwork(784, cfg.hidden, 10, cfg.lr, wih=np.asarray(p["wih"]),
+    nets = [baseline.neuralNetwork(model.n_inputs, cfg.hidden, model.n_classes, cfg.lr,
+                                   wih=np.asarray(p["wih"]),
                                    who=np.asarray(p["who"])) for p, _, _ in singles]
     subsets = [(np.asarray(ds.x_train[i[:k]], np.float64), ds.y_train[i[:k]]) for i in idx]
 
@@ -577,7 +605,8 @@ def _poison_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bo
                              else min(cfg.n_train, len(ds.y_train)))
     a = table.attrs
     return {
-        **_base(cell, loaded), "model": cfg.model, "arch": get_recipe(cfg.model).arch.name,
+        **_base(cell, loaded), "model": cfg.model,
+        "arch": model_for(cfg.model, loaded.ds.spec, TrainConfig(hidden=cfg.hidden)).name,
         "seed": cfg.seed, "n_train": a["n_train"], "n_test": a["n_test"], "hidden": cfg.hidden,
         "epochs": a["epochs"], "train_s": a["train_s"], "compile_s": a["compile_s"],
         "params_finite": bool(np.all(np.isfinite(table["clean_accuracy"]))),
@@ -698,7 +727,7 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
         raise ConfigError(f"{matrix_path}: no cell id matches {only!r}; ids look like "
                           f"{cells(mx)[0].id!r}")
     names = list(dict.fromkeys(_dataset_of(c) for c in selected))
-    loaded, skipped = _load_datasets(names, data_dir)
+    loaded, skipped = _load_datasets(names, mx, data_dir)
     if not loaded:
         raise DataError(f"{matrix_path}: no dataset of the matrix could be loaded: "
                         + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
@@ -749,7 +778,9 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
         "cells": len(selected), "computed": len(todo), "reused": len(records) - len(todo),
         "datasets": {n: {"source": d.ds.source, "is_sample": d.ds.is_sample,
                          "n_train": len(d.ds.y_train), "n_test": len(d.ds.y_test),
-                         "data_hash": d.hash} for n, d in loaded.items()},
+                         "data_hash": d.hash, "image_shape": list(d.ds.image_shape),
+                         "n_classes": d.ds.n_classes, "input_range": list(d.ds.input_range),
+                         "load": mx.load_kwargs(n)} for n, d in loaded.items()},
         "skipped": skipped, "out_dir": str(out_dir), "determinism": determinism_key(),
     }
     return frame

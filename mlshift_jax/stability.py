@@ -16,7 +16,7 @@ import pandas as pd
 from mlshift_jax.data import Dataset, subsample
 from mlshift_jax.errors import ConfigError
 from mlshift_jax.metrics import evaluate_many
-from mlshift_jax.models import SEED_MLP
+from mlshift_jax.models import build
 from mlshift_jax.population import chunk_size
 from mlshift_jax.rules import check_at_most, check_memory
 from mlshift_jax.sharding import make_mesh, replicate, shard_leading, unpad
@@ -44,7 +44,7 @@ def peak_bytes(n_train: int, n_test: int, n_in: int, *, samples: int, size: int,
     (float32 train and test sets), one group's sampled copies, every model's params (twice:
     before and after training) and the test outputs."""
     per_member = size * n_in * 4
-    chunk = int(max(1, min(chunk_size(samples, size), GATHER_BYTES // max(per_member, 1))))
+    chunk = int(max(1, min(chunk_size(samples, size, n_in), GATHER_BYTES // max(per_member, 1))))
     inputs = (n_train + n_test) * n_in * 4
     params = 2 * samples * hidden * (n_in + n_classes) * 4
     outputs = samples * n_test * n_classes * 4 * 2
@@ -66,12 +66,13 @@ def stability(ds: Dataset, *, samples: int = 10, size: int = 10_000, hidden: int
     check_at_most(size, n, "size", f"training images of {ds.name}")
     n_in = ds.x_train.shape[1]
     need, chunk = peak_bytes(n, len(ds.y_test), n_in, samples=samples, size=size,
-                             hidden=hidden)
+                             hidden=hidden, n_classes=ds.n_classes)
     check_memory(need, f"stability with {samples} samples of {size} images, hidden {hidden},",
                  "lower --samples/--size/--hidden")
     idx = np.stack([subsample(seed + i, n, size) for i in range(samples)])  # [samples, size]
     keys = jax.random.split(jax.random.key(seed), samples)
-    params = init_population(SEED_MLP, keys, n_in=n_in, n_hidden=hidden)
+    model = build("seed-mlp", ds.spec, hidden)
+    params = init_population(model, keys)
     mesh = make_mesh()
     x_all, y_all = replicate((jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)), mesh)
     (params, idx_d), m = shard_leading((params, jnp.asarray(idx)), mesh)  # models split
@@ -80,7 +81,7 @@ def stability(ds: Dataset, *, samples: int = 10, size: int = 10_000, hidden: int
         params, idx_d, x_all, y_all, lr=lr, epochs=epochs, chunk=chunk), m))
     train_seconds = time.perf_counter() - start
     del x_all, y_all, idx_d
-    scores = evaluate_many(SEED_MLP, params, jnp.asarray(ds.x_test), jnp.asarray(ds.y_test))
+    scores = evaluate_many(model, params, jnp.asarray(ds.x_test), jnp.asarray(ds.y_test))
     table = pd.DataFrame({m: np.asarray(scores[m]) for m in MEASURES})
     table.index = [f"sample {i + 1}" for i in range(samples)]
     summary = table.agg(["mean", "std", "min", "max"])

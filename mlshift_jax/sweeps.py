@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 
 from mlshift_jax import study
-from mlshift_jax.data import N_CLASSES, Dataset
+from mlshift_jax.data import Dataset, to_image
 from mlshift_jax.errors import ConfigError
 from mlshift_jax.files import atomic_path
 from mlshift_jax.metrics import confusion_matrix, macro_prf
@@ -64,6 +64,7 @@ from mlshift_jax.poison import (
     Trigger,
     WrongLabel,
     apply,
+    check_for,
     describe,
     eligible_classes,
     make_config,
@@ -152,7 +153,7 @@ def badnets_configs(patches: Sequence[int] = BADNETS_PATCHES,
 
 def _asr_class(config: PoisonConfig) -> int:
     """The class the attack success rate counts hits of: target (mixture), source (trigger
-    with a source); -1: stamp the patch of (y + 1) mod 10 (per-class trigger); -2: none."""
+    with a source); -1: stamp the patch of (y + 1) mod K (per-class trigger); -2: none."""
     if isinstance(config, Mixture):
         return config.target
     if isinstance(config, Trigger):
@@ -164,23 +165,25 @@ def _asr_class(config: PoisonConfig) -> int:
 
 def _confusions_one(arch: Model, params: Params, x: jax.Array, y: jax.Array, pix: jax.Array,
                     value: jax.Array, asr_class: jax.Array) -> jax.Array:
-    """[3, 10, 10] confusion matrices of one model: clean test images; each stamped with its
-    own class's patch (pix[y]); stamped for the ASR (pix[asr_class], or pix[(y+1) % 10])."""
-    steer = jnp.where(asr_class >= 0, asr_class, (y + 1) % N_CLASSES)
+    """[3, K, K] confusion matrices of one model: clean test images; each stamped with its
+    own class's patch (pix[y]); stamped for the ASR (pix[asr_class], or pix[(y+1) % K]).
+    K = pix.shape[0], the classes."""
+    k = pix.shape[0]
+    steer = jnp.where(asr_class >= 0, asr_class, (y + 1) % k)
     cms = []
     for stamp in (None, pix[y], pix[steer]):
         xs = x if stamp is None else jnp.where(stamp, value, x)
         pred = jnp.argmax(predict(arch, params, xs), axis=-1)
-        cms.append(confusion_matrix(y, pred, N_CLASSES))
+        cms.append(confusion_matrix(y, pred, k))
     return jnp.stack(cms)
 
 
 @partial(jax.jit, static_argnames=("arch", "chunk"))
 def confusions(arch: Model, params: Params, x: jax.Array, y: jax.Array, pix: jax.Array,
                value: jax.Array, asr_class: jax.Array, *, chunk: int) -> jax.Array:
-    """Confusion matrices of m models, `chunk` at a time: -> int [m, 3, 10, 10].
+    """Confusion matrices of m models, `chunk` at a time: -> int [m, 3, K, K].
 
-    params: leaves [m, ...]; x: [t, 784], y: [t] the test set (shared); pix: bool [m, 10, 784]
+    params: leaves [m, ...]; x: [t, D], y: [t] the test set (shared); pix: bool [m, K, D]
     each member's patch pixels by class; value: [m]; asr_class: int [m] (see `_asr_class`).
     """
     one = partial(_confusions_one, arch)
@@ -194,8 +197,9 @@ def _div(a: float, b: float) -> float:
 
 
 def cell_metrics(cms: np.ndarray, config: PoisonConfig) -> dict:
-    """A cell's metrics (CELL_COLUMNS less poisoned_count) from its [3, 10, 10] confusions."""
+    """A cell's metrics (CELL_COLUMNS less poisoned_count) from its [3, K, K] confusions."""
     clean, triggered, steered = (np.asarray(c, np.int64) for c in cms)
+    k = clean.shape[0]
     total = clean.sum()
     precision, recall, f1 = (float(v) for v in macro_prf(jnp.asarray(clean)))
     source = getattr(config, "source", None)
@@ -205,17 +209,17 @@ def cell_metrics(cms: np.ndarray, config: PoisonConfig) -> dict:
     has_patch = trigger_of(config) is not None
     asr_class = _asr_class(config)
     if asr_class >= 0:
-        rows = np.arange(N_CLASSES) != asr_class
+        rows = np.arange(k) != asr_class
         asr = _div(steered[rows, asr_class].sum(), steered[rows].sum())
     elif asr_class == -1:
-        asr = _div(sum(steered[t, (t + 1) % N_CLASSES] for t in range(N_CLASSES)), total)
+        asr = _div(sum(steered[t, (t + 1) % k] for t in range(k)), total)
     else:
         asr = float("nan")
     off = clean.copy()
     np.fill_diagonal(off, 0)
     top = np.unravel_index(np.argmax(off), off.shape)
     if target is not None:
-        rows = np.arange(N_CLASSES) != target
+        rows = np.arange(k) != target
         to_target = _div(clean[rows, target].sum(), clean[rows].sum())
     else:
         to_target = float("nan")
@@ -230,7 +234,7 @@ def cell_metrics(cms: np.ndarray, config: PoisonConfig) -> dict:
         if has_patch else float("nan"),
         "asr": asr,
         "off_diagonal": _div(off.sum(), total),
-        "to_next": _div(sum(clean[t, (t + 1) % N_CLASSES] for t in range(N_CLASSES)), total),
+        "to_next": _div(sum(clean[t, (t + 1) % k] for t in range(k)), total),
         "to_target": to_target,
         "top_confusion": f"{top[0]}->{top[1]}",
         "top_confusion_share": _div(off[top], off.sum()),
@@ -261,12 +265,15 @@ def score_population(pop: Population, configs: Sequence[PoisonConfig], x_test, y
                      *, chunk: int | None = None) -> pd.DataFrame:
     """One row per member: CONFIG_COLUMNS + CELL_COLUMNS (see the module docstring)."""
     configs = list(configs)
+    spec = pop.plan.arch.spec
     patches = [trigger_of(c) for c in configs]
-    pix = np.stack([patch_pixels(p) if p is not None else np.zeros((N_CLASSES, 784), bool)
-                    for p in patches])
-    value = np.array([p.value if p is not None else 0.0 for p in patches], np.float32)
+    pix = np.stack([patch_pixels(p, spec) if p is not None
+                    else np.zeros((spec.n_classes, spec.n_inputs), bool) for p in patches])
+    value = np.array([p.value_for(spec.input_range) if p is not None else 0.0
+                      for p in patches], np.float32)
     asr_class = np.array([_asr_class(c) for c in configs], np.int32)
-    chunk = chunk_size(len(configs), len(y_test)) if chunk is None else chunk
+    chunk = (chunk_size(len(configs), len(y_test), spec.n_inputs) if chunk is None
+             else chunk)
     cms = np.asarray(confusions(pop.plan.arch, pop.params, jnp.asarray(x_test),
                                 jnp.asarray(y_test), jnp.asarray(pix), jnp.asarray(value),
                                 jnp.asarray(asr_class), chunk=chunk))
@@ -299,7 +306,7 @@ def run_sweep(ds: Dataset, configs: Sequence[PoisonConfig], *, model: str = "see
     x, y = _subset(ds, n_train)
     train = TrainConfig(hidden=hidden, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size,
                         optimizer=optimizer)
-    pop = train_poisoned(model, configs, x, y, train=train, chunk=chunk)
+    pop = train_poisoned(model, configs, x, y, train=train, chunk=chunk, spec=ds.spec)
     if keep is not None:  # the caller wants the trained params (leading axis: member)
         keep["params"] = pop.params
     table = score_population(pop, configs, ds.x_test, ds.y_test, chunk=chunk)
@@ -703,12 +710,21 @@ EXAMPLE_CONFIGS = {
 }
 
 
+def _fits(config: PoisonConfig, ds: Dataset) -> bool:
+    try:
+        check_for(config, ds.spec)
+    except ConfigError:
+        return False
+    return True
+
+
 def _examples_figure(plt, ds: Dataset, per_kind: int = 4):
     x, y = ds.x_train[:64], ds.y_train[:64]
-    fig, axes = plt.subplots(len(EXAMPLE_CONFIGS), per_kind,
-                             figsize=(1.3 * per_kind, 1.5 * len(EXAMPLE_CONFIGS)))
-    for r, (label, config) in enumerate(EXAMPLE_CONFIGS.items()):
-        xp, yp, mask = (np.asarray(a) for a in apply(poison_key(0), x, y, config))
+    examples = {k: c for k, c in EXAMPLE_CONFIGS.items() if _fits(c, ds)}  # small images
+    fig, axes = plt.subplots(len(examples), per_kind, squeeze=False,
+                             figsize=(1.3 * per_kind, 1.5 * len(examples)))
+    for r, (label, config) in enumerate(examples.items()):
+        xp, yp, mask = (np.asarray(a) for a in apply(poison_key(0), x, y, config, ds.spec))
         idx = np.flatnonzero(mask)[:per_kind]
         for c in range(per_kind):
             ax = axes[r, c]
@@ -716,7 +732,8 @@ def _examples_figure(plt, ds: Dataset, per_kind: int = 4):
             ax.set_yticks([])
             if c < len(idx):
                 i = idx[c]
-                ax.imshow(xp[i].reshape(28, 28), cmap="gray", vmin=0, vmax=1)
+                ax.imshow(to_image(xp[i], ds.image_shape, ds.input_range), cmap="gray",
+                          vmin=0, vmax=1)
                 ax.set_title(f"{y[i]} -> {yp[i]}", fontsize=7)
             if c == 0:
                 ax.set_ylabel(label, fontsize=7)

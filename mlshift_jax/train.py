@@ -27,7 +27,7 @@ OPTIMIZERS = {"sgd": optax.sgd, "adam": optax.adam}
 def seed_sgd_step(params: Params, x: jax.Array, t: jax.Array, lr) -> Params:
     """One update of the study's `neuralNetwork.train`, exactly as written.
 
-    x: [784], t: [10] (0.01/0.99 targets). The hidden layer receives the raw output errors
+    x: [D], t: [K] (0.01/0.99 targets). The hidden layer receives the raw output errors
     (`who.T @ output_errors`), not the gradient of the squared error: this is the study's
     rule, not `jax.grad`.
     """
@@ -46,7 +46,7 @@ def seed_sgd_step(params: Params, x: jax.Array, t: jax.Array, lr) -> Params:
 def train_seed_sgd(params: Params, x: jax.Array, y: jax.Array, *, lr, epochs: int = 1) -> Params:
     """The study's training loop: `epochs` passes over x in order, one sample per update.
 
-    params: {"wih": [h, 784], "who": [10, h]}; x: [n, 784]; y: int [n]. One compiled scan.
+    params: {"wih": [h, D], "who": [K, h]}; x: [n, D]; y: int [n]. One compiled scan.
     """
     t = study_targets(y, params["who"].shape[0], params["who"].dtype)
     x = x.astype(params["wih"].dtype)
@@ -76,7 +76,7 @@ def train_minibatch(key: jax.Array, params: Params, x: jax.Array, y: jax.Array, 
                     batch_size: int = 64, epochs: int = 5) -> Params:
     """Minibatch training on the mean of `model.loss` over each batch.
 
-    key: shuffles each epoch (fold_in(key, epoch)); x: [n, 784]; y: int [n]. The last
+    key: shuffles each epoch (fold_in(key, epoch)); x: [n, D]; y: int [n]. The last
     n % batch_size samples of each shuffled epoch are dropped. One compiled run.
     """
     opt = make_optimizer(optimizer, lr)
@@ -113,7 +113,7 @@ def init_population(model: Model, keys: jax.Array, **init_kw) -> Params:
 
 
 def data_axis(x: jax.Array) -> int | None:
-    """0 when x is stacked per model ([m, n, 784]), None when shared by all ([n, 784])."""
+    """0 when x is stacked per model ([m, n, D]), None when shared by all ([n, D])."""
     return 0 if x.ndim == 3 else None
 
 
@@ -128,7 +128,7 @@ def _chunked(fn, members: tuple, shared: tuple, chunk: int | None):
 def train_seed_sgd_population(params: Params, x: jax.Array, y: jax.Array, *, lr,
                               epochs: int = 1, chunk: int | None = None) -> Params:
     """`train_seed_sgd` for a population in one compiled call. params: leading axis m;
-    x: [n, 784] shared, or [m, n, 784] one dataset per model (y alike). chunk: models per
+    x: [n, D] shared, or [m, n, D] one dataset per model (y alike). chunk: models per
     vmap (None: all m at once; `population.chunk_size` gives each backend's best)."""
     ax = data_axis(x)
     fn = jax.vmap(partial(train_seed_sgd, lr=lr, epochs=epochs), in_axes=(0, ax, ax))

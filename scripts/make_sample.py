@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mlshift_jax.data import N_CLASSES, read_dir
+from mlshift_jax.data import read_dir
 from mlshift_jax.errors import MlshiftError
 
+N_CLASSES = 10  # MNIST's digits
 OUT = Path(__file__).resolve().parent.parent / "mlshift_jax" / "_sample" / "mnist_sample.npz"
 
 

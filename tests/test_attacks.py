@@ -67,10 +67,15 @@ def test_registry():
         "noise-sign", "noise-uniform", "noise-gauss", "pgd", "pgd-targeted"}
 
 
-def test_default_range_is_the_data_scaling():
+def test_default_range_is_the_models_input_range():
     from mlshift_jax import data
 
-    assert (attacks.INPUT_LO, attacks.INPUT_HI) == tuple(data.INPUT_RANGE)
+    assert SEED_MLP.input_range == tuple(data.INPUT_RANGE)  # the study's MNIST scaling
+    wide = SEED_MLP._replace(input_range=(-1.0, 2.0))
+    x = jnp.full((3, 784), 0.5)
+    y = jnp.zeros(3, jnp.int32)
+    out = attacks.noise_sign(wide, _p, x, y, eps=1.4, key=KEY)
+    assert float(out.min()) < 0.0 and float(out.max()) > 1.0  # not clipped to [0.01, 1]
 
 
 def test_unknown_attack_lists_known_names():
@@ -97,7 +102,8 @@ def test_within_eps_and_range(trained, name, eps):
     _, params, x, y = trained
     x_adv = np.asarray(run(name, params, x, y, eps))
     assert np.all(np.isfinite(x_adv))
-    assert x_adv.min() >= attacks.INPUT_LO and x_adv.max() <= attacks.INPUT_HI
+    lo, hi = SEED_MLP.input_range
+    assert x_adv.min() >= lo and x_adv.max() <= hi
     if attacks.linf_bounded(name):
         assert np.abs(x_adv - x).max() <= eps + 1e-6
     if name != "none":

@@ -87,7 +87,7 @@ def test_median_smooth_matches_scipy(size):
 
 def test_bit_depth():
     x = jnp.asarray([0.01, 0.2, 0.5, 0.51, 0.99, 1.0])
-    np.testing.assert_allclose(detect.bit_depth(x, 1), [0.01, 0.01, 0.01, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(detect.bit_depth(x, 1, 0.01, 1.0), [0.01, 0.01, 0.01, 1.0, 1.0, 1.0])
     levels = np.unique(np.asarray(detect.bit_depth(jnp.asarray(RNG.random(1000)) * 0.99 + 0.01,
                                                    3)))
     assert len(levels) == 8
@@ -223,7 +223,7 @@ def backdoored(mnist):
     plan = plan_for("seed-mlp", TrainConfig(hidden=100))
     pop, idx = train_sampled(plan, [config], mnist.x_train, mnist.y_train, seeds=[7], size=8000)
     params = member(pop.params, 0)
-    x, y, mask = poisoned_sample(mnist.x_train, mnist.y_train, idx[0], 7, config)
+    x, y, mask = poisoned_sample(mnist.x_train, mnist.y_train, idx[0], 7, config, plan.arch)
     assert np.array_equal(np.asarray(mask), pop.masks[0])
     return params, x, y, mask
 

@@ -92,10 +92,13 @@ def test_fingerprint_by_hand():
 
 
 def test_candidate_patches_and_probes(mnist):
-    patches = fingerprint.candidate_patches()
-    assert len(patches) == 8 and len({(p.size, p.corners()[0]) for p in patches}) == 8
-    assert poison.Patch(4).corners()[0] == (23, 23)  # the default trigger: inside the 5x5 one
-    assert any(p.size == 5 and p.corners()[0] == (22, 22) for p in patches)
+    patches = fingerprint.candidate_patches((28, 28, 1))
+    assert len(patches) == 8 and len({(p.size, p.corners((28, 28))[0]) for p in patches}) == 8
+    assert poison.Patch(4).corners((28, 28))[0] == (23, 23)  # default trigger: in the 5x5 one
+    assert any(p.size == 5 and p.corners((28, 28))[0] == (22, 22) for p in patches)
+    small = fingerprint.candidate_patches((8, 8, 3))  # 3x3 and 5x5 in the corners of 8x8
+    assert {p.corners((8, 8))[0] for p in small if p.size == 5} == {(1, 1), (1, 2), (2, 1),
+                                                                    (2, 2)}
     probes = fingerprint.make_probes(mnist.x_test, mnist.y_test, n=100, n_patched=20, seed=3)
     assert probes.x.shape == (100, 784) and probes.patches.shape == (8, 784)
     assert np.array_equal(probes.index, fingerprint.make_probes(

@@ -91,10 +91,10 @@ def test_degenerate_labels_match_sklearn(variant, case):
 
 def test_perfect_predictions_score_one_only_over_present_classes():
     y = jnp.arange(40) % N
-    p, r, f = metrics.macro_prf(metrics.confusion_matrix(y, y))
+    p, r, f = metrics.macro_prf(metrics.confusion_matrix(y, y, 10))
     np.testing.assert_allclose([p, r, f], 1.0, rtol=0, atol=ATOL)
     y5 = jnp.arange(40) % 5  # classes 5..9 absent from both: they count as 0 in the mean
-    p, r, f = metrics.macro_prf(metrics.confusion_matrix(y5, y5))
+    p, r, f = metrics.macro_prf(metrics.confusion_matrix(y5, y5, 10))
     np.testing.assert_allclose([p, r, f], 0.5, rtol=0, atol=ATOL)
 
 

@@ -10,6 +10,7 @@ import pytest
 from mlshift_jax import poison
 from mlshift_jax.data import INPUT_RANGE
 from mlshift_jax.errors import ConfigError
+from mlshift_jax.models import STUDY_SPEC
 from mlshift_jax.poison import (
     POISONINGS,
     Clean,
@@ -45,7 +46,7 @@ def _run(cfg, xy, key=KEY):
 
 
 def _expected_count(cfg, y):
-    return int(round(getattr(cfg, "fraction", 0.0) * poison.eligible_classes(cfg)[y].sum()))
+    return int(round(getattr(cfg, "fraction", 0.0) * poison.eligible_classes(cfg, 10)[y].sum()))
 
 
 def test_registry_covers_every_kind():
@@ -103,14 +104,14 @@ def test_trigger_stamps_the_patch_and_keeps_labels(xy):
     img = xp[mask].reshape(-1, 28, 28)
     # bottom-right corner, 1 px margin: rows/cols 24..26
     np.testing.assert_allclose(img[:, 24:27, 24:27], 0.7)
-    pix = patch_pixels(cfg.patch)[0]
+    pix = patch_pixels(cfg.patch, STUDY_SPEC)[0]
     assert pix.sum() == 9
     np.testing.assert_array_equal(xp[mask][:, ~pix], x[mask][:, ~pix])
 
 
 def test_per_class_patch_places_are_distinct_and_inside():
     patch = Patch(size=6, position="per-class")
-    pix = patch_pixels(patch)
+    pix = patch_pixels(patch, STUDY_SPEC)
     assert pix.shape == (10, 784) and (pix.sum(axis=1) == 36).all()
     assert len({tuple(np.flatnonzero(p)) for p in pix}) == 10
     # no two classes share a pixel at the largest size the study used
@@ -121,7 +122,7 @@ def test_default_trigger_is_per_class(xy):
     x, y = xy
     xp, yp, mask = _run(Trigger(), xy)
     assert mask.all()
-    pix = patch_pixels(Trigger().patch)
+    pix = patch_pixels(Trigger().patch, STUDY_SPEC)
     for c in range(10):
         rows = xp[y == c]
         assert (rows[:, pix[c]] == 1.0).all()
@@ -142,7 +143,7 @@ def test_apply_trigger_on_test_images(mnist):
     xt = np.asarray(apply_trigger(x, patch))
     img = xt.reshape(-1, 28, 28)
     np.testing.assert_allclose(img[:, 2:7, 3:8], 0.5)
-    pix = patch_pixels(patch)[0]
+    pix = patch_pixels(patch, STUDY_SPEC)[0]
     np.testing.assert_array_equal(xt[:, ~pix], x[:, ~pix])
     np.testing.assert_array_equal(np.asarray(apply_trigger(x[0], patch)), xt[0])
     per_class = Patch(size=3, position="per-class")
@@ -150,7 +151,7 @@ def test_apply_trigger_on_test_images(mnist):
         apply_trigger(x, per_class)
     y = mnist.y_test[:50]
     xc = np.asarray(apply_trigger(x, per_class, y))
-    pc = patch_pixels(per_class)
+    pc = patch_pixels(per_class, STUDY_SPEC)
     assert all((xc[i, pc[y[i]]] == 1.0).all() for i in range(50))
 
 
@@ -178,7 +179,7 @@ def test_fraction_edges(xy, fraction):
 def test_poison_arrays_is_jittable_and_vmappable(xy):
     x, y = (jnp.asarray(a) for a in xy)
     cfgs = [WrongLabel(fraction=0.1, mode="shift"), Mixture(fraction=0.2)]
-    arrays = jax.tree.map(jnp.asarray, poison.stack_arrays([poison.to_arrays(c, xy[1])
+    arrays = jax.tree.map(jnp.asarray, poison.stack_arrays([poison.to_arrays(c, xy[1], STUDY_SPEC)
                                                             for c in cfgs]))
     keys = jnp.stack([KEY, KEY])
     xs, ys, masks = jax.jit(jax.vmap(poison.poison_arrays, in_axes=(0, None, None, 0)))(
@@ -195,15 +196,10 @@ def test_poison_arrays_is_jittable_and_vmappable(xy):
     (lambda: WrongLabel(fraction=1.5), "fraction in \\[0, 1\\], found 1.5"),
     (lambda: Mixture(fraction=float("nan")), "fraction in \\[0, 1\\], found nan"),
     (lambda: Trigger(fraction="0.5"), "fraction"),
-    (lambda: Patch(size=29), "size an integer in 1..28, found 29"),
-    (lambda: Patch(size=0), "size an integer in 1..28, found 0"),
-    (lambda: Patch(size=4, position=(25, 25)), "inside the 28x28 image"),
-    (lambda: Patch(size=4, position=(-1, 0)), "inside the 28x28 image"),
+    (lambda: Patch(size=0), "size an integer >= 1, found 0"),
     (lambda: Patch(size=4, position="top-left"), "position None, \\(row, col\\)"),
-    (lambda: Patch(value=2.0), "value in \\[0.01, 1.0\\]"),
-    (lambda: Mixture(target=10), "target to be a class 0..9, found 10"),
-    (lambda: WrongLabel(mode="target", target=-1), "target to be a class 0..9, found -1"),
-    (lambda: Trigger(source=12), "source to be None or a class 0..9, found 12"),
+    (lambda: Patch(value=float("inf")), "a finite number"),
+    (lambda: WrongLabel(mode="target", target=-1), "target to be a class .*, found -1"),
     (lambda: WrongLabel(mode="swap"), "mode one of uniform, shift, target, found 'swap'"),
     (lambda: Mixture(source=3, target=3), "source != target"),
     (lambda: Mixture(patch=Patch(position="per-class")), "one patch position"),
@@ -213,6 +209,21 @@ def test_poison_arrays_is_jittable_and_vmappable(xy):
 def test_bad_configs_raise(build, match):
     with pytest.raises(ConfigError, match=match) as err:
         build()
+    assert "expected" in str(err.value) and "found" in str(err.value)
+
+
+@pytest.mark.parametrize("cfg,match", [
+    (Trigger(patch=Patch(size=29)), "size an integer in 1..28 \\(the 28x28 image\\), found 29"),
+    (Trigger(patch=Patch(size=4, position=(25, 25))), "inside the 28x28 image"),
+    (Trigger(patch=Patch(size=4, position=(-1, 0))), "inside the 28x28 image"),
+    (Trigger(patch=Patch(value=2.0)), "value in \\[0.01, 1.0\\]"),
+    (Mixture(target=10), "target to be a class 0..9, found 10"),
+    (Trigger(source=12), "source to be None or a class 0..9, found 12"),
+])
+def test_configs_that_do_not_fit_the_data_raise(xy, cfg, match):
+    """Checked against the data they poison: its image size, input range and classes."""
+    with pytest.raises(ConfigError, match=match) as err:
+        poison.apply(KEY, *xy, cfg, STUDY_SPEC)
     assert "expected" in str(err.value) and "found" in str(err.value)
 
 

@@ -92,14 +92,16 @@ def test_members_with_their_own_seeds(xy):
 
 def test_chunk_rule():
     n = 60_000
-    assert population.chunk_size(21, n, backend="cpu", memory=140 * 2**30) == 21
-    assert population.chunk_size(21, n, backend="gpu", memory=140 * 2**30) == 21
+    assert population.chunk_size(21, n, 784, backend="cpu", memory=140 * 2**30) == 21
+    assert population.chunk_size(21, n, 784, backend="gpu", memory=140 * 2**30) == 21
     per_member = 2 * n * 784 * 4
-    small = population.chunk_size(21, n, backend="gpu", memory=8 * per_member)
+    small = population.chunk_size(21, n, 784, backend="gpu", memory=8 * per_member)
     assert small == 2
-    assert population.chunk_size(21, n, backend="tpu", memory=per_member) == 1
+    assert population.chunk_size(21, n, 784, backend="tpu", memory=per_member) == 1
+    # the rule counts the data's own size: 8x8x3 images take a sixteenth of MNIST's memory
+    assert population.chunk_size(21, n, 192, backend="gpu", memory=8 * per_member) == 8
     with pytest.raises(ConfigError, match="at least 1 member"):
-        population.chunk_size(0, n)
+        population.chunk_size(0, n, 784)
 
 
 @pytest.mark.parametrize("call,match", [

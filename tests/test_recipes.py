@@ -4,18 +4,27 @@ import pytest
 
 from mlshift_jax.errors import ConfigError
 from mlshift_jax.metrics import evaluate
-from mlshift_jax.recipes import RECIPES, TrainConfig, fit, get_recipe, resolve
+from mlshift_jax.recipes import (
+    RECIPES,
+    TrainConfig,
+    fit,
+    fit_model,
+    get_recipe,
+    model_for,
+    resolve,
+)
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_every_recipe_trains_a_usable_model(mnist, name):
-    recipe = get_recipe(name)
-    params = fit(name, TrainConfig(hidden=32), mnist.x_train[:3000],
-                 mnist.y_train[:3000])
-    expected = recipe.arch.init(jax.random.key(0), n_hidden=32)
+    model, params = fit_model(name, TrainConfig(hidden=32), mnist.x_train[:3000],
+                              mnist.y_train[:3000], mnist.spec)
+    assert model is model_for(name, mnist, TrainConfig(hidden=32))  # cached: one object
+    assert model.spec == mnist.spec
+    expected = model.init(jax.random.key(0))
     assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, expected)
     assert all(np.isfinite(np.asarray(v)).all() for v in params.values())
-    scores = evaluate(recipe.arch, params, mnist.x_test[:1000], mnist.y_test[:1000])
+    scores = evaluate(model, params, mnist.x_test[:1000], mnist.y_test[:1000])
     assert scores["accuracy"] > 0.6, scores
 
 
@@ -23,7 +32,7 @@ def test_numpy_and_jax_recipes_agree_on_the_study_model(mnist):
     """Different initial draws (numpy vs JAX RNG), same rule: close accuracy."""
     cfg = TrainConfig(hidden=64)
     x, y = mnist.x_train[:3000], mnist.y_train[:3000]
-    acc = {n: evaluate(get_recipe(n).arch, fit(n, cfg, x, y), mnist.x_test,
+    acc = {n: evaluate(model_for(n, mnist, cfg), fit(n, cfg, x, y, mnist), mnist.x_test,
                        mnist.y_test)["accuracy"] for n in ("seed-mlp", "seed-mlp-numpy")}
     assert abs(acc["seed-mlp"] - acc["seed-mlp-numpy"]) < 0.03, acc
 
@@ -43,3 +52,21 @@ def test_bad_config_raises(bad):
 def test_unknown_recipe_names_the_known_ones():
     with pytest.raises(ConfigError, match="seed-mlp-numpy"):
         get_recipe("vgg")
+
+
+def test_user_refs_go_to_usermodels():
+    """A ref with ":" is a user model; without mlshift_jax.usermodels it is a ConfigError."""
+    import importlib.util
+
+    if importlib.util.find_spec("mlshift_jax.usermodels") is None:
+        with pytest.raises(ConfigError, match="usermodels"):
+            get_recipe("mypkg.models:net")
+
+
+def test_fit_checks_data_against_spec(mnist):
+    with pytest.raises(ConfigError, match=r"expected x \[n, 64\]"):
+        fit("seed-mlp", TrainConfig(hidden=4), mnist.x_train[:10], mnist.y_train[:10],
+            ((8, 8, 1), 10, (0.0, 1.0)))
+    with pytest.raises(ConfigError, match="expected labels 0..4"):
+        fit("seed-mlp", TrainConfig(hidden=4), mnist.x_train[:50], mnist.y_train[:50],
+            ((28, 28, 1), 5, (0.0, 1.0)))

@@ -221,10 +221,11 @@ def test_numpy_scores_match_jax():
 
 
 def test_gemm_floor_has_fgsm_flops():
-    a, b = runner.gemm_floor_operands(5, 16)
+    a, b = runner.gemm_floor_operands(5, 16, 784, 10)
     assert a.dtype == b.dtype == np.float32
-    assert 2 * a.shape[0] * a.shape[1] * b.shape[1] == runner.fgsm_flops(5, 16)
-    assert runner.fgsm_flops(5, 16) == 2 * 5 * (784 * 16 + 16 * 10) * 2
+    assert 2 * a.shape[0] * a.shape[1] * b.shape[1] == runner.fgsm_flops(5, 16, 784, 10)
+    assert runner.fgsm_flops(5, 16, 784, 10) == 2 * 5 * (784 * 16 + 16 * 10) * 2
+    assert runner.fgsm_flops(5, 16, 192, 5) == 2 * 5 * (192 * 16 + 16 * 5) * 2
 
 
 def test_measure_keeps_output_and_bounds_rounds():
@@ -243,8 +244,12 @@ def test_measure_keeps_output_and_bounds_rounds():
 def test_images_round_trip():
     x = np.linspace(0.01, 1.0, 2 * 784).reshape(2, 784)
     back = runner.decode_images(runner.encode_images(x))
-    assert back.shape == (2, 28, 28)
+    assert back.shape == (2, 28, 28, 1)  # records without a shape: the study's
     assert np.allclose(back.reshape(2, 784), (x - 0.01) / 0.99, atol=1 / 255)
+    rgb = np.linspace(-1.0, 1.0, 2 * 192).reshape(2, 192)  # 8x8x3 in [-1, 1]
+    back = runner.decode_images(runner.encode_images(rgb, (-1.0, 1.0)), (8, 8, 3))
+    assert back.shape == (2, 8, 8, 3)
+    assert np.allclose(back.reshape(2, 192), (rgb + 1) / 2, atol=1 / 255)
 
 
 class _Tty(io.StringIO):
