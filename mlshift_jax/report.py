@@ -10,7 +10,8 @@
   table (workload x
   implementation, median time and speed-up vs numpy); a pairing table per dataset (model x
   attack@eps); validity warnings, after AutoAttack's flags (Croce & Hein, ICML 2020);
-- records.csv: one row per cell (the `detail` column as JSON, digit images left out);
+- records.csv: long (tidy) form, one row per cell x measure (`records_csv`): the cell's
+  own scores and every detail table's numbers, no JSON inside a column;
 - run.json: versions, backend, device, CPU count, git commit, date, wall time, data sources;
 - figures/ (when matplotlib is installed): accuracy vs eps per attack for each model, and a
   grid of clean and FGSM digits at each eps; the poisoning curves and examples (`sweeps`).
@@ -555,12 +556,116 @@ def write_figures(records: pd.DataFrame, out_dir: str | Path) -> tuple[list[Path
 # --- writing it all ------------------------------------------------------------------------
 
 
+# the columns that say which cell a records.csv row belongs to (its config); every other
+# field of a record is a measure of that cell
+CELL_COLUMNS = ("id", "hash", "kind", "block", "dataset", "model", "arch", "workload",
+                "attack", "eps", "seed", "n_train", "n_test", "hidden", "lr", "epochs",
+                "status")
+LONG_COLUMNS = (*CELL_COLUMNS, "table", "row", "measure", "value", "text")
+_INT_COLUMNS = ("seed", "n_train", "n_test", "hidden", "epochs")
+# record fields that are neither config nor measure: run.json has them (datasets, backend)
+# or the cache does (finished), or they are the record's nested detail
+_NOT_MEASURES = frozenset({"data_source", "is_sample", "data_hash", "backend",
+                           "device_kind", "finished", "detail"})
+# the key columns of a detail table's rows (the rest are its measures); a table not named
+# here is keyed by its index
+_ROW_KEYS = {"input_detectors": ("attack", "eps", "detector"),
+             "training_data": ("detector", "change"), "rows": ("impl",)}
+_SKIPPED_DETAIL = frozenset({"examples", "detectors"})  # digit images; the detectors' docs
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _entry(measure: str, value: Any) -> dict[str, Any] | None:
+    """One measure as (measure, value, text): numbers (bools as 0/1) in value, anything else
+    in text; None where the value is missing."""
+    if _missing(value):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return {"measure": measure, "value": float(value), "text": ""}
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return {"measure": measure, "value": float(value), "text": ""}
+    return {"measure": measure, "value": np.nan, "text": str(value)}
+
+
+def _row_key(values: dict, keys: tuple[str, ...]) -> str:
+    return " ".join(f"{values[k]:g}" if isinstance(values[k], float) else str(values[k])
+                    for k in keys)
+
+
+def _table_entries(name: str, table: Any) -> list[dict[str, Any]]:
+    """A detail table -> entries {table, row, measure, value, text}. table: pandas'
+    split-orient dict {index, columns, data}, a list of row dicts, or a flat dict."""
+    if isinstance(table, dict) and {"columns", "data"} <= set(table):
+        columns = list(table["columns"])
+        index = table.get("index") or list(range(len(table["data"])))
+        rows = [(i, dict(zip(columns, row, strict=True)))
+                for i, row in zip(index, table["data"], strict=True)]
+    elif isinstance(table, list):
+        rows = list(enumerate(table))
+    else:
+        rows = [("", table)]
+    keys = _ROW_KEYS.get(name, ())
+    out = []
+    for index, values in rows:
+        key = _row_key(values, keys) if keys else str(index)
+        for measure, value in values.items():
+            if measure in keys or measure == "note":  # a speed row's note: tables.md has it
+                continue
+            entry = _entry(str(measure), value)
+            if entry is not None:
+                out.append({"table": name, "row": key, **entry})
+    return out
+
+
+def _detail_entries(record: dict) -> list[dict[str, Any]]:
+    """The measures inside a record's detail, by table (scalars in the table "detail")."""
+    detail = record.get("detail")
+    if not isinstance(detail, dict):
+        return []
+    out, scalars = [], {}
+    for name, part in detail.items():
+        if name in _SKIPPED_DETAIL:
+            continue
+        if isinstance(part, (dict, list)) and not (name == "attrs" or name == "extra"):
+            if name == "table":  # a poison cell's sweep table, a stability cell's samples
+                name = str(detail.get("sweep", record.get("kind")))
+            out += _table_entries(name, part)
+        elif isinstance(part, dict):  # a poison sweep's attrs, a speed cell's extra
+            out += [{"table": name, "row": "", **e} for k, v in part.items()
+                    if (e := _entry(k, v)) is not None]
+        else:
+            scalars[name] = part
+    out += [{"table": "detail", "row": "", **e} for k, v in scalars.items()
+            if (e := _entry(k, v)) is not None]
+    return out
+
+
 def records_csv(records: pd.DataFrame) -> pd.DataFrame:
-    """The records as records.csv holds them: `detail` as JSON, without the digit images."""
-    out = records.copy()
-    if "detail" in out:
-        out["detail"] = [json.dumps({k: v for k, v in (d or {}).items() if k != "examples"})
-                         for d in out["detail"]]
+    """The records in long (tidy) form, as records.csv holds them: one row per cell x measure.
+
+    Columns: CELL_COLUMNS (which cell: id, kind, dataset, model, attack, eps, ...), then
+    `table` ("cell" for the cell's own measures, else the detail table it comes from: "E7",
+    "auc", "cells", "rows" of a speed cell, ...), `row` (the row of that table: a detector,
+    a sample, an implementation; "" for scalars), `measure`, `value` (a number; booleans as
+    0/1) and `text` (the value when it is not a number, e.g. a categorizer's verdict; else
+    ""). Missing values are left out. The digit images and the detectors' documentation
+    table stay in the cache only. Pivot back with e.g.
+    `csv[csv.table == "cell"].pivot(index="id", columns="measure", values="value")`.
+    """
+    rows = []
+    for record in records.to_dict("records"):
+        cell = {c: record.get(c) for c in CELL_COLUMNS}
+        cell = {c: (None if _missing(v) else v) for c, v in cell.items()}
+        own = [{"table": "cell", "row": "", **e} for k, v in record.items()
+               if k not in CELL_COLUMNS and k not in _NOT_MEASURES
+               and (e := _entry(k, v)) is not None]
+        rows += [{**cell, **entry} for entry in own + _detail_entries(record)]
+    out = pd.DataFrame(rows, columns=list(LONG_COLUMNS))
+    for c in _INT_COLUMNS:  # counts stay integers where some cells lack them
+        out[c] = pd.to_numeric(out[c]).round().astype("Int64")
     return out
 
 
