@@ -37,7 +37,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from mlshift_jax import data, study, sweeps
+from mlshift_jax import data, fmt, study, sweeps
 from mlshift_jax.files import atomic_path, write_text
 
 MEASURES = ("accuracy", "precision", "recall", "f1", "confidence")
@@ -187,15 +187,12 @@ def fmt_time(seconds: Any) -> str:
     return f"{s:.3g} s"
 
 
-def _md(frame: pd.DataFrame, note: str, **kw) -> str:
-    """A markdown table and the line under it that says how to read it (scores to 4 decimals,
-    eps as written)."""
-    digits = kw.pop("floatfmt", ".4f")
-    formats = ["g" if c == "eps" or pd.api.types.is_integer_dtype(frame[c]) else digits
-               for c in frame.columns]
-    kw["floatfmt"] = ([digits] if kw.get("index", True) else []) + formats
-    shown = frame.astype(object).where(frame.notna(), None)  # NaN: a blank cell
-    return f"{shown.to_markdown(missingval='', **kw)}\n\n*{note}*\n"
+def _md(frame: pd.DataFrame, note: str, *, index: bool = True, floatfmt: str = ".4f") -> str:
+    """A markdown table and the line under it that says how to read it: numbers through
+    `fmt.number` (scores to `floatfmt`'s decimals, counts as integers, eps as written, NaN
+    blank)."""
+    digits = int(floatfmt.strip(".f"))
+    return f"{fmt.markdown(frame, index=index, digits=digits)}\n\n*{note}*\n"
 
 
 def _delta(ours: Any, theirs: Any) -> str:
@@ -255,8 +252,9 @@ def _e3(records: pd.DataFrame, warns: dict[str, str], test_sizes: dict[str, int]
         sub = rows[rows["n_test"] == n]
         r0 = sub.iloc[0]
         if n == study.E3_IMAGES:
-            title = (f"### E3 on the study's {n:,} images: the first {n:,} {r0['dataset']} test "
-                     "images (the study does not say which 6,000 it used)\n\n")
+            title = (f"### E3 on the study's {int(n):,} images: the first {int(n):,} "
+                     f"{r0['dataset']} test images (the study does not say which 6,000 it "
+                     "used)\n\n")
         elif n == test_sizes.get(r0["dataset"]):
             title = f"### E3 on all {int(n):,} {r0['dataset']} test images\n\n"
         else:
@@ -391,8 +389,8 @@ def _detect(records: pd.DataFrame) -> str:
         return "No detection cell in this run.\n"
     r = _rows(records, kind="detect").iloc[0]
     members = int(t["timing"].loc["population members", "seconds"])
-    head = (f"{r['dataset']}: {members} {r['model']} models (hidden {r['hidden']}, each on "
-            f"its own random sample of {r['n_train']:,} training images) trained as one "
+    head = (f"{r['dataset']}: {members} {r['model']} models (hidden {int(r['hidden'])}, each on "
+            f"its own random sample of {int(r['n_train']):,} training images) trained as one "
             f"population in {fmt_time(r['train_s'])}; the whole benchmark took "
             f"{fmt_time(r['median_s'])}.\n\n")
     auc = _md(t["auc"], "ROC-AUC of each detector (rows) on each change kind (columns); blank "
