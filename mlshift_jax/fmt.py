@@ -59,11 +59,17 @@ def number(value: Any, column: Any = "", digits: int = 4) -> str:
     return f"{v:.{digits}f}"
 
 
+NUMBER_TEXT = re.compile(r"^([+\-−]?[\d,.]+(e[+\-]\d+)?[×%]?|—)$")  # "+0.0019", "1.16×"
+
+
 def _numeric(series: pd.Series) -> bool:
+    """Whether a column reads as numbers (right-aligned): numbers, or text such as a signed
+    delta, a ratio or a dash."""
     values = [v for v in series if not missing(v)]
     return bool(values) and all(
-        isinstance(v, (int, float, np.integer, np.floating))
-        and not isinstance(v, (bool, np.bool_)) for v in values)
+        (isinstance(v, (int, float, np.integer, np.floating))
+         and not isinstance(v, (bool, np.bool_)))
+        or (isinstance(v, str) and NUMBER_TEXT.match(v) is not None) for v in values)
 
 
 def markdown(frame: pd.DataFrame, *, index: bool = True, digits: int = 4) -> str:

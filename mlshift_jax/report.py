@@ -414,12 +414,134 @@ def _detect(records: pd.DataFrame) -> str:
             + "\n### Which training samples are poisoned?\n\n" + data_tab)
 
 
-def tables_markdown(records: pd.DataFrame, info: dict[str, Any] | None = None) -> str:
-    """The whole tables.md as text."""
+# --- the summary at the top ----------------------------------------------------------------
+
+
+def _e1_finding(records: pd.DataFrame) -> str | None:
+    rows = _rows(records, block="e1")
+    if not len(rows):
+        return None
+    by = rows.set_index("model")
+    model = "seed-mlp" if "seed-mlp" in by.index else by.index[0]
+    r = by.loc[model]
+    return (f"**E1, the study's clean model**: {model} accuracy {r['accuracy']:.4f} vs the "
+            f"study's {study.E1['accuracy']:.3f} (Δ {_delta(r['accuracy'], study.E1['accuracy'])}"
+            f"); F1 {r['f1']:.4f} vs {study.E1['f1']:.4f}.")
+
+
+def _e3_finding(records: pd.DataFrame) -> str | None:
+    rows = _rows(records, kind="attack", block="e3")
+    rows = rows[rows["attack"] == "fgsm"] if len(rows) else rows
+    if not len(rows):
+        return None
+    rows = rows[rows["n_test"] == rows["n_test"].max()]
+    parts = []
+    for eps in (0.1, 0.3):
+        r = rows[np.isclose(rows["eps"].astype(float), eps)]
+        ref = study.E3.get(eps)
+        if len(r) and ref:
+            r = r.iloc[0]
+            parts.append(f"eps {eps:g}: accuracy {r['accuracy']:.4f}, F1 {r['f1']:.4f} vs the "
+                         f"study's {ref['f1']:.4f}")
+    if not parts:
+        return None
+    return (f"**E3, FGSM** on {int(rows['n_test'].iloc[0]):,} test images: "
+            + "; ".join(parts) + ".")
+
+
+def _badnets_finding(records: pd.DataFrame) -> str | None:
+    table = poison_tables(records).get("badnets")
+    if table is None or not {"model", "fraction", "asr", "clean_accuracy"} <= set(table):
+        return None
+    parts = []
+    for model, group in table.groupby("model", sort=False):
+        clean = group[group["fraction"] == 0]["clean_accuracy"]
+        for _, r in group[group["fraction"] > 0].iterrows():
+            size = f" {int(r['patch'])}x{int(r['patch'])}" if "patch" in r else ""
+            cost = (f", clean accuracy {r['clean_accuracy']:.4f} "
+                    f"(Δ {_delta(r['clean_accuracy'], clean.iloc[0])})" if len(clean) else "")
+            parts.append(f"{model}{size} at {r['fraction']:.0%}: ASR {r['asr']:.4f}{cost}")
+    return "**BadNets**: " + "; ".join(parts) + "." if parts else None
+
+
+def _detect_finding(records: pd.DataFrame) -> str | None:
+    t = detection_tables(records)
+    if "auc" not in t:
+        return None
+    auc = t["auc"].astype(float)
+    inputs = list(dict.fromkeys(f"{r['attack']} {r['eps']:g}" for _, r in
+                                t["input_detectors"].iterrows())) \
+        if "input_detectors" in t else []
+    inputs = [c for c in inputs if c in auc.columns]
+    poisons = [c for c in auc.columns if c not in inputs]
+    parts = []
+
+    def best(rows, columns, what):
+        means = auc.loc[rows, columns].mean(axis=1).dropna()
+        if len(means):
+            name = means.idxmax()
+            parts.append(f"{what}: {name} (mean ROC-AUC {means[name]:.3f} over "
+                         f"{len(columns)} change kinds)")
+
+    per_input = [r for r in auc.index if r in ("confidence", "margin", "entropy", "squeezing")]
+    per_data = [r for r in auc.index if r in ("activation clustering", "spectral signatures")]
+    if inputs:
+        best(per_input, inputs, "best per-input detector")
+    if "fingerprint test" in auc.index:
+        best(["fingerprint test"], list(auc.columns), "model-level change test")
+    if poisons:
+        best(per_data, poisons, "best training-data detector")
+    if "confusion" in t:
+        cm = t["confusion"].to_numpy(dtype=float)
+        parts.append(f"the categorizer names {int(np.trace(cm))} of {int(cm.sum())} changes "
+                     "right (held out by seed)")
+    return "**Detection**: " + "; ".join(parts) + "." if parts else None
+
+
+def _speed_finding(records: pd.DataFrame) -> str | None:
+    parts = []
+    for _, r in _rows(records, kind="speed").iterrows():
+        impls = r["detail"]["rows"]
+        ref = next((i["median_s"] for i in impls if i["ref"]), None)
+        mine = next((i for i in impls if i["impl"].startswith("jax")), None)
+        if ref and mine and _finite(mine["median_s"]) and mine["median_s"] > 0:
+            parts.append(f"{r['workload']} {ref / mine['median_s']:.3g}×")
+    return ("**Speed-ups of JAX over numpy** (same run): " + ", ".join(parts) + "."
+            if parts else None)
+
+
+def summary(records: pd.DataFrame, warnings: pd.DataFrame | None = None) -> str:
+    """The headline findings as a bullet list: E1 vs the study, E3 FGSM at eps 0.1 / 0.3,
+    BadNets ASR, the best detectors, the speed-ups, the number of validity warnings. A
+    finding whose cells are not in this run is left out."""
+    warnings = validity_warnings(records) if warnings is None else warnings
+    found = [f(records) for f in (_e1_finding, _e3_finding, _badnets_finding,
+                                  _detect_finding, _speed_finding)]
+    found.append(f"**Validity warnings**: {len(warnings)}" + (
+        " (see [Validity warnings](#validity-warnings))." if len(warnings) else "."))
+    return "\n".join(f"- {line}" for line in found if line) + "\n"
+
+
+def anchor(title: str) -> str:
+    """The link anchor GitHub gives a markdown heading: lower case, punctuation dropped,
+    spaces to hyphens ("E4–E7: training-time poisoning" -> "e4e7-training-time-poisoning")."""
+    return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+
+
+def contents(text: str) -> str:
+    """A table of contents of the level-2 headings in text: one linked line each."""
+    titles = [line[3:].strip() for line in text.splitlines() if line.startswith("## ")]
+    return "\n".join(f"- [{t}](#{anchor(t)})" for t in titles) + "\n"
+
+
+def tables_markdown(records: pd.DataFrame, info: dict[str, Any] | None = None,
+                    figures: str = "") -> str:
+    """The whole tables.md as text: a one-screen summary (headline findings, contents),
+    then every section; `figures` (markdown) is the last section's body when given."""
     info = run_info(records) if info is None else info
     warnings = validity_warnings(records)
     warns = _warnings_by_id(warnings)
-    out = [f"# mlshift_jax benchmark: {info['platform']}\n", _header(info)]
+    out = ["## This run\n", _header(info)]
     out += ["## E1: the study's clean model\n", _e1(records)]
     out += ["## E2: stability over random training samples\n", _e2(records)]
     sizes = {k: d["n_test"] for k, d in info.get("datasets", {}).items()}
@@ -432,7 +554,12 @@ def tables_markdown(records: pd.DataFrame, info: dict[str, Any] | None = None) -
     for name, why in info.get("skipped", {}).items():
         out += [f"## Pairings: {name}\n", f"Skipped: the dataset could not be loaded ({why}).\n"]
     out += ["## Validity warnings\n", _warning_list(warnings)]
-    return "\n".join(out)
+    if figures:
+        out += ["## Figures\n", figures]
+    body = "\n".join(out)
+    top = [f"# mlshift_jax benchmark: {info['platform']}\n", summary(records, warnings),
+           "**Contents**\n", contents(body)]
+    return "\n".join(top) + "\n" + body
 
 
 def _header(info: dict[str, Any]) -> str:
@@ -675,10 +802,8 @@ def write(records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     info = run_info(records)
     figures, note = write_figures(records, out_dir)
-    text = tables_markdown(records, info)
-    if figures or note:
-        links = [f"- [{p.name}](figures/{p.name})" for p in figures]
-        text += "\n## Figures\n\n" + ("\n".join(links) if links else note) + "\n"
+    links = "\n".join(f"- [{p.name}](figures/{p.name})" for p in figures) or note
+    text = tables_markdown(records, info, figures=links + "\n" if links else "")
     paths = [out_dir / "tables.md", out_dir / "records.csv", out_dir / "run.json"]
     write_text(paths[0], text)
     with atomic_path(paths[1]) as tmp:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlshift_jax import report, runner
+from mlshift_jax import fmt, report, runner
 
 
 def _cell(attack: str, eps: float, accuracy: float, **over) -> dict:
@@ -231,3 +232,67 @@ def test_cells_capped_to_the_same_test_set_do_not_break_the_checks():
     w = _warnings(_records(*rows))
     assert any("stronger than FGSM" in v for v in w.values())
     assert "## E3" in report.tables_markdown(_records(*rows))
+
+
+@pytest.mark.parametrize("value, column, text", [
+    (0.9255000352859497, "accuracy", "0.9255"),
+    (6000.0, "n_test", "6,000"),
+    (6000, "anything", "6,000"),
+    (517.8, "flagged", "517.8"),
+    (60000.0, "poisoned_count", "60,000"),
+    (0.1, "eps", "0.1"),
+    (0.05, "fraction", "0.05"),
+    (50.0741, "seconds", "50.07"),
+    (12345.6, "seconds", "12,346"),
+    (None, "accuracy", ""),
+    (float("nan"), "auc", ""),
+    (True, "agrees", "True"),
+    ("7->9", "top_confusion", "7->9"),
+])
+def test_fmt_number(value, column, text):
+    assert fmt.number(value, column) == text
+
+
+NOISE = re.compile(r"\d\.\d{6,}|\d,\d{3}\.0\b|\bnan\b")  # float noise, "6,000.0", "nan"
+
+
+def _study_records() -> pd.DataFrame:
+    """E1 and E3 cells with float-typed counts and float noise, as pandas makes them when
+    some records lack a column."""
+    noisy = 0.9255000352859497
+    rows = [_cell("none", 0.0, noisy, id="e1/seed-mlp", block="e1", n_train=60000.0,
+                  n_test=10000.0, hidden=200.0)]
+    for n in (10000.0, 6000.0):
+        for eps, acc in ((0.0, noisy), (0.1, 0.5862000346183777), (0.3, 0.18570000529289246)):
+            rows.append(_cell("fgsm", eps, acc, id=f"e3/n{n:g}/fgsm/{eps:g}", block="e3",
+                              n_test=n, n_train=60000.0))
+    return _records(*rows)
+
+
+def test_tables_have_no_float_noise_and_integer_counts():
+    records = pd.concat([_study_records(), pd.DataFrame([_speed_record()])], ignore_index=True)
+    text = report.tables_markdown(records)
+    assert not NOISE.search(text), NOISE.search(text)
+    assert "0.9255" in text and "the first 6,000 mnist test images" in text
+    assert "trained on 60,000 images" in text
+
+
+def test_tables_md_opens_with_a_summary_and_contents():
+    records = pd.concat([_study_records(), pd.DataFrame([_speed_record()])], ignore_index=True)
+    text = report.tables_markdown(records)
+    top = text.split("## ")[0]  # everything before the first section: one screen
+    assert len(top.splitlines()) <= 40
+    assert "**E1" in top and "vs the study's 0.963" in top and "0.9255" in top
+    assert "**E3, FGSM**" in top and "eps 0.1: accuracy 0.5862" in top
+    assert "eps 0.3: accuracy 0.1857" in top and "the study's 0.7765" in top
+    assert "fgsm 4×" in top  # the speed-up of JAX over numpy
+    headings = [line[3:] for line in text.splitlines() if line.startswith("## ")]
+    links = re.findall(r"^- \[(.+)\]\(#([^)]+)\)$", top, flags=re.M)
+    assert [t for t, _ in links] == headings
+    assert dict(links)["E4–E7: training-time poisoning"] == "e4e7-training-time-poisoning"
+    assert dict(links)["E1: the study's clean model"] == "e1-the-studys-clean-model"
+
+
+def test_summary_leaves_out_what_did_not_run():
+    text = report.summary(_records())
+    assert "E1" not in text and "BadNets" not in text and "Validity warnings" in text
