@@ -36,10 +36,18 @@ project's 2-core CPU (bundled sample, a loaded machine): peak 7.8 GB before the 
 `population.chunk_size` let 94 of the 129 members (a quarter of the machine's RAM) train in
 one vmap, 188 MB of copies each. The cap changes how many members train at once, not what
 they train on or what is measured.
+
+Time: `run` holds the BLAS libraries (OpenBLAS, which jaxlib's CPU `eigh` calls through
+scipy's LAPACK) to one thread (threadpoolctl). Their worker threads otherwise compete with
+XLA's own thread pool for the cores: on this project's 2-core CPU (loaded), ten 200 x 200
+`jnp.linalg.eigh` took 1.4-7 s with the default two BLAS threads and 0.06-0.13 s with one,
+and activation clustering and spectral signatures each take one such batch per poisoned
+member (60 of them in FULL). XLA's own kernels do not use these libraries.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, replace
 
@@ -47,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+from threadpoolctl import threadpool_limits
 
 from mlshift_jax import categorize, detect, detect_data, fingerprint
 from mlshift_jax.attacks import attack_key, get_attack
@@ -232,6 +241,18 @@ def _training_data_table(cfg: BenchConfig, ds: Dataset, members: _Members, pop, 
             [["precision", "recall", "auc", "flagged", "poisoned"]].mean().reset_index())
 
 
+def _one_blas_thread(fn):
+    """fn with the BLAS libraries held to one thread while it runs (module docstring)."""
+
+    @functools.wraps(fn)
+    def inner(*args, **kw):
+        with threadpool_limits(limits=1, user_api="blas"):
+            return fn(*args, **kw)
+
+    return inner
+
+
+@_one_blas_thread
 def run(ds: Dataset, *, quick: bool = False, seed: int = 0,
         config: BenchConfig | None = None) -> dict[str, pd.DataFrame]:
     """Train, change, detect and categorize; return the tables named in the module docstring.
