@@ -27,11 +27,27 @@ Tables (`run` returns them by name):
 - "cells": every (seed, change) cell of the change test: its p-value, statistic, category,
   the categorizer's held-out prediction and its fingerprint features.
 - "detectors": what each detector scores, its unit and its source.
-- "timing": wall seconds per stage (and the population's size).
+- "timing": wall seconds per stage (and the population's size, and its members per vmap).
+
+Memory: the population trains `population_chunk` members per vmap, so that their training
+data (the shared training set, and each member's gathered sample and poisoned copy, float32)
+fits in `memory_cap` bytes (default 1 GiB). Measured with `/usr/bin/time -v` on this
+project's 2-core CPU (bundled sample, a loaded machine): peak 7.8 GB before the cap, when
+`population.chunk_size` let 94 of the 129 members (a quarter of the machine's RAM) train in
+one vmap, 188 MB of copies each. The cap changes how many members train at once, not what
+they train on or what is measured.
+
+Time: `run` holds the BLAS libraries (OpenBLAS, which jaxlib's CPU `eigh` calls through
+scipy's LAPACK) to one thread (threadpoolctl). Their worker threads otherwise compete with
+XLA's own thread pool for the cores: on this project's 2-core CPU (loaded), ten 200 x 200
+`jnp.linalg.eigh` took 1.4-7 s with the default two BLAS threads and 0.06-0.13 s with one,
+and activation clustering and spectral signatures each take one such batch per poisoned
+member (60 of them in FULL). XLA's own kernels do not use these libraries.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, replace
 
@@ -39,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+from threadpoolctl import threadpool_limits
 
 from mlshift_jax import categorize, detect, detect_data, fingerprint
 from mlshift_jax.attacks import attack_key, get_attack
@@ -92,6 +109,7 @@ class BenchConfig:
         ("mixture", 0.05), ("mixture", 0.2))
     alpha: float = 0.05
     fpr: float = 0.05
+    memory_cap: int = 2**30  # bytes for the population's training data (`population_chunk`)
 
     def validate(self) -> BenchConfig:
         """Raise ConfigError for settings the benchmark cannot run; return self."""
@@ -105,12 +123,31 @@ class BenchConfig:
             get_attack(kind)
         for kind, fraction in self.poisonings:
             make_config(kind, fraction=fraction)
+        if self.memory_cap < 1:
+            raise ConfigError(f"detection bench: expected memory_cap >= 1 byte, found "
+                              f"{self.memory_cap}")
         return self
 
 
 FULL = BenchConfig()
 QUICK = BenchConfig(hidden=64, sample_size=3000, seeds=4, n_null=20, probes=500,
                     n_patched=100, n_images=2000)
+
+
+def population_chunk(m: int, size: int, n: int, d: int, memory_cap: int) -> int:
+    """Members per vmap so that the population's training data fits in memory_cap bytes.
+
+    m members, each training on `size` of the n shared training images of d float32 values:
+    the shared set (n * d * 4 bytes) is there once; each member of a group adds its gathered
+    sample and its poisoned copy (2 * size * d * 4). Returns the largest chunk in 1..m with
+    n * d * 4 + chunk * 2 * size * d * 4 <= memory_cap, at least 1 (one member then needs
+    what it needs).
+    """
+    if min(m, size, n, d) < 1:
+        raise ConfigError(f"detection bench: expected m, size, n, d >= 1, found "
+                          f"{(m, size, n, d)}")
+    per_member = 2 * size * d * 4
+    return int(max(1, min(m, (memory_cap - n * d * 4) // per_member)))
 
 
 def attack_label(kind: str, eps: float) -> str:
@@ -206,6 +243,18 @@ def _training_data_table(cfg: BenchConfig, ds: Dataset, members: _Members, pop, 
             [["precision", "recall", "auc", "flagged", "poisoned"]].mean().reset_index())
 
 
+def _one_blas_thread(fn):
+    """fn with the BLAS libraries held to one thread while it runs (module docstring)."""
+
+    @functools.wraps(fn)
+    def inner(*args, **kw):
+        with threadpool_limits(limits=1, user_api="blas"):
+            return fn(*args, **kw)
+
+    return inner
+
+
+@_one_blas_thread
 def run(ds: Dataset, *, quick: bool = False, seed: int = 0,
         config: BenchConfig | None = None) -> dict[str, pd.DataFrame]:
     """Train, change, detect and categorize; return the tables named in the module docstring.
@@ -221,10 +270,14 @@ def run(ds: Dataset, *, quick: bool = False, seed: int = 0,
     sample = min(cfg.sample_size, len(ds.y_train))
     plan = plan_for(cfg.recipe, TrainConfig(hidden=cfg.hidden), ds.spec)
     model = plan.arch
+    chunk = population_chunk(len(members.configs), sample, len(ds.y_train),
+                             int(np.prod(np.shape(ds.x_train)[1:])), cfg.memory_cap)
     pop, idx = train_sampled(plan, members.configs, ds.x_train, ds.y_train,
-                             seeds=members.table["member_seed"].tolist(), size=sample)
+                             seeds=members.table["member_seed"].tolist(), size=sample,
+                             chunk=chunk)
     timing["train population"] = time.perf_counter() - clock
     timing["population members"] = float(len(members.configs))
+    timing["members per vmap"] = float(chunk)
 
     clock = time.perf_counter()
     probes = fingerprint.make_probes(ds.x_test, ds.y_test, n=cfg.probes,

@@ -10,7 +10,8 @@
   table (workload x
   implementation, median time and speed-up vs numpy); a pairing table per dataset (model x
   attack@eps); validity warnings, after AutoAttack's flags (Croce & Hein, ICML 2020);
-- records.csv: one row per cell (the `detail` column as JSON, digit images left out);
+- records.csv: long (tidy) form, one row per cell x measure (`records_csv`): the cell's
+  own scores and every detail table's numbers, no JSON inside a column;
 - run.json: versions, backend, device, CPU count, git commit, date, wall time, data sources;
 - figures/ (when matplotlib is installed): accuracy vs eps per attack for each model, and a
   grid of clean and FGSM digits at each eps; the poisoning curves and examples (`sweeps`).
@@ -36,7 +37,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from mlshift_jax import data, study, sweeps
+from mlshift_jax import data, fmt, study, sweeps
 from mlshift_jax.files import atomic_path, clean_stale_temps, write_text
 
 MEASURES = ("accuracy", "precision", "recall", "f1", "confidence")
@@ -186,15 +187,12 @@ def fmt_time(seconds: Any) -> str:
     return f"{s:.3g} s"
 
 
-def _md(frame: pd.DataFrame, note: str, **kw) -> str:
-    """A markdown table and the line under it that says how to read it (scores to 4 decimals,
-    eps as written)."""
-    digits = kw.pop("floatfmt", ".4f")
-    formats = ["g" if c == "eps" or pd.api.types.is_integer_dtype(frame[c]) else digits
-               for c in frame.columns]
-    kw["floatfmt"] = ([digits] if kw.get("index", True) else []) + formats
-    shown = frame.astype(object).where(frame.notna(), None)  # NaN: a blank cell
-    return f"{shown.to_markdown(missingval='', **kw)}\n\n*{note}*\n"
+def _md(frame: pd.DataFrame, note: str, *, index: bool = True, floatfmt: str = ".4f") -> str:
+    """A markdown table and the line under it that says how to read it: numbers through
+    `fmt.number` (scores to `floatfmt`'s decimals, counts as integers, eps as written, NaN
+    blank)."""
+    digits = int(floatfmt.strip(".f"))
+    return f"{fmt.markdown(frame, index=index, digits=digits)}\n\n*{note}*\n"
 
 
 def _delta(ours: Any, theirs: Any) -> str:
@@ -254,8 +252,9 @@ def _e3(records: pd.DataFrame, warns: dict[str, str], test_sizes: dict[str, int]
         sub = rows[rows["n_test"] == n]
         r0 = sub.iloc[0]
         if n == study.E3_IMAGES:
-            title = (f"### E3 on the study's {n:,} images: the first {n:,} {r0['dataset']} test "
-                     "images (the study does not say which 6,000 it used)\n\n")
+            title = (f"### E3 on the study's {int(n):,} images: the first {int(n):,} "
+                     f"{r0['dataset']} test images (the study does not say which 6,000 it "
+                     "used)\n\n")
         elif n == test_sizes.get(r0["dataset"]):
             title = f"### E3 on all {int(n):,} {r0['dataset']} test images\n\n"
         else:
@@ -390,8 +389,8 @@ def _detect(records: pd.DataFrame) -> str:
         return "No detection cell in this run.\n"
     r = _rows(records, kind="detect").iloc[0]
     members = int(t["timing"].loc["population members", "seconds"])
-    head = (f"{r['dataset']}: {members} {r['model']} models (hidden {r['hidden']}, each on "
-            f"its own random sample of {r['n_train']:,} training images) trained as one "
+    head = (f"{r['dataset']}: {members} {r['model']} models (hidden {int(r['hidden'])}, each on "
+            f"its own random sample of {int(r['n_train']):,} training images) trained as one "
             f"population in {fmt_time(r['train_s'])}; the whole benchmark took "
             f"{fmt_time(r['median_s'])}.\n\n")
     auc = _md(t["auc"], "ROC-AUC of each detector (rows) on each change kind (columns); blank "
@@ -415,12 +414,134 @@ def _detect(records: pd.DataFrame) -> str:
             + "\n### Which training samples are poisoned?\n\n" + data_tab)
 
 
-def tables_markdown(records: pd.DataFrame, info: dict[str, Any] | None = None) -> str:
-    """The whole tables.md as text."""
+# --- the summary at the top ----------------------------------------------------------------
+
+
+def _e1_finding(records: pd.DataFrame) -> str | None:
+    rows = _rows(records, block="e1")
+    if not len(rows):
+        return None
+    by = rows.set_index("model")
+    model = "seed-mlp" if "seed-mlp" in by.index else by.index[0]
+    r = by.loc[model]
+    return (f"**E1, the study's clean model**: {model} accuracy {r['accuracy']:.4f} vs the "
+            f"study's {study.E1['accuracy']:.3f} (Δ {_delta(r['accuracy'], study.E1['accuracy'])}"
+            f"); F1 {r['f1']:.4f} vs {study.E1['f1']:.4f}.")
+
+
+def _e3_finding(records: pd.DataFrame) -> str | None:
+    rows = _rows(records, kind="attack", block="e3")
+    rows = rows[rows["attack"] == "fgsm"] if len(rows) else rows
+    if not len(rows):
+        return None
+    rows = rows[rows["n_test"] == rows["n_test"].max()]
+    parts = []
+    for eps in (0.1, 0.3):
+        r = rows[np.isclose(rows["eps"].astype(float), eps)]
+        ref = study.E3.get(eps)
+        if len(r) and ref:
+            r = r.iloc[0]
+            parts.append(f"eps {eps:g}: accuracy {r['accuracy']:.4f}, F1 {r['f1']:.4f} vs the "
+                         f"study's {ref['f1']:.4f}")
+    if not parts:
+        return None
+    return (f"**E3, FGSM** on {int(rows['n_test'].iloc[0]):,} test images: "
+            + "; ".join(parts) + ".")
+
+
+def _badnets_finding(records: pd.DataFrame) -> str | None:
+    table = poison_tables(records).get("badnets")
+    if table is None or not {"model", "fraction", "asr", "clean_accuracy"} <= set(table):
+        return None
+    parts = []
+    for model, group in table.groupby("model", sort=False):
+        clean = group[group["fraction"] == 0]["clean_accuracy"]
+        for _, r in group[group["fraction"] > 0].iterrows():
+            size = f" {int(r['patch'])}x{int(r['patch'])}" if "patch" in r else ""
+            cost = (f", clean accuracy {r['clean_accuracy']:.4f} "
+                    f"(Δ {_delta(r['clean_accuracy'], clean.iloc[0])})" if len(clean) else "")
+            parts.append(f"{model}{size} at {r['fraction']:.0%}: ASR {r['asr']:.4f}{cost}")
+    return "**BadNets**: " + "; ".join(parts) + "." if parts else None
+
+
+def _detect_finding(records: pd.DataFrame) -> str | None:
+    t = detection_tables(records)
+    if "auc" not in t:
+        return None
+    auc = t["auc"].astype(float)
+    inputs = list(dict.fromkeys(f"{r['attack']} {r['eps']:g}" for _, r in
+                                t["input_detectors"].iterrows())) \
+        if "input_detectors" in t else []
+    inputs = [c for c in inputs if c in auc.columns]
+    poisons = [c for c in auc.columns if c not in inputs]
+    parts = []
+
+    def best(rows, columns, what):
+        means = auc.loc[rows, columns].mean(axis=1).dropna()
+        if len(means):
+            name = means.idxmax()
+            parts.append(f"{what}: {name} (mean ROC-AUC {means[name]:.3f} over "
+                         f"{len(columns)} change kinds)")
+
+    per_input = [r for r in auc.index if r in ("confidence", "margin", "entropy", "squeezing")]
+    per_data = [r for r in auc.index if r in ("activation clustering", "spectral signatures")]
+    if inputs:
+        best(per_input, inputs, "best per-input detector")
+    if "fingerprint test" in auc.index:
+        best(["fingerprint test"], list(auc.columns), "model-level change test")
+    if poisons:
+        best(per_data, poisons, "best training-data detector")
+    if "confusion" in t:
+        cm = t["confusion"].to_numpy(dtype=float)
+        parts.append(f"the categorizer names {int(np.trace(cm))} of {int(cm.sum())} changes "
+                     "right (held out by seed)")
+    return "**Detection**: " + "; ".join(parts) + "." if parts else None
+
+
+def _speed_finding(records: pd.DataFrame) -> str | None:
+    parts = []
+    for _, r in _rows(records, kind="speed").iterrows():
+        impls = r["detail"]["rows"]
+        ref = next((i["median_s"] for i in impls if i["ref"]), None)
+        mine = next((i for i in impls if i["impl"].startswith("jax")), None)
+        if ref and mine and _finite(mine["median_s"]) and mine["median_s"] > 0:
+            parts.append(f"{r['workload']} {ref / mine['median_s']:.3g}×")
+    return ("**Speed-ups of JAX over numpy** (same run): " + ", ".join(parts) + "."
+            if parts else None)
+
+
+def summary(records: pd.DataFrame, warnings: pd.DataFrame | None = None) -> str:
+    """The headline findings as a bullet list: E1 vs the study, E3 FGSM at eps 0.1 / 0.3,
+    BadNets ASR, the best detectors, the speed-ups, the number of validity warnings. A
+    finding whose cells are not in this run is left out."""
+    warnings = validity_warnings(records) if warnings is None else warnings
+    found = [f(records) for f in (_e1_finding, _e3_finding, _badnets_finding,
+                                  _detect_finding, _speed_finding)]
+    found.append(f"**Validity warnings**: {len(warnings)}" + (
+        " (see [Validity warnings](#validity-warnings))." if len(warnings) else "."))
+    return "\n".join(f"- {line}" for line in found if line) + "\n"
+
+
+def anchor(title: str) -> str:
+    """The link anchor GitHub gives a markdown heading: lower case, punctuation dropped,
+    spaces to hyphens ("E4–E7: training-time poisoning" -> "e4e7-training-time-poisoning")."""
+    return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+
+
+def contents(text: str) -> str:
+    """A table of contents of the level-2 headings in text: one linked line each."""
+    titles = [line[3:].strip() for line in text.splitlines() if line.startswith("## ")]
+    return "\n".join(f"- [{t}](#{anchor(t)})" for t in titles) + "\n"
+
+
+def tables_markdown(records: pd.DataFrame, info: dict[str, Any] | None = None,
+                    figures: str = "") -> str:
+    """The whole tables.md as text: a one-screen summary (headline findings, contents),
+    then every section; `figures` (markdown) is the last section's body when given."""
     info = run_info(records) if info is None else info
     warnings = validity_warnings(records)
     warns = _warnings_by_id(warnings)
-    out = [f"# mlshift_jax benchmark: {info['platform']}\n", _header(info)]
+    out = ["## This run\n", _header(info)]
     out += ["## E1: the study's clean model\n", _e1(records)]
     out += ["## E2: stability over random training samples\n", _e2(records)]
     sizes = {k: d["n_test"] for k, d in info.get("datasets", {}).items()}
@@ -433,7 +554,12 @@ def tables_markdown(records: pd.DataFrame, info: dict[str, Any] | None = None) -
     for name, why in info.get("skipped", {}).items():
         out += [f"## Pairings: {name}\n", f"Skipped: the dataset could not be loaded ({why}).\n"]
     out += ["## Validity warnings\n", _warning_list(warnings)]
-    return "\n".join(out)
+    if figures:
+        out += ["## Figures\n", figures]
+    body = "\n".join(out)
+    top = [f"# mlshift_jax benchmark: {info['platform']}\n", summary(records, warnings),
+           "**Contents**\n", contents(body)]
+    return "\n".join(top) + "\n" + body
 
 
 def _header(info: dict[str, Any]) -> str:
@@ -559,12 +685,116 @@ def write_figures(records: pd.DataFrame, out_dir: str | Path) -> tuple[list[Path
 # --- writing it all ------------------------------------------------------------------------
 
 
+# the columns that say which cell a records.csv row belongs to (its config); every other
+# field of a record is a measure of that cell
+CELL_COLUMNS = ("id", "hash", "kind", "block", "dataset", "model", "arch", "workload",
+                "attack", "eps", "seed", "n_train", "n_test", "hidden", "lr", "epochs",
+                "status")
+LONG_COLUMNS = (*CELL_COLUMNS, "table", "row", "measure", "value", "text")
+_INT_COLUMNS = ("seed", "n_train", "n_test", "hidden", "epochs")
+# record fields that are neither config nor measure: run.json has them (datasets, backend)
+# or the cache does (finished), or they are the record's nested detail
+_NOT_MEASURES = frozenset({"data_source", "is_sample", "data_hash", "backend",
+                           "device_kind", "finished", "detail"})
+# the key columns of a detail table's rows (the rest are its measures); a table not named
+# here is keyed by its index
+_ROW_KEYS = {"input_detectors": ("attack", "eps", "detector"),
+             "training_data": ("detector", "change"), "rows": ("impl",)}
+_SKIPPED_DETAIL = frozenset({"examples", "detectors"})  # digit images; the detectors' docs
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _entry(measure: str, value: Any) -> dict[str, Any] | None:
+    """One measure as (measure, value, text): numbers (bools as 0/1) in value, anything else
+    in text; None where the value is missing."""
+    if _missing(value):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return {"measure": measure, "value": float(value), "text": ""}
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return {"measure": measure, "value": float(value), "text": ""}
+    return {"measure": measure, "value": np.nan, "text": str(value)}
+
+
+def _row_key(values: dict, keys: tuple[str, ...]) -> str:
+    return " ".join(f"{values[k]:g}" if isinstance(values[k], float) else str(values[k])
+                    for k in keys)
+
+
+def _table_entries(name: str, table: Any) -> list[dict[str, Any]]:
+    """A detail table -> entries {table, row, measure, value, text}. table: pandas'
+    split-orient dict {index, columns, data}, a list of row dicts, or a flat dict."""
+    if isinstance(table, dict) and {"columns", "data"} <= set(table):
+        columns = list(table["columns"])
+        index = table.get("index") or list(range(len(table["data"])))
+        rows = [(i, dict(zip(columns, row, strict=True)))
+                for i, row in zip(index, table["data"], strict=True)]
+    elif isinstance(table, list):
+        rows = list(enumerate(table))
+    else:
+        rows = [("", table)]
+    keys = _ROW_KEYS.get(name, ())
+    out = []
+    for index, values in rows:
+        key = _row_key(values, keys) if keys else str(index)
+        for measure, value in values.items():
+            if measure in keys or measure == "note":  # a speed row's note: tables.md has it
+                continue
+            entry = _entry(str(measure), value)
+            if entry is not None:
+                out.append({"table": name, "row": key, **entry})
+    return out
+
+
+def _detail_entries(record: dict) -> list[dict[str, Any]]:
+    """The measures inside a record's detail, by table (scalars in the table "detail")."""
+    detail = record.get("detail")
+    if not isinstance(detail, dict):
+        return []
+    out, scalars = [], {}
+    for name, part in detail.items():
+        if name in _SKIPPED_DETAIL:
+            continue
+        if isinstance(part, (dict, list)) and not (name == "attrs" or name == "extra"):
+            if name == "table":  # a poison cell's sweep table, a stability cell's samples
+                name = str(detail.get("sweep", record.get("kind")))
+            out += _table_entries(name, part)
+        elif isinstance(part, dict):  # a poison sweep's attrs, a speed cell's extra
+            out += [{"table": name, "row": "", **e} for k, v in part.items()
+                    if (e := _entry(k, v)) is not None]
+        else:
+            scalars[name] = part
+    out += [{"table": "detail", "row": "", **e} for k, v in scalars.items()
+            if (e := _entry(k, v)) is not None]
+    return out
+
+
 def records_csv(records: pd.DataFrame) -> pd.DataFrame:
-    """The records as records.csv holds them: `detail` as JSON, without the digit images."""
-    out = records.copy()
-    if "detail" in out:
-        out["detail"] = [json.dumps({k: v for k, v in (d or {}).items() if k != "examples"})
-                         for d in out["detail"]]
+    """The records in long (tidy) form, as records.csv holds them: one row per cell x measure.
+
+    Columns: CELL_COLUMNS (which cell: id, kind, dataset, model, attack, eps, ...), then
+    `table` ("cell" for the cell's own measures, else the detail table it comes from: "E7",
+    "auc", "cells", "rows" of a speed cell, ...), `row` (the row of that table: a detector,
+    a sample, an implementation; "" for scalars), `measure`, `value` (a number; booleans as
+    0/1) and `text` (the value when it is not a number, e.g. a categorizer's verdict; else
+    ""). Missing values are left out. The digit images and the detectors' documentation
+    table stay in the cache only. Pivot back with e.g.
+    `csv[csv.table == "cell"].pivot(index="id", columns="measure", values="value")`.
+    """
+    rows = []
+    for record in records.to_dict("records"):
+        cell = {c: record.get(c) for c in CELL_COLUMNS}
+        cell = {c: (None if _missing(v) else v) for c, v in cell.items()}
+        own = [{"table": "cell", "row": "", **e} for k, v in record.items()
+               if k not in CELL_COLUMNS and k not in _NOT_MEASURES
+               and (e := _entry(k, v)) is not None]
+        rows += [{**cell, **entry} for entry in own + _detail_entries(record)]
+    out = pd.DataFrame(rows, columns=list(LONG_COLUMNS))
+    for c in _INT_COLUMNS:  # counts stay integers where some cells lack them
+        out[c] = pd.to_numeric(out[c]).round().astype("Int64")
     return out
 
 
@@ -578,10 +808,8 @@ def write(records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     info = run_info(records)
     figures, note = write_figures(records, out_dir)
-    text = tables_markdown(records, info)
-    if figures or note:
-        links = [f"- [{p.name}](figures/{p.name})" for p in figures]
-        text += "\n## Figures\n\n" + ("\n".join(links) if links else note) + "\n"
+    links = "\n".join(f"- [{p.name}](figures/{p.name})" for p in figures) or note
+    text = tables_markdown(records, info, figures=links + "\n" if links else "")
     paths = [out_dir / "tables.md", out_dir / "records.csv", out_dir / "run.json"]
     write_text(paths[0], text)
     with atomic_path(paths[1]) as tmp:

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from mlshift_jax import (
     attacks,
@@ -645,24 +646,49 @@ COMPUTE = {"attack": _attack_cell, "stability": _stability_cell, "speed": _speed
 
 # --- progress --------------------------------------------------------------------------------
 
-
-def _clock(seconds: float) -> str:
-    if not np.isfinite(seconds):
-        return "--:--"
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m:02d}:{s:02d}"
+LINE_FORMAT = "[{n_fmt}/{total_fmt}] {percentage:3.0f}% elapsed {elapsed} eta {remaining}"
 
 
-def progress(stream, done: int, total: int, start: float, label: str = "") -> None:
-    """One carriage-return line: count, percent, elapsed, ETA, label. Silent off a terminal."""
-    if not (hasattr(stream, "isatty") and stream.isatty()):
-        return
-    elapsed = time.perf_counter() - start
-    eta = elapsed / done * (total - done) if done else float("nan")
-    line = (f"[{done:>{len(str(total))}}/{total}] {100 * done / max(total, 1):3.0f}% "
-            f"elapsed {_clock(elapsed)} eta {_clock(eta)}  {label}")
-    stream.write("\r" + line[:119].ljust(119) + ("\n" if done == total else ""))
-    stream.flush()
+class Progress:
+    """The progress of a run's cells on `stream` (default stderr), for any kind of stream.
+
+    On a terminal: a live tqdm bar (count, percent, elapsed, ETA, the running cell). Off a
+    terminal (a log file, a pipe, CI): one line per finished cell, "[3/27]  11% elapsed
+    00:42 eta 05:36  <cell id> (12.3 s)", the ETA = mean time per finished cell x cells left.
+    `start(label)` when a cell begins, `done(label)` when it ends, `close()` at the end.
+    """
+
+    def __init__(self, total: int, stream=None):
+        self.stream = sys.stderr if stream is None else stream
+        self.total, self.n = int(total), 0
+        self.start_time = self.cell_time = time.perf_counter()
+        self.live = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.bar = tqdm(total=self.total, file=self.stream, unit="cell", dynamic_ncols=True,
+                        mininterval=0) if self.live and self.total else None
+
+    def start(self, label: str) -> None:
+        """A cell begins (shown on the live bar)."""
+        self.cell_time = time.perf_counter()
+        if self.bar is not None:
+            self.bar.set_postfix_str(label, refresh=True)
+
+    def done(self, label: str) -> None:
+        """A cell has finished: advance the bar, or write its line."""
+        self.n += 1
+        now = time.perf_counter()
+        if self.bar is not None:
+            self.bar.update(1)
+            return
+        meter = tqdm.format_meter(self.n, self.total, now - self.start_time,
+                                  bar_format=LINE_FORMAT)
+        self.stream.write(f"{meter}  {label} ({now - self.cell_time:.1f} s)\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End the bar (a no-op off a terminal)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -750,10 +776,10 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
         else:
             records[cell.id] = {**record, "id": cell.id, "block": cell.block, "status": "reused"}
     by_hash: dict[str, dict] = {}
-    clock = time.perf_counter()
+    shown = Progress(len(todo))
     try:
-        for i, cell in enumerate(todo):
-            progress(sys.stderr, i, len(todo), clock, cell.id)
+        for cell in todo:
+            shown.start(cell.id)
             record = by_hash.get(cell.hash)
             if record is None:
                 record = COMPUTE[cell.kind](cell, loaded[_dataset_of(cell)], memo, cache, force)
@@ -764,11 +790,12 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
                 by_hash[cell.hash] = record
             records[cell.id] = {**record, "id": cell.id, "block": cell.block,
                                 "status": "computed"}
+            shown.done(cell.id)
     except KeyboardInterrupt:
+        shown.close()
         _warn_damaged(cache, memo.damaged)
         raise Interrupted(len(records), len(selected)) from None
-    if todo:
-        progress(sys.stderr, len(todo), len(todo), clock, "done")
+    shown.close()
     _warn_damaged(cache, memo.damaged)
     frame = pd.DataFrame([records[c.id] for c in selected if c.id in records])
     frame.attrs["run"] = {

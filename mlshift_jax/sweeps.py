@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from mlshift_jax import study
+from mlshift_jax import fmt, study
 from mlshift_jax.data import Dataset, to_image
 from mlshift_jax.errors import ConfigError
 from mlshift_jax.files import atomic_path
@@ -604,7 +604,8 @@ def markdown(tables: dict[str, pd.DataFrame], found: pd.DataFrame | None = None)
     for name, t in tables.items():
         a = t.attrs
         runs = a.get("parts") or [a]
-        how = "; ".join(f"{r.get('members')} {r.get('model')} models on {r.get('n_train')} "
+        how = "; ".join(f"{r.get('members')} {r.get('model')} models on "
+                        f"{fmt.number(r.get('n_train'), 'n')} "
                         f"images, {r.get('epochs')} epoch(s), train {r.get('train_s', 0):.1f} s"
                         for r in runs)
         cols = [c for c in MARKDOWN_COLUMNS.get(name, t.columns) if c in t.columns]
@@ -615,9 +616,8 @@ def markdown(tables: dict[str, pd.DataFrame], found: pd.DataFrame | None = None)
 
 
 def _to_markdown(t: pd.DataFrame) -> str:
-    """Floats to 4 decimals, integers as they are."""
-    fmt = [".4f" if pd.api.types.is_float_dtype(t[c]) else "g" for c in t.columns]
-    return t.to_markdown(index=False, floatfmt=fmt)
+    """Scores to 4 decimals, counts as integers, fractions as written (`fmt.markdown`)."""
+    return fmt.markdown(t, index=False)
 
 
 # --- figures ----------------------------------------------------------------------------------

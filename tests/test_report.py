@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlshift_jax import report, runner
+from mlshift_jax import fmt, report, runner
 
 
 def _cell(attack: str, eps: float, accuracy: float, **over) -> dict:
@@ -127,10 +129,61 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     assert left == []
 
 
+def _detect_record() -> dict:
+    auc = pd.DataFrame([[0.7, np.nan], [1.0, 1.0]], index=["confidence", "fingerprint test"],
+                       columns=["fgsm 0.1", "mixture 5%"])
+    cells = pd.DataFrame({"seed": [0, 0], "change": ["clean", "fgsm 0.1"],
+                          "predicted": ["none", "adversarial-input"], "p_value": [0.5, 0.025]})
+    return {"id": "detect/mnist/seed0", "kind": "detect", "block": "detect", "dataset": "mnist",
+            "model": "seed-mlp", "seed": 0, "hidden": 200, "n_train": 10000, "median_s": 80.0,
+            "train_s": 50.0, "detail": {"auc": json.loads(auc.to_json(orient="split")),
+                                        "cells": json.loads(cells.to_json(orient="split"))}}
+
+
+def _csv_round_trip(records: pd.DataFrame, tmp_path) -> pd.DataFrame:
+    """records.csv as `report.write` writes it, read back."""
+    report.records_csv(records).to_csv(tmp_path / "records.csv", index=False)
+    csv = pd.read_csv(tmp_path / "records.csv")
+    return csv.fillna({"text": "", "row": ""})
+
+
+def test_records_csv_is_long_one_row_per_cell_and_measure(tmp_path):
+    records = pd.concat([_records(), pd.DataFrame([_speed_record(), _detect_record()])],
+                        ignore_index=True)
+    csv = _csv_round_trip(records, tmp_path)
+    assert list(csv.columns) == list(report.LONG_COLUMNS)
+    assert not csv["text"].str.startswith("{").any()  # no JSON inside a column
+    assert not csv.duplicated(["id", "table", "row", "measure"]).any()
+    # the cells' own scores pivot back to the records, exactly
+    own = csv[(csv["kind"] == "attack") & (csv["table"] == "cell")]
+    wide = own.pivot(index="id", columns="measure", values="value")
+    attack = records[records["kind"] == "attack"].set_index("id")
+    for m in ("accuracy", "f1", "median_s", "rounds", "clean_accuracy", "train_s"):
+        assert wide[m].to_dict() == attack[m].astype(float).to_dict(), m
+    assert set(wide["params_finite"]) == {1.0}
+    assert wide["zero_grad_frac"].isna().sum() == 2  # None where the attack has no gradient
+    cell = own.drop_duplicates("id").set_index("id")
+    assert cell.loc[attack.index, "eps"].tolist() == attack["eps"].tolist()
+    assert cell["n_test"].tolist() == [200.0] * 4 and "n_test" not in set(own["measure"])
+    # a detail table pivots back to itself; text values land in `text`
+    det = csv[csv["id"] == "detect/mnist/seed0"]
+    auc = det[det["table"] == "auc"].pivot(index="row", columns="measure", values="value")
+    assert auc.loc["confidence", "fgsm 0.1"] == 0.7 and auc.loc["fingerprint test"].eq(1).all()
+    assert np.isnan(auc.loc["confidence", "mixture 5%"])  # a missing value is left out
+    verdicts = det[(det["table"] == "cells") & (det["measure"] == "predicted")]
+    assert verdicts["text"].tolist() == ["none", "adversarial-input"]
+    speed = csv[(csv["id"] == "speed/mnist/fgsm") & (csv["table"] == "rows")]
+    medians = speed[speed["measure"] == "median_s"].set_index("row")["value"]
+    assert medians.to_dict() == {"jax": 0.01, "numpy": 0.04}
+    extra = csv[(csv["id"] == "speed/mnist/fgsm") & (csv["table"] == "extra")]
+    assert dict(zip(extra["measure"], extra["value"], strict=True))["jax_over_floor"] == 2.0
+
+
 def test_records_csv_leaves_images_out():
     r = _cell("fgsm", 0.1, 0.4, detail={"examples": {"images": "AAAA"}, "other": 1})
     csv = report.records_csv(pd.DataFrame([r]))
-    assert csv["detail"].iloc[0] == '{"other": 1}'
+    assert "AAAA" not in csv.to_csv() and "examples" not in set(csv["table"])
+    assert csv.set_index("measure").loc["other", "value"] == 1.0
 
 
 def test_figures_are_skipped_without_matplotlib(tmp_path, monkeypatch):
@@ -179,3 +232,67 @@ def test_cells_capped_to_the_same_test_set_do_not_break_the_checks():
     w = _warnings(_records(*rows))
     assert any("stronger than FGSM" in v for v in w.values())
     assert "## E3" in report.tables_markdown(_records(*rows))
+
+
+@pytest.mark.parametrize("value, column, text", [
+    (0.9255000352859497, "accuracy", "0.9255"),
+    (6000.0, "n_test", "6,000"),
+    (6000, "anything", "6,000"),
+    (517.8, "flagged", "517.8"),
+    (60000.0, "poisoned_count", "60,000"),
+    (0.1, "eps", "0.1"),
+    (0.05, "fraction", "0.05"),
+    (50.0741, "seconds", "50.07"),
+    (12345.6, "seconds", "12,346"),
+    (None, "accuracy", ""),
+    (float("nan"), "auc", ""),
+    (True, "agrees", "True"),
+    ("7->9", "top_confusion", "7->9"),
+])
+def test_fmt_number(value, column, text):
+    assert fmt.number(value, column) == text
+
+
+NOISE = re.compile(r"\d\.\d{6,}|\d,\d{3}\.0\b|\bnan\b")  # float noise, "6,000.0", "nan"
+
+
+def _study_records() -> pd.DataFrame:
+    """E1 and E3 cells with float-typed counts and float noise, as pandas makes them when
+    some records lack a column."""
+    noisy = 0.9255000352859497
+    rows = [_cell("none", 0.0, noisy, id="e1/seed-mlp", block="e1", n_train=60000.0,
+                  n_test=10000.0, hidden=200.0)]
+    for n in (10000.0, 6000.0):
+        for eps, acc in ((0.0, noisy), (0.1, 0.5862000346183777), (0.3, 0.18570000529289246)):
+            rows.append(_cell("fgsm", eps, acc, id=f"e3/n{n:g}/fgsm/{eps:g}", block="e3",
+                              n_test=n, n_train=60000.0))
+    return _records(*rows)
+
+
+def test_tables_have_no_float_noise_and_integer_counts():
+    records = pd.concat([_study_records(), pd.DataFrame([_speed_record()])], ignore_index=True)
+    text = report.tables_markdown(records)
+    assert not NOISE.search(text), NOISE.search(text)
+    assert "0.9255" in text and "the first 6,000 mnist test images" in text
+    assert "trained on 60,000 images" in text
+
+
+def test_tables_md_opens_with_a_summary_and_contents():
+    records = pd.concat([_study_records(), pd.DataFrame([_speed_record()])], ignore_index=True)
+    text = report.tables_markdown(records)
+    top = text.split("## ")[0]  # everything before the first section: one screen
+    assert len(top.splitlines()) <= 40
+    assert "**E1" in top and "vs the study's 0.963" in top and "0.9255" in top
+    assert "**E3, FGSM**" in top and "eps 0.1: accuracy 0.5862" in top
+    assert "eps 0.3: accuracy 0.1857" in top and "the study's 0.7765" in top
+    assert "fgsm 4×" in top  # the speed-up of JAX over numpy
+    headings = [line[3:] for line in text.splitlines() if line.startswith("## ")]
+    links = re.findall(r"^- \[(.+)\]\(#([^)]+)\)$", top, flags=re.M)
+    assert [t for t, _ in links] == headings
+    assert dict(links)["E4–E7: training-time poisoning"] == "e4e7-training-time-poisoning"
+    assert dict(links)["E1: the study's clean model"] == "e1-the-studys-clean-model"
+
+
+def test_summary_leaves_out_what_did_not_run():
+    text = report.summary(_records())
+    assert "E1" not in text and "BadNets" not in text and "Validity warnings" in text

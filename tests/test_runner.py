@@ -5,11 +5,13 @@ Never asserts on speed: timings are only checked for shape and sign.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 import pytest
 
 from mlshift_jax import data, matrix, report, runner
@@ -105,8 +107,9 @@ def test_tiny_matrix_end_to_end(tiny):
                 "git_commit", "date", "wall_s", "datasets"):
         assert key in info, key
     assert {"jax", "jaxlib", "numpy", "optax"} <= set(info["versions"])
-    csv = (out / "records.csv").read_text().splitlines()
-    assert len(csv) == 1 + len(records) and "images" not in csv[1]
+    csv = pd.read_csv(out / "records.csv")
+    assert set(csv["id"]) == set(records["id"]) and "images" not in set(csv["measure"])
+    assert (csv.groupby("id")["measure"].nunique() > 10).all()  # one row per cell x measure
 
 
 def test_resume_reruns_only_the_missing_cell(tiny):
@@ -257,15 +260,35 @@ class _Tty(io.StringIO):
         return True
 
 
-def test_progress_is_quiet_off_a_terminal():
-    plain, tty = io.StringIO(), _Tty()
-    runner.progress(plain, 1, 4, 0.0, "a/b")
-    runner.progress(tty, 1, 4, 0.0, "a/b")
-    assert plain.getvalue() == ""
-    line = tty.getvalue()
-    assert line.startswith("\r[1/4]") and "eta" in line and "a/b" in line
-    runner.progress(tty, 4, 4, 0.0, "done")
-    assert tty.getvalue().endswith("\n")
+def test_progress_off_a_terminal_is_one_line_per_finished_cell(tmp_path):
+    """A run of the tiny matrix with stderr a plain stream (a log, a pipe): one line per
+    computed cell, in order, each with count, elapsed, ETA and the cell's id; no bar."""
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    log = io.StringIO()
+    with contextlib.redirect_stderr(log):
+        records = runner.run(path, out_dir=tmp_path / "out")
+    lines = [line for line in log.getvalue().splitlines() if line.startswith("[")]
+    assert "\r" not in log.getvalue()
+    assert len(lines) == len(records) == 3
+    for i, (line, cell) in enumerate(zip(lines, records["id"], strict=True), start=1):
+        assert line.startswith(f"[{i}/3]") and "elapsed" in line and "eta" in line, line
+        assert cell in line and line.endswith(" s)"), line
+    with contextlib.redirect_stderr(again := io.StringIO()):
+        runner.run(path, out_dir=tmp_path / "out")  # every cell reused: nothing to report
+    assert again.getvalue() == ""
+
+
+def test_progress_on_a_terminal_is_a_live_bar():
+    tty = _Tty()
+    shown = runner.Progress(4, tty)
+    shown.start("a/b")
+    shown.done("a/b")
+    assert "a/b" in tty.getvalue() and "1/4" in tty.getvalue() and "\r" in tty.getvalue()
+    for _ in range(3):
+        shown.done("c")
+    shown.close()
+    assert "4/4" in tty.getvalue() and tty.getvalue().endswith("\n")
 
 
 def test_detect_cell_lands_in_the_report(tmp_path, monkeypatch):
