@@ -427,8 +427,8 @@ def poison_one(ds: Dataset, *, kind: str, fraction: float = 0.1, patch: int = SW
                 "source": source}
     config = config_from(kind, settings)
     _, y = _subset(ds, n_train)
-    if getattr(config, "fraction", 0.0) > 0 and poison_count(config, y) == 0:
-        n_eligible = int(eligible_classes(config)[np.asarray(y)].sum())
+    if getattr(config, "fraction", 0.0) > 0 and poison_count(config, y, ds.n_classes) == 0:
+        n_eligible = int(eligible_classes(config, ds.n_classes)[np.asarray(y)].sum())
         need = "no image is eligible" if n_eligible == 0 else (
             f"expected a fraction >= {0.5 / n_eligible:.2g}")
         raise ConfigError(f"fraction {fraction:g} of the {n_eligible} eligible training images "

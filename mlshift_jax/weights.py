@@ -231,14 +231,15 @@ def save(path: str | os.PathLike, params: Any, meta: dict | None = None) -> dict
 # --- load ---------------------------------------------------------------------------------------
 
 
-def load(path: str | os.PathLike) -> tuple[Any, dict]:
+def load(path: str | os.PathLike, *, finite: bool = True) -> tuple[Any, dict]:
     """(params, meta) from a file `save` wrote, or a metadata-free .npz / safetensors file.
 
     The format is told by the file's first bytes (a zip is .npz), not its name. params:
     nested dicts / lists of numpy arrays. meta: the stored metadata ({} when none), with
     "finite" recomputed. DataError (one line, naming the file) for a missing, empty,
     truncated or damaged file, bad metadata JSON, non-numeric arrays, or weights that were
-    finite when saved and are not now.
+    finite when saved and are not now; with `finite` (the default, what every command uses),
+    also for NaN / inf weights and empty arrays, whatever the metadata says.
     """
     shown = str(path) or "''"
     try:
@@ -257,7 +258,7 @@ def load(path: str | os.PathLike) -> tuple[Any, dict]:
     else:
         flat, text = _read_safetensors(path, shown)
     meta = _parse_meta(text, shown)
-    flat = _check(shown, flat)
+    flat = _check(shown, flat, finite)
     for name, dtype in (meta.get("widened") or {}).items():
         if name in flat and dtype in _WIDENED:
             import ml_dtypes
@@ -321,8 +322,9 @@ def _parse_meta(text: str | None, shown: str) -> dict:
     return meta
 
 
-def _check(shown: str, flat: dict) -> dict[str, np.ndarray]:
-    """Real numeric dtypes only (files.check_arrays's rules where present; scalars allowed)."""
+def _check(shown: str, flat: dict, finite: bool) -> dict[str, np.ndarray]:
+    """Real numeric dtypes only, no empty arrays (scalars allowed: flax and equinox have them),
+    and, with `finite`, no NaN / inf: files.check_arrays's rules for pytrees."""
     if not flat:
         raise DataError(f"{shown}: expected weights (named arrays), found none")
     out = {}
@@ -331,6 +333,14 @@ def _check(shown: str, flat: dict) -> dict[str, np.ndarray]:
         if a.dtype.hasobject or a.dtype.kind not in "iuf" or a.dtype.fields is not None:
             raise DataError(f"{shown}: array {name!r}: expected a real numeric dtype "
                             f"(integer or float), found {a.dtype}")
+        if a.ndim and a.size == 0:
+            raise DataError(f"{shown}: array {name!r}: expected at least one element, found "
+                            f"shape {list(a.shape)}")
+        if finite and a.dtype.kind == "f":
+            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+            if bad:
+                raise DataError(f"{shown}: array {name!r}: expected finite weights, found {bad} "
+                                f"NaN/inf value(s) of {a.size} (a diverged training?)")
         out[name] = a
     return out
 

@@ -14,7 +14,7 @@ import pytest
 from mlshift_jax import weights
 from mlshift_jax.errors import ConfigError, DataError
 from mlshift_jax.files import save_params
-from mlshift_jax.models import MODELS
+from mlshift_jax.models import MODELS, STUDY_SPEC, build
 
 SUFFIXES = ("w.safetensors", "w.npz")
 
@@ -29,20 +29,20 @@ def _same(a, b):
 @pytest.mark.parametrize("suffix", SUFFIXES)
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_builtin_params_round_trip_with_metadata(tmp_path, suffix, name):
-    model = MODELS[name]
-    params = model.init(jax.random.key(1), n_hidden=16)
+    model = build(name, STUDY_SPEC, 16)
+    params = model.init(jax.random.key(1))
     meta = weights.metadata(model, seed=3, poison={"kind": "mixture", "fraction": 0.1})
     path = tmp_path / suffix
     weights.save(path, params, meta)
     loaded, got = weights.load(path)
     _same(loaded, jax.device_get(params))
-    assert got["model"] == {"ref": name, "hparams": {}}
+    assert got["model"] == {"ref": name, "hparams": {"hidden": 16}}
     assert got["input_shape"] == [28, 28, 1] and got["n_classes"] == 10
     assert got["input_range"] == [0.01, 1.0] and got["seed"] == 3
     assert got["poison"]["kind"] == "mixture" and got["finite"] is True
     assert got["format"] == weights.FORMAT and "mlshift_version" in got
     m2, p2, _ = weights.load_model(path)
-    assert m2.name == name
+    assert m2 is model
     _same(p2, loaded)
 
 
@@ -86,9 +86,11 @@ def test_bfloat16_is_kept(tmp_path):
     assert loaded["w"].dtype == jnp.bfloat16 and meta["widened"] == {"w": "bfloat16"}
 
 
-def test_non_finite_weights_are_flagged_not_refused(tmp_path):
+def test_non_finite_weights_are_refused_unless_asked_for(tmp_path):
     weights.save(tmp_path / "n.safetensors", {"w": np.array([1.0, np.nan])}, {})
-    _, meta = weights.load(tmp_path / "n.safetensors")
+    with pytest.raises(DataError, match="expected finite weights"):
+        weights.load(tmp_path / "n.safetensors")
+    _, meta = weights.load(tmp_path / "n.safetensors", finite=False)
     assert meta["finite"] is False
 
 
