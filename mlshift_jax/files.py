@@ -174,6 +174,22 @@ def _refused_dtype(dtype: np.dtype) -> str | None:
     return None
 
 
+def read_head(path: str | os.PathLike, n: int, what: str) -> tuple[int, bytes]:
+    """(size in bytes, first n bytes) of a file; one DataError naming it when it is missing,
+    a folder or unreadable (what: what was expected there)."""
+    shown = str(path) or "''"
+    try:
+        size = os.stat(path).st_size
+        with open(path, "rb") as fh:
+            return size, fh.read(n)
+    except FileNotFoundError:
+        raise DataError(f"{shown}: expected {what}, found no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{shown}: expected {what}, found a folder") from None
+    except OSError as e:
+        raise DataError(f"{shown}: expected a readable file, found {e.strerror or e}") from None
+
+
 def read_npz(path: str | os.PathLike, *, what: str = "a .npz of arrays") -> dict[str, np.ndarray]:
     """Read an `.npz` safely: {name: array}, each array a fresh writable copy.
 
@@ -187,16 +203,7 @@ def read_npz(path: str | os.PathLike, *, what: str = "a .npz of arrays") -> dict
     """
     path = Path(path)
     shown = str(path) or "''"
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            head = fh.read(6)
-    except FileNotFoundError:
-        raise DataError(f"{shown}: expected {what}, found no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"{shown}: expected {what}, found a folder") from None
-    except OSError as e:
-        raise DataError(f"{shown}: expected a readable file, found {e.strerror or e}") from None
+    size, head = read_head(path, 6, what)
     if size == 0:
         raise DataError(f"{shown}: expected {what}, found an empty (0-byte) file")
     if head.startswith(b"\x93NUMPY"):
@@ -300,13 +307,14 @@ def _read_member(shown: str, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.n
     return out
 
 
-def check_arrays(where: str, arrays: dict, *, finite: bool = True,
-                 what: str = "weights") -> dict[str, np.ndarray]:
+def check_arrays(where: str, arrays: dict, *, finite: bool = True, what: str = "weights",
+                 scalars: bool = False) -> dict[str, np.ndarray]:
     """Refuse arrays no model can use; return them as numpy arrays.
 
     where: the file (or other origin) named in the message. Every array must be real numeric
     (integer or float: not bool, complex, object, string or structured), have 1 to MAX_NDIM
-    dimensions and at least one element, and, with `finite`, hold no NaN or inf. `DataError`
+    dimensions (0 too with `scalars`: flax and equinox pytrees hold scalar leaves) and at least
+    one element, and, with `finite`, hold no NaN or inf. `DataError`
     names the first array at fault, what was expected and what was found. `weights.load`
     calls this too, so every weights format is held to the same rules.
     """
@@ -319,7 +327,7 @@ def check_arrays(where: str, arrays: dict, *, finite: bool = True,
         if why is not None:
             raise DataError(f"{where}: array {name!r}: expected a real numeric dtype "
                             f"(integer or float), found {why}")
-        if not 1 <= a.ndim <= MAX_NDIM or a.size == 0:
+        if not (0 if scalars else 1) <= a.ndim <= MAX_NDIM or a.size == 0:
             raise DataError(f"{where}: array {name!r}: expected 1 to {MAX_NDIM} dimensions "
                             f"and at least one element, found shape {list(a.shape)}")
         if finite and a.dtype.kind == "f":

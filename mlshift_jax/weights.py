@@ -241,16 +241,10 @@ def load(path: str | os.PathLike, *, finite: bool = True) -> tuple[Any, dict]:
     finite when saved and are not now; with `finite` (the default, what every command uses),
     also for NaN / inf weights and empty arrays, whatever the metadata says.
     """
+    from mlshift_jax.files import read_head
+
     shown = str(path) or "''"
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(4)
-    except FileNotFoundError:
-        raise DataError(f"{shown}: expected a weights file, found no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"{shown}: expected a weights file, found a folder") from None
-    except OSError as e:
-        raise DataError(f"{shown}: expected a readable weights file, found {e}") from None
+    _, head = read_head(path, 4, "a weights file")
     if not head:
         raise DataError(f"{shown}: expected a weights file, found an empty (0-byte) file")
     if head.startswith(b"PK"):
@@ -323,26 +317,11 @@ def _parse_meta(text: str | None, shown: str) -> dict:
 
 
 def _check(shown: str, flat: dict, finite: bool) -> dict[str, np.ndarray]:
-    """Real numeric dtypes only, no empty arrays (scalars allowed: flax and equinox have them),
-    and, with `finite`, no NaN / inf: files.check_arrays's rules for pytrees."""
-    if not flat:
-        raise DataError(f"{shown}: expected weights (named arrays), found none")
-    out = {}
-    for name, a in flat.items():
-        a = np.asarray(a)
-        if a.dtype.hasobject or a.dtype.kind not in "iuf" or a.dtype.fields is not None:
-            raise DataError(f"{shown}: array {name!r}: expected a real numeric dtype "
-                            f"(integer or float), found {a.dtype}")
-        if a.ndim and a.size == 0:
-            raise DataError(f"{shown}: array {name!r}: expected at least one element, found "
-                            f"shape {list(a.shape)}")
-        if finite and a.dtype.kind == "f":
-            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
-            if bad:
-                raise DataError(f"{shown}: array {name!r}: expected finite weights, found {bad} "
-                                f"NaN/inf value(s) of {a.size} (a diverged training?)")
-        out[name] = a
-    return out
+    """files.check_arrays's rules (real numeric, not empty, finite with `finite`), scalars
+    allowed."""
+    from mlshift_jax.files import check_arrays
+
+    return check_arrays(shown, flat, finite=finite, scalars=True)
 
 
 # --- model from a weights file ----------------------------------------------------------------
