@@ -60,17 +60,35 @@ def cmd_train(args) -> None:
     recipe = get_recipe(args.model)
     cfg = TrainConfig(hidden=args.hidden, lr=args.lr, epochs=args.epochs,
                       batch_size=args.batch_size, seed=args.seed)
+    if args.defense not in (None, "adv-train"):
+        raise ConfigError(f"train --defense: expected adv-train (the training-time defense), "
+                          f"found {args.defense!r}; wrap a trained model with attack --defense")
     ds = _load(args)
     x, y = ds.x_train, ds.y_train
     if args.train_size is not None:
         x, y = x[: args.train_size], y[: args.train_size]
     start = time.perf_counter()
-    params = jax.block_until_ready(fit(args.model, cfg, x, y))
+    if args.defense == "adv-train":
+        from mlshift_jax.defenses import adv_fit
+
+        params = jax.block_until_ready(adv_fit(args.model, cfg, x, y, eps=args.eps,
+                                               steps=args.steps))
+    else:
+        params = jax.block_until_ready(fit(args.model, cfg, x, y))
     train_seconds = time.perf_counter() - start
     scores = evaluate(recipe.arch, params, ds.x_test, ds.y_test)
     result = {"model": args.model, **scores, "train_seconds": train_seconds,
               "train_size": int(len(y)), "data_source": ds.source,
               "backend": jax.default_backend()}
+    if args.defense == "adv-train":  # the robust accuracy it was trained for: PGD-40 at eps
+        from mlshift_jax.attacks import attack_key, pgd
+
+        x_adv = pgd(recipe.arch, params, ds.x_test, ds.y_test, eps=args.eps, steps=40,
+                    key=attack_key(args.seed), lo=recipe.arch.input_range[0],
+                    hi=recipe.arch.input_range[1])
+        result.update({"defense": "adv-train", "eps": args.eps, "train_steps": args.steps,
+                       "pgd40_accuracy": evaluate(recipe.arch, params, x_adv,
+                                                  ds.y_test)["accuracy"]})
     if args.save:
         save_params(args.save, {k: np.asarray(v) for k, v in params.items()})
         result["saved"] = args.save
@@ -256,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-size", type=_positive(int), default=None,
                    help="train on the first N training images only")
     p.add_argument("--save", help="write the params to this .npz")
+    p.add_argument("--defense", choices=["adv-train"], default=None,
+                   help="adv-train: PGD adversarial training (Madry et al. 2018)")
+    p.add_argument("--eps", type=_positive(float), default=0.1,
+                   help="adv-train: the L-inf budget (default 0.1)")
+    p.add_argument("--steps", type=_positive(int), default=7,
+                   help="adv-train: PGD steps per batch (default 7)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("stability", parents=[common],
