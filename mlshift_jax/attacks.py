@@ -293,7 +293,8 @@ def fgsm_targeted(model: Model, params: Params, x, y, *, eps, target=None, key=N
 def _pgd(name, descend, model, params, x, labels_fn, *, eps, key, lo, hi, steps, step_size,
          random_start, y):
     _check_steps(steps, step_size)
-    if random_start or model.stochastic:
+    check_model_key(model, key, name)
+    if random_start:
         _check_key(key, name)
     x, y, eps, lo, hi = _prepare(model, x, y, eps, lo, hi)
     labels = labels_fn(x, y)

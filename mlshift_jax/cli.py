@@ -122,6 +122,10 @@ def cmd_attack(args) -> None:
     from mlshift_jax.timing import time_call
 
     attacks = [get_attack(name) for name in args.attack]
+    if args.defense is not None:
+        from mlshift_jax.defenses import get_defense
+
+        get_defense(args.defense)  # a bad name fails before the data loads
     if (args.params is None) == (args.model is None):
         raise ConfigError("give exactly one of --params FILE.npz or --model NAME")
     ds = _load(args)
@@ -138,17 +142,76 @@ def cmd_attack(args) -> None:
     n = len(ds.y_test) if args.n is None else min(args.n, len(ds.y_test))
     x, y = jax.device_put((ds.x_test[:n], ds.y_test[:n]))
     key = attack_key(args.seed)
+    undefended = params
+    if args.defense:
+        model, params = _defend(args, model, params, ds, key)
     rows = []
     for attack in attacks:
-        kw = {"key": key, **({"target": args.target} if attack.targeted else {})}
+        kw = {"key": key, **({"target": args.target} if attack.targeted else {}),
+              **_iterative_kw(args, attack.fn)}
+        if attack.name == "transfer" and args.defense == "adv-train":
+            kw["source_params"] = undefended
         for eps in args.eps:  # eps is traced: one compile per attack, not per eps
             run = partial(attack.fn, model, params, x, y, eps=eps, **kw)
             timing = time_call(run, rounds=args.rounds)
-            scores = evaluate(model, params, run(), y)
+            scores = evaluate(model, params, run(), y, key=jax.random.fold_in(key, 7))
             rows.append({"attack": attack.name, "eps": eps, **scores,
                          "attack_seconds": timing.median_s, "compile_seconds": timing.compile_s,
                          "n_images": n})
+    if args.defense:
+        _attack_flags(args, model, params, x, y, key, rows)
+        return
     _emit(args.format, rows)
+
+
+def _iterative_kw(args, fn) -> dict:
+    """--steps / --restarts for the attacks that take them."""
+    import inspect
+
+    accepted = inspect.signature(fn).parameters
+    kw = {}
+    if args.steps is not None and "steps" in accepted:
+        kw["steps"] = args.steps
+    if args.restarts is not None and "restarts" in accepted:
+        kw["restarts"] = args.restarts
+    return kw
+
+
+def _defend(args, model, params, ds, key):
+    """attack --defense NAME: the model wrapped by the defense (adv-train: retrained)."""
+    from mlshift_jax import defenses
+    from mlshift_jax.recipes import TrainConfig
+
+    defense = defenses.get_defense(args.defense)
+    if defense.kind == "training":
+        if args.model is None:
+            raise ConfigError("attack --defense adv-train trains the model: give --model NAME "
+                              "(a saved adversarially trained model: --params without "
+                              "--defense)")
+        params = defenses.adv_fit(args.model, TrainConfig(hidden=args.hidden, seed=args.seed),
+                                  ds.x_train, ds.y_train, eps=max(args.eps))
+        return defenses.build("adv-train", model), params
+    state = defenses.fit_state(args.defense, model, ds.x_train, key=key)
+    return defenses.build(args.defense, model, state=state), params
+
+
+def _attack_flags(args, model, params, x, y, key, rows) -> None:
+    """The rows plus the obfuscated-gradient flags (obfuscation.py) of the defended model."""
+    from mlshift_jax import obfuscation
+
+    accuracy = {(r["attack"], r["eps"]): r["accuracy"] for r in rows}
+    k = min(200, int(x.shape[0]))
+    probed = obfuscation.probe(model, params, x[:k], y[:k], key=jax.random.fold_in(key, 11),
+                               eps=max(args.eps), steps=args.steps or 10)
+    raised = obfuscation.flags(accuracy, probed, n=int(x.shape[0]))
+    if args.format == "json":
+        print(json.dumps({"defense": args.defense, "model": model.name, "rows": rows,
+                          "flags": raised}, indent=2, default=float))
+        return
+    _emit("table", rows)
+    print(f"\nflags ({model.name}):" if raised else f"\nflags ({model.name}): none raised")
+    for line in raised:
+        print(f"  - {line}")
 
 
 # --- poison -------------------------------------------------------------------------------
@@ -297,6 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=int, default=3, help="class for targeted attacks")
     p.add_argument("--n", type=_positive(int), default=None, help="attack the first N test images")
     p.add_argument("--rounds", type=_positive(int), default=3, help="timed rounds per cell")
+    p.add_argument("--defense", default=None,
+                   help="wrap the model first: randomize, quantize, median, denoise-ae, "
+                        "adv-train (with --model: trains adversarially at the largest --eps)")
+    p.add_argument("--steps", type=_positive(int), default=None,
+                   help="steps of the iterative attacks (pgd, eot-pgd, bpda-pgd, transfer)")
+    p.add_argument("--restarts", type=_positive(int), default=None,
+                   help="random restarts of the adaptive attacks")
     p.set_defaults(func=cmd_attack)
     p = sub.add_parser("poison", parents=[common],
                        help="E4-E7: poison the training data, train, score clean and triggered")
