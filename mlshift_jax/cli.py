@@ -103,7 +103,7 @@ def cmd_stability(args) -> None:
 
     ds = _load(args)
     table, seconds = stability(ds, samples=args.samples, size=args.size, hidden=args.hidden,
-                               lr=args.lr, epochs=args.epochs, seed=args.seed)
+                               lr=args.lr, epochs=args.epochs or 1, seed=args.seed)
     payload = {"samples": table.to_dict(orient="index"), "train_seconds": seconds,
                "data_source": ds.source}
     _emit(args.format, payload, table.reset_index().values.tolist(),
@@ -188,7 +188,8 @@ def _defend(args, model, params, ds, key):
             raise ConfigError("attack --defense adv-train trains the model: give --model NAME "
                               "(a saved adversarially trained model: --params without "
                               "--defense)")
-        params = defenses.adv_fit(args.model, TrainConfig(hidden=args.hidden, seed=args.seed),
+        params = defenses.adv_fit(args.model, TrainConfig(hidden=args.hidden, seed=args.seed,
+                                                          epochs=args.epochs),
                                   ds.x_train, ds.y_train, eps=max(args.eps))
         return defenses.build("adv-train", model), params
     state = defenses.fit_state(args.defense, model, ds.x_train, key=key)
@@ -350,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_positive(int), default=10)
     p.add_argument("--size", type=_positive(int), default=10_000)
     p.add_argument("--lr", type=_positive(float), default=0.1)
-    p.set_defaults(func=cmd_stability, epochs=1)
+    # no set_defaults(epochs=1): parsers built from `common` share its actions, so that
+    # default leaked into every command (train --model mlp-ce then trained 1 epoch, not 5)
+    p.set_defaults(func=cmd_stability)
     p = sub.add_parser("attack", parents=[common],
                        help="E3: attack a model at test time and score it at each eps")
     p.add_argument("--params", help=".npz saved by `train --save`")
