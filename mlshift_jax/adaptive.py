@@ -4,12 +4,19 @@ Same signature as `attacks.py` (and registered in its `ATTACKS`):
 
     attack(model, params, x, y, *, eps, key, lo, hi, steps, restarts, ...) -> x_adv
 
-| name | what | paper |
-| --- | --- | --- |
-| `eot-pgd` | PGD on the mean input gradient over `samples` draws of the model's randomness (Expectation over Transformation); `restarts` random starts, the worst kept per example | Athalye, Engstrom, Ilyas & Kwok, "Synthesizing Robust Adversarial Examples", ICML 2018; Athalye, Carlini & Wagner, "Obfuscated Gradients Give a False Sense of Security", ICML 2018 |
-| `bpda-pgd` | PGD with the defense's preprocessing replaced by the identity on the backward pass (Backward Pass Differentiable Approximation, a `jax.custom_vjp`), with EOT over `samples` where it is random | Athalye, Carlini & Wagner, ICML 2018 |
-| `square` | Square Attack L∞: random square-shaped ±eps updates kept when the margin loss falls; needs only the model's scores (`queries` forward passes) | Andriushchenko, Croce, Flammarion & Hein, ECCV 2020 |
-| `transfer` | PGD crafted on the undefended model (`defenses.base_of`, with `source_params` when its weights differ, e.g. adversarial training), then applied to the defended one | Papernot et al. 2017; Athalye et al. 2018 |
+- `eot-pgd`: PGD on the mean input gradient over `samples` draws of the model's randomness
+  (Expectation over Transformation); `restarts` random starts, the worst kept per example.
+  Athalye, Engstrom, Ilyas & Kwok, "Synthesizing Robust Adversarial Examples", ICML 2018;
+  Athalye, Carlini & Wagner, "Obfuscated Gradients Give a False Sense of Security", ICML 2018.
+- `bpda-pgd`: PGD with the defense's preprocessing replaced by the identity on the backward
+  pass (Backward Pass Differentiable Approximation, a `jax.custom_vjp`), with EOT over
+  `samples` where it is random. Athalye, Carlini & Wagner, ICML 2018.
+- `square`: Square Attack L∞: random square-shaped ±eps updates kept when the margin loss
+  falls; needs only the model's scores (`queries` forward passes). Andriushchenko, Croce,
+  Flammarion & Hein, ECCV 2020.
+- `transfer`: PGD crafted on the undefended model (`defenses.base_of`, with `source_params`
+  when its weights differ, e.g. adversarial training), applied to the defended one.
+  Papernot et al. 2017; Athalye et al. 2018.
 
 All are one jitted call over the batch with explicit keys: the same key gives the same
 x_adv. On a model that draws no randomness, `eot-pgd` with `restarts=1` is `attacks.pgd`
@@ -70,7 +77,7 @@ def _st_bwd(pre, _, g):
 _straight_through.defvjp(_st_fwd, _st_bwd)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bpda_model(model: Model) -> Model:
     """`model` with its defense's preprocessing replaced by the identity on the backward
     pass (forward unchanged). A model that is not a `defenses` wrapper is returned as is."""

@@ -6,13 +6,19 @@ detectors take a defended model like any other:
 
     build(name, model, *, state=None, **options) -> Model      (cached: same args, same Model)
 
-| name | what | paper |
-| --- | --- | --- |
-| `randomize` | random resize (side r ~ U{ceil(min_scale*H) .. H}) + random pad back to H x W, then Gaussian noise of std `noise`; fresh at every call | Xie, Wang, Zhang, Ren & Yuille, "Mitigating Adversarial Effects Through Randomization", ICLR 2018; noise layer after Liu et al., "Towards Robust Neural Networks via Random Self-ensemble", ECCV 2018 |
-| `quantize` | bit-depth reduction to `bits` bits per pixel (1 bit: binarize); zero gradient almost everywhere | Buckman, Roy, Raffel & Goodfellow, "Thermometer Encoding", ICLR 2018; Xu, Evans & Qi, "Feature Squeezing", NDSS 2018 |
-| `median` | `size` x `size` median filter per channel (edge padding) | Xu et al. 2018 (spatial smoothing) |
-| `denoise-ae` | a small denoising autoencoder in front of the model, trained in JAX on clean and noisy training images (`fit_denoiser`) | after Liao et al., "Defense against Adversarial Attacks Using High-Level Representation Guided Denoiser", CVPR 2018 (the pixel-guided variant) |
-| `adv-train` | PGD adversarial training (`adv_fit`): the architecture unchanged, the weights trained on PGD examples | Madry, Makelov, Schmidt, Tsipras & Vladu, ICLR 2018 |
+- `randomize`: random resize (side r ~ U{ceil(min_scale*H) .. H}) + random pad back to
+  H x W, then Gaussian noise of std `noise`; fresh at every call. Xie, Wang, Zhang, Ren &
+  Yuille, "Mitigating Adversarial Effects Through Randomization", ICLR 2018; the noise layer
+  after Liu et al., "Towards Robust Neural Networks via Random Self-ensemble", ECCV 2018.
+- `quantize`: bit-depth reduction to `bits` bits per pixel (1 bit: binarize); zero gradient
+  almost everywhere. Buckman, Roy, Raffel & Goodfellow, "Thermometer Encoding", ICLR 2018;
+  Xu, Evans & Qi, "Feature Squeezing", NDSS 2018.
+- `median`: `size` x `size` median filter per channel (edge padding); Xu et al. 2018.
+- `denoise-ae`: a small denoising autoencoder in front of the model, trained in JAX on clean
+  and noisy training images (`fit_denoiser`); after Liao et al., "Defense against Adversarial
+  Attacks Using High-Level Representation Guided Denoiser", CVPR 2018 (pixel-guided variant).
+- `adv-train`: PGD adversarial training (`adv_fit`): the architecture unchanged, the weights
+  trained on PGD examples. Madry, Makelov, Schmidt, Tsipras & Vladu, ICLR 2018.
 
 A defended model is `model._replace(name="<base>+<defense>", apply=..., loss=...,
 features=..., stochastic=..., hparams=...)`: input shape, classes and input range carry
@@ -31,8 +37,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import jax
@@ -258,8 +264,9 @@ def fit_denoiser(key: jax.Array, model: Model, x: Any, *, steps: int = 2000,
     """
     x = jnp.asarray(x, jnp.float32)
     if x.ndim != 2 or x.shape[1] != int(np.prod(model.input_shape)):
-        raise ConfigError(f"fit_denoiser: expected x of shape [n, {int(np.prod(model.input_shape))}]"
-                          f" for {model.name}, found {tuple(x.shape)}")
+        d = int(np.prod(model.input_shape))
+        raise ConfigError(f"fit_denoiser: expected x of shape [n, {d}] for {model.name}, "
+                          f"found {tuple(x.shape)}")
     if x.shape[0] < batch_size:
         raise ConfigError(f"fit_denoiser: expected at least batch_size={batch_size} images, "
                           f"found {x.shape[0]}")

@@ -114,7 +114,7 @@ def flags(accuracy: dict[tuple[str, float], float], probed: dict[str, Any] | Non
                            f"({accuracy[(b, eps)]:.3f} < {min(white):.3f})")
     for attack in dict.fromkeys(a for a, _ in accuracy):
         series = [(e, accuracy[(attack, e)]) for e in eps_values if (attack, e) in accuracy]
-        for (e0, a0), (e1, a1) in zip(series, series[1:]):
+        for (e0, a0), (e1, a1) in zip(series, series[1:], strict=False):
             if a1 > a0 + tol:
                 out.append(f"not-monotone: {attack} accuracy grows with eps "
                            f"({a0:.3f} at {e0:g} -> {a1:.3f} at {e1:g})")

@@ -321,3 +321,27 @@ def test_bad_defense_block_names_the_key(tmp_path):
     bad = DEFENSE_TOML.replace('defenses = ["none", "quantize"]', 'defenses = ["magic"]')
     with pytest.raises(ConfigError, match=r"\[defenses\]\.defenses"):
         matrix.parse(bad, "bad.toml")
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def test_cli_train_adv_and_attack_defense_with_flags(capsys):
+    import json
+
+    from mlshift_jax.cli import main
+
+    code = main(["train", "--model", "mlp-ce", "--hidden", "16", "--train-size", "500",
+                 "--epochs", "1", "--defense", "adv-train", "--eps", "0.1", "--steps", "2",
+                 "--format", "json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    result = json.loads(out)
+    assert result["defense"] == "adv-train" and 0 <= result["pgd40_accuracy"] <= 1
+    code = main(["attack", "--model", "mlp-ce", "--hidden", "16", "--epochs", "1",
+                 "--defense", "quantize", "--attack", "fgsm", "square", "--eps", "0.3",
+                 "--n", "100", "--rounds", "1", "--steps", "3"])
+    out = capsys.readouterr().out
+    assert code == 0 and "zero-gradient" in out and "flags (mlp-ce+quantize)" in out
+    assert main(["train", "--defense", "quantize"]) == 2
+    assert main(["attack", "--model", "mlp-ce", "--defense", "magic"]) == 2
