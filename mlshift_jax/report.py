@@ -437,34 +437,31 @@ def defense_table(records: pd.DataFrame) -> pd.DataFrame:
 
 
 def _verdict(sub: pd.DataFrame, defense: str, none: pd.DataFrame | None) -> str:
-    """One sentence: what the defense seems to buy against FGSM, and what is left against
-    its adaptive attack, at the largest eps."""
-    eps = sub["eps"].max()
-    at = sub[sub["eps"] == eps].set_index("column")["accuracy"]
+    """One sentence: what the defense seems to buy against FGSM (the study's attack), and
+    what is left against the strongest attack, per eps; judged at the smallest eps."""
     clean = sub["clean_accuracy"].iloc[0]
-    adaptive = sub[(sub["column"] == "adaptive")]["attack"].iloc[0] \
-        if "adaptive" in set(sub["column"]) else None
-    strongest = at.min()
-    worst_col = at.idxmin()
-    parts = [f"clean {clean:.3f}"]
-    if "fgsm" in at:
-        parts.append(f"FGSM {at['fgsm']:.3f}")
-    if adaptive is not None:
-        parts.append(f"{adaptive} {at['adaptive']:.3f}")
-    base = ""
-    if none is not None and len(none):
-        b = none[none["eps"] == eps].set_index("column")["accuracy"]
-        base = f"; undefended worst {b.min():.3f}"
-    gain = strongest - (none[none["eps"] == eps]["accuracy"].min() if none is not None
-                        and len(none) else 0.0)
-    if "fgsm" in at and at["fgsm"] - strongest > 0.2:
-        what = (f"looks robust to FGSM but the strongest attack ({worst_col}) takes it to "
-                f"{strongest:.3f}: the FGSM number is an artefact")
-    elif gain > 0.1:
-        what = f"survives: worst-case {strongest:.3f} ({worst_col}), {gain:+.3f} over undefended"
+    parts, judged = [], None
+    for eps in sorted(set(sub["eps"])):
+        at = sub[sub["eps"] == eps].set_index("column")["accuracy"]
+        worst, col = at.min(), at.idxmin()
+        name = sub[(sub["column"] == col)]["attack"].iloc[0]
+        fgsm = at.get("fgsm", np.nan)
+        undefended = np.nan
+        if none is not None and len(none):
+            undefended = none[none["eps"] == eps]["accuracy"].min()
+        parts.append(f"eps {eps:g}: FGSM {fgsm:.3f}, worst {worst:.3f} ({name})")
+        if judged is None:
+            judged = (eps, fgsm, worst, name, undefended)
+    eps, fgsm, worst, name, undefended = judged
+    if np.isfinite(fgsm) and fgsm - worst > 0.2:
+        what = (f"FGSM overstates it: {name} takes eps {eps:g} from {fgsm:.3f} to "
+                f"{worst:.3f}")
+    elif np.isfinite(undefended) and worst - undefended > 0.1:
+        what = (f"survives the adaptive attacks at eps {eps:g}: worst case {worst:.3f} vs "
+                f"{undefended:.3f} undefended")
     else:
-        what = f"buys little: worst-case {strongest:.3f} ({worst_col})"
-    return f"at eps {eps:g}: {', '.join(parts)}{base}; {what}"
+        what = f"buys little: worst case {worst:.3f} at eps {eps:g}"
+    return f"clean {clean:.3f}; " + "; ".join(parts) + f". **{what}**."
 
 
 def _defenses(records: pd.DataFrame) -> str:
