@@ -291,8 +291,10 @@ class PGDPerturb(NamedTuple):
     """The batch perturbation of PGD adversarial training (Madry et al. 2018): a hashable
     callable (static under jit) for `train.train_minibatch(perturb=...)`.
 
-    __call__(params, xb: [b, D], yb: [b], key) -> PGD examples, `steps` steps of size
-    2.5 * eps / steps from a random start, clipped to [lo, hi].
+    __call__(params, xb: [b, D], yb: [b], key, progress=1.0) -> PGD examples, `steps` steps
+    of size 2.5 * eps / steps from a random start, clipped to [lo, hi]. warmup: the share of
+    training over which eps ramps linearly up from 0 (0: the full eps from the start; a
+    ramp helps large eps, as in Gowal et al. 2018's IBP schedule).
     """
 
     model: Model
@@ -300,11 +302,15 @@ class PGDPerturb(NamedTuple):
     steps: int
     lo: float
     hi: float
+    warmup: float = 0.0
 
-    def __call__(self, params, xb, yb, key):
+    def __call__(self, params, xb, yb, key, progress=1.0):
         dt = xb.dtype
+        eps = jnp.asarray(self.eps, dt)
+        if self.warmup > 0:
+            eps = eps * jnp.minimum(1.0, jnp.asarray(progress, dt) / self.warmup)
         return attacks._pgd_kernel(self.model, False, self.steps, True, params, xb, yb,
-                                   jnp.asarray(self.eps, dt), None, key,
+                                   eps, None, key,
                                    jnp.asarray(self.lo, dt), jnp.asarray(self.hi, dt))
 
 
@@ -339,12 +345,13 @@ ADV_EPOCH_FACTOR = 2  # adversarial training takes twice the recipe's default ep
 
 
 def adv_fit(recipe_name: str, cfg: Any, x: Any, y: Any, *, eps: float = ADV_EPS,
-            steps: int = ADV_STEPS) -> Params:
+            steps: int = ADV_STEPS, warmup: float = 0.0) -> Params:
     """Train recipe `recipe_name` adversarially: PGD-`steps` at `eps` on every batch.
 
     Works for every minibatch recipe (its trainer `train.train_minibatch` with
     `perturb=PGDPerturb(...)`, the recipe's optimizer, rate, batch size and epochs) and for
     the study's per-sample rule (`seed-mlp`; `seed-mlp-numpy` trains as `seed-mlp` here).
+    warmup (minibatch recipes): the share of training over which eps ramps up from 0.
     cfg: a `recipes.TrainConfig` (None fields take the recipe's defaults). x: [n, D], y: [n].
     Epochs left None take `ADV_EPOCH_FACTOR` (2) times the recipe's default: measured on
     full MNIST, mlp-ce at eps 0.1 reached clean 0.906 / PGD-40 0.711 after 5 epochs and
@@ -373,7 +380,8 @@ def adv_fit(recipe_name: str, cfg: Any, x: Any, y: Any, *, eps: float = ADV_EPS,
     params = arch.init(key_init, n_in=x.shape[1], n_hidden=cfg.hidden)
     return train_minibatch(key_run, params, x, y, model=arch, optimizer=cfg.optimizer,
                            lr=float(cfg.lr), batch_size=cfg.batch_size, epochs=cfg.epochs,
-                           perturb=PGDPerturb(arch, float(eps), int(steps), lo, hi))
+                           perturb=PGDPerturb(arch, float(eps), int(steps), lo, hi,
+                                              float(warmup)))
 
 
 # --- the registry ------------------------------------------------------------------------------

@@ -80,9 +80,10 @@ def train_minibatch(key: jax.Array, params: Params, x: jax.Array, y: jax.Array, 
 
     key: shuffles each epoch (fold_in(key, epoch)); x: [n, D]; y: int [n]. The last
     n % batch_size samples of each shuffled epoch are dropped. One compiled run.
-    perturb: None, or perturb(params, xb, yb, key) -> xb' (static; hashable), applied to
-    each batch before the gradient step with the current params (adversarial training,
-    `defenses.adversarial_perturb`); its key is fold_in(fold_in(key, epoch), 1 + batch).
+    perturb: None, or perturb(params, xb, yb, key, progress) -> xb' (static; hashable),
+    applied to each batch before the gradient step with the current params (adversarial
+    training, `defenses.PGDPerturb`); its key is fold_in(fold_in(key, epoch), 1 + batch),
+    progress the share of training done before this batch, in [0, 1).
     """
     opt = make_optimizer(optimizer, lr)
     n_batches = x.shape[0] // batch_size
@@ -96,10 +97,10 @@ def train_minibatch(key: jax.Array, params: Params, x: jax.Array, y: jax.Array, 
 
     def one_batch(carry, step):
         p, s = carry
-        idx, k = step
+        idx, k, progress = step
         xb, yb = x[idx], y[idx]
         if perturb is not None:
-            xb = jax.lax.stop_gradient(perturb(p, xb, yb, k))
+            xb = jax.lax.stop_gradient(perturb(p, xb, yb, k, progress))
         grads = jax.grad(batch_loss)(p, xb, yb)
         updates, s = opt.update(grads, s, p)
         return (optax.apply_updates(p, updates), s), None
@@ -109,7 +110,8 @@ def train_minibatch(key: jax.Array, params: Params, x: jax.Array, y: jax.Array, 
         perm = jax.random.permutation(k_epoch, x.shape[0])
         batches = perm[: n_batches * batch_size].reshape(n_batches, batch_size)
         keys = jax.vmap(lambda i: jax.random.fold_in(k_epoch, i + 1))(jnp.arange(n_batches))
-        return jax.lax.scan(one_batch, carry, (batches, keys))[0], None
+        progress = (epoch * n_batches + jnp.arange(n_batches)) / (epochs * n_batches)
+        return jax.lax.scan(one_batch, carry, (batches, keys, progress))[0], None
 
     (params, _), _ = jax.lax.scan(one_epoch, (params, opt.init(params)), jnp.arange(epochs))
     return params
