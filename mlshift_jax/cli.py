@@ -72,7 +72,7 @@ def cmd_train(args) -> None:
         from mlshift_jax.defenses import adv_fit
 
         params = jax.block_until_ready(adv_fit(args.model, cfg, x, y, eps=args.eps,
-                                               steps=args.steps))
+                                               steps=args.steps, warmup=args.warmup))
     else:
         params = jax.block_until_ready(fit(args.model, cfg, x, y))
     train_seconds = time.perf_counter() - start
@@ -87,6 +87,7 @@ def cmd_train(args) -> None:
                     key=attack_key(args.seed), lo=recipe.arch.input_range[0],
                     hi=recipe.arch.input_range[1])
         result.update({"defense": "adv-train", "eps": args.eps, "train_steps": args.steps,
+                       "warmup": args.warmup,
                        "pgd40_accuracy": evaluate(recipe.arch, params, x_adv,
                                                   ds.y_test)["accuracy"]})
     if args.save:
@@ -344,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adv-train: the L-inf budget (default 0.1)")
     p.add_argument("--steps", type=_positive(int), default=7,
                    help="adv-train: PGD steps per batch (default 7)")
+    p.add_argument("--warmup", type=float, default=0.0,
+                   help="adv-train: share of training over which eps ramps up from 0 "
+                        "(0.5 lets the cnn train at eps 0.3)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("stability", parents=[common],

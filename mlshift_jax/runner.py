@@ -569,7 +569,8 @@ def _defended(cfg: DefenseConfig, loaded: Loaded, base: _Trained) -> tuple[Model
         adv_cfg = replace(spec.train_config(),
                           epochs=spec.epochs * defenses.ADV_EPOCH_FACTOR)
         timing, params = _once(partial(defenses.adv_fit, spec.model, adv_cfg,
-                                       eps=float(opts["eps"]), steps=int(opts["steps"])),
+                                       eps=float(opts["eps"]), steps=int(opts["steps"]),
+                                       warmup=float(opts.get("warmup", 0.0))),
                                ds.x_train, ds.y_train)
         return defenses.build("adv-train", base.arch, **opts), params, timing.median_s
     if defenses.get_defense(cfg.defense).needs_state:
