@@ -10,7 +10,9 @@ Every attack has one signature, so that the runner, the CLI and the tests drive 
     x:      [batch, D] float inputs in [lo, hi], D = prod(model.input_shape)
     y:      [batch] int true labels
     eps:    the L∞ budget; a traced value, so a sweep over eps never recompiles
-    key:    a `jax.random` key; required by the random attacks, ignored by the others
+    key:    a `jax.random` key; required by the random attacks and by every gradient attack on
+            a stochastic model (`Model.stochastic`, a randomized defense: fresh randomness
+            per example and per step, split from key; ConfigError without one)
     lo, hi: the valid input range; None (the default) takes the model's `input_range`
             (the dataset's: (0.01, 1.0) under the study's MNIST scaling, [0, 1] by default)
     x_adv:  [batch, D], same dtype as x, clipped to [lo, hi]
@@ -21,6 +23,7 @@ Arguments are checked in Python before jit (eps, lo, hi, step sizes and targets 
 are concrete) and a bad one raises `ConfigError`.
 
 `sweep` runs one attack at many eps values in a single compiled call (vmap over eps).
+The adaptive attacks (EOT, BPDA, Square, transfer) live in `adaptive.py` and register here.
 """
 
 from __future__ import annotations
@@ -121,7 +124,9 @@ def _check_target(model: Model, params: Params, x: jax.Array, target: Any, attac
     if value.shape not in ((), x.shape[:1]) or not np.issubdtype(value.dtype, np.integer):
         raise ConfigError(f"target: expected an int or ints of shape ({x.shape[0]},), "
                           f"found {value.dtype}{value.shape}")
-    n_out = jax.eval_shape(model.apply, params, jax.ShapeDtypeStruct(x.shape[1:], x.dtype))
+    apply = (functools.partial(model.apply, key=jax.random.key(0)) if model.stochastic
+             else model.apply)
+    n_out = jax.eval_shape(apply, params, jax.ShapeDtypeStruct(x.shape[1:], x.dtype))
     n_out = n_out.shape[-1]
     if value.size and (value.min() < 0 or value.max() >= n_out):
         raise ConfigError(f"target: expected classes in [0, {n_out}), found "
@@ -148,15 +153,38 @@ def _prepare(model, x, y, eps, lo, hi):
 # --- the jitted kernels ------------------------------------------------------------------------
 
 
-def _input_grad(model: Model, params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
-    """Per-example gradient of the training loss w.r.t. the input. x: [batch, n_in] -> same."""
-    return jax.vmap(jax.grad(model.loss, argnums=1), in_axes=(None, 0, 0))(params, x, y)
+def _input_grad(model: Model, params: Params, x: jax.Array, y: jax.Array,
+                key: jax.Array | None = None) -> jax.Array:
+    """Per-example gradient of the training loss w.r.t. the input. x: [batch, n_in] -> same.
+
+    A stochastic model (`Model.stochastic`) gets one fresh key per example, split from `key`.
+    """
+    if not model.stochastic:
+        return jax.vmap(jax.grad(model.loss, argnums=1), in_axes=(None, 0, 0))(params, x, y)
+    keys = jax.random.split(key, x.shape[0])
+
+    def one(p, xi, yi, ki):
+        return jax.grad(lambda v: model.loss(p, v, yi, key=ki))(xi)
+
+    return jax.vmap(one, in_axes=(None, 0, 0, 0))(params, x, y, keys)
+
+
+def check_model_key(model: Model, key: Any, who: str) -> None:
+    """ConfigError when `model` is stochastic (a randomized defense) and `key` is None."""
+    if getattr(model, "stochastic", False) and key is None:
+        raise ConfigError(f"{who}: model {model.name!r} is stochastic (draws fresh randomness "
+                          "at every call); expected a jax.random key (key=...), found None")
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def input_grad(model: Model, params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
-    """grad_x model.loss(params, x_i, y_i) for every example. x: [batch, n_in], y: [batch]."""
-    return _input_grad(model, params, x, y)
+def input_grad(model: Model, params: Params, x: jax.Array, y: jax.Array,
+               key: jax.Array | None = None) -> jax.Array:
+    """grad_x model.loss(params, x_i, y_i) for every example. x: [batch, n_in], y: [batch].
+
+    key: required when `model.stochastic` (split per example), ignored otherwise.
+    """
+    check_model_key(model, key, "input_grad")
+    return _input_grad(model, params, x, y, key)
 
 
 @functools.partial(jax.jit, static_argnames=("kind",))
@@ -171,9 +199,9 @@ def _noise_kernel(kind: str, x, eps, key, lo, hi):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "descend"))
-def _fgsm_kernel(model, descend: bool, params, x, labels, eps, lo, hi):
+def _fgsm_kernel(model, descend: bool, params, x, labels, eps, lo, hi, key=None):
     step = -eps if descend else eps
-    return jnp.clip(x + step * jnp.sign(_input_grad(model, params, x, labels)), lo, hi)
+    return jnp.clip(x + step * jnp.sign(_input_grad(model, params, x, labels, key)), lo, hi)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "descend", "steps", "random_start"))
@@ -189,9 +217,12 @@ def _pgd_kernel(model, descend: bool, steps: int, random_start: bool, params, x,
     x0 = x
     if random_start:
         x0 = x + eps * jax.random.uniform(key, x.shape, x.dtype, minval=-1.0, maxval=1.0)
+    # a stochastic model draws its randomness from a stream of its own, fresh at every step
+    model_key = jax.random.fold_in(key, 1) if model.stochastic else None
 
-    def body(_, xa):
-        return project(xa + step * jnp.sign(_input_grad(model, params, xa, labels)))
+    def body(i, xa):
+        k = None if model_key is None else jax.random.fold_in(model_key, i)
+        return project(xa + step * jnp.sign(_input_grad(model, params, xa, labels, k)))
 
     return jax.lax.fori_loop(0, steps, body, project(x0))
 
@@ -244,10 +275,12 @@ def fgsm(model: Model, params: Params, x, y, *, eps, key=None, lo=None,
     Goodfellow, Shlens & Szegedy, "Explaining and Harnessing Adversarial Examples", ICLR 2015;
     the study's input attack. J is `model.loss`, the model's own training loss (for the seed
     MLP the squared error 0.5 * sum((t - out)^2) against 0.01/0.99 targets).
-    x: [batch, n_in], y: [batch] -> [batch, n_in]. `key` is ignored.
+    x: [batch, n_in], y: [batch] -> [batch, n_in]. `key` serves only stochastic models.
     """
+    check_model_key(model, key, "fgsm")
     x, y, eps, lo, hi = _prepare(model, x, y, eps, lo, hi)
-    return _fgsm_kernel(model, False, params, x, y, eps, lo, hi)
+    return _fgsm_kernel(model, False, params, x, y, eps, lo, hi,
+                        key if model.stochastic else None)
 
 
 def fgsm_targeted(model: Model, params: Params, x, y, *, eps, target=None, key=None,
@@ -260,13 +293,16 @@ def fgsm_targeted(model: Model, params: Params, x, y, *, eps, target=None, key=N
     """
     x, y, eps, lo, hi = _prepare(model, x, y, eps, lo, hi)
     _check_target(model, params, x, target, "fgsm-targeted")
+    check_model_key(model, key, "fgsm-targeted")
     labels = jnp.broadcast_to(jnp.asarray(target, y.dtype), y.shape)
-    return _fgsm_kernel(model, True, params, x, labels, eps, lo, hi)
+    return _fgsm_kernel(model, True, params, x, labels, eps, lo, hi,
+                        key if model.stochastic else None)
 
 
 def _pgd(name, descend, model, params, x, labels_fn, *, eps, key, lo, hi, steps, step_size,
          random_start, y):
     _check_steps(steps, step_size)
+    check_model_key(model, key, name)
     if random_start:
         _check_key(key, name)
     x, y, eps, lo, hi = _prepare(model, x, y, eps, lo, hi)
@@ -274,7 +310,7 @@ def _pgd(name, descend, model, params, x, labels_fn, *, eps, key, lo, hi, steps,
     if step_size is not None:
         step_size = jnp.asarray(step_size, x.dtype)
     return _pgd_kernel(model, descend, int(steps), bool(random_start), params, x, labels, eps,
-                       step_size, key if random_start else None, lo, hi)
+                       step_size, key if random_start or model.stochastic else None, lo, hi)
 
 
 def pgd(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=None,
@@ -350,7 +386,7 @@ def get_attack(name: str) -> Attack:
 
 # --- many eps values at once -------------------------------------------------------------------
 
-_STATIC_KW = frozenset({"steps", "random_start"})
+_STATIC_KW = frozenset({"steps", "random_start", "restarts", "samples", "queries"})
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "model", "static_kw"))
@@ -403,22 +439,27 @@ class GradientMaskingWarning(UserWarning):
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _zero_grad_stats(model: Model, params: Params, x: jax.Array, y: jax.Array, tol: float):
-    g = jnp.abs(_input_grad(model, params, x, y))
+def _zero_grad_stats(model: Model, params: Params, x: jax.Array, y: jax.Array, tol: float,
+                     key: jax.Array | None = None):
+    g = jnp.abs(_input_grad(model, params, x, y, key))
     return jnp.mean(g <= tol), jnp.mean(jnp.all(g <= tol, axis=1))
 
 
 def gradient_report(model: Model, params: Params, x, y, *, tol: float = ZERO_GRAD_TOL,
-                    warn: bool = True) -> dict:
+                    warn: bool = True, key: jax.Array | None = None) -> dict:
     """How much of the input gradient is (near) zero. x: [batch, n_in], y: [batch].
 
     Returns {"zero_grad_frac": share of pixels with |grad| <= tol, "zero_grad_images": share
     of images whose whole gradient is <= tol, "gradient_flag": True when zero_grad_frac >
     ZERO_GRAD_FLAG or any image has no gradient at all}; warns `GradientMaskingWarning` when
-    flagged (unless `warn=False`). Inputs are checked as every attack checks them.
+    flagged (unless `warn=False`). Inputs are checked as every attack checks them; key: the
+    randomness of a stochastic model (required for one).
     """
     x, y = _check_inputs(model, x, y)
-    frac, images = (float(v) for v in _zero_grad_stats(model, params, x, y, tol))
+    if model.stochastic and key is None:
+        raise ConfigError(f"gradient_report: model {model.name!r} is stochastic; expected a "
+                          "jax.random key (key=...), found None")
+    frac, images = (float(v) for v in _zero_grad_stats(model, params, x, y, tol, key))
     flag = frac > ZERO_GRAD_FLAG or images > 0
     if flag and warn:
         import warnings
@@ -428,3 +469,7 @@ def gradient_report(model: Model, params: Params, x, y, *, tol: float = ZERO_GRA
                       "attacks cannot move them; their accuracy under attack overstates "
                       "robustness", GradientMaskingWarning, stacklevel=2)
     return {"zero_grad_frac": frac, "zero_grad_images": images, "gradient_flag": flag}
+
+
+# the adaptive attacks (eot-pgd, bpda-pgd, square, transfer) register themselves in ATTACKS
+from mlshift_jax import adaptive as _adaptive  # noqa: E402,F401  (import for its side effect)

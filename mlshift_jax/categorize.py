@@ -40,6 +40,8 @@ CATEGORY_OF = {
     "noise-sign": "input-noise", "noise-uniform": "input-noise", "noise-gauss": "input-noise",
     "fgsm": "adversarial-input", "pgd": "adversarial-input",
     "fgsm-targeted": "adversarial-input", "pgd-targeted": "adversarial-input",
+    "eot-pgd": "adversarial-input", "bpda-pgd": "adversarial-input",
+    "square": "adversarial-input", "transfer": "adversarial-input",
     "wrong-label": "wrong-label", "trigger": "trigger-only", "mixture": "backdoor",
 }
 L2 = 1e-2

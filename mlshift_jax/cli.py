@@ -180,15 +180,26 @@ def _load_weights(path: str):
 
 def cmd_train(args) -> None:
     from mlshift_jax.metrics import evaluate
-    from mlshift_jax.recipes import fit_model
+    from mlshift_jax.recipes import fit_model, model_for
 
     recipe, cfg = _check_recipe(args)
+    if args.defense not in (None, "adv-train"):
+        raise ConfigError(f"train --defense: expected adv-train (the training-time defense), "
+                          f"found {args.defense!r}; wrap a trained model with attack --defense")
     ds = _load(args)
     x, y = _train_data(args, ds)
     _check_train_memory(x, cfg.hidden, "train")
     start = time.perf_counter()
-    model, params = fit_model(args.model, _train_config(args), x, y, ds.spec)
-    params = jax.block_until_ready(params)
+    if args.defense == "adv-train":
+        from mlshift_jax.defenses import adv_fit
+
+        model = model_for(args.model, ds.spec, cfg)
+        params = jax.block_until_ready(adv_fit(args.model, cfg, x, y, eps=args.eps,
+                                               steps=args.steps, warmup=args.warmup,
+                                               spec=ds.spec))
+    else:
+        model, params = fit_model(args.model, _train_config(args), x, y, ds.spec)
+        params = jax.block_until_ready(params)
     train_seconds = time.perf_counter() - start
     params = jax.tree.map(np.asarray, params)
     _finite_or_fail(params, args)
@@ -196,6 +207,16 @@ def cmd_train(args) -> None:
     result = {"model": args.model, **scores, "train_seconds": train_seconds,
               "train_size": int(len(y)), "data_source": ds.source,
               "backend": jax.default_backend()}
+    if args.defense == "adv-train":  # the robust accuracy it was trained for: PGD-40 at eps
+        from mlshift_jax.attacks import attack_key, pgd
+
+        x_adv = pgd(recipe.arch, params, ds.x_test, ds.y_test, eps=args.eps, steps=40,
+                    key=attack_key(args.seed), lo=recipe.arch.input_range[0],
+                    hi=recipe.arch.input_range[1])
+        result.update({"defense": "adv-train", "eps": args.eps, "train_steps": args.steps,
+                       "warmup": args.warmup,
+                       "pgd40_accuracy": evaluate(recipe.arch, params, x_adv,
+                                                  ds.y_test)["accuracy"]})
     if args.save:
         _save(args, params, model, ds)
         result["saved"] = args.save
@@ -214,7 +235,7 @@ def cmd_stability(args) -> None:
     x, y = _train_data(args, ds)
     ds = replace(ds, x_train=x, y_train=y)
     table, seconds = stability(ds, samples=args.samples, size=args.size, hidden=args.hidden,
-                               lr=args.lr, epochs=args.epochs, seed=args.seed)
+                               lr=args.lr, epochs=args.epochs or 1, seed=args.seed)
     payload = {"samples": table.to_dict(orient="index"), "train_seconds": seconds,
                "data_source": ds.source}
     _emit(args.format, payload, table.reset_index().values.tolist(),
@@ -239,6 +260,10 @@ def cmd_attack(args) -> None:
     from mlshift_jax.timing import time_call
 
     attacks = [get_attack(name) for name in args.attack]
+    if args.defense is not None:
+        from mlshift_jax.defenses import get_defense
+
+        get_defense(args.defense)  # a bad name fails before the data loads
     if (args.params is None) == (args.model is None):
         raise ConfigError("give exactly one of --params FILE.npz or --model NAME")
     if args.params:
@@ -271,16 +296,22 @@ def cmd_attack(args) -> None:
                                          params))
     x, y = jax.device_put((ds.x_test[:n], ds.y_test[:n]))
     key = attack_key(args.seed or 0)
+    undefended = params
+    if args.defense:
+        model, params = _defend(args, model, params, ds, key)
     grads = None
-    if any(a.name in GRADIENT_ATTACKS for a in attacks):
-        grads = gradient_report(model, params, x, y)  # warns in one line when flagged
+    if any(a.name in GRADIENT_ATTACKS for a in attacks):  # warns in one line when flagged
+        grads = gradient_report(model, params, x, y, key=jax.random.fold_in(key, 5))
     rows = []
     for attack in attacks:
-        kw = {"key": key, **({"target": args.target} if attack.targeted else {})}
+        kw = {"key": key, **({"target": args.target} if attack.targeted else {}),
+              **_iterative_kw(args, attack.fn)}
+        if attack.name == "transfer" and args.defense == "adv-train":
+            kw["source_params"] = undefended
         for eps in args.eps:  # eps is traced: one compile per attack, not per eps
             run = partial(attack.fn, model, params, x, y, eps=eps, **kw)
             timing = time_call(run, rounds=args.rounds)
-            scores = evaluate(model, params, run(), y)
+            scores = evaluate(model, params, run(), y, key=jax.random.fold_in(key, 7))
             row = {"attack": attack.name, "eps": eps, **scores,
                    "attack_seconds": timing.median_s, "compile_seconds": timing.compile_s,
                    "n_images": n}
@@ -288,7 +319,61 @@ def cmd_attack(args) -> None:
                 row.update(zero_grad_frac=grads["zero_grad_frac"],
                            gradient_flag=grads["gradient_flag"])
             rows.append(row)
+    if args.defense:
+        _attack_flags(args, model, params, x, y, key, rows)
+        return
     _emit(args.format, rows)
+
+
+def _iterative_kw(args, fn) -> dict:
+    """--steps / --restarts for the attacks that take them."""
+    import inspect
+
+    accepted = inspect.signature(fn).parameters
+    kw = {}
+    if args.steps is not None and "steps" in accepted:
+        kw["steps"] = args.steps
+    if args.restarts is not None and "restarts" in accepted:
+        kw["restarts"] = args.restarts
+    return kw
+
+
+def _defend(args, model, params, ds, key):
+    """attack --defense NAME: the model wrapped by the defense (adv-train: retrained)."""
+    from mlshift_jax import defenses
+    from mlshift_jax.recipes import TrainConfig
+
+    defense = defenses.get_defense(args.defense)
+    if defense.kind == "training":
+        if args.model is None:
+            raise ConfigError("attack --defense adv-train trains the model: give --model NAME "
+                              "(a saved adversarially trained model: --params without "
+                              "--defense)")
+        params = defenses.adv_fit(args.model, TrainConfig(hidden=args.hidden, seed=args.seed,
+                                                          epochs=args.epochs),
+                                  ds.x_train, ds.y_train, eps=max(args.eps), spec=ds.spec)
+        return defenses.build("adv-train", model), params
+    state = defenses.fit_state(args.defense, model, ds.x_train, key=key)
+    return defenses.build(args.defense, model, state=state), params
+
+
+def _attack_flags(args, model, params, x, y, key, rows) -> None:
+    """The rows plus the obfuscated-gradient flags (obfuscation.py) of the defended model."""
+    from mlshift_jax import obfuscation
+
+    accuracy = {(r["attack"], r["eps"]): r["accuracy"] for r in rows}
+    k = min(200, int(x.shape[0]))
+    probed = obfuscation.probe(model, params, x[:k], y[:k], key=jax.random.fold_in(key, 11),
+                               eps=max(args.eps), steps=args.steps or 10)
+    raised = obfuscation.flags(accuracy, probed, n=int(x.shape[0]))
+    if args.format == "json":
+        print(json.dumps({"defense": args.defense, "model": model.name, "rows": rows,
+                          "flags": raised}, indent=2, default=float))
+        return
+    _emit("table", rows)
+    print(f"\nflags ({model.name}):" if raised else f"\nflags ({model.name}): none raised")
+    for line in raised:
+        print(f"  - {line}")
 
 
 # --- poison -------------------------------------------------------------------------------
@@ -446,6 +531,7 @@ def _names(mapping) -> str:
 def _options():
     """Every option, defined once: flag -> add_argument keywords (shared by every command)."""
     from mlshift_jax.attacks import ATTACKS
+    from mlshift_jax.defenses import DEFENSES
     from mlshift_jax.poison import MODES, POISONINGS
     from mlshift_jax.recipes import RECIPES
     from mlshift_jax.train import OPTIMIZERS
@@ -485,6 +571,15 @@ def _options():
                       "wrong-label mode target relabel to it)"),
         "n": num("n", None, "attack the first N test images; default: all"),
         "rounds": num("rounds", 3, "timed rounds per cell"),
+        "defense": {"default": None, "choices": list(DEFENSES), "metavar": "DEFENSE",
+                    "help": f"wrap the model first: {_names(DEFENSES)} (adv-train with "
+                    "--model: trains adversarially at the largest --eps)"},
+        "steps": num("steps", None, "steps of the iterative attacks (pgd, eot-pgd, "
+                     "bpda-pgd, transfer); default: each attack's own"),
+        "restarts": num("restarts", None, "random restarts of the adaptive attacks; "
+                        "default: each attack's own"),
+        "warmup": num("warmup", 0.0, "adv-train: share of training over which eps ramps up "
+                      "from 0 (0.5 lets the cnn train at eps 0.3)"),
         "kind": {"default": "mixture", "choices": list(POISONINGS),
                  "help": f"poisoning: {_names(POISONINGS)}"},
         "fraction": num("fraction", 0.1, "share of the eligible training images poisoned"),
@@ -543,7 +638,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    command("train", cmd_train, "train one model and score it", *DATA, *TRAIN_OPTIONS)
+    command("train", cmd_train, "train one model and score it", *DATA, *TRAIN_OPTIONS,
+            "defense", "eps", "steps", "warmup",
+            defense={"choices": ["adv-train"], "default": None, "help": "adv-train: PGD "
+                     "adversarial training (Madry et al. 2018); the other defenses wrap a "
+                     "trained model: attack --defense"},
+            eps={"nargs": None, "default": 0.1, "help": "adv-train: the L-inf budget: "
+                 f"{rules.describe('eps')}"},
+            steps={"default": 7, "help": f"adv-train: PGD steps per batch: "
+                   f"{rules.describe('steps')}"})
     command("stability", cmd_stability, "E2: seed-mlp models on random training samples, "
             "trained as one population", *DATA, "samples", "size", "hidden", "lr", "epochs",
             "seed", "train_size",
@@ -554,6 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     none_default = {"default": None}
     command("attack", cmd_attack, "E3: attack a model at test time and score it at each eps",
             *DATA, "params", *TRAIN_OPTIONS, "attack", "eps", "target", "n", "rounds",
+            "defense", "steps", "restarts",
             model={"default": None, "metavar": "NAME|PKG.MOD:ATTR",
                    "help": "train this model first instead of loading --params"},
             hidden={**none_default, "help": "hidden width with --model (default 200): "

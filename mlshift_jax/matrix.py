@@ -21,6 +21,10 @@ A matrix file (see `bench/matrix.toml`) has these tables; every key not listed i
     [poison]      E4-E7 sweeps + BadNets: dataset, model, sweeps, badnets_models,
                   badnets_n_train, hidden, epochs, seed, n_train, n_test
     [detect]      the detection benchmark: dataset, quick = false, seed
+    [defenses]    defense x attack (defenses.py, adaptive.py): dataset, models, defenses,
+                  attacks (columns: fgsm, pgd, adaptive, square, transfer), eps, seed,
+                  n_train, n_test, steps, restarts, samples, queries, adv_eps, adv_steps,
+                  probe_n (images the obfuscation probe uses)
 
 n_train / n_test cap the data to its first n images (file order); absent means all of it.
 
@@ -51,6 +55,7 @@ except ModuleNotFoundError:  # Python 3.10
 from mlshift_jax import rules
 from mlshift_jax.attacks import ATTACKS, get_attack
 from mlshift_jax.data import DATASETS
+from mlshift_jax.defenses import DEFENSES, resolve_options
 from mlshift_jax.errors import ConfigError
 from mlshift_jax.recipes import RECIPES, TrainConfig, get_recipe, resolve
 from mlshift_jax.sweeps import STUDY_SWEEPS as POISON_SWEEPS
@@ -184,8 +189,33 @@ class DetectConfig:
     seed: int
 
 
+@dataclass(frozen=True)
+class DefenseConfig:
+    """One defended model (a row of the defense x attack table): every attack column at
+    every eps, the clean accuracy, the obfuscation probe and flags, and their times."""
+
+    kind: ClassVar[str] = "defense"
+    train: TrainSpec
+    defense: str
+    options: tuple[tuple[str, Any], ...]
+    attacks: tuple[str, ...]
+    eps: tuple[float, ...]
+    n_test: int | None
+    steps: int
+    restarts: int
+    samples: int
+    queries: int
+    probe_n: int
+    rounds: int
+    max_seconds: float
+
+    @property
+    def dataset(self) -> str:
+        return self.train.dataset
+
+
 CellConfig = (AttackConfig | StabilityConfig | SpeedConfig | PoisonSweepConfig
-              | DetectConfig)
+              | DetectConfig | DefenseConfig)
 
 
 @dataclass(frozen=True)
@@ -295,6 +325,32 @@ class Detect:
     seed: int = 0
 
 
+DEFENSE_COLUMNS = ("fgsm", "pgd", "adaptive", "square", "transfer")
+
+
+@dataclass(frozen=True)
+class Defenses:
+    """The defense x attack table: each defense on each model, every column at every eps.
+    "adaptive" is the defense's own adaptive attack (`defenses.Defense.adaptive`)."""
+
+    dataset: str = "mnist"
+    models: tuple[str, ...] = ("seed-mlp", "mlp-ce")
+    defenses: tuple[str, ...] = ("none", "randomize", "quantize", "median", "denoise-ae",
+                                 "adv-train")
+    attacks: tuple[str, ...] = DEFENSE_COLUMNS
+    eps: tuple[float, ...] = (0.1, 0.2, 0.3)
+    seed: int = 0
+    n_train: int | None = None
+    n_test: int | None = 1000
+    steps: int = 10
+    restarts: int = 2
+    samples: int = 8
+    queries: int = 1000
+    adv_eps: float = 0.1
+    adv_steps: int = 7
+    probe_n: int = 200
+
+
 @dataclass(frozen=True)
 class Matrix:
     """A parsed matrix file. train / attack_options: ((name, ((key, value), ...)), ...)."""
@@ -328,6 +384,7 @@ class Matrix:
             return {"name": name}
         kw = dict(table)
         return {"name": kw.pop("path"), **kw}
+    defenses: Defenses | None = None
 
 
 # --- parsing and checking ----------------------------------------------------------------------
@@ -426,7 +483,8 @@ def parse(text: str, path: str = "<matrix>") -> Matrix:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     chk.table(raw, "top level", {"matrix", "datasets", "timing", "train", "attack_options",
-                                 "e1", "e2", "e3", "speed", "poison", "detect"}, {"matrix"})
+                                 "e1", "e2", "e3", "speed", "poison", "detect", "defenses"},
+              {"matrix"})
     sources = _parse_sources(chk, raw.get("datasets", {}), Path(path).parent)
     models, attacks = set(RECIPES), set(ATTACKS)
     datasets = set(DATASETS) | {name for name, _ in sources}
@@ -492,6 +550,13 @@ def parse(text: str, path: str = "<matrix>") -> Matrix:
                             "badnets_n_train": chk.opt_rule("n_train"),
                             "epochs": chk.opt_rule("epochs")}),
         "detect": (Detect, {"dataset": dataset, "quick": chk.bool_, "seed": chk.rule("seed")}),
+        "defenses": (Defenses, {
+            **common, "dataset": dataset, "models": names["models"],
+            "defenses": lambda v, w: chk.names(v, w, set(DEFENSES), "defense"),
+            "attacks": lambda v, w: chk.names(v, w, set(DEFENSE_COLUMNS), "attack column"),
+            "eps": chk.eps_list, "steps": chk.int_, "restarts": chk.int_,
+            "samples": chk.int_, "queries": chk.int_, "adv_eps": pos_float,
+            "adv_steps": chk.int_, "probe_n": chk.int_}),
     }
     for key, (cls, schema) in blocks.items():
         if key in raw:
@@ -691,8 +756,28 @@ def _poison_cells(matrix: Matrix, po: Poison) -> list[Cell]:
             for sweep, model, epochs, n in runs]
 
 
+def _defense_cells(matrix: Matrix, d: Defenses) -> list[Cell]:
+    n_train = d.n_train if d.n_train is not None else matrix.n_train
+    out = []
+    for model in d.models:
+        spec = train_spec(matrix, d.dataset, model, d.seed, n_train=n_train)
+        for name in d.defenses:
+            options = (("eps", d.adv_eps), ("steps", d.adv_steps)) if name == "adv-train" \
+                else ()
+            config = DefenseConfig(
+                train=spec, defense=name, options=resolve_options(name, dict(options)),
+                attacks=d.attacks, eps=d.eps, n_test=d.n_test, steps=d.steps,
+                restarts=d.restarts, samples=d.samples, queries=d.queries,
+                probe_n=d.probe_n, rounds=matrix.timing.rounds,
+                max_seconds=matrix.timing.max_seconds)
+            out.append(Cell(f"defense/{d.dataset}/{model}/{name}/seed{d.seed}", "defenses",
+                            config))
+    return out
+
+
 def cells(matrix: Matrix) -> tuple[Cell, ...]:
-    """Every cell of the matrix, in run order: the grid, E1, E2, E3, speed, poison, detect."""
+    """Every cell of the matrix, in run order: the grid, E1, E2, E3, speed, poison, detect,
+    defenses."""
     out = _grid_cells(matrix)
     if matrix.e1 is not None:
         out += _e1_cells(matrix, matrix.e1)
@@ -708,6 +793,8 @@ def cells(matrix: Matrix) -> tuple[Cell, ...]:
         d = matrix.detect
         out.append(Cell(f"detect/{d.dataset}/seed{d.seed}", "detect",
                         DetectConfig(dataset=d.dataset, quick=d.quick, seed=d.seed)))
+    if matrix.defenses is not None:
+        out += _defense_cells(matrix, matrix.defenses)
     ids = [c.id for c in out]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})

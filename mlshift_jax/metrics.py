@@ -141,33 +141,59 @@ def scores_from_outputs(
     }
 
 
-def _scores(model: Model, params: Params, x: jax.Array, y: jax.Array, n_classes: int | None):
-    return scores_from_outputs(predict(model, params, x), y, model.probs, n_classes=n_classes)
+def predict_keyed(model: Model, params: Params, x: jax.Array,
+                  key: jax.Array | None = None) -> jax.Array:
+    """Batched scores of any model. x: [batch, n_in] -> [batch, n_out].
+
+    A stochastic model (`Model.stochastic`, a randomized defense) gets one fresh key per
+    example, split from `key`; a deterministic one ignores `key`. Traceable.
+    """
+    if not model.stochastic:
+        return predict(model, params, x)
+    keys = jax.random.split(key, x.shape[0])
+    return jax.vmap(lambda xi, ki: model.apply(params, xi, key=ki))(x, keys)
+
+
+def check_key(model: Model, key, who: str = "evaluate") -> None:
+    """ConfigError when `model` is stochastic and no key is given."""
+    if model.stochastic and key is None:
+        raise ConfigError(f"{who}: model {model.name!r} is stochastic (draws fresh randomness "
+                          "at every call); expected a jax.random key (key=...), found None")
+
+
+def _scores(model: Model, params: Params, x: jax.Array, y: jax.Array, n_classes: int | None,
+            key=None):
+    return scores_from_outputs(predict_keyed(model, params, x, key), y, model.probs,
+                               n_classes=n_classes)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "n_classes"))
 def evaluate_arrays(
-    model: Model, params: Params, x: jax.Array, y: jax.Array, *, n_classes: int | None = None
+    model: Model, params: Params, x: jax.Array, y: jax.Array, *, n_classes: int | None = None,
+    key: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """Jitted core of `evaluate`: scalar arrays on the device. x: [batch, D], y: [batch].
     n_classes: None takes the model's (the width of its outputs).
 
     `model` is static (a `Model` NamedTuple of functions is hashable); one compile per model
-    and input shape.
+    and input shape. key: required for a stochastic model (ConfigError without), else unused.
     """
-    return _scores(model, params, x, y, n_classes)
+    check_key(model, key)
+    return _scores(model, params, x, y, n_classes, key)
 
 
 def evaluate(
-    model: Model, params: Params, x: jax.Array, y: jax.Array, *, n_classes: int | None = None
+    model: Model, params: Params, x: jax.Array, y: jax.Array, *, n_classes: int | None = None,
+    key: jax.Array | None = None,
 ) -> dict[str, float]:
     """accuracy, precision, recall, f1 (macro) and confidence of one model on (x, y).
 
     x: [batch, n_in], y: [batch] int. One jitted call, then one device->host transfer.
+    key: required when `model.stochastic` (one draw per example), ignored otherwise.
     ConfigError for NaN / inf in x (they would count as class 0).
     """
     finite_inputs("evaluate: x", x)
-    scores = jax.device_get(evaluate_arrays(model, params, x, y, n_classes=n_classes))
+    scores = jax.device_get(evaluate_arrays(model, params, x, y, n_classes=n_classes, key=key))
     return {k: float(v) for k, v in scores.items()}
 
 

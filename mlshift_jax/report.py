@@ -10,6 +10,9 @@
   table (workload x
   implementation, median time and speed-up vs numpy); a pairing table per dataset (model x
   attack@eps); validity warnings, after AutoAttack's flags (Croce & Hein, ICML 2020);
+- tables.md also holds the defense x attack table (`[defenses]`): robust accuracy per
+  defense and model under FGSM, PGD, the defense's adaptive attack, Square and transfer at
+  each eps, with times, the obfuscated-gradient flags and a verdict per defense;
 - records.csv: long (tidy) form, one row per cell x measure (`records_csv`): the cell's
   own scores and every detail table's numbers, no JSON inside a column;
 - run.json: versions, backend, device, CPU count, git commit, date, wall time, data sources;
@@ -414,6 +417,141 @@ def _detect(records: pd.DataFrame) -> str:
             + "\n### Which training samples are poisoned?\n\n" + data_tab)
 
 
+# --- defenses: the defense x attack table ---------------------------------------------------
+
+COLUMN_TITLES = {"fgsm": "FGSM", "pgd": "PGD", "adaptive": "adaptive", "square": "Square",
+                 "transfer": "transfer"}
+
+
+def defense_table(records: pd.DataFrame) -> pd.DataFrame:
+    """The defense cells as one tidy frame: model, defense, column, attack, eps, accuracy,
+    median_s (the column's whole eps sweep), clean_accuracy, defense_s, flags."""
+    rows = []
+    for _, r in _rows(records, kind="defense").iterrows():
+        for row in r["detail"]["rows"]:
+            rows.append({"model": r["model"], "defense": r["defense"], **row,
+                         "clean_accuracy": r["clean_accuracy"], "defense_s": r["defense_s"],
+                         "n_test": r["n_test"], "flags": r["flags"]})
+    return pd.DataFrame(rows)
+
+
+def _verdict(sub: pd.DataFrame, defense: str, none: pd.DataFrame | None) -> str:
+    """One sentence: what the defense seems to buy against FGSM (the study's attack), and
+    what is left against the strongest attack, per eps; judged at the smallest eps."""
+    clean = sub["clean_accuracy"].iloc[0]
+    parts, judged, gap = [], None, (0.0, None, None, None, None)
+    for eps in sorted(set(sub["eps"])):
+        at = sub[sub["eps"] == eps].set_index("column")["accuracy"]
+        worst, col = at.min(), at.idxmin()
+        name = sub[(sub["column"] == col)]["attack"].iloc[0]
+        fgsm = at.get("fgsm", np.nan)
+        undefended = np.nan
+        if none is not None and len(none):
+            undefended = none[none["eps"] == eps]["accuracy"].min()
+        parts.append(f"eps {eps:g}: FGSM {fgsm:.3f}, worst {worst:.3f} ({name})")
+        if judged is None:
+            judged = (eps, fgsm, worst, name, undefended)
+        if np.isfinite(fgsm) and fgsm - worst > gap[0]:
+            gap = (fgsm - worst, eps, fgsm, worst, name)
+    eps, fgsm, worst, name, undefended = judged
+    if np.isfinite(undefended) and worst - undefended > 0.1:
+        what = (f"something survives at eps {eps:g}: worst case {worst:.3f} vs "
+                f"{undefended:.3f} undefended")
+    else:
+        what = f"buys little: worst case {worst:.3f} at eps {eps:g}"
+    if gap[0] > 0.2:
+        what += (f"; FGSM overstates it: {gap[4]} takes eps {gap[1]:g} from {gap[2]:.3f} to "
+                 f"{gap[3]:.3f}")
+    return f"clean {clean:.3f}; " + "; ".join(parts) + f". **{what}**."
+
+
+def _defenses(records: pd.DataFrame) -> str:
+    table = defense_table(records)
+    if not len(table):
+        return "Not in this run (add a `[defenses]` block to the matrix).\n"
+    out = []
+    cols = [c for c in COLUMN_TITLES if c in set(table["column"])]
+    for eps in sorted(set(table["eps"])):
+        rows = []
+        for (model, defense), sub in table[table["eps"] == eps].groupby(
+                ["model", "defense"], sort=False):
+            by = sub.set_index("column")
+            row = {"model": model, "defense": defense,
+                   "clean": f"{sub['clean_accuracy'].iloc[0]:.3f}"}
+            for c in cols:
+                if c in by.index:
+                    label = COLUMN_TITLES[c] if c != "adaptive" else "adaptive"
+                    name = f" {by.loc[c, 'attack']}" if c == "adaptive" else ""
+                    row[label] = (f"{by.loc[c, 'accuracy']:.3f}{name} "
+                                  f"({fmt_time(by.loc[c, 'median_s'])})")
+            flags = sub["flags"].iloc[0]
+            row["flags"] = ", ".join(sorted({f.split(":")[0] for f in flags.split("; ")
+                                             if f})) or "—"
+            rows.append(row)
+        out.append(f"### eps {eps:g}\n")
+        out.append(_md(pd.DataFrame(rows), "Robust accuracy on the first "
+                       f"{int(table['n_test'].iloc[0]):,} test images (time: the column's "
+                       "whole eps sweep, one compiled call, median of the timed rounds). "
+                       "adaptive: the defense's own adaptive attack (eot-pgd: EOT over the "
+                       "randomness; bpda-pgd: BPDA through the preprocessing); Square: "
+                       "gradient-free; transfer: PGD on the undefended model.", index=False))
+    times = table.drop_duplicates(["model", "defense"])[["model", "defense", "defense_s"]]
+    times = times.assign(defense_s=[fmt_time(v) for v in times["defense_s"]])
+    out.append("### Time to build each defense\n")
+    out.append(_md(times.rename(columns={"defense_s": "fit"}), "Adversarial training or the "
+                   "denoiser's training, compile included; 0 for a pure wrapper.",
+                   index=False))
+    out.append("### Obfuscated-gradient flags\n")
+    lines = []
+    for _, r in _rows(records, kind="defense").iterrows():
+        for f in r["detail"].get("flags", []):
+            lines.append(f"- `{r['model']}` + {r['defense']}: {f}")
+    out.append(("\n".join(lines) if lines else "None raised.") + "\n\n*After Athalye et al. "
+               "2018 and AutoAttack: black-box/transfer beating white-box, accuracy growing "
+               "with eps or steps, randomized outputs, zero or vanishing gradients, eps of "
+               "half the input range not reaching chance.*\n")
+    out.append("### Verdicts\n")
+    verdicts = []
+    for model in dict.fromkeys(table["model"]):
+        sub_m = table[table["model"] == model]
+        none = sub_m[sub_m["defense"] == "none"]
+        for defense in dict.fromkeys(sub_m["defense"]):
+            if defense == "none":
+                continue
+            sub = sub_m[sub_m["defense"] == defense]
+            verdicts.append(f"- `{model}` + **{defense}**: {_verdict(sub, defense, none)}")
+    out.append("\n".join(verdicts) + "\n")
+    return "\n".join(out)
+
+
+def _defense_figure(table: pd.DataFrame):
+    from matplotlib.figure import Figure
+
+    defs = list(dict.fromkeys(table["defense"]))
+    models = list(dict.fromkeys(table["model"]))
+    fig = Figure(figsize=(2.8 * len(defs), 2.9 * len(models)), layout="constrained")
+    axes = fig.subplots(len(models), len(defs), sharey=True, squeeze=False)
+    for i, model in enumerate(models):
+        for j, defense in enumerate(defs):
+            ax = axes[i][j]
+            sub = table[(table["model"] == model) & (table["defense"] == defense)]
+            if not len(sub):
+                continue
+            clean = sub["clean_accuracy"].iloc[0]
+            for column in dict.fromkeys(sub["column"]):
+                a = sub[sub["column"] == column].sort_values("eps")
+                label = a["attack"].iloc[0] if column == "adaptive" else column
+                ax.plot(np.concatenate([[0.0], a["eps"]]),
+                        np.concatenate([[clean], a["accuracy"]]), marker="o", label=label)
+            ax.set_title(f"{model} + {defense}", fontsize=9)
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+            ax.set_xlabel("eps (L∞)")
+            ax.legend(fontsize=6)
+        axes[i][0].set_ylabel("robust accuracy")
+    return fig
+
+
 # --- the summary at the top ----------------------------------------------------------------
 
 
@@ -548,6 +686,7 @@ def tables_markdown(records: pd.DataFrame, info: dict[str, Any] | None = None,
     out += ["## E3: input attacks on the study's MLP\n", _e3(records, warns, sizes)]
     out += ["## E4–E7: training-time poisoning\n", _poison(records)]
     out += ["## Detection: telling that, and how, a model changed\n", _detect(records)]
+    out += ["## Defenses: defense × attack, with adaptive attacks\n", _defenses(records)]
     out += ["## Speed: workload × implementation\n", _speed(records)]
     for name in dict.fromkeys(_rows(records, kind="attack", block="matrix")["dataset"]):
         out += [f"## Pairings: {name}\n", _pairings(records, name, warns)]
@@ -670,6 +809,10 @@ def write_figures(records: pd.DataFrame, out_dir: str | Path) -> tuple[list[Path
         for name, fig in figures.items():
             if fig is not None:
                 paths.append(_save(fig, Path(out_dir) / "figures" / name))
+    table = defense_table(records)
+    if len(table):
+        paths.append(_save(_defense_figure(table),
+                           Path(out_dir) / "figures" / "defenses-accuracy-vs-eps.png"))
     tables = poison_tables(records)
     if tables:
         name = _rows(records, kind="poison")["dataset"].iloc[0]

@@ -54,8 +54,10 @@ from mlshift_jax import (
     attacks,
     baseline,
     data,
+    defenses,
     detection_bench,
     models,
+    obfuscation,
     population,
     sharding,
     stability,
@@ -67,6 +69,7 @@ from mlshift_jax.files import clean_stale_temps, load_params, save_params, write
 from mlshift_jax.matrix import (
     AttackConfig,
     Cell,
+    DefenseConfig,
     DetectConfig,
     Matrix,
     PoisonSweepConfig,
@@ -384,7 +387,8 @@ def _attack_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bo
                  eps=cfg.eps, key=attacks.attack_key(spec.seed), **options)
     timing, x_adv = measure(fn, xs, ys, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
     x_adv = sharding.unpad(x_adv, n)
-    scores = evaluate(trained.arch, trained.params, x_adv, y)
+    scores = evaluate(trained.arch, trained.params, x_adv, y,
+                      key=jax.random.fold_in(attacks.attack_key(spec.seed), 7))
     detail = {}
     if cfg.attack in ("none", "fgsm"):
         k = min(N_EXAMPLES, x.shape[0])
@@ -640,8 +644,89 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON-serializable: {type(value).__name__}")
 
 
+def _defended(cfg: DefenseConfig, loaded: Loaded, base: _Trained) -> tuple[Model, Any, float]:
+    """(defended model, its params, seconds to fit the defense: adversarial training or the
+    denoiser; 0 for a pure wrapper)."""
+    opts = dict(cfg.options)
+    spec = cfg.train
+    if cfg.defense == "adv-train":
+        ds = capped(loaded.ds, spec.n_train, None)
+        adv_cfg = replace(spec.train_config(),
+                          epochs=spec.epochs * defenses.ADV_EPOCH_FACTOR)
+        timing, params = _once(partial(defenses.adv_fit, spec.model, adv_cfg,
+                                       eps=float(opts["eps"]), steps=int(opts["steps"]),
+                                       warmup=float(opts.get("warmup", 0.0)), spec=ds.spec),
+                               ds.x_train, ds.y_train)
+        return defenses.build("adv-train", base.arch, **opts), params, timing.median_s
+    if defenses.get_defense(cfg.defense).needs_state:
+        ds = capped(loaded.ds, spec.n_train, None)
+        key = jax.random.fold_in(jax.random.key(spec.seed), 0xDAE)
+        timing, state = _once(partial(defenses.fit_state, cfg.defense, base.arch, key=key,
+                                      **opts), ds.x_train)
+        return (defenses.build(cfg.defense, base.arch, state=state, **opts), base.params,
+                timing.median_s)
+    return defenses.build(cfg.defense, base.arch, **opts), base.params, 0.0
+
+
+def _defense_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bool) -> dict:
+    """One row of the defense x attack table: every column at every eps (one compiled eps
+    sweep per column, timed), the clean accuracy, the obfuscation probe and its flags."""
+    cfg: DefenseConfig = cell.config
+    spec = cfg.train
+    _, base = _trained(spec, loaded, memo, cache, force)
+    model, params, defense_s = _defended(cfg, loaded, base)
+    x, y = _device(memo, loaded, "test", cfg.n_test)
+    lo, hi = (float(v) for v in model.input_range)
+    key = attacks.attack_key(spec.seed)
+    eval_key = jax.random.fold_in(key, 7)
+    clean = evaluate(model, params, x, y, key=eval_key)["accuracy"]
+    adaptive_name = defenses.get_defense(cfg.defense).adaptive
+    eps_values = jnp.asarray(cfg.eps, x.dtype)
+    rows, accuracy = [], {}
+    for column in cfg.attacks:
+        name = adaptive_name if column == "adaptive" else column
+        kw: dict[str, Any] = {"key": key, "lo": lo, "hi": hi}
+        if name in ("pgd", "eot-pgd", "bpda-pgd", "transfer"):
+            kw["steps"] = cfg.steps
+        if column in ("adaptive", "transfer"):
+            kw["restarts"] = cfg.restarts
+        if name in ("eot-pgd", "bpda-pgd"):
+            kw["samples"] = cfg.samples
+        if name == "square":
+            kw["queries"] = cfg.queries
+        if name == "transfer" and cfg.defense == "adv-train":
+            kw["source_params"] = base.params  # crafted on the undefended weights
+        fn = partial(attacks.sweep, attacks.get_attack(name), model, params, **kw)
+        timing, x_adv = measure(fn, x, y, eps_values, rounds=cfg.rounds,
+                                max_seconds=cfg.max_seconds)
+        for i, eps in enumerate(cfg.eps):
+            acc = evaluate(model, params, x_adv[i], y,
+                           key=jax.random.fold_in(eval_key, 1 + i))["accuracy"]
+            accuracy[(column, eps)] = acc
+            rows.append({"column": column, "attack": name, "eps": eps, "accuracy": acc,
+                         "median_s": timing.median_s, "compile_s": timing.compile_s,
+                         "rounds": timing.rounds})
+    n_probe = min(cfg.probe_n, int(x.shape[0]))
+    probed = obfuscation.probe(model, params, x[:n_probe], y[:n_probe],
+                               key=jax.random.fold_in(key, 11), eps=max(cfg.eps),
+                               steps=cfg.steps)
+    raised = obfuscation.flags(accuracy, probed, n=int(x.shape[0]))
+    return {
+        **_base(cell, loaded), "model": spec.model, "arch": model.name, "seed": spec.seed,
+        "defense": cfg.defense, "adaptive": adaptive_name, "n_train": base.n_train,
+        "n_test": int(x.shape[0]), "hidden": spec.hidden, "lr": spec.lr,
+        "epochs": spec.epochs, "clean_accuracy": clean, "train_s": base.train_s,
+        "defense_s": defense_s, "stochastic": bool(model.stochastic),
+        "flags": "; ".join(raised),
+        "detail": {"rows": rows, "probe": {k: v for k, v in probed.items()
+                                           if k != "pgd_steps"},
+                   "pgd_steps": {str(k): v for k, v in probed["pgd_steps"].items()},
+                   "flags": raised},
+    }
+
+
 COMPUTE = {"attack": _attack_cell, "stability": _stability_cell, "speed": _speed_cell,
-           "poison": _poison_cell, "detect": _detect_cell}
+           "poison": _poison_cell, "detect": _detect_cell, "defense": _defense_cell}
 
 
 # --- progress --------------------------------------------------------------------------------

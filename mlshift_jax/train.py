@@ -70,14 +70,20 @@ def make_optimizer(name: str, lr: float) -> optax.GradientTransformation:
     return OPTIMIZERS[name](lr)
 
 
-@partial(jax.jit, static_argnames=("model", "optimizer", "lr", "batch_size", "epochs"))
+@partial(jax.jit, static_argnames=("model", "optimizer", "lr", "batch_size", "epochs",
+                                   "perturb"))
 def train_minibatch(key: jax.Array, params: Params, x: jax.Array, y: jax.Array, *,
                     model: Model, optimizer: str = "adam", lr: float = 3e-3,
-                    batch_size: int = 64, epochs: int = 5) -> Params:
+                    batch_size: int = 64, epochs: int = 5,
+                    perturb: Callable | None = None) -> Params:
     """Minibatch training on the mean of `model.loss` over each batch.
 
     key: shuffles each epoch (fold_in(key, epoch)); x: [n, D]; y: int [n]. The last
     n % batch_size samples of each shuffled epoch are dropped. One compiled run.
+    perturb: None, or perturb(params, xb, yb, key, progress) -> xb' (static; hashable),
+    applied to each batch before the gradient step with the current params (adversarial
+    training, `defenses.PGDPerturb`); its key is fold_in(fold_in(key, epoch), 1 + batch),
+    progress the share of training done before this batch, in [0, 1).
     """
     opt = make_optimizer(optimizer, lr)
     n_batches = x.shape[0] // batch_size
@@ -89,16 +95,23 @@ def train_minibatch(key: jax.Array, params: Params, x: jax.Array, y: jax.Array, 
     def batch_loss(p, xb, yb):
         return jnp.mean(jax.vmap(model.loss, in_axes=(None, 0, 0))(p, xb, yb))
 
-    def one_batch(carry, idx):
+    def one_batch(carry, step):
         p, s = carry
-        grads = jax.grad(batch_loss)(p, x[idx], y[idx])
+        idx, k, progress = step
+        xb, yb = x[idx], y[idx]
+        if perturb is not None:
+            xb = jax.lax.stop_gradient(perturb(p, xb, yb, k, progress))
+        grads = jax.grad(batch_loss)(p, xb, yb)
         updates, s = opt.update(grads, s, p)
         return (optax.apply_updates(p, updates), s), None
 
     def one_epoch(carry, epoch):
-        perm = jax.random.permutation(jax.random.fold_in(key, epoch), x.shape[0])
+        k_epoch = jax.random.fold_in(key, epoch)
+        perm = jax.random.permutation(k_epoch, x.shape[0])
         batches = perm[: n_batches * batch_size].reshape(n_batches, batch_size)
-        return jax.lax.scan(one_batch, carry, batches)[0], None
+        keys = jax.vmap(lambda i: jax.random.fold_in(k_epoch, i + 1))(jnp.arange(n_batches))
+        progress = (epoch * n_batches + jnp.arange(n_batches)) / (epochs * n_batches)
+        return jax.lax.scan(one_batch, carry, (batches, keys, progress))[0], None
 
     (params, _), _ = jax.lax.scan(one_epoch, (params, opt.init(params)), jnp.arange(epochs))
     return params

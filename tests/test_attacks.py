@@ -57,14 +57,15 @@ def run(name, params, x, y, eps, model=SEED_MLP, **kw):
 
 
 def test_registry():
+    adaptive = {"eot-pgd", "bpda-pgd", "square", "transfer"}  # adaptive.py registers them
     assert set(ATTACKS) == {"none", "noise-sign", "noise-uniform", "noise-gauss", "fgsm", "pgd",
-                            "fgsm-targeted", "pgd-targeted"}
+                            "fgsm-targeted", "pgd-targeted"} | adaptive
     for name, attack in ATTACKS.items():
         assert isinstance(attack, Attack) and attack.name == name and callable(attack.fn)
         assert get_attack(name) is attack
     assert {n for n, a in ATTACKS.items() if a.targeted} == {"fgsm-targeted", "pgd-targeted"}
     assert {n for n, a in ATTACKS.items() if a.needs_key} == {
-        "noise-sign", "noise-uniform", "noise-gauss", "pgd", "pgd-targeted"}
+        "noise-sign", "noise-uniform", "noise-gauss", "pgd", "pgd-targeted"} | adaptive
 
 
 def test_default_range_is_the_models_input_range():

@@ -26,8 +26,10 @@ def test_bench_matrices_parse(name):
     assert len(ids) == len(set(ids))
     assert "mnist/seed-mlp/fgsm/0.1/seed0" in ids
     assert "mnist/seed-mlp/none/0/seed0" in ids
-    assert {c.kind for c in cells} == {"attack", "stability", "speed", "poison", "detect"}
-    assert {c.block for c in cells} == {"matrix", "e1", "e2", "e3", "speed", "poison", "detect"}
+    assert {c.kind for c in cells} == {"attack", "stability", "speed", "poison", "detect",
+                                       "defense"}
+    assert {c.block for c in cells} == {"matrix", "e1", "e2", "e3", "speed", "poison", "detect",
+                                        "defenses"}
 
 
 def test_full_matrix_has_the_issue_grid():
