@@ -34,8 +34,6 @@ import jax.numpy as jnp
 
 from mlshift_jax import attacks, defenses
 from mlshift_jax.attacks import (
-    INPUT_HI,
-    INPUT_LO,
     PGD_STEP_FACTOR,
     PGD_STEPS,
     Attack,
@@ -177,7 +175,7 @@ def _run_pgd(name, grad_model, eval_model, params, eval_params, x, y, *, eps, ke
                        lo, hi)
 
 
-def eot_pgd(model: Model, params: Params, x, y, *, eps, key=None, lo=INPUT_LO, hi=INPUT_HI,
+def eot_pgd(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=None,
             steps: int = PGD_STEPS, step_size=None, restarts: int = 1,
             samples: int = EOT_SAMPLES, random_start: bool = True) -> jax.Array:
     """PGD on the expectation over the model's randomness (EOT).
@@ -193,7 +191,7 @@ def eot_pgd(model: Model, params: Params, x, y, *, eps, key=None, lo=INPUT_LO, h
                     samples=samples, random_start=random_start)
 
 
-def bpda_pgd(model: Model, params: Params, x, y, *, eps, key=None, lo=INPUT_LO, hi=INPUT_HI,
+def bpda_pgd(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=None,
              steps: int = PGD_STEPS, step_size=None, restarts: int = 1,
              samples: int = EOT_SAMPLES, random_start: bool = True) -> jax.Array:
     """PGD with Backward Pass Differentiable Approximation: the defense's preprocessing
@@ -207,7 +205,7 @@ def bpda_pgd(model: Model, params: Params, x, y, *, eps, key=None, lo=INPUT_LO, 
                     restarts=restarts, samples=samples, random_start=random_start)
 
 
-def transfer(model: Model, params: Params, x, y, *, eps, key=None, lo=INPUT_LO, hi=INPUT_HI,
+def transfer(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=None,
              steps: int = PGD_STEPS, step_size=None, restarts: int = 1,
              source_params: Params | None = None, random_start: bool = True) -> jax.Array:
     """PGD crafted on the undefended model (`defenses.base_of(model)`), with its own weights
@@ -286,7 +284,7 @@ def _square_kernel(model, queries, restarts, params, x, y, eps, key, lo, hi, p_i
     return x_best
 
 
-def square(model: Model, params: Params, x, y, *, eps, key=None, lo=INPUT_LO, hi=INPUT_HI,
+def square(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=None,
            queries: int = SQUARE_QUERIES, restarts: int = 1,
            p_init: float = SQUARE_P_INIT) -> jax.Array:
     """Square Attack in L∞ (score-based, gradient-free).

@@ -182,7 +182,7 @@ def cmd_train(args) -> None:
     from mlshift_jax.metrics import evaluate
     from mlshift_jax.recipes import fit_model, model_for
 
-    recipe, cfg = _check_recipe(args)
+    _, cfg = _check_recipe(args)
     if args.defense not in (None, "adv-train"):
         raise ConfigError(f"train --defense: expected adv-train (the training-time defense), "
                           f"found {args.defense!r}; wrap a trained model with attack --defense")
@@ -210,13 +210,11 @@ def cmd_train(args) -> None:
     if args.defense == "adv-train":  # the robust accuracy it was trained for: PGD-40 at eps
         from mlshift_jax.attacks import attack_key, pgd
 
-        x_adv = pgd(recipe.arch, params, ds.x_test, ds.y_test, eps=args.eps, steps=40,
-                    key=attack_key(args.seed), lo=recipe.arch.input_range[0],
-                    hi=recipe.arch.input_range[1])
+        x_adv = pgd(model, params, ds.x_test, ds.y_test, eps=args.eps, steps=40,
+                    key=attack_key(args.seed))
         result.update({"defense": "adv-train", "eps": args.eps, "train_steps": args.steps,
                        "warmup": args.warmup,
-                       "pgd40_accuracy": evaluate(recipe.arch, params, x_adv,
-                                                  ds.y_test)["accuracy"]})
+                       "pgd40_accuracy": evaluate(model, params, x_adv, ds.y_test)["accuracy"]})
     if args.save:
         _save(args, params, model, ds)
         result["saved"] = args.save
