@@ -497,6 +497,18 @@ def _defenses(records: pd.DataFrame) -> str:
                        "gradient-free; transfer: PGD on the undefended model.", index=False))
     times = table.drop_duplicates(["model", "defense"])[["model", "defense", "defense_s"]]
     times = times.assign(defense_s=[fmt_time(v) for v in times["defense_s"]])
+    adv = _rows(records, kind="defense")
+    adv = adv[adv["defense"] == "adv-train"] if "defense" in adv else adv
+    if len(adv) and "pgd40_accuracy" in adv:
+        lines = [f"- `{r['model']}` + adv-train (PGD-{int(r['adv_steps'])} training at eps "
+                 f"{r['pgd40_eps']:g}): clean {r['clean_accuracy']:.4f}, PGD-40 at eps "
+                 f"{r['pgd40_eps']:g} {r['pgd40_accuracy']:.4f}"
+                 for _, r in adv.iterrows() if _finite(r.get("pgd40_accuracy"))]
+        if lines:
+            out.append("### Adversarial training against PGD-40\n")
+            out.append("\n".join(lines) + f"\n\n*On the first {int(adv['n_test'].iloc[0]):,} "
+                       "test images; PGD-40 with a random start and Madry et al.'s step size "
+                       "2.5 eps / 40.*\n")
     out.append("### Time to build each defense\n")
     out.append(_md(times.rename(columns={"defense_s": "fit"}), "Adversarial training or the "
                    "denoiser's training, compile included; 0 for a pure wrapper.",

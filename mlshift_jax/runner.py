@@ -711,8 +711,16 @@ def _defense_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: b
                                key=jax.random.fold_in(key, 11), eps=max(cfg.eps),
                                steps=cfg.steps)
     raised = obfuscation.flags(accuracy, probed, n=int(x.shape[0]))
+    pgd40 = {}
+    if cfg.defense == "adv-train":  # Madry et al.'s yardstick: PGD-40 at the training eps
+        adv_eps = float(dict(cfg.options)["eps"])
+        x_adv = attacks.pgd(model, params, x, y, eps=adv_eps, steps=40,
+                            key=jax.random.fold_in(key, 40), lo=lo, hi=hi)
+        pgd40 = {"pgd40_eps": adv_eps, "adv_steps": int(dict(cfg.options).get("steps", 7)),
+                 "pgd40_accuracy": evaluate(model, params, x_adv, y, key=eval_key)["accuracy"]}
     return {
         **_base(cell, loaded), "model": spec.model, "arch": model.name, "seed": spec.seed,
+        **pgd40,
         "defense": cfg.defense, "adaptive": adaptive_name, "n_train": base.n_train,
         "n_test": int(x.shape[0]), "hidden": spec.hidden, "lr": spec.lr,
         "epochs": spec.epochs, "clean_accuracy": clean, "train_s": base.train_s,
