@@ -48,7 +48,7 @@ def bit_depth(x: jax.Array, bits: int, lo: float = 0.0, hi: float = 1.0) -> jax.
     return lo + jnp.round(u * levels) / levels * (hi - lo)
 
 
-def _kth_smallest(values: list[jax.Array], k: int) -> jax.Array:
+def kth_smallest(values: list[jax.Array], k: int) -> jax.Array:
     """The k-th smallest (0-based), elementwise, of a few same-shape arrays: a bubble-sort
     network of minimum/maximum pairs (exact, like a sort; fuses into elementwise code)."""
     v = list(values)
@@ -73,7 +73,7 @@ def median_smooth(x: jax.Array, size: int,
     before, after = size // 2, size - 1 - size // 2
     padded = jnp.pad(img, ((before, after), (before, after), (0, 0)), mode="symmetric")
     windows = [padded[i:i + h, j:j + w] for i in range(size) for j in range(size)]
-    return _kth_smallest(windows, (size * size) // 2).reshape(x.shape)
+    return kth_smallest(windows, (size * size) // 2).reshape(x.shape)
 
 
 class Squeezer(NamedTuple):
