@@ -6,8 +6,9 @@
 1. The **calibration set** (`calibrate`): one population (`retrain.train_sampled`, one jit) of
    `n_null` clean retrains of the reference's architecture (its recipe's trainer, its hidden
    size; a user model "pkg.module:attr" retrains its own Model, the one `weights.load_model`
-   rebuilt, with the harness's minibatch trainer and the reference's training settings), each on its own random sample of `sample_size` training images with its own seed,
-   plus a few models trained on poisoned data (`poisonings` x `poison_seeds`), all answering
+   rebuilt, with the harness's minibatch trainer and the reference's training settings),
+   each on its own random sample of `sample_size` training images with its own seed, plus
+   a few models trained on poisoned data (`poisonings` x `poison_seeds`), all answering
    the probe set (`fingerprint.make_probes`). Only their responses on the probes are kept,
    and cached on disk (`cache_dir`, by default `data.cache_dir("detect")`), named by the hash
    of everything they depend on; a second call with the same architecture and data loads them.
@@ -143,8 +144,9 @@ def _cache_key(recipe: str, hidden: int, ds: Dataset, cfg: CalibrationConfig,
     return config_hash(payload)
 
 
-def calibrate(recipe: str | None, hidden: int, ds: Dataset, config: CalibrationConfig | None = None, *,
-              model: Model | None = None, train: TrainConfig | None = None,
+def calibrate(recipe: str | None, hidden: int, ds: Dataset,
+              config: CalibrationConfig | None = None, *, model: Model | None = None,
+              train: TrainConfig | None = None,
               cache: bool = True, cache_path: str | os.PathLike | None = None) -> Calibration:
     """Train (or load from the cache) the calibration set of `recipe` at width `hidden`.
 

@@ -373,7 +373,6 @@ def cmd_poison(args) -> None:
 
 def cmd_detect(args) -> None:
     from mlshift_jax.change import CalibrationConfig, check_pair, detect_pair
-
     from mlshift_jax.recipes import TrainConfig
 
     (model, reference, meta), (other, suspect, _) = (_load_weights(p) for p in (

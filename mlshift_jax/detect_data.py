@@ -2,10 +2,10 @@
 
 Both read the penultimate-layer activations of the model trained on the (possibly poisoned)
 data (`Model.features`; a model without features, such as a user's flax or equinox module,
-gives its outputs, the logits, instead: see `activations`) and work one class at a time. The rows of each class are gathered into
-padded blocks (`class_blocks`), so each detector is one jitted call over all classes (vmap
-over the blocks), never a Python loop over classes; block sizes are rounded up so that few
-shapes (and compiles) occur.
+gives its outputs, the logits, instead: see `activations`) and work one class at a time.
+The rows of each class are gathered into padded blocks (`class_blocks`), so each detector
+is one jitted call over all classes (vmap over the blocks), never a Python loop over
+classes; block sizes are rounded up so that few shapes (and compiles) occur.
 
 - Activation clustering: Chen, Carvalho, Baracaldo, Ludwig, Edwards, Lee, Molloy, Srivastava,
   "Detecting Backdoor Attacks on Deep Neural Networks by Activation Clustering", AAAI SafeAI

@@ -81,7 +81,6 @@ from mlshift_jax.matrix import (
 from mlshift_jax.metrics import SCORE_NAMES, evaluate, evaluate_arrays
 from mlshift_jax.models import Model, predict
 from mlshift_jax.recipes import TrainConfig, fit, get_recipe, model_for, resolve
-from mlshift_jax.weights import flatten, unflatten
 from mlshift_jax.timing import Timing, time_call, time_once
 from mlshift_jax.train import (
     init_population,
@@ -89,6 +88,7 @@ from mlshift_jax.train import (
     train_seed_sgd,
     train_seed_sgd_population,
 )
+from mlshift_jax.weights import flatten, unflatten
 
 CACHE_DIR = ".cache"
 N_EXAMPLES = 6  # images kept per clean / FGSM cell for the report's digit grid
