@@ -388,6 +388,11 @@ def cmd_detect(args) -> None:
         trained = meta.get("train") or {}
         kw["train"] = TrainConfig(**{k: trained.get(k) for k in (
             "lr", "epochs", "batch_size", "optimizer") if trained.get(k) is not None})
+    if 1 / (args.null_models + 1) > args.alpha:
+        print(f"mlshift: warning: with --null-models {args.null_models} the smallest p-value is "
+              f"1/{args.null_models + 1} = {1 / (args.null_models + 1):.3g} > alpha "
+              f"{args.alpha:g}: the verdict can only be 'unchanged' (use >= "
+              f"{math.ceil(1 / args.alpha - 1)})", file=sys.stderr)
     config = CalibrationConfig(sample_size=size, n_null=args.null_models)
     result = detect_pair(reference, suspect, ds, seed=args.seed, alpha=args.alpha,
                          config=config, **kw)
@@ -534,8 +539,8 @@ def _options():
         "sample_size": num("sample_size", None, "training images of each clean retrain in "
                            "the null; match how the reference was trained; default: 10000, "
                            "or all the training images when there are fewer"),
-        "null_models": num("null_models", 24, "clean retrains in the null (the p-value's "
-                           "resolution is 1/(N+1); fewer is faster, coarser)"),
+        "null_models": num("null_models", 24, "clean retrains in the null: the smallest "
+                           "p-value is 1/(N+1), so N >= 19 for alpha 0.05; fewer is faster"),
         "quick": {"action": "store_true", "help": "the CI-sized matrix"},
         "matrix": {"metavar": "FILE.toml",
                    "help": "a matrix TOML file; default bench/matrix.toml (a custom matrix "
