@@ -97,11 +97,13 @@ def plan_for(recipe: str | None, train: TrainConfig | None = None, spec=None, *,
     and for a user Recipe with a trainer of its own (it cannot be vmapped).
     """
     if recipe is None:
-        from mlshift_jax.usermodels import DEFAULTS
+        from mlshift_jax import usermodels
+        from mlshift_jax.recipes import Recipe
 
         if model is None:
             raise ConfigError("population: expected a recipe name or a model, found neither")
-        r = get_recipe("seed-mlp")._replace(name=model.name, defaults=dict(DEFAULTS))
+        r = Recipe(model.name, lambda spec, cfg: model, usermodels.fit,
+                   dict(usermodels.DEFAULTS), "a user's Model, trained as user models are")
     else:
         r = get_recipe(recipe)
     cfg = resolve(r, train or TrainConfig())
