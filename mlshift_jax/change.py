@@ -5,8 +5,10 @@
 
 1. The **calibration set** (`calibrate`): one population (`retrain.train_sampled`, one jit) of
    `n_null` clean retrains of the reference's architecture (its recipe's trainer, its hidden
-   size), each on its own random sample of `sample_size` training images with its own seed,
-   plus a few models trained on poisoned data (`poisonings` x `poison_seeds`), all answering
+   size; a user model "pkg.module:attr" retrains its own Model, the one `weights.load_model`
+   rebuilt, with the harness's minibatch trainer and the reference's training settings),
+   each on its own random sample of `sample_size` training images with its own seed, plus
+   a few models trained on poisoned data (`poisonings` x `poison_seeds`), all answering
    the probe set (`fingerprint.make_probes`). Only their responses on the probes are kept,
    and cached on disk (`cache_dir`, by default `data.cache_dir("detect")`), named by the hash
    of everything they depend on; a second call with the same architecture and data loads them.
@@ -25,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import jax
@@ -38,7 +40,7 @@ from mlshift_jax.data import Dataset, cache_dir, content_hash
 from mlshift_jax.errors import ConfigError, DataError
 from mlshift_jax.files import atomic_path, read_npz
 from mlshift_jax.matrix import config_hash
-from mlshift_jax.models import STUDY_SPEC, Model, Params, build, infer_model
+from mlshift_jax.models import STUDY_SPEC, Model, Params, build, check_spec, infer_model
 from mlshift_jax.poison import make_config
 from mlshift_jax.population import plan_for
 from mlshift_jax.recipes import TrainConfig
@@ -123,30 +125,50 @@ def changed_inputs(model: Model, params: Params, probes: fingerprint.ProbeSet,
     return jnp.stack(out)
 
 
-def _cache_key(recipe: str, hidden: int, ds: Dataset, cfg: CalibrationConfig) -> str:
-    """sha256 (12 hex digits) of the canonical JSON of everything a calibration depends on."""
+def _cache_key(recipe: str, hidden: int, ds: Dataset, cfg: CalibrationConfig,
+               model: Model | None = None, train: TrainConfig | None = None) -> str:
+    """sha256 (12 hex digits) of the canonical JSON of everything a calibration depends on
+    (a user model adds its name and hyper-parameters, a given TrainConfig its fields; the
+    user's code itself is not hashed: clear the cache after editing it)."""
     payload = {"version": CACHE_VERSION, "recipe": recipe, "hidden": hidden,
                "dataset": ds.name, "source": ds.source, "n_train": len(ds.y_train),
                "n_test": len(ds.y_test), "config": asdict(cfg)}
+    if model is not None:
+        payload["model"] = [model.name, repr(model.hparams), list(model.input_shape),
+                            model.n_classes, list(model.input_range)]
+    if train is not None:
+        payload["train"] = asdict(train)
     if tuple(ds.spec) != tuple(STUDY_SPEC):  # MNIST keys as before; other data by content
         payload["data"] = [content_hash(ds), list(ds.image_shape), ds.n_classes,
                            list(ds.input_range)]
     return config_hash(payload)
 
 
-def calibrate(recipe: str, hidden: int, ds: Dataset, config: CalibrationConfig | None = None, *,
+def calibrate(recipe: str | None, hidden: int, ds: Dataset,
+              config: CalibrationConfig | None = None, *, model: Model | None = None,
+              train: TrainConfig | None = None,
               cache: bool = True, cache_path: str | os.PathLike | None = None) -> Calibration:
     """Train (or load from the cache) the calibration set of `recipe` at width `hidden`.
 
-    cache: read and write the cache; cache_path: its folder (default
-    `data.cache_dir("detect")`). The population is one jit.
+    recipe: a built-in JAX recipe or a user ref "pkg.module:attr" (`population.plan_for`), or
+    None for a user's Model without a ref (then `model` is required and the calibration's
+    recipe is its name); model: the Model to retrain (None: the one the recipe builds for
+    `ds`), e.g. the
+    reference's from `weights.load_model`, so its hyper-parameters carry over; train: the
+    TrainConfig the retrains use (lr, batch size, optimizer, epochs; None: the recipe's
+    defaults; `config.epochs`, when set, wins). cache: read and write the cache; cache_path:
+    its folder (default `data.cache_dir("detect")`). The population is one jit. The probes
+    are min(config.probes, test images); the patched ones at most that many.
     """
     cfg = (config or CalibrationConfig()).validate()
-    probes = fingerprint.make_probes(ds.x_test, ds.y_test, n=cfg.probes,
-                                     n_patched=cfg.n_patched, seed=cfg.seed, spec=ds.spec)
+    name = recipe if recipe is not None else getattr(model, "name", None)
+    n_probes = min(cfg.probes, len(ds.y_test))
+    probes = fingerprint.make_probes(ds.x_test, ds.y_test, n=n_probes,
+                                     n_patched=min(cfg.n_patched, n_probes), seed=cfg.seed,
+                                     spec=ds.spec)
     kinds = tuple([f"{k} {f:g}" for k, f in cfg.poisonings] * cfg.poison_seeds)
     folder = Path(cache_path) if cache_path is not None else cache_dir("detect")
-    path = folder / f"calibration-{_cache_key(recipe, hidden, ds, cfg)}.npz"
+    path = folder / f"calibration-{_cache_key(recipe, hidden, ds, cfg, model, train)}.npz"
     if cache and path.exists():
         try:
             f = read_npz(path, what="a cached calibration")
@@ -154,14 +176,17 @@ def calibrate(recipe: str, hidden: int, ds: Dataset, config: CalibrationConfig |
                                            for k in fingerprint.Responses._fields))
             changed = fingerprint.Responses(*(jnp.asarray(f[f"changed_{k}"])
                                               for k in fingerprint.Responses._fields))
-            return Calibration(probes, null, changed, kinds, recipe, hidden, cfg)
+            return Calibration(probes, null, changed, kinds, name, hidden, cfg)
         except (DataError, KeyError, TypeError):  # a damaged cache is rebuilt below
             warnings.warn(f"damaged cache entry {path} treated as missing and rebuilt",
                           stacklevel=2)
     configs = [make_config("clean")] * cfg.n_null + [
         make_config(k, fraction=f) for k, f in cfg.poisonings] * cfg.poison_seeds
     seeds = NULL_STREAM + cfg.seed * 10_000 + np.arange(len(configs))
-    plan = plan_for(recipe, TrainConfig(hidden=hidden, epochs=cfg.epochs), ds.spec)
+    base = train if train is not None else TrainConfig()
+    epochs = cfg.epochs if cfg.epochs is not None else base.epochs
+    plan = plan_for(recipe, replace(base, hidden=hidden, epochs=epochs, seed=0), ds.spec,
+                    model=model)
     pop, _ = train_sampled(plan, configs, ds.x_train, ds.y_train, seeds=seeds.tolist(),
                            size=min(cfg.sample_size, len(ds.y_train)))
     resp = fingerprint.model_responses(plan.arch, pop.params, probes)
@@ -175,13 +200,22 @@ def calibrate(recipe: str, hidden: int, ds: Dataset, config: CalibrationConfig |
                 np.savez(f, **arrays)
         except OSError:
             pass  # an unwritable cache costs time, not correctness
-    return Calibration(probes, null, changed, kinds, recipe, hidden, cfg)
+    return Calibration(probes, null, changed, kinds, name, hidden, cfg)
 
 
-def check_pair(reference: Params, suspect: Params, spec=None) -> str:
-    """The name of the built-in architecture both params are for; ConfigError if they are
-    not the same model. spec (a models.Spec or Dataset): the data's, checked against the
-    params' shapes; None checks the params alone (before the data is loaded)."""
+def check_pair(reference: Params, suspect: Params, spec=None, *, model: Model | None = None,
+               suspect_model: Model | None = None) -> str:
+    """The name of the architecture both params are for; ConfigError if they are not the
+    same model. spec (a models.Spec or Dataset): the data's, checked against the params'
+    shapes; None checks the params alone (before the data is loaded).
+
+    model, suspect_model: the Models the files name (`weights.load_model`; suspect_model
+    defaults to model). Given, params of any pytree (flax, equinox) are compared by their
+    structure and shapes, and the models by name and input spec; None infers a built-in
+    architecture from the arrays' names (`models.infer_model`).
+    """
+    if model is not None:
+        return _check_models(reference, suspect, spec, model, suspect_model or model)
     model, other = (_arch(p, spec) for p in (reference, suspect))
     if other != model:
         raise ConfigError(f"detect: expected the suspect to be a {model} like the "
@@ -195,6 +229,41 @@ def check_pair(reference: Params, suspect: Params, spec=None) -> str:
         if not all(np.all(np.isfinite(np.asarray(v))) for v in params.values()):
             raise DataError(f"detect: expected finite weights in the {name}, found NaN or inf")
     return model
+
+
+def _check_models(reference: Params, suspect: Params, spec, model: Model,
+                  other: Model) -> str:
+    """check_pair for given Models: same name and spec, same pytree shapes, finite weights."""
+    if (model.name, model.spec) != (other.name, other.spec):
+        raise ConfigError(f"detect: expected the suspect to be a {model.name} on images "
+                          f"{tuple(model.input_shape)} with {model.n_classes} classes like the "
+                          f"reference, found a {other.name} on {tuple(other.input_shape)} with "
+                          f"{other.n_classes}")
+    if spec is not None:
+        spec = check_spec(spec)
+        if (tuple(spec.input_shape), spec.n_classes) != (tuple(model.input_shape),
+                                                         model.n_classes):
+            raise ConfigError(f"detect: {model.name} takes images {tuple(model.input_shape)} "
+                              f"with {model.n_classes} classes; the data has "
+                              f"{tuple(spec.input_shape)} with {spec.n_classes}: pass the "
+                              "--dataset the models were trained on")
+    shapes_r = jax.tree.map(np.shape, reference)
+    shapes_s = jax.tree.map(np.shape, suspect)
+    if jax.tree.structure(reference) != jax.tree.structure(suspect) or shapes_r != shapes_s:
+        raise ConfigError(f"detect: expected the suspect's arrays to have the reference's "
+                          f"structure and shapes, found {_shapes(suspect)} against "
+                          f"{_shapes(reference)}")
+    for name, params in (("reference", reference), ("suspect", suspect)):
+        if not all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(params)):
+            raise DataError(f"detect: expected finite weights in the {name}, found NaN or inf")
+    return model.name
+
+
+def _shapes(params: Params) -> dict:
+    from mlshift_jax.weights import path_name
+
+    return {path_name(p): tuple(np.shape(v))
+            for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def _arch(params: Params, spec) -> str:
@@ -214,14 +283,25 @@ def _arch(params: Params, spec) -> str:
 def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *,
                 null: Calibration | None = None, seed: int = 0, alpha: float = fingerprint.ALPHA,
                 config: CalibrationConfig | None = None, cache: bool = True,
-                cache_path: str | os.PathLike | None = None) -> dict:
+                cache_path: str | os.PathLike | None = None, model: Model | None = None,
+                recipe: str | None = None, train: TrainConfig | None = None,
+                suspect_model: Model | None = None) -> dict:
     """Test whether `suspect_params` behaves as a changed version of `reference_params`.
 
-    reference_params, suspect_params: params of the same registered architecture (e.g. from
-    `files.load_params`); ds: the dataset they were trained on (training images for the
+    reference_params, suspect_params: params of the same architecture (e.g. from
+    `weights.load_model`); ds: the dataset they were trained on (training images for the
     clean retrains, test images for the probes); null: a `Calibration` (None: `calibrate`
     one, cached); seed: of the calibration set and of the random input changes; alpha: the
     test's level (its false-positive rate on clean retrains).
+
+    model: the reference's Model (`weights.load_model`); None infers a built-in from the
+    arrays' names. recipe: the recipe its retrains use (default: the model's name for a user
+    model "pkg.module:attr", the built-in trainer of its architecture otherwise); train: the
+    reference's TrainConfig, for the retrains (see `calibrate`); suspect_model: the suspect's
+    Model, checked against model. A user model (any name but the built-in architectures
+    seed-mlp, mlp-ce, cnn) retrains that very Model with the harness's minibatch trainer
+    (`usermodels.DEFAULTS` where `train` leaves a setting None); its calibration reports
+    hidden = the TrainConfig's (unused by the model).
 
     Returns a JSON-able dict: verdict ("changed" / "unchanged"), p_value, alpha, statistic,
     category, category_probabilities, changed_probability, feature_p_values, fingerprint
@@ -229,16 +309,24 @@ def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *
     """
     if not 0.0 < alpha < 1.0:
         raise ConfigError(f"detect: expected alpha in (0, 1), found {alpha!r}")
-    reference = {k: jnp.asarray(v) for k, v in reference_params.items()}
-    suspect = {k: jnp.asarray(v) for k, v in suspect_params.items()}
-    check_pair(reference, suspect, ds.spec)
-    model = infer_model(reference, ds.spec)
-    hidden = hidden_size(model, reference)
+    reference = jax.tree.map(jnp.asarray, reference_params)
+    suspect = jax.tree.map(jnp.asarray, suspect_params)
+    check_pair(reference, suspect, ds.spec, model=model, suspect_model=suspect_model)
+    if model is None:
+        model = infer_model(reference, ds.spec)
+    user = model.name not in RECIPE_OF  # a user's model: retrain the Model itself
+    if recipe is None and not user:
+        recipe = RECIPE_OF[model.name]
+    elif recipe is None and ":" in model.name:
+        recipe = model.name
+    hidden = (hidden_size(model, reference) if not user else (train or TrainConfig()).hidden)
     if null is None:
         cfg = config or CalibrationConfig(seed=seed)
-        null = calibrate(RECIPE_OF[model.name], hidden, ds, cfg, cache=cache,
-                         cache_path=cache_path)
-    if null.hidden != hidden or plan_for(null.recipe, spec=ds.spec).arch.name != model.name:
+        null = calibrate(recipe, hidden, ds, cfg, cache=cache, cache_path=cache_path,
+                         model=model if user else None, train=train)
+    wrong = (null.recipe != (recipe or model.name) if user else
+             plan_for(null.recipe, spec=ds.spec).arch.name != model.name)
+    if null.hidden != hidden or wrong:
         raise ConfigError(f"detect: expected a calibration for {model.name} with hidden "
                           f"{hidden}, found {null.recipe} with hidden {null.hidden}")
     probes = null.probes

@@ -94,10 +94,31 @@ def _emit(fmt: str, payload, table_rows=None, headers="keys") -> None:
                        floatfmt=".4f"))
 
 
-def _load(args) -> data.Dataset:
-    """The dataset the arguments name; then one stderr line saying where the work runs."""
+def _dataset_of(meta: dict) -> str | None:
+    """The dataset a weights file's metadata names, as `--dataset` takes it: a built-in name,
+    or the path of the .npz / IDX folder / CSV folder it was read from (None: none usable)."""
+    found = meta.get("dataset") or {}
+    name, source = found.get("name"), str(found.get("source") or "")
+    if name in data.DATASETS:
+        return name
+    kind, _, where = source.partition(":")
+    if kind == "csv":
+        where = str(Path(where).parent)
+    if kind in ("npz", "idx", "csv") and Path(where).exists():
+        return where
+    return None
+
+
+def _load(args, meta: dict | None = None) -> data.Dataset:
+    """The dataset the arguments name (without --dataset: the one the weights' metadata
+    `meta` names, else mnist); then one stderr line saying where the work runs."""
     from mlshift_jax.sharding import describe_devices
 
+    if args.dataset is None:
+        args.dataset = _dataset_of(meta or {}) or "mnist"
+        if meta and args.dataset != "mnist":
+            print(f"mlshift: dataset {args.dataset} (from the weights' metadata)",
+                  file=sys.stderr)
     ds = data.load(args.dataset, args.data_dir)
     print(f"mlshift: {ds.name} from {ds.source}; {describe_devices()}", file=sys.stderr)
     return ds
@@ -275,7 +296,8 @@ def cmd_attack(args) -> None:
         args.hidden = 200 if args.hidden is None else args.hidden
         args.seed = 0 if args.seed is None else args.seed
         _check_recipe(args)
-    ds = _load(args)
+        meta = None
+    ds = _load(args, meta)
     if args.params and not meta.get("model"):  # a metadata-free file: place it on this data
         model = infer_model(params, ds.spec)
     n = rules.check_at_most(args.n, len(ds.y_test), "--n", f"test images of {ds.name}")
@@ -434,15 +456,29 @@ def cmd_poison(args) -> None:
 
 def cmd_detect(args) -> None:
     from mlshift_jax.change import CalibrationConfig, check_pair, detect_pair
+    from mlshift_jax.recipes import TrainConfig
 
-    (_, reference, _), (_, suspect, _) = (_load_weights(p) for p in (args.reference,
-                                                                   args.suspect))
-    check_pair(reference, suspect)  # before the data loads: a mismatch is one line
-    ds = _load(args)
-    rules.check_at_most(args.sample_size, len(ds.y_train), "--sample-size",
+    (model, reference, meta), (other, suspect, _) = (_load_weights(p) for p in (
+        args.reference, args.suspect))
+    user = ":" in model.name or ":" in other.name  # built-ins: the arrays name the model
+    kw = {"model": model, "suspect_model": other} if user else {}
+    check_pair(reference, suspect, **kw)  # before the data loads: a mismatch is one line
+    ds = _load(args, meta)
+    size = args.sample_size if args.sample_size is not None else min(10_000, len(ds.y_train))
+    rules.check_at_most(size, len(ds.y_train), "--sample-size",
                         f"training images of {ds.name}")
-    config = CalibrationConfig(sample_size=args.sample_size)
-    result = detect_pair(reference, suspect, ds, seed=args.seed, alpha=args.alpha, config=config)
+    if user:  # retrain as the reference was trained (its metadata's settings)
+        trained = meta.get("train") or {}
+        kw["train"] = TrainConfig(**{k: trained.get(k) for k in (
+            "lr", "epochs", "batch_size", "optimizer") if trained.get(k) is not None})
+    if 1 / (args.null_models + 1) > args.alpha:
+        print(f"mlshift: warning: with --null-models {args.null_models} the smallest p-value is "
+              f"1/{args.null_models + 1} = {1 / (args.null_models + 1):.3g} > alpha "
+              f"{args.alpha:g}: the verdict can only be 'unchanged' (use >= "
+              f"{math.ceil(1 / args.alpha - 1)})", file=sys.stderr)
+    config = CalibrationConfig(sample_size=size, n_null=args.null_models)
+    result = detect_pair(reference, suspect, ds, seed=args.seed, alpha=args.alpha,
+                         config=config, **kw)
     if args.format == "json":
         print(strict_json(result))
         return
@@ -593,8 +629,11 @@ def _options():
                     "help": "params of the model to test"},
         "alpha": num("alpha", 0.05, "the test's level (its false-positive rate on clean "
                      "retrains)"),
-        "sample_size": num("sample_size", 10_000, "training images of each clean retrain in "
-                           "the null; match how the reference was trained"),
+        "sample_size": num("sample_size", None, "training images of each clean retrain in "
+                           "the null; match how the reference was trained; default: 10000, "
+                           "or all the training images when there are fewer"),
+        "null_models": num("null_models", 24, "clean retrains in the null: the smallest "
+                           "p-value is 1/(N+1), so N >= 19 for alpha 0.05; fewer is faster"),
         "quick": {"action": "store_true", "help": "the CI-sized matrix"},
         "matrix": {"metavar": "FILE.toml",
                    "help": "a matrix TOML file; default bench/matrix.toml (a custom matrix "
@@ -658,6 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
             "defense", "steps", "restarts",
             model={"default": None, "metavar": "NAME|PKG.MOD:ATTR",
                    "help": "train this model first instead of loading --params"},
+            dataset={"default": None, "metavar": "NAME|PATH",
+                     "help": "a built-in dataset or a path; default: with --params, the one "
+                     "the weights' metadata names, else mnist"},
             hidden={**none_default, "help": "hidden width with --model (default 200): "
                     f"{rules.describe('hidden')}"},
             seed={**none_default, "help": "seed of training and of random attacks (default 0): "
@@ -666,7 +708,10 @@ def build_parser() -> argparse.ArgumentParser:
             "triggered", *DATA, *TRAIN_OPTIONS, "kind", "fraction", "patch", "target", "mode",
             "source", "sweep")
     command("detect", cmd_detect, "has the suspect model changed from the reference, and how?",
-            *DATA, "reference", "suspect", "alpha", "sample_size", "seed")
+            *DATA, "reference", "suspect", "alpha", "sample_size", "null_models", "seed",
+            dataset={"default": None, "metavar": "NAME|PATH",
+                     "help": "the dataset the models were trained on; default: the one the "
+                     "reference's metadata names, else mnist"})
     command("bench", cmd_bench, "run the experiment matrix and write results/<platform>/",
             "quick", "matrix", "only", "out", "force", "distributed", "data_dir", "dataset",
             dataset={"default": None, "metavar": "NAME|PATH",

@@ -1,10 +1,11 @@
 """Training-data detectors: which training samples are poisoned?
 
 Both read the penultimate-layer activations of the model trained on the (possibly poisoned)
-data (`models.HIDDEN`) and work one class at a time. The rows of each class are gathered into
-padded blocks (`class_blocks`), so each detector is one jitted call over all classes (vmap
-over the blocks), never a Python loop over classes; block sizes are rounded up so that few
-shapes (and compiles) occur.
+data (`Model.features`; a model without features, such as a user's flax or equinox module,
+gives its outputs, the logits, instead: see `activations`) and work one class at a time.
+The rows of each class are gathered into padded blocks (`class_blocks`), so each detector
+is one jitted call over all classes (vmap over the blocks), never a Python loop over
+classes; block sizes are rounded up so that few shapes (and compiles) occur.
 
 - Activation clustering: Chen, Carvalho, Baracaldo, Ludwig, Edwards, Lee, Molloy, Srivastava,
   "Detecting Backdoor Attacks on Deep Neural Networks by Activation Clustering", AAAI SafeAI
@@ -53,18 +54,19 @@ def activations(model: Model, params: Params, x: jax.Array, *,
                 batch_size: int = 2048) -> jax.Array:
     """Penultimate-layer activations `model.features`: x: [n, D] -> [n, F].
 
-    Computed `batch_size` examples at a time (lax.map) to bound memory. ConfigError for a
-    model without `features`.
+    A model without `features` (user models: flax, nnx, equinox modules and Model records
+    that define none) gives its outputs `model.apply` instead, the logits [n, K]: the
+    detectors then cluster / project the logits, a weaker signal than the penultimate layer
+    the papers use (K dimensions, after the last layer). Computed `batch_size` examples at a
+    time (lax.map) to bound memory.
     """
-    if model.features is None:
-        raise ConfigError(f"activations: expected a model with features (its penultimate "
-                          f"layer), found {model.name} without")
     return _activations(model, params, x, batch_size=batch_size)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "batch_size"))
 def _activations(model: Model, params: Params, x: jax.Array, *, batch_size: int) -> jax.Array:
-    return jax.lax.map(lambda xi: model.features(params, xi), x, batch_size=batch_size)
+    layer = model.features if model.features is not None else model.apply
+    return jax.lax.map(lambda xi: layer(params, xi), x, batch_size=batch_size)
 
 
 def _n_classes(labels, n_classes: int | None) -> int:

@@ -27,6 +27,10 @@ A matrix file (see `bench/matrix.toml`) has these tables; every key not listed i
                   probe_n (images the obfuscation probe uses)
 
 n_train / n_test cap the data to its first n images (file order); absent means all of it.
+A model is a built-in recipe name or a user model "pkg.module:attr" (`usermodels`; its module
+on PYTHONPATH or in the working folder, imported when the matrix expands; `[train."pkg.mod:attr"]`
+sets its training). A cell's hash covers the ref, not the user's code: after editing the
+model, rerun with --force.
 
 `load(path) -> Matrix`; `cells(matrix) -> tuple[Cell, ...]`. A `Cell` is one unit of work and
 of caching: `kind` says what it runs ("attack", "stability", "speed", "poison", "detect"),
@@ -463,6 +467,22 @@ class _Checker:
         return tuple(self.float_(e, where) for e in self.list_(value, where))
 
 
+def is_model_ref(value: Any) -> bool:
+    """Whether value is spelled as a user model reference "pkg.module:attr" (identifiers;
+    the module is imported only when the matrix expands, by `recipes.get_recipe`)."""
+    if not isinstance(value, str):
+        return False
+    module, sep, attr = value.partition(":")
+    return bool(sep) and all(p.isidentifier() for p in module.split(".") + attr.split("."))
+
+
+class _Models(frozenset):
+    """The built-in recipe names; `in` also holds for a user ref "pkg.module:attr"."""
+
+    def __contains__(self, value: Any) -> bool:
+        return super().__contains__(value) or is_model_ref(value)
+
+
 def _attack_option_keys(name: str) -> set[str]:
     """The keyword-only options of attack `name` a matrix may set (steps, step_size, ...)."""
     params = inspect.signature(get_attack(name).fn).parameters.values()
@@ -486,7 +506,7 @@ def parse(text: str, path: str = "<matrix>") -> Matrix:
                                  "e1", "e2", "e3", "speed", "poison", "detect", "defenses"},
               {"matrix"})
     sources = _parse_sources(chk, raw.get("datasets", {}), Path(path).parent)
-    models, attacks = set(RECIPES), set(ATTACKS)
+    models, attacks = _Models(RECIPES), set(ATTACKS)
     datasets = set(DATASETS) | {name for name, _ in sources}
 
     def dataset(v, w):

@@ -81,19 +81,57 @@ class Population(NamedTuple):
     plan: Plan
 
 
-def plan_for(recipe: str, train: TrainConfig | None = None, spec=None) -> Plan:
+def plan_for(recipe: str | None, train: TrainConfig | None = None, spec=None, *,
+             model: Model | None = None) -> Plan:
     """The training plan of recipe `recipe` with `train`'s settings (recipe defaults filled)
-    for data of `spec` (a models.Spec, Dataset or Model; default: the study's MNIST)."""
-    r = get_recipe(recipe)
+    for data of `spec` (a models.Spec, Dataset or Model; default: the study's MNIST).
+
+    recipe: a JAX built-in ("seed-mlp", "mlp-sgd", "mlp-ce", "cnn") or a user model
+    "pkg.module:attr" that the harness trains (a flax / nnx / equinox module or a
+    models.Model record: `train.train_minibatch` on its Model, so a population is a vmap of
+    that over members, each initialised by the Model's `init(key)`). model: the Model to
+    train (e.g. the one `weights.load_model` rebuilt, with its hyper-parameters) instead of
+    the one the recipe builds; it must take the spec's images and classes. recipe None: a
+    user's Model with no ref (`usermodels.wrap` of a Python object), trained as user models
+    are (`usermodels.DEFAULTS`); model is then required. ConfigError for the numpy baseline
+    and for a user Recipe with a trainer of its own (it cannot be vmapped).
+    """
+    if recipe is None:
+        from mlshift_jax import usermodels
+        from mlshift_jax.recipes import Recipe
+
+        if model is None:
+            raise ConfigError("population: expected a recipe name or a model, found neither")
+        r = Recipe(model.name, lambda spec, cfg: model, usermodels.fit,
+                   dict(usermodels.DEFAULTS), "a user's Model, trained as user models are")
+    else:
+        r = get_recipe(recipe)
     cfg = resolve(r, train or TrainConfig())
-    arch = r.build(check_spec(STUDY_SPEC if spec is None else spec), cfg)
-    if r.name == "seed-mlp":
+    spec = check_spec(STUDY_SPEC if spec is None else spec)
+    if recipe is not None and ":" in r.name and not _harness_trained(r):
+        raise ConfigError(f"population: {recipe!r} is a Recipe with its own fit; populations "
+                          "(poison, detect's calibration) train models the harness trains "
+                          "(a flax, nnx or equinox module or a models.Model record)")
+    arch = r.build(spec, cfg) if model is None else model
+    if (tuple(arch.input_shape), int(arch.n_classes)) != (tuple(spec.input_shape),
+                                                           int(spec.n_classes)):
+        raise ConfigError(f"population: model {arch.name} takes images "
+                          f"{tuple(arch.input_shape)} with {arch.n_classes} classes; the data "
+                          f"has {tuple(spec.input_shape)} with {spec.n_classes}")
+    if recipe is not None and r.name == "seed-mlp":
         return Plan(r.name, "seed-sgd", arch, cfg.hidden, float(cfg.lr), cfg.epochs)
     if cfg.batch_size is None or cfg.optimizer is None:
         raise ConfigError(f"population: expected a JAX recipe (seed-mlp or a minibatch one), "
                           f"found {recipe!r}")
     return Plan(r.name, "minibatch", arch, cfg.hidden, float(cfg.lr), cfg.epochs,
                 cfg.optimizer, cfg.batch_size)
+
+
+def _harness_trained(recipe) -> bool:
+    """Whether a user recipe trains with the harness's minibatch trainer (usermodels.fit)."""
+    from mlshift_jax import usermodels
+
+    return recipe.fit is usermodels.fit
 
 
 def check_data(plan: Plan, x, y) -> None:

@@ -91,6 +91,7 @@ from mlshift_jax.train import (
     train_seed_sgd,
     train_seed_sgd_population,
 )
+from mlshift_jax.weights import flatten, unflatten
 
 CACHE_DIR = ".cache"
 N_EXAMPLES = 6  # images kept per clean / FGSM cell for the report's digit grid
@@ -310,7 +311,8 @@ def _trained(spec: TrainSpec, loaded: Loaded, memo: _Memo, cache: Path,
     params = None
     if not force and (path.exists() or meta_path.exists()):
         try:  # diverged params are cached as they are: the record flags them (params_finite)
-            params, meta = load_params(path, finite=False), json.loads(meta_path.read_text())
+            params = unflatten(load_params(path, finite=False))  # nested for user models
+            meta = json.loads(meta_path.read_text())
             meta = {"train_s": float(meta["train_s"]), "n_train": int(meta["n_train"])}
         except (DataError, OSError, ValueError, KeyError, TypeError):
             memo.damaged.append(f"params/{path.name}")
@@ -319,12 +321,12 @@ def _trained(spec: TrainSpec, loaded: Loaded, memo: _Memo, cache: Path,
         ds = capped(loaded.ds, spec.n_train, None)
         timing, params = _once(partial(fit, spec.model, spec.train_config(), spec=ds.spec),
                                ds.x_train, ds.y_train)
-        params = {k: np.asarray(v) for k, v in params.items()}
+        params = jax.tree.map(np.asarray, params)
         meta = {"train_s": timing.median_s, "n_train": len(ds.y_train)}
         if jax.process_index() == 0:
-            save_params(path, params)
+            save_params(path, flatten(params))  # "a/b/0" names: any pytree (flax, equinox)
             write_text(meta_path, json.dumps(meta))
-    finite = all(bool(np.all(np.isfinite(v))) for v in params.values())
+    finite = all(bool(np.all(np.isfinite(v))) for v in jax.tree.leaves(params))
     trained = _Trained(model_for(spec.model, loaded.ds.spec, spec.train_config()),
                        jax.device_put(params), meta["train_s"], meta["n_train"], finite)
     memo.trained[key] = trained

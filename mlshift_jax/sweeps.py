@@ -419,7 +419,8 @@ def poison_one(ds: Dataset, *, kind: str, fraction: float = 0.1, patch: int = SW
     "bottom-right", "per-class" or (row, col). Returns a JSON-ready dict: the cell's config
     and CELL_COLUMNS (clean_accuracy, precision, recall, f1, asr, ...), train_seconds (the
     compiled training run), compile_seconds, train_size, model, backend, params_finite
-    (False: the training diverged) and, with keep_params, "params" (the trained model's).
+    (False: the training diverged) and, with keep_params, "params" (the trained model's,
+    the pytree its `init` returns: nested dicts for flax / equinox models).
     ConfigError when a fraction > 0 poisons no image (naming the eligible count); an ASR
     with no eligible test image is None, never 0.
     """
@@ -441,8 +442,8 @@ def poison_one(ds: Dataset, *, kind: str, fraction: float = 0.1, patch: int = SW
                       n_train=n_train, keep=kept, lr=lr, batch_size=batch_size,
                       optimizer=optimizer)
     row = {k: _plain(v) for k, v in table.iloc[0].to_dict().items()}
-    params = {k: np.asarray(v[0]) for k, v in kept["params"].items()}
-    finite = all(bool(np.all(np.isfinite(v))) for v in params.values())
+    params = jax.tree.map(lambda v: np.asarray(v[0]), kept["params"])  # any pytree
+    finite = all(bool(np.all(np.isfinite(v))) for v in jax.tree.leaves(params))
     a = table.attrs
     return {**row, "train_seconds": a["train_s"], "compile_seconds": a["compile_s"],
             "train_size": a["n_train"], "epochs": a["epochs"], "hidden": hidden,
