@@ -536,6 +536,7 @@ def cmd_bench(args) -> None:
               "(pass --out to choose)", file=sys.stderr)
     print(f"mlshift: bench {matrix} -> {out}; {describe_devices()}", file=sys.stderr)
     start = time.perf_counter()
+    _interrupt.cells = out / runner.CACHE_DIR / "cells"  # Ctrl-C before run() knows its cells
     records = runner.run(matrix, out_dir=out, only=args.only, force=args.force,
                          data_dir=args.data_dir, dataset=args.dataset,
                          sample_out_dir=sample_out)
@@ -733,13 +734,23 @@ def _interrupt(signum, frame):
 
 
 _interrupt.seen = False
+_interrupt.cells = None  # bench: the folder of cached cell records, once it is known
+
+
+def _interrupted_line() -> str:
+    """What Ctrl-C prints: for bench, how many cell records its cache holds."""
+    cells = _interrupt.cells
+    if cells is None:
+        return "mlshift: interrupted"
+    held = len(list(Path(cells).glob("*.json"))) if Path(cells).is_dir() else 0
+    return f"mlshift: interrupted: {held} cells cached; rerun to resume"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
     from mlshift_jax.runner import Interrupted
 
-    _interrupt.seen = False
+    _interrupt.seen, _interrupt.cells = False, None
     try:
         previous = signal.signal(signal.SIGINT, _interrupt)
     except ValueError:  # not the main thread: leave signals alone
@@ -769,12 +780,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        print("mlshift: interrupted", file=sys.stderr)
+        print(_interrupted_line(), file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     if _interrupt.seen:  # swallowed somewhere (a callback, a __del__): still an interrupt
-        print("mlshift: interrupted", file=sys.stderr)
+        print(_interrupted_line(), file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0

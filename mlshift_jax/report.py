@@ -854,7 +854,8 @@ _NOT_MEASURES = frozenset({"data_source", "is_sample", "data_hash", "backend",
 # the key columns of a detail table's rows (the rest are its measures); a table not named
 # here is keyed by its index
 _ROW_KEYS = {"input_detectors": ("attack", "eps", "detector"),
-             "training_data": ("detector", "change"), "rows": ("impl",)}
+             "training_data": ("detector", "change"),
+             "rows": ("impl", "column", "attack", "eps")}  # a speed cell's or a defense's
 _SKIPPED_DETAIL = frozenset({"examples", "detectors"})  # digit images; the detectors' docs
 
 
@@ -891,10 +892,10 @@ def _table_entries(name: str, table: Any) -> list[dict[str, Any]]:
         rows = list(enumerate(table))
     else:
         rows = [("", table)]
-    keys = _ROW_KEYS.get(name, ())
     out = []
     for index, values in rows:
-        key = _row_key(values, keys) if keys else str(index)
+        keys = tuple(k for k in _ROW_KEYS.get(name, ()) if k in values)  # a speed cell's
+        key = _row_key(values, keys) if keys else str(index)  # "rows" are not a defense's
         for measure, value in values.items():
             if measure in keys or measure == "note":  # a speed row's note: tables.md has it
                 continue

@@ -848,7 +848,12 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
         raise ConfigError(f"{matrix_path}: no cell id matches {only!r}; ids look like "
                           f"{cells(mx)[0].id!r}")
     names = list(dict.fromkeys(_dataset_of(c) for c in selected))
-    loaded, skipped = _load_datasets(names, mx, data_dir)
+    try:
+        loaded, skipped = _load_datasets(names, mx, data_dir)
+    except KeyboardInterrupt:  # before any cell ran: say what the cache already holds
+        cells_dir = Path(out_dir) / CACHE_DIR / "cells"
+        held = sum((cells_dir / f"{c.hash}.json").is_file() for c in selected)
+        raise Interrupted(held, len(selected)) from None
     if not loaded:
         raise DataError(f"{matrix_path}: no dataset of the matrix could be loaded: "
                         + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
