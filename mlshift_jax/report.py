@@ -894,6 +894,8 @@ def _table_entries(name: str, table: Any) -> list[dict[str, Any]]:
         rows = [("", table)]
     out = []
     for index, values in rows:
+        if not isinstance(values, dict):  # a list of plain values (a defense's flags)
+            values = {"value": values}
         keys = tuple(k for k in _ROW_KEYS.get(name, ()) if k in values)  # a speed cell's
         key = _row_key(values, keys) if keys else str(index)  # "rows" are not a defense's
         for measure, value in values.items():
