@@ -144,6 +144,15 @@ def _cache_key(recipe: str, hidden: int, ds: Dataset, cfg: CalibrationConfig,
     return config_hash(payload)
 
 
+def _within(config, n_classes: int):
+    """config with its target class (the study's 3 by default) moved to the last class where
+    the data has fewer classes (a 3-class dataset has no class 3)."""
+    target = getattr(config, "target", None)
+    if target is not None and target >= n_classes:
+        return replace(config, target=n_classes - 1)
+    return config
+
+
 def calibrate(recipe: str | None, hidden: int, ds: Dataset,
               config: CalibrationConfig | None = None, *, model: Model | None = None,
               train: TrainConfig | None = None,
@@ -181,7 +190,8 @@ def calibrate(recipe: str | None, hidden: int, ds: Dataset,
             warnings.warn(f"damaged cache entry {path} treated as missing and rebuilt",
                           stacklevel=2)
     configs = [make_config("clean")] * cfg.n_null + [
-        make_config(k, fraction=f) for k, f in cfg.poisonings] * cfg.poison_seeds
+        _within(make_config(k, fraction=f), ds.n_classes)
+        for k, f in cfg.poisonings] * cfg.poison_seeds
     seeds = NULL_STREAM + cfg.seed * 10_000 + np.arange(len(configs))
     base = train if train is not None else TrainConfig()
     epochs = cfg.epochs if cfg.epochs is not None else base.epochs

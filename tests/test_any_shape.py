@@ -373,3 +373,28 @@ def test_check_pair_places_weights_without_the_data(colour):
     with pytest.raises(ConfigError, match="like the reference"):
         check_pair(models.build("seed-mlp", colour, 8).init(KEY),
                    models.build("mlp-ce", colour, 8).init(KEY))
+
+
+def test_detect_calibration_on_fewer_than_four_classes(tmp_path):
+    """The calibration's poisonings aim at a class the data has (the study's target is 3)."""
+    from mlshift_jax import change
+
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        y = rng.integers(0, 3, n)
+        x = rng.integers(0, 40, (n, 8, 8)).astype(np.uint8)
+        for i, c in enumerate(y):
+            x[i, 3, :] = 255 if c == 0 else x[i, 3, :]
+            x[i, :, 3] = 255 if c == 1 else x[i, :, 3]
+            if c == 2:
+                np.fill_diagonal(x[i], 255)
+        return x, y
+
+    (xt, yt), (xs, ys) = make(300), make(100)
+    np.savez(tmp_path / "three.npz", x_train=xt, y_train=yt, x_test=xs, y_test=ys)
+    ds = data.load(str(tmp_path / "three.npz"))
+    cfg = change.CalibrationConfig(n_null=3, sample_size=200, probes=60, n_patched=10,
+                                   poison_seeds=1)
+    cal = change.calibrate("mlp-ce", 8, ds, cfg, cache=False)
+    assert ds.n_classes == 3 and len(cal.changed_kinds) == len(cfg.poisonings)
