@@ -25,14 +25,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlshift_jax import attacks, data
-from mlshift_jax.files import write_text
-from mlshift_jax.models import SEED_MLP
-from mlshift_jax.report import platform_name
-from mlshift_jax.runner import fgsm_flops
-from mlshift_jax.sharding import describe_devices
-from mlshift_jax.timing import time_call
-from mlshift_jax.train import init_population, train_seed_sgd_population
+from mlshift_jax.attacks import evasion
+from mlshift_jax.bench.report import platform_name
+from mlshift_jax.bench.runner import fgsm_flops
+from mlshift_jax.core.files import write_text
+from mlshift_jax.core.sharding import describe_devices
+from mlshift_jax.core.timing import time_call
+from mlshift_jax.data import datasets
+from mlshift_jax.models.train import init_population, train_seed_sgd_population
+from mlshift_jax.models.zoo import SEED_MLP
 
 N_IN = 784
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = data.load("mnist")
+        ds = datasets.load("mnist")
     reps = -(-args.images // len(ds.x_train))
     x = jax.device_put(np.tile(ds.x_train, (reps, 1))[: args.images])
     y = jax.device_put(np.tile(ds.y_train, reps)[: args.images])
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rate, _ = matmul_rate(args.gemm)
     bw = bandwidth(256 * 2**20)
-    fgsm_t = time_call(lambda: attacks.fgsm(SEED_MLP, params, x, y, eps=0.1), rounds=10)
+    fgsm_t = time_call(lambda: evasion.fgsm(SEED_MLP, params, x, y, eps=0.1), rounds=10)
     flops, n_bytes = fgsm_cost(args.images, args.hidden)
     floor_s = max(flops / rate, n_bytes / bw)
 

@@ -3,7 +3,7 @@
 Run by `make bench-micro` (`pytest bench -q --benchmark-only --benchmark-autosave`). All four
 cases share one pytest-benchmark group, "fgsm", so the table compares them directly:
 
-- jax:            `attacks.fgsm` (one jit(vmap(grad))), inputs device-resident, compile
+- jax:            `evasion.fgsm` (one jit(vmap(grad))), inputs device-resident, compile
                   excluded by a warmup call, every call ended by `jax.block_until_ready`;
 - numpy-batched:  `baseline.fgsm_batched` in float32 (four matmuls in matrix form);
 - numpy-loop:     `baseline.fgsm_loop`, one image at a time as the study did (3 rounds);
@@ -23,9 +23,11 @@ import jax
 import numpy as np
 import pytest
 
-from mlshift_jax import attacks, baseline, data
-from mlshift_jax.models import SEED_MLP
-from mlshift_jax.runner import fgsm_flops
+from mlshift_jax.attacks import evasion
+from mlshift_jax.bench.runner import fgsm_flops
+from mlshift_jax.data import datasets
+from mlshift_jax.models import baseline
+from mlshift_jax.models.zoo import SEED_MLP
 
 EPS = 0.1
 HIDDEN = 200
@@ -36,8 +38,8 @@ N_FIT = 2000
 def case():
     """The test set (all of it: 10k images with the full MNIST) and float32 seed-MLP weights."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", data.SampleDataWarning)
-        ds = data.load("mnist")
+        warnings.simplefilter("ignore", datasets.SampleDataWarning)
+        ds = datasets.load("mnist")
     net = baseline.neuralNetwork(784, HIDDEN, 10, 0.1, rng=np.random.default_rng(0))
     net.train_epoch(np.asarray(ds.x_train[:N_FIT], np.float64), ds.y_train[:N_FIT])
     return {
@@ -60,7 +62,7 @@ def test_fgsm_jax(benchmark, case):
     x, y = jax.device_put(case["x"]), jax.device_put(case["y"])
 
     def run():
-        return jax.block_until_ready(attacks.fgsm(SEED_MLP, params, x, y, eps=EPS))
+        return jax.block_until_ready(evasion.fgsm(SEED_MLP, params, x, y, eps=EPS))
 
     x_adv = run()  # trace + compile, not timed
     benchmark(run)

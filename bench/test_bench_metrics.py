@@ -14,10 +14,10 @@ import jax
 import numpy as np
 import pytest
 
-from mlshift_jax import data
-from mlshift_jax.metrics import SCORE_NAMES, evaluate_arrays
-from mlshift_jax.models import SEED_MLP
-from mlshift_jax.runner import numpy_evaluate
+from mlshift_jax.bench.runner import numpy_evaluate
+from mlshift_jax.data import datasets
+from mlshift_jax.models.metrics import SCORE_NAMES, evaluate_arrays
+from mlshift_jax.models.zoo import SEED_MLP
 
 HIDDEN = 200
 
@@ -28,7 +28,7 @@ def scored():
     the weights) and whatever MNIST test set is here."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = data.load("mnist")
+        ds = datasets.load("mnist")
     params = SEED_MLP.init(jax.random.key(0), n_hidden=HIDDEN)
     return params, ds.x_test, ds.y_test, ds.source
 

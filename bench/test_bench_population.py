@@ -21,9 +21,12 @@ import warnings
 import jax
 import pytest
 
-from mlshift_jax import data, poison, population, sweeps
-from mlshift_jax.recipes import TrainConfig, fit
-from mlshift_jax.timing import time_call
+from mlshift_jax.bench import sweeps
+from mlshift_jax.core.timing import time_call
+from mlshift_jax.data import datasets
+from mlshift_jax.models import population
+from mlshift_jax.models.recipes import TrainConfig, fit
+from mlshift_jax.poisoning import poison
 
 N_TRAIN = 10_000
 ROUNDS = 3
@@ -36,8 +39,8 @@ RECIPES = {  # modest, so that `make bench-micro` stays a few minutes
 @pytest.fixture(scope="module")
 def case():
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", data.SampleDataWarning)
-        ds = data.load("mnist")
+        warnings.simplefilter("ignore", datasets.SampleDataWarning)
+        ds = datasets.load("mnist")
     n = min(N_TRAIN, len(ds.y_train))
     return {"x": ds.x_train[:n], "y": ds.y_train[:n], "source": ds.source,
             "configs": sweeps.proportion_configs("mixture")}

@@ -15,10 +15,11 @@ import jax
 import numpy as np
 import pytest
 
-from mlshift_jax import baseline, data
-from mlshift_jax.models import SEED_MLP, STUDY_SPEC
-from mlshift_jax.recipes import TrainConfig, get_recipe, resolve
-from mlshift_jax.train import train_minibatch, train_seed_sgd
+from mlshift_jax.data import datasets
+from mlshift_jax.models import baseline
+from mlshift_jax.models.recipes import TrainConfig, get_recipe, resolve
+from mlshift_jax.models.train import train_minibatch, train_seed_sgd
+from mlshift_jax.models.zoo import SEED_MLP, STUDY_SPEC
 
 HIDDEN = 200
 LR = 0.1
@@ -31,7 +32,7 @@ def train_set():
     """The first N_JAX training images of whatever MNIST is here (full, else the sample)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = data.load("mnist")
+        ds = datasets.load("mnist")
     return ds.x_train[:N_JAX], ds.y_train[:N_JAX], ds.source
 
 

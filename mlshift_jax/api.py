@@ -1,6 +1,6 @@
 """The public Python API in a few calls (re-exported by `mlshift_jax`):
 
-    ds = load_dataset("mnist" or "data.npz")          -> data.Dataset
+    ds = load_dataset("mnist" or "data.npz")          -> datasets.Dataset
     model, params = fit(Net(), ds, epochs=2)           built-in name, "pkg.mod:attr", a flax /
                                                        equinox / Model / Recipe object, or a Model
     x_adv = attack("fgsm", model, params, x, y, eps=0.1)
@@ -24,20 +24,20 @@ from typing import Any
 import jax
 import numpy as np
 
-from mlshift_jax import recipes, usermodels
-from mlshift_jax.errors import ConfigError
-from mlshift_jax.models import Model, Params
+from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.models import recipes, usermodels
+from mlshift_jax.models.zoo import Model, Params
 
 # the recipe each Model built here came from, so fit(model, ...) retrains it the same way
 _RECIPE_OF: dict[Model, Any] = {}
 
 
 def load_dataset(name: str = "mnist", data_dir=None, **kw):
-    """`data.load`: a built-in dataset name (or, with the contract's data readers, a path to
-    a keras-style .npz, an IDX folder or CSVs). Returns a `data.Dataset`."""
-    from mlshift_jax import data
+    """`datasets.load`: a built-in dataset name (or, with the contract's data readers, a path to
+    a keras-style .npz, an IDX folder or CSVs). Returns a `datasets.Dataset`."""
+    from mlshift_jax.data import datasets
 
-    return data.load(name, data_dir, **kw)
+    return datasets.load(name, data_dir, **kw)
 
 
 def _recipe_of(model) -> tuple[Any, Model | None]:
@@ -91,7 +91,7 @@ def attack(name: str, model: Model, params: Params, x, y, *, eps: float, seed: i
     """Attack `name` ("fgsm", "pgd", "noise-sign", ...; `attacks.ATTACKS`) at L∞ budget eps,
     clipped to the model's input range; random attacks draw from `attacks.attack_key(seed)`.
     x: [n, D], y: [n] -> x_adv: [n, D]."""
-    from mlshift_jax.attacks import attack_key, get_attack
+    from mlshift_jax.attacks.evasion import attack_key, get_attack
 
     lo, hi = model.input_range
     kw.setdefault("lo", lo)
@@ -104,7 +104,7 @@ def attack(name: str, model: Model, params: Params, x, y, *, eps: float, seed: i
 
 def evaluate(model: Model, params: Params, x, y) -> dict[str, float]:
     """accuracy, precision, recall, f1 (macro over the model's classes) and confidence."""
-    from mlshift_jax.metrics import evaluate as _evaluate
+    from mlshift_jax.models.metrics import evaluate as _evaluate
 
     return _evaluate(model, params, x, y, n_classes=model.n_classes)
 
@@ -112,7 +112,7 @@ def evaluate(model: Model, params: Params, x, y) -> dict[str, float]:
 def poison_dataset(ds, kind: str, *, seed: int = 0, **settings):
     """ds with its training split poisoned: (Dataset, mask: bool [n]) (`poison.make_config`
     settings: fraction, patch, target, mode, ...). The test split is left clean."""
-    from mlshift_jax import poison as _poison
+    from mlshift_jax.poisoning import poison as _poison
 
     config = _poison.make_config(kind, **settings)
     x, y, mask = _poison.apply(jax.random.key(seed), ds.x_train, ds.y_train, config)
@@ -126,7 +126,7 @@ def poison_dataset(ds, kind: str, *, seed: int = 0, **settings):
 def detect_inputs(model: Model, params: Params, x) -> dict[str, np.ndarray]:
     """Per-input detector scores {confidence, margin, entropy, squeezing: [n]}, higher =
     more likely adversarial or noisy (`detect.input_scores`; squeezing: Xu et al. 2018)."""
-    from mlshift_jax.detect import input_scores
+    from mlshift_jax.detection.detect import input_scores
 
     return {k: np.asarray(v) for k, v in input_scores(model, params, x).items()}
 
@@ -134,7 +134,7 @@ def detect_inputs(model: Model, params: Params, x) -> dict[str, np.ndarray]:
 def detect_change(model: Model, reference: Params, suspect: Params, ds, **kw) -> dict:
     """Has `suspect` changed from `reference` (same model), and how? `change.detect_pair`
     against a null of clean retrains on ds: verdict, p_value, category, fingerprint."""
-    from mlshift_jax.change import detect_pair
+    from mlshift_jax.detection.change import detect_pair
 
     if "model" in inspect.signature(detect_pair).parameters:
         return detect_pair(reference, suspect, ds, model=model, **kw)
@@ -147,13 +147,13 @@ def detect_change(model: Model, reference: Params, suspect: Params, ds, **kw) ->
 
 def roc_auc(scores, labels) -> float:
     """ROC-AUC of scores against 0/1 labels (`detect.roc_auc`)."""
-    from mlshift_jax.detect import roc_auc as _roc_auc
+    from mlshift_jax.detection.detect import roc_auc as _roc_auc
 
     return _roc_auc(scores, labels)
 
 
 def run_matrix(path, *, out_dir, only: str | None = None, force: bool = False):
     """Run an experiment matrix (TOML) into out_dir; its records as a DataFrame."""
-    from mlshift_jax.runner import run
+    from mlshift_jax.bench.runner import run
 
     return run(path, out_dir=out_dir, only=only, force=force)

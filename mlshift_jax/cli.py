@@ -23,8 +23,10 @@ import jax
 import numpy as np
 from tabulate import tabulate
 
-from mlshift_jax import __version__, data, rules
-from mlshift_jax.errors import ConfigError, MlshiftError
+from mlshift_jax import __version__
+from mlshift_jax.core import rules
+from mlshift_jax.core.errors import ConfigError, MlshiftError
+from mlshift_jax.data import datasets
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -99,7 +101,7 @@ def _dataset_of(meta: dict) -> str | None:
     or the path of the .npz / IDX folder / CSV folder it was read from (None: none usable)."""
     found = meta.get("dataset") or {}
     name, source = found.get("name"), str(found.get("source") or "")
-    if name in data.DATASETS:
+    if name in datasets.DATASETS:
         return name
     kind, _, where = source.partition(":")
     if kind == "csv":
@@ -109,22 +111,22 @@ def _dataset_of(meta: dict) -> str | None:
     return None
 
 
-def _load(args, meta: dict | None = None) -> data.Dataset:
+def _load(args, meta: dict | None = None) -> datasets.Dataset:
     """The dataset the arguments name (without --dataset: the one the weights' metadata
     `meta` names, else mnist); then one stderr line saying where the work runs."""
-    from mlshift_jax.sharding import describe_devices
+    from mlshift_jax.core.sharding import describe_devices
 
     if args.dataset is None:
         args.dataset = _dataset_of(meta or {}) or "mnist"
         if meta and args.dataset != "mnist":
             print(f"mlshift: dataset {args.dataset} (from the weights' metadata)",
                   file=sys.stderr)
-    ds = data.load(args.dataset, args.data_dir)
+    ds = datasets.load(args.dataset, args.data_dir)
     print(f"mlshift: {ds.name} from {ds.source}; {describe_devices()}", file=sys.stderr)
     return ds
 
 
-def _train_data(args, ds: data.Dataset):
+def _train_data(args, ds: datasets.Dataset):
     """The first --train-size training images (all without it); more than there are is an
     error, the same rule in every command."""
     n = rules.check_at_most(args.train_size, len(ds.y_train), "--train-size",
@@ -133,7 +135,7 @@ def _train_data(args, ds: data.Dataset):
 
 
 def _train_config(args):
-    from mlshift_jax.recipes import TrainConfig
+    from mlshift_jax.models.recipes import TrainConfig
 
     return TrainConfig(hidden=args.hidden, lr=args.lr, epochs=args.epochs,
                        batch_size=args.batch_size, optimizer=args.optimizer, seed=args.seed)
@@ -141,7 +143,7 @@ def _train_config(args):
 
 def _check_recipe(args):
     """The recipe --model names and the resolved TrainConfig: checked before data loads."""
-    from mlshift_jax.recipes import get_recipe, resolve
+    from mlshift_jax.models.recipes import get_recipe, resolve
 
     recipe = get_recipe(args.model)
     return recipe, resolve(recipe, _train_config(args))
@@ -167,19 +169,19 @@ def _finite_or_fail(params: dict, args) -> None:
                           "nothing saved")
 
 
-def _save(args, params, model, ds: data.Dataset, poison_config=None) -> None:
+def _save(args, params, model, ds: datasets.Dataset, poison_config=None) -> None:
     """Write --save: safetensors (or .npz by its suffix) with the metadata readers need
     (model reference and hyper-parameters, input shape/range, classes, training config and
     seed, dataset name and content hash, poisoning)."""
-    from mlshift_jax import weights
-    from mlshift_jax.files import clean_stale_temps
+    from mlshift_jax.core.files import clean_stale_temps
+    from mlshift_jax.models import weights
 
     clean_stale_temps(Path(args.save).parent, recursive=False)
     meta = weights.metadata(model, train=_train_config(args), dataset=ds, poison=poison_config)
     weights.save(args.save, params, meta)
 
 
-def _check_fits(model, ds: data.Dataset) -> None:
+def _check_fits(model, ds: datasets.Dataset) -> None:
     """The model takes this dataset's images and classes, or one line saying what differs."""
     if (tuple(model.input_shape), model.n_classes) != (tuple(ds.image_shape), ds.n_classes):
         raise ConfigError(f"{model.name} takes images {tuple(model.input_shape)} with "
@@ -190,7 +192,7 @@ def _check_fits(model, ds: data.Dataset) -> None:
 def _load_weights(path: str):
     """(model, params, meta) of a weights file: the architecture from its metadata, else from
     the arrays' layout (before the data loads: a bad file is one line)."""
-    from mlshift_jax import weights
+    from mlshift_jax.models import weights
 
     model, params, meta = weights.load_model(path)
     return model, params, meta or {}
@@ -200,8 +202,8 @@ def _load_weights(path: str):
 
 
 def cmd_train(args) -> None:
-    from mlshift_jax.metrics import evaluate
-    from mlshift_jax.recipes import fit_model, model_for
+    from mlshift_jax.models.metrics import evaluate
+    from mlshift_jax.models.recipes import fit_model, model_for
 
     _, cfg = _check_recipe(args)
     if args.defense not in (None, "adv-train"):
@@ -212,7 +214,7 @@ def cmd_train(args) -> None:
     _check_train_memory(x, cfg.hidden, "train")
     start = time.perf_counter()
     if args.defense == "adv-train":
-        from mlshift_jax.defenses import adv_fit
+        from mlshift_jax.attacks.defenses import adv_fit
 
         model = model_for(args.model, ds.spec, cfg)
         params = jax.block_until_ready(adv_fit(args.model, cfg, x, y, eps=args.eps,
@@ -229,7 +231,7 @@ def cmd_train(args) -> None:
               "train_size": int(len(y)), "data_source": ds.source,
               "backend": jax.default_backend()}
     if args.defense == "adv-train":  # the robust accuracy it was trained for: PGD-40 at eps
-        from mlshift_jax.attacks import attack_key, pgd
+        from mlshift_jax.attacks.evasion import attack_key, pgd
 
         x_adv = pgd(model, params, ds.x_test, ds.y_test, eps=args.eps, steps=40,
                     key=attack_key(args.seed))
@@ -248,7 +250,7 @@ def cmd_train(args) -> None:
 def cmd_stability(args) -> None:
     from dataclasses import replace
 
-    from mlshift_jax.stability import stability
+    from mlshift_jax.bench.stability import stability
 
     ds = _load(args)
     x, y = _train_data(args, ds)
@@ -272,15 +274,20 @@ def _check_attack_memory(n: int, d: int, hidden: int, attacks) -> None:
 
 
 def cmd_attack(args) -> None:
-    from mlshift_jax.attacks import GRADIENT_ATTACKS, attack_key, get_attack, gradient_report
-    from mlshift_jax.metrics import evaluate
-    from mlshift_jax.models import infer_model
-    from mlshift_jax.recipes import fit_model
-    from mlshift_jax.timing import time_call
+    from mlshift_jax.attacks.evasion import (
+        GRADIENT_ATTACKS,
+        attack_key,
+        get_attack,
+        gradient_report,
+    )
+    from mlshift_jax.core.timing import time_call
+    from mlshift_jax.models.metrics import evaluate
+    from mlshift_jax.models.recipes import fit_model
+    from mlshift_jax.models.zoo import infer_model
 
     attacks = [get_attack(name) for name in args.attack]
     if args.defense is not None:
-        from mlshift_jax.defenses import get_defense
+        from mlshift_jax.attacks.defenses import get_defense
 
         get_defense(args.defense)  # a bad name fails before the data loads
     if (args.params is None) == (args.model is None):
@@ -360,8 +367,8 @@ def _iterative_kw(args, fn) -> dict:
 
 def _defend(args, model, params, ds, key):
     """attack --defense NAME: the model wrapped by the defense (adv-train: retrained)."""
-    from mlshift_jax import defenses
-    from mlshift_jax.recipes import TrainConfig
+    from mlshift_jax.attacks import defenses
+    from mlshift_jax.models.recipes import TrainConfig
 
     defense = defenses.get_defense(args.defense)
     if defense.kind == "training":
@@ -379,7 +386,7 @@ def _defend(args, model, params, ds, key):
 
 def _attack_flags(args, model, params, x, y, key, rows) -> None:
     """The rows plus the obfuscated-gradient flags (obfuscation.py) of the defended model."""
-    from mlshift_jax import obfuscation
+    from mlshift_jax.attacks import obfuscation
 
     accuracy = {(r["attack"], r["eps"]): r["accuracy"] for r in rows}
     k = min(200, int(x.shape[0]))
@@ -400,12 +407,13 @@ def _attack_flags(args, model, params, x, y, key, rows) -> None:
 
 
 def cmd_poison(args) -> None:
-    from mlshift_jax import poison, sweeps
+    from mlshift_jax.bench import sweeps
+    from mlshift_jax.poisoning import poison
 
     config = sweeps.config_from(args.kind, {"fraction": args.fraction, "patch": args.patch,
                                             "target": args.target, "mode": args.mode,
                                             "source": args.source})  # checked
-    spec = data.builtin_spec(args.dataset)
+    spec = datasets.builtin_spec(args.dataset)
     if spec is not None:  # a built-in's shape and classes are known before it loads
         poison.check_for(config, spec)
     _check_recipe(args)
@@ -430,7 +438,7 @@ def cmd_poison(args) -> None:
         params = result.pop("params")
         _finite_or_fail(params, args)
         if args.save:
-            from mlshift_jax.recipes import model_for
+            from mlshift_jax.models.recipes import model_for
 
             _save(args, params, model_for(args.model, ds.spec, _train_config(args)), ds,
                   poison_config=config)
@@ -455,8 +463,8 @@ def cmd_poison(args) -> None:
 
 
 def cmd_detect(args) -> None:
-    from mlshift_jax.change import CalibrationConfig, check_pair, detect_pair
-    from mlshift_jax.recipes import TrainConfig
+    from mlshift_jax.detection.change import CalibrationConfig, check_pair, detect_pair
+    from mlshift_jax.models.recipes import TrainConfig
 
     (model, reference, meta), (other, suspect, _) = (_load_weights(p) for p in (
         args.reference, args.suspect))
@@ -498,7 +506,7 @@ def _bench_out(args, matrix: Path) -> tuple[Path, Path | None, str]:
     Only the default matrix on the full data writes the committed results/<platform>/; a
     custom matrix, --quick or the bundled sample each get their own folder unless --out says
     otherwise, so a results folder always holds one kind of run."""
-    from mlshift_jax import report
+    from mlshift_jax.bench import report
 
     if args.out is not None:
         if not args.out.strip():
@@ -514,10 +522,10 @@ def _bench_out(args, matrix: Path) -> tuple[Path, Path | None, str]:
 
 
 def cmd_bench(args) -> None:
-    from mlshift_jax import report, runner
-    from mlshift_jax.matrix import load as load_matrix
-    from mlshift_jax.matrix import with_dataset
-    from mlshift_jax.sharding import describe_devices, initialize_distributed
+    from mlshift_jax.bench import report, runner
+    from mlshift_jax.bench.matrix import load as load_matrix
+    from mlshift_jax.bench.matrix import with_dataset
+    from mlshift_jax.core.sharding import describe_devices, initialize_distributed
 
     if args.distributed:  # before any other JAX call (platform names, devices)
         initialize_distributed()
@@ -565,11 +573,11 @@ def _names(mapping) -> str:
 
 def _options():
     """Every option, defined once: flag -> add_argument keywords (shared by every command)."""
-    from mlshift_jax.attacks import ATTACKS
-    from mlshift_jax.defenses import DEFENSES
-    from mlshift_jax.poison import MODES, POISONINGS
-    from mlshift_jax.recipes import RECIPES
-    from mlshift_jax.train import OPTIMIZERS
+    from mlshift_jax.attacks.defenses import DEFENSES
+    from mlshift_jax.attacks.evasion import ATTACKS
+    from mlshift_jax.models.recipes import RECIPES
+    from mlshift_jax.models.train import OPTIMIZERS
+    from mlshift_jax.poisoning.poison import MODES, POISONINGS
 
     def num(name, default, text):
         return {"type": rules.argtype(name), "default": default, "metavar": name.upper(),
@@ -579,7 +587,7 @@ def _options():
         "data_dir": {"help": "folder with the dataset's files (IDX, gz or raw, or CSV)",
                      "metavar": "DIR"},
         "dataset": {"default": "mnist", "metavar": "NAME|PATH",
-                    "help": f"a built-in dataset ({', '.join(data.DATASETS)}) or a path"},
+                    "help": f"a built-in dataset ({', '.join(datasets.DATASETS)}) or a path"},
         "format": {"choices": ["table", "json"], "default": "table",
                    "help": "output: a table, or strict JSON (NaN/inf -> null + non_finite)"},
         "model": {"default": "seed-mlp", "metavar": "NAME|PKG.MOD:ATTR",
@@ -748,7 +756,7 @@ def _interrupted_line() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
-    from mlshift_jax.runner import Interrupted
+    from mlshift_jax.bench.runner import Interrupted
 
     _interrupt.seen, _interrupt.cells = False, None
     try:

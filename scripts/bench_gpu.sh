@@ -10,7 +10,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MLSHIFT_NO_DOWNLOAD=1 PYTHON
 if [ -z "${MLSHIFT_DATA_DIR:-}" ] && [ -d .data/mnist ]; then
   export MLSHIFT_DATA_DIR="$PWD/.data/mnist"
 fi
-platform=$("$PY" -c 'from mlshift_jax.report import platform_name; print(platform_name())')
+platform=$("$PY" -c 'from mlshift_jax.bench.report import platform_name; print(platform_name())')
 if [ "$platform" = cpu ]; then
   echo "bench-gpu: JAX sees no accelerator; install the .[cuda12] extra (see README)" >&2
   exit 2

@@ -1,4 +1,4 @@
-"""Build the bundled MNIST sample, mlshift_jax/_sample/mnist_sample.npz, from a full MNIST.
+"""Build the bundled MNIST sample, mlshift_jax/data/_sample/mnist_sample.npz, from a full MNIST.
 
 Stratified by class and seeded: each class keeps its share of the full split (largest
 remainder), images drawn without replacement and kept in file order. Stored as uint8 with
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mlshift_jax.data import read_dir
-from mlshift_jax.errors import MlshiftError
+from mlshift_jax.core.errors import MlshiftError
+from mlshift_jax.data.datasets import read_dir
 
 N_CLASSES = 10  # MNIST's digits
-OUT = Path(__file__).resolve().parent.parent / "mlshift_jax" / "_sample" / "mnist_sample.npz"
+OUT = Path(__file__).resolve().parents[1] / "mlshift_jax/data/_sample/mnist_sample.npz"
 
 
 def stratified(rng: np.random.Generator, y: np.ndarray, size: int) -> np.ndarray:

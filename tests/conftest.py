@@ -18,11 +18,11 @@ def mnist():
     """Whatever MNIST this machine has: the full set, else the bundled sample."""
     import warnings
 
-    from mlshift_jax import data
+    from mlshift_jax.data import datasets
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return data.load("mnist")
+        return datasets.load("mnist")
 
 
 @pytest.fixture(scope="session")

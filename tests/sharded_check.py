@@ -8,14 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlshift_jax import attacks, data, sharding
-from mlshift_jax.metrics import evaluate, evaluate_many
-from mlshift_jax.models import SEED_MLP
-from mlshift_jax.train import init_population, train_seed_sgd_population
+from mlshift_jax.attacks import evasion
+from mlshift_jax.core import sharding
+from mlshift_jax.data import datasets
+from mlshift_jax.models.metrics import evaluate, evaluate_many
+from mlshift_jax.models.train import init_population, train_seed_sgd_population
+from mlshift_jax.models.zoo import SEED_MLP
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    ds = data.load("mnist")
+    ds = datasets.load("mnist")
 mesh = sharding.make_mesh()
 x, y = ds.x_test[:1001], ds.y_test[:1001]  # 1001: not a multiple of 4, so padding is used
 keys = jax.random.split(jax.random.key(0), 6)  # 6 models: padded to 8
@@ -26,11 +28,11 @@ one = train_seed_sgd_population(params, xt, yt, lr=0.1)
 many = sharding.population_sharded(train_seed_sgd_population, params, xt, yt, mesh=mesh, lr=0.1)
 first = jax.tree.map(lambda a: a[0], one)
 
-adv_one = attacks.fgsm(SEED_MLP, first, x, y, eps=0.1)
-adv_many = sharding.attack_sharded(attacks.fgsm, SEED_MLP, first, x, y, mesh=mesh, eps=0.1)
+adv_one = evasion.fgsm(SEED_MLP, first, x, y, eps=0.1)
+adv_many = sharding.attack_sharded(evasion.fgsm, SEED_MLP, first, x, y, mesh=mesh, eps=0.1)
 pgd_kw = dict(eps=0.1, steps=5, random_start=False)
-pgd_one = attacks.pgd(SEED_MLP, first, x, y, **pgd_kw)
-pgd_many = sharding.attack_sharded(attacks.pgd, SEED_MLP, first, x, y, mesh=mesh, **pgd_kw)
+pgd_one = evasion.pgd(SEED_MLP, first, x, y, **pgd_kw)
+pgd_many = sharding.attack_sharded(evasion.pgd, SEED_MLP, first, x, y, mesh=mesh, **pgd_kw)
 
 (xs, ys), n = sharding.shard_leading((jnp.asarray(x), jnp.asarray(y)), mesh)
 scores_one = evaluate(SEED_MLP, first, x, y)

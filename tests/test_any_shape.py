@@ -12,10 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlshift_jax import attacks, data, models, poison
-from mlshift_jax.errors import ConfigError, DataError
-from mlshift_jax.metrics import evaluate
-from mlshift_jax.recipes import TrainConfig, fit_model, model_for
+from mlshift_jax.attacks import evasion
+from mlshift_jax.core.errors import ConfigError, DataError
+from mlshift_jax.data import datasets
+from mlshift_jax.models import zoo
+from mlshift_jax.models.metrics import evaluate
+from mlshift_jax.models.recipes import TrainConfig, fit_model, model_for
+from mlshift_jax.poisoning import poison
 
 KEY = jax.random.key(0)
 
@@ -49,14 +52,14 @@ def write_npz(path, shape, k, **kw):
 def colour(tmp_path_factory):
     """8x8 RGB images, 5 classes."""
     path = write_npz(tmp_path_factory.mktemp("colour") / "tiny-rgb.npz", (8, 8, 3), 5)
-    return data.load(path)
+    return datasets.load(path)
 
 
 @pytest.fixture(scope="module")
 def grey784(tmp_path_factory):
     """28x28 grey images (784 pixels), 10 classes, in [0, 1]."""
     path = write_npz(tmp_path_factory.mktemp("grey") / "grey.npz", (28, 28), 10)
-    return data.load(path)
+    return datasets.load(path)
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -68,20 +71,20 @@ def test_npz_dataset_knows_its_shape_classes_and_range(colour, grey784):
     assert colour.x_train.shape == (600, 192) and colour.x_train.dtype == np.float32
     assert colour.input_range == (0.0, 1.0)
     assert colour.x_train.min() >= 0.0 and colour.x_train.max() <= 1.0
-    assert colour.spec == models.Spec((8, 8, 3), 5, (0.0, 1.0))
+    assert colour.spec == zoo.Spec((8, 8, 3), 5, (0.0, 1.0))
     assert grey784.image_shape == (28, 28, 1) and grey784.x_train.shape[1] == 784
-    assert data.content_hash(colour) != data.content_hash(grey784)
+    assert datasets.content_hash(colour) != datasets.content_hash(grey784)
 
 
 def test_scale_is_the_datasets_and_overridable(tmp_path):
     path = write_npz(tmp_path / "d.npz", (6, 6), 3, n_train=20, n_test=10)
-    study = data.load(path, scale="study")
+    study = datasets.load(path, scale="study")
     assert study.input_range == (0.01, 1.0) and study.x_train.min() >= np.float32(0.01)
-    wide = data.load(path, scale=(-1.0, 1.0))
+    wide = datasets.load(path, scale=(-1.0, 1.0))
     raw = np.load(path)["x_train"].reshape(20, -1)
     np.testing.assert_allclose(wide.x_train, raw / 255.0 * 2.0 - 1.0, atol=1e-6)
     with pytest.raises(ConfigError, match="scale"):
-        data.load(path, scale="zscore")
+        datasets.load(path, scale="zscore")
 
 
 def test_labels_are_checked_against_k(tmp_path):
@@ -89,25 +92,25 @@ def test_labels_are_checked_against_k(tmp_path):
     y_test[2] = 7
     np.savez(tmp_path / "bad.npz", x_train=x_train, y_train=y_train, x_test=x_test,
              y_test=y_test)
-    assert data.load(tmp_path / "bad.npz").n_classes == 8  # K read off the labels
+    assert datasets.load(tmp_path / "bad.npz").n_classes == 8  # K read off the labels
     with pytest.raises(DataError, match=r"expected labels 0..2, found 7 \(sample 2\)"):
-        data.load(tmp_path / "bad.npz", n_classes=3)
+        datasets.load(tmp_path / "bad.npz", n_classes=3)
 
 
 def test_bad_npz_files_say_what_they_lack(tmp_path):
     np.savez(tmp_path / "half.npz", x_train=np.zeros((3, 4, 4), np.uint8))
     with pytest.raises(DataError, match="missing y_train, x_test, y_test"):
-        data.load(tmp_path / "half.npz")
+        datasets.load(tmp_path / "half.npz")
     np.savez(tmp_path / "obj.npz", x_train=np.array([{"a": 1}], object), y_train=[0],
              x_test=[0], y_test=[0])
     with pytest.raises(DataError, match="obj.npz"):
-        data.load(tmp_path / "obj.npz")
+        datasets.load(tmp_path / "obj.npz")
     np.savez(tmp_path / "float.npz", x_train=np.zeros((3, 4, 4)), y_train=np.zeros(3, int),
              x_test=np.zeros((3, 4, 4)), y_test=np.zeros(3, int))
     with pytest.raises(DataError, match="expected uint8 images"):
-        data.load(tmp_path / "float.npz")
+        datasets.load(tmp_path / "float.npz")
     with pytest.raises(DataError, match="found nothing"):
-        data.load(tmp_path / "absent.npz")
+        datasets.load(tmp_path / "absent.npz")
 
 
 def _idx(a: np.ndarray) -> bytes:
@@ -123,7 +126,7 @@ def test_idx_folder_of_any_image_size(tmp_path):
     folder.mkdir()
     for name, a in zip(names, (x_train, y_train, x_test, y_test), strict=True):
         (folder / (name + ".gz")).write_bytes(gzip.compress(_idx(a)))
-    ds = data.load(folder)
+    ds = datasets.load(folder)
     assert ds.name == "digits12x10" and ds.image_shape == (12, 10, 1) and ds.n_classes == 4
     assert ds.x_test.shape == (10, 120)
 
@@ -140,8 +143,8 @@ def test_csvs_of_any_name_and_shape(tmp_path):
     train = _csv(tmp_path / "my-train.csv", x_train, y_train)
     test = _csv(tmp_path / "my-test.csv", x_test, y_test)
     with pytest.raises(DataError, match="no square image.*image_shape"):
-        data.load(train_csv=train, test_csv=test)  # 48 pixels: not square
-    ds = data.load(train_csv=train, test_csv=test, image_shape=(4, 6, 2))
+        datasets.load(train_csv=train, test_csv=test)  # 48 pixels: not square
+    ds = datasets.load(train_csv=train, test_csv=test, image_shape=(4, 6, 2))
     assert ds.image_shape == (4, 6, 2) and ds.n_classes == 3 and ds.name == "my-train"
     np.testing.assert_allclose(ds.x_train[0], x_train[0].ravel() / 255.0, atol=1e-6)
     folder = tmp_path / "sq"
@@ -149,34 +152,34 @@ def test_csvs_of_any_name_and_shape(tmp_path):
     xs, ys, xt, yt = synthetic((5, 5), 2, n_train=10, n_test=4)
     _csv(folder / "train.csv", xs, ys)
     _csv(folder / "test.csv", xt, yt)
-    sq = data.load(folder)
+    sq = datasets.load(folder)
     assert sq.image_shape == (5, 5, 1) and sq.name == "sq"
 
 
 # --- models -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(models.BUILTINS))
+@pytest.mark.parametrize("name", sorted(zoo.BUILTINS))
 def test_builtins_are_built_per_spec_and_cached(colour, name):
-    model = models.build(name, colour.spec, 16)
-    assert model is models.build(name, colour, 16)  # the same object: one jit cache entry
+    model = zoo.build(name, colour.spec, 16)
+    assert model is zoo.build(name, colour, 16)  # the same object: one jit cache entry
     assert model.input_shape == (8, 8, 3) and model.n_classes == 5
     params = model.init(KEY, unknown_option=1)  # extra keywords are ignored
     x = jnp.asarray(colour.x_test[:4])
-    assert models.predict(model, params, x).shape == (4, 5)
+    assert zoo.predict(model, params, x).shape == (4, 5)
     assert model.features(params, x[0]).shape == (16,)
-    assert models.infer_model(params, colour.spec) is model
+    assert zoo.infer_model(params, colour.spec) is model
     with pytest.raises(ConfigError, match="do not fit"):
-        models.infer_model(params, models.STUDY_SPEC)
+        zoo.infer_model(params, zoo.STUDY_SPEC)
 
 
 def test_the_cnn_reads_its_images_in_hwc_order():
     """On the study's MNIST the per-spec CNN is the one of before (x.reshape(1, 28, 28))."""
-    model = models.build("cnn", models.STUDY_SPEC, 8)
+    model = zoo.build("cnn", zoo.STUDY_SPEC, 8)
     params = model.init(KEY)
     x = jax.random.uniform(KEY, (784,))
-    old = models._conv(x.reshape(1, 28, 28), params["c1"], params["cb1"])
-    new = models._conv(x.reshape(28, 28, 1).transpose(2, 0, 1), params["c1"], params["cb1"])
+    old = zoo._conv(x.reshape(1, 28, 28), params["c1"], params["cb1"])
+    new = zoo._conv(x.reshape(28, 28, 1).transpose(2, 0, 1), params["c1"], params["cb1"])
     np.testing.assert_array_equal(old, new)
 
 
@@ -192,7 +195,7 @@ def test_train_attack_poison_detect(request, fixture):
     clean = evaluate(model, params, ds.x_test, ds.y_test)
     assert clean["accuracy"] > 0.8, clean
     x, y = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
-    x_adv = attacks.fgsm(model, params, x, y, eps=0.3)
+    x_adv = evasion.fgsm(model, params, x, y, eps=0.3)
     assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0  # the dataset's range
     assert evaluate(model, params, x_adv, y)["accuracy"] < clean["accuracy"]
 
@@ -201,11 +204,11 @@ def test_train_attack_poison_detect(request, fixture):
     assert int(mask.sum()) == poison.poison_count(config, ds.y_train, ds.n_classes)
     _, backdoored = fit_model("mlp-ce", cfg, np.asarray(xp), np.asarray(yp), ds)
     triggered = poison.apply_trigger(x, config.patch, spec=ds)
-    pred = jnp.argmax(models.predict(model, backdoored, triggered), -1)
+    pred = jnp.argmax(zoo.predict(model, backdoored, triggered), -1)
     asr = float(jnp.mean(pred[y != 1] == 1))
     assert asr > 0.5, asr  # a backdoor, learnt from 600 images
 
-    from mlshift_jax.change import CalibrationConfig, detect_pair
+    from mlshift_jax.detection.change import CalibrationConfig, detect_pair
 
     small = CalibrationConfig(n_null=4, sample_size=300, poisonings=(("mixture", 0.2),),
                               poison_seeds=1, attacks=(("fgsm", 0.1), ("noise-sign", 0.1)),
@@ -218,12 +221,12 @@ def test_train_attack_poison_detect(request, fixture):
 
 
 def test_attacks_clip_to_the_datasets_own_range(tmp_path):
-    ds = data.load(write_npz(tmp_path / "wide.npz", (6, 6), 3, n_train=40, n_test=20),
+    ds = datasets.load(write_npz(tmp_path / "wide.npz", (6, 6), 3, n_train=40, n_test=20),
                    scale=(-1.0, 1.0))
     model, params = fit_model("seed-mlp", TrainConfig(hidden=8), ds.x_train, ds.y_train, ds)
     assert model.input_range == (-1.0, 1.0)
     x, y = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
-    for name, attack in attacks.ATTACKS.items():
+    for name, attack in evasion.ATTACKS.items():
         kw = {"key": KEY} if attack.needs_key else {}
         if attack.targeted:
             kw["target"] = 0
@@ -231,7 +234,7 @@ def test_attacks_clip_to_the_datasets_own_range(tmp_path):
         assert x_adv.min() >= -1.0 and x_adv.max() <= 1.0, name
         if name.startswith("noise"):
             assert x_adv.min() < 0.0  # not clipped to [0, 1] or [0.01, 1]
-    narrow = np.asarray(attacks.fgsm(model, params, x, y, eps=0.5, lo=-0.5, hi=0.5))
+    narrow = np.asarray(evasion.fgsm(model, params, x, y, eps=0.5, lo=-0.5, hi=0.5))
     assert narrow.min() >= -0.5 and narrow.max() <= 0.5
 
 
@@ -242,7 +245,7 @@ def test_attacks_clip_to_the_datasets_own_range(tmp_path):
 @pytest.mark.parametrize("channels", [1, 3])
 def test_poison_every_kind_on_8x8_images(kind, channels):
     shape = (8, 8, channels)
-    spec = models.Spec(shape, 5, (0.0, 1.0))
+    spec = zoo.Spec(shape, 5, (0.0, 1.0))
     rng = np.random.default_rng(0)
     x = rng.random((200, 64 * channels), dtype=np.float32) * 0.5
     y = rng.integers(0, 5, 200)
@@ -281,18 +284,18 @@ def test_wrong_label_uniform_draws_every_other_of_k_classes():
 def test_poison_errors_are_config_errors_not_broadcasting_errors():
     x, y = np.zeros((10, 64), np.float32), np.arange(10) % 4
     with pytest.raises(ConfigError, match=r"expected x \[n, 49\]"):
-        poison.apply(KEY, x, y, poison.WrongLabel(), models.Spec((7, 7, 1), 4, (0, 1)))
+        poison.apply(KEY, x, y, poison.WrongLabel(), zoo.Spec((7, 7, 1), 4, (0, 1)))
     with pytest.raises(ConfigError, match="size an integer in 1..8"):
         poison.apply(KEY, x, y, poison.Trigger(patch=poison.Patch(size=9)))
     with pytest.raises(ConfigError, match="target to be a class 0..3, found 5"):
-        poison.apply(KEY, x, y, poison.Mixture(target=5), models.Spec((8, 8, 1), 4, (0, 1)))
+        poison.apply(KEY, x, y, poison.Mixture(target=5), zoo.Spec((8, 8, 1), 4, (0, 1)))
     with pytest.raises(ConfigError, match="no square image"):
         poison.apply(KEY, np.zeros((10, 50), np.float32), y, poison.Clean())
 
 
 def test_per_class_positions_for_many_classes():
     patch = poison.Patch(size=2, position="per-class")
-    spec = models.Spec((32, 32, 1), 20, (0.0, 1.0))
+    spec = zoo.Spec((32, 32, 1), 20, (0.0, 1.0))
     pix = poison.patch_pixels(patch, spec)
     assert pix.shape == (20, 1024) and len({tuple(np.flatnonzero(p)) for p in pix}) == 20
 
@@ -301,7 +304,7 @@ def test_per_class_positions_for_many_classes():
 
 
 def test_two_cell_matrix_on_a_path_dataset(tmp_path, monkeypatch):
-    from mlshift_jax import matrix, report, runner
+    from mlshift_jax.bench import matrix, report, runner
 
     write_npz(tmp_path / "tiny-rgb.npz", (8, 8, 3), 5)
     (tmp_path / "m.toml").write_text(
@@ -329,7 +332,7 @@ def test_two_cell_matrix_on_a_path_dataset(tmp_path, monkeypatch):
     ('[datasets.mnist]\npath = "a.npz"\n', "other than the built-ins"),
 ])
 def test_matrix_dataset_tables_are_checked(table, match):
-    from mlshift_jax import matrix
+    from mlshift_jax.bench import matrix
 
     text = ('[matrix]\ndatasets = ["x"]\nmodels = ["seed-mlp"]\nattacks = ["none"]\n'
             'eps = [0.1]\n\n' + table)
@@ -363,21 +366,21 @@ def test_cli_train_attack_poison_on_a_path_dataset(colour, tmp_path, capsys):
 
 
 def test_check_pair_places_weights_without_the_data(colour):
-    from mlshift_jax.change import check_pair
+    from mlshift_jax.detection.change import check_pair
 
     for name in ("seed-mlp", "cnn"):
-        model = models.build(name, colour, 8)
+        model = zoo.build(name, colour, 8)
         a, b = model.init(KEY), model.init(jax.random.key(1))
         assert check_pair(a, b) == name  # before the data loads: names and shapes only
         assert check_pair(a, b, colour.spec) == name
     with pytest.raises(ConfigError, match="like the reference"):
-        check_pair(models.build("seed-mlp", colour, 8).init(KEY),
-                   models.build("mlp-ce", colour, 8).init(KEY))
+        check_pair(zoo.build("seed-mlp", colour, 8).init(KEY),
+                   zoo.build("mlp-ce", colour, 8).init(KEY))
 
 
 def test_detect_calibration_on_fewer_than_four_classes(tmp_path):
     """The calibration's poisonings aim at a class the data has (the study's target is 3)."""
-    from mlshift_jax import change
+    from mlshift_jax.detection import change
 
     rng = np.random.default_rng(0)
 
@@ -393,7 +396,7 @@ def test_detect_calibration_on_fewer_than_four_classes(tmp_path):
 
     (xt, yt), (xs, ys) = make(300), make(100)
     np.savez(tmp_path / "three.npz", x_train=xt, y_train=yt, x_test=xs, y_test=ys)
-    ds = data.load(str(tmp_path / "three.npz"))
+    ds = datasets.load(str(tmp_path / "three.npz"))
     cfg = change.CalibrationConfig(n_null=3, sample_size=200, probes=60, n_patched=10,
                                    poison_seeds=1)
     cal = change.calibrate("mlp-ce", 8, ds, cfg, cache=False)

@@ -15,10 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlshift_jax import attacks, baseline
-from mlshift_jax.attacks import ATTACKS, Attack, get_attack
-from mlshift_jax.errors import ConfigError
-from mlshift_jax.models import MLP_CE, SEED_MLP, Model, predict
+from mlshift_jax.attacks import evasion
+from mlshift_jax.attacks.evasion import ATTACKS, Attack, get_attack
+from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.models import baseline
+from mlshift_jax.models.zoo import MLP_CE, SEED_MLP, Model, predict
 
 N_TRAIN, N_TEST, TARGET = 3000, 500, 3
 NAMES = sorted(ATTACKS)
@@ -69,13 +70,13 @@ def test_registry():
 
 
 def test_default_range_is_the_models_input_range():
-    from mlshift_jax import data
+    from mlshift_jax.data import datasets
 
-    assert SEED_MLP.input_range == tuple(data.INPUT_RANGE)  # the study's MNIST scaling
+    assert SEED_MLP.input_range == tuple(datasets.INPUT_RANGE)  # the study's MNIST scaling
     wide = SEED_MLP._replace(input_range=(-1.0, 2.0))
     x = jnp.full((3, 784), 0.5)
     y = jnp.zeros(3, jnp.int32)
-    out = attacks.noise_sign(wide, _p, x, y, eps=1.4, key=KEY)
+    out = evasion.noise_sign(wide, _p, x, y, eps=1.4, key=KEY)
     assert float(out.min()) < 0.0 and float(out.max()) > 1.0  # not clipped to [0.01, 1]
 
 
@@ -105,7 +106,7 @@ def test_within_eps_and_range(trained, name, eps):
     assert np.all(np.isfinite(x_adv))
     lo, hi = SEED_MLP.input_range
     assert x_adv.min() >= lo and x_adv.max() <= hi
-    if attacks.linf_bounded(name):
+    if evasion.linf_bounded(name):
         assert np.abs(x_adv - x).max() <= eps + 1e-6
     if name != "none":
         assert np.abs(x_adv - x).max() > 0
@@ -120,7 +121,7 @@ def test_custom_range_on_an_untrained_ce_model(name):
     y = jnp.arange(64, dtype=jnp.int32) % 10
     x_adv = np.asarray(run(name, params, x, y, eps, model=MLP_CE, lo=lo, hi=hi))
     assert x_adv.min() >= np.float32(lo) and x_adv.max() <= np.float32(hi)
-    if attacks.linf_bounded(name):
+    if evasion.linf_bounded(name):
         assert np.abs(x_adv - np.asarray(x)).max() <= eps + 1e-6
 
 
@@ -159,7 +160,7 @@ def test_input_grad_matches_finite_differences(model):
         params = model.init(jax.random.key(3), n_in=20, n_hidden=8, dtype=jnp.float64)
         x = jax.random.uniform(jax.random.key(4), (4, 20), jnp.float64, 0.01, 1.0)
         y = jnp.array([0, 3, 7, 9])
-        g = np.asarray(attacks.input_grad(model, params, x, y))
+        g = np.asarray(evasion.input_grad(model, params, x, y))
         assert g.dtype == np.float64
         h = 1e-6
         loss = jax.jit(jax.vmap(model.loss, in_axes=(None, 0, 0)))
@@ -173,7 +174,7 @@ def test_numpy_gradient_matches_jax_float64(trained):
     net, _, x, y = trained
     with jax.enable_x64(True):
         params = {k: jnp.asarray(v) for k, v in net.params().items()}
-        g_jax = np.asarray(attacks.input_grad(SEED_MLP, params, x.astype(np.float64), y))
+        g_jax = np.asarray(evasion.input_grad(SEED_MLP, params, x.astype(np.float64), y))
     g_np = baseline.input_grad_batched(net.wih, net.who, x.astype(np.float64), y)
     np.testing.assert_allclose(g_np, g_jax, rtol=1e-9, atol=1e-15)
     np.testing.assert_allclose(baseline.input_grad_one(net.wih, net.who, x[7], int(y[7])),
@@ -186,7 +187,7 @@ def test_fgsm_equals_numpy_float64(trained, eps):
     x64 = x.astype(np.float64)
     with jax.enable_x64(True):
         params = {k: jnp.asarray(v) for k, v in net.params().items()}
-        x_jax = np.asarray(attacks.fgsm(SEED_MLP, params, x64, y, eps=eps))
+        x_jax = np.asarray(evasion.fgsm(SEED_MLP, params, x64, y, eps=eps))
     assert x_jax.dtype == np.float64
     np.testing.assert_array_equal(x_jax, baseline.fgsm_batched(net.wih, net.who, x64, y, eps))
     np.testing.assert_array_equal(x_jax, baseline.fgsm_loop(net.wih, net.who, x64, y, eps))
@@ -196,7 +197,7 @@ def test_fgsm_equals_numpy_float32(trained):
     """float32: only sign flips of near-zero gradients may differ (>= 99.99% of pixels equal)."""
     _, params, x, y = trained
     wih, who = np.asarray(params["wih"]), np.asarray(params["who"])
-    x_jax = np.asarray(attacks.fgsm(SEED_MLP, params, x, y, eps=0.1))
+    x_jax = np.asarray(evasion.fgsm(SEED_MLP, params, x, y, eps=0.1))
     for x_np in (baseline.fgsm_batched(wih, who, x, y, 0.1),
                  baseline.fgsm_loop(wih, who, x, y, 0.1)):
         assert x_np.dtype == np.float32
@@ -205,9 +206,9 @@ def test_fgsm_equals_numpy_float32(trained):
 
 def test_one_step_pgd_without_random_start_is_fgsm(trained):
     _, params, x, y = trained
-    one_step = attacks.pgd(SEED_MLP, params, x, y, eps=0.2, steps=1, step_size=0.2,
+    one_step = evasion.pgd(SEED_MLP, params, x, y, eps=0.2, steps=1, step_size=0.2,
                            random_start=False)
-    np.testing.assert_array_equal(one_step, attacks.fgsm(SEED_MLP, params, x, y, eps=0.2))
+    np.testing.assert_array_equal(one_step, evasion.fgsm(SEED_MLP, params, x, y, eps=0.2))
 
 
 # --- strength on a trained model ---------------------------------------------------------------
@@ -218,8 +219,8 @@ def test_pgd_at_least_as_strong_as_fgsm(trained, eps):
     _, params, x, y = trained
     clean = accuracy(params, x, y)
     acc_noise = accuracy(params, run("noise-sign", params, x, y, eps), y)
-    acc_fgsm = accuracy(params, attacks.fgsm(SEED_MLP, params, x, y, eps=eps), y)
-    acc_pgd = accuracy(params, attacks.pgd(SEED_MLP, params, x, y, eps=eps, key=KEY), y)
+    acc_fgsm = accuracy(params, evasion.fgsm(SEED_MLP, params, x, y, eps=eps), y)
+    acc_pgd = accuracy(params, evasion.pgd(SEED_MLP, params, x, y, eps=eps, key=KEY), y)
     assert clean > 0.8
     assert acc_pgd <= acc_fgsm < acc_noise <= clean + 0.01
 
@@ -264,11 +265,11 @@ def test_eps_changes_never_retrace(trained, name):
 def test_sweep_traces_once(trained):
     _, params, x, y = trained
     model, count = counting_model()
-    out = attacks.sweep(ATTACKS["fgsm"], model, params, x, y, [0.0, 0.1, 0.2])
+    out = evasion.sweep(ATTACKS["fgsm"], model, params, x, y, [0.0, 0.1, 0.2])
     traced = count[0]
     assert out.shape == (3, *x.shape)
     for eps_values in ([0.05, 0.15, 0.3], np.array([0.3, 0.2, 0.1]), jnp.array([0.0, 0.0, 0.1])):
-        attacks.sweep(attacks.fgsm, model, params, x, y, eps_values)
+        evasion.sweep(evasion.fgsm, model, params, x, y, eps_values)
     assert count[0] == traced
 
 
@@ -280,7 +281,7 @@ def test_sweep_matches_single_calls(trained, name):
     if ATTACKS[name].targeted:
         kw["target"] = TARGET
     eps_values = [0.0, 0.1, 0.3]
-    out = attacks.sweep(ATTACKS[name], SEED_MLP, params, x, y, eps_values, **kw)
+    out = evasion.sweep(ATTACKS[name], SEED_MLP, params, x, y, eps_values, **kw)
     assert out.shape == (3, 100, 784)
     np.testing.assert_array_equal(out[0], x)
     for i, eps in enumerate(eps_values):
@@ -296,28 +297,28 @@ _y = np.arange(4, dtype=np.int32)
 _p = SEED_MLP.init(jax.random.key(0), n_hidden=8)
 
 BAD = {
-    "eps<0": (functools.partial(attacks.fgsm, eps=-0.1), "eps"),
-    "eps nan": (functools.partial(attacks.pgd, eps=float("nan"), key=KEY), "eps"),
-    "eps array<0": (functools.partial(attacks.noise_sign, eps=jnp.asarray(-1.0), key=KEY), "eps"),
-    "eps not scalar": (functools.partial(attacks.fgsm, eps=[0.1, 0.2]), "eps"),
-    "eps str": (functools.partial(attacks.fgsm, eps="0.1"), "eps"),
-    "lo str": (functools.partial(attacks.fgsm, eps=0.1, lo="0"), "lo"),
-    "lo>=hi": (functools.partial(attacks.fgsm, eps=0.1, lo=1.0, hi=0.01), "lo < hi"),
-    "lo==hi": (functools.partial(attacks.noise_uniform, eps=0.1, key=KEY, lo=0.5, hi=0.5),
+    "eps<0": (functools.partial(evasion.fgsm, eps=-0.1), "eps"),
+    "eps nan": (functools.partial(evasion.pgd, eps=float("nan"), key=KEY), "eps"),
+    "eps array<0": (functools.partial(evasion.noise_sign, eps=jnp.asarray(-1.0), key=KEY), "eps"),
+    "eps not scalar": (functools.partial(evasion.fgsm, eps=[0.1, 0.2]), "eps"),
+    "eps str": (functools.partial(evasion.fgsm, eps="0.1"), "eps"),
+    "lo str": (functools.partial(evasion.fgsm, eps=0.1, lo="0"), "lo"),
+    "lo>=hi": (functools.partial(evasion.fgsm, eps=0.1, lo=1.0, hi=0.01), "lo < hi"),
+    "lo==hi": (functools.partial(evasion.noise_uniform, eps=0.1, key=KEY, lo=0.5, hi=0.5),
                "lo < hi"),
-    "steps=0": (functools.partial(attacks.pgd, eps=0.1, key=KEY, steps=0), "steps"),
-    "steps float": (functools.partial(attacks.pgd, eps=0.1, key=KEY, steps=2.5), "steps"),
-    "step_size<0": (functools.partial(attacks.pgd, eps=0.1, key=KEY, step_size=-1.0),
+    "steps=0": (functools.partial(evasion.pgd, eps=0.1, key=KEY, steps=0), "steps"),
+    "steps float": (functools.partial(evasion.pgd, eps=0.1, key=KEY, steps=2.5), "steps"),
+    "step_size<0": (functools.partial(evasion.pgd, eps=0.1, key=KEY, step_size=-1.0),
                     "step_size"),
-    "no key sign": (functools.partial(attacks.noise_sign, eps=0.1), "key"),
-    "no key uniform": (functools.partial(attacks.noise_uniform, eps=0.1), "key"),
-    "no key gauss": (functools.partial(attacks.noise_gauss, eps=0.1), "key"),
-    "no key pgd": (functools.partial(attacks.pgd, eps=0.1), "key"),
-    "no key pgd-targeted": (functools.partial(attacks.pgd_targeted, eps=0.1, target=1), "key"),
-    "no target": (functools.partial(attacks.fgsm_targeted, eps=0.1), "target"),
-    "target out of range": (functools.partial(attacks.fgsm_targeted, eps=0.1, target=10),
+    "no key sign": (functools.partial(evasion.noise_sign, eps=0.1), "key"),
+    "no key uniform": (functools.partial(evasion.noise_uniform, eps=0.1), "key"),
+    "no key gauss": (functools.partial(evasion.noise_gauss, eps=0.1), "key"),
+    "no key pgd": (functools.partial(evasion.pgd, eps=0.1), "key"),
+    "no key pgd-targeted": (functools.partial(evasion.pgd_targeted, eps=0.1, target=1), "key"),
+    "no target": (functools.partial(evasion.fgsm_targeted, eps=0.1), "target"),
+    "target out of range": (functools.partial(evasion.fgsm_targeted, eps=0.1, target=10),
                             "target"),
-    "target bad shape": (functools.partial(attacks.pgd_targeted, eps=0.1, key=KEY,
+    "target bad shape": (functools.partial(evasion.pgd_targeted, eps=0.1, key=KEY,
                                            target=np.zeros(3, np.int32)), "target"),
 }
 
@@ -331,19 +332,19 @@ def test_bad_arguments_raise_config_error(case):
 
 def test_bad_inputs_raise_config_error():
     with pytest.raises(ConfigError, match="x:"):
-        attacks.fgsm(SEED_MLP, _p, _x[0], _y, eps=0.1)
+        evasion.fgsm(SEED_MLP, _p, _x[0], _y, eps=0.1)
     with pytest.raises(ConfigError, match="y:"):
-        attacks.fgsm(SEED_MLP, _p, _x, _y[:3], eps=0.1)
+        evasion.fgsm(SEED_MLP, _p, _x, _y[:3], eps=0.1)
     with pytest.raises(ConfigError, match="model"):
-        attacks.fgsm("seed-mlp", _p, _x, _y, eps=0.1)
+        evasion.fgsm("seed-mlp", _p, _x, _y, eps=0.1)
     with pytest.raises(ConfigError, match="eps_values"):
-        attacks.sweep(attacks.fgsm, SEED_MLP, _p, _x, _y, [0.1, -0.1])
+        evasion.sweep(evasion.fgsm, SEED_MLP, _p, _x, _y, [0.1, -0.1])
     with pytest.raises(ConfigError, match="lo < hi"):
-        attacks.sweep(attacks.fgsm, SEED_MLP, _p, _x, _y, [0.1], lo=0.9, hi=0.1)
+        evasion.sweep(evasion.fgsm, SEED_MLP, _p, _x, _y, [0.1], lo=0.9, hi=0.1)
     with pytest.raises(ConfigError, match="steps"):
-        attacks.sweep(attacks.pgd, SEED_MLP, _p, _x, _y, [0.1], key=KEY, steps=0)
+        evasion.sweep(evasion.pgd, SEED_MLP, _p, _x, _y, [0.1], key=KEY, steps=0)
     with pytest.raises(ConfigError, match="key"):
-        attacks.sweep(attacks.pgd, SEED_MLP, _p, _x, _y, [0.1])
+        evasion.sweep(evasion.pgd, SEED_MLP, _p, _x, _y, [0.1])
 
 
 def test_numpy_fgsm_bad_arguments():
@@ -356,7 +357,7 @@ def test_numpy_fgsm_bad_arguments():
 
 def test_attack_key_is_no_training_key():
     """Training draws from key(seed), its splits and small fold_ins; attacks must not."""
-    from mlshift_jax.attacks import attack_key
+    from mlshift_jax.attacks.evasion import attack_key
 
     base = jax.random.key(0)
     training = [base, *jax.random.split(base, 4), *(jax.random.fold_in(base, i) for i in range(8))]

@@ -8,12 +8,13 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from mlshift_jax import categorize, detection_bench
-from mlshift_jax.attacks import ATTACKS
-from mlshift_jax.categorize import CATEGORIES
-from mlshift_jax.errors import ConfigError
-from mlshift_jax.fingerprint import FEATURES, Null
-from mlshift_jax.poison import POISONINGS
+from mlshift_jax.attacks.evasion import ATTACKS
+from mlshift_jax.bench import detection_bench
+from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.detection import categorize
+from mlshift_jax.detection.categorize import CATEGORIES
+from mlshift_jax.detection.fingerprint import FEATURES, Null
+from mlshift_jax.poisoning.poison import POISONINGS
 
 
 def _blobs(seed: int, per_class: int = 12, groups: int = 4, spread: float = 0.3):

@@ -1,4 +1,4 @@
-"""Tests for mlshift_jax.data and mlshift_jax.download, on tiny datasets made in tmp_path.
+"""Tests for mlshift_jax.data.datasets and .download, on tiny datasets made in tmp_path.
 
 No test touches the internet: every mirror points at 127.0.0.1 (a closed port, or a local
 http.server), the user cache is under tmp_path, and /usr/share/datasets is replaced. The
@@ -21,9 +21,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from mlshift_jax import data
-from mlshift_jax import download as dl
-from mlshift_jax.errors import ConfigError, DataError, MlshiftError
+from mlshift_jax.core.errors import ConfigError, DataError, MlshiftError
+from mlshift_jax.data import datasets
+from mlshift_jax.data import download as dl
 
 _env_dir = os.environ.get("MLSHIFT_DATA_DIR")  # read before `isolated` clears it
 FULL_DIR = Path(_env_dir).absolute() if _env_dir else None
@@ -38,7 +38,7 @@ MNIST_SHA256 = {
 }
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
-STEMS = tuple(data._IDX_STEMS.values())  # train images, train labels, test images, test labels
+STEMS = tuple(datasets._IDX_STEMS.values())  # train images, train labels, test images, test labels
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -106,7 +106,7 @@ def isolated(monkeypatch, tmp_path):
     monkeypatch.delenv("MLSHIFT_DATA_DIR", raising=False)
     monkeypatch.setenv("MLSHIFT_NO_DOWNLOAD", "1")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "SYSTEM_DIRS", (tmp_path / "system",))
+    monkeypatch.setattr(datasets, "SYSTEM_DIRS", (tmp_path / "system",))
     dead = f"http://127.0.0.1:{closed_port()}/"
     for name, source in list(dl.SOURCES.items()):
         monkeypatch.setitem(dl.SOURCES, name, source._replace(mirrors=(dead,)))
@@ -143,11 +143,11 @@ def serve_mnist(monkeypatch, server, arrays: list[np.ndarray], mirrors: tuple[st
     monkeypatch.delenv("MLSHIFT_NO_DOWNLOAD")
 
 
-def assert_same(ds: data.Dataset, arrays: list[np.ndarray]) -> None:
+def assert_same(ds: datasets.Dataset, arrays: list[np.ndarray]) -> None:
     """`ds` holds `arrays` scaled as the study did."""
     x_train, y_train, x_test, y_test = arrays
-    np.testing.assert_array_equal(ds.x_train, data.scale(x_train))
-    np.testing.assert_array_equal(ds.x_test, data.scale(x_test))
+    np.testing.assert_array_equal(ds.x_train, datasets.scale(x_train))
+    np.testing.assert_array_equal(ds.x_test, datasets.scale(x_test))
     np.testing.assert_array_equal(ds.y_train, y_train)
     np.testing.assert_array_equal(ds.y_test, y_test)
     assert ds.y_train.dtype == np.int32 and ds.x_train.dtype == np.float32
@@ -161,14 +161,14 @@ def assert_same(ds: data.Dataset, arrays: list[np.ndarray]) -> None:
 def test_load_reads_both_spellings_gz_and_raw(tmp_path, dotted, gz):
     arrays = tiny()
     write_idx_dir(tmp_path / "d", arrays, dotted=dotted, gz=gz)
-    ds = data.load(data_dir=tmp_path / "d")
+    ds = datasets.load(data_dir=tmp_path / "d")
     assert_same(ds, arrays)
     assert ds.source == f"data_dir:{tmp_path / 'd'}" and not ds.is_sample
 
 
 def test_read_idx_shapes_and_dtype(tmp_path):
     paths = write_idx_dir(tmp_path, tiny())
-    images, labels = data.read_idx(paths[0]), data.read_idx(paths[1])
+    images, labels = datasets.read_idx(paths[0]), datasets.read_idx(paths[1])
     assert images.shape == (30, 28, 28) and images.dtype == np.uint8
     assert labels.shape == (30,) and labels.dtype == np.uint8
 
@@ -189,7 +189,7 @@ def test_read_idx_rejects_bad_files(tmp_path, blob, match):
     path = tmp_path / "bad-idx1-ubyte"
     path.write_bytes(blob)
     with pytest.raises(DataError, match=match) as info:
-        data.read_idx(path)
+        datasets.read_idx(path)
     assert str(path) in str(info.value)
 
 
@@ -197,30 +197,30 @@ def test_builtin_needs_28x28_images_read_idx_takes_any(tmp_path):
     arrays = tiny()
     arrays[0] = np.zeros((30, 27, 28), np.uint8)
     paths = write_idx_dir(tmp_path, arrays)
-    assert data.read_idx(paths[0]).shape == (30, 27, 28)
+    assert datasets.read_idx(paths[0]).shape == (30, 27, 28)
     with pytest.raises(DataError, match="expected 28x28 images, found 27x28"):
-        data.load("mnist", data_dir=tmp_path)
+        datasets.load("mnist", data_dir=tmp_path)
 
 
 def test_missing_file_is_an_error_not_a_fallback(tmp_path, monkeypatch):
     write_idx_dir(tmp_path / "env", tiny(1))  # a good env dir, and a good cache:
-    write_idx_dir(data.cache_dir("mnist"), tiny(2))
+    write_idx_dir(datasets.cache_dir("mnist"), tiny(2))
     monkeypatch.setenv("MLSHIFT_DATA_DIR", str(tmp_path / "env"))
     paths = write_idx_dir(tmp_path / "d", tiny())
     paths[3].unlink()
     with pytest.raises(DataError, match=r"d: expected the four mnist IDX .* t10k-labels-idx1"):
-        data.load(data_dir=tmp_path / "d")
+        datasets.load(data_dir=tmp_path / "d")
     with pytest.raises(DataError, match="expected a folder .* found nothing"):
-        data.load(data_dir=tmp_path / "nowhere")
+        datasets.load(data_dir=tmp_path / "nowhere")
     with pytest.raises(DataError, match="expected a file, found nothing"):
-        data.read_idx(paths[3])
+        datasets.read_idx(paths[3])
 
 
 def test_empty_data_dir_says_what_it_expected_and_found(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "notes.txt").write_text("")
     with pytest.raises(DataError, match=r"expected mnist as IDX files .* found notes\.txt"):
-        data.load(data_dir=tmp_path / "d")
+        datasets.load(data_dir=tmp_path / "d")
 
 
 def test_image_label_count_mismatch(tmp_path):
@@ -228,7 +228,7 @@ def test_image_label_count_mismatch(tmp_path):
     arrays[1] = arrays[1][:29]
     paths = write_idx_dir(tmp_path, arrays)
     with pytest.raises(DataError, match="found 30 images and 29 labels") as info:
-        data.load(data_dir=tmp_path)
+        datasets.load(data_dir=tmp_path)
     assert str(paths[0]) in str(info.value) and str(paths[1]) in str(info.value)
 
 
@@ -239,23 +239,23 @@ def test_label_out_of_range_and_swapped_files(tmp_path):
     with pytest.raises(
         DataError, match=r"t10k-labels.*expected labels 0..9, found 10 \(sample 4\)"
     ):
-        data.load(data_dir=tmp_path / "a")
+        datasets.load(data_dir=tmp_path / "a")
     arrays = tiny()
     arrays[0], arrays[1] = arrays[1], arrays[0]
     write_idx_dir(tmp_path / "b", arrays)
     with pytest.raises(DataError, match="train-images.*expected an images file"):
-        data.load(data_dir=tmp_path / "b")
+        datasets.load(data_dir=tmp_path / "b")
 
 
 @pytest.mark.parametrize("header", [False, True], ids=["plain", "header"])
 def test_csv_round_trip_and_load(tmp_path, header):
     arrays = tiny()
-    x, y = data.read_csv(write_csv(tmp_path / "mnist_train.csv", *arrays[:2], header=header))
+    x, y = datasets.read_csv(write_csv(tmp_path / "mnist_train.csv", *arrays[:2], header=header))
     assert x.dtype == np.uint8 and x.shape == (30, 784) and y.dtype == np.int32
     np.testing.assert_array_equal(x, arrays[0].reshape(30, 784))
     np.testing.assert_array_equal(y, arrays[1])
     write_csv(tmp_path / "mnist_test.csv", *arrays[2:], header=header)
-    ds = data.load(data_dir=tmp_path)
+    ds = datasets.load(data_dir=tmp_path)
     assert_same(ds, arrays)
 
 
@@ -285,14 +285,14 @@ def test_csv_bad_line_names_its_number(tmp_path, line3, match):
     path = tmp_path / "mnist_train.csv"
     path.write_text(f"{good}\n{good}\n{line3}\n{good}\n")
     with pytest.raises(DataError, match=match) as info:
-        data.read_csv(path)
+        datasets.read_csv(path)
     assert str(path) in str(info.value)
 
 
 def test_csv_empty_file(tmp_path):
     (tmp_path / "mnist_train.csv").write_text("\n")
     with pytest.raises(DataError, match="expected CSV rows .* found none"):
-        data.read_csv(tmp_path / "mnist_train.csv")
+        datasets.read_csv(tmp_path / "mnist_train.csv")
 
 
 # -- scale and subsample ---------------------------------------------------------------------
@@ -301,38 +301,38 @@ def test_csv_empty_file(tmp_path):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_scale_values(dtype):
     pixels = np.arange(256, dtype=np.uint8)
-    x = data.scale(np.resize(pixels, (2, 28, 28)), dtype)
+    x = datasets.scale(np.resize(pixels, (2, 28, 28)), dtype)
     assert x.shape == (2, 784) and x.dtype == dtype
     assert x[0, 0] == dtype(0.01) and x[0, 255] == 1.0
-    assert (data.INPUT_RANGE[0], data.INPUT_RANGE[1]) == (0.01, 1.0)
-    assert x.min() == dtype(data.INPUT_RANGE[0]) and x.max() == data.INPUT_RANGE[1]
+    assert (datasets.INPUT_RANGE[0], datasets.INPUT_RANGE[1]) == (0.01, 1.0)
+    assert x.min() == dtype(datasets.INPUT_RANGE[0]) and x.max() == datasets.INPUT_RANGE[1]
     study = np.resize(pixels, (2, 784)) / 255.0 * 0.99 + 0.01  # the study's float64 formula
     np.testing.assert_array_equal(x, study.astype(dtype))
 
 
 def test_scale_rejects_bad_input():
     with pytest.raises(ConfigError, match="expected uint8 pixels, found dtype float64"):
-        data.scale(np.zeros((1, 784)))
-    assert data.scale(np.zeros((1, 100), np.uint8)).shape == (1, 100)  # any image size
+        datasets.scale(np.zeros((1, 784)))
+    assert datasets.scale(np.zeros((1, 100), np.uint8)).shape == (1, 100)  # any image size
     with pytest.raises(ConfigError, match="expected images"):
-        data.scale(np.zeros(100, np.uint8))
+        datasets.scale(np.zeros(100, np.uint8))
     with pytest.raises(ConfigError, match="floating dtype"):
-        data.scale(np.zeros((1, 784), np.uint8), np.int32)
+        datasets.scale(np.zeros((1, 784), np.uint8), np.int32)
 
 
 def test_subsample_is_deterministic_and_without_replacement():
     a, b, c = (
-        data.subsample(0, 1000, 100),
-        data.subsample(0, 1000, 100),
-        data.subsample(1, 1000, 100),
+        datasets.subsample(0, 1000, 100),
+        datasets.subsample(0, 1000, 100),
+        datasets.subsample(1, 1000, 100),
     )
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     assert len(np.unique(a)) == 100 and a.min() >= 0 and a.max() < 1000
-    assert sorted(data.subsample(3, 5, 5)) == [0, 1, 2, 3, 4]
+    assert sorted(datasets.subsample(3, 5, 5)) == [0, 1, 2, 3, 4]
     for size in (0, 1001):
         with pytest.raises(ConfigError, match=f"expected a size in 1..1000, found {size}"):
-            data.subsample(0, 1000, size)
+            datasets.subsample(0, 1000, size)
 
 
 # -- discovery -------------------------------------------------------------------------------
@@ -342,23 +342,23 @@ def test_discovery_order(tmp_path, monkeypatch):
     a, b, c, s = tiny(1), tiny(2), tiny(3), tiny(4)
     write_idx_dir(tmp_path / "a", a)
     write_idx_dir(tmp_path / "b", b)
-    write_idx_dir(data.cache_dir("mnist"), c)
+    write_idx_dir(datasets.cache_dir("mnist"), c)
     write_idx_dir(tmp_path / "system" / "mnist", s)
     monkeypatch.setenv("MLSHIFT_DATA_DIR", str(tmp_path / "b"))
 
-    ds = data.load(data_dir=tmp_path / "a")  # data_dir beats env
+    ds = datasets.load(data_dir=tmp_path / "a")  # data_dir beats env
     assert ds.source == f"data_dir:{tmp_path / 'a'}"
     assert_same(ds, a)
-    ds = data.load()  # env beats cache
+    ds = datasets.load()  # env beats cache
     assert ds.source == f"env:{tmp_path / 'b'}"
     assert_same(ds, b)
     monkeypatch.delenv("MLSHIFT_DATA_DIR")
-    ds = data.load()  # cache beats the system dir
+    ds = datasets.load()  # cache beats the system dir
     assert ds.source == f"cache:{tmp_path / 'cache' / 'mlshift_jax' / 'mnist'}"
     assert_same(ds, c)
-    for p in data.cache_dir("mnist").iterdir():
+    for p in datasets.cache_dir("mnist").iterdir():
         p.unlink()
-    ds = data.load()  # the system dir beats the bundled sample
+    ds = datasets.load()  # the system dir beats the bundled sample
     assert ds.source == f"system:{tmp_path / 'system' / 'mnist'}"
     assert_same(ds, s)
 
@@ -366,15 +366,16 @@ def test_discovery_order(tmp_path, monkeypatch):
 def test_env_dir_with_one_subfolder_per_dataset(tmp_path, monkeypatch):
     write_idx_dir(tmp_path / "env" / "mnist", tiny(1))
     monkeypatch.setenv("MLSHIFT_DATA_DIR", str(tmp_path / "env"))
-    assert data.load().source == f"env:{tmp_path / 'env' / 'mnist'}"
+    assert datasets.load().source == f"env:{tmp_path / 'env' / 'mnist'}"
     monkeypatch.setenv("MLSHIFT_DATA_DIR", str(tmp_path / "empty"))
     with pytest.raises(DataError, match="empty: expected a folder"):  # no silent fallback
-        data.load()
+        datasets.load()
 
 
 def test_bundled_sample_comes_last_with_a_one_line_warning():
-    with pytest.warns(data.SampleDataWarning, match="bundled sample .* results will differ") as rec:
-        ds = data.load()
+    warning = datasets.SampleDataWarning
+    with pytest.warns(warning, match="bundled sample .* results will differ") as rec:
+        ds = datasets.load()
     assert len(rec) == 1 and "\n" not in str(rec[0].message)
     assert ds.is_sample and ds.source == "bundled-sample" and ds.name == "mnist"
     assert ds.x_train.shape == (10_000, 784) and ds.x_test.shape == (2_000, 784)
@@ -387,20 +388,20 @@ def test_bundled_sample_comes_last_with_a_one_line_warning():
 
 def test_download_disabled_never_asks_a_mirror(server, monkeypatch):
     serve_mnist(monkeypatch, server, tiny(), mirrors=(server.url,))
-    with pytest.warns(data.SampleDataWarning, match="download disabled"):
-        assert data.load(download=False).is_sample
+    with pytest.warns(datasets.SampleDataWarning, match="download disabled"):
+        assert datasets.load(download=False).is_sample
     monkeypatch.setenv("MLSHIFT_NO_DOWNLOAD", "1")
-    with pytest.warns(data.SampleDataWarning, match="download disabled"):
-        assert data.load().is_sample
-    assert server.hits == [] and files_in(data.cache_dir("mnist")) == []
+    with pytest.warns(datasets.SampleDataWarning, match="download disabled"):
+        assert datasets.load().is_sample
+    assert server.hits == [] and files_in(datasets.cache_dir("mnist")) == []
 
 
 def test_fashion_mnist_has_no_sample_and_says_how_to_get_it(tmp_path):
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist.*--data-dir"):
-        data.load("fashion-mnist")
+        datasets.load("fashion-mnist")
     arrays = tiny(5)
     write_idx_dir(tmp_path / "system" / "fashion-mnist", arrays)
-    ds = data.load("fashion-mnist")
+    ds = datasets.load("fashion-mnist")
     assert ds.name == "fashion-mnist" and ds.source.startswith("system:")
     assert_same(ds, arrays)
 
@@ -408,21 +409,21 @@ def test_fashion_mnist_has_no_sample_and_says_how_to_get_it(tmp_path):
 def test_one_datasets_files_are_refused_under_another_name(tmp_path, monkeypatch):
     arrays = tiny()
     write_idx_dir(tmp_path, arrays)
-    monkeypatch.setitem(data._TRAIN_LABELS_MD5, "mnist", md5(arrays[1].tobytes()))
+    monkeypatch.setitem(datasets._TRAIN_LABELS_MD5, "mnist", md5(arrays[1].tobytes()))
     with pytest.raises(DataError, match="expected fashion-mnist, found the mnist training labels"):
-        data.load("fashion-mnist", data_dir=tmp_path)
-    assert data.load("mnist", data_dir=tmp_path).name == "mnist"
+        datasets.load("fashion-mnist", data_dir=tmp_path)
+    assert datasets.load("mnist", data_dir=tmp_path).name == "mnist"
 
 
 def test_dataset_is_frozen_and_dtype_selectable(tmp_path):
     write_idx_dir(tmp_path, tiny())
-    ds = data.load(data_dir=tmp_path, dtype=np.float64)
+    ds = datasets.load(data_dir=tmp_path, dtype=np.float64)
     assert ds.x_train.dtype == np.float64 and ds.y_test.dtype == np.int32
     with pytest.raises(ValueError, match="read-only"):
         ds.x_train[0, 0] = 0.0
     assert "train=30, test=10" in repr(ds)
     with pytest.raises(ConfigError, match="expected one of mnist, fashion-mnist, found 'cifar'"):
-        data.load("cifar")
+        datasets.load("cifar")
     assert issubclass(DataError, MlshiftError)
 
 
@@ -433,7 +434,7 @@ def test_download_good_file(server, tmp_path):
     blob = gzip.compress(b"payload")
     (server.root / "f.gz").write_bytes(blob)
     dest = tmp_path / "cache" / "f.gz"
-    assert data.download([server.url + "f.gz"], dest, md5(blob)) == server.url + "f.gz"
+    assert datasets.download([server.url + "f.gz"], dest, md5(blob)) == server.url + "f.gz"
     assert dest.read_bytes() == blob and files_in(dest.parent) == ["f.gz"]
 
 
@@ -441,7 +442,7 @@ def test_download_corrupt_file_leaves_nothing(server, tmp_path):
     (server.root / "f.gz").write_bytes(b"corrupt")
     dest = tmp_path / "cache" / "f.gz"
     with pytest.raises(DataError, match=f"md5 expected {'0' * 32}, found {md5(b'corrupt')}") as e:
-        data.download([server.url + "f.gz"], dest, "0" * 32)
+        datasets.download([server.url + "f.gz"], dest, "0" * 32)
     assert not isinstance(e.value, dl.DownloadUnavailable)
     assert str(dest) in str(e.value) and files_in(dest.parent) == []
 
@@ -452,14 +453,14 @@ def test_download_falls_back_to_the_second_mirror(server, tmp_path, first):
     (server.root / "f.gz").write_bytes(blob)
     dead = f"http://127.0.0.1:{closed_port()}/" if first == "closed-port" else server.url + "no/"
     urls = [dead + "f.gz", server.url + "f.gz"]
-    assert data.download(urls, tmp_path / "f.gz", md5(blob), timeout=2) == urls[1]
+    assert datasets.download(urls, tmp_path / "f.gz", md5(blob), timeout=2) == urls[1]
     assert (tmp_path / "f.gz").read_bytes() == blob
 
 
 def test_download_all_mirrors_down(server, tmp_path):
     urls = [f"http://127.0.0.1:{closed_port()}/f.gz", server.url + "missing.gz"]
     with pytest.raises(dl.DownloadUnavailable, match="HTTP 404"):
-        data.download(urls, tmp_path / "c" / "f.gz", "0" * 32, timeout=2)
+        datasets.download(urls, tmp_path / "c" / "f.gz", "0" * 32, timeout=2)
     assert files_in(tmp_path / "c") == []
 
 
@@ -467,12 +468,12 @@ def test_load_downloads_into_the_cache(server, monkeypatch):
     arrays = tiny()
     dead = f"http://127.0.0.1:{closed_port()}/"
     serve_mnist(monkeypatch, server, arrays, mirrors=(dead, server.url))
-    ds = data.load()
+    ds = datasets.load()
     assert ds.source == f"download:{server.url}"
     assert_same(ds, arrays)
-    assert files_in(data.cache_dir("mnist")) == sorted(f"{s}.gz" for s in STEMS)
+    assert files_in(datasets.cache_dir("mnist")) == sorted(f"{s}.gz" for s in STEMS)
     assert len(server.hits) == 4
-    ds = data.load()  # from the cache now, no request
+    ds = datasets.load()  # from the cache now, no request
     assert ds.source.startswith("cache:") and len(server.hits) == 4
 
 
@@ -480,15 +481,15 @@ def test_load_with_a_corrupt_mirror_raises_and_caches_nothing(server, monkeypatc
     serve_mnist(monkeypatch, server, tiny(), mirrors=(server.url,))
     (server.root / "train-images-idx3-ubyte.gz").write_bytes(b"tampered")
     with pytest.raises(DataError, match="train-images-idx3-ubyte.gz.*md5 expected"):
-        data.load()
-    assert files_in(data.cache_dir("mnist")) == []
+        datasets.load()
+    assert files_in(datasets.cache_dir("mnist")) == []
 
 
 def test_load_offline_falls_through_to_the_sample(monkeypatch):
     monkeypatch.delenv("MLSHIFT_NO_DOWNLOAD")
-    with pytest.warns(data.SampleDataWarning, match="download failed: mirrors unreachable"):
-        assert data.load().is_sample
-    assert files_in(data.cache_dir("mnist")) == []
+    with pytest.warns(datasets.SampleDataWarning, match="download failed: mirrors unreachable"):
+        assert datasets.load().is_sample
+    assert files_in(datasets.cache_dir("mnist")) == []
 
 
 # -- the full MNIST (only where MLSHIFT_DATA_DIR is set) -------------------------------------
@@ -498,7 +499,7 @@ def test_load_offline_falls_through_to_the_sample(monkeypatch):
 @pytest.mark.full_data
 def test_full_mnist_matches_its_manifest():
     for stem, sha in MNIST_SHA256.items():
-        path = data._find_idx(FULL_DIR, stem)
+        path = datasets._find_idx(FULL_DIR, stem)
         assert path is not None, f"{FULL_DIR}: {stem} missing"
         raw = path.read_bytes()
         raw = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
@@ -508,16 +509,16 @@ def test_full_mnist_matches_its_manifest():
 @full_data
 @pytest.mark.full_data
 def test_full_mnist_loads_and_the_sample_is_drawn_from_it():
-    ds = data.load(data_dir=FULL_DIR)
+    ds = datasets.load(data_dir=FULL_DIR)
     assert ds.x_train.shape == (60_000, 784) and ds.x_test.shape == (10_000, 784)
     assert np.bincount(ds.y_train).tolist() == MNIST_TRAIN_COUNTS
     assert np.bincount(ds.y_test).tolist() == MNIST_TEST_COUNTS
-    res = Path(str(data.resources.files("mlshift_jax") / "_sample" / "mnist_sample.npz"))
+    res = Path(str(datasets.resources.files("mlshift_jax") / "_sample" / "mnist_sample.npz"))
     with np.load(res) as sample:
         for split in ("train", "test"):
             index = sample[f"{split}_index"].astype(np.int64)
             np.testing.assert_array_equal(
-                data.scale(sample[f"x_{split}"]), getattr(ds, f"x_{split}")[index]
+                datasets.scale(sample[f"x_{split}"]), getattr(ds, f"x_{split}")[index]
             )
             np.testing.assert_array_equal(sample[f"y_{split}"], getattr(ds, f"y_{split}")[index])
 
@@ -527,9 +528,9 @@ def test_env_dir_holding_another_dataset_is_passed_over_for_this_one(tmp_path, m
     mnist_arrays, fashion_arrays = tiny(), tiny(5)
     write_idx_dir(tmp_path / "env", mnist_arrays)
     write_idx_dir(tmp_path / "system" / "fashion-mnist", fashion_arrays)
-    monkeypatch.setitem(data._TRAIN_LABELS_MD5, "mnist", md5(mnist_arrays[1].tobytes()))
+    monkeypatch.setitem(datasets._TRAIN_LABELS_MD5, "mnist", md5(mnist_arrays[1].tobytes()))
     monkeypatch.setenv("MLSHIFT_DATA_DIR", str(tmp_path / "env"))
-    assert data.load("mnist").source.startswith("env:")
-    ds = data.load("fashion-mnist")
+    assert datasets.load("mnist").source.startswith("env:")
+    ds = datasets.load("fashion-mnist")
     assert ds.source.startswith("system:")
     assert_same(ds, fashion_arrays)

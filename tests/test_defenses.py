@@ -11,10 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlshift_jax import adaptive, attacks, defenses, matrix, metrics, obfuscation, report, runner
-from mlshift_jax.errors import ConfigError
-from mlshift_jax.models import MLP_CE, Model
-from mlshift_jax.recipes import TrainConfig, fit
+from mlshift_jax.attacks import adaptive, defenses, evasion, obfuscation
+from mlshift_jax.bench import matrix, report, runner
+from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.models import metrics
+from mlshift_jax.models.recipes import TrainConfig, fit
+from mlshift_jax.models.zoo import MLP_CE, Model
 
 N_TRAIN, N_TEST, HIDDEN = 2000, 200, 64
 KEY = jax.random.key(0)
@@ -75,12 +77,12 @@ def test_randomize_draws_fresh_randomness_per_key_and_needs_one(trained):
     b = metrics.predict_keyed(model, params, x, jax.random.key(2))
     assert not np.allclose(a, b)
     for call in (lambda: metrics.evaluate(model, params, x, y),
-                 lambda: attacks.fgsm(model, params, x, y, eps=0.1),
-                 lambda: attacks.pgd(model, params, x, y, eps=0.1, random_start=False),
-                 lambda: attacks.input_grad(model, params, x, y)):
+                 lambda: evasion.fgsm(model, params, x, y, eps=0.1),
+                 lambda: evasion.pgd(model, params, x, y, eps=0.1, random_start=False),
+                 lambda: evasion.input_grad(model, params, x, y)):
         with pytest.raises(ConfigError, match="stochastic"):
             call()
-    x_adv = attacks.pgd(model, params, x, y, eps=0.1, key=KEY, steps=2)
+    x_adv = evasion.pgd(model, params, x, y, eps=0.1, key=KEY, steps=2)
     assert float(jnp.max(jnp.abs(x_adv - x))) <= 0.1 + 1e-6
 
 
@@ -116,7 +118,7 @@ def test_preprocessors_take_the_shape_from_the_model():
 def test_quantize_masks_the_gradient_and_median_of_a_constant_is_the_constant(trained):
     params, x, y, _ = trained
     q = defenses.build("quantize", MLP_CE, bits=1)
-    assert float(jnp.max(jnp.abs(attacks.input_grad(q, params, x, y)))) == 0.0
+    assert float(jnp.max(jnp.abs(evasion.input_grad(q, params, x, y)))) == 0.0
     pre = defenses.info(q).pre
     np.testing.assert_allclose(np.unique(np.asarray(pre(x[0], None))), [0.01, 1.0], rtol=1e-6)
     med = defenses.info(defenses.build("median", MLP_CE)).pre
@@ -139,7 +141,7 @@ def test_bad_options_raise():
 
 def test_eot_reduces_to_pgd_when_the_randomness_is_off(trained):
     params, x, y, _ = trained
-    want = attacks.pgd(MLP_CE, params, x, y, eps=0.1, key=KEY, steps=5)
+    want = evasion.pgd(MLP_CE, params, x, y, eps=0.1, key=KEY, steps=5)
     got = adaptive.eot_pgd(MLP_CE, params, x, y, eps=0.1, key=KEY, steps=5, samples=4)
     np.testing.assert_array_equal(got, want)
     # a randomized defense with its randomness off (no resize, no noise): the EOT mean of
@@ -152,10 +154,10 @@ def test_eot_reduces_to_pgd_when_the_randomness_is_off(trained):
 def test_bpda_equals_pgd_on_a_differentiable_identity_preprocessor(trained):
     params, x, y, _ = trained
     ident = defenses.preprocessed(MLP_CE, lambda v, key: v, defense="identity")
-    want = attacks.pgd(ident, params, x, y, eps=0.1, key=KEY, steps=5)
+    want = evasion.pgd(ident, params, x, y, eps=0.1, key=KEY, steps=5)
     got = adaptive.bpda_pgd(ident, params, x, y, eps=0.1, key=KEY, steps=5)
     np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(got, attacks.pgd(MLP_CE, params, x, y, eps=0.1, key=KEY,
+    np.testing.assert_array_equal(got, evasion.pgd(MLP_CE, params, x, y, eps=0.1, key=KEY,
                                                    steps=5))
 
 
@@ -164,7 +166,7 @@ def test_adaptive_attacks_stay_in_the_ball_and_are_deterministic(name, trained):
     params, x, y, _ = trained
     model = defenses.build("quantize", MLP_CE)
     kw = {"queries": 20} if name == "square" else {"steps": 3}
-    fn = attacks.get_attack(name).fn
+    fn = evasion.get_attack(name).fn
     a = fn(model, params, x, y, eps=0.2, key=KEY, **kw)
     b = fn(model, params, x, y, eps=0.2, key=KEY, **kw)
     np.testing.assert_array_equal(a, b)
@@ -186,17 +188,17 @@ def test_adaptive_attacks_are_at_least_as_strong_as_the_naive_ones(trained, dae)
         model = _built(name, dae)
         adaptive_name = defenses.get_defense(name).adaptive
         xs, ys = x[:100], y[:100]
-        naive = min(_acc(model, params, attacks.get_attack(a).fn(
+        naive = min(_acc(model, params, evasion.get_attack(a).fn(
             model, params, xs, ys, eps=0.15, key=KEY, **({"steps": 5} if a == "pgd" else {})),
             ys) for a in ("fgsm", "pgd"))
-        strong = _acc(model, params, attacks.get_attack(adaptive_name).fn(
+        strong = _acc(model, params, evasion.get_attack(adaptive_name).fn(
             model, params, xs, ys, eps=0.15, key=KEY, steps=5, restarts=2, samples=2), ys)
         assert strong <= naive + 0.05, (name, adaptive_name, strong, naive)
 
 
 def test_square_attack_runs_in_a_sweep(trained):
     params, x, y, _ = trained
-    out = attacks.sweep(attacks.get_attack("square"), MLP_CE, params, x[:50], y[:50],
+    out = evasion.sweep(evasion.get_attack("square"), MLP_CE, params, x[:50], y[:50],
                         [0.0, 0.3], key=KEY, queries=30)
     np.testing.assert_array_equal(out[0], x[:50])
     assert _acc(MLP_CE, params, out[1], y[:50]) < _acc(MLP_CE, params, x[:50], y[:50])
@@ -210,7 +212,7 @@ def _table(model, params, x, y, eps_values=(0.1, 0.3)):
     for name, kw in (("fgsm", {}), ("pgd", {"steps": 10}), ("square", {"queries": 60}),
                      ("transfer", {"steps": 10})):
         for eps in eps_values:
-            x_adv = attacks.get_attack(name).fn(model, params, x, y, eps=eps, key=KEY, **kw)
+            x_adv = evasion.get_attack(name).fn(model, params, x, y, eps=eps, key=KEY, **kw)
             acc[(name, eps)] = _acc(model, params, x_adv, y)
     return acc
 
@@ -246,7 +248,7 @@ def test_adversarial_training_raises_pgd_robustness(trained, mnist):
                            steps=3)
 
     def robust(p):
-        return _acc(MLP_CE, p, attacks.pgd(MLP_CE, p, x, y, eps=0.1, key=KEY, steps=10), y)
+        return _acc(MLP_CE, p, evasion.pgd(MLP_CE, p, x, y, eps=0.1, key=KEY, steps=10), y)
 
     assert robust(adv) > robust(params) + 0.15
     assert _acc(MLP_CE, adv, x, y) > 0.6
@@ -260,7 +262,7 @@ def test_adversarial_training_of_the_per_sample_rule_runs(mnist):
 
 
 def test_perturb_none_leaves_minibatch_training_unchanged(mnist):
-    from mlshift_jax.train import train_minibatch
+    from mlshift_jax.models.train import train_minibatch
 
     x, y = jnp.asarray(mnist.x_train[:256]), jnp.asarray(mnist.y_train[:256])
     p0 = MLP_CE.init(KEY, n_hidden=8)

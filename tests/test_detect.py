@@ -16,14 +16,15 @@ import pytest
 from scipy import ndimage
 from sklearn import metrics as skm
 
-from mlshift_jax import detect, detect_data, poison
-from mlshift_jax.attacks import fgsm
-from mlshift_jax.errors import ConfigError
-from mlshift_jax.models import MLP_CE, SEED_MLP, predict
-from mlshift_jax.population import member, plan_for
-from mlshift_jax.recipes import TrainConfig
-from mlshift_jax.retrain import poisoned_sample, train_sampled
-from mlshift_jax.train import train_seed_sgd
+from mlshift_jax.attacks.evasion import fgsm
+from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.detection import detect, detect_data
+from mlshift_jax.models.population import member, plan_for
+from mlshift_jax.models.recipes import TrainConfig
+from mlshift_jax.models.retrain import poisoned_sample, train_sampled
+from mlshift_jax.models.train import train_seed_sgd
+from mlshift_jax.models.zoo import MLP_CE, SEED_MLP, predict
+from mlshift_jax.poisoning import poison
 
 RNG = np.random.default_rng(0)
 

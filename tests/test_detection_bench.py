@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from mlshift_jax import detection_bench
-from mlshift_jax.errors import ConfigError
+from mlshift_jax.bench import detection_bench
+from mlshift_jax.core.errors import ConfigError
 from tests.test_categorize import TINY
 
 MIB = 2**20

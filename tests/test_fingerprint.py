@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from mlshift_jax import change, fingerprint, poison
-from mlshift_jax.errors import ConfigError
-from mlshift_jax.fingerprint import FEATURES, Null, Responses, change_test
-from mlshift_jax.models import SEED_MLP
-from mlshift_jax.population import member, plan_for
-from mlshift_jax.recipes import TrainConfig
-from mlshift_jax.retrain import train_sampled
+from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.detection import change, fingerprint
+from mlshift_jax.detection.fingerprint import FEATURES, Null, Responses, change_test
+from mlshift_jax.models.population import member, plan_for
+from mlshift_jax.models.recipes import TrainConfig
+from mlshift_jax.models.retrain import train_sampled
+from mlshift_jax.models.zoo import SEED_MLP
+from mlshift_jax.poisoning import poison
 
 ALPHA = fingerprint.ALPHA
 

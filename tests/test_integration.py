@@ -21,7 +21,8 @@ pytest.importorskip("flax")
 pytest.importorskip("equinox")
 
 import mlshift_jax as ms  # noqa: E402
-from mlshift_jax import cli, weights  # noqa: E402
+from mlshift_jax import cli  # noqa: E402
+from mlshift_jax.models import weights  # noqa: E402
 
 USER_MODULE = """
 import math
@@ -144,9 +145,9 @@ def test_detect_refuses_models_of_different_kinds(user_module, tmp_path, capsys)
 
 @pytest.mark.parametrize("attr,data", [("net", "digits"), ("mlp", "rgb")])
 def test_python_api_chain(user_module, tmp_path, attr, data):
-    from mlshift_jax.change import CalibrationConfig, detect_pair
-    from mlshift_jax.recipes import TrainConfig, get_recipe
-    from mlshift_jax.sweeps import poison_one
+    from mlshift_jax.bench.sweeps import poison_one
+    from mlshift_jax.detection.change import CalibrationConfig, detect_pair
+    from mlshift_jax.models.recipes import TrainConfig, get_recipe
 
     write_npz(tmp_path / f"{data}.npz", SHAPES[data])
     ref = f"{user_module}:{attr}"
@@ -173,8 +174,8 @@ def test_python_api_chain(user_module, tmp_path, attr, data):
 def test_a_population_of_user_models_is_one_vmap_of_the_user_trainer(user_module, tmp_path):
     import jax
 
-    from mlshift_jax import population, recipes, usermodels
-    from mlshift_jax.poison import make_config
+    from mlshift_jax.models import population, recipes, usermodels
+    from mlshift_jax.poisoning.poison import make_config
 
     write_npz(tmp_path / "rgb.npz", SHAPES["rgb"])
     ds = ms.load_dataset("rgb.npz")
@@ -193,7 +194,7 @@ def test_a_population_of_user_models_is_one_vmap_of_the_user_trainer(user_module
 
 
 def test_two_cell_bench_matrix_with_a_flax_model(user_module, tmp_path):
-    from mlshift_jax import matrix, report, runner
+    from mlshift_jax.bench import matrix, report, runner
 
     write_npz(tmp_path / "tiny-rgb.npz", SHAPES["rgb"])
     ref = f"{user_module}:net"
@@ -212,8 +213,8 @@ def test_two_cell_bench_matrix_with_a_flax_model(user_module, tmp_path):
 
 
 def test_matrix_models_take_refs_and_name_bad_ones(user_module):
-    from mlshift_jax import matrix
-    from mlshift_jax.errors import ConfigError
+    from mlshift_jax.bench import matrix
+    from mlshift_jax.core.errors import ConfigError
 
     base = '[matrix]\ndatasets = ["mnist"]\nattacks = ["none"]\neps = [0.1]\nmodels = '
     ref = f"{user_module}:net"

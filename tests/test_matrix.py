@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mlshift_jax import matrix
-from mlshift_jax.errors import ConfigError
+from mlshift_jax.bench import matrix
+from mlshift_jax.core.errors import ConfigError
 from tests.test_runner import TINY
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"

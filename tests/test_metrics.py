@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from mlshift_jax import metrics
-from mlshift_jax.errors import ConfigError
-from mlshift_jax.models import MODELS, predict
+from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.models import metrics
+from mlshift_jax.models.zoo import MODELS, predict
 
 N = 10
 ATOL = 1e-6  # float32 against sklearn's float64

@@ -3,16 +3,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlshift_jax.baseline import neuralNetwork
-from mlshift_jax.errors import ConfigError
-from mlshift_jax.models import (
-    MODELS,
-    SEED_MLP,
-    get_model,
-    infer_model,
-    predict,
-    study_targets,
-)
+from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.models.baseline import neuralNetwork
+from mlshift_jax.models.zoo import MODELS, SEED_MLP, get_model, infer_model, predict, study_targets
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

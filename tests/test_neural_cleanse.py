@@ -6,10 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlshift_jax import poison
-from mlshift_jax.errors import ConfigError
-from mlshift_jax.models import SEED_MLP
-from mlshift_jax.neural_cleanse import (
+from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.detection.neural_cleanse import (
     ScanConfig,
     anomaly_index,
     anomaly_indices,
@@ -19,7 +17,9 @@ from mlshift_jax.neural_cleanse import (
     stamp,
     verdict,
 )
-from mlshift_jax.population import member, train_poisoned
+from mlshift_jax.models.population import member, train_poisoned
+from mlshift_jax.models.zoo import SEED_MLP
+from mlshift_jax.poisoning import poison
 
 FAST = ScanConfig(steps=120, batch=128)
 

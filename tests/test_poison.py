@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlshift_jax import poison
-from mlshift_jax.data import INPUT_RANGE
-from mlshift_jax.errors import ConfigError
-from mlshift_jax.models import STUDY_SPEC
-from mlshift_jax.poison import (
+from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.data.datasets import INPUT_RANGE
+from mlshift_jax.models.zoo import STUDY_SPEC
+from mlshift_jax.poisoning import poison
+from mlshift_jax.poisoning.poison import (
     POISONINGS,
     Clean,
     Mixture,

@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlshift_jax import poison, population
-from mlshift_jax.errors import ConfigError
-from mlshift_jax.poison import Clean, Mixture, Patch, Trigger, WrongLabel
-from mlshift_jax.recipes import TrainConfig, fit
+from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.models import population
+from mlshift_jax.models.recipes import TrainConfig, fit
+from mlshift_jax.poisoning import poison
+from mlshift_jax.poisoning.poison import Clean, Mixture, Patch, Trigger, WrongLabel
 
 N = 1200
 CONFIGS = [

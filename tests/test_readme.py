@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import mlshift_jax
-from mlshift_jax.errors import ConfigError
+from mlshift_jax.core.errors import ConfigError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SECTION = "## Use it on your own model and data"
@@ -38,7 +38,7 @@ def test_readme_example_is_short():
 def test_readme_example_runs(mnist, tmp_path, monkeypatch):
     from functools import partial
 
-    from mlshift_jax import change
+    from mlshift_jax.detection import change
 
     pytest.importorskip("flax")
     _keras_npz(tmp_path / "digits.npz", mnist)

@@ -2,9 +2,9 @@ import jax
 import numpy as np
 import pytest
 
-from mlshift_jax.errors import ConfigError
-from mlshift_jax.metrics import evaluate
-from mlshift_jax.recipes import (
+from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.models.metrics import evaluate
+from mlshift_jax.models.recipes import (
     RECIPES,
     TrainConfig,
     fit,
@@ -55,10 +55,10 @@ def test_unknown_recipe_names_the_known_ones():
 
 
 def test_user_refs_go_to_usermodels():
-    """A ref with ":" is a user model; without mlshift_jax.usermodels it is a ConfigError."""
+    """A ref with ":" is a user model; without mlshift_jax.models.usermodels it is a ConfigError."""
     import importlib.util
 
-    if importlib.util.find_spec("mlshift_jax.usermodels") is None:
+    if importlib.util.find_spec("mlshift_jax.models.usermodels") is None:
         with pytest.raises(ConfigError, match="usermodels"):
             get_recipe("mypkg.models:net")
 

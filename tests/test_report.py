@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlshift_jax import fmt, report, runner
+from mlshift_jax.bench import report, runner
+from mlshift_jax.core import fmt
 
 
 def _cell(attack: str, eps: float, accuracy: float, **over) -> dict:

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlshift_jax import files, rules
 from mlshift_jax.cli import main, strict_json
-from mlshift_jax.errors import ConfigError, DataError
+from mlshift_jax.core import files, rules
+from mlshift_jax.core.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -200,9 +200,9 @@ def test_bad_data_file_is_one_line(capsys, tmp_path, kind):
 
 
 def test_bundled_sample_is_read_by_the_safe_reader():
-    from mlshift_jax import data
+    from mlshift_jax.data import datasets
 
-    ds = data._load_sample("mnist", np.float32)
+    ds = datasets._load_sample("mnist", np.float32)
     assert ds.x_train.shape[1] == 784 and ds.is_sample
 
 
@@ -264,12 +264,12 @@ BAD_ARGS = [
 @pytest.mark.parametrize("argv", BAD_ARGS, ids=" ".join)
 def test_bad_numbers_and_options_are_one_line_before_data_loads(capsys, argv, tmp_path,
                                                                 monkeypatch):
-    from mlshift_jax import data
+    from mlshift_jax.data import datasets
 
     def no_load(*a, **k):
         raise AssertionError("data loaded before the arguments were checked")
 
-    monkeypatch.setattr(data, "load", no_load)
+    monkeypatch.setattr(datasets, "load", no_load)
     monkeypatch.chdir(tmp_path)
     one_line_rc2(capsys, *argv)
     assert list(tmp_path.iterdir()) == []
@@ -301,7 +301,7 @@ def test_rules_are_one_per_option():
 
 
 def test_stability_refuses_absurd_memory_before_allocating(mnist):
-    from mlshift_jax.stability import stability
+    from mlshift_jax.bench.stability import stability
 
     with pytest.raises(ConfigError, match=r"needs ~.*GiB, this machine has .*lower --samples"):
         stability(mnist, samples=100_000, size=len(mnist.y_train), hidden=65_536)
@@ -324,16 +324,18 @@ def test_version_and_help_show_defaults_and_choices(capsys):
 def test_non_finite_inputs_are_refused_at_the_api(mnist):
     import jax
 
-    from mlshift_jax import attacks, detect, metrics
-    from mlshift_jax.models import SEED_MLP
+    from mlshift_jax.attacks import evasion
+    from mlshift_jax.detection import detect
+    from mlshift_jax.models import metrics
+    from mlshift_jax.models.zoo import SEED_MLP
 
     params = SEED_MLP.init(jax.random.key(0), n_hidden=8)
     x = np.array(mnist.x_test[:4])
     x[1, 5] = np.nan
     y = jnp.asarray(mnist.y_test[:4])
-    for call in (lambda: attacks.fgsm(SEED_MLP, params, x, y, eps=0.1),
-                 lambda: attacks.pgd(SEED_MLP, params, x, y, eps=0.1,
-                                     key=attacks.attack_key(0)),
+    for call in (lambda: evasion.fgsm(SEED_MLP, params, x, y, eps=0.1),
+                 lambda: evasion.pgd(SEED_MLP, params, x, y, eps=0.1,
+                                     key=evasion.attack_key(0)),
                  lambda: metrics.evaluate(SEED_MLP, params, x, y),
                  lambda: detect.input_scores(SEED_MLP, params, x)):
         with pytest.raises(ConfigError, match="NaN/inf"):
@@ -343,12 +345,12 @@ def test_non_finite_inputs_are_refused_at_the_api(mnist):
 def test_zero_gradients_are_flagged(mnist):
     import jax
 
-    from mlshift_jax import attacks
-    from mlshift_jax.models import SEED_MLP
+    from mlshift_jax.attacks import evasion
+    from mlshift_jax.models.zoo import SEED_MLP
 
     params = jax.tree.map(jnp.zeros_like, SEED_MLP.init(jax.random.key(0), n_hidden=8))
-    with pytest.warns(attacks.GradientMaskingWarning):
-        report = attacks.gradient_report(SEED_MLP, params, mnist.x_test[:8], mnist.y_test[:8])
+    with pytest.warns(evasion.GradientMaskingWarning):
+        report = evasion.gradient_report(SEED_MLP, params, mnist.x_test[:8], mnist.y_test[:8])
     assert report["gradient_flag"] and report["zero_grad_frac"] == 1.0
 
 
@@ -433,7 +435,7 @@ def test_stale_temp_files_are_cleaned(tmp_path):
 def test_damaged_cache_entries_are_rebuilt_with_one_warning(tmp_path):
     import warnings
 
-    from mlshift_jax import runner
+    from mlshift_jax.bench import runner
     from tests.test_runner import TINY
 
     m = tmp_path / "m.toml"
@@ -459,7 +461,7 @@ def test_damaged_cache_entries_are_rebuilt_with_one_warning(tmp_path):
 def test_sample_and_custom_matrix_runs_go_elsewhere(tmp_path):
     import argparse
 
-    from mlshift_jax import report
+    from mlshift_jax.bench import report
     from mlshift_jax.cli import _bench_out
 
     default = report.default_out_dir()
@@ -472,7 +474,7 @@ def test_sample_and_custom_matrix_runs_go_elsewhere(tmp_path):
 
 
 def test_report_removes_figures_of_an_earlier_run(tmp_path):
-    from mlshift_jax import runner
+    from mlshift_jax.bench import runner
     from tests.test_runner import TINY
 
     m = tmp_path / "m.toml"
@@ -481,7 +483,7 @@ def test_report_removes_figures_of_an_earlier_run(tmp_path):
     stale = out / "figures" / "accuracy-vs-eps-old.png"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"png")
-    from mlshift_jax import report
+    from mlshift_jax.bench import report
 
     report.write(runner.run(m, out_dir=out), out)
     assert not stale.exists()

@@ -14,9 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlshift_jax import data, matrix, report, runner
-from mlshift_jax.errors import ConfigError, DataError
-from mlshift_jax.metrics import SCORE_NAMES, scores_from_outputs
+from mlshift_jax.bench import matrix, report, runner
+from mlshift_jax.core.errors import ConfigError, DataError
+from mlshift_jax.data import datasets
+from mlshift_jax.models.metrics import SCORE_NAMES, scores_from_outputs
 
 TINY = """
 [matrix]
@@ -66,7 +67,7 @@ n_train = 300
 """
 
 SCORES = list(SCORE_NAMES)
-pytestmark = pytest.mark.filterwarnings("ignore::mlshift_jax.data.SampleDataWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::mlshift_jax.data.datasets.SampleDataWarning")
 
 
 @pytest.fixture(scope="module")
@@ -143,14 +144,14 @@ def test_only_selects_cells(tiny):
 
 def test_a_missing_dataset_is_skipped_and_reported(tiny, monkeypatch, tmp_path):
     path, out, first = tiny
-    real = data.load
+    real = datasets.load
 
     def load(name, *args, **kw):
         if name == "fashion-mnist":
             raise DataError("fashion-mnist: expected its files; found none")
         return real(name, *args, **kw)
 
-    monkeypatch.setattr(data, "load", load)
+    monkeypatch.setattr(datasets, "load", load)
     both = path.with_name("both.toml")
     both.write_text(TINY.replace('["mnist"]', '["mnist", "fashion-mnist"]'))
     records = runner.run(both, out_dir=out)  # the mnist cells come from the cache
@@ -159,7 +160,7 @@ def test_a_missing_dataset_is_skipped_and_reported(tiny, monkeypatch, tmp_path):
     text = report.tables_markdown(records)
     assert "fashion-mnist: SKIPPED" in text and "## Pairings: fashion-mnist" in text
 
-    monkeypatch.setattr(data, "load", lambda *a, **k: (_ for _ in ()).throw(DataError("no")))
+    monkeypatch.setattr(datasets, "load", lambda *a, **k: (_ for _ in ()).throw(DataError("no")))
     with pytest.raises(DataError, match="no dataset"):
         runner.run(both, out_dir=tmp_path)
 
@@ -293,7 +294,7 @@ def test_progress_on_a_terminal_is_a_live_bar():
 
 def test_detect_cell_lands_in_the_report(tmp_path, monkeypatch):
     """The detection benchmark as a matrix cell (a tiny configuration stands in for QUICK)."""
-    from mlshift_jax import detection_bench
+    from mlshift_jax.bench import detection_bench
     from tests.test_categorize import TINY as TINY_DETECT
 
     monkeypatch.setattr(detection_bench, "QUICK", TINY_DETECT)

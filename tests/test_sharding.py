@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlshift_jax import sharding
+from mlshift_jax.core import sharding
 
 
 def test_four_forced_host_devices_give_the_one_device_results():

@@ -5,12 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlshift_jax import poison
-from mlshift_jax.detect import roc_auc
-from mlshift_jax.errors import ConfigError
-from mlshift_jax.models import SEED_MLP
-from mlshift_jax.population import member, train_poisoned
-from mlshift_jax.strip import strip_scores, superimpose
+from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.detection.detect import roc_auc
+from mlshift_jax.detection.strip import strip_scores, superimpose
+from mlshift_jax.models.population import member, train_poisoned
+from mlshift_jax.models.zoo import SEED_MLP
+from mlshift_jax.poisoning import poison
 
 
 def test_superimpose_saturates_at_the_top_of_the_range():

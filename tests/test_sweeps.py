@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlshift_jax import sweeps
-from mlshift_jax.errors import ConfigError
-from mlshift_jax.poison import Clean, Mixture, Patch, Trigger, WrongLabel
+from mlshift_jax.bench import sweeps
+from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.poisoning.poison import Clean, Mixture, Patch, Trigger, WrongLabel
 
 
 def _cms(clean, triggered=None, steered=None):

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlshift_jax.errors import ConfigError
-from mlshift_jax.timing import Timing, time_call, time_once
+from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.core.timing import Timing, time_call, time_once
 
 
 @jax.jit
@@ -104,7 +104,7 @@ def test_bad_arguments_raise(x, kwargs):
 
 
 def test_interleaved_times_every_implementation_in_every_round():
-    from mlshift_jax.timing import interleaved, spread
+    from mlshift_jax.core.timing import interleaved, spread
 
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}

@@ -6,9 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlshift_jax import attacks, baseline, torch_peer
-from mlshift_jax.models import MLP_CE, SEED_MLP
-from mlshift_jax.train import train_minibatch
+from mlshift_jax.attacks import evasion
+from mlshift_jax.bench import torch_peer
+from mlshift_jax.models import baseline
+from mlshift_jax.models.train import train_minibatch
+from mlshift_jax.models.zoo import MLP_CE, SEED_MLP
 
 pytest.importorskip("torch")
 
@@ -32,7 +34,7 @@ def test_pgd_equals_jax_pgd_without_random_start(small):
     wih, who, x, y = small
     with jax.enable_x64(True):
         params = {"wih": jnp.asarray(wih), "who": jnp.asarray(who)}
-        ours = np.asarray(attacks.pgd(SEED_MLP, params, x, y, eps=0.1, steps=5,
+        ours = np.asarray(evasion.pgd(SEED_MLP, params, x, y, eps=0.1, steps=5,
                                       random_start=False))
     theirs = torch_peer.pgd(wih, who, x, y, 0.1, steps=5)
     assert np.mean(ours == theirs) > 0.999

@@ -3,11 +3,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlshift_jax.baseline import neuralNetwork
-from mlshift_jax.errors import ConfigError
-from mlshift_jax.metrics import evaluate
-from mlshift_jax.models import MLP_CE, SEED_MLP, predict
-from mlshift_jax.train import (
+from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.models.baseline import neuralNetwork
+from mlshift_jax.models.metrics import evaluate
+from mlshift_jax.models.train import (
     init_population,
     make_optimizer,
     seed_sgd_step,
@@ -16,6 +15,7 @@ from mlshift_jax.train import (
     train_seed_sgd,
     train_seed_sgd_population,
 )
+from mlshift_jax.models.zoo import MLP_CE, SEED_MLP, predict
 
 
 def _numpy_net(hidden, seed=0):

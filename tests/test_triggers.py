@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlshift_jax import triggers
-from mlshift_jax.errors import ConfigError
+from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.poisoning import triggers
 
 SHAPES = [((28, 28, 1), (0.01, 1.0)), ((8, 8, 3), (0.0, 1.0)), ((5, 7, 2), (-1.0, 1.0))]
 

@@ -12,10 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-from mlshift_jax import attacks, usermodels, weights
-from mlshift_jax.errors import ConfigError
-from mlshift_jax.metrics import evaluate
-from mlshift_jax.recipes import TrainConfig
+from mlshift_jax.attacks import evasion
+from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.models import usermodels, weights
+from mlshift_jax.models.metrics import evaluate
+from mlshift_jax.models.recipes import TrainConfig
 
 pytest.importorskip("flax")
 pytest.importorskip("equinox")
@@ -29,7 +30,7 @@ import jax, jax.numpy as jnp, math
 import flax.linen as nn
 from flax import nnx
 import equinox as eqx
-from mlshift_jax.models import Model
+from mlshift_jax.models.zoo import Model
 
 class Linen(nn.Module):
     width: int = 16
@@ -124,7 +125,7 @@ def test_user_model_build_fit_save_load_attack_evaluate(user_module, tmp_path, a
     assert got["input_shape"] == list(SHAPE) and got["train"]["lr"] == CFG.lr
     assert evaluate(loaded_model, loaded, x_test, y_test, n_classes=K) == clean
 
-    x_adv = attacks.fgsm(loaded_model, loaded, x_test, y_test, eps=0.25, lo=0.0, hi=1.0)
+    x_adv = evasion.fgsm(loaded_model, loaded, x_test, y_test, eps=0.25, lo=0.0, hi=1.0)
     assert float(np.abs(np.asarray(x_adv) - x_test).max()) <= 0.25 + 1e-6
     attacked = evaluate(loaded_model, loaded, x_adv, y_test, n_classes=K)
     assert attacked["accuracy"] < clean["accuracy"], (clean, attacked)

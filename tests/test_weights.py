@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlshift_jax import weights
-from mlshift_jax.errors import ConfigError, DataError
-from mlshift_jax.files import save_params
-from mlshift_jax.models import MODELS, STUDY_SPEC, build
+from mlshift_jax.core.errors import ConfigError, DataError
+from mlshift_jax.core.files import save_params
+from mlshift_jax.models import weights
+from mlshift_jax.models.zoo import MODELS, STUDY_SPEC, build
 
 SUFFIXES = ("w.safetensors", "w.npz")
 

@@ -1,0 +1,313 @@
+"""Adaptive attacks: the attacks a defense must survive before its robustness is believed.
+
+Same signature as `attacks.py` (and registered in its `ATTACKS`):
+
+    attack(model, params, x, y, *, eps, key, lo, hi, steps, restarts, ...) -> x_adv
+
+- `eot-pgd`: PGD on the mean input gradient over `samples` draws of the model's randomness
+  (Expectation over Transformation); `restarts` random starts, the worst kept per example.
+  Athalye, Engstrom, Ilyas & Kwok, "Synthesizing Robust Adversarial Examples", ICML 2018;
+  Athalye, Carlini & Wagner, "Obfuscated Gradients Give a False Sense of Security", ICML 2018.
+- `bpda-pgd`: PGD with the defense's preprocessing replaced by the identity on the backward
+  pass (Backward Pass Differentiable Approximation, a `jax.custom_vjp`), with EOT over
+  `samples` where it is random. Athalye, Carlini & Wagner, ICML 2018.
+- `square`: Square Attack L∞: random square-shaped ±eps updates kept when the margin loss
+  falls; needs only the model's scores (`queries` forward passes). Andriushchenko, Croce,
+  Flammarion & Hein, ECCV 2020.
+- `transfer`: PGD crafted on the undefended model (`defenses.base_of`, with `source_params`
+  when its weights differ, e.g. adversarial training), applied to the defended one.
+  Papernot et al. 2017; Athalye et al. 2018.
+
+All are one jitted call over the batch with explicit keys: the same key gives the same
+x_adv. On a model that draws no randomness, `eot-pgd` with `restarts=1` is `evasion.pgd`
+exactly (same key, same start, same steps); on a model with no preprocessing (or an identity
+one), `bpda-pgd` is too.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mlshift_jax.attacks import defenses, evasion
+from mlshift_jax.attacks.evasion import (
+    PGD_STEP_FACTOR,
+    PGD_STEPS,
+    Attack,
+    _check_key,
+    _check_steps,
+    _input_grad,
+    _prepare,
+)
+from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.models.zoo import Model, Params
+
+EOT_SAMPLES = 8
+SQUARE_QUERIES = 1000
+SQUARE_P_INIT = 0.3  # Andriushchenko et al.'s value for MNIST
+
+
+def _check_count(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}: expected an int >= 1, found {value!r}")
+    return value
+
+
+# --- BPDA: the preprocessing, identity on the way back ---------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _straight_through(pre, x, key):
+    return pre(x, key)
+
+
+def _st_fwd(pre, x, key):
+    return pre(x, key), None
+
+
+def _st_bwd(pre, _, g):
+    return g, None
+
+
+_straight_through.defvjp(_st_fwd, _st_bwd)
+
+
+@functools.cache
+def bpda_model(model: Model) -> Model:
+    """`model` with its defense's preprocessing replaced by the identity on the backward
+    pass (forward unchanged). A model that is not a `defenses` wrapper is returned as is."""
+    d = defenses.info(model)
+    if d is None or d.defense == "adv-train":
+        return model
+    base = bpda_model(d.base)
+    approx = functools.partial(_straight_through, d.pre)
+    wrapped = defenses.preprocessed(base, lambda x, key: approx(x, key),
+                                    defense=f"{d.defense}-bpda", stochastic=d.pre_stochastic,
+                                    options=d.options)
+    return wrapped
+
+
+# --- the PGD engine shared by eot-pgd, bpda-pgd and transfer ---------------------------------
+
+
+def _eot_grad(model, params, x, y, key, samples):
+    """Mean over `samples` draws of the per-example input gradient (one draw, exactly
+    `evasion._input_grad`, for a model without randomness)."""
+    if not model.stochastic:
+        return _input_grad(model, params, x, y)
+    keys = jax.random.split(key, samples)
+    grads = jax.vmap(lambda k: _input_grad(model, params, x, y, k))(keys)
+    return jnp.mean(grads, axis=0)
+
+
+def _expected_loss_and_error(model, params, x, y, key, samples):
+    """Per-example mean loss and error rate over `samples` draws. -> ([b], [b])."""
+    def one(k):
+        keys = jax.random.split(k, x.shape[0])
+        if model.stochastic:
+            scores = jax.vmap(lambda xi, ki: model.apply(params, xi, key=ki))(x, keys)
+            loss = jax.vmap(lambda xi, yi, ki: model.loss(params, xi, yi, key=ki))(x, y, keys)
+        else:
+            scores = jax.vmap(model.apply, in_axes=(None, 0))(params, x)
+            loss = jax.vmap(model.loss, in_axes=(None, 0, 0))(params, x, y)
+        return loss, (jnp.argmax(scores, -1) != y).astype(x.dtype)
+
+    n = samples if model.stochastic else 1
+    loss, err = jax.vmap(one)(jax.random.split(key, n))
+    return jnp.mean(loss, 0), jnp.mean(err, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("grad_model", "eval_model", "steps", "restarts",
+                                             "samples", "random_start"))
+def _pgd_engine(grad_model, eval_model, steps, restarts, samples, random_start, params,
+                eval_params, x, y, eps, step_size, key, lo, hi):
+    """PGD-L∞ ascent on grad_model's loss (EOT over `samples` draws), `restarts` random
+    starts; per example the start whose result eval_model gets most wrong (then highest
+    loss) is kept. Restart 0 uses `key` as `evasion.pgd` does."""
+    if step_size is None:
+        step_size = eps * (PGD_STEP_FACTOR / steps)
+
+    def project(xa):
+        return jnp.clip(jnp.clip(xa, x - eps, x + eps), lo, hi)
+
+    def one_restart(k):
+        x0 = x
+        if random_start:
+            x0 = x + eps * jax.random.uniform(k, x.shape, x.dtype, minval=-1.0, maxval=1.0)
+        model_key = jax.random.fold_in(k, 1)
+
+        def body(i, xa):
+            g = _eot_grad(grad_model, params, xa, y, jax.random.fold_in(model_key, i), samples)
+            return project(xa + step_size * jnp.sign(g))
+
+        return jax.lax.fori_loop(0, steps, body, project(x0))
+
+    if restarts == 1:
+        return one_restart(key)
+    best = one_restart(key)
+    k_eval = jax.random.fold_in(key, 2)
+    loss, err = _expected_loss_and_error(eval_model, eval_params, best, y, k_eval, samples)
+    score = err * 1e6 + loss
+    for r in range(1, restarts):
+        cand = one_restart(jax.random.fold_in(key, 1000 + r))
+        loss, err = _expected_loss_and_error(eval_model, eval_params, cand, y, k_eval, samples)
+        s = err * 1e6 + loss
+        better = s > score
+        best = jnp.where(better[:, None], cand, best)
+        score = jnp.where(better, s, score)
+    return best
+
+
+def _run_pgd(name, grad_model, eval_model, params, eval_params, x, y, *, eps, key, lo, hi,
+             steps, step_size, restarts, samples, random_start):
+    _check_steps(steps, step_size)
+    _check_count(restarts, "restarts")
+    _check_count(samples, "samples")
+    _check_key(key, name)
+    x, y, eps, lo, hi = _prepare(eval_model, x, y, eps, lo, hi)
+    if step_size is not None:
+        step_size = jnp.asarray(step_size, x.dtype)
+    return _pgd_engine(grad_model, eval_model, int(steps), int(restarts), int(samples),
+                       bool(random_start), params, eval_params, x, y, eps, step_size, key,
+                       lo, hi)
+
+
+def eot_pgd(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=None,
+            steps: int = PGD_STEPS, step_size=None, restarts: int = 1,
+            samples: int = EOT_SAMPLES, random_start: bool = True) -> jax.Array:
+    """PGD on the expectation over the model's randomness (EOT).
+
+    Each step averages the input gradient over `samples` fresh draws of the model's
+    randomness (a randomized defense), then takes a sign step; `restarts` random starts, per
+    example the one that fools the model most often (over `samples` draws) is kept. On a
+    deterministic model with restarts=1 it equals `evasion.pgd` (same key). x: [batch, D],
+    y: [batch] -> [batch, D]. Athalye, Engstrom, Ilyas & Kwok, ICML 2018.
+    """
+    return _run_pgd("eot-pgd", model, model, params, params, x, y, eps=eps, key=key, lo=lo,
+                    hi=hi, steps=steps, step_size=step_size, restarts=restarts,
+                    samples=samples, random_start=random_start)
+
+
+def bpda_pgd(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=None,
+             steps: int = PGD_STEPS, step_size=None, restarts: int = 1,
+             samples: int = EOT_SAMPLES, random_start: bool = True) -> jax.Array:
+    """PGD with Backward Pass Differentiable Approximation: the defense's preprocessing
+    (`defenses.info(model).pre`: quantization, a median filter, a denoiser, random resizing)
+    runs forward, and its backward pass is the identity (`jax.custom_vjp`); EOT over
+    `samples` draws where the preprocessing is random. Restarts are scored on the real
+    defended model. Athalye, Carlini & Wagner, ICML 2018. x: [batch, D] -> [batch, D].
+    """
+    return _run_pgd("bpda-pgd", bpda_model(model), model, params, params, x, y, eps=eps,
+                    key=key, lo=lo, hi=hi, steps=steps, step_size=step_size,
+                    restarts=restarts, samples=samples, random_start=random_start)
+
+
+def transfer(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=None,
+             steps: int = PGD_STEPS, step_size=None, restarts: int = 1,
+             source_params: Params | None = None, random_start: bool = True) -> jax.Array:
+    """PGD crafted on the undefended model (`defenses.base_of(model)`), with its own weights
+    `source_params` (default: `params`, right for the preprocessing defenses; pass the
+    undefended weights for adversarial training). A transfer (black-box) attack: if it
+    beats white-box PGD on the defended model, the defense masks gradients.
+    x: [batch, D] -> [batch, D]. Papernot et al. 2017; Athalye et al. 2018.
+    """
+    source = defenses.base_of(model)
+    src = params if source_params is None else source_params
+    return _run_pgd("transfer", source, source, src, src, x, y, eps=eps, key=key, lo=lo,
+                    hi=hi, steps=steps, step_size=step_size, restarts=restarts, samples=1,
+                    random_start=random_start)
+
+
+# --- Square Attack --------------------------------------------------------------------------
+
+
+def _margin(model, params, x, y, key):
+    """score_y - max_{j != y} score_j per example (< 0: misclassified). x: [b, D] -> [b]."""
+    if model.stochastic:
+        keys = jax.random.split(key, x.shape[0])
+        scores = jax.vmap(lambda xi, ki: model.apply(params, xi, key=ki))(x, keys)
+    else:
+        scores = jax.vmap(model.apply, in_axes=(None, 0))(params, x)
+    true = jnp.take_along_axis(scores, y[:, None], axis=1)[:, 0]
+    other = jnp.max(jnp.where(jax.nn.one_hot(y, scores.shape[-1], dtype=bool), -jnp.inf,
+                              scores), axis=1)
+    return true - other
+
+
+def _p_schedule(p_init, i, queries):
+    """Andriushchenko et al.'s piecewise-constant square share, rescaled to `queries`."""
+    it = (i * 10_000) // queries
+    marks = jnp.array([10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000])
+    return p_init / 2.0 ** jnp.sum(it > marks)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "queries", "restarts"))
+def _square_kernel(model, queries, restarts, params, x, y, eps, key, lo, hi, p_init):
+    h, w, c = model.input_shape
+    b = x.shape[0]
+    rows = jnp.arange(h)[None, :, None, None]
+    cols = jnp.arange(w)[None, None, :, None]
+
+    def one_restart(k):
+        k_init, k_loop = jax.random.split(k)
+        stripes = eps * jax.random.rademacher(k_init, (b, 1, w, c), x.dtype)
+        x_best = jnp.clip(x + jnp.broadcast_to(stripes, (b, h, w, c)).reshape(b, -1), lo, hi)
+        m_best = _margin(model, params, x_best, y, jax.random.fold_in(k_init, 1))
+
+        def body(i, carry):
+            x_best, m_best = carry
+            ki = jax.random.fold_in(k_loop, i)
+            k_r, k_c, k_v, k_m = jax.random.split(ki, 4)
+            p = _p_schedule(p_init, i, queries)
+            s = jnp.clip(jnp.round(jnp.sqrt(p * h * w)).astype(jnp.int32), 1, min(h, w) - 1)
+            top = jax.random.randint(k_r, (b, 1, 1, 1), 0, h - s + 1)
+            left = jax.random.randint(k_c, (b, 1, 1, 1), 0, w - s + 1)
+            mask = (rows >= top) & (rows < top + s) & (cols >= left) & (cols < left + s)
+            vals = eps * jax.random.rademacher(k_v, (b, 1, 1, c), x.dtype)
+            delta = (x_best - x).reshape(b, h, w, c)
+            x_new = jnp.clip(x + jnp.where(mask, vals, delta).reshape(b, -1), lo, hi)
+            m_new = _margin(model, params, x_new, y, k_m)
+            better = m_new < m_best
+            return (jnp.where(better[:, None], x_new, x_best), jnp.where(better, m_new, m_best))
+
+        return jax.lax.fori_loop(0, queries, body, (x_best, m_best))
+
+    x_best, m_best = one_restart(key)
+    for r in range(1, restarts):
+        x_r, m_r = one_restart(jax.random.fold_in(key, 1000 + r))
+        better = m_r < m_best
+        x_best = jnp.where(better[:, None], x_r, x_best)
+        m_best = jnp.where(better, m_r, m_best)
+    return x_best
+
+
+def square(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=None,
+           queries: int = SQUARE_QUERIES, restarts: int = 1,
+           p_init: float = SQUARE_P_INIT) -> jax.Array:
+    """Square Attack in L∞ (score-based, gradient-free).
+
+    Starts from vertical stripes of ±eps, then `queries` times changes one random square
+    (side sqrt(p * H * W), p halving on Andriushchenko et al.'s schedule from `p_init`) to
+    a random ±eps per channel, and keeps the change where the margin score_y - max_other
+    falls. Image shape from `model.input_shape`. Andriushchenko, Croce, Flammarion & Hein,
+    "Square Attack: a query-efficient black-box adversarial attack via random search",
+    ECCV 2020. x: [batch, D], y: [batch] -> [batch, D].
+    """
+    _check_key(key, "square")
+    _check_count(queries, "queries")
+    _check_count(restarts, "restarts")
+    x, y, eps, lo, hi = _prepare(model, x, y, eps, lo, hi)
+    return _square_kernel(model, int(queries), int(restarts), params, x, y, eps, key, lo, hi,
+                          jnp.asarray(p_init, x.dtype))
+
+
+ADAPTIVE: dict[str, Attack] = {a.name: a for a in (
+    Attack("eot-pgd", eot_pgd, True, False),
+    Attack("bpda-pgd", bpda_pgd, True, False),
+    Attack("square", square, True, False),
+    Attack("transfer", transfer, True, False),
+)}
+evasion.ATTACKS.update(ADAPTIVE)

@@ -1,0 +1,378 @@
+"""The detection benchmark: every detector scored on every change kind, and the categorizer's
+confusion matrix, as pandas tables for the runner and the report.
+
+One population (`retrain.train_sampled`, one jit) holds, for each of `seeds` seeds: a clean
+reference, `clean_per_seed` clean retrains (the negatives), and one model per poisoning in
+`poisonings`; plus `n_null` clean retrains shared as the null pool. Every member has its own
+seed and its own random training sample (`sample_size` images). Per seed, the input changes
+in `attacks` are applied to the probe images and fed to that seed's reference (the suspect
+system "reference model behind a changed input channel", see `fingerprint`).
+
+Tables (`run` returns them by name):
+
+- "auc": ROC-AUC, detector x change kind. Image-level detectors (confidence, margin, entropy,
+  squeezing) on the test images attacked vs clean, with the first seed's reference; the
+  fingerprint test on systems (changed systems vs clean retrains, statistic = the pooled max
+  z); the training-data detectors (activation clustering, spectral signatures) on training
+  samples (poisoned vs not, mean over seeds). NaN where a detector does not apply.
+- "input_detectors": per attack, eps and detector: ROC-AUC and TPR at `fpr` FPR.
+- "change_test": per change kind: ROC-AUC, detection rate at `alpha`, mean p-value and the
+  cross-entropy of the "changed" probability (`fingerprint.changed_probability`), as NIST
+  TrojAI scores its rounds; the "clean" row is the false-positive rate.
+- "confusion": the categorizer's confusion matrix (rows true, columns predicted), every cell
+  predicted by a categorizer trained without its seed (`categorize.cross_validate`).
+- "training_data": per training-data detector and poisoning: precision, recall, ROC-AUC
+  (means over seeds) against the poison mask. Spectral signatures gets the true largest
+  per-class poisoned share as its eps (the paper assumes a known upper bound).
+- "cells": every (seed, change) cell of the change test: its p-value, statistic, category,
+  the categorizer's held-out prediction and its fingerprint features.
+- "detectors": what each detector scores, its unit and its source.
+- "timing": wall seconds per stage (and the population's size, and its members per vmap).
+
+Memory: the population trains `population_chunk` members per vmap, so that their training
+data (the shared training set, and each member's gathered sample and poisoned copy, float32)
+fits in `memory_cap` bytes (default 1 GiB). Measured with `/usr/bin/time -v` on this
+project's 2-core CPU (bundled sample, a loaded machine): peak 7.8 GB before the cap, when
+`population.chunk_size` let 94 of the 129 members (a quarter of the machine's RAM) train in
+one vmap, 188 MB of copies each. The cap changes how many members train at once, not what
+they train on or what is measured.
+
+Time: `run` holds the BLAS libraries (OpenBLAS, which jaxlib's CPU `eigh` calls through
+scipy's LAPACK) to one thread (threadpoolctl). Their worker threads otherwise compete with
+XLA's own thread pool for the cores: on this project's 2-core CPU (loaded), ten 200 x 200
+`jnp.linalg.eigh` took 1.4-7 s with the default two BLAS threads and 0.06-0.13 s with one,
+and activation clustering and spectral signatures each take one such batch per poisoned
+member (60 of them in FULL). XLA's own kernels do not use these libraries.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, replace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+from threadpoolctl import threadpool_limits
+
+from mlshift_jax.attacks.evasion import attack_key, get_attack
+from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.data.datasets import Dataset
+from mlshift_jax.detection import categorize, detect, detect_data, fingerprint
+from mlshift_jax.detection.change import changed_inputs
+from mlshift_jax.models.population import member, plan_for
+from mlshift_jax.models.recipes import TrainConfig
+from mlshift_jax.models.retrain import poisoned_sample, train_sampled
+from mlshift_jax.models.zoo import predict
+from mlshift_jax.poisoning.poison import make_config
+
+CLEAN = "clean"
+INPUT_ROWS = detect.INPUT_DETECTORS
+ROWS = (*INPUT_ROWS, "fingerprint test", "activation clustering", "spectral signatures")
+DETECTORS = pd.DataFrame(
+    [
+        ("confidence", "image", "-max output", "Hendrycks & Gimpel, ICLR 2017"),
+        ("margin", "image", "-(top1 - top2) output", "margin of the top two outputs"),
+        ("entropy", "image", "entropy of the output distribution", "-"),
+        ("squeezing", "image", "max L1(f(x), f(squeeze(x))), bit-1 / median 2x2, 3x3",
+         "Xu, Evans & Qi, NDSS 2018"),
+        ("fingerprint test", "model", "max pooled z of disagreement, KL, KS, trigger flip, "
+         "patch sensitivity vs clean retrains", "this harness (see fingerprint.py)"),
+        ("activation clustering", "training sample", "1 - relative size of the sample's "
+         "2-means cluster (PCA 10) in its predicted class", "Chen et al., arXiv:1811.03728"),
+        ("spectral signatures", "training sample", "squared projection on the top singular "
+         "vector of its class", "Tran, Li & Madry, NeurIPS 2018"),
+    ],
+    columns=["detector", "unit", "score", "source"]).set_index("detector")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What `run` trains and scores. attacks / poisonings: (kind, eps or fraction) pairs."""
+
+    recipe: str = "seed-mlp"
+    hidden: int = 200
+    sample_size: int = 10_000
+    seeds: int = 10
+    clean_per_seed: int = 2
+    n_null: int = 39
+    probes: int = 1000
+    n_patched: int = 200
+    n_images: int = 10_000
+    attacks: tuple[tuple[str, float], ...] = (
+        ("noise-sign", 0.1), ("noise-sign", 0.2), ("fgsm", 0.1), ("fgsm", 0.2),
+        ("pgd", 0.1), ("pgd", 0.2))
+    poisonings: tuple[tuple[str, float], ...] = (
+        ("wrong-label", 0.1), ("wrong-label", 0.3), ("trigger", 0.1), ("trigger", 0.3),
+        ("mixture", 0.05), ("mixture", 0.2))
+    alpha: float = 0.05
+    fpr: float = 0.05
+    memory_cap: int = 2**30  # bytes for the population's training data (`population_chunk`)
+
+    def validate(self) -> BenchConfig:
+        """Raise ConfigError for settings the benchmark cannot run; return self."""
+        if self.seeds < 2:
+            raise ConfigError(f"detection bench: expected seeds >= 2 (the categorizer holds "
+                              f"one out), found {self.seeds}")
+        if self.n_null < 2 or self.clean_per_seed < 1:
+            raise ConfigError(f"detection bench: expected n_null >= 2 and clean_per_seed >= 1,"
+                              f" found {self.n_null} and {self.clean_per_seed}")
+        for kind, _ in self.attacks:
+            get_attack(kind)
+        for kind, fraction in self.poisonings:
+            make_config(kind, fraction=fraction)
+        if self.memory_cap < 1:
+            raise ConfigError(f"detection bench: expected memory_cap >= 1 byte, found "
+                              f"{self.memory_cap}")
+        return self
+
+
+FULL = BenchConfig()
+QUICK = BenchConfig(hidden=64, sample_size=3000, seeds=4, n_null=20, probes=500,
+                    n_patched=100, n_images=2000)
+
+
+def population_chunk(m: int, size: int, n: int, d: int, memory_cap: int) -> int:
+    """Members per vmap so that the population's training data fits in memory_cap bytes.
+
+    m members, each training on `size` of the n shared training images of d float32 values:
+    the shared set (n * d * 4 bytes) is there once; each member of a group adds its gathered
+    sample and its poisoned copy (2 * size * d * 4). Returns the largest chunk in 1..m with
+    n * d * 4 + chunk * 2 * size * d * 4 <= memory_cap, at least 1 (one member then needs
+    what it needs).
+    """
+    if min(m, size, n, d) < 1:
+        raise ConfigError(f"detection bench: expected m, size, n, d >= 1, found "
+                          f"{(m, size, n, d)}")
+    per_member = 2 * size * d * 4
+    return int(max(1, min(m, (memory_cap - n * d * 4) // per_member)))
+
+
+def attack_label(kind: str, eps: float) -> str:
+    """Column name of an input change: "fgsm 0.1"."""
+    return f"{kind} {eps:g}"
+
+
+def poison_label(kind: str, fraction: float) -> str:
+    """Column name of a poisoning: "mixture 20%"."""
+    return f"{kind} {fraction:.0%}"
+
+
+class _Members:
+    """Who is who in the population: rows of (role, seed index, kind, label, member seed)."""
+
+    def __init__(self, cfg: BenchConfig, seed: int):
+        rows, counter = [], seed * 100_000
+        for s in range(cfg.seeds):
+            rows.append(("reference", s, CLEAN, CLEAN))
+            rows += [("suspect", s, CLEAN, CLEAN)] * cfg.clean_per_seed
+            rows += [("suspect", s, k, poison_label(k, f)) for k, f in cfg.poisonings]
+        rows += [("null", -1, CLEAN, CLEAN)] * cfg.n_null
+        self.table = pd.DataFrame(rows, columns=["role", "seed", "kind", "label"])
+        self.table["member_seed"] = counter + np.arange(len(rows))
+        fractions = {poison_label(k, f): (k, f) for k, f in cfg.poisonings}
+        self.configs = [make_config("clean") if lab == CLEAN
+                        else make_config(fractions[lab][0], fraction=fractions[lab][1])
+                        for lab in self.table["label"]]
+
+    def rows(self, role: str, s: int | None = None) -> np.ndarray:
+        t = self.table
+        pick = t["role"] == role
+        if s is not None:
+            pick &= t["seed"] == s
+        return np.flatnonzero(pick.to_numpy())
+
+
+def _take(tree, rows):
+    return jax.tree.map(lambda a: a[jnp.asarray(rows)], tree)
+
+
+def _input_detector_table(cfg: BenchConfig, ds: Dataset, model, params, key) -> pd.DataFrame:
+    """ROC-AUC and TPR at cfg.fpr of each image-level detector, per attack and eps."""
+    n = min(cfg.n_images, len(ds.y_test))
+    x, y = jnp.asarray(ds.x_test[:n]), jnp.asarray(ds.y_test[:n])
+    clean = jax.device_get(detect.input_scores(model, params, x))
+    rows = []
+    for i, (kind, eps) in enumerate(cfg.attacks):
+        attack = get_attack(kind)
+        kw = {"key": jax.random.fold_in(key, i)} if attack.needs_key else {}
+        x_adv = attack.fn(model, params, x, y, eps=eps, **kw)
+        changed = jax.device_get(detect.input_scores(model, params, x_adv))
+        accuracy = float(jnp.mean(jnp.argmax(predict(model, params, x_adv), -1) == y))
+        labels = np.r_[np.zeros(n, bool), np.ones(n, bool)]
+        for name in INPUT_ROWS:
+            scores = np.r_[clean[name], changed[name]]
+            rows.append({"attack": kind, "eps": eps, "detector": name,
+                         "auc": detect.roc_auc(scores, labels),
+                         f"tpr@{cfg.fpr:g}fpr": detect.tpr_at_fpr(scores, labels, cfg.fpr),
+                         "accuracy_under_attack": accuracy})
+    return pd.DataFrame(rows)
+
+
+def _training_data_table(cfg: BenchConfig, ds: Dataset, members: _Members, pop, idx,
+                         key) -> pd.DataFrame:
+    """Activation clustering and spectral signatures on each poisoned member's data."""
+    model = pop.plan.arch
+    rows = []
+    for i in members.rows("suspect"):
+        label = members.table.at[i, "label"]
+        if label == CLEAN:
+            continue
+        params = member(pop.params, int(i))
+        x_p, y_p, mask = poisoned_sample(ds.x_train, ds.y_train, idx[i],
+                                         int(members.table.at[i, "member_seed"]),
+                                         members.configs[i], model)
+        h = detect_data.activations(model, params, x_p)
+        predicted = jnp.argmax(predict(model, params, x_p), -1).astype(jnp.int32)
+        found = {
+            "activation clustering": detect_data.activation_clustering(
+                h, predicted, key=jax.random.fold_in(key, int(i)),
+                n_classes=model.n_classes),
+            "spectral signatures": detect_data.spectral_signatures(
+                h, y_p, eps=detect_data.poisoned_share(y_p, mask, model.n_classes),
+                n_classes=model.n_classes),
+        }
+        for name, detection in found.items():
+            scores = detect_data.precision_recall_auc(detection, mask)
+            rows.append({"detector": name, "change": label,
+                         "seed": int(members.table.at[i, "seed"]), **scores})
+    table = pd.DataFrame(rows)
+    return (table.groupby(["detector", "change"], sort=False)
+            [["precision", "recall", "auc", "flagged", "poisoned"]].mean().reset_index())
+
+
+def _one_blas_thread(fn):
+    """fn with the BLAS libraries held to one thread while it runs (module docstring)."""
+
+    @functools.wraps(fn)
+    def inner(*args, **kw):
+        with threadpool_limits(limits=1, user_api="blas"):
+            return fn(*args, **kw)
+
+    return inner
+
+
+@_one_blas_thread
+def run(ds: Dataset, *, quick: bool = False, seed: int = 0,
+        config: BenchConfig | None = None) -> dict[str, pd.DataFrame]:
+    """Train, change, detect and categorize; return the tables named in the module docstring.
+
+    quick: the small configuration (`QUICK`: hidden 64, 3,000-image samples, 4 seeds) instead
+    of `FULL`; config overrides both. Same seed, same tables.
+    """
+    cfg = (config or (QUICK if quick else FULL)).validate()
+    timing: dict[str, float] = {}
+    clock = time.perf_counter()
+    key = attack_key(seed)  # input changes and detector draws: apart from training keys
+    members = _Members(cfg, seed)
+    sample = min(cfg.sample_size, len(ds.y_train))
+    plan = plan_for(cfg.recipe, TrainConfig(hidden=cfg.hidden), ds.spec)
+    model = plan.arch
+    chunk = population_chunk(len(members.configs), sample, len(ds.y_train),
+                             int(np.prod(np.shape(ds.x_train)[1:])), cfg.memory_cap)
+    pop, idx = train_sampled(plan, members.configs, ds.x_train, ds.y_train,
+                             seeds=members.table["member_seed"].tolist(), size=sample,
+                             chunk=chunk)
+    timing["train population"] = time.perf_counter() - clock
+    timing["population members"] = float(len(members.configs))
+    timing["members per vmap"] = float(chunk)
+
+    clock = time.perf_counter()
+    probes = fingerprint.make_probes(ds.x_test, ds.y_test, n=cfg.probes,
+                                     n_patched=cfg.n_patched, seed=seed, spec=ds.spec)
+    resp = fingerprint.model_responses(model, pop.params, probes)
+    null_resp = _take(resp, members.rows("null"))
+    cells, feats, inputs = [], [], []
+    for s in range(cfg.seeds):
+        ref_i = int(members.rows("reference", s)[0])
+        ref = _take(resp, ref_i)
+        null = fingerprint.Null(fingerprint.feature_matrix(
+            fingerprint.fingerprints(ref, null_resp, probes.y)))
+        sus_rows = members.rows("suspect", s)
+        xs = changed_inputs(model, member(pop.params, ref_i), probes, cfg.attacks,
+                            jax.random.fold_in(key, s))
+        sus = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), _take(resp, sus_rows),
+                           fingerprint.input_responses(model, member(pop.params, ref_i), xs,
+                                                       probes))
+        f = fingerprint.feature_matrix(fingerprint.fingerprints(ref, sus, probes.y))
+        test = fingerprint.change_test(f, null)
+        kinds = list(members.table.loc[sus_rows, "kind"]) + [k for k, _ in cfg.attacks]
+        labels = list(members.table.loc[sus_rows, "label"]) + [
+            attack_label(k, e) for k, e in cfg.attacks]
+        for j, (kind, label) in enumerate(zip(kinds, labels, strict=True)):
+            cells.append({"seed": s, "kind": kind, "change": label,
+                          "category": categorize.category_of(kind),
+                          "p_value": test.p_value[j], "statistic": test.statistic[j]})
+        feats.append(f)
+        inputs.append(categorize.categorizer_inputs(f, null))
+    cells = pd.DataFrame(cells)
+    feats, inputs = np.concatenate(feats), np.concatenate(inputs)
+    timing["fingerprints and tests"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    predicted = categorize.cross_validate(inputs, cells["category"].tolist(),
+                                          cells["seed"].to_numpy())
+    cells["predicted"] = predicted
+    confusion = categorize.confusion_table(cells["category"], predicted)
+    timing["categorizer"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    ref0 = member(pop.params, int(members.rows("reference", 0)[0]))
+    input_table = _input_detector_table(cfg, ds, model, ref0, jax.random.fold_in(key, 10**6))
+    timing["input detectors"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    data_table = _training_data_table(cfg, ds, members, pop, idx,
+                                      jax.random.fold_in(key, 10**6 + 1))
+    timing["training-data detectors"] = time.perf_counter() - clock
+
+    change_table = _change_table(cfg, cells)
+    columns = [attack_label(k, e) for k, e in cfg.attacks] + [
+        poison_label(k, f) for k, f in cfg.poisonings]
+    auc = pd.DataFrame(np.nan, index=list(ROWS), columns=columns)
+    auc.index.name = "detector"
+    for _, r in input_table.iterrows():
+        auc.loc[r["detector"], attack_label(r["attack"], r["eps"])] = r["auc"]
+    for label, r in change_table.drop(index=CLEAN).iterrows():
+        auc.loc["fingerprint test", label] = r["auc"]
+    for _, r in data_table.iterrows():
+        auc.loc[r["detector"], r["change"]] = r["auc"]
+    return {
+        "auc": auc,
+        "input_detectors": input_table,
+        "change_test": change_table,
+        "confusion": confusion,
+        "training_data": data_table,
+        "cells": pd.concat([cells, pd.DataFrame(feats, columns=fingerprint.FEATURES)],
+                           axis=1),
+        "detectors": DETECTORS,
+        "timing": pd.DataFrame({"seconds": timing}).rename_axis("stage"),
+    }
+
+
+def _change_table(cfg: BenchConfig, cells: pd.DataFrame) -> pd.DataFrame:
+    """Per change kind: AUC of the statistic against the clean retrains, detection rate at
+    alpha, mean p-value, cross-entropy of the "changed" probability (positives and the
+    clean negatives together). The clean row: its false-positive rate at alpha."""
+    clean = cells[cells["change"] == CLEAN]
+    rows = {}
+    for label, group in cells.groupby("change", sort=False):
+        row = {"n": len(group), "detected": float(np.mean(group["p_value"] <= cfg.alpha)),
+               "mean_p": float(group["p_value"].mean())}
+        if label != CLEAN:
+            both = pd.concat([clean, group])
+            truth = np.r_[np.zeros(len(clean), bool), np.ones(len(group), bool)]
+            row["auc"] = detect.roc_auc(both["statistic"], truth)
+            row["cross_entropy"] = detect.binary_cross_entropy(
+                fingerprint.changed_probability(both["p_value"]), truth)
+        rows[label] = row
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "change"
+    return table[["n", "auc", "detected", "mean_p", "cross_entropy"]]
+
+
+def with_overrides(base: BenchConfig, **kw) -> BenchConfig:
+    """base with some fields replaced (for tests and the CLI), validated."""
+    return replace(base, **kw).validate()

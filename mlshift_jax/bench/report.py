@@ -1,0 +1,984 @@
+"""Records -> files: `tables.md`, `records.csv`, `run.json` and PNG figures in one folder.
+
+`write(records, out_dir) -> list[Path]` takes the DataFrame `runner.run` returns (its
+`attrs["run"]` carries the run's facts) and writes, each file atomically (`files.atomic_path`):
+
+- tables.md: one table per study experiment (E1, E2, E3 on 10,000 and on 6,000 test images)
+  with our numbers beside the study's (`study.py`) and the deltas; the poisoning sweeps
+  (E4-E7, BadNets, ours vs the study); the detection tables (detector x change kind ROC-AUC,
+  the change test, the categorizer's confusion matrix, training-data detectors); the speed
+  table (workload x
+  implementation, median time and speed-up vs numpy); a pairing table per dataset (model x
+  attack@eps); validity warnings, after AutoAttack's flags (Croce & Hein, ICML 2020);
+- tables.md also holds the defense x attack table (`[defenses]`): robust accuracy per
+  defense and model under FGSM, PGD, the defense's adaptive attack, Square and transfer at
+  each eps, with times, the obfuscated-gradient flags and a verdict per defense;
+- records.csv: long (tidy) form, one row per cell x measure (`records_csv`): the cell's
+  own scores and every detail table's numbers, no JSON inside a column;
+- run.json: versions, backend, device, CPU count, git commit, date, wall time, data sources;
+- figures/ (when matplotlib is installed): accuracy vs eps per attack for each model, and a
+  grid of clean and FGSM digits at each eps; the poisoning curves and examples (`sweeps`).
+
+The default folder is `results/<platform_name()>/`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform as _platform
+import re
+import subprocess
+import warnings
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import pandas as pd
+
+from mlshift_jax.bench import sweeps
+from mlshift_jax.core import fmt, study
+from mlshift_jax.core.files import atomic_path, clean_stale_temps, write_text
+from mlshift_jax.data import datasets
+
+MEASURES = ("accuracy", "precision", "recall", "f1", "confidence")
+PRF = ("precision", "recall", "f1", "confidence")
+SCORED_KINDS = ("attack", "stability")  # the kinds whose records carry model scores
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- where and on what -------------------------------------------------------------------------
+
+
+def platform_name(device: Any = None) -> str:
+    """"cpu", or "<platform>-<device kind>" such as "gpu-h200" or "tpu-v5-lite"."""
+    device = jax.devices()[0] if device is None else device
+    if device.platform == "cpu":
+        return "cpu"
+    kind = re.sub(r"[^a-z0-9]+", "-", device.device_kind.lower()).strip("-")
+    kind = re.sub(r"^(nvidia|amd|tesla|geforce|tpu)-", "", kind) or "unknown"
+    return f"{device.platform}-{kind}"
+
+
+def default_out_dir(root: str | Path = REPO_ROOT) -> Path:
+    """results/<platform_name()>/ under `root` (the repository by default)."""
+    return Path(root) / "results" / platform_name()
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def run_info(records: pd.DataFrame) -> dict[str, Any]:
+    """What run.json holds: the environment now, plus the run's facts from records.attrs."""
+    devices = jax.devices()
+    run = dict(records.attrs.get("run", {}))
+    return {
+        "platform": platform_name(devices[0]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+        "versions": {p: _version(p) for p in ("jax", "jaxlib", "numpy", "optax", "pandas")}
+        | {"python": _platform.python_version()},
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+        "cpu_count": os.cpu_count(),
+        **run,
+    }
+
+
+# --- validity warnings ---------------------------------------------------------------------------
+
+
+def _rows(records: pd.DataFrame, *, kind: str | None = None,
+          block: str | None = None) -> pd.DataFrame:
+    """The records of one kind and/or block (an empty frame when there are none)."""
+    if records.empty or "kind" not in records:
+        return records.iloc[0:0]
+    keep = np.ones(len(records), bool)
+    if kind is not None:
+        keep &= (records["kind"] == kind).to_numpy()
+    if block is not None:
+        keep &= (records["block"] == block).to_numpy()
+    return records[keep]
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return value is not None and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def validity_warnings(records: pd.DataFrame) -> pd.DataFrame:
+    """Checks that a result is sound, as AutoAttack flags suspicious robustness numbers.
+
+    Returns a frame (id, warning), one row per finding:
+    - eps=0 or the "none" attack does not reproduce the clean accuracy;
+    - random noise lowers accuracy more than FGSM at the same eps (FGSM is then not finding
+      the gradient: a broken attack or masked gradients);
+    - PGD is weaker than FGSM at the same eps (PGD includes FGSM's step);
+    - zero input gradients: FGSM's step is 0 on more than half of the pixels;
+    - training diverged: NaN/inf params or scores.
+    """
+    found: list[tuple[str, str]] = []
+    scored = pd.concat([_rows(records, kind=k) for k in SCORED_KINDS])
+    for _, r in scored.iterrows():
+        measures = MEASURES if r["kind"] == "attack" else MEASURES[:4]
+        finite = r.get("params_finite") is not False and all(_finite(r.get(m)) for m in measures)
+        if not finite:
+            found.append((r["id"], "training diverged: non-finite params or scores"))
+    attack = _rows(records, kind="attack")
+    for _, r in attack.iterrows():
+        if (r["eps"] == 0 or r["attack"] == "none") and _finite(r.get("clean_accuracy")):
+            if abs(r["accuracy"] - r["clean_accuracy"]) > 1e-9:
+                found.append((r["id"], f"eps=0 gives accuracy {r['accuracy']:.4f}, not the "
+                                       f"clean {r['clean_accuracy']:.4f}"))
+        if _finite(r.get("zero_grad_frac")) and r["zero_grad_frac"] > 0.5:
+            found.append((r["id"], f"zero input gradients: FGSM's step is 0 on "
+                                   f"{r['zero_grad_frac']:.0%} of pixels"))
+    keys = ["block", "dataset", "model", "seed", "n_test", "eps"]
+    for _, group in attack[attack["eps"] > 0].groupby(keys, dropna=False) if len(attack) else ():
+        # cells that ask for more test images than the data has (E3's 10,000 and 6,000 on the
+        # bundled sample) collapse onto the same n_test: keep one row per attack
+        by = group.drop_duplicates("attack").set_index("attack")
+        if "fgsm" not in by.index:
+            continue
+        fgsm = by.loc["fgsm"]
+        for name in by.index:
+            other = by.loc[name]
+            if str(name).startswith("noise") and other["accuracy"] < fgsm["accuracy"]:
+                found.append((fgsm["id"], f"random noise ({name}) is stronger than FGSM at "
+                                          f"eps {fgsm['eps']:g}: accuracy "
+                                          f"{other['accuracy']:.4f} < {fgsm['accuracy']:.4f}"))
+            if name == "pgd" and other["accuracy"] > fgsm["accuracy"]:
+                found.append((other["id"], f"PGD is weaker than FGSM at eps "
+                                           f"{fgsm['eps']:g}: accuracy {other['accuracy']:.4f}"
+                                           f" > {fgsm['accuracy']:.4f}"))
+    return pd.DataFrame(found, columns=["id", "warning"]).drop_duplicates()
+
+
+def _warnings_by_id(warnings: pd.DataFrame) -> dict[str, str]:
+    return warnings.groupby("id")["warning"].agg("; ".join).to_dict() if len(warnings) else {}
+
+
+# --- formatting ------------------------------------------------------------------------------
+
+
+def fmt_time(seconds: Any) -> str:
+    """1.23 s, 45.6 ms, 789 µs; "—" when missing."""
+    if not _finite(seconds):
+        return "—"
+    s = float(seconds)
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if abs(s) >= scale or unit == "µs":
+            return f"{s / scale:.3g} {unit}"
+    return f"{s:.3g} s"
+
+
+def _md(frame: pd.DataFrame, note: str, *, index: bool = True, floatfmt: str = ".4f") -> str:
+    """A markdown table and the line under it that says how to read it: numbers through
+    `fmt.number` (scores to `floatfmt`'s decimals, counts as integers, eps as written, NaN
+    blank)."""
+    digits = int(floatfmt.strip(".f"))
+    return f"{fmt.markdown(frame, index=index, digits=digits)}\n\n*{note}*\n"
+
+
+def _delta(ours: Any, theirs: Any) -> str:
+    """ours - theirs as a signed string, "—" where either is missing."""
+    return f"{float(ours) - float(theirs):+.4f}" if _finite(ours) and _finite(theirs) else "—"
+
+
+# --- the tables ------------------------------------------------------------------------------
+
+
+def _e1(records: pd.DataFrame) -> str:
+    rows = _rows(records, block="e1")
+    if not len(rows):
+        return "No E1 cells in this run.\n"
+    table = pd.DataFrame({"study": [study.E1[m] for m in MEASURES]}, index=list(MEASURES))
+    for _, r in rows.iterrows():
+        table[r["model"]] = [r[m] for m in MEASURES]
+        table[f"Δ {r['model']}"] = [_delta(r[m], study.E1[m]) for m in MEASURES]
+    r = rows.iloc[0]
+    head = (f"{r['dataset']}, trained on {int(r['n_train']):,} images (hidden {int(r['hidden'])},"
+            f" lr {r['lr']:g}, {int(r['epochs'])} epoch(s), seed {int(r['seed'])}), scored on "
+            f"{int(r['n_test']):,} test images.\n\n")
+    note = ("Rows are the study's measures; Δ = ours − study. The study's \"performance\" "
+            "0.963 is accuracy; its P/R/F1/confidence come from its attack table's first row. "
+            "Confidence is the mean top sigmoid output.")
+    return head + _md(table, note)
+
+
+def _e2(records: pd.DataFrame) -> str:
+    rows = _rows(records, kind="stability")
+    if not len(rows):
+        return "No E2 cells in this run.\n"
+    r = rows.iloc[0]
+    t = r["detail"]["table"]
+    table = pd.DataFrame(t["data"], index=t["index"], columns=t["columns"])
+    table["Δ accuracy vs study E1"] = [
+        "—" if name == "std" else _delta(a, study.E1["accuracy"])
+        for name, a in zip(table.index, table["accuracy"], strict=True)]
+    head = (f"{int(r['detail']['samples'])} seed-mlp models, each trained on its own random "
+            f"sample of {int(r['detail']['size']):,} {r['dataset']} training images, trained "
+            f"as one population in one compiled call ({fmt_time(r['train_s'])}, compile "
+            f"included); scored on "
+            f"{int(r['n_test']):,} test images.\n\n")
+    note = ("One row per sample, then mean / std (ddof=1) / min / max over samples. The study "
+            "showed these as charts and published no numbers (study.py has none), so the only "
+            "comparison is with its full-data accuracy, 0.963: training on 1/6 of the data "
+            "costs the difference.")
+    return head + _md(table, note)
+
+
+def _e3(records: pd.DataFrame, warns: dict[str, str], test_sizes: dict[str, int]) -> str:
+    rows = _rows(records, kind="attack", block="e3")
+    if not len(rows):
+        return "No E3 cells in this run.\n"
+    parts = []
+    for n in sorted(rows["n_test"].unique(), reverse=True):
+        sub = rows[rows["n_test"] == n]
+        r0 = sub.iloc[0]
+        if n == study.E3_IMAGES:
+            title = (f"### E3 on the study's {int(n):,} images: the first {int(n):,} "
+                     f"{r0['dataset']} test images (the study does not say which 6,000 it "
+                     "used)\n\n")
+        elif n == test_sizes.get(r0["dataset"]):
+            title = f"### E3 on all {int(n):,} {r0['dataset']} test images\n\n"
+        else:
+            title = f"### E3 on the first {int(n):,} {r0['dataset']} test images\n\n"
+        table = []
+        for _, r in sub.sort_values(["attack", "eps"]).iterrows():
+            ref = study.E3.get(float(r["eps"])) if (r["attack"] == "fgsm" or r["eps"] == 0) \
+                else None
+            row = {"attack": r["attack"], "eps": r["eps"], "accuracy": r["accuracy"],
+                   **{m: r[m] for m in PRF}}
+            row |= {f"Δ {m}": _delta(r[m], ref[m]) if ref else "—" for m in PRF}
+            row["study P / R / F1 / conf"] = (" / ".join(f"{ref[m]:.4f}" for m in PRF)
+                                              if ref else "—")
+            row["time"] = fmt_time(r["median_s"])
+            row["warnings"] = warns.get(r["id"], "")
+            table.append(row)
+        note = (f"{r0['model']} trained on {int(r0['n_train']):,} images. Δ = ours − study, "
+                "where the study has a row: FGSM at each eps, and every attack at eps 0 (the "
+                "clean model). The study published no numbers for its random noise and never "
+                "ran PGD. Our FGSM uses the true gradient of the squared error; time is the "
+                "median of the JAX attack over the subset, compile excluded.")
+        parts.append(title + _md(pd.DataFrame(table), note, index=False))
+    return "\n".join(parts)
+
+
+def _speed(records: pd.DataFrame) -> str:
+    rows = _rows(records, kind="speed")
+    if not len(rows):
+        return "No speed cells in this run.\n"
+    table, lines = [], []
+    for _, r in rows.iterrows():
+        impls = r["detail"]["rows"]
+        ref = next((i["median_s"] for i in impls if i["ref"]), None)
+        for i in impls:
+            table.append({
+                "workload": r["workload"], "implementation": i["impl"],
+                "n": f"{i['n']:,}", "median": fmt_time(i["median_s"]),
+                "min – max": f"{fmt_time(i['min_s'])} – {fmt_time(i['max_s'])}",
+                "rounds": i["rounds"], "compile": fmt_time(i["compile_s"]),
+                "speed-up vs numpy": f"{ref / i['median_s']:.3g}×" if ref else "—",
+                "note": ("reference; " if i["ref"] else "") + i["note"],
+            })
+        extra = r["detail"]["extra"]
+        if r["workload"] == "fgsm":
+            lines.append(
+                f"- FGSM per image: JAX {fmt_time(extra['jax_s_per_image'])} vs the study's "
+                f"{extra['study_s_per_image']:.0f} s (125 h / 6,000 images): "
+                f"{extra['study_over_jax_per_image']:.3g}× less.")
+            lines.append(
+                f"- GEMM floor: one numpy float32 GEMM with FGSM's {extra['flops'] / 1e9:.2f} "
+                f"GFLOP runs at {extra['gemm_gflop_per_s']:.0f} GFLOP/s; JAX FGSM takes "
+                f"{extra['jax_over_floor']:.2f}× the floor's time "
+                f"({extra['jax_over_xla_floor']:.2f}× that of the same GEMM in XLA).")
+        if r["workload"] == "population":
+            lines.append(f"- Population: {extra['models']} models as one population "
+                         f"({extra.get('chunk', '?')} per vmap) take "
+                         f"{extra.get('population_over_separate', float('nan')):.2f}× the time "
+                         f"of {extra['models']} separate JAX trainings; all {extra['models']} "
+                         f"in one vmap take {extra['vmap_over_separate']:.2f}×.")
+        if r["workload"] == "metrics":
+            lines.append(f"- Metrics: JAX and numpy scores agree within "
+                         f"{extra['max_abs_diff']:.1e}.")
+    note = ("Median wall time of `rounds` calls after a first (compiling) call, inputs on the "
+            "device, each call ended by block_until_ready. Speed-up = the reference numpy "
+            "row's median / this row's median (> 1: faster than numpy). Rows timed on a "
+            "subset are scaled to n, as their note says. All rows of a workload were timed in "
+            "the same run.")
+    return _md(pd.DataFrame(table), note, index=False) + "\n" + "\n".join(lines) + "\n"
+
+
+def _pairings(records: pd.DataFrame, dataset: str, warns: dict[str, str]) -> str:
+    rows = _rows(records, kind="attack", block="matrix")
+    rows = rows[rows["dataset"] == dataset]
+    table = pd.DataFrame({
+        "model": rows["model"], "attack": rows["attack"], "eps": rows["eps"],
+        "accuracy": rows["accuracy"], "f1": rows["f1"], "confidence": rows["confidence"],
+        "attack time": rows["median_s"].map(fmt_time), "rounds": rows["rounds"].astype(int),
+        "compile": rows["compile_s"].map(fmt_time), "train": rows["train_s"].map(fmt_time),
+        "warnings": [warns.get(i, "") for i in rows["id"]],
+    })
+    r0 = rows.iloc[0]
+    head = (f"Trained on {int(r0['n_train']):,} images, attacked and scored on "
+            f"{int(r0['n_test']):,} test images ({r0['data_source']}).\n\n")
+    note = ("One row per model × attack@eps; `none` at eps 0 is the clean model. Attack time "
+            "is the median over rounds of one jitted call over the whole test set; compile is "
+            "the first call, which traces and compiles only the first time an attack meets a "
+            "model (the other eps reuse that compile); train is one timed training run (JAX "
+            "compile included).")
+    return head + _md(table, note, index=False)
+
+
+def poison_tables(records: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The poisoning sweeps of the records: {"E4": table, ..., "badnets": all models'}."""
+    tables, badnets = {}, []
+    for detail in _rows(records, kind="poison")["detail"]:
+        table = pd.DataFrame(**detail["table"])
+        table.attrs.update(detail["attrs"])
+        if detail["sweep"] == "badnets":
+            badnets.append(table)
+        else:
+            tables[detail["sweep"]] = table
+    if badnets:
+        tables["badnets"] = sweeps.concat_tables(badnets)
+    return tables
+
+
+def _poison(records: pd.DataFrame) -> str:
+    tables = poison_tables(records)
+    if not tables:
+        return "No poisoning cells in this run.\n"
+    note = ("Each sweep is one population: every model of a table trained together in one "
+            "jit from the shared clean data, each poisoning its own copy inside the jit. "
+            "`clean_accuracy` is the study's \"performance\" (clean test images); `asr` is the "
+            "attack success rate on triggered test images whose true class is not the target "
+            "(BadNets, Gu et al. 2017); E4/E5's \"noisy\" trigger puts one patch position per "
+            "class on every image of that class, labels kept (the reading of the study that "
+            "reproduces its E4 claim; see the README).")
+    return f"*{note}*\n\n" + sweeps.markdown(tables, sweeps.findings(tables))
+
+
+def detection_tables(records: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The detection benchmark's tables (detection_bench.run) of the first detect record."""
+    rows = _rows(records, kind="detect")
+    if not len(rows):
+        return {}
+    return {name: pd.DataFrame(**split) for name, split in rows.iloc[0]["detail"].items()}
+
+
+def _detect(records: pd.DataFrame) -> str:
+    t = detection_tables(records)
+    if not t:
+        return "No detection cell in this run.\n"
+    r = _rows(records, kind="detect").iloc[0]
+    members = int(t["timing"].loc["population members", "seconds"])
+    head = (f"{r['dataset']}: {members} {r['model']} models (hidden {int(r['hidden'])}, each on "
+            f"its own random sample of {int(r['n_train']):,} training images) trained as one "
+            f"population in {fmt_time(r['train_s'])}; the whole benchmark took "
+            f"{fmt_time(r['median_s'])}.\n\n")
+    auc = _md(t["auc"], "ROC-AUC of each detector (rows) on each change kind (columns); blank "
+              "where the detector does not apply. Input detectors score attacked vs clean test "
+              "images; the fingerprint test scores changed systems vs clean retrains; "
+              "activation clustering (Chen et al. 2018) and spectral signatures (Tran et al. "
+              "2018) score poisoned vs clean training samples.", floatfmt=".3f")
+    change = _md(t["change_test"].astype({"n": int}), "The model-level change test per "
+                 "change kind, as NIST TrojAI scores its rounds: ROC-AUC against clean "
+                 "retrains, detection rate at alpha, mean p-value, cross-entropy of the "
+                 "'changed' probability. The 'clean' row is the false-positive rate on "
+                 "clean retrains.", floatfmt=".3f")
+    confusion = _md(t["confusion"], "The categorizer's confusion matrix (rows: the true "
+                    "change, columns: its verdict), every cell predicted by a categorizer "
+                    "trained without that cell's seed.")
+    data_tab = _md(t["training_data"], "Training-data detectors against the poison mask "
+                   "(means over seeds).", index=False, floatfmt=".3f")
+    return (head + "### Detector × change kind: ROC-AUC\n\n" + auc
+            + "\n### Has the model changed? (fingerprint test)\n\n" + change
+            + "\n### How did it change? (categorizer, held out by seed)\n\n" + confusion
+            + "\n### Which training samples are poisoned?\n\n" + data_tab)
+
+
+# --- defenses: the defense x attack table ---------------------------------------------------
+
+COLUMN_TITLES = {"fgsm": "FGSM", "pgd": "PGD", "adaptive": "adaptive", "square": "Square",
+                 "transfer": "transfer"}
+
+
+def defense_table(records: pd.DataFrame) -> pd.DataFrame:
+    """The defense cells as one tidy frame: model, defense, column, attack, eps, accuracy,
+    median_s (the column's whole eps sweep), clean_accuracy, defense_s, flags."""
+    rows = []
+    for _, r in _rows(records, kind="defense").iterrows():
+        for row in r["detail"]["rows"]:
+            rows.append({"model": r["model"], "defense": r["defense"], **row,
+                         "clean_accuracy": r["clean_accuracy"], "defense_s": r["defense_s"],
+                         "n_test": r["n_test"], "flags": r["flags"]})
+    return pd.DataFrame(rows)
+
+
+def _verdict(sub: pd.DataFrame, defense: str, none: pd.DataFrame | None) -> str:
+    """One sentence: what the defense seems to buy against FGSM (the study's attack), and
+    what is left against the strongest attack, per eps; judged at the smallest eps."""
+    clean = sub["clean_accuracy"].iloc[0]
+    parts, judged, gap = [], None, (0.0, None, None, None, None)
+    for eps in sorted(set(sub["eps"])):
+        at = sub[sub["eps"] == eps].set_index("column")["accuracy"]
+        worst, col = at.min(), at.idxmin()
+        name = sub[(sub["column"] == col)]["attack"].iloc[0]
+        fgsm = at.get("fgsm", np.nan)
+        undefended = np.nan
+        if none is not None and len(none):
+            undefended = none[none["eps"] == eps]["accuracy"].min()
+        parts.append(f"eps {eps:g}: FGSM {fgsm:.3f}, worst {worst:.3f} ({name})")
+        if judged is None:
+            judged = (eps, fgsm, worst, name, undefended)
+        if np.isfinite(fgsm) and fgsm - worst > gap[0]:
+            gap = (fgsm - worst, eps, fgsm, worst, name)
+    eps, fgsm, worst, name, undefended = judged
+    if np.isfinite(undefended) and worst - undefended > 0.1:
+        what = (f"something survives at eps {eps:g}: worst case {worst:.3f} vs "
+                f"{undefended:.3f} undefended")
+    else:
+        what = f"buys little: worst case {worst:.3f} at eps {eps:g}"
+    if gap[0] > 0.2:
+        what += (f"; FGSM overstates it: {gap[4]} takes eps {gap[1]:g} from {gap[2]:.3f} to "
+                 f"{gap[3]:.3f}")
+    return f"clean {clean:.3f}; " + "; ".join(parts) + f". **{what}**."
+
+
+def _defenses(records: pd.DataFrame) -> str:
+    table = defense_table(records)
+    if not len(table):
+        return "Not in this run (add a `[defenses]` block to the matrix).\n"
+    out = []
+    cols = [c for c in COLUMN_TITLES if c in set(table["column"])]
+    for eps in sorted(set(table["eps"])):
+        rows = []
+        for (model, defense), sub in table[table["eps"] == eps].groupby(
+                ["model", "defense"], sort=False):
+            by = sub.set_index("column")
+            row = {"model": model, "defense": defense,
+                   "clean": f"{sub['clean_accuracy'].iloc[0]:.3f}"}
+            for c in cols:
+                if c in by.index:
+                    label = COLUMN_TITLES[c] if c != "adaptive" else "adaptive"
+                    name = f" {by.loc[c, 'attack']}" if c == "adaptive" else ""
+                    row[label] = (f"{by.loc[c, 'accuracy']:.3f}{name} "
+                                  f"({fmt_time(by.loc[c, 'median_s'])})")
+            flags = sub["flags"].iloc[0]
+            row["flags"] = ", ".join(sorted({f.split(":")[0] for f in flags.split("; ")
+                                             if f})) or "—"
+            rows.append(row)
+        out.append(f"### eps {eps:g}\n")
+        out.append(_md(pd.DataFrame(rows), "Robust accuracy on the first "
+                       f"{int(table['n_test'].iloc[0]):,} test images (time: the column's "
+                       "whole eps sweep, one compiled call, median of the timed rounds). "
+                       "adaptive: the defense's own adaptive attack (eot-pgd: EOT over the "
+                       "randomness; bpda-pgd: BPDA through the preprocessing); Square: "
+                       "gradient-free; transfer: PGD on the undefended model.", index=False))
+    times = table.drop_duplicates(["model", "defense"])[["model", "defense", "defense_s"]]
+    times = times.assign(defense_s=[fmt_time(v) for v in times["defense_s"]])
+    adv = _rows(records, kind="defense")
+    adv = adv[adv["defense"] == "adv-train"] if "defense" in adv else adv
+    if len(adv) and "pgd40_accuracy" in adv:
+        lines = [f"- `{r['model']}` + adv-train (PGD-{int(r['adv_steps'])} training at eps "
+                 f"{r['pgd40_eps']:g}): clean {r['clean_accuracy']:.4f}, PGD-40 at eps "
+                 f"{r['pgd40_eps']:g} {r['pgd40_accuracy']:.4f}"
+                 for _, r in adv.iterrows() if _finite(r.get("pgd40_accuracy"))]
+        if lines:
+            out.append("### Adversarial training against PGD-40\n")
+            out.append("\n".join(lines) + f"\n\n*On the first {int(adv['n_test'].iloc[0]):,} "
+                       "test images; PGD-40 with a random start and Madry et al.'s step size "
+                       "2.5 eps / 40.*\n")
+    out.append("### Time to build each defense\n")
+    out.append(_md(times.rename(columns={"defense_s": "fit"}), "Adversarial training or the "
+                   "denoiser's training, compile included; 0 for a pure wrapper.",
+                   index=False))
+    out.append("### Obfuscated-gradient flags\n")
+    lines = []
+    for _, r in _rows(records, kind="defense").iterrows():
+        for f in r["detail"].get("flags", []):
+            lines.append(f"- `{r['model']}` + {r['defense']}: {f}")
+    out.append(("\n".join(lines) if lines else "None raised.") + "\n\n*After Athalye et al. "
+               "2018 and AutoAttack: black-box/transfer beating white-box, accuracy growing "
+               "with eps or steps, randomized outputs, zero or vanishing gradients, eps of "
+               "half the input range not reaching chance.*\n")
+    out.append("### Verdicts\n")
+    verdicts = []
+    for model in dict.fromkeys(table["model"]):
+        sub_m = table[table["model"] == model]
+        none = sub_m[sub_m["defense"] == "none"]
+        for defense in dict.fromkeys(sub_m["defense"]):
+            if defense == "none":
+                continue
+            sub = sub_m[sub_m["defense"] == defense]
+            verdicts.append(f"- `{model}` + **{defense}**: {_verdict(sub, defense, none)}")
+    out.append("\n".join(verdicts) + "\n")
+    return "\n".join(out)
+
+
+def _defense_figure(table: pd.DataFrame):
+    from matplotlib.figure import Figure
+
+    defs = list(dict.fromkeys(table["defense"]))
+    models = list(dict.fromkeys(table["model"]))
+    fig = Figure(figsize=(2.8 * len(defs), 2.9 * len(models)), layout="constrained")
+    axes = fig.subplots(len(models), len(defs), sharey=True, squeeze=False)
+    for i, model in enumerate(models):
+        for j, defense in enumerate(defs):
+            ax = axes[i][j]
+            sub = table[(table["model"] == model) & (table["defense"] == defense)]
+            if not len(sub):
+                continue
+            clean = sub["clean_accuracy"].iloc[0]
+            for column in dict.fromkeys(sub["column"]):
+                a = sub[sub["column"] == column].sort_values("eps")
+                label = a["attack"].iloc[0] if column == "adaptive" else column
+                ax.plot(np.concatenate([[0.0], a["eps"]]),
+                        np.concatenate([[clean], a["accuracy"]]), marker="o", label=label)
+            ax.set_title(f"{model} + {defense}", fontsize=9)
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+            ax.set_xlabel("eps (L∞)")
+            ax.legend(fontsize=6)
+        axes[i][0].set_ylabel("robust accuracy")
+    return fig
+
+
+# --- the summary at the top ----------------------------------------------------------------
+
+
+def _e1_finding(records: pd.DataFrame) -> str | None:
+    rows = _rows(records, block="e1")
+    if not len(rows):
+        return None
+    by = rows.set_index("model")
+    model = "seed-mlp" if "seed-mlp" in by.index else by.index[0]
+    r = by.loc[model]
+    return (f"**E1, the study's clean model**: {model} accuracy {r['accuracy']:.4f} vs the "
+            f"study's {study.E1['accuracy']:.3f} (Δ {_delta(r['accuracy'], study.E1['accuracy'])}"
+            f"); F1 {r['f1']:.4f} vs {study.E1['f1']:.4f}.")
+
+
+def _e3_finding(records: pd.DataFrame) -> str | None:
+    rows = _rows(records, kind="attack", block="e3")
+    rows = rows[rows["attack"] == "fgsm"] if len(rows) else rows
+    if not len(rows):
+        return None
+    rows = rows[rows["n_test"] == rows["n_test"].max()]
+    parts = []
+    for eps in (0.1, 0.3):
+        r = rows[np.isclose(rows["eps"].astype(float), eps)]
+        ref = study.E3.get(eps)
+        if len(r) and ref:
+            r = r.iloc[0]
+            parts.append(f"eps {eps:g}: accuracy {r['accuracy']:.4f}, F1 {r['f1']:.4f} vs the "
+                         f"study's {ref['f1']:.4f}")
+    if not parts:
+        return None
+    return (f"**E3, FGSM** on {int(rows['n_test'].iloc[0]):,} test images: "
+            + "; ".join(parts) + ".")
+
+
+def _badnets_finding(records: pd.DataFrame) -> str | None:
+    table = poison_tables(records).get("badnets")
+    if table is None or not {"model", "fraction", "asr", "clean_accuracy"} <= set(table):
+        return None
+    parts = []
+    for model, group in table.groupby("model", sort=False):
+        clean = group[group["fraction"] == 0]["clean_accuracy"]
+        for _, r in group[group["fraction"] > 0].iterrows():
+            size = f" {int(r['patch'])}x{int(r['patch'])}" if "patch" in r else ""
+            cost = (f", clean accuracy {r['clean_accuracy']:.4f} "
+                    f"(Δ {_delta(r['clean_accuracy'], clean.iloc[0])})" if len(clean) else "")
+            parts.append(f"{model}{size} at {r['fraction']:.0%}: ASR {r['asr']:.4f}{cost}")
+    return "**BadNets**: " + "; ".join(parts) + "." if parts else None
+
+
+def _detect_finding(records: pd.DataFrame) -> str | None:
+    t = detection_tables(records)
+    if "auc" not in t:
+        return None
+    auc = t["auc"].astype(float)
+    inputs = list(dict.fromkeys(f"{r['attack']} {r['eps']:g}" for _, r in
+                                t["input_detectors"].iterrows())) \
+        if "input_detectors" in t else []
+    inputs = [c for c in inputs if c in auc.columns]
+    poisons = [c for c in auc.columns if c not in inputs]
+    parts = []
+
+    def best(rows, columns, what):
+        means = auc.loc[rows, columns].mean(axis=1).dropna()
+        if len(means):
+            name = means.idxmax()
+            parts.append(f"{what}: {name} (mean ROC-AUC {means[name]:.3f} over "
+                         f"{len(columns)} change kinds)")
+
+    per_input = [r for r in auc.index if r in ("confidence", "margin", "entropy", "squeezing")]
+    per_data = [r for r in auc.index if r in ("activation clustering", "spectral signatures")]
+    if inputs:
+        best(per_input, inputs, "best per-input detector")
+    if "fingerprint test" in auc.index:
+        best(["fingerprint test"], list(auc.columns), "model-level change test")
+    if poisons:
+        best(per_data, poisons, "best training-data detector")
+    if "confusion" in t:
+        cm = t["confusion"].to_numpy(dtype=float)
+        parts.append(f"the categorizer names {int(np.trace(cm))} of {int(cm.sum())} changes "
+                     "right (held out by seed)")
+    return "**Detection**: " + "; ".join(parts) + "." if parts else None
+
+
+def _speed_finding(records: pd.DataFrame) -> str | None:
+    parts = []
+    for _, r in _rows(records, kind="speed").iterrows():
+        impls = r["detail"]["rows"]
+        ref = next((i["median_s"] for i in impls if i["ref"]), None)
+        mine = next((i for i in impls if i["impl"].startswith("jax")), None)
+        if ref and mine and _finite(mine["median_s"]) and mine["median_s"] > 0:
+            parts.append(f"{r['workload']} {ref / mine['median_s']:.3g}×")
+    return ("**Speed-ups of JAX over numpy** (same run): " + ", ".join(parts) + "."
+            if parts else None)
+
+
+def summary(records: pd.DataFrame, warnings: pd.DataFrame | None = None) -> str:
+    """The headline findings as a bullet list: E1 vs the study, E3 FGSM at eps 0.1 / 0.3,
+    BadNets ASR, the best detectors, the speed-ups, the number of validity warnings. A
+    finding whose cells are not in this run is left out."""
+    warnings = validity_warnings(records) if warnings is None else warnings
+    found = [f(records) for f in (_e1_finding, _e3_finding, _badnets_finding,
+                                  _detect_finding, _speed_finding)]
+    found.append(f"**Validity warnings**: {len(warnings)}" + (
+        " (see [Validity warnings](#validity-warnings))." if len(warnings) else "."))
+    return "\n".join(f"- {line}" for line in found if line) + "\n"
+
+
+def anchor(title: str) -> str:
+    """The link anchor GitHub gives a markdown heading: lower case, punctuation dropped,
+    spaces to hyphens ("E4–E7: training-time poisoning" -> "e4e7-training-time-poisoning")."""
+    return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+
+
+def contents(text: str) -> str:
+    """A table of contents of the level-2 headings in text: one linked line each."""
+    titles = [line[3:].strip() for line in text.splitlines() if line.startswith("## ")]
+    return "\n".join(f"- [{t}](#{anchor(t)})" for t in titles) + "\n"
+
+
+def tables_markdown(records: pd.DataFrame, info: dict[str, Any] | None = None,
+                    figures: str = "") -> str:
+    """The whole tables.md as text: a one-screen summary (headline findings, contents),
+    then every section; `figures` (markdown) is the last section's body when given."""
+    info = run_info(records) if info is None else info
+    warnings = validity_warnings(records)
+    warns = _warnings_by_id(warnings)
+    out = ["## This run\n", _header(info)]
+    out += ["## E1: the study's clean model\n", _e1(records)]
+    out += ["## E2: stability over random training samples\n", _e2(records)]
+    sizes = {k: d["n_test"] for k, d in info.get("datasets", {}).items()}
+    out += ["## E3: input attacks on the study's MLP\n", _e3(records, warns, sizes)]
+    out += ["## E4–E7: training-time poisoning\n", _poison(records)]
+    out += ["## Detection: telling that, and how, a model changed\n", _detect(records)]
+    out += ["## Defenses: defense × attack, with adaptive attacks\n", _defenses(records)]
+    out += ["## Speed: workload × implementation\n", _speed(records)]
+    for name in dict.fromkeys(_rows(records, kind="attack", block="matrix")["dataset"]):
+        out += [f"## Pairings: {name}\n", _pairings(records, name, warns)]
+    for name, why in info.get("skipped", {}).items():
+        out += [f"## Pairings: {name}\n", f"Skipped: the dataset could not be loaded ({why}).\n"]
+    out += ["## Validity warnings\n", _warning_list(warnings)]
+    if figures:
+        out += ["## Figures\n", figures]
+    body = "\n".join(out)
+    top = [f"# mlshift_jax benchmark: {info['platform']}\n", summary(records, warnings),
+           "**Contents**\n", contents(body)]
+    return "\n".join(top) + "\n" + body
+
+
+def _header(info: dict[str, Any]) -> str:
+    lines = [f"- date {info['date']}, git commit {info['git_commit']}, backend "
+             f"{info['backend']} ({info['device_kind']} x{info['device_count']}), "
+             f"{info['cpu_count']} CPUs; jax {info['versions']['jax']}, numpy "
+             f"{info['versions']['numpy']}"]
+    if "wall_s" in info:
+        lines.append(f"- matrix `{info.get('matrix')}`: {info.get('cells')} cells "
+                     f"({info.get('computed')} computed, {info.get('reused')} reused from the "
+                     f"cache), wall time {fmt_time(info['wall_s'])}")
+    for name, d in info.get("datasets", {}).items():
+        what = "the bundled SAMPLE, not the full dataset" if d["is_sample"] else "full"
+        lines.append(f"- data {name}: {d['source']} ({what}: {d['n_train']:,} train / "
+                     f"{d['n_test']:,} test images)")
+    for name, why in info.get("skipped", {}).items():
+        lines.append(f"- data {name}: SKIPPED ({why})")
+    return "\n".join(lines) + "\n"
+
+
+def _warning_list(warnings: pd.DataFrame) -> str:
+    if not len(warnings):
+        return "None: every check passed.\n"
+    items = [f"- `{r.id}`: {r.warning}" for r in warnings.itertuples()]
+    return "\n".join(items) + ("\n\n*Checks (after AutoAttack): eps 0 reproduces clean "
+                               "accuracy; noise is weaker than FGSM; PGD at least as strong "
+                               "as FGSM; FGSM's step non-zero on most pixels; finite "
+                               "training.*\n")
+
+
+# --- figures ---------------------------------------------------------------------------------
+
+
+def _accuracy_figure(rows: pd.DataFrame, dataset: str):
+    from matplotlib.figure import Figure
+
+    models = list(dict.fromkeys(rows["model"]))
+    fig = Figure(figsize=(3.2 * len(models), 3.0), layout="constrained")
+    axes = fig.subplots(1, len(models), sharey=True, squeeze=False)[0]
+    for ax, model in zip(axes, models, strict=True):
+        sub = rows[rows["model"] == model]
+        clean = sub["clean_accuracy"].iloc[0]
+        for attack in dict.fromkeys(sub["attack"]):
+            if attack == "none":
+                continue
+            a = sub[sub["attack"] == attack].sort_values("eps")
+            eps = np.concatenate([[0.0], a["eps"]]) if a["eps"].min() > 0 else a["eps"]
+            acc = np.concatenate([[clean], a["accuracy"]]) if a["eps"].min() > 0 \
+                else a["accuracy"]
+            ax.plot(eps, acc, marker="o", label=attack)
+        ax.set_title(model)
+        ax.set_xlabel("eps (L∞)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"accuracy ({dataset})")
+    axes[-1].legend(fontsize="small")
+    return fig
+
+
+def _digits_figure(rows: pd.DataFrame, dataset: str):
+    from matplotlib.figure import Figure
+
+    from mlshift_jax.bench.runner import decode_images
+
+    models = list(dict.fromkeys(rows["model"]))
+    model = "seed-mlp" if "seed-mlp" in models else models[0]
+    sub = rows[(rows["model"] == model) & rows["attack"].isin(["none", "fgsm"])]
+    sub = sub[[bool(d.get("examples")) for d in sub["detail"]]].sort_values("eps")
+    if not len(sub):
+        return None
+    k = len(sub.iloc[0]["detail"]["examples"]["labels"])
+    fig = Figure(figsize=(1.3 * k, 1.5 * len(sub)), layout="constrained")
+    axes = fig.subplots(len(sub), k, squeeze=False)
+    for row_axes, (_, r) in zip(axes, sub.iterrows(), strict=True):
+        ex = r["detail"]["examples"]
+        images = decode_images(ex["images"], ex.get("shape"))  # [k, H, W, C] in [0, 1]
+        for j, ax in enumerate(row_axes):
+            img = images[j] if images.shape[-1] == 3 else images[j][..., 0]
+            ax.imshow(img, cmap="gray_r", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{ex['labels'][j]} → {ex['preds'][j]}", fontsize=8,
+                         color="black" if ex["labels"][j] == ex["preds"][j] else "red")
+        label = "original" if r["eps"] == 0 else f"FGSM eps {r['eps']:g}"
+        row_axes[0].set_ylabel(label, fontsize=8)
+    fig.suptitle(f"{model} on {dataset}: label → prediction", fontsize=9)
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return path
+
+
+def write_figures(records: pd.DataFrame, out_dir: str | Path) -> tuple[list[Path], str]:
+    """PNG figures into out_dir/figures; (paths, a note: "" or why none were drawn)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return [], "matplotlib is not installed: no figures (pip install '.[plots]')."
+    rows = _rows(records, kind="attack", block="matrix")
+    paths = []
+    for dataset in dict.fromkeys(rows["dataset"]):
+        sub = rows[rows["dataset"] == dataset]
+        figures = {f"accuracy-vs-eps-{dataset}.png": _accuracy_figure(sub, dataset),
+                   f"fgsm-digits-{dataset}.png": _digits_figure(sub, dataset)}
+        for name, fig in figures.items():
+            if fig is not None:
+                paths.append(_save(fig, Path(out_dir) / "figures" / name))
+    table = defense_table(records)
+    if len(table):
+        paths.append(_save(_defense_figure(table),
+                           Path(out_dir) / "figures" / "defenses-accuracy-vs-eps.png"))
+    tables = poison_tables(records)
+    if tables:
+        name = _rows(records, kind="poison")["dataset"].iloc[0]
+        # a dataset the matrix named by path is loaded as the run loaded it
+        info = records.attrs.get("run", {}).get("datasets", {}).get(name, {})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = datasets.load(**info.get("load", {"name": name}))
+        paths += sweeps.figures(tables, ds, Path(out_dir) / "figures")
+    return paths, ""
+
+
+# --- writing it all ------------------------------------------------------------------------
+
+
+# the columns that say which cell a records.csv row belongs to (its config); every other
+# field of a record is a measure of that cell
+CELL_COLUMNS = ("id", "hash", "kind", "block", "dataset", "model", "arch", "workload",
+                "attack", "eps", "seed", "n_train", "n_test", "hidden", "lr", "epochs",
+                "status")
+LONG_COLUMNS = (*CELL_COLUMNS, "table", "row", "measure", "value", "text")
+_INT_COLUMNS = ("seed", "n_train", "n_test", "hidden", "epochs")
+# record fields that are neither config nor measure: run.json has them (datasets, backend)
+# or the cache does (finished), or they are the record's nested detail
+_NOT_MEASURES = frozenset({"data_source", "is_sample", "data_hash", "backend",
+                           "device_kind", "finished", "detail"})
+# the key columns of a detail table's rows (the rest are its measures); a table not named
+# here is keyed by its index
+_ROW_KEYS = {"input_detectors": ("attack", "eps", "detector"),
+             "training_data": ("detector", "change"),
+             "rows": ("impl", "column", "attack", "eps")}  # a speed cell's or a defense's
+_SKIPPED_DETAIL = frozenset({"examples", "detectors"})  # digit images; the detectors' docs
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _entry(measure: str, value: Any) -> dict[str, Any] | None:
+    """One measure as (measure, value, text): numbers (bools as 0/1) in value, anything else
+    in text; None where the value is missing."""
+    if _missing(value):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return {"measure": measure, "value": float(value), "text": ""}
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return {"measure": measure, "value": float(value), "text": ""}
+    return {"measure": measure, "value": np.nan, "text": str(value)}
+
+
+def _row_key(values: dict, keys: tuple[str, ...]) -> str:
+    return " ".join(f"{values[k]:g}" if isinstance(values[k], float) else str(values[k])
+                    for k in keys)
+
+
+def _table_entries(name: str, table: Any) -> list[dict[str, Any]]:
+    """A detail table -> entries {table, row, measure, value, text}. table: pandas'
+    split-orient dict {index, columns, data}, a list of row dicts, or a flat dict."""
+    if isinstance(table, dict) and {"columns", "data"} <= set(table):
+        columns = list(table["columns"])
+        index = table.get("index") or list(range(len(table["data"])))
+        rows = [(i, dict(zip(columns, row, strict=True)))
+                for i, row in zip(index, table["data"], strict=True)]
+    elif isinstance(table, list):
+        rows = list(enumerate(table))
+    else:
+        rows = [("", table)]
+    out = []
+    for index, values in rows:
+        if not isinstance(values, dict):  # a list of plain values (a defense's flags)
+            values = {"value": values}
+        keys = tuple(k for k in _ROW_KEYS.get(name, ()) if k in values)  # a speed cell's
+        key = _row_key(values, keys) if keys else str(index)  # "rows" are not a defense's
+        for measure, value in values.items():
+            if measure in keys or measure == "note":  # a speed row's note: tables.md has it
+                continue
+            entry = _entry(str(measure), value)
+            if entry is not None:
+                out.append({"table": name, "row": key, **entry})
+    return out
+
+
+def _detail_entries(record: dict) -> list[dict[str, Any]]:
+    """The measures inside a record's detail, by table (scalars in the table "detail")."""
+    detail = record.get("detail")
+    if not isinstance(detail, dict):
+        return []
+    out, scalars = [], {}
+    for name, part in detail.items():
+        if name in _SKIPPED_DETAIL:
+            continue
+        if isinstance(part, (dict, list)) and not (name == "attrs" or name == "extra"):
+            if name == "table":  # a poison cell's sweep table, a stability cell's samples
+                name = str(detail.get("sweep", record.get("kind")))
+            out += _table_entries(name, part)
+        elif isinstance(part, dict):  # a poison sweep's attrs, a speed cell's extra
+            out += [{"table": name, "row": "", **e} for k, v in part.items()
+                    if (e := _entry(k, v)) is not None]
+        else:
+            scalars[name] = part
+    out += [{"table": "detail", "row": "", **e} for k, v in scalars.items()
+            if (e := _entry(k, v)) is not None]
+    return out
+
+
+def records_csv(records: pd.DataFrame) -> pd.DataFrame:
+    """The records in long (tidy) form, as records.csv holds them: one row per cell x measure.
+
+    Columns: CELL_COLUMNS (which cell: id, kind, dataset, model, attack, eps, ...), then
+    `table` ("cell" for the cell's own measures, else the detail table it comes from: "E7",
+    "auc", "cells", "rows" of a speed cell, ...), `row` (the row of that table: a detector,
+    a sample, an implementation; "" for scalars), `measure`, `value` (a number; booleans as
+    0/1) and `text` (the value when it is not a number, e.g. a categorizer's verdict; else
+    ""). Missing values are left out. The digit images and the detectors' documentation
+    table stay in the cache only. Pivot back with e.g.
+    `csv[csv.table == "cell"].pivot(index="id", columns="measure", values="value")`.
+    """
+    rows = []
+    for record in records.to_dict("records"):
+        cell = {c: record.get(c) for c in CELL_COLUMNS}
+        cell = {c: (None if _missing(v) else v) for c, v in cell.items()}
+        own = [{"table": "cell", "row": "", **e} for k, v in record.items()
+               if k not in CELL_COLUMNS and k not in _NOT_MEASURES
+               and (e := _entry(k, v)) is not None]
+        rows += [{**cell, **entry} for entry in own + _detail_entries(record)]
+    out = pd.DataFrame(rows, columns=list(LONG_COLUMNS))
+    for c in _INT_COLUMNS:  # counts stay integers where some cells lack them
+        out[c] = pd.to_numeric(out[c]).round().astype("Int64")
+    return out
+
+
+def write(records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """Write tables.md, records.csv, run.json and figures/ into out_dir (atomically, each);
+    figures of an earlier run that this one did not draw are removed, so the folder holds
+    one run.
+
+    records: what `runner.run` returns. Returns the paths written.
+    """
+    out_dir = Path(out_dir)
+    info = run_info(records)
+    figures, note = write_figures(records, out_dir)
+    links = "\n".join(f"- [{p.name}](figures/{p.name})" for p in figures) or note
+    text = tables_markdown(records, info, figures=links + "\n" if links else "")
+    paths = [out_dir / "tables.md", out_dir / "records.csv", out_dir / "run.json"]
+    write_text(paths[0], text)
+    with atomic_path(paths[1]) as tmp:
+        records_csv(records).to_csv(tmp, index=False)
+    write_text(paths[2], json.dumps(info, indent=2, default=str) + "\n")
+    # one run per folder: figures an earlier run drew and this one did not are removed
+    kept = {p.resolve() for p in figures}
+    for old in sorted((out_dir / "figures").glob("*.png")):
+        if old.resolve() not in kept:
+            old.unlink()
+    clean_stale_temps(out_dir)
+    return paths + figures

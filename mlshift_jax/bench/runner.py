@@ -1,0 +1,904 @@
+"""Run an experiment matrix: train, attack, time and score every cell, caching each one.
+
+`run(matrix_path, *, out_dir, only=None, force=False) -> pandas.DataFrame` of records, one row
+per selected cell (all cells, or those whose id matches `only`), in matrix order. Its
+`attrs["run"]` holds the run's facts (wall time, data source per dataset, skipped datasets,
+cells computed / reused) for `report.write`. A dataset that fails to load (DataError, e.g.
+Fashion-MNIST not installed) is skipped with a note on stderr and in `attrs["run"]["skipped"]`.
+
+The cache lives in `<out_dir>/.cache/` (git-ignored), so each results folder carries its own:
+
+    .cache/cells/<cell hash>.json          one finished cell's record
+    .cache/params/<train hash>-<data hash>-<determinism>.npz / .json   trained params, time
+
+A damaged entry (unreadable, truncated, not a record of its cell) counts as missing: it is
+rebuilt, and one warning line lists what was damaged. Every key includes
+`determinism_key()` (jaxlib, backend, device kind, CPU cores): see the README.
+
+Every file is written atomically (`files.atomic_path`): an interrupted run leaves whole files,
+and the next run computes only the cells whose record is missing. A cached record counts only
+if it was computed on the same data (its `data_hash`, a fingerprint of the loaded arrays);
+`force=True` recomputes (and retrains) everything selected.
+
+Timing follows `timing.py`: inputs are put on the device first; the first call (trace +
+compile + run) is `compile_s`; then `rounds` calls, ended by `block_until_ready`, give
+median / min / max (fewer rounds, at least one, where one call would exceed `max_seconds`).
+Training is timed once (`time_once`, compile included for JAX). The numpy baseline is timed in
+the same run as the JAX code it is compared with: both live in one speed cell.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from mlshift_jax.attacks import defenses, evasion, obfuscation
+from mlshift_jax.bench import detection_bench, stability, sweeps
+from mlshift_jax.bench.matrix import (
+    AttackConfig,
+    Cell,
+    DefenseConfig,
+    DetectConfig,
+    Matrix,
+    PoisonSweepConfig,
+    SpeedConfig,
+    StabilityConfig,
+    TrainSpec,
+    cells,
+    load,
+    select,
+    with_dataset,
+)
+from mlshift_jax.core import sharding, study
+from mlshift_jax.core.errors import ConfigError, DataError
+from mlshift_jax.core.files import clean_stale_temps, load_params, save_params, write_text
+from mlshift_jax.core.timing import Timing, time_call, time_once
+from mlshift_jax.data import datasets
+from mlshift_jax.models import baseline, population, zoo
+from mlshift_jax.models.metrics import SCORE_NAMES, evaluate, evaluate_arrays
+from mlshift_jax.models.recipes import TrainConfig, fit, get_recipe, model_for, resolve
+from mlshift_jax.models.train import (
+    init_population,
+    train_minibatch,
+    train_seed_sgd,
+    train_seed_sgd_population,
+)
+from mlshift_jax.models.weights import flatten, unflatten
+from mlshift_jax.models.zoo import Model, predict
+
+CACHE_DIR = ".cache"
+N_EXAMPLES = 6  # images kept per clean / FGSM cell for the report's digit grid
+GRADIENT_ATTACKS = frozenset({"fgsm", "pgd", "fgsm-targeted", "pgd-targeted"})
+TIMING_FIELDS = ("compile_s", "median_s", "min_s", "max_s", "iqr_s", "rounds")
+
+
+# --- timing with the output kept -----------------------------------------------------------
+
+
+def _once(fn: Callable[..., Any], *args: Any) -> tuple[Timing, Any]:
+    """`time_once(fn, *args)` and the call's output."""
+    out = []
+
+    def keep(*a):
+        out.append(fn(*a))
+        return out[-1]
+
+    return time_once(keep, *args), out[0]
+
+
+def measure(fn: Callable[..., Any], *args: Any, rounds: int, max_seconds: float,
+            compiled: bool = True) -> tuple[Timing, Any]:
+    """Time fn(*args) as timing.py says; return (Timing, output of the first call).
+
+    The first call is `compile_s` (None when `compiled=False`, for numpy); then up to `rounds`
+    timed calls, fewer where one warm call shows they would take more than `max_seconds`.
+    """
+    first, out = _once(fn, *args)
+    warm = _once(fn, *args)[0] if compiled else first
+    n = max(1, min(rounds, int(max_seconds / max(warm.median_s, 1e-9))))
+    timing = time_call(fn, *args, rounds=n, warmup=0)
+    return timing._replace(compile_s=first.median_s if compiled else None), out
+
+
+def _timing_fields(t: Timing, scale: float = 1.0) -> dict[str, Any]:
+    out = {k: getattr(t, k) for k in TIMING_FIELDS}
+    for k in ("median_s", "min_s", "max_s", "iqr_s"):
+        out[k] *= scale
+    return out
+
+
+# --- numpy yardsticks ------------------------------------------------------------------------
+
+
+def numpy_scores(outputs: np.ndarray, y: np.ndarray,
+                 n_classes: int | None = None) -> dict[str, float]:
+    """The five scores of `metrics.scores_from_outputs`, in numpy. outputs: [n, K], y: [n];
+    n_classes: K (default: the outputs' width).
+
+    Macro precision / recall / F1 over all classes with zero_division=0, as scikit-learn.
+    """
+    n_classes = outputs.shape[1] if n_classes is None else n_classes
+    pred = np.argmax(outputs, axis=1)
+    cm = np.bincount(y * n_classes + pred, minlength=n_classes * n_classes)
+    cm = cm.reshape(n_classes, n_classes)
+    tp, n_pred, n_true = np.diag(cm), cm.sum(0), cm.sum(1)
+
+    def div(a, b):
+        return np.divide(a, b, out=np.zeros(len(a)), where=b > 0)
+
+    return {"accuracy": float(np.mean(pred == y)),
+            "precision": float(np.mean(div(tp, n_pred))),
+            "recall": float(np.mean(div(tp, n_true))),
+            "f1": float(np.mean(div(2 * tp, n_pred + n_true))),
+            "confidence": float(np.mean(np.max(outputs, axis=1)))}
+
+
+def numpy_evaluate(wih: np.ndarray, who: np.ndarray, x: np.ndarray, y: np.ndarray):
+    """The seed MLP's forward pass and scores in numpy. x: [n, D], y: [n]."""
+    return numpy_scores(baseline.sigmoid(baseline.sigmoid(x @ wih.T) @ who.T), y)
+
+
+def gemm_floor_operands(n: int, hidden: int, n_in: int, n_out: int, seed: int = 0):
+    """Two float32 matrices whose product costs exactly FGSM's FLOPs on the seed MLP over n
+    images: a [n, n_in + n_out] @ b [n_in + n_out, 2 * hidden] (forward and backward matmuls
+    folded into one GEMM, the fastest shape numpy has for that work)."""
+    rng = np.random.default_rng(seed)
+    return (rng.random((n, n_in + n_out), dtype=np.float32),
+            rng.random((n_in + n_out, 2 * hidden), dtype=np.float32))
+
+
+_matmul_jit = jax.jit(jnp.matmul)
+
+
+def fgsm_flops(n: int, hidden: int, n_in: int, n_out: int) -> int:
+    """FLOPs of FGSM's matmuls on the seed MLP over n images: forward x @ wih.T, h @ who.T,
+    backward dz2 @ who, dz1 @ wih; 2 FLOPs per multiply-add."""
+    return 2 * n * (n_in * hidden + hidden * n_out) * 2
+
+
+# --- the digit examples a record carries -----------------------------------------------------
+
+
+def encode_images(x: np.ndarray, input_range: tuple[float, float] = (0.01, 1.0)) -> str:
+    """Flat images [k, D] in input_range (lo, hi) -> base64 of uint8 pixels (the report's
+    example grid; the record carries the image shape beside them)."""
+    lo, hi = input_range
+    q = np.round((np.asarray(x, np.float64) - lo) / (hi - lo) * 255)
+    return base64.b64encode(np.clip(q, 0, 255).astype(np.uint8).tobytes()).decode()
+
+
+def decode_images(text: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """`encode_images` back to floats in [0, 1]: [k, H, W, C] for shape (H, W, C); None:
+    the study's 28x28x1 (records written before they carried their shape)."""
+    q = np.frombuffer(base64.b64decode(text), np.uint8).astype(np.float32) / 255
+    return q.reshape(-1, *(shape or zoo.STUDY_SPEC.input_shape))
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+class Loaded(NamedTuple):
+    """A loaded dataset and a fingerprint of its arrays (shapes, labels, strided pixels)."""
+
+    ds: datasets.Dataset
+    hash: str
+
+
+def data_hash(ds: datasets.Dataset) -> str:
+    """`datasets.content_hash`: shapes, labels and every 97th image of each split (12 hex)."""
+    return datasets.content_hash(ds)
+
+
+def capped(ds: datasets.Dataset, n_train: int | None, n_test: int | None) -> datasets.Dataset:
+    """ds cut to its first n_train training and n_test test images (None: all)."""
+    return replace(ds, x_train=ds.x_train[:n_train], y_train=ds.y_train[:n_train],
+                   x_test=ds.x_test[:n_test], y_test=ds.y_test[:n_test])
+
+
+def _load_datasets(names: list[str], matrix: Matrix | None = None, data_dir: str | None = None
+                   ) -> tuple[dict[str, Loaded], dict[str, str]]:
+    """({name: Loaded}, {name: why it was skipped}). A DataError skips that dataset only.
+    A name the matrix defines by path ([datasets.<name>]) is loaded from there, named `name`;
+    data_dir (bench --data-dir) is where the built-in datasets are looked for."""
+    loaded, skipped = {}, {}
+    for name in names:
+        try:
+            kw = matrix.load_kwargs(name) if matrix else {"name": name}
+            if data_dir is not None and kw == {"name": name}:
+                kw["data_dir"] = data_dir
+            ds = datasets.load(**kw)
+            if ds.name != name:
+                ds = replace(ds, name=name)
+        except DataError as e:
+            skipped[name] = str(e)
+            print(f"mlshift: skipping {name}: {e}", file=sys.stderr)
+            continue
+        loaded[name] = Loaded(ds, data_hash(ds))
+    return loaded, skipped
+
+
+# --- one run's memory: data on the device, trained params, clean scores --------------------
+
+
+class _Memo(NamedTuple):
+    arrays: dict  # (dataset, split, n) -> (x, y) on the device
+    trained: dict  # params key -> _Trained
+    per_test: dict  # (params key, n_test) -> {"clean": scores, "zero_grad_frac": float}
+    damaged: list  # cache entries found damaged (treated as missing, rebuilt)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during `run`: `cached` cells of the selection have their record on disk."""
+
+    def __init__(self, cached: int, total: int):
+        super().__init__(f"{cached} cells cached")
+        self.cached, self.total = cached, total
+
+
+def determinism_key() -> str:
+    """What, besides a cell's config and data, decides its bits: jaxlib version, backend,
+    device kind and, on CPU, the number of cores this process may use (XLA's CPU thread
+    pool splits reductions by it). Part of every cache key: change one, and cells rerun."""
+    import jaxlib
+
+    device = jax.devices()[0]
+    key = f"jaxlib {jaxlib.__version__}, {jax.default_backend()} {device.device_kind}"
+    if jax.default_backend() == "cpu":
+        key += f", {cpu_threads()} cores"
+    return key
+
+
+def cpu_threads() -> int:
+    """Cores this process may run on (what XLA's CPU backend sizes its thread pool by)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class _Trained(NamedTuple):
+    arch: Model
+    params: Any
+    train_s: float
+    n_train: int
+    finite: bool
+
+
+def _device(memo: _Memo, loaded: Loaded, split: str, n: int | None):
+    key = (loaded.ds.name, split, n)
+    if key not in memo.arrays:
+        x, y = getattr(loaded.ds, f"x_{split}")[:n], getattr(loaded.ds, f"y_{split}")[:n]
+        memo.arrays[key] = (jax.device_put(x), jax.device_put(y))
+    return memo.arrays[key]
+
+
+def _trained(spec: TrainSpec, loaded: Loaded, memo: _Memo, cache: Path,
+             force: bool) -> tuple[str, _Trained]:
+    """Params for `spec` on `loaded`: from this run, from the cache, or trained (timed once)."""
+    where = hashlib.sha256(determinism_key().encode()).hexdigest()[:6]
+    key = f"{spec.hash}-{loaded.hash}-{where}"
+    if key in memo.trained:
+        return key, memo.trained[key]
+    path = cache / "params" / f"{key}.npz"
+    meta_path = path.with_suffix(".json")
+    params = None
+    if not force and (path.exists() or meta_path.exists()):
+        try:  # diverged params are cached as they are: the record flags them (params_finite)
+            params = unflatten(load_params(path, finite=False))  # nested for user models
+            meta = json.loads(meta_path.read_text())
+            meta = {"train_s": float(meta["train_s"]), "n_train": int(meta["n_train"])}
+        except (DataError, OSError, ValueError, KeyError, TypeError):
+            memo.damaged.append(f"params/{path.name}")
+            params = None
+    if params is None:
+        ds = capped(loaded.ds, spec.n_train, None)
+        timing, params = _once(partial(fit, spec.model, spec.train_config(), spec=ds.spec),
+                               ds.x_train, ds.y_train)
+        params = jax.tree.map(np.asarray, params)
+        meta = {"train_s": timing.median_s, "n_train": len(ds.y_train)}
+        if jax.process_index() == 0:
+            save_params(path, flatten(params))  # "a/b/0" names: any pytree (flax, equinox)
+            write_text(meta_path, json.dumps(meta))
+    finite = all(bool(np.all(np.isfinite(v))) for v in jax.tree.leaves(params))
+    trained = _Trained(model_for(spec.model, loaded.ds.spec, spec.train_config()),
+                       jax.device_put(params), meta["train_s"], meta["n_train"], finite)
+    memo.trained[key] = trained
+    return key, trained
+
+
+@jax.jit
+def _perturbation(x: jax.Array, x_adv: jax.Array) -> dict[str, jax.Array]:
+    """Share of pixels changed and the L∞ size of the change. x, x_adv: [n, D]."""
+    return {"changed_frac": jnp.mean(x_adv != x), "linf": jnp.max(jnp.abs(x_adv - x))}
+
+
+@partial(jax.jit, static_argnames="model")
+def _zero_grad_frac(model: Model, params, x: jax.Array, y: jax.Array) -> jax.Array:
+    """Share of pixels whose input gradient is exactly 0 (FGSM leaves them where they are)."""
+    return jnp.mean(evasion.input_grad(model, params, x, y) == 0)
+
+
+def _per_test(key: str, trained: _Trained, x, y, attack: str, memo: _Memo) -> dict:
+    slot = memo.per_test.setdefault((key, x.shape[0]), {})
+    if "clean" not in slot:
+        slot["clean"] = evaluate(trained.arch, trained.params, x, y)
+    if attack in GRADIENT_ATTACKS and "zero_grad_frac" not in slot:
+        slot["zero_grad_frac"] = float(_zero_grad_frac(trained.arch, trained.params, x, y))
+    return slot
+
+
+# --- computing one cell of each kind --------------------------------------------------------
+
+
+@functools.cache
+def _mesh():
+    """All devices (every host's) as one mesh; see `sharding`."""
+    return sharding.make_mesh()
+
+
+def _base(cell: Cell, loaded: Loaded) -> dict[str, Any]:
+    device = jax.devices()[0]
+    return {"id": cell.id, "hash": cell.hash, "kind": cell.kind, "block": cell.block,
+            "dataset": loaded.ds.name, "data_source": loaded.ds.source,
+            "is_sample": loaded.ds.is_sample, "data_hash": loaded.hash,
+            "backend": jax.default_backend(), "device_kind": device.device_kind,
+            "determinism": determinism_key()}
+
+
+def _attack_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bool) -> dict:
+    cfg: AttackConfig = cell.config
+    spec = cfg.train
+    key, trained = _trained(spec, loaded, memo, cache, force)
+    x, y = _device(memo, loaded, "test", cfg.n_test)
+    per_test = _per_test(key, trained, x, y, cfg.attack, memo)
+    attack = evasion.get_attack(cfg.attack)
+    options = dict(cfg.options)
+    if attack.targeted:
+        # the study's target class 3, or the last class of data with fewer classes
+        options.setdefault("target", min(study.E7_TARGET, trained.arch.n_classes - 1))
+    # one code path from 1 device to N: the batch split across the mesh, params replicated
+    (xs, ys), n = sharding.shard_leading((x, y), _mesh())
+    fn = partial(attack.fn, trained.arch, sharding.replicate(trained.params, _mesh()),
+                 eps=cfg.eps, key=evasion.attack_key(spec.seed), **options)
+    timing, x_adv = measure(fn, xs, ys, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
+    x_adv = sharding.unpad(x_adv, n)
+    scores = evaluate(trained.arch, trained.params, x_adv, y,
+                      key=jax.random.fold_in(evasion.attack_key(spec.seed), 7))
+    detail = {}
+    if cfg.attack in ("none", "fgsm"):
+        k = min(N_EXAMPLES, x.shape[0])
+        pred = jnp.argmax(predict(trained.arch, trained.params, x_adv[:k]), axis=-1)
+        detail["examples"] = {"images": encode_images(np.asarray(x_adv[:k]),
+                                                      trained.arch.input_range),
+                              "shape": list(trained.arch.input_shape),
+                              "labels": np.asarray(y[:k]).tolist(),
+                              "preds": np.asarray(pred).tolist()}
+    return {
+        **_base(cell, loaded), "model": spec.model, "arch": trained.arch.name,
+        "seed": spec.seed, "attack": cfg.attack, "eps": cfg.eps, "n_train": trained.n_train,
+        "n_test": int(x.shape[0]), "hidden": spec.hidden, "lr": spec.lr,
+        "epochs": spec.epochs, **scores, "clean_accuracy": per_test["clean"]["accuracy"],
+        **_timing_fields(timing), "train_s": trained.train_s, "params_finite": trained.finite,
+        "zero_grad_frac": per_test.get("zero_grad_frac") if cfg.attack in GRADIENT_ATTACKS
+        else None, **{k: float(v) for k, v in _perturbation(x, x_adv).items()},
+        "detail": detail,
+    }
+
+
+def _stability_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bool) -> dict:
+    cfg: StabilityConfig = cell.config
+    ds = capped(loaded.ds, cfg.n_train, cfg.n_test)
+    size = min(cfg.size, len(ds.y_train))
+    table, train_s = stability.stability(ds, samples=cfg.samples, size=size, hidden=cfg.hidden,
+                                         lr=cfg.lr, epochs=cfg.epochs, seed=cfg.seed)
+    mean = table.loc["mean"]
+    return {
+        **_base(cell, loaded), "model": "seed-mlp", "arch": "seed-mlp", "seed": cfg.seed,
+        "n_train": size, "n_test": len(ds.y_test), "hidden": cfg.hidden, "lr": cfg.lr,
+        "epochs": cfg.epochs, **{m: float(mean[m]) for m in table.columns},
+        "train_s": train_s, "params_finite": bool(np.all(np.isfinite(table.to_numpy()))),
+        "detail": {"samples": cfg.samples, "size": size,
+                   "table": json.loads(table.to_json(orient="split"))},
+    }
+
+
+def _row(impl: str, timing: Timing, n: int, *, n_timed: int | None = None, ref: bool = False,
+         note: str = "") -> dict[str, Any]:
+    """One implementation's timing, scaled from n_timed items to n when it ran on a subset."""
+    n_timed = n if n_timed is None else n_timed
+    return {"impl": impl, "n": n, "n_timed": n_timed, "scale": n / n_timed, "ref": ref,
+            "note": note, **_timing_fields(timing, n / n_timed)}
+
+
+def _seed_mlp(ds: datasets.Dataset, cfg: SpeedConfig) -> Model:
+    """The study's MLP for ds with the speed cell's hidden size."""
+    return zoo.build("seed-mlp", ds.spec, cfg.hidden)
+
+
+def _speed_fgsm(ds: datasets.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
+    model = _seed_mlp(ds, cfg)
+    params = model.init(jax.random.key(cfg.seed))
+    x, y = jax.device_put(ds.x_test), jax.device_put(ds.y_test)
+    xn, yn = np.asarray(ds.x_test), np.asarray(ds.y_test)
+    wih, who = np.asarray(params["wih"]), np.asarray(params["who"])  # float32
+    n, k = len(yn), min(cfg.numpy_loop_images, len(yn))
+    timed = partial(measure, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
+    t_jax, x_adv = timed(partial(evasion.fgsm, model, params, eps=cfg.eps), x, y)
+    lo, hi = model.input_range
+    t_np, x_np = timed(lambda a, b: baseline.fgsm_batched(wih, who, a, b, cfg.eps, lo, hi),
+                       xn, yn, compiled=False)
+    t_loop, _ = _once(lambda a, b: baseline.fgsm_loop(wih, who, a, b, cfg.eps, lo, hi),
+                      xn[:k], yn[:k])
+    d, n_out = model.n_inputs, model.n_classes
+    a, b = gemm_floor_operands(n, cfg.hidden, d, n_out)
+    t_floor, _ = timed(np.matmul, a, b, compiled=False)
+    t_xla, _ = timed(_matmul_jit, *jax.device_put((a, b)))
+    flops = fgsm_flops(n, cfg.hidden, d, n_out)
+    rows = [
+        _row("jax: jit(vmap(grad)), float32", t_jax, n),
+        _row("numpy: batched matrix form, float32", t_np, n, ref=True),
+        _row("numpy: per-image loop (the study's way), float32", t_loop._replace(compile_s=None),
+             n, n_timed=k, note=f"timed on the first {k} images, scaled x{n / k:g}"),
+        _row("numpy: GEMM floor, float32", t_floor, n,
+             note=f"one [{n}, {d + n_out}] @ [{d + n_out}, {2 * cfg.hidden}] GEMM = FGSM's "
+                  f"{flops / 1e9:.2f} GFLOP"),
+        _row("jax: the same GEMM, jit, float32", t_xla, n, note="XLA's GEMM floor"),
+    ]
+    jax_per_image = t_jax.median_s / n
+    extra = {
+        "flops": flops, "gemm_gflop_per_s": flops / t_floor.median_s / 1e9,
+        "jax_over_floor": t_jax.median_s / t_floor.median_s,
+        "jax_over_xla_floor": t_jax.median_s / t_xla.median_s,
+        "jax_s_per_image": jax_per_image, "study_s_per_image": study.e3_seconds_per_image(),
+        "study_over_jax_per_image": study.e3_seconds_per_image() / jax_per_image,
+        "agree_with_numpy": float(np.mean(np.asarray(x_adv) == x_np)),
+    }
+    return rows, extra
+
+
+def _speed_epoch_per_sample(ds: datasets.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
+    model = _seed_mlp(ds, cfg)
+    params = model.init(jax.random.key(cfg.seed))
+    x, y = jax.device_put(ds.x_train), jax.device_put(ds.y_train)
+    n, k = len(ds.y_train), min(cfg.numpy_epoch_samples, len(ds.y_train))
+    t_jax, _ = measure(partial(train_seed_sgd, lr=cfg.lr, epochs=1), params, x, y,
+                       rounds=cfg.rounds, max_seconds=cfg.max_seconds)
+    net = baseline.neuralNetwork(model.n_inputs, cfg.hidden, model.n_classes, cfg.lr,
+                                 wih=np.asarray(params["wih"]),
+                                 who=np.asarray(params["who"]))  # float64, as the study
+    xs, ys = np.asarray(ds.x_train[:k], np.float64), np.asarray(ds.y_train[:k])
+    t_np, _ = _once(net.train_epoch, xs, ys)
+    rows = [
+        _row("jax: one lax.scan, float32", t_jax, n),
+        _row("numpy: neuralNetwork.train_epoch (the study's loop), float64",
+             t_np._replace(compile_s=None), n, n_timed=k, ref=True,
+             note=f"timed on the first {k} samples, scaled x{n / k:g}"),
+    ]
+    return rows, {"samples": n}
+
+
+def _speed_epoch_minibatch(ds: datasets.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
+    x, y = jax.device_put(ds.x_train), jax.device_put(ds.y_train)
+    rows = []
+    for name in ("mlp-sgd", "mlp-ce"):
+        recipe = get_recipe(name)
+        tc = resolve(recipe, TrainConfig(hidden=cfg.hidden, epochs=1, seed=cfg.seed))
+        k_init, k_shuffle = jax.random.split(jax.random.key(cfg.seed))
+        model = recipe.build(ds.spec, tc)
+        params = model.init(k_init)
+        fn = partial(train_minibatch, k_shuffle, model=model, optimizer=tc.optimizer,
+                     lr=float(tc.lr), batch_size=tc.batch_size, epochs=1)
+        t, _ = measure(fn, params, x, y, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
+        rows.append(_row(f"jax: {name} ({tc.optimizer}, batch {tc.batch_size}), one scan", t,
+                         len(ds.y_train), note="no numpy counterpart"))
+    return rows, {"samples": len(ds.y_train)}
+
+
+def _speed_metrics(ds: datasets.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
+    model = _seed_mlp(ds, cfg)
+    params = model.init(jax.random.key(cfg.seed))
+    x, y = jax.device_put(ds.x_test), jax.device_put(ds.y_test)
+    wih, who = np.asarray(params["wih"]), np.asarray(params["who"])
+    timed = partial(measure, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
+    t_jax, s_jax = timed(partial(evaluate_arrays, model, params), x, y)
+    t_np, s_np = timed(partial(numpy_evaluate, wih, who), np.asarray(ds.x_test),
+                       np.asarray(ds.y_test), compiled=False)
+    n = len(ds.y_test)
+    rows = [_row("jax: metrics.evaluate (forward + 5 scores), float32", t_jax, n),
+            _row("numpy: forward + argmax + bincount P/R/F1, float32", t_np, n, ref=True)]
+    diff = max(abs(float(s_jax[m]) - s_np[m]) for m in SCORE_NAMES)
+    return rows, {"max_abs_diff": diff}
+
+
+
+
+def _speed_population(ds: datasets.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
+    n, m = len(ds.y_train), cfg.population
+    size = min(cfg.population_size, n)
+    idx = np.stack([datasets.subsample(cfg.seed + i, n, size) for i in range(m)])
+    keys = jax.random.split(jax.random.key(cfg.seed), m)
+    model = _seed_mlp(ds, cfg)
+    params = init_population(model, keys)
+    xs, ys = jax.device_put(ds.x_train[idx]), jax.device_put(ds.y_train[idx])
+    timed = partial(measure, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
+    chunk = population.chunk_size(m, size, model.n_inputs)
+    t_pop, _ = timed(partial(train_seed_sgd_population, lr=cfg.lr, epochs=1, chunk=chunk),
+                     params, xs, ys)
+    t_vmap, _ = timed(partial(train_seed_sgd_population, lr=cfg.lr, epochs=1), params, xs, ys)
+    singles = [(jax.tree.map(lambda a, i=i: a[i], params), xs[i], ys[i]) for i in range(m)]
+
+    def separate(models):
+        return [train_seed_sgd(p, a, b, lr=cfg.lr, epochs=1) for p, a, b in models]
+
+    t_sep, _ = timed(separate, singles)
+    k = max(1, min(cfg.numpy_epoch_samples // m, size))
+    nets = [baseline.neuralNetwork(model.n_inputs, cfg.hidden, model.n_classes, cfg.lr,
+                                   wih=np.asarray(p["wih"]),
+                                   who=np.asarray(p["who"])) for p, _, _ in singles]
+    subsets = [(np.asarray(ds.x_train[i[:k]], np.float64), ds.y_train[i[:k]]) for i in idx]
+
+    def numpy_population():
+        for net, (a, b) in zip(nets, subsets, strict=True):
+            net.train_epoch(a, b)
+
+    t_np, _ = _once(numpy_population)
+    total = m * size
+    rows = [
+        _row(f"jax: {m} models as one population ({chunk} per vmap, the harness's choice "
+             f"on {jax.default_backend()})", t_pop, total),
+        _row(f"jax: {m} models in one vmap", t_vmap, total),
+        _row(f"jax: {m} separate trainings (one jit, called {m} times)", t_sep, total),
+        _row(f"numpy: {m} x neuralNetwork.train_epoch, float64", t_np._replace(compile_s=None),
+             total, n_timed=m * k, ref=True,
+             note=f"timed on {k} samples per model, scaled x{size / k:g}"),
+    ]
+    return rows, {"models": m, "size": size, "chunk": chunk,
+                  "population_over_separate": t_pop.median_s / t_sep.median_s,
+                  "vmap_over_separate": t_vmap.median_s / t_sep.median_s}
+
+
+SPEED_WORKLOADS: dict[str, Callable[[datasets.Dataset, SpeedConfig], tuple[list, dict]]] = {
+    "fgsm": _speed_fgsm,
+    "epoch-per-sample": _speed_epoch_per_sample,
+    "epoch-minibatch": _speed_epoch_minibatch,
+    "metrics": _speed_metrics,
+    "population": _speed_population,
+}
+
+
+def _speed_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bool) -> dict:
+    cfg: SpeedConfig = cell.config
+    ds = capped(loaded.ds, cfg.n_train, cfg.n_test)
+    rows, extra = SPEED_WORKLOADS[cfg.workload](ds, cfg)
+    head = rows[0]
+    return {**_base(cell, loaded), "workload": cfg.workload, "n_train": len(ds.y_train),
+            "n_test": len(ds.y_test), "hidden": cfg.hidden, "seed": cfg.seed,
+            **{k: head[k] for k in TIMING_FIELDS}, "detail": {"rows": rows, "extra": extra}}
+
+
+def _poison_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bool) -> dict:
+    cfg: PoisonSweepConfig = cell.config
+    ds = capped(loaded.ds, None, cfg.n_test)
+    table = sweeps.run_sweep(ds, sweeps.sweep_configs(cfg.sweep), model=cfg.model,
+                             seed=cfg.seed, hidden=cfg.hidden, epochs=cfg.epochs,
+                             n_train=None if cfg.n_train is None
+                             else min(cfg.n_train, len(ds.y_train)))
+    a = table.attrs
+    return {
+        **_base(cell, loaded), "model": cfg.model,
+        "arch": model_for(cfg.model, loaded.ds.spec, TrainConfig(hidden=cfg.hidden)).name,
+        "seed": cfg.seed, "n_train": a["n_train"], "n_test": a["n_test"], "hidden": cfg.hidden,
+        "epochs": a["epochs"], "train_s": a["train_s"], "compile_s": a["compile_s"],
+        "params_finite": bool(np.all(np.isfinite(table["clean_accuracy"]))),
+        "detail": {"sweep": cfg.sweep, "attrs": {k: v for k, v in a.items()
+                                                  if isinstance(v, (int, float, str))},
+                   "table": json.loads(table.to_json(orient="split"))},
+    }
+
+
+def _detect_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bool) -> dict:
+    cfg: DetectConfig = cell.config
+    start = time.perf_counter()
+    tables = detection_bench.run(loaded.ds, quick=cfg.quick, seed=cfg.seed)
+    bench = detection_bench.QUICK if cfg.quick else detection_bench.FULL
+    return {
+        **_base(cell, loaded), "model": bench.recipe, "seed": cfg.seed, "hidden": bench.hidden,
+        "n_train": min(bench.sample_size, len(loaded.ds.y_train)),
+        "train_s": float(tables["timing"].loc["train population", "seconds"]),
+        "median_s": time.perf_counter() - start,
+        "detail": {name: json.loads(t.to_json(orient="split")) for name, t in tables.items()},
+    }
+
+
+def _json_default(value: Any) -> Any:
+    """numpy scalars and arrays -> Python (for a record's JSON)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON-serializable: {type(value).__name__}")
+
+
+def _defended(cfg: DefenseConfig, loaded: Loaded, base: _Trained) -> tuple[Model, Any, float]:
+    """(defended model, its params, seconds to fit the defense: adversarial training or the
+    denoiser; 0 for a pure wrapper)."""
+    opts = dict(cfg.options)
+    spec = cfg.train
+    if cfg.defense == "adv-train":
+        ds = capped(loaded.ds, spec.n_train, None)
+        adv_cfg = replace(spec.train_config(),
+                          epochs=spec.epochs * defenses.ADV_EPOCH_FACTOR)
+        timing, params = _once(partial(defenses.adv_fit, spec.model, adv_cfg,
+                                       eps=float(opts["eps"]), steps=int(opts["steps"]),
+                                       warmup=float(opts.get("warmup", 0.0)), spec=ds.spec),
+                               ds.x_train, ds.y_train)
+        return defenses.build("adv-train", base.arch, **opts), params, timing.median_s
+    if defenses.get_defense(cfg.defense).needs_state:
+        ds = capped(loaded.ds, spec.n_train, None)
+        key = jax.random.fold_in(jax.random.key(spec.seed), 0xDAE)
+        timing, state = _once(partial(defenses.fit_state, cfg.defense, base.arch, key=key,
+                                      **opts), ds.x_train)
+        return (defenses.build(cfg.defense, base.arch, state=state, **opts), base.params,
+                timing.median_s)
+    return defenses.build(cfg.defense, base.arch, **opts), base.params, 0.0
+
+
+def _defense_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bool) -> dict:
+    """One row of the defense x attack table: every column at every eps (one compiled eps
+    sweep per column, timed), the clean accuracy, the obfuscation probe and its flags."""
+    cfg: DefenseConfig = cell.config
+    spec = cfg.train
+    _, base = _trained(spec, loaded, memo, cache, force)
+    model, params, defense_s = _defended(cfg, loaded, base)
+    x, y = _device(memo, loaded, "test", cfg.n_test)
+    lo, hi = (float(v) for v in model.input_range)
+    key = evasion.attack_key(spec.seed)
+    eval_key = jax.random.fold_in(key, 7)
+    clean = evaluate(model, params, x, y, key=eval_key)["accuracy"]
+    adaptive_name = defenses.get_defense(cfg.defense).adaptive
+    eps_values = jnp.asarray(cfg.eps, x.dtype)
+    rows, accuracy = [], {}
+    for column in cfg.attacks:
+        name = adaptive_name if column == "adaptive" else column
+        kw: dict[str, Any] = {"key": key, "lo": lo, "hi": hi}
+        if name in ("pgd", "eot-pgd", "bpda-pgd", "transfer"):
+            kw["steps"] = cfg.steps
+        if column in ("adaptive", "transfer"):
+            kw["restarts"] = cfg.restarts
+        if name in ("eot-pgd", "bpda-pgd"):
+            kw["samples"] = cfg.samples
+        if name == "square":
+            kw["queries"] = cfg.queries
+        if name == "transfer" and cfg.defense == "adv-train":
+            kw["source_params"] = base.params  # crafted on the undefended weights
+        fn = partial(evasion.sweep, evasion.get_attack(name), model, params, **kw)
+        timing, x_adv = measure(fn, x, y, eps_values, rounds=cfg.rounds,
+                                max_seconds=cfg.max_seconds)
+        for i, eps in enumerate(cfg.eps):
+            acc = evaluate(model, params, x_adv[i], y,
+                           key=jax.random.fold_in(eval_key, 1 + i))["accuracy"]
+            accuracy[(column, eps)] = acc
+            rows.append({"column": column, "attack": name, "eps": eps, "accuracy": acc,
+                         "median_s": timing.median_s, "compile_s": timing.compile_s,
+                         "rounds": timing.rounds})
+    n_probe = min(cfg.probe_n, int(x.shape[0]))
+    probed = obfuscation.probe(model, params, x[:n_probe], y[:n_probe],
+                               key=jax.random.fold_in(key, 11), eps=max(cfg.eps),
+                               steps=cfg.steps)
+    raised = obfuscation.flags(accuracy, probed, n=int(x.shape[0]))
+    pgd40 = {}
+    if cfg.defense == "adv-train":  # Madry et al.'s yardstick: PGD-40 at the training eps
+        adv_eps = float(dict(cfg.options)["eps"])
+        x_adv = evasion.pgd(model, params, x, y, eps=adv_eps, steps=40,
+                            key=jax.random.fold_in(key, 40), lo=lo, hi=hi)
+        pgd40 = {"pgd40_eps": adv_eps, "adv_steps": int(dict(cfg.options).get("steps", 7)),
+                 "pgd40_accuracy": evaluate(model, params, x_adv, y, key=eval_key)["accuracy"]}
+    return {
+        **_base(cell, loaded), "model": spec.model, "arch": model.name, "seed": spec.seed,
+        **pgd40,
+        "defense": cfg.defense, "adaptive": adaptive_name, "n_train": base.n_train,
+        "n_test": int(x.shape[0]), "hidden": spec.hidden, "lr": spec.lr,
+        "epochs": spec.epochs, "clean_accuracy": clean, "train_s": base.train_s,
+        "defense_s": defense_s, "stochastic": bool(model.stochastic),
+        "flags": "; ".join(raised),
+        "detail": {"rows": rows, "probe": {k: v for k, v in probed.items()
+                                           if k != "pgd_steps"},
+                   "pgd_steps": {str(k): v for k, v in probed["pgd_steps"].items()},
+                   "flags": raised},
+    }
+
+
+COMPUTE = {"attack": _attack_cell, "stability": _stability_cell, "speed": _speed_cell,
+           "poison": _poison_cell, "detect": _detect_cell, "defense": _defense_cell}
+
+
+# --- progress --------------------------------------------------------------------------------
+
+LINE_FORMAT = "[{n_fmt}/{total_fmt}] {percentage:3.0f}% elapsed {elapsed} eta {remaining}"
+
+
+class Progress:
+    """The progress of a run's cells on `stream` (default stderr), for any kind of stream.
+
+    On a terminal: a live tqdm bar (count, percent, elapsed, ETA, the running cell). Off a
+    terminal (a log file, a pipe, CI): one line per finished cell, "[3/27]  11% elapsed
+    00:42 eta 05:36  <cell id> (12.3 s)", the ETA = mean time per finished cell x cells left.
+    `start(label)` when a cell begins, `done(label)` when it ends, `close()` at the end.
+    """
+
+    def __init__(self, total: int, stream=None):
+        self.stream = sys.stderr if stream is None else stream
+        self.total, self.n = int(total), 0
+        self.start_time = self.cell_time = time.perf_counter()
+        self.live = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.bar = tqdm(total=self.total, file=self.stream, unit="cell", dynamic_ncols=True,
+                        mininterval=0) if self.live and self.total else None
+
+    def start(self, label: str) -> None:
+        """A cell begins (shown on the live bar)."""
+        self.cell_time = time.perf_counter()
+        if self.bar is not None:
+            self.bar.set_postfix_str(label, refresh=True)
+
+    def done(self, label: str) -> None:
+        """A cell has finished: advance the bar, or write its line."""
+        self.n += 1
+        now = time.perf_counter()
+        if self.bar is not None:
+            self.bar.update(1)
+            return
+        meter = tqdm.format_meter(self.n, self.total, now - self.start_time,
+                                  bar_format=LINE_FORMAT)
+        self.stream.write(f"{meter}  {label} ({now - self.cell_time:.1f} s)\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End the bar (a no-op off a terminal)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def _dataset_of(cell: Cell) -> str:
+    return cell.config.dataset
+
+
+def _cached(cache: Path, cell: Cell, loaded: Loaded, damaged: list) -> dict | None:
+    """The cell's cached record if it is whole and was computed on the same data under the
+    same `determinism_key`; None otherwise. A damaged record (unreadable, not JSON, not a
+    record of this cell) is listed in `damaged` and treated as missing."""
+    path = cache / "cells" / f"{cell.hash}.json"
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_bytes().decode("utf-8"))
+        whole = (isinstance(record, dict) and record.get("hash") == cell.hash
+                 and isinstance(record.get("data_hash"), str))
+    except (OSError, ValueError):
+        whole = False
+    if not whole:
+        damaged.append(f"cells/{path.name}")
+        return None
+    if record.get("data_hash") != loaded.hash:
+        return None
+    return record if record.get("determinism") == determinism_key() else None
+
+
+def _warn_damaged(cache: Path, damaged: list) -> None:
+    if damaged:
+        shown = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3
+                                          else "")
+        warnings.warn(f"{len(damaged)} damaged cache entr{'y' if len(damaged) == 1 else 'ies'} "
+                      f"in {cache} treated as missing and rebuilt: {shown}", stacklevel=3)
+
+
+def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None,
+        force: bool = False, data_dir: str | None = None, dataset: str | None = None,
+        sample_out_dir: str | Path | None = None) -> pd.DataFrame:
+    """Run the cells of the matrix at `matrix_path` whose id matches `only` (fnmatch pattern
+    or substring; None: all); reuse cached cells unless `force`. Returns their records.
+
+    data_dir: where every dataset is looked for (`datasets.load`); dataset: run the matrix on this
+    dataset instead of its own (`matrix.with_dataset`); sample_out_dir: where the run goes
+    instead of `out_dir` when a dataset comes from the bundled sample (said in one line), so
+    a sample run never lands in a full-data results folder. `attrs["run"]["out_dir"]` is the
+    folder used. Ctrl-C raises `Interrupted` (how many cells are cached).
+
+    Each record is one row: id, kind, block, dataset, model, attack, eps, seed, n_train,
+    n_test, accuracy, precision, recall, f1, confidence, clean_accuracy, compile_s, median_s,
+    min_s, max_s, iqr_s, rounds, train_s, ..., status ("computed" or "reused") and `detail`
+    (a dict: digit examples, the stability table, a speed cell's implementations).
+    """
+    start, started = time.perf_counter(), datetime.now(timezone.utc)
+    mx = load(matrix_path)
+    if dataset is not None:
+        mx = with_dataset(mx, dataset)
+    selected = select(cells(mx), only)
+    if not selected:
+        raise ConfigError(f"{matrix_path}: no cell id matches {only!r}; ids look like "
+                          f"{cells(mx)[0].id!r}")
+    names = list(dict.fromkeys(_dataset_of(c) for c in selected))
+    try:
+        loaded, skipped = _load_datasets(names, mx, data_dir)
+    except KeyboardInterrupt:  # before any cell ran: say what the cache already holds
+        cells_dir = Path(out_dir) / CACHE_DIR / "cells"
+        held = sum((cells_dir / f"{c.hash}.json").is_file() for c in selected)
+        raise Interrupted(held, len(selected)) from None
+    if not loaded:
+        raise DataError(f"{matrix_path}: no dataset of the matrix could be loaded: "
+                        + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    if sample_out_dir is not None and any(d.ds.is_sample for d in loaded.values()):
+        print(f"mlshift: the bundled sample, not the full data: results go to "
+              f"{sample_out_dir}, not {out_dir}", file=sys.stderr)
+        out_dir = sample_out_dir
+    cache = Path(out_dir) / CACHE_DIR
+    clean_stale_temps(out_dir)  # what a hard-killed run left half-written
+    records: dict[str, dict] = {}
+    todo = []
+    memo = _Memo({}, {}, {}, [])
+    for cell in selected:
+        name = _dataset_of(cell)
+        if name in skipped:
+            continue
+        record = None if force else _cached(cache, cell, loaded[name], memo.damaged)
+        if record is None:
+            todo.append(cell)
+        else:
+            records[cell.id] = {**record, "id": cell.id, "block": cell.block, "status": "reused"}
+    by_hash: dict[str, dict] = {}
+    shown = Progress(len(todo))
+    try:
+        for cell in todo:
+            shown.start(cell.id)
+            record = by_hash.get(cell.hash)
+            if record is None:
+                record = COMPUTE[cell.kind](cell, loaded[_dataset_of(cell)], memo, cache, force)
+                record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                if jax.process_index() == 0:  # several hosts run the same cells; one writes
+                    write_text(cache / "cells" / f"{cell.hash}.json",
+                               json.dumps(record, indent=1, default=_json_default))
+                by_hash[cell.hash] = record
+            records[cell.id] = {**record, "id": cell.id, "block": cell.block,
+                                "status": "computed"}
+            shown.done(cell.id)
+    except KeyboardInterrupt:
+        shown.close()
+        _warn_damaged(cache, memo.damaged)
+        raise Interrupted(len(records), len(selected)) from None
+    shown.close()
+    _warn_damaged(cache, memo.damaged)
+    frame = pd.DataFrame([records[c.id] for c in selected if c.id in records])
+    frame.attrs["run"] = {
+        "matrix": str(matrix_path), "only": only, "force": force,
+        "started": started.isoformat(timespec="seconds"),
+        "wall_s": time.perf_counter() - start,
+        "cells": len(selected), "computed": len(todo), "reused": len(records) - len(todo),
+        "datasets": {n: {"source": d.ds.source, "is_sample": d.ds.is_sample,
+                         "n_train": len(d.ds.y_train), "n_test": len(d.ds.y_test),
+                         "data_hash": d.hash, "image_shape": list(d.ds.image_shape),
+                         "n_classes": d.ds.n_classes, "input_range": list(d.ds.input_range),
+                         "load": mx.load_kwargs(n)} for n, d in loaded.items()},
+        "skipped": skipped, "out_dir": str(out_dir), "determinism": determinism_key(),
+    }
+    return frame

@@ -1,0 +1,391 @@
+"""Has this model changed compared with a reference, and how? `detect_pair`, for the CLI.
+
+    detect_pair(reference_params, suspect_params, ds) -> {"verdict", "p_value", "category",
+                                                          "fingerprint", ...}
+
+1. The **calibration set** (`calibrate`): one population (`retrain.train_sampled`, one jit) of
+   `n_null` clean retrains of the reference's architecture (its recipe's trainer, its hidden
+   size; a user model "pkg.module:attr" retrains its own Model, the one `weights.load_model`
+   rebuilt, with the harness's minibatch trainer and the reference's training settings),
+   each on its own random sample of `sample_size` training images with its own seed, plus
+   a few models trained on poisoned data (`poisonings` x `poison_seeds`), all answering
+   the probe set (`fingerprint.make_probes`). Only their responses on the probes are kept,
+   and cached on disk (`cache_dir`, by default `data.cache_dir("detect")`), named by the hash
+   of everything they depend on; a second call with the same architecture and data loads them.
+2. The **test** (`fingerprint.change_test`): the suspect's fingerprint against the reference,
+   compared with the fingerprints of the clean retrains against the same reference; verdict
+   "changed" when the combined p-value <= alpha.
+3. The **category** (`categorize`): a categorizer fitted, for this reference, on the
+   fingerprints of the calibration models (clean retrains = "none", poisoned models = their
+   kind) and of the reference behind input changes of the probes (`attacks`: noise and
+   adversarial inputs). An "unchanged" verdict reports category "none"; a "changed" one the
+   most probable of the other categories. `category_probabilities` has the full picture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mlshift_jax.attacks.evasion import attack_key, get_attack
+from mlshift_jax.core.errors import ConfigError, DataError
+from mlshift_jax.core.files import atomic_path, config_hash, read_npz
+from mlshift_jax.data.datasets import Dataset, cache_dir, content_hash
+from mlshift_jax.detection import categorize, fingerprint
+from mlshift_jax.models.population import plan_for
+from mlshift_jax.models.recipes import TrainConfig
+from mlshift_jax.models.retrain import train_sampled
+from mlshift_jax.models.zoo import STUDY_SPEC, Model, Params, build, check_spec, infer_model
+from mlshift_jax.poisoning.poison import make_config
+
+RECIPE_OF = {"seed-mlp": "seed-mlp", "mlp-ce": "mlp-ce", "cnn": "cnn"}  # arch -> trainer
+CACHE_VERSION = 1  # bump when the calibration's meaning changes: old caches are ignored
+NULL_STREAM = 0xC0FFEE  # member seeds of a calibration start here (+ seed * 10,000)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How the calibration set is built. poisonings, attacks: (kind, fraction or eps);
+    epochs: of every calibration model (None: the recipe's default)."""
+
+    n_null: int = 24
+    sample_size: int = 10_000
+    poisonings: tuple[tuple[str, float], ...] = (
+        ("wrong-label", 0.1), ("wrong-label", 0.3), ("trigger", 0.1), ("trigger", 0.3),
+        ("mixture", 0.05), ("mixture", 0.2))
+    poison_seeds: int = 2
+    attacks: tuple[tuple[str, float], ...] = (
+        ("noise-sign", 0.1), ("noise-sign", 0.2), ("fgsm", 0.1), ("fgsm", 0.2),
+        ("pgd", 0.1), ("pgd", 0.2))
+    probes: int = 1000
+    n_patched: int = 200
+    epochs: int | None = None
+    seed: int = 0
+
+    def validate(self) -> CalibrationConfig:
+        """Raise ConfigError for settings that cannot work; return self."""
+        if self.n_null < 2:
+            raise ConfigError(f"calibration: expected n_null >= 2, found {self.n_null}")
+        if self.sample_size < 1 or self.poison_seeds < 0:
+            raise ConfigError(f"calibration: expected sample_size >= 1 and poison_seeds >= 0, "
+                              f"found {self.sample_size} and {self.poison_seeds}")
+        for kind, fraction in self.poisonings:
+            make_config(kind, fraction=fraction)
+        for kind, _ in self.attacks:
+            get_attack(kind)
+        return self
+
+
+@dataclass(frozen=True, eq=False)
+class Calibration:
+    """Responses on `probes` of the clean retrains (`null`, leading axis n_null) and of the
+    changed models (`changed`, leading axis m, kinds in `changed_kinds`); recipe and hidden:
+    what they were trained as."""
+
+    probes: fingerprint.ProbeSet
+    null: fingerprint.Responses = field(repr=False)
+    changed: fingerprint.Responses = field(repr=False)
+    changed_kinds: tuple[str, ...]
+    recipe: str
+    hidden: int
+    config: CalibrationConfig
+
+    def describe(self) -> dict:
+        """JSON-able summary, for the report of a verdict."""
+        return {"n_null": int(self.null.probs.shape[0]), "recipe": self.recipe,
+                "hidden": self.hidden, "sample_size": self.config.sample_size,
+                "probes": self.probes.size, "n_changed_models": len(self.changed_kinds)}
+
+
+def hidden_size(model: Model, params: Params) -> int:
+    """The width of the penultimate layer of `params` (what `model.features` returns)."""
+    if model.features is None:
+        raise ConfigError(f"detect: expected a model with features, found {model.name}")
+    x = jax.ShapeDtypeStruct((model.n_inputs,), jnp.float32)
+    return int(jax.eval_shape(model.features, params, x).shape[-1])
+
+
+def changed_inputs(model: Model, params: Params, probes: fingerprint.ProbeSet,
+                   attacks: tuple[tuple[str, float], ...], key: jax.Array) -> jax.Array:
+    """Each input change (attack, eps) of `attacks` applied to the probes, against `params`,
+    with the probes' labels: -> [len(attacks), P, D]."""
+    out = []
+    for i, (kind, eps) in enumerate(attacks):
+        attack = get_attack(kind)
+        kw = {"key": jax.random.fold_in(key, i)} if attack.needs_key else {}
+        out.append(attack.fn(model, params, probes.x, probes.y, eps=eps, **kw))
+    return jnp.stack(out)
+
+
+def _cache_key(recipe: str, hidden: int, ds: Dataset, cfg: CalibrationConfig,
+               model: Model | None = None, train: TrainConfig | None = None) -> str:
+    """sha256 (12 hex digits) of the canonical JSON of everything a calibration depends on
+    (a user model adds its name and hyper-parameters, a given TrainConfig its fields; the
+    user's code itself is not hashed: clear the cache after editing it)."""
+    payload = {"version": CACHE_VERSION, "recipe": recipe, "hidden": hidden,
+               "dataset": ds.name, "source": ds.source, "n_train": len(ds.y_train),
+               "n_test": len(ds.y_test), "config": asdict(cfg)}
+    if model is not None:
+        payload["model"] = [model.name, repr(model.hparams), list(model.input_shape),
+                            model.n_classes, list(model.input_range)]
+    if train is not None:
+        payload["train"] = asdict(train)
+    if tuple(ds.spec) != tuple(STUDY_SPEC):  # MNIST keys as before; other data by content
+        payload["data"] = [content_hash(ds), list(ds.image_shape), ds.n_classes,
+                           list(ds.input_range)]
+    return config_hash(payload)
+
+
+def _within(config, n_classes: int):
+    """config with its target class (the study's 3 by default) moved to the last class where
+    the data has fewer classes (a 3-class dataset has no class 3)."""
+    target = getattr(config, "target", None)
+    if target is not None and target >= n_classes:
+        return replace(config, target=n_classes - 1)
+    return config
+
+
+def calibrate(recipe: str | None, hidden: int, ds: Dataset,
+              config: CalibrationConfig | None = None, *, model: Model | None = None,
+              train: TrainConfig | None = None,
+              cache: bool = True, cache_path: str | os.PathLike | None = None) -> Calibration:
+    """Train (or load from the cache) the calibration set of `recipe` at width `hidden`.
+
+    recipe: a built-in JAX recipe or a user ref "pkg.module:attr" (`population.plan_for`), or
+    None for a user's Model without a ref (then `model` is required and the calibration's
+    recipe is its name); model: the Model to retrain (None: the one the recipe builds for
+    `ds`), e.g. the
+    reference's from `weights.load_model`, so its hyper-parameters carry over; train: the
+    TrainConfig the retrains use (lr, batch size, optimizer, epochs; None: the recipe's
+    defaults; `config.epochs`, when set, wins). cache: read and write the cache; cache_path:
+    its folder (default `data.cache_dir("detect")`). The population is one jit. The probes
+    are min(config.probes, test images); the patched ones at most that many.
+    """
+    cfg = (config or CalibrationConfig()).validate()
+    name = recipe if recipe is not None else getattr(model, "name", None)
+    n_probes = min(cfg.probes, len(ds.y_test))
+    probes = fingerprint.make_probes(ds.x_test, ds.y_test, n=n_probes,
+                                     n_patched=min(cfg.n_patched, n_probes), seed=cfg.seed,
+                                     spec=ds.spec)
+    kinds = tuple([f"{k} {f:g}" for k, f in cfg.poisonings] * cfg.poison_seeds)
+    folder = Path(cache_path) if cache_path is not None else cache_dir("detect")
+    path = folder / f"calibration-{_cache_key(recipe, hidden, ds, cfg, model, train)}.npz"
+    if cache and path.exists():
+        try:
+            f = read_npz(path, what="a cached calibration")
+            null = fingerprint.Responses(*(jnp.asarray(f[f"null_{k}"])
+                                           for k in fingerprint.Responses._fields))
+            changed = fingerprint.Responses(*(jnp.asarray(f[f"changed_{k}"])
+                                              for k in fingerprint.Responses._fields))
+            return Calibration(probes, null, changed, kinds, name, hidden, cfg)
+        except (DataError, KeyError, TypeError):  # a damaged cache is rebuilt below
+            warnings.warn(f"damaged cache entry {path} treated as missing and rebuilt",
+                          stacklevel=2)
+    configs = [make_config("clean")] * cfg.n_null + [
+        _within(make_config(k, fraction=f), ds.n_classes)
+        for k, f in cfg.poisonings] * cfg.poison_seeds
+    seeds = NULL_STREAM + cfg.seed * 10_000 + np.arange(len(configs))
+    base = train if train is not None else TrainConfig()
+    epochs = cfg.epochs if cfg.epochs is not None else base.epochs
+    plan = plan_for(recipe, replace(base, hidden=hidden, epochs=epochs, seed=0), ds.spec,
+                    model=model)
+    pop, _ = train_sampled(plan, configs, ds.x_train, ds.y_train, seeds=seeds.tolist(),
+                           size=min(cfg.sample_size, len(ds.y_train)))
+    resp = fingerprint.model_responses(plan.arch, pop.params, probes)
+    null = jax.tree.map(lambda a: a[:cfg.n_null], resp)
+    changed = jax.tree.map(lambda a: a[cfg.n_null:], resp)
+    if cache:
+        arrays = {f"null_{k}": np.asarray(v) for k, v in null._asdict().items()}
+        arrays.update({f"changed_{k}": np.asarray(v) for k, v in changed._asdict().items()})
+        try:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+        except OSError:
+            pass  # an unwritable cache costs time, not correctness
+    return Calibration(probes, null, changed, kinds, name, hidden, cfg)
+
+
+def check_pair(reference: Params, suspect: Params, spec=None, *, model: Model | None = None,
+               suspect_model: Model | None = None) -> str:
+    """The name of the architecture both params are for; ConfigError if they are not the
+    same model. spec (a models.Spec or Dataset): the data's, checked against the params'
+    shapes; None checks the params alone (before the data is loaded).
+
+    model, suspect_model: the Models the files name (`weights.load_model`; suspect_model
+    defaults to model). Given, params of any pytree (flax, equinox) are compared by their
+    structure and shapes, and the models by name and input spec; None infers a built-in
+    architecture from the arrays' names (`models.infer_model`).
+    """
+    if model is not None:
+        return _check_models(reference, suspect, spec, model, suspect_model or model)
+    model, other = (_arch(p, spec) for p in (reference, suspect))
+    if other != model:
+        raise ConfigError(f"detect: expected the suspect to be a {model} like the "
+                          f"reference, found a {other}")
+    shapes_r = {k: tuple(np.shape(v)) for k, v in reference.items()}
+    shapes_s = {k: tuple(np.shape(v)) for k, v in suspect.items()}
+    if shapes_r != shapes_s:
+        raise ConfigError(f"detect: expected the suspect's arrays to have the reference's "
+                          f"shapes {shapes_r}, found {shapes_s}")
+    for name, params in (("reference", reference), ("suspect", suspect)):
+        if not all(np.all(np.isfinite(np.asarray(v))) for v in params.values()):
+            raise DataError(f"detect: expected finite weights in the {name}, found NaN or inf")
+    return model
+
+
+def _check_models(reference: Params, suspect: Params, spec, model: Model,
+                  other: Model) -> str:
+    """check_pair for given Models: same name and spec, same pytree shapes, finite weights."""
+    if (model.name, model.spec) != (other.name, other.spec):
+        raise ConfigError(f"detect: expected the suspect to be a {model.name} on images "
+                          f"{tuple(model.input_shape)} with {model.n_classes} classes like the "
+                          f"reference, found a {other.name} on {tuple(other.input_shape)} with "
+                          f"{other.n_classes}")
+    if spec is not None:
+        spec = check_spec(spec)
+        if (tuple(spec.input_shape), spec.n_classes) != (tuple(model.input_shape),
+                                                         model.n_classes):
+            raise ConfigError(f"detect: {model.name} takes images {tuple(model.input_shape)} "
+                              f"with {model.n_classes} classes; the data has "
+                              f"{tuple(spec.input_shape)} with {spec.n_classes}: pass the "
+                              "--dataset the models were trained on")
+    shapes_r = jax.tree.map(np.shape, reference)
+    shapes_s = jax.tree.map(np.shape, suspect)
+    if jax.tree.structure(reference) != jax.tree.structure(suspect) or shapes_r != shapes_s:
+        raise ConfigError(f"detect: expected the suspect's arrays to have the reference's "
+                          f"structure and shapes, found {_shapes(suspect)} against "
+                          f"{_shapes(reference)}")
+    for name, params in (("reference", reference), ("suspect", suspect)):
+        if not all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(params)):
+            raise DataError(f"detect: expected finite weights in the {name}, found NaN or inf")
+    return model.name
+
+
+def _shapes(params: Params) -> dict:
+    from mlshift_jax.models.weights import path_name
+
+    return {path_name(p): tuple(np.shape(v))
+            for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def _arch(params: Params, spec) -> str:
+    """The built-in architecture of params; without a spec, by array names alone."""
+    if spec is not None:
+        return infer_model(params, spec).name
+    try:
+        return infer_model(params).name
+    except ConfigError:
+        for name in RECIPE_OF:  # shapes the params alone cannot place (a CNN's image size)
+            probe = build(name, STUDY_SPEC, 8)
+            if set(jax.eval_shape(lambda m=probe: m.init(jax.random.key(0)))) == set(params):
+                return name
+        raise
+
+
+def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *,
+                null: Calibration | None = None, seed: int = 0, alpha: float = fingerprint.ALPHA,
+                config: CalibrationConfig | None = None, cache: bool = True,
+                cache_path: str | os.PathLike | None = None, model: Model | None = None,
+                recipe: str | None = None, train: TrainConfig | None = None,
+                suspect_model: Model | None = None) -> dict:
+    """Test whether `suspect_params` behaves as a changed version of `reference_params`.
+
+    reference_params, suspect_params: params of the same architecture (e.g. from
+    `weights.load_model`); ds: the dataset they were trained on (training images for the
+    clean retrains, test images for the probes); null: a `Calibration` (None: `calibrate`
+    one, cached); seed: of the calibration set and of the random input changes; alpha: the
+    test's level (its false-positive rate on clean retrains).
+
+    model: the reference's Model (`weights.load_model`); None infers a built-in from the
+    arrays' names. recipe: the recipe its retrains use (default: the model's name for a user
+    model "pkg.module:attr", the built-in trainer of its architecture otherwise); train: the
+    reference's TrainConfig, for the retrains (see `calibrate`); suspect_model: the suspect's
+    Model, checked against model. A user model (any name but the built-in architectures
+    seed-mlp, mlp-ce, cnn) retrains that very Model with the harness's minibatch trainer
+    (`usermodels.DEFAULTS` where `train` leaves a setting None); its calibration reports
+    hidden = the TrainConfig's (unused by the model).
+
+    Returns a JSON-able dict: verdict ("changed" / "unchanged"), p_value, alpha, statistic,
+    category, category_probabilities, changed_probability, feature_p_values, fingerprint
+    (features, transition matrix, KS p-value), architecture, calibration.
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ConfigError(f"detect: expected alpha in (0, 1), found {alpha!r}")
+    reference = jax.tree.map(jnp.asarray, reference_params)
+    suspect = jax.tree.map(jnp.asarray, suspect_params)
+    check_pair(reference, suspect, ds.spec, model=model, suspect_model=suspect_model)
+    if model is None:
+        model = infer_model(reference, ds.spec)
+    user = model.name not in RECIPE_OF  # a user's model: retrain the Model itself
+    if recipe is None and not user:
+        recipe = RECIPE_OF[model.name]
+    elif recipe is None and ":" in model.name:
+        recipe = model.name
+    hidden = (hidden_size(model, reference) if not user else (train or TrainConfig()).hidden)
+    if null is None:
+        cfg = config or CalibrationConfig(seed=seed)
+        null = calibrate(recipe, hidden, ds, cfg, cache=cache, cache_path=cache_path,
+                         model=model if user else None, train=train)
+    wrong = (null.recipe != (recipe or model.name) if user else
+             plan_for(null.recipe, spec=ds.spec).arch.name != model.name)
+    if null.hidden != hidden or wrong:
+        raise ConfigError(f"detect: expected a calibration for {model.name} with hidden "
+                          f"{hidden}, found {null.recipe} with hidden {null.hidden}")
+    probes = null.probes
+    ref = fingerprint.responses(model, reference, probes)
+    sus = fingerprint.responses(model, suspect, probes)
+    null_fp = fingerprint.Null(fingerprint.feature_matrix(
+        fingerprint.fingerprints(ref, null.null, probes.y)))
+    fp = fingerprint.fingerprints(ref, jax.tree.map(lambda a: a[None], sus), probes.y)
+    observed = fingerprint.feature_matrix(fp)
+    test = fingerprint.change_test(observed, null_fp)
+    p_value = float(test.p_value[0])
+
+    # the categorizer, fitted for this reference
+    xs = changed_inputs(model, reference, probes, null.config.attacks,
+                        attack_key(seed))
+    inputs_changed = fingerprint.input_responses(model, reference, xs, probes)
+    train_features = np.concatenate([
+        null_fp.features,
+        fingerprint.feature_matrix(fingerprint.fingerprints(ref, null.changed, probes.y)),
+        fingerprint.feature_matrix(fingerprint.fingerprints(ref, inputs_changed, probes.y))])
+    labels = (["none"] * null_fp.size
+              + [categorize.category_of(k.split()[0]) for k in null.changed_kinds]
+              + [categorize.category_of(k) for k, _ in null.config.attacks])
+    model_c = categorize.fit(categorize.categorizer_inputs(train_features, null_fp), labels)
+    probs = model_c.predict_proba(categorize.categorizer_inputs(observed, null_fp))[0]
+    verdict = "changed" if p_value <= alpha else "unchanged"
+    if verdict == "changed":
+        others = [i for i, c in enumerate(model_c.categories) if c != "none"]
+        category = model_c.categories[max(others, key=lambda i: probs[i])]
+    else:
+        category = "none"
+    one = jax.tree.map(lambda a: a[0], fp)
+    conf_r = np.asarray(jnp.max(ref.probs, -1))
+    print_fp = fingerprint.to_json(one)
+    print_fp["ks_pvalue"] = float(fingerprint.ks_pvalue(print_fp["ks"], len(conf_r),
+                                                         len(conf_r)))
+    result = {
+        "verdict": verdict,
+        "p_value": p_value,
+        "alpha": alpha,
+        "statistic": float(test.statistic[0]),
+        "changed_probability": float(fingerprint.changed_probability(p_value)),
+        "category": category,
+        "category_probabilities": {c: float(p) for c, p in zip(model_c.categories, probs,
+                                                                strict=True)},
+        "feature_p_values": {n: float(p) for n, p in zip(null_fp.names, test.feature_p[0],
+                                                          strict=True)},
+        "fingerprint": print_fp,
+        "architecture": model.name,
+        "calibration": null.describe(),
+    }
+    json.dumps(result)  # fail here, not in the CLI, if anything is not JSON-able
+    return result

@@ -1,0 +1,61 @@
+"""The package's layers import one way: core < data < poisoning < models < attacks <
+detection < bench < (api, cli). A module may import its own subpackage and the ones below it,
+never one above (checked on every import statement, lazy ones inside functions included)."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "mlshift_jax"
+LAYERS = ["core", "data", "poisoning", "models", "attacks", "detection", "bench"]
+TOP = len(LAYERS)  # api.py, cli.py, __init__.py, __main__.py
+
+
+def layer_of(dotted: str) -> int | None:
+    """The layer of module `mlshift_jax.<sub>...`, TOP for the top-level modules, None outside."""
+    parts = dotted.split(".")
+    if parts[0] != "mlshift_jax":
+        return None
+    if len(parts) == 1:
+        return TOP
+    return LAYERS.index(parts[1]) if parts[1] in LAYERS else TOP
+
+
+def is_module(dotted: str) -> bool:
+    """Whether `mlshift_jax.a.b` names a module or subpackage of this package."""
+    path = PKG.joinpath(*dotted.split(".")[1:])
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
+def imported(tree: ast.AST) -> list[str]:
+    """Every mlshift_jax module an AST imports, by absolute name (also `from X import sub`)."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append(node.module)
+            out += [f"{node.module}.{a.name}" for a in node.names
+                    if is_module(f"{node.module}.{a.name}")]
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module":
+            if node.args and isinstance(node.args[0], ast.Constant):
+                out.append(node.args[0].value)
+    return [m for m in out if m.startswith("mlshift_jax")]
+
+
+MODULES = sorted(p for p in PKG.rglob("*.py"))
+
+
+def test_every_subpackage_is_a_layer():
+    subs = {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert subs == set(LAYERS)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PKG)))
+def test_imports_point_down(path):
+    rel = path.relative_to(PKG).with_suffix("")
+    own = layer_of(".".join(("mlshift_jax", *rel.parts)))
+    up = [m for m in imported(ast.parse(path.read_text()))
+          if m != "mlshift_jax" and layer_of(m) > own]
+    assert not up, f"{rel} (layer {LAYERS[own] if own < TOP else 'top'}) imports above: {up}"
