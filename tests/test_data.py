@@ -513,7 +513,7 @@ def test_full_mnist_loads_and_the_sample_is_drawn_from_it():
     assert ds.x_train.shape == (60_000, 784) and ds.x_test.shape == (10_000, 784)
     assert np.bincount(ds.y_train).tolist() == MNIST_TRAIN_COUNTS
     assert np.bincount(ds.y_test).tolist() == MNIST_TEST_COUNTS
-    res = Path(str(datasets.resources.files("mlshift_jax") / "_sample" / "mnist_sample.npz"))
+    res = Path(str(datasets.resources.files("mlshift_jax.data") / "_sample" / "mnist_sample.npz"))
     with np.load(res) as sample:
         for split in ("train", "test"):
             index = sample[f"{split}_index"].astype(np.int64)
