@@ -119,6 +119,7 @@ def test_shell_chain_train_attack_poison_detect(user_module, tmp_path, capsys, a
                        "--kind", "mixture", "--fraction", "0.2", "--patch", "2",
                        "--target", "3", "--save", "suspect.safetensors")
     assert poisoned["model"] == ref and poisoned["poisoned_count"] > 0
+    assert "hidden" not in poisoned  # a user model has its own widths
     assert poisoned["params_finite"] and poisoned["saved"] == "suspect.safetensors"
     model, params, meta = weights.load_model("suspect.safetensors")
     assert model.name == ref and meta["poison"]["target"] == 3

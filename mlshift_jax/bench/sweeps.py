@@ -452,7 +452,8 @@ def poison_one(ds: Dataset, *, kind: str, fraction: float = 0.1, patch: int = SW
     finite = all(bool(np.all(np.isfinite(v))) for v in jax.tree.leaves(params))
     a = table.attrs
     return {**row, "train_seconds": a["train_s"], "compile_seconds": a["compile_s"],
-            "train_size": a["n_train"], "epochs": a["epochs"], "hidden": hidden,
+            "train_size": a["n_train"], "epochs": a["epochs"],
+            **({} if ":" in model else {"hidden": hidden}),  # a user's model has its own widths
             "seed": seed, "backend": a["backend"], "data_source": ds.source,
             "params_finite": finite, **({"params": params} if keep_params else {})}
 
