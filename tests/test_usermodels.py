@@ -76,6 +76,21 @@ not_a_model = 42
 
 def takes_5_inputs(key, input_shape, n_classes):   # fails on an [8, 8, 3] image
     return eqx.nn.Linear(5, n_classes, key=key)
+
+from mlshift_jax.models.recipes import Recipe
+import numpy as np
+
+def _means_model(spec, cfg):                      # a nearest-class-mean classifier
+    init = lambda key: _init(key, n_in=math.prod(spec.input_shape), n_out=spec.n_classes)
+    return Model("means", init, _apply, record.loss, jax.nn.softmax,
+                 spec.input_shape, spec.n_classes, spec.input_range)
+
+def _means_fit(model, cfg, x, y):                 # its own trainer: no gradient steps
+    w = np.stack([x[y == k].mean(0) for k in range(model.n_classes)])
+    return {"w": jnp.asarray(w), "b": jnp.asarray(-0.5 * (w ** 2).sum(1))}
+
+own_fit = Recipe("means", _means_model, _means_fit, {"hidden": 1, "lr": 1.0, "epochs": 1},
+                 "nearest class means, fitted in closed form")
 '''
 
 _counter = itertools.count()
@@ -216,3 +231,24 @@ def test_fit_checks_the_data_width(user_module):
     model = recipe.build(SPEC)
     with pytest.raises(ConfigError, match=r"expected inputs \[n, 192\]"):
         recipe.fit(model, CFG, np.zeros((64, 784), np.float32), np.zeros(64, np.int32))
+
+
+def test_a_recipe_with_its_own_fit_trains_as_a_population(user_module):
+    """Members of a user's own trainer are fitted one by one on data poisoned as in the jit."""
+    from mlshift_jax.models import population
+    from mlshift_jax.poisoning import poison
+
+    x, y = _data()
+    configs = [poison.Clean(), poison.Mixture(fraction=0.3, patch=poison.Patch(size=3),
+                                              target=1)]
+    pop = population.train_poisoned(f"{user_module}:own_fit", configs, x, y, spec=SPEC,
+                                    seeds=[3, 4])
+    assert pop.plan.kind == population.OWN_FIT
+    assert pop.params["w"].shape == (2, K, x.shape[1]) and pop.counts[0] == 0 < pop.counts[1]
+    xp, yp, mask = poison.apply(population.poison_key(4), x, y, configs[1], SPEC)
+    assert int(np.sum(mask)) == pop.counts[1]
+    model = usermodels.recipe(f"{user_module}:own_fit").build(SPEC, CFG)
+    direct = usermodels.recipe(f"{user_module}:own_fit").fit(model, CFG, np.asarray(xp),
+                                                             np.asarray(yp))
+    np.testing.assert_allclose(pop.params["w"][1], direct["w"], rtol=1e-6)
+

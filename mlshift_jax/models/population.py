@@ -48,13 +48,16 @@ from mlshift_jax.poisoning.poison import PoisonConfig, poison_arrays, stack_arra
 POISON_STREAM = 0x9015  # fold_in(key(seed), POISON_STREAM) draws a member's poisoning
 DEFAULT_DEVICE_BYTES = 16 * 2**30  # assumed when a device does not report its memory
 MEMORY_SHARE = 0.25  # share of device memory the poisoned copies may take
+OWN_FIT = "own-fit"
 
 
 class Plan(NamedTuple):
     """How a population is trained (hashable: a static argument of the jit).
 
-    kind: "seed-sgd" (the study's per-sample rule, `train.train_seed_sgd`) or "minibatch"
-    (`train.train_minibatch`); the other fields are the recipe's resolved settings.
+    kind: "seed-sgd" (the study's per-sample rule, `train.train_seed_sgd`), "minibatch"
+    (`train.train_minibatch`) or "own-fit" (a user Recipe's own `fit`, which cannot be
+    vmapped: its members train one after another, `fit(arch, train, x_i, y_i)` with
+    `train.seed` the member's seed); the other fields are the recipe's resolved settings.
     """
 
     recipe: str
@@ -65,6 +68,8 @@ class Plan(NamedTuple):
     epochs: int
     optimizer: str | None = None
     batch_size: int | None = None
+    fit: Callable | None = None  # own-fit: the recipe's fit
+    train: TrainConfig | None = None  # own-fit: its resolved TrainConfig
 
 
 class Population(NamedTuple):
@@ -108,16 +113,15 @@ def plan_for(recipe: str | None, train: TrainConfig | None = None, spec=None, *,
         r = get_recipe(recipe)
     cfg = resolve(r, train or TrainConfig())
     spec = check_spec(STUDY_SPEC if spec is None else spec)
-    if recipe is not None and ":" in r.name and not _harness_trained(r):
-        raise ConfigError(f"population: {recipe!r} is a Recipe with its own fit; populations "
-                          "(poison, detect's calibration) train models the harness trains "
-                          "(a flax, nnx or equinox module or a models.Model record)")
     arch = r.build(spec, cfg) if model is None else model
     if (tuple(arch.input_shape), int(arch.n_classes)) != (tuple(spec.input_shape),
                                                            int(spec.n_classes)):
         raise ConfigError(f"population: model {arch.name} takes images "
                           f"{tuple(arch.input_shape)} with {arch.n_classes} classes; the data "
                           f"has {tuple(spec.input_shape)} with {spec.n_classes}")
+    if recipe is not None and ":" in r.name and not _harness_trained(r):
+        return Plan(r.name, OWN_FIT, arch, cfg.hidden, float(cfg.lr), cfg.epochs,
+                    fit=r.fit, train=cfg)
     if recipe is not None and r.name == "seed-mlp":
         return Plan(r.name, "seed-sgd", arch, cfg.hidden, float(cfg.lr), cfg.epochs)
     if cfg.batch_size is None or cfg.optimizer is None:
@@ -160,8 +164,29 @@ def init_members(plan: Plan, seeds: Sequence[int], n_in: int) -> tuple[Params, j
     else:
         pairs = jax.vmap(jax.random.split)(roots)
         init_keys, shuffle_keys = pairs[:, 0], pairs[:, 1]
+    if plan.kind == OWN_FIT:  # the recipe's fit initialises its own model
+        return None, shuffle_keys
     params = init_population(plan.arch, init_keys, n_in=n_in, n_hidden=plan.hidden)
     return params, shuffle_keys
+
+
+_poison_one = jax.jit(poison_arrays)
+
+
+def fit_one_by_one(plan: Plan, members: dict, seeds: Sequence[int], x, y,
+                   idx: np.ndarray | None = None) -> tuple[Params, np.ndarray]:
+    """An own-fit population: member i's data (its sample `idx[i]`, or all of x: [n, D],
+    y: [n]) poisoned as in the jit, then `plan.fit(plan.arch, replace(plan.train,
+    seed=seeds[i]), x_i, y_i)`. -> (params stacked [m, ...], masks bool [m, n])."""
+    params, masks = [], []
+    for i, seed in enumerate(seeds):
+        rows = slice(None) if idx is None else idx[i]
+        arrays = jax.tree.map(lambda a, i=i: a[i], members["poison"])
+        xi, yi, mask = _poison_one(members["poison_key"][i], x[rows], y[rows], arrays)
+        params.append(plan.fit(plan.arch, replace(plan.train, seed=int(seed)),
+                               np.asarray(xi), np.asarray(yi)))
+        masks.append(np.asarray(mask))
+    return jax.tree.map(lambda *leaves: np.stack(leaves), *params), np.stack(masks)
 
 
 def device_bytes(device: Any | None = None) -> int:
@@ -268,10 +293,13 @@ def prepare(recipe: str, configs: Sequence[PoisonConfig], x, y, *,
         "poison_key": jnp.stack([poison_key(s) for s in seeds]),
         "poison": jax.tree.map(jnp.asarray, stack_arrays(arrays)),
     })
+    counts = np.array([int(a.count) for a in arrays])
+    if plan.kind == OWN_FIT:
+        return Prepared(partial(fit_one_by_one, plan, members, seeds, x, y), counts, 1, 0.0,
+                        plan)
     start = time.perf_counter()
     compiled = train_members.lower(members, x, y, plan=plan, chunk=chunk).compile()
     compile_s = time.perf_counter() - start
-    counts = np.array([int(a.count) for a in arrays])
     return Prepared(partial(compiled, members, x, y), counts, chunk, compile_s, plan)
 
 

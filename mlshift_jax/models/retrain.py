@@ -23,11 +23,13 @@ import numpy as np
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.data.datasets import subsample
 from mlshift_jax.models.population import (
+    OWN_FIT,
     Plan,
     Population,
     check_data,
     chunk_size,
     fit_group,
+    fit_one_by_one,
     init_members,
     map_chunks,
     poison_key,
@@ -83,6 +85,11 @@ def train_sampled(plan: Plan, configs: Sequence[PoisonConfig], x, y, *, seeds: S
     chunk = chunk_size(len(configs), size, spec.n_inputs) if chunk is None else int(chunk)
     x = jax.device_put(jnp.asarray(x, jnp.float32))
     y = jax.device_put(jnp.asarray(y_host, jnp.int32))
+    if plan.kind == OWN_FIT:  # a user's own trainer: one member after another
+        start = time.perf_counter()
+        params, masks = fit_one_by_one(plan, members, seeds, x, y, idx)
+        return Population(params, masks, masks.sum(axis=1), 1, 0.0,
+                          time.perf_counter() - start, plan), idx
     start = time.perf_counter()
     compiled = _train_members.lower(members, x, y, plan=plan, chunk=chunk).compile()
     compile_s = time.perf_counter() - start
