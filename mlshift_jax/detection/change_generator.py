@@ -64,7 +64,7 @@ against its reference, its categorizer inputs, and its change-test p-value.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
@@ -545,33 +545,36 @@ def realise(changes: list[Change], ds: Dataset, config: GeneratorConfig | None =
 
     role = [m.role for m in members]
     refs = [trained[i] for i in range(len(members)) if role[i] == "reference"]
-    null_resp = fingerprint.model_responses(
-        model, stack([trained[i] for i in range(len(members)) if role[i] == "null"]), probes)
+    # every model's responses in one call: references, null pool, changed models
+    model_changes = [c for c in changes if FAMILIES[c.family].realised_by != "input"]
     change_of = {id(m.change): i for i, m in enumerate(members) if m.role == "change"}
+    systems = refs + [trained[i] for i in range(len(members)) if role[i] == "null"] + [
+        weight_change(c, refs[c.ref]) if FAMILIES[c.family].realised_by == "weights"
+        else trained[change_of[id(c)]] for c in model_changes]
+    resp = fingerprint.model_responses(model, stack(systems), probes)
+    null_resp = jax.tree.map(lambda a: a[n_refs:n_refs + cfg.n_null], resp)
+    where = {id(c): n_refs + cfg.n_null + j for j, c in enumerate(model_changes)}
     key = attack_key(seed)
     rows, feats, inputs = [], [], []
     for r in range(n_refs):
-        ref_params = refs[r]
-        ref = fingerprint.responses(model, ref_params, probes)
+        ref = jax.tree.map(lambda a, r=r: a[r], resp)
         null = fingerprint.Null(fingerprint.feature_matrix(
             fingerprint.fingerprints(ref, null_resp, probes.y)))
-        mine = [c for c in changes if c.ref == r]
-        if not mine:
-            continue
-        model_changes = [c for c in mine if FAMILIES[c.family].realised_by != "input"]
-        input_changes = [c for c in mine if FAMILIES[c.family].realised_by == "input"]
+        mine = [c for c in model_changes if c.ref == r]
+        input_changes = [c for c in changes
+                         if c.ref == r and FAMILIES[c.family].realised_by == "input"]
         parts, order = [], []
-        if model_changes:
-            params = [weight_change(c, ref_params)
-                      if FAMILIES[c.family].realised_by == "weights"
-                      else trained[change_of[id(c)]] for c in model_changes]
-            parts.append(fingerprint.model_responses(model, stack(params), probes))
-            order += model_changes
+        if mine:
+            parts.append(jax.tree.map(lambda a, m=mine: a[np.array([where[id(c)] for c in m])],
+                                      resp))
+            order += mine
         if input_changes:
             attacks = tuple((c.family, float(c.get("eps"))) for c in input_changes)
-            xs = changed_inputs(model, ref_params, probes, attacks, jax.random.fold_in(key, r))
-            parts.append(fingerprint.input_responses(model, ref_params, xs, probes))
+            xs = changed_inputs(model, refs[r], probes, attacks, jax.random.fold_in(key, r))
+            parts.append(fingerprint.input_responses(model, refs[r], xs, probes))
             order += input_changes
+        if not order:
+            continue
         sus = jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
         f = fingerprint.feature_matrix(fingerprint.fingerprints(ref, sus, probes.y))
         test = fingerprint.change_test(f, null)
@@ -593,11 +596,19 @@ def realise(changes: list[Change], ds: Dataset, config: GeneratorConfig | None =
     return Realised(cells, inputs, feats, timing)
 
 
-@dataclass(frozen=True)
-class LofoConfig:
-    """The leave-one-family-out benchmark: `n_refs` references, `per_family` changes of each
-    family per reference, realised with `generator`."""
-
-    n_refs: int = 5
-    per_family: int = 2
-    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+def lofo(ds: Dataset, *, n_refs: int, per_family: int,
+         config: GeneratorConfig | None = None, seed: int = 0, families=None,
+         risk: float = categorize.RISK) -> tuple[pd.DataFrame, Realised]:
+    """The leave-one-family-out benchmark: `generate` per_family changes of every family for
+    each of n_refs references, `realise` them on ds, and decide every change with a
+    categorizer that never saw its group (`categorize.leave_one_family_out`, threshold at
+    `risk`). Returns (`categorize.lofo_table`, the Realised cells with a "decision" and a
+    "threshold" column added)."""
+    changes = generate(n_refs, per_family, ds.spec, seed=seed, families=families)
+    r = realise(changes, ds, config, seed=seed)
+    clock = time.perf_counter()
+    decisions, thresholds = categorize.leave_one_family_out(
+        r.inputs, r.cells["category"], r.cells["group"], r.cells["verdict"], risk=risk)
+    r.timing["categorizer"] = time.perf_counter() - clock
+    cells = r.cells.assign(decision=decisions, threshold=thresholds)
+    return categorize.lofo_table(cells, decisions), r._replace(cells=cells)
