@@ -251,3 +251,26 @@ def test_unseen_trigger_families_are_detected_and_abstained_on_or_named_right(mn
     assert verdicts == ["changed"] * len(planted), cells[test_rows][["family", "p_value"]]
     decided = model.predict(out.inputs[test_rows], verdicts)
     assert set(decided) <= {"backdoor", UNCERTAIN}, decided
+
+
+def test_lofo_table_and_its_report_section():
+    import pandas as pd
+
+    from mlshift_jax.bench import report
+
+    cells = pd.DataFrame({"family": ["sparse", "sparse", "sparse", "prune", "prune"],
+                          "category": ["backdoor"] * 3 + ["none"] * 2,
+                          "verdict": ["changed", "changed", "unchanged", "unchanged",
+                                      "changed"]})
+    decisions = ["backdoor", UNCERTAIN, "none", "none", UNCERTAIN]
+    table = categorize.lofo_table(cells, decisions)
+    assert list(table.index) == ["sparse", "prune"]
+    assert table.loc["sparse", "backdoor"] == 1 and table.loc["sparse", UNCERTAIN] == 1
+    assert table.loc["sparse", "none"] == 1 and table.loc["sparse", "n"] == 3
+    assert table.loc["sparse", "detected"] == pytest.approx(2 / 3)
+    assert table.loc["sparse", "right"] == pytest.approx(1 / 3)
+    assert table.loc["prune", "right"] == 0.5
+    text = report._lofo_section({"categorizer_lofo": table})
+    assert "leave one family out" in text and "| sparse" in text
+    assert "1 named right, 1 abstained, 0 named wrong, 1 undetected" in text
+    assert report._lofo_section({}) == ""

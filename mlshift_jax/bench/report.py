@@ -44,6 +44,7 @@ from mlshift_jax.bench import sweeps
 from mlshift_jax.core import fmt, study
 from mlshift_jax.core.files import atomic_path, clean_stale_temps, write_text
 from mlshift_jax.data import datasets
+from mlshift_jax.detection import categorize
 
 MEASURES = ("accuracy", "precision", "recall", "f1", "confidence")
 PRF = ("precision", "recall", "f1", "confidence")
@@ -435,8 +436,9 @@ def _lofo_section(t: dict[str, pd.DataFrame]) -> str:
             "its true category, `n` its changes (random settings, several references), "
             "`detected` the share the change test calls changed, then how many were decided "
             "as each category or `uncertain` (\"changed, kind uncertain\": the categorizer "
-            "abstains when no category reaches its threshold, chosen so that at most 10% of "
-            "the categories it names on held-out families are wrong, and whenever 'none' is "
+            "abstains when no category reaches its threshold, chosen so that at most "
+            f"{categorize.RISK:.0%} of the categories it names on held-out families are "
+            "wrong, and whenever 'none' is "
             "the most probable category of a changed verdict); an undetected change is "
             "decided 'none'. `right`: the share decided as the family's category. "
             f"Over the non-benign families: {named} named right, "
