@@ -430,10 +430,10 @@ def _members(changes: list[Change], n_refs: int, n_null: int, seed: int) -> list
     out = [_Member("reference", None, base + r, base + r, False, 1.0, 0) for r in range(n_refs)]
     out += [_Member("null", None, base + 1000 + i, base + 1000 + i, False, 1.0, 0)
             for i in range(n_null)]
-    for c in changes:
+    for j, c in enumerate(changes):
         how = FAMILIES[c.family].realised_by
         ref_seed = base + c.ref
-        own = base + 10_000 + (c.seed % 80_000)
+        own = base + 10_000 + j  # its own init, sample and poison draws
         if how == "poison" or c.family == "sample":
             out.append(_Member("change", c, own, own, False, 1.0, 0))
         elif c.family == "order":
