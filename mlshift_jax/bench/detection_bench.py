@@ -375,7 +375,8 @@ def _categorizer_lofo(cfg: BenchConfig, ds: Dataset, seed: int) -> pd.DataFrame:
     sample size, null pool, probes and alpha."""
     gen = change_generator.GeneratorConfig(
         recipe=cfg.recipe, hidden=cfg.hidden, sample_size=cfg.sample_size, n_null=cfg.n_null,
-        probes=cfg.probes, n_patched=cfg.n_patched, alpha=cfg.alpha)
+        probes=cfg.probes, n_patched=cfg.n_patched, alpha=cfg.alpha,
+        memory_cap=cfg.memory_cap)
     table, _ = change_generator.lofo(ds, n_refs=cfg.lofo_refs,
                                      per_family=cfg.lofo_per_family, config=gen, seed=seed)
     return table

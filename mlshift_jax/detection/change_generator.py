@@ -81,7 +81,6 @@ from mlshift_jax.detection import categorize, fingerprint
 from mlshift_jax.detection.change import changed_inputs
 from mlshift_jax.models.population import (
     Plan,
-    chunk_size,
     fit_group,
     init_members,
     map_chunks,
@@ -404,7 +403,8 @@ class GeneratorConfig:
     """How `realise` builds its world: the recipe and width of every model; sample_size:
     training images per model; n_null: clean retrains in the null pool (shared by all
     references); probes / n_patched: of `fingerprint.make_probes`; alpha: the change test's
-    level (the verdict)."""
+    level (the verdict); memory_cap: bytes for the training data of the members that train
+    together (`member_chunk`)."""
 
     recipe: str = "seed-mlp"
     hidden: int = 200
@@ -413,6 +413,18 @@ class GeneratorConfig:
     probes: int = 1000
     n_patched: int = 200
     alpha: float = fingerprint.ALPHA
+    memory_cap: int = 2**30
+
+
+COPIES = 5  # [size, D] float32 arrays per member in the jit: sample, mask, pattern, stamped, out
+
+
+def member_chunk(m: int, size: int, n: int, d: int, memory_cap: int) -> int:
+    """Members per vmap so that the training data fits in memory_cap bytes: the shared set
+    (n * d * 4 bytes) once, and COPIES [size, d] float32 arrays per member (its sample, its
+    trigger's mask and pattern per sample, the stamped and the final copy). At least 1."""
+    per_member = COPIES * size * d * 4
+    return int(max(1, min(m, (memory_cap - n * d * 4) // per_member)))
 
 
 class _Member(NamedTuple):
@@ -459,7 +471,8 @@ def _train(members: dict, x: jax.Array, y: jax.Array, *, plan: Plan, chunk: int,
     return map_chunks(partial(_train_group, plan, x, y, lo, hi), members, chunk)
 
 
-def _train_members(plan: Plan, members: list[_Member], x, y, size: int, spec: Spec):
+def _train_members(plan: Plan, members: list[_Member], x, y, size: int, spec: Spec,
+                   memory_cap: int):
     """Train `members` (one plan) in one jit: params with leading axis len(members)."""
     n = len(y)
     y_host = np.asarray(y)
@@ -482,7 +495,7 @@ def _train_members(plan: Plan, members: list[_Member], x, y, size: int, spec: Sp
     group = {"params": params, "shuffle_key": shuffle,
              "poison_key": jnp.stack([poison_key(m.seed) for m in members]),
              "poison": stacked, "idx": jnp.asarray(idx, jnp.int32)}
-    chunk = chunk_size(len(members), size, spec.n_inputs)
+    chunk = member_chunk(len(members), size, n, spec.n_inputs, memory_cap)
     lo, hi = (float(v) for v in spec.input_range)
     return _train(group, jnp.asarray(x, jnp.float32), jnp.asarray(y_host, jnp.int32),
                   plan=plan, chunk=chunk, lo=lo, hi=hi)
@@ -529,7 +542,7 @@ def realise(changes: list[Change], ds: Dataset, config: GeneratorConfig | None =
     for (lr_factor, extra), rows in plans.items():
         plan = base._replace(lr=base.lr * lr_factor, epochs=base.epochs + extra)
         params = _train_members(plan, [members[i] for i in rows], ds.x_train, ds.y_train,
-                                size, spec)
+                                size, spec, cfg.memory_cap)
         for j, i in enumerate(rows):
             trained[i] = jax.tree.map(lambda a, j=j: a[j], params)
     jax.block_until_ready(trained)
