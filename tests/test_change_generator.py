@@ -274,3 +274,15 @@ def test_lofo_table_and_its_report_section():
     assert "leave one family out" in text and "| sparse" in text
     assert "1 named right, 1 abstained, 0 named wrong, 1 undetected" in text
     assert report._lofo_section({}) == ""
+
+
+def test_member_chunk_fits_the_memory_cap():
+    mib = 2**20
+    for m, size, n, d, cap in [(147, 10_000, 60_000, 784, 1024 * mib),
+                               (5, 100, 1000, 784, 64 * mib)]:
+        chunk = cg.member_chunk(m, size, n, d, cap)
+        assert 1 <= chunk <= m
+        assert n * d * 4 + chunk * cg.COPIES * size * d * 4 <= cap or chunk == 1
+        if chunk < m:
+            assert n * d * 4 + (chunk + 1) * cg.COPIES * size * d * 4 > cap
+    assert cg.member_chunk(10, 60_000, 60_000, 784, mib) == 1
