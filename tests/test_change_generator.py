@@ -211,8 +211,18 @@ def test_fit_with_groups_sets_a_threshold_and_leave_one_family_out():
                                            groups[one], ["changed"] * int(one.sum()))
     held = groups[one] == "backdoor-0"
     assert "backdoor" not in set(d[held])
+    # rows left out of training are still decided; with all rows usable, the same result
+    skip = groups == "wrong-label-0"
+    d2, _ = categorize.leave_one_family_out(x, labels, groups, None, train_rows=~skip)
+    assert set(d2) <= set(DECISIONS)
+    d3, _ = categorize.leave_one_family_out(x, labels, groups, None,
+                                            train_rows=np.ones(len(labels), bool))
+    np.testing.assert_array_equal(d3, decisions)
+    assert categorize.usable_rows(["none", "backdoor", "backdoor"],
+                                  ["unchanged", "unchanged", "changed"]).tolist() == [
+        True, False, True]
     with pytest.raises(ConfigError, match="3 groups"):
-        categorize.leave_one_family_out(x[:16], labels[:16], groups[:16])
+        categorize.leave_one_family_out(x[:12], labels[:12], groups[:12])
 
 
 # --- planted changes outside the training families ------------------------------------------------

@@ -440,7 +440,8 @@ def _lofo_section(t: dict[str, pd.DataFrame]) -> str:
             f"{categorize.RISK:.0%} of the categories it names on held-out families are "
             "wrong, and whenever 'none' is "
             "the most probable category of a changed verdict); an undetected change is "
-            "decided 'none'. `right`: the share decided as the family's category. "
+            "decided 'none' (and, like every change the test misses, left out of the "
+            "categorizer's training). `right`: the share decided as the family's category. "
             f"Over the non-benign families: {named} named right, "
             f"{int(changed['uncertain'].sum())} abstained, {wrong} named wrong, "
             f"{int(changed['none'].sum())} undetected.")

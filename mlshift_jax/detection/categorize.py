@@ -17,6 +17,28 @@ Transparent: `Categorizer.weights` [F, K] reads as "how much feature f pushes to
 k", in training standard deviations. `cross_validate` holds out one *seed* at a time (every
 cell generated with that seed: its reference, its retrains, its changed inputs), never single
 rows, and trains all folds at once (`vmap` over folds, held-out rows weighted 0).
+
+**Abstention and consistency** (`decide`). The categorizer answers only when it is sure
+enough and never contradicts the change test: an "unchanged" verdict reports "none"; a
+"changed" verdict reports `UNCERTAIN` ("changed, kind uncertain") when "none" is the most
+probable category (it never names a poisoning that it finds less probable than no change)
+or when the largest probability is below `Categorizer.threshold`; otherwise the most
+probable category. The threshold is chosen on held-out data, as in selective
+classification (Chow, "On Optimum Recognition Error and Reject Tradeoff", IEEE Trans. Inf.
+Theory 16(1), 1970; Geifman & El-Yaniv, "Selective Classification for Deep Neural
+Networks", NeurIPS 2017): `fit(..., groups=...)` predicts every training row with a
+categorizer fitted without its group (leave-one-group-out, all folds in one jit) and takes
+the smallest threshold at which at most `risk` (default `RISK`, 10%) of the held-out rows it
+names are named wrong (`select_threshold`). Held out by *group*, those rows stand for changes
+of a kind the categorizer did not see, so the threshold is set for such changes.
+
+**Leave-one-family-out** (`leave_one_family_out`): for each group of changes (a change
+family, or every family of one trigger shape; see `change_generator`), a categorizer is
+trained without it, its threshold chosen by an inner leave-one-group-out over the remaining
+groups, and the held-out group's cells decided with their verdicts. It learns from the
+benign cells and the changes the test flagged (`usable_rows`): it is only asked about
+flagged changes, and a missed one looks like no change. `lofo_table`: rows the held-out
+family, columns the decisions (the categories and "uncertain").
 """
 
 from __future__ import annotations
@@ -275,14 +297,17 @@ def cross_validate(inputs, labels, groups, *, categories: tuple[str, ...] = CATE
 
 def leave_one_family_out(inputs, true, groups, verdicts=None, *,
                          categories: tuple[str, ...] = CATEGORIES, risk: float = RISK,
-                         l2: float = L2, steps: int = STEPS) -> tuple[np.ndarray, np.ndarray]:
+                         l2: float = L2, steps: int = STEPS,
+                         train_rows=None) -> tuple[np.ndarray, np.ndarray]:
     """Decisions for rows of groups never seen in training (module docstring).
 
     inputs: [n, F]; true: [n] categories; groups: [n] the held-out unit of each row;
     verdicts: [n] "changed" / "unchanged" / None. For each group g: a categorizer fitted on
     the other groups, its threshold chosen by leave-one-group-out among them (at `risk`),
-    decides g's rows. All G + G (G - 1) fits in one jit. Returns (decisions [n], the
-    threshold used for each row [n]). ConfigError for fewer than 3 groups.
+    decides g's rows. All G + G (G - 1) fits in one jit. train_rows: bool [n], the rows
+    the categorizer may learn from (default all; `usable_rows` leaves out the changes the
+    test missed); every row is decided when its group is held out. Returns (decisions [n],
+    the threshold used for each row [n]). ConfigError for fewer than 3 groups.
     """
     x = np.asarray(inputs, np.float32)
     groups = np.asarray(groups)
@@ -295,8 +320,12 @@ def leave_one_family_out(inputs, true, groups, verdicts=None, *,
                           f"{len(true)} categories for {len(x)} rows")
     onehot = _encode(true, categories)
     pairs = [(g, None) for g in folds] + [(g, h) for g in folds for h in folds if h != g]
-    weights = np.stack([(groups != g) & (groups != h) if h is not None else groups != g
-                        for g, h in pairs]).astype(np.float32)
+    usable = np.ones(len(x), bool) if train_rows is None else np.asarray(train_rows, bool)
+    if usable.shape != (len(x),):
+        raise ConfigError(f"categorize: expected train_rows bool [{len(x)}], found "
+                          f"{usable.shape}")
+    weights = np.stack([((groups != g) & (groups != h) if h is not None else groups != g)
+                        & usable for g, h in pairs]).astype(np.float32)
     w, b, c, s = (np.asarray(a, np.float64) for a in _fit_folds(
         jnp.asarray(x), jnp.asarray(onehot, jnp.float32), jnp.asarray(weights), l2,
         steps=steps))
@@ -319,6 +348,15 @@ def leave_one_family_out(inputs, true, groups, verdicts=None, *,
                                  categories=categories)
         thresholds[rows] = t
     return decisions, thresholds
+
+
+def usable_rows(true, verdicts) -> np.ndarray:
+    """bool [n]: the rows a categorizer learns from: every benign ("none") row, and the
+    changes the test flagged. A change the test missed looks like no change, and the
+    categorizer is only asked about flagged ones: learning from it would teach that
+    unchanged-looking fingerprints are poisonings."""
+    return np.array([t == "none" or v != "unchanged" for t, v in zip(true, verdicts,
+                                                                      strict=True)], bool)
 
 
 def lofo_table(cells: pd.DataFrame, decisions) -> pd.DataFrame:

@@ -615,13 +615,15 @@ def lofo(ds: Dataset, *, n_refs: int, per_family: int,
     """The leave-one-family-out benchmark: `generate` per_family changes of every family for
     each of n_refs references, `realise` them on ds, and decide every change with a
     categorizer that never saw its group (`categorize.leave_one_family_out`, threshold at
-    `risk`). Returns (`categorize.lofo_table`, the Realised cells with a "decision" and a
-    "threshold" column added)."""
+    `risk`, trained on the benign changes and the flagged ones: `categorize.usable_rows`).
+    Returns (`categorize.lofo_table`, the Realised cells with a "decision" and a "threshold"
+    column added)."""
     changes = generate(n_refs, per_family, ds.spec, seed=seed, families=families)
     r = realise(changes, ds, config, seed=seed)
     clock = time.perf_counter()
     decisions, thresholds = categorize.leave_one_family_out(
-        r.inputs, r.cells["category"], r.cells["group"], r.cells["verdict"], risk=risk)
+        r.inputs, r.cells["category"], r.cells["group"], r.cells["verdict"], risk=risk,
+        train_rows=categorize.usable_rows(r.cells["category"], r.cells["verdict"]))
     r.timing["categorizer"] = time.perf_counter() - clock
     cells = r.cells.assign(decision=decisions, threshold=thresholds)
     return categorize.lofo_table(cells, decisions), r._replace(cells=cells)
