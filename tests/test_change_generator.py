@@ -237,7 +237,9 @@ TRAIN_FAMILIES = ("square", "checkerboard", "per-class-square", "uniform-labels"
 
 def test_unseen_trigger_families_are_detected_and_abstained_on_or_named_right(mnist):
     """Train the categorizer on families without sparse or blended triggers, then plant
-    sparse and blended backdoors: the change test flags them, and the categorizer calls them
+    sparse and blended backdoors (strong ones, 100 pixels or alpha 0.3 on half the images,
+    so that models this small show them on clean probes; a 60-pixel one was missed in one of
+    two tries): the change test flags them, and the categorizer calls them
     'backdoor' or abstains; it never names another kind of change. (In a world this small the
     threshold, chosen on held-out groups, may well be "always abstain": the property holds
     either way; the benchmark's larger world, `change_generator.lofo`, shows how often it
@@ -245,7 +247,7 @@ def test_unseen_trigger_families_are_detected_and_abstained_on_or_named_right(mn
     assert not {cg.FAMILIES[f].group for f in TRAIN_FAMILIES} & set(HELD_OUT)
     changes = cg.generate(2, 1, mnist.spec, seed=0, families=TRAIN_FAMILIES)
     planted = [
-        cg.Change("sparse", r, 0, (("pixels", 40), ("fraction", 0.5), ("target", 3 + r)),
+        cg.Change("sparse", r, 0, (("pixels", 100), ("fraction", 0.5), ("target", 3 + r)),
                   seed=11 + r) for r in range(2)] + [
         cg.Change("blended", r, 0, (("alpha", 0.3), ("fraction", 0.5), ("target", 5 + r)),
                   seed=21 + r) for r in range(2)]
