@@ -11,7 +11,7 @@ from sklearn import metrics as skm
 from mlshift_jax.attacks.evasion import ATTACKS
 from mlshift_jax.bench import detection_bench
 from mlshift_jax.core.errors import ConfigError
-from mlshift_jax.detection import categorize
+from mlshift_jax.detection import categorize, change_generator
 from mlshift_jax.detection.categorize import CATEGORIES
 from mlshift_jax.detection.fingerprint import FEATURES, Null
 from mlshift_jax.poisoning.poison import POISONINGS
@@ -79,7 +79,8 @@ def test_categorizer_inputs_are_null_zscores():
 
 
 TINY = detection_bench.BenchConfig(hidden=16, sample_size=1000, seeds=2, clean_per_seed=1,
-                                   n_null=4, probes=100, n_patched=20, n_images=200)
+                                   n_null=4, probes=100, n_patched=20, n_images=200,
+                                   lofo_refs=1, lofo_per_family=1)
 
 
 def test_detection_bench_tables(mnist):
@@ -106,5 +107,9 @@ def test_detection_bench_tables(mnist):
     assert list(out["confusion"].index) == list(CATEGORIES)
     assert set(out["change_test"].index) == {"clean", *attack_cols, *poison_cols}
     assert len(out["input_detectors"]) == len(TINY.attacks) * len(image_rows)
+    lofo = out["categorizer_lofo"]
+    assert lofo.index.is_unique and len(lofo) == len(change_generator.FAMILIES)
+    assert (lofo[list(categorize.DECISIONS)].sum(axis=1) == lofo["n"]).all()
+    assert (lofo["n"] == TINY.lofo_refs * TINY.lofo_per_family).all()
     with pytest.raises(ConfigError, match="seeds"):
         detection_bench.run(mnist, config=detection_bench.with_overrides(TINY, seeds=1))

@@ -229,7 +229,9 @@ def test_detect_pair(mnist, tmp_path):
     result = change.detect_pair(ref, bad, mnist, config=cfg, cache_path=tmp_path)
     assert json.loads(json.dumps(result)) == result
     assert result["verdict"] == "changed" and result["p_value"] <= ALPHA
-    assert result["category"] == "backdoor"
+    probs = result["category_probabilities"]
+    assert max(probs, key=probs.get) == "backdoor"
+    assert result["category"] in ("backdoor", "uncertain")  # named, or abstained on
     assert set(result["fingerprint"]) >= set(FEATURES) | {"transitions", "ks_pvalue"}
     assert len(list(tmp_path.glob("calibration-*.npz"))) == 1
     again = change.detect_pair(ref, clean, mnist, config=cfg, cache_path=tmp_path)

@@ -21,6 +21,12 @@ Tables (`run` returns them by name):
   TrojAI scores its rounds; the "clean" row is the false-positive rate.
 - "confusion": the categorizer's confusion matrix (rows true, columns predicted), every cell
   predicted by a categorizer trained without its seed (`categorize.cross_validate`).
+- "categorizer_lofo": the categorizer on change families it never saw
+  (`change_generator.lofo`): `lofo_per_family` changes of each of the generator's families
+  (random triggers, label flips, benign retrains, pruning, quantization, input channels) for
+  each of `lofo_refs` references of this configuration's recipe and width, every family
+  decided by a categorizer trained without its group; rows the held-out family, columns its
+  decisions (the categories and "uncertain"). Absent when lofo_refs is 0.
 - "training_data": per training-data detector and poisoning: precision, recall, ROC-AUC
   (means over seeds) against the poison mask. Spectral signatures gets the true largest
   per-class poisoned share as its eps (the paper assumes a known upper bound).
@@ -60,7 +66,7 @@ from threadpoolctl import threadpool_limits
 from mlshift_jax.attacks.evasion import attack_key, get_attack
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.data.datasets import Dataset
-from mlshift_jax.detection import categorize, detect, detect_data, fingerprint
+from mlshift_jax.detection import categorize, change_generator, detect, detect_data, fingerprint
 from mlshift_jax.detection.change import changed_inputs
 from mlshift_jax.models.population import member, plan_for
 from mlshift_jax.models.recipes import TrainConfig
@@ -110,6 +116,8 @@ class BenchConfig:
     alpha: float = 0.05
     fpr: float = 0.05
     memory_cap: int = 2**30  # bytes for the population's training data (`population_chunk`)
+    lofo_refs: int = 4  # references of the leave-one-family-out table (0: no table)
+    lofo_per_family: int = 2  # changes of each family per reference
 
     def validate(self) -> BenchConfig:
         """Raise ConfigError for settings the benchmark cannot run; return self."""
@@ -123,6 +131,9 @@ class BenchConfig:
             get_attack(kind)
         for kind, fraction in self.poisonings:
             make_config(kind, fraction=fraction)
+        if self.lofo_refs < 0 or self.lofo_per_family < 1:
+            raise ConfigError(f"detection bench: expected lofo_refs >= 0 and lofo_per_family "
+                              f">= 1, found {self.lofo_refs} and {self.lofo_per_family}")
         if self.memory_cap < 1:
             raise ConfigError(f"detection bench: expected memory_cap >= 1 byte, found "
                               f"{self.memory_cap}")
@@ -131,7 +142,7 @@ class BenchConfig:
 
 FULL = BenchConfig()
 QUICK = BenchConfig(hidden=64, sample_size=3000, seeds=4, n_null=20, probes=500,
-                    n_patched=100, n_images=2000)
+                    n_patched=100, n_images=2000, lofo_refs=2, lofo_per_family=1)
 
 
 def population_chunk(m: int, size: int, n: int, d: int, memory_cap: int) -> int:
@@ -328,6 +339,12 @@ def run(ds: Dataset, *, quick: bool = False, seed: int = 0,
                                       jax.random.fold_in(key, 10**6 + 1))
     timing["training-data detectors"] = time.perf_counter() - clock
 
+    lofo = {}
+    if cfg.lofo_refs:
+        clock = time.perf_counter()
+        lofo["categorizer_lofo"] = _categorizer_lofo(cfg, ds, seed)
+        timing["categorizer leave-one-family-out"] = time.perf_counter() - clock
+
     change_table = _change_table(cfg, cells)
     columns = [attack_label(k, e) for k, e in cfg.attacks] + [
         poison_label(k, f) for k, f in cfg.poisonings]
@@ -347,9 +364,22 @@ def run(ds: Dataset, *, quick: bool = False, seed: int = 0,
         "training_data": data_table,
         "cells": pd.concat([cells, pd.DataFrame(feats, columns=fingerprint.FEATURES)],
                            axis=1),
+        **lofo,
         "detectors": DETECTORS,
         "timing": pd.DataFrame({"seconds": timing}).rename_axis("stage"),
     }
+
+
+def _categorizer_lofo(cfg: BenchConfig, ds: Dataset, seed: int) -> pd.DataFrame:
+    """The leave-one-family-out table (`change_generator.lofo`) for cfg's recipe, width,
+    sample size, null pool, probes and alpha."""
+    gen = change_generator.GeneratorConfig(
+        recipe=cfg.recipe, hidden=cfg.hidden, sample_size=cfg.sample_size, n_null=cfg.n_null,
+        probes=cfg.probes, n_patched=cfg.n_patched, alpha=cfg.alpha,
+        memory_cap=cfg.memory_cap)
+    table, _ = change_generator.lofo(ds, n_refs=cfg.lofo_refs,
+                                     per_family=cfg.lofo_per_family, config=gen, seed=seed)
+    return table
 
 
 def _change_table(cfg: BenchConfig, cells: pd.DataFrame) -> pd.DataFrame:

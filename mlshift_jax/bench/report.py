@@ -44,6 +44,7 @@ from mlshift_jax.bench import sweeps
 from mlshift_jax.core import fmt, study
 from mlshift_jax.core.files import atomic_path, clean_stale_temps, write_text
 from mlshift_jax.data import datasets
+from mlshift_jax.detection import categorize
 
 MEASURES = ("accuracy", "precision", "recall", "f1", "confidence")
 PRF = ("precision", "recall", "f1", "confidence")
@@ -416,7 +417,36 @@ def _detect(records: pd.DataFrame) -> str:
     return (head + "### Detector × change kind: ROC-AUC\n\n" + auc
             + "\n### Has the model changed? (fingerprint test)\n\n" + change
             + "\n### How did it change? (categorizer, held out by seed)\n\n" + confusion
+            + _lofo_section(t)
             + "\n### Which training samples are poisoned?\n\n" + data_tab)
+
+
+def _lofo_section(t: dict[str, pd.DataFrame]) -> str:
+    """The categorizer on change families it never saw (detection_bench "categorizer_lofo")."""
+    if "categorizer_lofo" not in t:
+        return ""
+    table = t["categorizer_lofo"]
+    counts = [c for c in table.columns if c not in ("category", "n", "detected", "right")]
+    changed = table[table["category"] != "none"]
+    named = int(sum(changed.loc[f, changed.loc[f, "category"]] for f in changed.index))
+    wrong = int(changed[counts].to_numpy().sum() - named - changed["uncertain"].sum()
+                - changed["none"].sum())
+    note = ("Each row is one change family, decided by a categorizer trained WITHOUT it (and "
+            "without every family of the same trigger shape): rows the held-out family and "
+            "its true category, `n` its changes (random settings, several references), "
+            "`detected` the share the change test calls changed, then how many were decided "
+            "as each category or `uncertain` (\"changed, kind uncertain\": the categorizer "
+            "abstains when no category reaches its threshold, chosen so that at most "
+            f"{categorize.RISK:.0%} of the categories it names on held-out families are "
+            "wrong, and whenever 'none' is "
+            "the most probable category of a changed verdict); an undetected change is "
+            "decided 'none' (and, like every change the test misses, left out of the "
+            "categorizer's training). `right`: the share decided as the family's category. "
+            f"Over the non-benign families: {named} named right, "
+            f"{int(changed['uncertain'].sum())} abstained, {wrong} named wrong, "
+            f"{int(changed['none'].sum())} undetected.")
+    return ("\n### Unseen change families (categorizer, leave one family out)\n\n"
+            + _md(table.astype({c: int for c in counts + ["n"]}), note, floatfmt=".2f"))
 
 
 # --- defenses: the defense x attack table ---------------------------------------------------

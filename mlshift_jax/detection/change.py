@@ -18,8 +18,11 @@
 3. The **category** (`categorize`): a categorizer fitted, for this reference, on the
    fingerprints of the calibration models (clean retrains = "none", poisoned models = their
    kind) and of the reference behind input changes of the probes (`attacks`: noise and
-   adversarial inputs). An "unchanged" verdict reports category "none"; a "changed" one the
-   most probable of the other categories. `category_probabilities` has the full picture.
+   adversarial inputs), its abstention threshold chosen by leave-one-group-out over them
+   (the clean retrains in 4 groups, each poisoning and attack its own). The category agrees
+   with the verdict (`categorize.decide`): "unchanged" reports "none"; "changed" reports
+   the most probable category, or "uncertain" (changed, kind uncertain) when that is "none"
+   or below the threshold. `category_probabilities` has the full picture.
 """
 
 from __future__ import annotations
@@ -359,14 +362,14 @@ def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *
     labels = (["none"] * null_fp.size
               + [categorize.category_of(k.split()[0]) for k in null.changed_kinds]
               + [categorize.category_of(k) for k, _ in null.config.attacks])
-    model_c = categorize.fit(categorize.categorizer_inputs(train_features, null_fp), labels)
+    groups = ([f"clean {i % 4}" for i in range(null_fp.size)] + list(null.changed_kinds)
+              + [f"{k} {e:g}" for k, e in null.config.attacks])
+    model_c = categorize.fit(categorize.categorizer_inputs(train_features, null_fp), labels,
+                             groups=groups)
     probs = model_c.predict_proba(categorize.categorizer_inputs(observed, null_fp))[0]
     verdict = "changed" if p_value <= alpha else "unchanged"
-    if verdict == "changed":
-        others = [i for i, c in enumerate(model_c.categories) if c != "none"]
-        category = model_c.categories[max(others, key=lambda i: probs[i])]
-    else:
-        category = "none"
+    category = categorize.decide(probs[None], [verdict], threshold=model_c.threshold,
+                                 categories=model_c.categories)[0]
     one = jax.tree.map(lambda a: a[0], fp)
     conf_r = np.asarray(jnp.max(ref.probs, -1))
     print_fp = fingerprint.to_json(one)

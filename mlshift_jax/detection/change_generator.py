@@ -1,0 +1,629 @@
+"""A generator of diverse model changes, for training and testing the categorizer on changes it
+never saw.
+
+The harness's own change kinds (one corner patch, three wrong-label modes, a few attacks) are
+too few to teach a categorizer what a *backdoor* is rather than what *that* backdoor looks
+like; a categorizer trained on them alone named unseen backdoors "trigger-only" or "none".
+This module draws changes from many **families**, each with random settings, and realises
+them into trained models (or changed input channels) against a set of references, so that
+`categorize.leave_one_family_out` can train without a family and test on it.
+
+Families (`FAMILIES`), with the category each maps to and the **group** held out together
+(every family of one trigger shape is one group, so "trained without sparse triggers" means
+without any of them):
+
+=================== ================== ============ ==========================================
+family              category           group        what is drawn per change
+=================== ================== ============ ==========================================
+square              backdoor           square       a square of random side (2-6), position
+                                                    and value (upper half of the range),
+                                                    fraction 5-30%, a random target class
+checkerboard        backdoor           checkerboard a checkerboard square (side 3-6) at a
+                                                    random position; fraction, target as above
+sparse              backdoor           sparse       8-40 random pixels set to random ends of
+                                                    the range; fraction, target as above
+blended             backdoor           blended      the image blended with a random pattern,
+                                                    alpha 0.1-0.3 (Chen et al. 2017)
+per-class-square    trigger-only       square       labels kept; each class its own square
+                                                    position (the study's "noisy" data),
+                                                    fraction 50-100%
+per-class-sparse    trigger-only       sparse       labels kept; each class its own random
+                                                    pixel set, fraction 50-100%
+uniform-labels      wrong-label        (own)        10-40% relabelled to a random other class
+shift-labels        wrong-label        (own)        10-40% relabelled y -> y + 1 mod K
+pair-flip           wrong-label        (own)        30-90% of one class relabelled to another
+sample              none               (own)        a clean retrain on another random sample
+                                                    with another seed
+order               none               (own)        the reference's sample and init, another
+                                                    training order
+epochs              none               (own)        the reference's recipe, sample and seed,
+                                                    one more epoch
+lr                  none               (own)        ... with the learning rate x0.5 or x2
+prune               none               (own)        the reference with its 10-50% smallest
+                                                    weights (each matrix) set to 0
+quantize            none               (own)        the reference's weights through float16 or
+                                                    8-bit (per-tensor symmetric) and back
+noise-sign          input-noise        (own)        +-eps noise on the inputs, eps 0.05-0.3
+noise-uniform       input-noise        (own)        uniform noise in [-eps, eps]
+noise-gauss         input-noise        (own)        Gaussian noise of std eps
+fgsm                adversarial-input  (own)        FGSM (Goodfellow et al. 2015), eps
+                                                    0.03-0.2, against the reference
+pgd                 adversarial-input  (own)        PGD (Madry et al. 2018), eps 0.03-0.2
+=================== ================== ============ ==========================================
+
+`generate(n_refs, per_family, spec, seed)` draws the change specifications (`Change`):
+plain, seeded, and the same for the same arguments. `realise(changes, ds, ...)` trains the
+references, a pool of clean retrains (the null) and every changed model as populations (one
+jit per training plan: the base plan, and one per other learning rate or epoch count), each
+member on its own random sample, poisoned inside the jit by its own trigger arrays
+(`triggers` masks and patterns, one per class) and label rule (`poison.poison_arrays`);
+applies weight and input changes to the references; and returns each change's fingerprint
+against its reference, its categorizer inputs, and its change-test p-value.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from mlshift_jax.attacks.evasion import attack_key
+from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.data.datasets import Dataset, subsample
+from mlshift_jax.data.spec import Spec, check_spec
+from mlshift_jax.detection import categorize, fingerprint
+from mlshift_jax.detection.change import changed_inputs
+from mlshift_jax.models.population import (
+    Plan,
+    fit_group,
+    init_members,
+    map_chunks,
+    plan_for,
+    poison_key,
+)
+from mlshift_jax.models.recipes import TrainConfig
+from mlshift_jax.poisoning import triggers
+from mlshift_jax.poisoning.poison import (
+    KEEP,
+    SHIFT,
+    TO_TARGET,
+    UNIFORM,
+    PoisonArrays,
+    poison_arrays,
+)
+
+
+class Family(NamedTuple):
+    """A family of changes: its name, the category it maps to, the group held out with it,
+    and how it is realised: "poison" (trained on poisoned data), "train" (trained otherwise),
+    "weights" (the reference's weights changed) or "input" (the reference behind a changed
+    input channel)."""
+
+    name: str
+    category: str
+    group: str
+    realised_by: str
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("square", "backdoor", "square", "poison"),
+    Family("checkerboard", "backdoor", "checkerboard", "poison"),
+    Family("sparse", "backdoor", "sparse", "poison"),
+    Family("blended", "backdoor", "blended", "poison"),
+    Family("per-class-square", "trigger-only", "square", "poison"),
+    Family("per-class-sparse", "trigger-only", "sparse", "poison"),
+    Family("uniform-labels", "wrong-label", "uniform-labels", "poison"),
+    Family("shift-labels", "wrong-label", "shift-labels", "poison"),
+    Family("pair-flip", "wrong-label", "pair-flip", "poison"),
+    Family("sample", "none", "sample", "train"),
+    Family("order", "none", "order", "train"),
+    Family("epochs", "none", "epochs", "train"),
+    Family("lr", "none", "lr", "train"),
+    Family("prune", "none", "prune", "weights"),
+    Family("quantize", "none", "quantize", "weights"),
+    Family("noise-sign", "input-noise", "noise-sign", "input"),
+    Family("noise-uniform", "input-noise", "noise-uniform", "input"),
+    Family("noise-gauss", "input-noise", "noise-gauss", "input"),
+    Family("fgsm", "adversarial-input", "fgsm", "input"),
+    Family("pgd", "adversarial-input", "pgd", "input"),
+)}
+GROUPS = tuple(dict.fromkeys(f.group for f in FAMILIES.values()))
+_STREAM = 0xC4A6  # the generator's draws: np.random.default_rng([seed, _STREAM, ...])
+MEMBER_STREAM = 0x5EED0000  # trained members' seeds start here (+ seed * 100,000)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change to realise. family: a key of FAMILIES; ref: the index of the reference it
+    changes; index: its number within (family, ref); settings: its drawn parameters as
+    ((name, value), ...) (plain numbers, a text, or a tuple of ints); seed: its own seed (its
+    trigger pattern, its member's training draws)."""
+
+    family: str
+    ref: int
+    index: int
+    settings: tuple = ()
+    seed: int = 0
+
+    @property
+    def category(self) -> str:
+        """The category the change maps to (`categorize.CATEGORIES`)."""
+        return FAMILIES[self.family].category
+
+    @property
+    def group(self) -> str:
+        """The group held out with this change in leave-one-family-out."""
+        return FAMILIES[self.family].group
+
+    def get(self, name: str):
+        """The value of setting `name`."""
+        return dict(self.settings)[name]
+
+    def describe(self) -> str:
+        """The settings as one short text: "size=3 position=(4, 17) ...".
+        """
+        return " ".join(f"{k}={_fmt(v)}" for k, v in self.settings)
+
+
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _check_families(families) -> tuple[str, ...]:
+    families = tuple(FAMILIES) if families is None else tuple(families)
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown or not families:
+        raise ConfigError(f"change generator: expected families among {list(FAMILIES)}, "
+                          f"found {unknown or 'none'}")
+    return families
+
+
+def _draw(family: str, rng: np.random.Generator, spec: Spec) -> tuple:
+    """The random settings of one change of `family` on data of `spec`."""
+    h, w, _ = spec.input_shape
+    k = spec.n_classes
+    lo, hi = spec.input_range
+
+    def place(size):
+        return (int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1)))
+
+    def fraction(a, b):
+        return round(float(rng.uniform(a, b)), 3)
+
+    if family == "square":
+        size = int(rng.integers(2, min(6, h, w) + 1))
+        return (("size", size), ("position", place(size)),
+                ("value", round(float(rng.uniform(lo + 0.5 * (hi - lo), hi)), 3)),
+                ("fraction", fraction(0.05, 0.3)), ("target", int(rng.integers(k))))
+    if family == "checkerboard":
+        size = int(rng.integers(min(3, h, w), min(6, h, w) + 1))
+        return (("size", size), ("position", place(size)), ("fraction", fraction(0.05, 0.3)),
+                ("target", int(rng.integers(k))))
+    if family == "sparse":
+        return (("pixels", int(rng.integers(8, min(40, h * w) + 1))),
+                ("fraction", fraction(0.05, 0.3)), ("target", int(rng.integers(k))))
+    if family == "blended":
+        return (("alpha", round(float(rng.uniform(0.1, 0.3)), 3)),
+                ("fraction", fraction(0.05, 0.3)), ("target", int(rng.integers(k))))
+    if family == "per-class-square":
+        return (("size", int(rng.integers(2, min(5, h, w) + 1))),
+                ("fraction", fraction(0.5, 1.0)))
+    if family == "per-class-sparse":
+        return (("pixels", int(rng.integers(8, min(30, h * w) + 1))),
+                ("fraction", fraction(0.5, 1.0)))
+    if family in ("uniform-labels", "shift-labels"):
+        return (("fraction", fraction(0.1, 0.4)),)
+    if family == "pair-flip":
+        source = int(rng.integers(k))
+        target = int((source + rng.integers(1, k)) % k)
+        return (("source", source), ("target", target), ("fraction", fraction(0.3, 0.9)))
+    if family in ("sample", "order", "epochs"):
+        return ()
+    if family == "lr":
+        return (("lr_factor", float(rng.choice([0.5, 2.0]))),)
+    if family == "prune":
+        return (("fraction", fraction(0.1, 0.5)),)
+    if family == "quantize":
+        return (("dtype", str(rng.choice(["float16", "int8"]))),)
+    if family.startswith("noise-"):
+        return (("eps", round(float(rng.uniform(0.05, 0.3)), 3)),)
+    return (("eps", round(float(rng.uniform(0.03, 0.2)), 3)),)  # fgsm, pgd
+
+
+def generate(n_refs: int, per_family: int, spec, *, seed: int = 0,
+             families=None) -> list[Change]:
+    """Draw `per_family` changes of each family (default: all of FAMILIES) for each of
+    `n_refs` references, on data of `spec` (a models.Spec or Dataset). Deterministic: the
+    same arguments give the same list (each change's draws come from its own
+    np.random.default_rng([seed, stream, family, ref, index])). ConfigError for n_refs or
+    per_family < 1 or an unknown family."""
+    if n_refs < 1 or per_family < 1:
+        raise ConfigError(f"change generator: expected n_refs >= 1 and per_family >= 1, found "
+                          f"{n_refs} and {per_family}")
+    families = _check_families(families)
+    spec = check_spec(spec)
+    names = list(FAMILIES)
+    out = []
+    for r in range(n_refs):
+        for f in families:
+            for i in range(per_family):
+                rng = np.random.default_rng([seed, _STREAM, names.index(f), r, i])
+                settings = _draw(f, rng, spec)
+                out.append(Change(f, r, i, settings, int(rng.integers(2**31))))
+    return out
+
+
+# --- poisoned data: trigger arrays per class and a label rule -------------------------------------
+
+
+class MemberPoison(NamedTuple):
+    """One member's poisoning: `labels` (a poison.PoisonArrays with no patch: which samples,
+    how relabelled) and the trigger stamped on the selected samples, per true class: mask,
+    pattern: float32 [K, D] (x' = clip((1 - mask) x + mask pattern, lo, hi); mask 0: none)."""
+
+    labels: PoisonArrays
+    mask: np.ndarray
+    pattern: np.ndarray
+
+
+def _rule(count: int, eligible: np.ndarray, relabel: int, target: int, k: int,
+          d: int) -> PoisonArrays:
+    return PoisonArrays(np.int32(count), eligible, np.int32(relabel), np.int32(target),
+                        np.zeros((k, d), bool), np.float32(0.0))
+
+
+def member_poison(change: Change | None, y, spec) -> MemberPoison:
+    """The poisoning of a trained member of `change` (None or a "train" family: none) for
+    its training labels y: [n] on data of `spec`."""
+    spec = check_spec(spec)
+    k, d = spec.n_classes, spec.n_inputs
+    y = np.asarray(y)
+    zero = np.zeros((k, d), np.float32)
+    if change is None or FAMILIES[change.family].realised_by != "poison":
+        return MemberPoison(_rule(0, np.zeros(k, bool), KEEP, 0, k, d), zero, zero.copy())
+    f, frac = change.family, float(change.get("fraction"))
+    rng = np.random.default_rng([change.seed, _STREAM])
+    shape, rng_range = spec.input_shape, spec.input_range
+    everyone = np.ones(k, bool)
+
+    def count(eligible):
+        return int(round(frac * int(eligible[y].sum())))
+
+    if f in ("uniform-labels", "shift-labels"):
+        return MemberPoison(_rule(count(everyone), everyone,
+                                  UNIFORM if f == "uniform-labels" else SHIFT, 0, k, d),
+                            zero, zero.copy())
+    if f == "pair-flip":
+        eligible = np.zeros(k, bool)
+        eligible[change.get("source")] = True
+        return MemberPoison(_rule(count(eligible), eligible, TO_TARGET, change.get("target"),
+                                  k, d), zero, zero.copy())
+    if f.startswith("per-class-"):
+        trigs = []
+        for _ in range(k):
+            if f == "per-class-square":
+                size = change.get("size")
+                pos = (int(rng.integers(0, shape[0] - size + 1)),
+                       int(rng.integers(0, shape[1] - size + 1)))
+                trigs.append(triggers.patch(shape, rng_range, size=size, position=pos))
+            else:
+                trigs.append(triggers.sparse(shape, rng_range, pixels=change.get("pixels"),
+                                             seed=int(rng.integers(2**31))))
+        mask = np.stack([t.mask.reshape(-1) for t in trigs])
+        pattern = np.stack([t.pattern.reshape(-1) for t in trigs])
+        return MemberPoison(_rule(count(everyone), everyone, KEEP, 0, k, d), mask, pattern)
+    target = change.get("target")
+    if f == "square":
+        t = triggers.patch(shape, rng_range, size=change.get("size"),
+                           position=change.get("position"), value=change.get("value"))
+    elif f == "checkerboard":
+        t = triggers.checkerboard(shape, rng_range, size=change.get("size"),
+                                  position=change.get("position"))
+    elif f == "sparse":
+        t = triggers.sparse(shape, rng_range, pixels=change.get("pixels"),
+                            seed=int(rng.integers(2**31)))
+    else:
+        t = triggers.blended(shape, rng_range, alpha=change.get("alpha"),
+                             seed=int(rng.integers(2**31)))
+    eligible = everyone.copy()
+    eligible[target] = False
+    mask = np.broadcast_to(t.mask.reshape(1, -1), (k, d)).astype(np.float32)
+    pattern = np.broadcast_to(t.pattern.reshape(1, -1), (k, d)).astype(np.float32)
+    return MemberPoison(_rule(count(eligible), eligible, TO_TARGET, target, k, d), mask,
+                        pattern)
+
+
+def poison_member(key: jax.Array, x: jax.Array, y: jax.Array, p: MemberPoison, lo,
+                  hi) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Poison one member's sample (x: [n, D], y: [n]) as p says -> (x', y', mask [n]).
+    Traceable: vmap it over members."""
+    _, y_out, mask = poison_arrays(key, x, y, p.labels)
+    m, pat = p.mask[y], p.pattern[y]  # [n, D]: the trigger of each sample's true class
+    stamped = jnp.clip((1.0 - m) * x + m * pat, lo, hi)
+    return jnp.where(mask[:, None], stamped, x), y_out, mask
+
+
+# --- weight changes ------------------------------------------------------------------------------
+
+
+def prune(params, fraction: float):
+    """params with the `fraction` smallest-magnitude entries of each weight matrix (leaves
+    with ndim >= 2) set to 0; biases kept (magnitude pruning, Han et al., "Learning both
+    Weights and Connections for Efficient Neural Networks", NeurIPS 2015)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"prune: expected a fraction in [0, 1), found {fraction!r}")
+
+    def one(w):
+        w = jnp.asarray(w)
+        if w.ndim < 2 or fraction == 0.0:
+            return w
+        cut = jnp.quantile(jnp.abs(w).reshape(-1), fraction)
+        return jnp.where(jnp.abs(w) < cut, 0.0, w).astype(w.dtype)
+
+    return jax.tree.map(one, params)
+
+
+def quantize(params, dtype: str):
+    """params through a lower precision and back: "float16" (a cast) or "int8" (per-tensor
+    symmetric: w -> round(w / s) s, s = max |w| / 127; Jacob et al., CVPR 2018)."""
+    if dtype == "float16":
+        return jax.tree.map(lambda w: jnp.asarray(w).astype(jnp.float16).astype(w.dtype),
+                            params)
+    if dtype == "int8":
+        def one(w):
+            w = jnp.asarray(w)
+            s = jnp.maximum(jnp.max(jnp.abs(w)), 1e-12) / 127.0
+            return (jnp.round(w / s) * s).astype(w.dtype)
+
+        return jax.tree.map(one, params)
+    raise ConfigError(f"quantize: expected dtype 'float16' or 'int8', found {dtype!r}")
+
+
+def weight_change(change: Change, params):
+    """The reference's params changed as a "weights" family says (prune, quantize)."""
+    if change.family == "prune":
+        return prune(params, float(change.get("fraction")))
+    if change.family == "quantize":
+        return quantize(params, change.get("dtype"))
+    raise ConfigError(f"weight_change: expected a prune or quantize change, found "
+                      f"{change.family!r}")
+
+
+# --- realising: train, change, fingerprint ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """How `realise` builds its world: the recipe and width of every model; sample_size:
+    training images per model; n_null: clean retrains in the null pool (shared by all
+    references); probes / n_patched: of `fingerprint.make_probes`; alpha: the change test's
+    level (the verdict); memory_cap: bytes for the training data of the members that train
+    together (`member_chunk`)."""
+
+    recipe: str = "seed-mlp"
+    hidden: int = 200
+    sample_size: int = 10_000
+    n_null: int = 30
+    probes: int = 1000
+    n_patched: int = 200
+    alpha: float = fingerprint.ALPHA
+    memory_cap: int = 2**30
+
+
+COPIES = 5  # [size, D] float32 arrays per member in the jit: sample, mask, pattern, stamped, out
+
+
+def member_chunk(m: int, size: int, n: int, d: int, memory_cap: int) -> int:
+    """Members per vmap so that the training data fits in memory_cap bytes: the shared set
+    (n * d * 4 bytes) once, and COPIES [size, d] float32 arrays per member (its sample, its
+    trigger's mask and pattern per sample, the stamped and the final copy). At least 1."""
+    per_member = COPIES * size * d * 4
+    return int(max(1, min(m, (memory_cap - n * d * 4) // per_member)))
+
+
+class _Member(NamedTuple):
+    role: str  # "reference", "null" or "change"
+    change: Change | None
+    seed: int  # init / order / poison draws
+    sample_seed: int  # the sample: subsample(sample_seed, n, size)
+    reverse: bool  # train on the sample in another order (a permutation)
+    lr_factor: float
+    extra_epochs: int
+
+
+def _members(changes: list[Change], n_refs: int, n_null: int, seed: int) -> list[_Member]:
+    base = MEMBER_STREAM + seed * 100_000
+    out = [_Member("reference", None, base + r, base + r, False, 1.0, 0) for r in range(n_refs)]
+    out += [_Member("null", None, base + 1000 + i, base + 1000 + i, False, 1.0, 0)
+            for i in range(n_null)]
+    for j, c in enumerate(changes):
+        how = FAMILIES[c.family].realised_by
+        ref_seed = base + c.ref
+        own = base + 10_000 + j  # its own init, sample and poison draws
+        if how == "poison" or c.family == "sample":
+            out.append(_Member("change", c, own, own, False, 1.0, 0))
+        elif c.family == "order":
+            out.append(_Member("change", c, ref_seed, ref_seed, True, 1.0, 0))
+        elif c.family == "epochs":
+            out.append(_Member("change", c, ref_seed, ref_seed, False, 1.0, 1))
+        elif c.family == "lr":
+            out.append(_Member("change", c, ref_seed, ref_seed, False,
+                               float(c.get("lr_factor")), 0))
+    return out
+
+
+def _train_group(plan: Plan, x: jax.Array, y: jax.Array, lo: float, hi: float, group: dict):
+    xs, ys = x[group["idx"]], y[group["idx"]]
+    xs, ys, masks = jax.vmap(partial(poison_member, lo=lo, hi=hi))(
+        group["poison_key"], xs, ys, group["poison"])
+    return fit_group(plan, group, xs, ys)
+
+
+@partial(jax.jit, static_argnames=("plan", "chunk", "lo", "hi"))
+def _train(members: dict, x: jax.Array, y: jax.Array, *, plan: Plan, chunk: int, lo: float,
+           hi: float):
+    return map_chunks(partial(_train_group, plan, x, y, lo, hi), members, chunk)
+
+
+def _train_members(plan: Plan, members: list[_Member], x, y, size: int, spec: Spec,
+                   memory_cap: int):
+    """Train `members` (one plan) in one jit: params with leading axis len(members)."""
+    n = len(y)
+    y_host = np.asarray(y)
+    idx = []
+    for m in members:
+        i = subsample(m.sample_seed, n, size)
+        if m.reverse:  # the same images in another order: a seeded permutation
+            i = i[np.random.default_rng([m.seed, _STREAM, 1]).permutation(size)]
+        idx.append(i)
+    idx = np.stack(idx)
+    params, shuffle = init_members(plan, [m.seed for m in members], spec.n_inputs)
+    if any(m.reverse for m in members) and plan.kind != "seed-sgd":
+        # minibatch trainers shuffle by their key: another order is another shuffle key
+        keys = [jax.random.fold_in(s, 1) if m.reverse else s
+                for m, s in zip(members, shuffle, strict=True)]
+        shuffle = jnp.stack(keys)
+    poisons = [member_poison(m.change, y_host[i], spec) for m, i in
+               zip(members, idx, strict=True)]
+    stacked = jax.tree.map(lambda *a: jnp.asarray(np.stack(a)), *poisons)
+    group = {"params": params, "shuffle_key": shuffle,
+             "poison_key": jnp.stack([poison_key(m.seed) for m in members]),
+             "poison": stacked, "idx": jnp.asarray(idx, jnp.int32)}
+    chunk = member_chunk(len(members), size, n, spec.n_inputs, memory_cap)
+    lo, hi = (float(v) for v in spec.input_range)
+    return _train(group, jnp.asarray(x, jnp.float32), jnp.asarray(y_host, jnp.int32),
+                  plan=plan, chunk=chunk, lo=lo, hi=hi)
+
+
+class Realised(NamedTuple):
+    """What `realise` measured. cells: one row per change (family, category, group, ref,
+    index, settings, p_value, statistic, verdict, and the fingerprint features by name);
+    inputs: float64 [n, F] their categorizer inputs (`categorize.categorizer_inputs`
+    against their reference's null); features: float64 [n, F] the raw fingerprints;
+    timing: seconds per stage."""
+
+    cells: pd.DataFrame
+    inputs: np.ndarray
+    features: np.ndarray
+    timing: dict
+
+
+def realise(changes: list[Change], ds: Dataset, config: GeneratorConfig | None = None, *,
+            seed: int = 0) -> Realised:
+    """Train the references, the null pool and every changed model; change weights and inputs;
+    fingerprint every change against its reference (module docstring).
+
+    changes: from `generate` (their `ref` in 0..n_refs-1, n_refs = 1 + the largest); ds: the
+    data (training images for every model, test images for the probes); seed: of the
+    members' draws and the input changes' randomness. Same arguments, same result.
+    """
+    cfg = config or GeneratorConfig()
+    if not changes:
+        raise ConfigError("realise: expected at least one change, found none")
+    if cfg.n_null < 2:
+        raise ConfigError(f"realise: expected n_null >= 2, found {cfg.n_null}")
+    timing = {}
+    clock = time.perf_counter()
+    spec = check_spec(ds.spec)
+    n_refs = 1 + max(c.ref for c in changes)
+    size = min(cfg.sample_size, len(ds.y_train))
+    base = plan_for(cfg.recipe, TrainConfig(hidden=cfg.hidden), spec)
+    members = _members(changes, n_refs, cfg.n_null, seed)
+    plans = {}
+    for i, m in enumerate(members):
+        plans.setdefault((m.lr_factor, m.extra_epochs), []).append(i)
+    trained = [None] * len(members)
+    for (lr_factor, extra), rows in plans.items():
+        plan = base._replace(lr=base.lr * lr_factor, epochs=base.epochs + extra)
+        params = _train_members(plan, [members[i] for i in rows], ds.x_train, ds.y_train,
+                                size, spec, cfg.memory_cap)
+        for j, i in enumerate(rows):
+            trained[i] = jax.tree.map(lambda a, j=j: a[j], params)
+    jax.block_until_ready(trained)
+    timing["train"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    model = base.arch
+    probes = fingerprint.make_probes(ds.x_test, ds.y_test, n=cfg.probes,
+                                     n_patched=cfg.n_patched, seed=seed, spec=spec)
+
+    def stack(trees):
+        return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+
+    role = [m.role for m in members]
+    refs = [trained[i] for i in range(len(members)) if role[i] == "reference"]
+    # every model's responses in one call: references, null pool, changed models
+    model_changes = [c for c in changes if FAMILIES[c.family].realised_by != "input"]
+    change_of = {id(m.change): i for i, m in enumerate(members) if m.role == "change"}
+    systems = refs + [trained[i] for i in range(len(members)) if role[i] == "null"] + [
+        weight_change(c, refs[c.ref]) if FAMILIES[c.family].realised_by == "weights"
+        else trained[change_of[id(c)]] for c in model_changes]
+    resp = fingerprint.model_responses(model, stack(systems), probes)
+    null_resp = jax.tree.map(lambda a: a[n_refs:n_refs + cfg.n_null], resp)
+    where = {id(c): n_refs + cfg.n_null + j for j, c in enumerate(model_changes)}
+    key = attack_key(seed)
+    rows, feats, inputs = [], [], []
+    for r in range(n_refs):
+        ref = jax.tree.map(lambda a, r=r: a[r], resp)
+        null = fingerprint.Null(fingerprint.feature_matrix(
+            fingerprint.fingerprints(ref, null_resp, probes.y)))
+        mine = [c for c in model_changes if c.ref == r]
+        input_changes = [c for c in changes
+                         if c.ref == r and FAMILIES[c.family].realised_by == "input"]
+        parts, order = [], []
+        if mine:
+            parts.append(jax.tree.map(lambda a, m=mine: a[np.array([where[id(c)] for c in m])],
+                                      resp))
+            order += mine
+        if input_changes:
+            attacks = tuple((c.family, float(c.get("eps"))) for c in input_changes)
+            xs = changed_inputs(model, refs[r], probes, attacks, jax.random.fold_in(key, r))
+            parts.append(fingerprint.input_responses(model, refs[r], xs, probes))
+            order += input_changes
+        if not order:
+            continue
+        sus = jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+        f = fingerprint.feature_matrix(fingerprint.fingerprints(ref, sus, probes.y))
+        test = fingerprint.change_test(f, null)
+        for j, c in enumerate(order):
+            rows.append({"family": c.family, "category": c.category, "group": c.group,
+                         "ref": c.ref, "index": c.index, "settings": c.describe(),
+                         "p_value": float(test.p_value[j]),
+                         "statistic": float(test.statistic[j]),
+                         "verdict": "changed" if test.p_value[j] <= cfg.alpha
+                         else "unchanged"})
+        feats.append(f)
+        inputs.append(categorize.categorizer_inputs(f, null))
+    timing["fingerprints"] = time.perf_counter() - clock
+    feats, inputs = np.concatenate(feats), np.concatenate(inputs)
+    cells = pd.concat([pd.DataFrame(rows), pd.DataFrame(feats, columns=fingerprint.FEATURES)],
+                      axis=1)
+    timing["members"] = float(len(members))
+    timing["plans"] = float(len(plans))
+    return Realised(cells, inputs, feats, timing)
+
+
+def lofo(ds: Dataset, *, n_refs: int, per_family: int,
+         config: GeneratorConfig | None = None, seed: int = 0, families=None,
+         risk: float = categorize.RISK) -> tuple[pd.DataFrame, Realised]:
+    """The leave-one-family-out benchmark: `generate` per_family changes of every family for
+    each of n_refs references, `realise` them on ds, and decide every change with a
+    categorizer that never saw its group (`categorize.leave_one_family_out`, threshold at
+    `risk`, trained on the benign changes and the flagged ones: `categorize.usable_rows`).
+    Returns (`categorize.lofo_table`, the Realised cells with a "decision" and a "threshold"
+    column added)."""
+    changes = generate(n_refs, per_family, ds.spec, seed=seed, families=families)
+    r = realise(changes, ds, config, seed=seed)
+    clock = time.perf_counter()
+    decisions, thresholds = categorize.leave_one_family_out(
+        r.inputs, r.cells["category"], r.cells["group"], r.cells["verdict"], risk=risk,
+        train_rows=categorize.usable_rows(r.cells["category"], r.cells["verdict"]))
+    r.timing["categorizer"] = time.perf_counter() - clock
+    cells = r.cells.assign(decision=decisions, threshold=thresholds)
+    return categorize.lofo_table(cells, decisions), r._replace(cells=cells)
