@@ -543,7 +543,7 @@ def cmd_scan_model(args) -> None:
         return
     rows = [[k, result[k]] for k in ("verdict", "target", "anomaly_index", "threshold",
                                      "threshold_fpr", "n_null", "alpha", "smallest_class",
-                                     "scan_seconds", "architecture")]
+                                     "scan_seconds", "compile_seconds", "architecture")]
     rows += [[f"class {k} mask norm / attack rate", f"{n:.2f} / {r:.3f}"] for k, (n, r) in
              enumerate(zip(result["mask_norms"], result["attack_rates"], strict=True))]
     rows += [["file", f] for f in result["files"]] + ([["note", note]] if note else [])

@@ -19,7 +19,8 @@ from mlshift_jax.poisoning import triggers
 
 FAST = ScanConfig(steps=120, batch=128)
 KEYS = {"verdict", "target", "anomaly_index", "threshold", "threshold_fpr", "n_null",
-        "mask_norms", "attack_rates", "files", "null", "scan_seconds"}
+        "mask_norms", "attack_rates", "files", "null", "scan_seconds", "compile_seconds",
+        "log_anomaly_index", "log_threshold", "log_threshold_fpr"}
 
 
 @pytest.fixture(scope="module")

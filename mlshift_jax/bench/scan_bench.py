@@ -47,7 +47,7 @@ from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.core.timing import time_call
 from mlshift_jax.data.datasets import Dataset, subsample
 from mlshift_jax.detection import neural_cleanse as nc
-from mlshift_jax.detection.scan import scan_images, scan_key
+from mlshift_jax.detection.scan import log_norms, scan_images, scan_key
 from mlshift_jax.models.population import fit_group, init_members, member, plan_for
 from mlshift_jax.models.recipes import TrainConfig, get_recipe, resolve
 from mlshift_jax.models.train import map_chunks
@@ -96,7 +96,7 @@ class ScanBenchConfig:
 
 FULL = ScanBenchConfig()
 QUICK = ScanBenchConfig(hidden=32, sample_size=2000, rates=(0.05,), per_cell=1, n_null=4,
-                        n_clean=2, n_benign=1, images=100,
+                        n_clean=2, n_benign=0, images=100,
                         scan=nc.ScanConfig(steps=40, batch=64), rounds=1)
 
 
@@ -207,7 +207,7 @@ def scan_table(ds: Dataset, *, quick: bool = False, seed: int = 0,
     single = time_call(one, rounds=cfg.rounds)
     norms = np.asarray(found.norms, np.float64)
     index, cls = nc.anomaly_index(norms)
-    log_index, _ = nc.anomaly_index(np.log(np.maximum(norms, 1e-6)))
+    log_index, _ = nc.anomaly_index(log_norms(norms))
     is_null = (table["role"] == NULL).to_numpy()
     threshold = nc.calibrate_threshold(index[is_null], alpha=cfg.alpha)
     log_threshold = nc.calibrate_threshold(log_index[is_null], alpha=cfg.alpha)

@@ -231,6 +231,16 @@ def scan_population(model: Model, stacked_params: Params, x, y, *, key: jax.Arra
     return _scan_models(model, config.validate(), stacked_params, x, y, key, int(chunk))
 
 
+def compile_triggers(model: Model, params: Params, x, y, *, key: jax.Array,
+                     config: ScanConfig = DEFAULT):
+    """`reverse_triggers`'s compiled call, for timing: -> a function of no arguments that
+    runs the search (same arguments, same result; the trace and compile happen here)."""
+    x, y = _check(model, x, y)
+    args = (params, x, y, key)
+    compiled = _scan.lower(model, config.validate(), *args).compile()
+    return functools.partial(compiled, *args)
+
+
 def compile_population(model: Model, stacked_params: Params, x, y, *, key: jax.Array,
                        config: ScanConfig = DEFAULT, chunk: int | None = None):
     """`scan_population`'s compiled call, for timing: -> a function of no arguments that runs

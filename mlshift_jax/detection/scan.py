@@ -101,6 +101,7 @@ class Null:
     rates: np.ndarray = field(repr=False)
     indices: np.ndarray
     threshold: nc.Threshold
+    log_threshold: nc.Threshold
     recipe: str
     hidden: int
     config: NullConfig
@@ -144,11 +145,20 @@ def _cache_key(recipe: str | None, hidden: int, ds: Dataset, cfg: NullConfig,
     return config_hash(payload)
 
 
+def log_norms(norms) -> np.ndarray:
+    """log of the mask norms (floored at 1e-6): the anomaly index of these is scale-free,
+    so one class with a very large norm (a hard-to-reach class) does not widen the MAD."""
+    return np.log(np.maximum(np.asarray(norms, np.float64), 1e-6))
+
+
 def _null(norms, rates, recipe, hidden, cfg, scan, seconds) -> Null:
     norms, rates = np.asarray(norms, np.float64), np.asarray(rates, np.float64)
     indices = nc.anomaly_index(norms)[0]
     threshold = nc.calibrate_threshold(indices, alpha=cfg.alpha)
-    return Null(norms, rates, indices, threshold, recipe, hidden, cfg, scan, seconds)
+    log_threshold = nc.calibrate_threshold(nc.anomaly_index(log_norms(norms))[0],
+                                           alpha=cfg.alpha)
+    return Null(norms, rates, indices, threshold, log_threshold, recipe, hidden, cfg, scan,
+                seconds)
 
 
 def calibrate_null(recipe: str | None, hidden: int, ds: Dataset,
@@ -247,10 +257,13 @@ def scan_model(model: Model, params: Params, ds: Dataset, *, null: Null | None =
     Returns a JSON-able dict: verdict ("backdoor" / "clean"), target (the suspected class or
     None), anomaly_index, threshold, threshold_fpr (leave-one-out on the null), alpha,
     n_null, mask_norms [K], attack_rates [K], reached [K] (whether the search reached its
-    target attack rate), class_anomaly_indices [K], scan_seconds (the compiled search, the
-    first call's compile excluded when the null compiled it), architecture, null (its
-    summary), and "trigger": {"mask" [K, H, W], "pattern" [K, H, W, C]} as numpy arrays
-    (popped by the CLI, which writes them as files). ConfigError for a model that does not
+    target attack rate), class_anomaly_indices [K], log_anomaly_index, log_threshold and
+    log_threshold_fpr (the same with the log of the norms, calibrated alike on the null; a
+    secondary score, not the verdict's), scan_seconds (the compiled search, ended by
+    block_until_ready), compile_seconds (its trace and compile), architecture, null (its
+    summary: size, recipe, the null's anomaly indices, training and scanning seconds), and
+    "trigger": {"mask" [K, H, W], "pattern" [K, H, W, C]} as numpy arrays (popped by the
+    CLI, which writes them as files). ConfigError for a model that does not
     fit the data, bad settings or a null of another recipe; DataError for NaN weights.
     """
     params = _check_params(model, params, ds)
@@ -266,8 +279,10 @@ def scan_model(model: Model, params: Params, ds: Dataset, *, null: Null | None =
     cfg, config = null.config, null.scan
     x, y = scan_images(ds, cfg.images, cfg.seed)
     start = time.perf_counter()
-    found = jax.block_until_ready(nc.reverse_triggers(model, params, x, y,
-                                                      key=scan_key(cfg.seed), config=config))
+    search = nc.compile_triggers(model, params, x, y, key=scan_key(cfg.seed), config=config)
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    found = jax.block_until_ready(search())
     seconds = time.perf_counter() - start
     norms = np.asarray(found.norms, np.float64)
     result = nc.verdict(norms, null.threshold.value)
@@ -281,7 +296,11 @@ def scan_model(model: Model, params: Params, ds: Dataset, *, null: Null | None =
         "attack_rates": np.asarray(found.rates, np.float64).tolist(),
         "reached": np.asarray(found.reached).tolist(),
         "class_anomaly_indices": nc.anomaly_indices(norms).tolist(),
+        "log_anomaly_index": float(nc.anomaly_index(log_norms(norms))[0]),
+        "log_threshold": null.log_threshold.value,
+        "log_threshold_fpr": null.log_threshold.fpr_loo,
         "scan_seconds": seconds,
+        "compile_seconds": compile_s,
         "architecture": model.name,
         "null": null.describe(),
         "trigger": {"mask": np.asarray(found.masks), "pattern": np.asarray(found.patterns)},
