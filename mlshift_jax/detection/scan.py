@@ -28,6 +28,16 @@ this recipe would be called "backdoor"; it is at most about alpha by constructio
 coarse for a small null (steps of 1/n_null). A clean model trained differently from the
 recipe (other epochs or learning rate) is not covered by this estimate: the benchmark's
 "benign" rows (`bench/scan_bench.py`) measure that.
+
+Measured once with the CLI (full MNIST, study seed-mlps of hidden 200 on all 60,000 images,
+default search, `--null-models 10`, on this project's 2-core CPU under a load of ~15): the
+null's anomaly indices 0.83-1.76, threshold 2.00 (the floor), its leave-one-out FPR 0.00;
+a clean model: index 1.53, "clean" (its smallest norm is digit 8's; digit 1's mask is the
+LARGEST, 168 against a median ~100); 5%-poisoned models: checkerboard -> target 7 index 4.22,
+sparse (10 pixels) -> 2 index 3.68, blended (alpha 0.2) -> 5 index 2.49, each "backdoor"
+with the right target (log-norm index 11.8, 9.3, 3.7 against its threshold 2.08). The
+search took 42-95 s wall but ~15 s of CPU per model under that load; the null (10 models
+trained in 132 s, scanned in 650 s) is built once and then loaded from the cache.
 """
 
 from __future__ import annotations
