@@ -33,11 +33,12 @@ test images (`images`) and key for all. `scan_table` returns two tables:
 
 Measured once (full MNIST, FULL, this project's 2-core CPU shared with five other jobs, load
 ~15, so every time is several times a quiet machine's): 36 models, threshold 2.00 (the
-floor: the 12 null indices were 0.6-1.53), leave-one-out FPR 0.00, yet 1 of 4 fresh clean
-models was flagged (a null of 12 cannot see a 1-in-4 tail: the LOO estimate is coarse);
-benign models 0 of 4 flagged; every 5% backdoor (patch, checkerboard, blended, sparse; 2
-each) flagged with the right target; at 1%: checkerboard and sparse 1 of 2, patch and
-blended 0 of 2 (the index of the log norms flagged half of each). 538 s in all; 11.5 s per
+floor: the 12 null indices had mean 1.07, max 1.53), leave-one-out FPR 0.00, yet 1 of 4
+fresh clean models was flagged (a null of 12 cannot see a 1-in-4 tail: the LOO estimate is
+coarse); benign models 0 of 4 flagged; every 5% backdoor (patch, checkerboard, blended,
+sparse; 2 each) flagged with the right target; at 1%: checkerboard and sparse 1 of 2, patch
+and blended 0 of 2 (the index of the log norms: checkerboard 2 of 2, the others 1 of 2; it
+flagged the same 1 of 4 fresh clean models). 538 s in all; 11.5 s per
 model alone, 10.6 s per model within the population scan (150 steps, batch 128, 200 images,
 hidden 200). QUICK on the bundled sample: 52 s wall, 15 s of CPU, most of it compiling.
 """
