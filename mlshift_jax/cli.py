@@ -789,12 +789,15 @@ def build_parser() -> argparse.ArgumentParser:
                          f"calibrated on (cached): {rules.describe('null_models')}"},
             alpha={"default": 0.05, "help": "share of the clean null allowed above the "
                    f"threshold: {rules.describe('alpha')}"},
-            sample_size={"help": "training images of each clean null model; default: all "
-                         f"(each model in its own order). {rules.describe('sample_size')}"},
+            sample_size={"help": "training images of each clean null model (match how the "
+                         "model was trained); default: all, each model in its own order. "
+                         f"{rules.describe('sample_size')}"},
             n={"default": 300, "help": "clean test images the triggers are searched on (a "
                f"fixed random subset): {rules.describe('n')}"},
             steps={"help": "optimisation steps per class of the trigger search; default: "
-                   f"300. {rules.describe('steps')}"})
+                   f"300. {rules.describe('steps')}"},
+            seed={"help": "seed of the null's models, the images and the search: "
+                  f"{rules.describe('seed')}"})
     command("bench", cmd_bench, "run the experiment matrix and write results/<platform>/",
             "quick", "matrix", "only", "out", "force", "distributed", "data_dir", "dataset",
             dataset={"default": None, "metavar": "NAME|PATH",
