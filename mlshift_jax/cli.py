@@ -497,6 +497,59 @@ def cmd_detect(args) -> None:
     _emit("table", None, rows, headers=["", "value"])
 
 
+# --- scan-model ---------------------------------------------------------------------------
+
+
+def cmd_scan_model(args) -> None:
+    from mlshift_jax.detection.neural_cleanse import ScanConfig
+    from mlshift_jax.detection.scan import NullConfig, save_triggers, scan_model
+    from mlshift_jax.models.recipes import TrainConfig
+
+    null_cfg = NullConfig(n_null=args.null_models, sample_size=args.sample_size,
+                          images=args.n, alpha=args.alpha, seed=args.seed).validate()
+    scan_cfg = ScanConfig(**({"steps": args.steps} if args.steps is not None else {}))
+    scan_cfg.validate()
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out: expected a folder, found a file {args.out}")
+    model, params, meta = _load_weights(args.params)  # before the data loads
+    if ":" in model.name:  # a user model: its null retrains as it was trained
+        trained = meta.get("train") or {}
+        train = TrainConfig(**{k: trained.get(k) for k in (
+            "hidden", "lr", "epochs", "batch_size", "optimizer") if trained.get(k) is not None})
+    else:  # built-ins: the recipe's trainer; the epochs and lr the file was trained with
+        trained = meta.get("train") or {}
+        train = TrainConfig(**{k: trained.get(k) for k in ("lr", "epochs")
+                               if trained.get(k) is not None})
+    ds = _load(args, meta)
+    if not meta.get("model"):  # a metadata-free file: place it on this data
+        from mlshift_jax.models.zoo import infer_model
+
+        model = infer_model(params, ds.spec)
+    _check_fits(model, ds)
+    rules.check_at_most(args.n, len(ds.y_test), "--n", f"test images of {ds.name}")
+    if args.sample_size is not None:
+        rules.check_at_most(args.sample_size, len(ds.y_train), "--sample-size",
+                            f"training images of {ds.name}")
+    result = scan_model(model, params, ds, config=scan_cfg, null_config=null_cfg, train=train)
+    trigger = result.pop("trigger")
+    result["files"], note = [], ""
+    if args.out is not None:
+        result["files"], note = save_triggers(trigger, args.out, target=result["target"],
+                                              input_range=model.input_range)
+    if note:
+        result["note"] = note
+    if args.format == "json":
+        print(strict_json(result))
+        return
+    rows = [[k, result[k]] for k in ("verdict", "target", "anomaly_index", "threshold",
+                                     "threshold_fpr", "n_null", "alpha", "smallest_class",
+                                     "scan_seconds", "compile_seconds", "architecture")]
+    rows += [[f"class {k} mask norm / attack rate", f"{n:.2f} / {r:.3f}"] for k, (n, r) in
+             enumerate(zip(result["mask_norms"], result["attack_rates"], strict=True))]
+    rows += [["file", f] for f in result["files"]] + ([["note", note]] if note else [])
+    _emit("table", None, rows, headers=["", "value"])
+
+
 # --- bench --------------------------------------------------------------------------------
 
 
@@ -721,6 +774,30 @@ def build_parser() -> argparse.ArgumentParser:
             dataset={"default": None, "metavar": "NAME|PATH",
                      "help": "the dataset the models were trained on; default: the one the "
                      "reference's metadata names, else mnist"})
+    command("scan-model", cmd_scan_model, "is there a backdoor in this model? Neural Cleanse "
+            "(Wang et al. 2019) with a threshold calibrated on clean models of its recipe",
+            *DATA, "params", "out", "null_models", "alpha", "sample_size", "n", "steps",
+            "seed",
+            params={"required": True, "metavar": "FILE",
+                    "help": "the model to scan (weights saved by --save)"},
+            dataset={"default": None, "metavar": "NAME|PATH",
+                     "help": "the dataset the model was trained on; default: the one its "
+                     "metadata names, else mnist"},
+            out={"metavar": "DIR", "help": "write the reversed triggers here (triggers.npz; "
+                 "the target's .npy; PNGs with the plots extra); default: no files"},
+            null_models={"default": 20, "help": "clean models of the recipe the threshold is "
+                         f"calibrated on (cached): {rules.describe('null_models')}"},
+            alpha={"default": 0.05, "help": "share of the clean null allowed above the "
+                   f"threshold: {rules.describe('alpha')}"},
+            sample_size={"help": "training images of each clean null model (match how the "
+                         "model was trained); default: all, each model in its own order. "
+                         f"{rules.describe('sample_size')}"},
+            n={"default": 300, "help": "clean test images the triggers are searched on (a "
+               f"fixed random subset): {rules.describe('n')}"},
+            steps={"help": "optimisation steps per class of the trigger search; default: "
+                   f"300. {rules.describe('steps')}"},
+            seed={"help": "seed of the null's models, the images and the search: "
+                  f"{rules.describe('seed')}"})
     command("bench", cmd_bench, "run the experiment matrix and write results/<platform>/",
             "quick", "matrix", "only", "out", "force", "distributed", "data_dir", "dataset",
             dataset={"default": None, "metavar": "NAME|PATH",

@@ -34,6 +34,9 @@ Tables (`run` returns them by name):
   the categorizer's held-out prediction and its fingerprint features.
 - "detectors": what each detector scores, its unit and its source.
 - "timing": wall seconds per stage (and the population's size, and its members per vmap).
+- "scan_model", "scan_model_summary": the reference-free backdoor scan (Neural Cleanse with
+  a calibrated threshold) on its own population, `scan_bench.scan_table` with the config's
+  `scan_model` (FULL and QUICK have one; None leaves the tables out).
 
 Memory: the population trains `population_chunk` members per vmap, so that their training
 data (the shared training set, and each member's gathered sample and poisoned copy, float32)
@@ -64,6 +67,7 @@ import pandas as pd
 from threadpoolctl import threadpool_limits
 
 from mlshift_jax.attacks.evasion import attack_key, get_attack
+from mlshift_jax.bench import scan_bench
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.data.datasets import Dataset
 from mlshift_jax.detection import categorize, change_generator, detect, detect_data, fingerprint
@@ -118,6 +122,7 @@ class BenchConfig:
     memory_cap: int = 2**30  # bytes for the population's training data (`population_chunk`)
     lofo_refs: int = 4  # references of the leave-one-family-out table (0: no table)
     lofo_per_family: int = 2  # changes of each family per reference
+    scan_model: scan_bench.ScanBenchConfig | None = None  # None: no scan-model table
 
     def validate(self) -> BenchConfig:
         """Raise ConfigError for settings the benchmark cannot run; return self."""
@@ -140,9 +145,10 @@ class BenchConfig:
         return self
 
 
-FULL = BenchConfig()
+FULL = BenchConfig(scan_model=scan_bench.FULL)
 QUICK = BenchConfig(hidden=64, sample_size=3000, seeds=4, n_null=20, probes=500,
-                    n_patched=100, n_images=2000, lofo_refs=2, lofo_per_family=1)
+                    n_patched=100, n_images=2000, lofo_refs=2, lofo_per_family=1,
+                    scan_model=scan_bench.QUICK)
 
 
 def population_chunk(m: int, size: int, n: int, d: int, memory_cap: int) -> int:
@@ -344,6 +350,11 @@ def run(ds: Dataset, *, quick: bool = False, seed: int = 0,
         clock = time.perf_counter()
         lofo["categorizer_lofo"] = _categorizer_lofo(cfg, ds, seed)
         timing["categorizer leave-one-family-out"] = time.perf_counter() - clock
+    scan_tables = {}  # the reference-free scan (scan_bench.py): its own population
+    if cfg.scan_model is not None:
+        clock = time.perf_counter()
+        scan_tables = scan_bench.scan_table(ds, seed=seed, config=cfg.scan_model)
+        timing["scan-model table"] = time.perf_counter() - clock
 
     change_table = _change_table(cfg, cells)
     columns = [attack_label(k, e) for k, e in cfg.attacks] + [
@@ -367,6 +378,7 @@ def run(ds: Dataset, *, quick: bool = False, seed: int = 0,
         **lofo,
         "detectors": DETECTORS,
         "timing": pd.DataFrame({"seconds": timing}).rename_axis("stage"),
+        **scan_tables,  # "scan_model", "scan_model_summary"
     }
 
 

@@ -418,7 +418,33 @@ def _detect(records: pd.DataFrame) -> str:
             + "\n### Has the model changed? (fingerprint test)\n\n" + change
             + "\n### How did it change? (categorizer, held out by seed)\n\n" + confusion
             + _lofo_section(t)
-            + "\n### Which training samples are poisoned?\n\n" + data_tab)
+            + "\n### Which training samples are poisoned?\n\n" + data_tab
+            + _scan_model(t))
+
+
+def _scan_model(t: dict[str, pd.DataFrame]) -> str:
+    """The reference-free scan's table (bench/scan_bench.py), if the run has it."""
+    if "scan_model" not in t:
+        return ""
+    s = t["scan_model_summary"]["value"]
+    table = t["scan_model"].astype({"models": int})
+    note = (f"`mlshift scan-model` (Neural Cleanse, Wang et al. 2019): the smallest trigger "
+            f"that sends clean images to each class, every class at once, and the anomaly "
+            f"index of the mask norms. Threshold {s['threshold']:.2f}, calibrated on "
+            f"{int(s['null_models'])} clean models of the recipe (at least 2, at most "
+            f"{s['alpha']:.0%} of them above; leave-one-out false-positive rate "
+            f"{s['threshold_fpr_loo']:.2f}). Rows: fresh clean models of the recipe and "
+            f"benign ones trained otherwise (`detected` = false-positive rate), and models "
+            f"backdoored with each trigger family at each poison rate, a different target "
+            f"class each. `detected`: share flagged; `target_accuracy`: share whose most "
+            f"anomalous class is the true target; `found`: flagged with the right target; "
+            f"`*_log`: the same with the anomaly index of the log norms (its own "
+            f"threshold {s['log_threshold']:.2f}). {int(s['images'])} clean test images, "
+            f"{int(s['steps'])} steps per class; {s['s_per_model_single']:.2f} s per model "
+            f"alone, {s['s_per_model_population']:.2f} s per model within one scan of all "
+            f"{int(s['models'])} (compile {s['scan_compile_s']:.1f} s apart).")
+    return ("\n### Is there a backdoor? (scan-model, no reference)\n\n"
+            + _md(table, note, floatfmt=".3f"))
 
 
 def _lofo_section(t: dict[str, pd.DataFrame]) -> str:

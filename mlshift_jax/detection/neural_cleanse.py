@@ -231,6 +231,30 @@ def scan_population(model: Model, stacked_params: Params, x, y, *, key: jax.Arra
     return _scan_models(model, config.validate(), stacked_params, x, y, key, int(chunk))
 
 
+def compile_triggers(model: Model, params: Params, x, y, *, key: jax.Array,
+                     config: ScanConfig = DEFAULT):
+    """`reverse_triggers`'s compiled call, for timing: -> a function of no arguments that
+    runs the search (same arguments, same result; the trace and compile happen here)."""
+    x, y = _check(model, x, y)
+    args = (params, x, y, key)
+    compiled = _scan.lower(model, config.validate(), *args).compile()
+    return functools.partial(compiled, *args)
+
+
+def compile_population(model: Model, stacked_params: Params, x, y, *, key: jax.Array,
+                       config: ScanConfig = DEFAULT, chunk: int | None = None):
+    """`scan_population`'s compiled call, for timing: -> a function of no arguments that runs
+    the scan (same arguments, same result; the trace and compile happen here)."""
+    x, y = _check(model, x, y)
+    m = jax.tree.leaves(stacked_params)[0].shape[0]
+    chunk = (1 if jax.default_backend() == "cpu" else m) if chunk is None else chunk
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ConfigError(f"scan: expected chunk an integer >= 1, found {chunk!r}")
+    args = (stacked_params, x, y, key)
+    compiled = _scan_models.lower(model, config.validate(), *args, chunk=int(chunk)).compile()
+    return functools.partial(compiled, *args)
+
+
 def anomaly_indices(norms) -> np.ndarray:
     """Robust z-score of each class's mask norm below the median: (median - norm) / (1.4826 *
     MAD). norms: [..., K] -> [..., K] (positive = smaller than typical)."""

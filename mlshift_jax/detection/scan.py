@@ -1,0 +1,375 @@
+"""Is there a backdoor in this model? A reference-free scan with a calibrated threshold.
+
+    scan_model(model, params, ds) -> {"verdict", "target", "anomaly_index", "threshold", ...}
+
+1. **The scan** (`neural_cleanse.reverse_triggers`; Wang et al., "Neural Cleanse", IEEE S&P
+   2019): the smallest mask and pattern that send clean images to each class, every class
+   at once (one jitted `vmap` over classes), on `NullConfig.images` clean test images (a
+   fixed random subset, the same for the suspect and the null). The anomaly index is the
+   robust z-score of the smallest mask norm, (median - norm) / (1.4826 * MAD).
+2. **The null** (`calibrate_null`): `n_null` clean models of the suspect's recipe (its
+   trainer, hidden size and training settings), each with its own seed and its own random
+   order (or sample, with `sample_size`) of the training set, trained as one population
+   (`retrain.train_sampled`, one jit), then scanned as one population
+   (`neural_cleanse.scan_population`, the same images and key as the suspect). Their mask
+   norms are cached on disk (`data.cache_dir("scan")`), named by the hash of everything they
+   depend on (recipe, hidden size, training settings, the data's content, both configs); a
+   second scan of a model of the same recipe loads them.
+3. **The threshold** (`neural_cleanse.calibrate_threshold`): the smallest value, at least
+   Wang et al.'s 2, that at most a share `alpha` of the null's anomaly indices exceed. A
+   clean study MLP has a naturally small-norm class (digit 1), so the textbook 2 alone
+   would flag clean models; the null raises the threshold above them.
+
+**How the false-positive rate is measured** (`threshold_fpr`): leave-one-out over the null.
+Each clean null model in turn is held out, the threshold is set on the other n_null - 1
+exactly as above, and the held-out model counts as a false positive when its anomaly index
+exceeds that threshold. The share flagged estimates the rate at which a fresh clean model of
+this recipe would be called "backdoor"; it is at most about alpha by construction, and
+coarse for a small null (steps of 1/n_null). A clean model trained differently from the
+recipe (other epochs or learning rate) is not covered by this estimate: the benchmark's
+"benign" rows (`bench/scan_bench.py`) measure that.
+
+Measured once with the CLI (full MNIST, study seed-mlps of hidden 200 on all 60,000 images,
+default search, `--null-models 10`, on this project's 2-core CPU under a load of ~15): the
+null's anomaly indices 0.83-1.76, threshold 2.00 (the floor), its leave-one-out FPR 0.00;
+a clean model: index 1.53, "clean" (its smallest norm is digit 8's; digit 1's mask is the
+LARGEST, 168 against a median ~100); 5%-poisoned models: checkerboard -> target 7 index 4.22,
+sparse (10 pixels) -> 2 index 3.68, blended (alpha 0.2) -> 5 index 2.49, each "backdoor"
+with the right target (log-norm index 11.8, 9.3, 3.7 against its threshold 2.08). The
+search took 42-95 s wall but ~15 s of CPU per model under that load; the null (10 models
+trained in 132 s, scanned in 650 s) is built once and then loaded from the cache.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mlshift_jax.core.errors import ConfigError, DataError
+from mlshift_jax.core.files import atomic_path, config_hash, read_npz
+from mlshift_jax.data.datasets import Dataset, cache_dir, content_hash, subsample
+from mlshift_jax.detection import neural_cleanse as nc
+from mlshift_jax.detection.change import RECIPE_OF, hidden_size
+from mlshift_jax.models.population import plan_for
+from mlshift_jax.models.recipes import TrainConfig
+from mlshift_jax.models.retrain import train_sampled
+from mlshift_jax.models.zoo import Model, Params
+from mlshift_jax.poisoning.poison import make_config
+
+CACHE_VERSION = 1  # bump when the null's meaning changes: old caches are ignored
+NULL_STREAM = 0x5CA7  # member seeds of a null start here (+ seed * 10,000)
+SCAN_STREAM = 0x5CA8  # fold_in(key(seed), SCAN_STREAM): the trigger search's key
+
+
+@dataclass(frozen=True)
+class NullConfig:
+    """How the null of clean models is built and the scan is run.
+
+    n_null: clean models (>= 2; the threshold's false-positive rate moves in steps of
+    1/n_null); sample_size: training images of each (None: all, each model in its own random
+    order); images: clean test images the triggers are searched on (a fixed random subset);
+    alpha: the share of the null allowed above the threshold; epochs: of every null model
+    (None: the suspect's training settings, else the recipe's default); seed: of the null's
+    members, the images and the search.
+    """
+
+    n_null: int = 20
+    sample_size: int | None = None
+    images: int = 300
+    alpha: float = 0.05
+    epochs: int | None = None
+    seed: int = 0
+
+    def validate(self) -> NullConfig:
+        """Raise ConfigError for settings that cannot work; return self."""
+        for name, lo in (("n_null", 2), ("images", 2)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+                raise ConfigError(f"scan: expected {name} an integer >= {lo}, found {value!r}")
+        if self.sample_size is not None and (not isinstance(self.sample_size, (int, np.integer))
+                                             or self.sample_size < 1):
+            raise ConfigError(f"scan: expected sample_size >= 1 or None, found "
+                              f"{self.sample_size!r}")
+        if not 0.0 < self.alpha < 1.0:
+            raise ConfigError(f"scan: expected alpha in (0, 1), found {self.alpha!r}")
+        return self
+
+
+@dataclass(frozen=True, eq=False)
+class Null:
+    """The scanned clean models. norms, rates: [n_null, K] mask norms and attack rates;
+    indices: [n_null] their anomaly indices; threshold: calibrated on them; recipe, hidden:
+    what they were trained as; seconds: training and scanning time (0 when loaded)."""
+
+    norms: np.ndarray = field(repr=False)
+    rates: np.ndarray = field(repr=False)
+    indices: np.ndarray
+    threshold: nc.Threshold
+    log_threshold: nc.Threshold
+    recipe: str
+    hidden: int
+    config: NullConfig
+    scan: nc.ScanConfig
+    seconds: dict
+
+    def describe(self) -> dict:
+        """JSON-able summary, for the report of a verdict."""
+        return {"n_null": int(self.indices.size), "recipe": self.recipe, "hidden": self.hidden,
+                "sample_size": self.config.sample_size, "images": self.config.images,
+                "alpha": self.config.alpha, "anomaly_indices": self.indices.tolist(),
+                "smallest_class": np.argmin(self.norms, -1).tolist(), **self.seconds}
+
+
+def scan_images(ds: Dataset, n: int, seed: int) -> tuple[jax.Array, jax.Array]:
+    """The clean images every model of a scan is searched on: a fixed random subset of n of
+    the test images (x [n, D], y [n]). ConfigError when the test set has fewer."""
+    m = len(ds.y_test)
+    if n > m:
+        raise ConfigError(f"scan: expected at most the {m} test images of {ds.name}, found "
+                          f"images {n}")
+    idx = np.sort(subsample(seed, m, n))
+    return jnp.asarray(ds.x_test[idx], jnp.float32), jnp.asarray(ds.y_test[idx], jnp.int32)
+
+
+def scan_key(seed: int) -> jax.Array:
+    """The key of the trigger search (the suspect and its null share it)."""
+    return jax.random.fold_in(jax.random.key(seed), SCAN_STREAM)
+
+
+def _cache_key(recipe: str | None, hidden: int, ds: Dataset, cfg: NullConfig,
+               scan: nc.ScanConfig, model: Model | None, train: TrainConfig | None) -> str:
+    """sha256 (12 hex) of everything the null depends on (a user model adds its name and
+    hyper-parameters; the user's code itself is not hashed: clear the cache after editing)."""
+    payload = {"version": CACHE_VERSION, "recipe": recipe, "hidden": hidden,
+               "dataset": ds.name, "data": content_hash(ds), "null": asdict(cfg),
+               "scan": scan._asdict(), "train": None if train is None else asdict(train)}
+    if model is not None:
+        payload["model"] = [model.name, repr(model.hparams), list(model.input_shape),
+                            model.n_classes, list(model.input_range)]
+    return config_hash(payload)
+
+
+def log_norms(norms) -> np.ndarray:
+    """log of the mask norms (floored at 1e-6): the anomaly index of these is scale-free,
+    so one class with a very large norm (a hard-to-reach class) does not widen the MAD."""
+    return np.log(np.maximum(np.asarray(norms, np.float64), 1e-6))
+
+
+def _null(norms, rates, recipe, hidden, cfg, scan, seconds) -> Null:
+    norms, rates = np.asarray(norms, np.float64), np.asarray(rates, np.float64)
+    indices = nc.anomaly_index(norms)[0]
+    threshold = nc.calibrate_threshold(indices, alpha=cfg.alpha)
+    log_threshold = nc.calibrate_threshold(nc.anomaly_index(log_norms(norms))[0],
+                                           alpha=cfg.alpha)
+    return Null(norms, rates, indices, threshold, log_threshold, recipe, hidden, cfg, scan,
+                seconds)
+
+
+def calibrate_null(recipe: str | None, hidden: int, ds: Dataset,
+                   config: NullConfig | None = None, *, scan: nc.ScanConfig = nc.DEFAULT,
+                   model: Model | None = None, train: TrainConfig | None = None,
+                   cache: bool = True, cache_path=None) -> Null:
+    """Train (or load from the cache) and scan the null of `recipe` at width `hidden`.
+
+    recipe: a built-in JAX recipe or a user ref "pkg.module:attr" (`population.plan_for`), or
+    None with `model` (a user's Model without a ref); model: the Model to retrain (None: the
+    recipe's for `ds`); train: the suspect's TrainConfig (lr, epochs, batch size, optimizer;
+    None: the recipe's defaults; `config.epochs`, when set, wins); cache / cache_path: read
+    and write the cache in that folder (default `data.cache_dir("scan")`). The null is
+    trained as one population (one jit) and scanned as one (`scan_population`). Returns a
+    `Null` whose threshold is calibrated as the module docstring says. ConfigError for bad
+    settings (see `NullConfig.validate`, `ScanConfig.validate`).
+    """
+    cfg = config or NullConfig()
+    cfg.validate()
+    scan.validate()
+    size = len(ds.y_train) if cfg.sample_size is None else cfg.sample_size
+    if size > len(ds.y_train):
+        raise ConfigError(f"scan: expected sample_size at most the {len(ds.y_train)} training "
+                          f"images of {ds.name}, found {size}")
+    x, y = scan_images(ds, cfg.images, cfg.seed)
+    name = recipe if recipe is not None else getattr(model, "name", None)
+    folder = Path(cache_path) if cache_path is not None else cache_dir("scan")
+    path = folder / f"null-{_cache_key(recipe, hidden, ds, cfg, scan, model, train)}.npz"
+    if cache and path.exists():
+        try:
+            f = read_npz(path, what="a cached scan null")
+            return _null(f["norms"], f["rates"], name, hidden, cfg, scan,
+                         {"train_s": 0.0, "scan_s": 0.0, "cached": True})
+        except (DataError, KeyError, TypeError, ConfigError):  # rebuilt below
+            warnings.warn(f"damaged cache entry {path} treated as missing and rebuilt",
+                          stacklevel=2)
+    base = train if train is not None else TrainConfig()
+    epochs = cfg.epochs if cfg.epochs is not None else base.epochs
+    plan = plan_for(recipe, replace(base, hidden=hidden, epochs=epochs, seed=0), ds.spec,
+                    model=model)
+    seeds = NULL_STREAM + cfg.seed * 10_000 + np.arange(cfg.n_null)
+    start = time.perf_counter()
+    pop, _ = train_sampled(plan, [make_config("clean")] * cfg.n_null, ds.x_train, ds.y_train,
+                           seeds=seeds.tolist(), size=size)
+    train_s = time.perf_counter() - start
+    start = time.perf_counter()
+    found = jax.block_until_ready(nc.scan_population(plan.arch, pop.params, x, y,
+                                                     key=scan_key(cfg.seed), config=scan))
+    scan_s = time.perf_counter() - start
+    norms, rates = np.asarray(found.norms), np.asarray(found.rates)
+    if cache:
+        try:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, norms=norms, rates=rates)
+        except OSError:
+            pass  # an unwritable cache costs time, not correctness
+    return _null(norms, rates, name, hidden, cfg, scan,
+                 {"train_s": train_s, "scan_s": scan_s, "cached": False})
+
+
+def recipe_of(model: Model, params: Params,
+              train: TrainConfig | None = None) -> tuple[str | None, int, bool]:
+    """(recipe, hidden, user) of a model as `calibrate_null` retrains it: a built-in
+    architecture's own trainer and penultimate width; a user model "pkg.module:attr" its
+    ref and the TrainConfig's hidden (unused by the model); user True for a user's model."""
+    user = model.name not in RECIPE_OF
+    if not user:
+        return RECIPE_OF[model.name], hidden_size(model, params), False
+    recipe = model.name if ":" in model.name else None
+    return recipe, (train or TrainConfig()).hidden, True
+
+
+def _check_params(model: Model, params: Params, ds: Dataset) -> Params:
+    if (tuple(model.input_shape), model.n_classes) != (tuple(ds.image_shape), ds.n_classes):
+        raise ConfigError(f"scan: {model.name} takes images {tuple(model.input_shape)} with "
+                          f"{model.n_classes} classes; {ds.name} has {tuple(ds.image_shape)} "
+                          f"with {ds.n_classes}: pass the dataset the model was trained on")
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    if not all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(params)):
+        raise DataError("scan: expected finite weights, found NaN or inf")
+    return params
+
+
+def scan_model(model: Model, params: Params, ds: Dataset, *, null: Null | None = None,
+               config: nc.ScanConfig = nc.DEFAULT, null_config: NullConfig | None = None,
+               train: TrainConfig | None = None, cache: bool = True,
+               cache_path=None) -> dict:
+    """Scan one model for a backdoor, with no reference model (module docstring).
+
+    model: its `models.Model` (e.g. from `weights.load_model`); params: its weights; ds: the
+    dataset it was trained on (test images for the search, training images for the null);
+    null: a `Null` (None: `calibrate_null` for the model's recipe, cached); config: the
+    trigger search's settings; null_config: the null's (n_null, images, alpha, seed, ...);
+    train: the model's TrainConfig, so the null trains as it did (None: recipe defaults).
+
+    Returns a JSON-able dict: verdict ("backdoor" / "clean"), target (the suspected class or
+    None), anomaly_index, threshold, threshold_fpr (leave-one-out on the null), alpha,
+    n_null, mask_norms [K], attack_rates [K], reached [K] (whether the search reached its
+    target attack rate), class_anomaly_indices [K], log_anomaly_index, log_threshold and
+    log_threshold_fpr (the same with the log of the norms, calibrated alike on the null; a
+    secondary score, not the verdict's), scan_seconds (the compiled search, ended by
+    block_until_ready), compile_seconds (its trace and compile), architecture, null (its
+    summary: size, recipe, the null's anomaly indices, training and scanning seconds), and
+    "trigger": {"mask" [K, H, W], "pattern" [K, H, W, C]} as numpy arrays (popped by the
+    CLI, which writes them as files). ConfigError for a model that does not
+    fit the data, bad settings or a null of another recipe; DataError for NaN weights.
+    """
+    params = _check_params(model, params, ds)
+    cfg = (null_config or (null.config if null is not None else NullConfig())).validate()
+    recipe, hidden, user = recipe_of(model, params, train)
+    if null is None:
+        null = calibrate_null(recipe, hidden, ds, cfg, scan=config,
+                              model=model if user else None, train=train, cache=cache,
+                              cache_path=cache_path)
+    if null.hidden != hidden or null.recipe != (recipe or model.name):
+        raise ConfigError(f"scan: expected a null of {recipe or model.name} with hidden "
+                          f"{hidden}, found {null.recipe} with hidden {null.hidden}")
+    cfg, config = null.config, null.scan
+    x, y = scan_images(ds, cfg.images, cfg.seed)
+    start = time.perf_counter()
+    search = nc.compile_triggers(model, params, x, y, key=scan_key(cfg.seed), config=config)
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    found = jax.block_until_ready(search())
+    seconds = time.perf_counter() - start
+    norms = np.asarray(found.norms, np.float64)
+    result = nc.verdict(norms, null.threshold.value)
+    result.update({
+        "threshold_fpr": null.threshold.fpr_loo,
+        "alpha": null.threshold.alpha,
+        "n_null": null.threshold.n_null,
+        "textbook_threshold": nc.TEXTBOOK_THRESHOLD,
+        "smallest_class": int(np.argmin(norms)),
+        "mask_norms": norms.tolist(),
+        "attack_rates": np.asarray(found.rates, np.float64).tolist(),
+        "reached": np.asarray(found.reached).tolist(),
+        "class_anomaly_indices": nc.anomaly_indices(norms).tolist(),
+        "log_anomaly_index": float(nc.anomaly_index(log_norms(norms))[0]),
+        "log_threshold": null.log_threshold.value,
+        "log_threshold_fpr": null.log_threshold.fpr_loo,
+        "scan_seconds": seconds,
+        "compile_seconds": compile_s,
+        "architecture": model.name,
+        "null": null.describe(),
+        "trigger": {"mask": np.asarray(found.masks), "pattern": np.asarray(found.patterns)},
+    })
+    return result
+
+
+def save_triggers(trigger: dict, out_dir, *, target: int | None, input_range) -> tuple[
+        list[str], str]:
+    """Write the reversed triggers into out_dir, each file atomically; -> (paths, note).
+
+    trigger: {"mask": [K, H, W], "pattern": [K, H, W, C]} (`scan_model`'s). Writes
+    triggers.npz (mask, pattern of every class) and, when a target is named,
+    target-mask.npy [H, W] and target-pattern.npy [H, W, C]; with matplotlib (the `plots`
+    extra) also triggers.png (per class: the mask, and the stamped pattern mask * pattern)
+    and target.png. note: "" or why no PNG was drawn.
+    """
+    out = Path(out_dir)
+    mask, pattern = np.asarray(trigger["mask"]), np.asarray(trigger["pattern"])
+    paths = []
+
+    def put(name, write):
+        path = out / name
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            write(f)
+        paths.append(str(path))
+
+    put("triggers.npz", lambda f: np.savez(f, mask=mask, pattern=pattern))
+    if target is not None:
+        put("target-mask.npy", lambda f: np.save(f, mask[target]))
+        put("target-pattern.npy", lambda f: np.save(f, pattern[target]))
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return paths, "PNG images need matplotlib: pip install 'mlshift_jax[plots]'"
+    lo, hi = (float(v) for v in input_range)
+
+    def picture(k):  # the trigger as stamped on a blank (lo) image, in [0, 1]
+        img = mask[k][..., None] * (pattern[k] - lo) / (hi - lo)
+        return np.clip(img if img.shape[-1] == 3 else img[..., 0], 0.0, 1.0)
+
+    def figure(classes):
+        fig = Figure(figsize=(1.2 * len(classes), 2.6), layout="constrained")
+        axes = fig.subplots(2, len(classes), squeeze=False)
+        for j, k in enumerate(classes):
+            axes[0, j].imshow(mask[k], cmap="gray_r", vmin=0, vmax=1)
+            axes[1, j].imshow(picture(k), cmap="gray_r", vmin=0, vmax=1)
+            axes[0, j].set_title(f"class {k}\n|m|={mask[k].sum():.1f}", fontsize=7)
+            for ax in axes[:, j]:
+                ax.set_xticks([])
+                ax.set_yticks([])
+        axes[0, 0].set_ylabel("mask", fontsize=7)
+        axes[1, 0].set_ylabel("m * pattern", fontsize=7)
+        return fig
+
+    def png(fig):
+        return lambda f: fig.savefig(f, format="png", dpi=110)
+
+    put("triggers.png", png(figure(list(range(len(mask))))))
+    if target is not None:
+        put("target.png", png(figure([target])))
+    return paths, ""

@@ -1,0 +1,155 @@
+"""scan-model: the reference-free backdoor scan (Neural Cleanse + a null of clean models):
+a planted backdoor found with its target while a clean model stays clean, the null's cache
+and false-positive rate, and the CLI (json keys, trigger files, one-line refusals)."""
+
+import json
+from dataclasses import replace
+
+import jax
+import numpy as np
+import pytest
+
+from mlshift_jax.cli import main
+from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.detection.neural_cleanse import ScanConfig
+from mlshift_jax.detection.scan import NullConfig, calibrate_null, scan_model
+from mlshift_jax.models.population import fit_group, init_members, member, plan_for
+from mlshift_jax.models.recipes import TrainConfig
+from mlshift_jax.poisoning import triggers
+
+FAST = ScanConfig(steps=120, batch=128)
+KEYS = {"verdict", "target", "anomaly_index", "threshold", "threshold_fpr", "n_null",
+        "mask_norms", "attack_rates", "files", "null", "scan_seconds", "compile_seconds",
+        "log_anomaly_index", "log_threshold", "log_threshold_fpr"}
+
+
+@pytest.fixture(scope="module")
+def small(mnist):
+    """3,000 training images; a clean and a checkerboard-backdoored (10%, target 3) seed-mlp
+    of width 32 trained on them together."""
+    ds = replace(mnist, x_train=mnist.x_train[:3000], y_train=mnist.y_train[:3000])
+    x, y = np.asarray(ds.x_train), np.asarray(ds.y_train)
+    trig = triggers.checkerboard(ds.image_shape, ds.input_range, size=4)
+    rng = np.random.default_rng(0)
+    idx = rng.choice(np.flatnonzero(y != 3), 300, replace=False)
+    xp, yp = x.copy(), y.copy()
+    xp[idx] = np.asarray(triggers.stamp(x[idx], trig, ds.image_shape, ds.input_range))
+    yp[idx] = 3
+    plan = plan_for("seed-mlp", TrainConfig(hidden=32), ds.spec)
+    params, keys = init_members(plan, [1, 2], x.shape[1])
+    pop = jax.jit(lambda g, xs, ys: fit_group(plan, g, xs, ys))(
+        {"params": params, "shuffle_key": keys}, np.stack([x, xp]), np.stack([y, yp]))
+    return ds, plan.arch, member(pop, 0), member(pop, 1)
+
+
+def test_planted_backdoor_is_found_with_its_target_and_a_clean_model_is_not(small, tmp_path):
+    ds, model, clean, backdoor = small
+    cfg = NullConfig(n_null=5, images=200, seed=0)
+    null = calibrate_null("seed-mlp", 32, ds, cfg, scan=FAST, cache_path=tmp_path)
+    assert null.indices.shape == (5,) and null.norms.shape == (5, 10)
+    t = null.threshold
+    assert t.value >= 2.0 and t.value >= np.sort(null.indices)[-1] and t.n_null == 5
+    assert 0.0 <= t.fpr_loo <= 0.2 + 1e-9  # only the null's largest can be flagged
+    found = scan_model(model, backdoor, ds, null=null)
+    assert found["verdict"] == "backdoor" and found["target"] == 3, found["mask_norms"]
+    assert found["attack_rates"][3] > 0.9
+    assert found["trigger"]["mask"].shape == (10, 28, 28)
+    kept = scan_model(model, clean, ds, null=null)
+    assert kept["verdict"] == "clean" and kept["target"] is None
+    assert kept["anomaly_index"] < found["anomaly_index"]
+    json.dumps({k: v for k, v in found.items() if k != "trigger"})
+    again = calibrate_null("seed-mlp", 32, ds, cfg, scan=FAST, cache_path=tmp_path)
+    assert again.seconds["cached"] and np.allclose(again.norms, null.norms)
+    with pytest.raises(ConfigError, match="hidden 32"):
+        scan_model(model, backdoor, ds, null=replace(null, hidden=16))
+
+
+def test_null_config_refuses_what_cannot_work():
+    for bad, fragment in ((NullConfig(n_null=1), "n_null"), (NullConfig(alpha=1.0), "alpha"),
+                          (NullConfig(images=1), "images")):
+        with pytest.raises(ConfigError, match=fragment):
+            bad.validate()
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("scan") / "m.npz"
+    assert main(["train", "--hidden", "16", "--train-size", "1000", "--save", str(path)]) == 0
+    return path
+
+
+def test_cli_scan_model_json_and_trigger_files(capsys, saved, tmp_path):
+    capsys.readouterr()
+    out_dir = tmp_path / "out"
+    argv = ["scan-model", "--params", str(saved), "--null-models", "3", "--sample-size",
+            "1000", "--n", "60", "--steps", "20", "--out", str(out_dir), "--format", "json"]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    result = json.loads(out)
+    assert KEYS <= set(result) and result["verdict"] in ("backdoor", "clean")
+    assert len(result["mask_norms"]) == 10 and len(result["attack_rates"]) == 10
+    assert result["n_null"] == 3 and result["threshold"] >= 2.0
+    assert (result["target"] is None) == (result["verdict"] == "clean")
+    names = sorted(p.name for p in out_dir.iterdir())  # no temporary files left
+    assert "triggers.npz" in names and all(not n.startswith(".") for n in names)
+    if "note" not in result:
+        assert "triggers.png" in names
+    with np.load(out_dir / "triggers.npz") as f:
+        assert f["mask"].shape == (10, 28, 28) and f["pattern"].shape == (10, 28, 28, 1)
+    code, out, err = run_cli(capsys, *argv)  # the null comes from the cache this time
+    assert code == 0 and json.loads(out)["null"]["cached"] is True, err
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--null-models", "1"], "--null-models"),
+    (["--alpha", "0"], "--alpha"),
+    (["--steps", "0"], "--steps"),
+    (["--eps", "0.1"], "--eps"),  # an option scan-model does not use
+    (["--n", "999999"], "--n"),
+    (["--sample-size", "9999999"], "--sample-size"),
+])
+def test_cli_scan_model_refusals_are_one_line(capsys, saved, extra, fragment):
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "scan-model", "--params", str(saved), *extra)
+    lines = [ln for ln in err.splitlines() if ln.startswith("mlshift: error:")]
+    assert code == 2 and len(lines) == 1 and fragment in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_cli_scan_model_refuses_a_missing_file_and_an_out_that_is_a_file(capsys, tmp_path,
+                                                                         saved):
+    code, _, err = run_cli(capsys, "scan-model", "--params", str(tmp_path / "nope.npz"))
+    assert code == 2 and err.count("\n") == 1 and "nope.npz" in err, err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run_cli(capsys, "scan-model", "--params", str(saved), "--out", str(blocker))
+    assert code == 2 and err.count("\n") == 1 and "--out" in err, err
+
+
+def test_scan_table_rows_columns_and_report(mnist):
+    from mlshift_jax.bench import report, scan_bench
+
+    tiny = scan_bench.ScanBenchConfig(hidden=8, sample_size=400, kinds=("patch", "sparse"),
+                                      rates=(0.1,), per_cell=1, n_null=2, n_clean=1,
+                                      n_benign=1, images=50, scan=ScanConfig(steps=10, batch=32),
+                                      rounds=1)
+    out = scan_bench.scan_table(mnist, config=tiny)
+    table, summary = out["scan_model"], out["scan_model_summary"]["value"]
+    assert list(table.index) == ["clean", "benign: epochs x2 (2)", "benign: lr x0.5 (0.05)",
+                                 "patch 10%", "sparse 10%"]
+    for col in ("detected", "target_accuracy", "found", "detected_log"):
+        values = table[col].dropna()
+        assert ((values >= 0) & (values <= 1)).all(), col
+    assert table.loc["clean", "target_accuracy"] != table.loc["clean", "target_accuracy"]  # NaN
+    assert summary["threshold"] >= 2.0 and summary["null_models"] == 2
+    assert summary["models"] == 2 + 1 + 2 + 2 and summary["s_per_model_single"] > 0
+    text = report._scan_model(out)
+    assert "scan-model" in text and "patch 10%" in text and "benign" in text
+    with pytest.raises(ConfigError, match="families"):
+        replace(tiny, kinds=("laser",)).validate()
