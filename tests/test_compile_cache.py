@@ -7,7 +7,7 @@ import pytest
 from mlshift_jax.core import compile_cache
 
 KEYS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes")
+        "jax_persistent_cache_min_entry_size_bytes", "jax_compilation_cache_max_size")
 
 
 @pytest.fixture
@@ -32,6 +32,7 @@ def test_enable_points_jax_at_the_folder(tmp_path, monkeypatch, restore):
     assert compile_cache.enable(tmp_path / "c") == tmp_path / "c"
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "c")
     assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+    assert jax.config.jax_compilation_cache_max_size == compile_cache.MAX_BYTES
 
 
 def test_the_users_own_cache_wins(tmp_path, monkeypatch, restore):

@@ -19,12 +19,14 @@ from pathlib import Path
 import jax
 
 OPT_OUT = "MLSHIFT_NO_COMPILE_CACHE"
+MAX_BYTES = 1 << 30  # JAX evicts the least recently used programs beyond this (1 GiB)
 
 
 def enable(folder: str | os.PathLike) -> Path | None:
-    """Cache every compiled program (any compile time, any size) in `folder`; return the folder
-    in use (the user's `JAX_COMPILATION_CACHE_DIR` when set), or None when opted out or the
-    folder cannot be created (a cache is an optimization: never an error)."""
+    """Cache every compiled program (any compile time, any size; at most MAX_BYTES in all) in
+    `folder`; return the folder in use (the user's `JAX_COMPILATION_CACHE_DIR` when set), or
+    None when opted out or the folder cannot be created (a cache is an optimization: never an
+    error)."""
     if os.environ.get(OPT_OUT, "").strip() not in ("", "0"):
         return None
     chosen = os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir
@@ -36,4 +38,6 @@ def enable(folder: str | os.PathLike) -> Path | None:
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if not chosen:  # the user's own cache keeps the user's own limit
+        jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return path
