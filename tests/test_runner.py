@@ -446,3 +446,11 @@ def test_a_speed_record_without_torch_is_recomputed_once_torch_is_there(monkeypa
     assert not runner._lacks_peer({"kind": "attack"})
     monkeypatch.setattr(runner.torch_peer, "available", lambda: False)
     assert not runner._lacks_peer(missing)
+
+
+def test_matmul_steps_does_the_counted_matmuls():
+    w1, w2 = jnp.ones((4, 6)), jnp.ones((3, 4))
+    x = jnp.ones((10, 6))
+    a, b = runner.matmul_steps(w1, w2, x, batch=4)  # two batches; the last 2 rows dropped
+    assert a.shape == (4, 6) and b.shape == (3, 4)
+    assert float(jnp.max(jnp.abs(a - w1))) > 0 and float(jnp.max(jnp.abs(a - w1))) < 1e-3

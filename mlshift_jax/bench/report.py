@@ -328,7 +328,7 @@ def _speed(records: pd.DataFrame) -> str:
             missing = i.get("missing", False)
             spread = i.get("spread")
             if i.get("noisy"):
-                noisy.append(f"{r['workload']}: {i['impl']}")
+                noisy.append(r["workload"])
             table.append({
                 "workload": r["workload"], "implementation": i["impl"],
                 "n": f"{i['n']:,}",
@@ -356,10 +356,14 @@ def _speed(records: pd.DataFrame) -> str:
                 f"({extra['jax_over_xla_floor']:.2f}× that of the same GEMM in XLA).")
         if r["workload"] == "epoch-minibatch" and "over_floor" in extra:
             parts = [f"{k.split(' (')[0]} {v:.2f}×" for k, v in extra["over_floor"].items()]
+            alone = [f"{k.split(' (')[0]} {v:.2f}×"
+                     for k, v in extra.get("over_matmuls", {}).items()]
             lines.append(
                 f"- Minibatch floor: an epoch's matmul FLOPs over the GEMM rate measured in the "
                 f"same rounds ({extra['gemm_gflop_per_s']:.0f} GFLOP/s, one large XLA GEMM); "
-                f"time / floor: {', '.join(parts)}.")
+                f"time / floor: {', '.join(parts)}"
+                + (f"; time / the same matmuls at the batch size alone: {', '.join(alone)}"
+                   if alone else "") + ".")
         if r["workload"] == "population":
             lines.append(f"- Population: {extra['models']} models as one population "
                          f"({extra.get('chunk', '?')} per vmap) take "
@@ -383,8 +387,10 @@ def _speed(records: pd.DataFrame) -> str:
                  "- torch: not installed (`make bench-peers` installs the `peers` extra and "
                  "reruns this table).")
     if noisy:
-        lines.append(f"- Still noisy after {RERUNS} reruns (spread > {NOISY:.0%}): "
-                     + "; ".join(noisy) + ".")
+        counts = {w: noisy.count(w) for w in dict.fromkeys(noisy)}
+        lines.append(f"- Still noisy after {RERUNS} reruns (rows with a spread > {NOISY:.0%}, "
+                     "marked in the table): "
+                     + ", ".join(f"{w} ({c} of its rows)" for w, c in counts.items()) + ".")
     note = ("Each workload's implementations run in the same interleaved rounds (round r "
             "times each once, the order rotating), after one compiling and one warm call each; "
             "median, min – max and `rounds` are over those rounds, and spread = (max − min) / "
