@@ -161,7 +161,7 @@ class SpeedConfig:
     rounds: int
     max_seconds: float
     detect_null: int = 24
-    scan_models: int = 4
+    scan_models: int = 2
     scan_steps: int = 300
 
 
@@ -299,7 +299,7 @@ class Speed:
     population: int = 10
     population_size: int = 10_000
     detect_null: int = 24        # clean retrains in the detection workload's calibration
-    scan_models: int = 4         # models in the detection workload's vmapped scan
+    scan_models: int = 2         # models in the detection workload's vmapped scan
     scan_steps: int = 300        # Adam steps per class of each scan (neural_cleanse default)
 
 
