@@ -354,3 +354,13 @@ def test_tables_md_opens_with_a_summary_and_contents():
 def test_summary_leaves_out_what_did_not_run():
     text = report.summary(_records())
     assert "E1" not in text and "BadNets" not in text and "Validity warnings" in text
+
+
+def test_speed_table_states_the_minibatch_floor():
+    rec = _peer_record(torch=True)
+    rec["workload"], rec["id"] = "epoch-minibatch", "speed/mnist/epoch-minibatch"
+    rec["detail"]["rows"][0].update(over_floor=3.5, over_matmuls=1.25, task="mlp-sgd")
+    rec["detail"]["extra"] = {"gemm_gflop_per_s": 150.0, "torch": "2.13.0", "torch_threads": 2}
+    lines = _speed_lines([rec])
+    floor = next(line for line in lines if line.startswith("- Minibatch floor"))
+    assert "150 GFLOP/s" in floor and "3.50×" in floor and "1.25×" in floor

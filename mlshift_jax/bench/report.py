@@ -354,10 +354,11 @@ def _speed(records: pd.DataFrame) -> str:
                 f"GFLOP runs at {extra['gemm_gflop_per_s']:.0f} GFLOP/s; JAX FGSM takes "
                 f"{extra['jax_over_floor']:.2f}× the floor's time "
                 f"({extra['jax_over_xla_floor']:.2f}× that of the same GEMM in XLA).")
-        if r["workload"] == "epoch-minibatch" and "over_floor" in extra:
-            parts = [f"{k.split(' (')[0]} {v:.2f}×" for k, v in extra["over_floor"].items()]
-            alone = [f"{k.split(' (')[0]} {v:.2f}×"
-                     for k, v in extra.get("over_matmuls", {}).items()]
+        floors = [i for i in impls if _finite(i.get("over_floor"))]
+        if r["workload"] == "epoch-minibatch" and floors:
+            parts = [f"{i['impl'].split(' (')[0]} {i['over_floor']:.2f}×" for i in floors]
+            alone = [f"{i['impl'].split(' (')[0]} {i['over_matmuls']:.2f}×" for i in floors
+                     if _finite(i.get("over_matmuls"))]
             lines.append(
                 f"- Minibatch floor: an epoch's matmul FLOPs over the GEMM rate measured in the "
                 f"same rounds ({extra['gemm_gflop_per_s']:.0f} GFLOP/s, one large XLA GEMM); "
