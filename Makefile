@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test bench bench-quick bench-micro bench-gpu lint sample clean
+.PHONY: test bench bench-quick bench-micro bench-peers bench-gpu lint sample clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "Python >= 3.10 is needed"'
@@ -25,8 +25,17 @@ bench-quick: $(STAMP)
 bench-micro: $(STAMP)
 	$(PY) -m pytest bench -q --benchmark-only --benchmark-autosave
 
+# The speed table with torch beside JAX and numpy: install the peers extra (torch, CPU
+# build), retime the speed cells, then rewrite the tables (every other cell from the cache).
+bench-peers: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[peers]'
+	$(PY) -m mlshift_jax bench --only 'speed/' --force
+	$(PY) -m mlshift_jax bench
+
 # On a machine with an NVIDIA GPU: JAX's CUDA 12 build, then floor check + full matrix.
+# Without one it refuses (one line, exit 2) before installing anything.
 bench-gpu: $(STAMP)
+	scripts/bench_gpu.sh --check
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[cuda12]'
 	scripts/bench_gpu.sh $(PY)
 

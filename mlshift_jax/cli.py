@@ -850,6 +850,10 @@ def main(argv: list[str] | None = None) -> int:
                     if value is not None and not value.strip():
                         raise ConfigError(f"--{name.replace('_', '-')}: expected a path, "
                                           "found an empty string")
+                if args.func is not cmd_bench:  # the bench reports compile times: no cache
+                    from mlshift_jax.core import compile_cache
+
+                    compile_cache.enable(datasets.cache_dir("jax"))
                 args.func(args)
             except MlshiftError as e:
                 print(f"mlshift: error: {_one_line(e)}", file=sys.stderr)

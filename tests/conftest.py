@@ -11,6 +11,9 @@ import pytest
 os.environ.setdefault("MLSHIFT_NO_DOWNLOAD", "1")
 # caches (the detect calibration, downloads) go to a throwaway folder, never the user's
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="mlshift-test-cache-")
+# the CLI's persistent compilation cache (core/compile_cache.py) stays off in the test
+# process: one test turning it on would make every later test write its programs to disk
+os.environ["MLSHIFT_NO_COMPILE_CACHE"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -111,6 +111,63 @@ def test_speed_table_reports_speed_up_vs_numpy():
     assert "7.5e+07× less" in speed and "2.00× the floor" in speed
 
 
+def _peer_record(*, torch: bool, noisy: bool = False) -> dict:
+    def row(impl, median, task="pgd", **kw):
+        return {"impl": impl, "n": 100, "n_timed": 100, "scale": 1.0, "ref": False,
+                "peer": False, "task": task, "note": "", "compile_s": None,
+                "median_s": median, "min_s": median * 0.9, "max_s": median * 1.1,
+                "iqr_s": 0.0, "rounds": 5, "spread": 0.2, "attempts": 1, "noisy": False,
+                **kw}
+
+    rows = [row("jax: PGD", 0.01, spread=0.5 if noisy else 0.2, noisy=noisy),
+            row("numpy: PGD", 0.05, ref=True)]
+    if torch:
+        rows.append(row("torch: PGD", 0.03, peer=True))
+    else:
+        rows.append({"impl": "torch: PGD", "n": 100, "n_timed": 100, "scale": 1.0,
+                     "ref": False, "peer": True, "task": "pgd", "note": "not installed",
+                     "missing": True, "spread": None, "compile_s": None, "median_s": None,
+                     "min_s": None, "max_s": None, "iqr_s": None, "rounds": None})
+    extra = {"steps": 10, "agree_with_numpy": 1.0, "torch": "2.13.0" if torch else None,
+             "torch_threads": 2 if torch else None}
+    return {"id": "speed/mnist/pgd", "kind": "speed", "block": "speed", "dataset": "mnist",
+            "workload": "pgd", "detail": {"rows": rows, "extra": extra}}
+
+
+def _speed_lines(records) -> list[str]:
+    return report._speed(pd.concat([_records(), pd.DataFrame(records)],
+                                   ignore_index=True)).splitlines()
+
+
+def test_speed_table_has_vs_torch_rounds_and_spread():
+    lines = _speed_lines([_peer_record(torch=True)])
+    header = next(line for line in lines if line.startswith("| workload"))
+    for column in ("vs torch", "rounds", "spread", "min – max", "speed-up vs numpy"):
+        assert column in header, column
+    jax_row = next(line for line in lines if "| jax: PGD" in line)
+    assert "3×" in jax_row and "5×" in jax_row and "20%" in jax_row  # torch/jax, numpy/jax
+    assert any("torch: 2.13.0" in line for line in lines)
+
+
+def test_speed_table_without_torch_says_not_installed():
+    lines = _speed_lines([_peer_record(torch=False)])
+    torch_row = next(line for line in lines if "| torch: PGD" in line)
+    assert "not installed" in torch_row
+    jax_row = next(line for line in lines if "| jax: PGD" in line)
+    assert jax_row.count("—") >= 1  # no torch to compare with
+    assert any("make bench-peers" in line for line in lines)
+
+
+def test_speed_table_flags_a_still_noisy_row_and_shows_the_detect_cell():
+    detect = {**_detect_record(), "median_s": 95.0, "peak_rss_bytes": 2.5 * 2**30}
+    lines = _speed_lines([_peer_record(torch=True, noisy=True), detect])
+    assert "(noisy)" in next(line for line in lines if "| jax: PGD" in line)
+    assert any("Still noisy" in line and "pgd (1 of its rows)" in line for line in lines)
+    cell = next(line for line in lines if "detection benchmark cell" in line)
+    assert "95 s" in cell
+    assert "2.50 GiB" in cell
+
+
 def test_write_is_atomic(tmp_path, monkeypatch):
     records = _records()
     report.write(records, tmp_path)
@@ -297,3 +354,13 @@ def test_tables_md_opens_with_a_summary_and_contents():
 def test_summary_leaves_out_what_did_not_run():
     text = report.summary(_records())
     assert "E1" not in text and "BadNets" not in text and "Validity warnings" in text
+
+
+def test_speed_table_states_the_minibatch_floor():
+    rec = _peer_record(torch=True)
+    rec["workload"], rec["id"] = "epoch-minibatch", "speed/mnist/epoch-minibatch"
+    rec["detail"]["rows"][0].update(over_floor=3.5, over_matmuls=1.25, task="mlp-sgd")
+    rec["detail"]["extra"] = {"gemm_gflop_per_s": 150.0, "torch": "2.13.0", "torch_threads": 2}
+    lines = _speed_lines([rec])
+    floor = next(line for line in lines if line.startswith("- Minibatch floor"))
+    assert "150 GFLOP/s" in floor and "3.50×" in floor and "1.25×" in floor

@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
@@ -53,11 +54,15 @@ n_test = [200, 100]
 hidden = 16
 
 [speed]
+workloads = ["fgsm", "pgd", "epoch-per-sample", "epoch-minibatch", "metrics", "population"]
 hidden = 16
 numpy_loop_images = 20
 numpy_epoch_samples = 40
 population = 2
 population_size = 100
+detect_null = 2
+scan_models = 2
+scan_steps = 5
 
 [poison]
 sweeps = ["E7"]
@@ -179,11 +184,22 @@ def test_every_block_runs_tiny(tmp_path):
     e2 = records[records["block"] == "e2"].iloc[0]
     assert e2["detail"]["table"]["index"][:2] == ["sample 1", "sample 2"]
     speed = records[records["kind"] == "speed"].set_index("workload")
-    assert set(speed.index) == set(matrix.SPEED_WORKLOADS)
+    assert set(speed.index) == set(matrix.SPEED_WORKLOADS) - {"detection"}  # its own test
     for workload, r in speed.iterrows():
-        rows = r["detail"]["rows"]
+        rows = [row for row in r["detail"]["rows"] if not row.get("missing")]
         assert all(row["median_s"] > 0 and row["rounds"] >= 1 for row in rows), workload
-        assert sum(row["ref"] for row in rows) == (0 if workload == "epoch-minibatch" else 1)
+        assert sum(row["ref"] for row in rows) == (
+            0 if workload in ("epoch-minibatch", "detection") else 1)
+        torch_rows = [row for row in r["detail"]["rows"] if row["impl"].startswith("torch")]
+        if workload in ("fgsm", "pgd", "epoch-per-sample", "epoch-minibatch"):
+            assert torch_rows and all(row["task"] for row in torch_rows), workload
+            assert all(row.get("missing") for row in torch_rows) != runner.torch_peer.available()
+    minibatch = speed.loc["epoch-minibatch"]["detail"]
+    assert minibatch["extra"]["gemm_gflop_per_s"] > 0
+    epochs = [row for row in minibatch["rows"] if "over_floor" in row]
+    assert {row["task"] for row in epochs} == {"mlp-sgd", "mlp-ce"}
+    assert all(row["over_floor"] > 0 and row["over_matmuls"] > 0 for row in epochs)
+    assert speed.loc["pgd"]["detail"]["extra"]["agree_with_numpy"] > 0.99
     fgsm = speed.loc["fgsm"]["detail"]
     assert fgsm["extra"]["agree_with_numpy"] > 0.99
     loop = next(row for row in fgsm["rows"] if "loop" in row["impl"])
@@ -230,6 +246,120 @@ def test_gemm_floor_has_fgsm_flops():
     assert 2 * a.shape[0] * a.shape[1] * b.shape[1] == runner.fgsm_flops(5, 16, 784, 10)
     assert runner.fgsm_flops(5, 16, 784, 10) == 2 * 5 * (784 * 16 + 16 * 10) * 2
     assert runner.fgsm_flops(5, 16, 192, 5) == 2 * 5 * (192 * 16 + 16 * 5) * 2
+
+
+def _fake_interleaved(spreads):
+    """A stand-in for timing.interleaved whose n-th timed call has spread spreads[n]."""
+    from mlshift_jax.core.timing import _stats
+
+    calls = []
+
+    def fake(fns, *, rounds, warmup=1, sync=None):
+        calls.append(rounds)
+        s = spreads[min(len(calls) - 2, len(spreads) - 1)] if warmup == 0 else 0.0
+        times = [1.0] * rounds if rounds == 1 else [1.0 - s / 2, 1.0, 1.0 + s / 2]
+        return {name: _stats(0.5 if warmup else None, times) for name in fns}
+
+    return fake, calls
+
+
+@pytest.mark.parametrize("spreads, attempts, noisy", [
+    ([0.1], 1, False),            # quiet: one attempt
+    ([0.9, 0.2], 2, False),       # noisy, then quiet: rerun once
+    ([0.9, 0.8, 0.7], 3, True),   # noisy throughout: two reruns, the least noisy kept, flagged
+])
+def test_compare_reruns_a_noisy_comparison(monkeypatch, spreads, attempts, noisy):
+    fake, calls = _fake_interleaved(spreads)
+    monkeypatch.setattr(runner, "interleaved", fake)
+    impls = [runner._Impl("jax", lambda: 1, task="t"),
+             runner._Impl("numpy", lambda: 1, ref=True, compiled=False, task="t")]
+    rows, facts = runner._compare(impls, 10, rounds=3, max_seconds=60.0)
+    assert (facts["attempts"], facts["noisy"]) == (attempts, noisy)
+    assert facts["worst_spread"] == pytest.approx(min(spreads[:attempts]))
+    assert calls == [1] + [3] * attempts  # the warm pass, then the timed attempts
+    assert rows[0]["compile_s"] == 0.5 and rows[1]["compile_s"] is None
+    assert all(r["attempts"] == attempts and r["noisy"] == noisy for r in rows)
+
+
+def test_compare_bounds_rounds_by_the_slowest_call(monkeypatch):
+    fake, calls = _fake_interleaved([0.0])
+    monkeypatch.setattr(runner, "interleaved", fake)
+    impls = [runner._Impl("a", lambda: 1)]
+    runner._compare(impls, 1, rounds=10, max_seconds=1e-9)
+    assert calls[-1] == runner.MIN_ROUNDS
+    runner._compare(impls, 1, rounds=10, max_seconds=1e-9, min_rounds=1)
+    assert calls[-1] == 1
+
+
+def test_without_torch_the_peer_rows_say_not_installed(mnist, monkeypatch):
+    from mlshift_jax.bench.matrix import SpeedConfig
+
+    monkeypatch.setattr(runner.torch_peer, "available", lambda: False)
+    ds = runner.capped(mnist, 100, 50)
+    cfg = SpeedConfig(dataset="mnist", workload="pgd", hidden=8, lr=0.1, eps=0.1, seed=0,
+                      n_train=100, n_test=50, numpy_loop_images=10, numpy_epoch_samples=10,
+                      population=2, population_size=50, rounds=1, max_seconds=1.0)
+    rows, extra = runner._speed_pgd(ds, cfg)
+    torch_row = next(r for r in rows if r["impl"].startswith("torch"))
+    assert torch_row["missing"] and torch_row["note"] == "not installed"
+    assert torch_row["median_s"] is None and extra["torch"] is None
+    assert all(r["median_s"] > 0 for r in rows if not r.get("missing"))
+
+
+def test_detection_workload_times_calibration_detect_and_scans(mnist, monkeypatch):
+    """The plumbing of the detection rows, with the heavy calls replaced by stand-ins (the
+    real ones run in `make bench`; detect and scan have their own tests)."""
+    from mlshift_jax.bench.matrix import SpeedConfig
+    from mlshift_jax.detection import change, neural_cleanse
+
+    seen = {}
+
+    class Null:
+        changed_kinds = ("trigger 0.1",) * 3
+
+    def calibrate(recipe, hidden, ds, config, *, cache_path):
+        seen["calibrate"] = (recipe, hidden, config.n_null, config.sample_size, cache_path)
+        return Null()
+
+    def detect_pair(ref, sus, ds, *, config, cache_path, seed):
+        seen["detect"] = cache_path
+        return {"verdict": "unchanged"}
+
+    monkeypatch.setattr(change, "calibrate", calibrate)
+    monkeypatch.setattr(change, "detect_pair", detect_pair)
+    monkeypatch.setattr(neural_cleanse, "reverse_triggers", lambda *a, **k: seen.setdefault(
+        "single", k["config"].steps))
+    monkeypatch.setattr(neural_cleanse, "scan_population", lambda m, p, *a, **k: seen.setdefault(
+        "population", jax.tree.leaves(p)[0].shape[0]))
+    ds = runner.capped(mnist, 100, 50)
+    cfg = SpeedConfig(dataset="mnist", workload="detection", hidden=8, lr=0.1, eps=0.1, seed=0,
+                      n_train=100, n_test=50, numpy_loop_images=10, numpy_epoch_samples=10,
+                      population=2, population_size=50, rounds=2, max_seconds=1.0,
+                      detect_null=3, scan_models=3, scan_steps=7)
+    rows, extra = runner._speed_detection(ds, cfg)
+    assert [r["task"] for r in rows] == ["calibration", "detect", "detect", "scan", "scan"]
+    assert seen["calibrate"][:4] == ("seed-mlp", 8, 3, 100)
+    assert seen["detect"] == seen["calibrate"][4]  # the detect call finds the cached one
+    assert (seen["single"], seen["population"]) == (7, 3)
+    assert rows[0]["n"] == extra["calibration_members"] == 3 + 3
+    assert rows[-1]["scale"] == pytest.approx(1 / 3)  # the population row: per model
+    assert all(r["median_s"] >= 0 for r in rows)
+
+
+def test_numpy_pgd_stays_in_the_ball_and_range(mnist):
+    rng = np.random.default_rng(0)
+    wih, who = rng.normal(0, 0.1, (8, 784)), rng.normal(0, 0.3, (10, 8))
+    x = np.clip(np.asarray(mnist.x_test[:20], np.float64), 0.01, 1.0)  # float32's 0.01 < 0.01
+    y = np.asarray(mnist.y_test[:20])
+    xa = runner.numpy_pgd(wih, who, x, y, 0.1, 0.01, 1.0, steps=3)
+    assert np.all(np.abs(xa - x) <= 0.1 + 1e-12) and xa.min() >= 0.01 and xa.max() <= 1.0
+    assert np.array_equal(runner.numpy_pgd(wih, who, x, y, 0.0, 0.01, 1.0, steps=3), x)
+
+
+def test_minibatch_flops_count_the_five_matmuls():
+    # forward 784x16 and 16x10, weight gradients the same, the hidden error 10x16
+    assert runner.minibatch_flops(3, 4, 784, 16, 10) == 2 * 3 * 4 * (2 * 784 * 16
+                                                                     + 3 * 16 * 10)
 
 
 def test_measure_keeps_output_and_bounds_rounds():
@@ -308,3 +438,21 @@ def test_detect_cell_lands_in_the_report(tmp_path, monkeypatch):
     text = report.tables_markdown(records)
     for title in ("## Detection", "ROC-AUC", "fingerprint test", "categorizer"):
         assert title in text, title
+
+
+def test_a_speed_record_without_torch_is_recomputed_once_torch_is_there(monkeypatch):
+    missing = {"kind": "speed", "detail": {"rows": [{"impl": "torch: x", "missing": True}]}}
+    timed = {"kind": "speed", "detail": {"rows": [{"impl": "torch: x", "median_s": 1.0}]}}
+    monkeypatch.setattr(runner.torch_peer, "available", lambda: True)
+    assert runner._lacks_peer(missing) and not runner._lacks_peer(timed)
+    assert not runner._lacks_peer({"kind": "attack"})
+    monkeypatch.setattr(runner.torch_peer, "available", lambda: False)
+    assert not runner._lacks_peer(missing)
+
+
+def test_matmul_steps_does_the_counted_matmuls():
+    w1, w2 = jnp.ones((4, 6)), jnp.ones((3, 4))
+    x = jnp.ones((10, 6))
+    a, b = runner.matmul_steps(w1, w2, x, batch=4)  # two batches; the last 2 rows dropped
+    assert a.shape == (4, 6) and b.shape == (3, 4)
+    assert float(jnp.max(jnp.abs(a - w1))) > 0 and float(jnp.max(jnp.abs(a - w1))) < 1e-3

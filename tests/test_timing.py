@@ -117,3 +117,15 @@ def test_interleaved_times_every_implementation_in_every_round():
     assert all(out[n].compile_s is not None and spread(out[n]) >= 0 for n in out)
     with pytest.raises(ConfigError):
         interleaved({}, rounds=2)
+
+
+def test_peak_memory_sees_a_block_that_holds_memory():
+    from mlshift_jax.core.timing import PeakMemory
+
+    if PeakMemory.rss_bytes() is None:
+        pytest.skip("no /proc/self/statm here")
+    start = PeakMemory.rss_bytes()
+    with PeakMemory(interval=0.01) as mem:
+        held = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+        time.sleep(0.05)  # a few samples while it is held
+    assert mem.peak_bytes >= held.nbytes and mem.peak_bytes >= start * 0.99

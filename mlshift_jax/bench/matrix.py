@@ -17,7 +17,7 @@ A matrix file (see `bench/matrix.toml`) has these tables; every key not listed i
                   lr, epochs, seed, n_train
     [speed]       workload x implementation timings: dataset, workloads, hidden, lr, eps, seed,
                   n_train, n_test, numpy_loop_images, numpy_epoch_samples, population,
-                  population_size
+                  population_size, detect_null, scan_models, scan_steps
     [poison]      E4-E7 sweeps + BadNets: dataset, model, sweeps, badnets_models,
                   badnets_n_train, hidden, epochs, seed, n_train, n_test
     [detect]      the detection benchmark: dataset, quick = false, seed
@@ -66,7 +66,8 @@ from mlshift_jax.models.train import OPTIMIZERS
 
 MAX_MATRIX_BYTES = 1 << 20
 SCHEMA = 3  # bump when a record's meaning changes: every cached cell is then recomputed
-SPEED_WORKLOADS = ("fgsm", "epoch-per-sample", "epoch-minibatch", "metrics", "population")
+SPEED_WORKLOADS = ("fgsm", "pgd", "epoch-per-sample", "epoch-minibatch", "metrics",
+                   "population", "detection")
 _ATTACK_FIXED_KW = {"eps", "key", "lo", "hi"}  # targeted attacks may set `target` (default 3)
 
 
@@ -159,6 +160,9 @@ class SpeedConfig:
     population_size: int
     rounds: int
     max_seconds: float
+    detect_null: int = 24
+    scan_models: int = 2
+    scan_steps: int = 300
 
 
 @dataclass(frozen=True)
@@ -294,6 +298,9 @@ class Speed:
     numpy_epoch_samples: int = 2000
     population: int = 10
     population_size: int = 10_000
+    detect_null: int = 24        # clean retrains in the detection workload's calibration
+    scan_models: int = 2         # models in the detection workload's vmapped scan
+    scan_steps: int = 300        # Adam steps per class of each scan (neural_cleanse default)
 
 
 @dataclass(frozen=True)
@@ -557,7 +564,8 @@ def parse(text: str, path: str = "<matrix>") -> Matrix:
         "speed": (Speed, {**common, "dataset": dataset, "workloads": names["workloads"],
                           "eps": chk.float_, "numpy_loop_images": chk.int_,
                           "numpy_epoch_samples": chk.int_, "population": chk.int_,
-                          "population_size": chk.int_}),
+                          "population_size": chk.int_, "detect_null": chk.int_,
+                          "scan_models": chk.int_, "scan_steps": chk.int_}),
         "poison": (Poison, {**common, "dataset": dataset, "model": model,
                             "sweeps": names["sweeps"], "badnets_models": names["models"],
                             "badnets_n_train": chk.opt_rule("n_train"),
@@ -751,7 +759,8 @@ def _speed_cells(matrix: Matrix, sp: Speed) -> list[Cell]:
             n_test=sp.n_test if sp.n_test is not None else matrix.n_test,
             numpy_loop_images=sp.numpy_loop_images, numpy_epoch_samples=sp.numpy_epoch_samples,
             population=sp.population, population_size=sp.population_size,
-            rounds=matrix.timing.rounds, max_seconds=matrix.timing.max_seconds)
+            rounds=matrix.timing.rounds, max_seconds=matrix.timing.max_seconds,
+            detect_null=sp.detect_null, scan_models=sp.scan_models, scan_steps=sp.scan_steps)
         out.append(Cell(f"speed/{sp.dataset}/{workload}", "speed", config))
     return out
 

@@ -41,8 +41,10 @@ import numpy as np
 import pandas as pd
 
 from mlshift_jax.bench import sweeps
+from mlshift_jax.bench.torch_peer import NOT_INSTALLED
 from mlshift_jax.core import fmt, study
 from mlshift_jax.core.files import atomic_path, clean_stale_temps, write_text
+from mlshift_jax.core.timing import NOISY, RERUNS
 from mlshift_jax.data import datasets
 from mlshift_jax.detection import categorize
 
@@ -286,24 +288,63 @@ def _e3(records: pd.DataFrame, warns: dict[str, str], test_sizes: dict[str, int]
     return "\n".join(parts)
 
 
+def _ratio(num: Any, den: Any) -> str:
+    """num / den as "1.23×", or "—" when either is missing or not positive."""
+    if not (_finite(num) and _finite(den)) or num <= 0 or den <= 0:
+        return "—"
+    return f"{num / den:.3g}×"
+
+
+def _detect_cell_rows(records: pd.DataFrame) -> list[dict[str, Any]]:
+    """The speed table's rows for the detection benchmark cells ([detect]): the whole cell's
+    wall time and the process's peak resident memory during it (sampled)."""
+    out = []
+    for _, r in _rows(records, kind="detect").iterrows():
+        peak = r.get("peak_rss_bytes")
+        out.append({
+            "workload": "detection", "implementation": f"the detection benchmark cell "
+            f"({'quick' if 'quick' in str(r.get('id', '')) else r.get('dataset', '')})",
+            "n": "1", "median": fmt_time(r.get("median_s")), "min – max": "—",
+            "rounds": 1, "spread": "—", "compile": "—", "speed-up vs numpy": "—",
+            "vs torch": "—",
+            "note": "one run, compile included" + (
+                f"; peak memory {peak / 2**30:.2f} GiB" if _finite(peak) else ""),
+        })
+    return out
+
+
 def _speed(records: pd.DataFrame) -> str:
     rows = _rows(records, kind="speed")
     if not len(rows):
         return "No speed cells in this run.\n"
     table, lines = [], []
+    noisy = []
     for _, r in rows.iterrows():
         impls = r["detail"]["rows"]
+        extra = r["detail"]["extra"]
         ref = next((i["median_s"] for i in impls if i["ref"]), None)
+        peers = {i.get("task", ""): i["median_s"] for i in impls
+                 if i.get("peer") and not i.get("missing")}
         for i in impls:
+            missing = i.get("missing", False)
+            spread = i.get("spread")
+            if i.get("noisy"):
+                noisy.append(r["workload"])
             table.append({
                 "workload": r["workload"], "implementation": i["impl"],
-                "n": f"{i['n']:,}", "median": fmt_time(i["median_s"]),
-                "min – max": f"{fmt_time(i['min_s'])} – {fmt_time(i['max_s'])}",
-                "rounds": i["rounds"], "compile": fmt_time(i["compile_s"]),
-                "speed-up vs numpy": f"{ref / i['median_s']:.3g}×" if ref else "—",
+                "n": f"{i['n']:,}",
+                "median": NOT_INSTALLED if missing else fmt_time(i["median_s"]),
+                "min – max": "—" if missing else
+                f"{fmt_time(i['min_s'])} – {fmt_time(i['max_s'])}",
+                "rounds": "—" if missing else i["rounds"],
+                "spread": f"{spread:.0%}" + (" (noisy)" if i.get("noisy") else "")
+                if _finite(spread) else "—",
+                "compile": fmt_time(i["compile_s"]),
+                "speed-up vs numpy": "—" if missing or not ref else _ratio(ref, i["median_s"]),
+                "vs torch": "—" if missing or i.get("peer") else
+                _ratio(peers.get(i.get("task", "")), i["median_s"]),
                 "note": ("reference; " if i["ref"] else "") + i["note"],
             })
-        extra = r["detail"]["extra"]
         if r["workload"] == "fgsm":
             lines.append(
                 f"- FGSM per image: JAX {fmt_time(extra['jax_s_per_image'])} vs the study's "
@@ -314,6 +355,17 @@ def _speed(records: pd.DataFrame) -> str:
                 f"GFLOP runs at {extra['gemm_gflop_per_s']:.0f} GFLOP/s; JAX FGSM takes "
                 f"{extra['jax_over_floor']:.2f}× the floor's time "
                 f"({extra['jax_over_xla_floor']:.2f}× that of the same GEMM in XLA).")
+        floors = [i for i in impls if _finite(i.get("over_floor"))]
+        if r["workload"] == "epoch-minibatch" and floors:
+            parts = [f"{i['impl'].split(' (')[0]} {i['over_floor']:.2f}×" for i in floors]
+            alone = [f"{i['impl'].split(' (')[0]} {i['over_matmuls']:.2f}×" for i in floors
+                     if _finite(i.get("over_matmuls"))]
+            lines.append(
+                f"- Minibatch floor: an epoch's matmul FLOPs over the GEMM rate measured in the "
+                f"same rounds ({extra['gemm_gflop_per_s']:.0f} GFLOP/s, one large XLA GEMM); "
+                f"time / floor: {', '.join(parts)}"
+                + (f"; time / the same matmuls at the batch size alone: {', '.join(alone)}"
+                   if alone else "") + ".")
         if r["workload"] == "population":
             lines.append(f"- Population: {extra['models']} models as one population "
                          f"({extra.get('chunk', '?')} per vmap) take "
@@ -323,11 +375,34 @@ def _speed(records: pd.DataFrame) -> str:
         if r["workload"] == "metrics":
             lines.append(f"- Metrics: JAX and numpy scores agree within "
                          f"{extra['max_abs_diff']:.1e}.")
-    note = ("Median wall time of `rounds` calls after a first (compiling) call, inputs on the "
-            "device, each call ended by block_until_ready. Speed-up = the reference numpy "
-            "row's median / this row's median (> 1: faster than numpy). Rows timed on a "
-            "subset are scaled to n, as their note says. All rows of a workload were timed in "
-            "the same run.")
+        if r["workload"] in ("fgsm", "pgd") and "agree_with_numpy" in extra:
+            if r["workload"] == "pgd":
+                lines.append(f"- PGD-{extra.get('steps', 10)}: JAX and numpy agree on "
+                             f"{extra['agree_with_numpy']:.2%} of pixels.")
+    table += _detect_cell_rows(records)
+    versions = sorted({str(r["detail"]["extra"].get("torch")) for _, r in rows.iterrows()
+                       if r["detail"]["extra"].get("torch")})
+    threads = sorted({r["detail"]["extra"].get("torch_threads") for _, r in rows.iterrows()
+                      if r["detail"]["extra"].get("torch_threads")})
+    lines.append(f"- torch: {', '.join(versions)} (CPU build, {threads[0]} threads, passive "
+                 "OpenMP waiting)" if versions else
+                 "- torch: not installed (`make bench-peers` installs the `peers` extra and "
+                 "reruns this table).")
+    if noisy:
+        counts = {w: noisy.count(w) for w in dict.fromkeys(noisy)}
+        lines.append(f"- Still noisy after {RERUNS} reruns (rows with a spread > {NOISY:.0%}, "
+                     "marked in the table): "
+                     + ", ".join(f"{w} ({c} of its rows)" for w, c in counts.items()) + ".")
+    note = ("Each workload's implementations run in the same interleaved rounds (round r "
+            "times each once, the order rotating), after one compiling and one warm call each; "
+            "median, min – max and `rounds` are over those rounds, and spread = (max − min) / "
+            f"median. A workload with a spread over {NOISY:.0%} is rerun (up to {RERUNS} times) "
+            "and its least noisy attempt kept. Inputs are on the device, each call ended by "
+            "block_until_ready. Speed-up = the numpy reference row's median / this row's; vs "
+            "torch = the torch row's (same task: torchattacks-style autograd for FGSM, the same "
+            "recipe for a minibatch epoch) / this row's (> 1: faster). Rows timed on a subset "
+            "are scaled to n, as their note says. 'not installed': torch (the `peers` extra) "
+            "is missing.")
     return _md(pd.DataFrame(table), note, index=False) + "\n" + "\n".join(lines) + "\n"
 
 

@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -51,7 +52,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from mlshift_jax.attacks import defenses, evasion, obfuscation
-from mlshift_jax.bench import detection_bench, stability, sweeps
+from mlshift_jax.bench import detection_bench, stability, sweeps, torch_peer
 from mlshift_jax.bench.matrix import (
     AttackConfig,
     Cell,
@@ -70,7 +71,16 @@ from mlshift_jax.bench.matrix import (
 from mlshift_jax.core import sharding, study
 from mlshift_jax.core.errors import ConfigError, DataError
 from mlshift_jax.core.files import clean_stale_temps, load_params, save_params, write_text
-from mlshift_jax.core.timing import Timing, time_call, time_once
+from mlshift_jax.core.timing import (
+    NOISY,
+    RERUNS,
+    PeakMemory,
+    Timing,
+    interleaved,
+    spread,
+    time_call,
+    time_once,
+)
 from mlshift_jax.data import datasets
 from mlshift_jax.models import baseline, population, zoo
 from mlshift_jax.models.metrics import SCORE_NAMES, evaluate, evaluate_arrays
@@ -420,12 +430,93 @@ def _stability_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force:
     }
 
 
+# --- speed cells: every implementation of a workload timed in the same interleaved rounds ------
+
+MIN_ROUNDS = 3   # a comparison takes at least this many rounds (a median needs a few)
+
+
+class _Impl(NamedTuple):
+    """One implementation of a speed workload, ready to time.
+
+    fn: no arguments, inputs bound and already on their device; n_timed: items one call
+    handles when fewer than the row's n (the row is scaled to n); ref: the numpy reference
+    ("speed-up vs numpy" divides by it); peer: the torch row "vs torch" divides by, for the
+    rows of the same `task`; compiled: the first call traces and compiles (JAX)."""
+
+    impl: str
+    fn: Callable[[], Any]
+    n_timed: int | None = None
+    ref: bool = False
+    peer: bool = False
+    compiled: bool = True
+    task: str = ""
+    note: str = ""
+
+
 def _row(impl: str, timing: Timing, n: int, *, n_timed: int | None = None, ref: bool = False,
-         note: str = "") -> dict[str, Any]:
+         note: str = "", peer: bool = False, task: str = "") -> dict[str, Any]:
     """One implementation's timing, scaled from n_timed items to n when it ran on a subset."""
     n_timed = n if n_timed is None else n_timed
     return {"impl": impl, "n": n, "n_timed": n_timed, "scale": n / n_timed, "ref": ref,
-            "note": note, **_timing_fields(timing, n / n_timed)}
+            "peer": peer, "task": task, "note": note, "spread": spread(timing),
+            **_timing_fields(timing, n / n_timed)}
+
+
+def _missing_row(impl: str, n: int, *, task: str = "", note: str = torch_peer.NOT_INSTALLED
+                 ) -> dict[str, Any]:
+    """A row for an implementation that could not run here (torch not installed)."""
+    return {"impl": impl, "n": n, "n_timed": n, "scale": 1.0, "ref": False, "peer": True,
+            "task": task, "note": note, "missing": True, "spread": None,
+            **dict.fromkeys(TIMING_FIELDS)}
+
+
+def _compare(impls: list[_Impl], n: int, *, rounds: int, max_seconds: float,
+             min_rounds: int = MIN_ROUNDS) -> tuple[list[dict], dict]:
+    """Time `impls` in the same interleaved rounds (`timing.interleaved`); -> (rows, facts).
+
+    After one compiling call and one warm call each, the round count is `rounds`, fewer
+    (down to `min_rounds`) where the slowest warm call times it would pass `max_seconds`.
+    When any row's spread exceeds NOISY the rounds are taken again (up to RERUNS times) and
+    the least noisy attempt is kept; facts: rounds, attempts, worst spread, noisy (still
+    above NOISY after the reruns)."""
+    fns = {i.impl: i.fn for i in impls}
+    first = interleaved(fns, rounds=1, warmup=1)
+    slowest = max(t.median_s for t in first.values())
+    k = max(min_rounds, min(rounds, int(max_seconds / max(slowest, 1e-9))))
+    best: tuple[float, dict[str, Timing]] | None = None
+    attempts = 0
+    for _ in range(1 + RERUNS):
+        attempts += 1
+        got = interleaved(fns, rounds=k, warmup=0)
+        worst = max(spread(t) for t in got.values())
+        if best is None or worst < best[0]:
+            best = (worst, got)
+        if worst <= NOISY:
+            break
+    worst, got = best
+    rows = []
+    for i in impls:
+        t = got[i.impl]._replace(compile_s=first[i.impl].compile_s if i.compiled else None)
+        rows.append({**_row(i.impl, t, n, n_timed=i.n_timed, ref=i.ref, note=i.note,
+                            peer=i.peer, task=i.task),
+                     "attempts": attempts, "noisy": spread(t) > NOISY})
+    return rows, {"rounds": k, "attempts": attempts, "worst_spread": worst,
+                  "noisy": worst > NOISY}
+
+
+def _peers(make: Callable[[], list[_Impl]], missing: list[tuple[str, str]], n: int
+           ) -> tuple[list[_Impl], list[dict]]:
+    """The torch implementations `make()` builds, or, without torch, "not installed" rows
+    for `missing` ((impl, task) pairs)."""
+    if not torch_peer.available():
+        return [], [_missing_row(impl, n, task=task) for impl, task in missing]
+    return make(), []
+
+
+def _torch_facts() -> dict[str, Any]:
+    if not torch_peer.available():
+        return {"torch": None}
+    return {"torch": torch_peer.version(), "torch_threads": torch_peer.threads()}
 
 
 def _seed_mlp(ds: datasets.Dataset, cfg: SpeedConfig) -> Model:
@@ -440,33 +531,50 @@ def _speed_fgsm(ds: datasets.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
     xn, yn = np.asarray(ds.x_test), np.asarray(ds.y_test)
     wih, who = np.asarray(params["wih"]), np.asarray(params["who"])  # float32
     n, k = len(yn), min(cfg.numpy_loop_images, len(yn))
-    timed = partial(measure, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
-    t_jax, x_adv = timed(partial(evasion.fgsm, model, params, eps=cfg.eps), x, y)
     lo, hi = model.input_range
-    t_np, x_np = timed(lambda a, b: baseline.fgsm_batched(wih, who, a, b, cfg.eps, lo, hi),
-                       xn, yn, compiled=False)
-    t_loop, _ = _once(lambda a, b: baseline.fgsm_loop(wih, who, a, b, cfg.eps, lo, hi),
-                      xn[:k], yn[:k])
     d, n_out = model.n_inputs, model.n_classes
     a, b = gemm_floor_operands(n, cfg.hidden, d, n_out)
-    t_floor, _ = timed(np.matmul, a, b, compiled=False)
-    t_xla, _ = timed(_matmul_jit, *jax.device_put((a, b)))
+    ad, bd = jax.device_put((a, b))
     flops = fgsm_flops(n, cfg.hidden, d, n_out)
-    rows = [
-        _row("jax: jit(vmap(grad)), float32", t_jax, n),
-        _row("numpy: batched matrix form, float32", t_np, n, ref=True),
-        _row("numpy: per-image loop (the study's way), float32", t_loop._replace(compile_s=None),
-             n, n_timed=k, note=f"timed on the first {k} images, scaled x{n / k:g}"),
-        _row("numpy: GEMM floor, float32", t_floor, n,
-             note=f"one [{n}, {d + n_out}] @ [{d + n_out}, {2 * cfg.hidden}] GEMM = FGSM's "
-                  f"{flops / 1e9:.2f} GFLOP"),
-        _row("jax: the same GEMM, jit, float32", t_xla, n, note="XLA's GEMM floor"),
+    impls = [
+        _Impl("jax: jit(vmap(grad)), float32", partial(evasion.fgsm, model, params, x, y,
+                                                       eps=cfg.eps)),
+        _Impl("numpy: batched matrix form, float32",
+              partial(baseline.fgsm_batched, wih, who, xn, yn, cfg.eps, lo, hi), ref=True,
+              compiled=False),
+        _Impl("numpy: per-image loop (the study's way), float32",
+              partial(baseline.fgsm_loop, wih, who, xn[:k], yn[:k], cfg.eps, lo, hi),
+              n_timed=k, compiled=False, note=f"timed on the first {k} images, scaled x{n / k:g}"),
+        _Impl("numpy: GEMM floor, float32", partial(np.matmul, a, b), compiled=False,
+              note=f"one [{n}, {d + n_out}] @ [{d + n_out}, {2 * cfg.hidden}] GEMM = FGSM's "
+                   f"{flops / 1e9:.2f} GFLOP"),
+        _Impl("jax: the same GEMM, jit, float32", partial(_matmul_jit, ad, bd),
+              note="XLA's GEMM floor"),
     ]
-    jax_per_image = t_jax.median_s / n
+    names = [("torch: FGSM, autograd", "fgsm"), ("torch: FGSM, matrix-form gradient", "fgsm")]
+
+    def make():
+        out = []
+        for analytic in (False, True):
+            p = torch_peer.prepared_fgsm(wih, who, xn, yn, cfg.eps, lo, hi, analytic=analytic)
+            out.append(_Impl(p.name, p.run, peer=not analytic, compiled=False, task="fgsm",
+                             note="the torchattacks way" if not analytic else ""))
+        return out
+
+    peers, missing = _peers(make, names, n)
+    impls = [i._replace(task="fgsm") for i in impls] + peers
+    rows, facts = _compare(impls, n, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
+    rows += missing
+    t = {r["impl"]: r["median_s"] for r in rows}
+    t_jax, t_floor = t[impls[0].impl], t["numpy: GEMM floor, float32"]
+    x_adv = evasion.fgsm(model, params, x, y, eps=cfg.eps)
+    x_np = baseline.fgsm_batched(wih, who, xn, yn, cfg.eps, lo, hi)
+    jax_per_image = t_jax / n
     extra = {
-        "flops": flops, "gemm_gflop_per_s": flops / t_floor.median_s / 1e9,
-        "jax_over_floor": t_jax.median_s / t_floor.median_s,
-        "jax_over_xla_floor": t_jax.median_s / t_xla.median_s,
+        **facts, **_torch_facts(),
+        "flops": flops, "gemm_gflop_per_s": flops / t_floor / 1e9,
+        "jax_over_floor": t_jax / t_floor,
+        "jax_over_xla_floor": t_jax / t["jax: the same GEMM, jit, float32"],
         "jax_s_per_image": jax_per_image, "study_s_per_image": study.e3_seconds_per_image(),
         "study_over_jax_per_image": study.e3_seconds_per_image() / jax_per_image,
         "agree_with_numpy": float(np.mean(np.asarray(x_adv) == x_np)),
@@ -474,42 +582,169 @@ def _speed_fgsm(ds: datasets.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
     return rows, extra
 
 
+def numpy_pgd(wih, who, x, y, eps: float, lo: float, hi: float, *, steps: int) -> np.ndarray:
+    """PGD-L∞ (Madry et al. 2018) in numpy from x (no random start): `steps` steps of
+    2.5 * eps / steps along the sign of `baseline.input_grad_batched`, each projected on the
+    eps-ball and [lo, hi]. x: [n, D] -> [n, D]."""
+    step = 2.5 * eps / steps
+    xa = np.array(x)
+    for _ in range(steps):
+        xa = xa + step * np.sign(baseline.input_grad_batched(wih, who, xa, y))
+        xa = np.clip(np.clip(xa, x - eps, x + eps), lo, hi)
+    return xa
+
+
+def _speed_pgd(ds: datasets.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
+    steps = evasion.PGD_STEPS
+    model = _seed_mlp(ds, cfg)
+    params = model.init(jax.random.key(cfg.seed))
+    x, y = jax.device_put(ds.x_test), jax.device_put(ds.y_test)
+    xn, yn = np.asarray(ds.x_test), np.asarray(ds.y_test)
+    wih, who = np.asarray(params["wih"]), np.asarray(params["who"])
+    lo, hi = model.input_range
+    n = len(yn)
+    jax_pgd = partial(evasion.pgd, model, params, x, y, eps=cfg.eps, steps=steps,
+                      random_start=False)
+    impls = [
+        _Impl(f"jax: PGD-{steps}, one fori_loop, float32", jax_pgd, task="pgd",
+              note="no random start (as the peers)"),
+        _Impl(f"numpy: PGD-{steps}, batched matrix form, float32",
+              partial(numpy_pgd, wih, who, xn, yn, cfg.eps, lo, hi, steps=steps), ref=True,
+              compiled=False, task="pgd"),
+    ]
+
+    def make():
+        p = torch_peer.prepared_pgd(wih, who, xn, yn, cfg.eps, lo, hi, steps=steps)
+        return [_Impl(p.name, p.run, peer=True, compiled=False, task="pgd")]
+
+    peers, missing = _peers(make, [(f"torch: PGD-{steps}, autograd", "pgd")], n)
+    rows, facts = _compare(impls + peers, n, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
+    agree = float(np.mean(np.asarray(jax_pgd()) == numpy_pgd(wih, who, xn, yn, cfg.eps, lo,
+                                                             hi, steps=steps)))
+    return rows + missing, {**facts, **_torch_facts(), "steps": steps, "agree_with_numpy": agree}
+
+
 def _speed_epoch_per_sample(ds: datasets.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
     model = _seed_mlp(ds, cfg)
     params = model.init(jax.random.key(cfg.seed))
     x, y = jax.device_put(ds.x_train), jax.device_put(ds.y_train)
     n, k = len(ds.y_train), min(cfg.numpy_epoch_samples, len(ds.y_train))
-    t_jax, _ = measure(partial(train_seed_sgd, lr=cfg.lr, epochs=1), params, x, y,
-                       rounds=cfg.rounds, max_seconds=cfg.max_seconds)
-    net = baseline.neuralNetwork(model.n_inputs, cfg.hidden, model.n_classes, cfg.lr,
-                                 wih=np.asarray(params["wih"]),
-                                 who=np.asarray(params["who"]))  # float64, as the study
+    wih, who = np.asarray(params["wih"]), np.asarray(params["who"])
     xs, ys = np.asarray(ds.x_train[:k], np.float64), np.asarray(ds.y_train[:k])
-    t_np, _ = _once(net.train_epoch, xs, ys)
-    rows = [
-        _row("jax: one lax.scan, float32", t_jax, n),
-        _row("numpy: neuralNetwork.train_epoch (the study's loop), float64",
-             t_np._replace(compile_s=None), n, n_timed=k, ref=True,
-             note=f"timed on the first {k} samples, scaled x{n / k:g}"),
+
+    def numpy_epoch():  # a fresh float64 network each call, as the study starts one
+        net = baseline.neuralNetwork(model.n_inputs, cfg.hidden, model.n_classes, cfg.lr,
+                                     wih=wih.astype(np.float64), who=who.astype(np.float64))
+        net.train_epoch(xs, ys)
+
+    subset = f"timed on the first {k} samples, scaled x{n / k:g}"
+    impls = [
+        _Impl("jax: one lax.scan, float32", partial(train_seed_sgd, params, x, y, lr=cfg.lr,
+                                                    epochs=1), task="epoch"),
+        _Impl("numpy: neuralNetwork.train_epoch (the study's loop), float64", numpy_epoch,
+              n_timed=k, ref=True, compiled=False, task="epoch", note=subset),
     ]
-    return rows, {"samples": n}
+
+    def make():
+        p = torch_peer.prepared_seed_epoch(wih, who, ds.x_train[:k], ds.y_train[:k], cfg.lr)
+        return [_Impl(p.name, p.run, n_timed=k, peer=True, compiled=False, task="epoch",
+                      note=subset)]
+
+    peers, missing = _peers(
+        make, [("torch: the study's per-sample rule, in place, float32", "epoch")], n)
+    rows, facts = _compare(impls + peers, n, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
+    return rows + missing, {**facts, **_torch_facts(), "samples": n}
+
+
+def minibatch_flops(n_batches: int, batch: int, n_in: int, hidden: int, n_out: int) -> int:
+    """FLOPs of the matmuls of one minibatch epoch of a one-hidden-layer MLP: per batch the
+    forward x @ w1.T and h @ w2.T, the backward weight gradients (same sizes) and the hidden
+    error d2 @ w2 (no input gradient); 2 FLOPs per multiply-add."""
+    return 2 * n_batches * batch * (2 * n_in * hidden + 3 * hidden * n_out)
+
+
+@partial(jax.jit, static_argnames=("batch",))
+def matmul_steps(w1: jax.Array, w2: jax.Array, x: jax.Array, *, batch: int):
+    """Only the five matmuls of each minibatch step of a one-hidden-layer MLP (those
+    `minibatch_flops` counts), over x's batches in one `lax.scan`: the floor of a minibatch
+    epoch at its batch size, without activations, loss, optimizer or shuffling.
+    w1: [h, D], w2: [K, h], x: [n, D]; -> (w1, w2) after tiny updates (kept so that no matmul
+    is loop-invariant)."""
+    n_batches = x.shape[0] // batch
+    xs = x[: n_batches * batch].reshape(n_batches, batch, -1)
+
+    def step(w, xb):
+        a, b = w
+        h = xb @ a.T
+        o = h @ b.T
+        d1 = o @ b
+        return (a - 1e-9 * (d1.T @ xb), b - 1e-9 * (o.T @ h)), None
+
+    return jax.lax.scan(step, (w1, w2), xs)[0]
 
 
 def _speed_epoch_minibatch(ds: datasets.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
     x, y = jax.device_put(ds.x_train), jax.device_put(ds.y_train)
-    rows = []
+    n = len(ds.y_train)
+    impls, names, flops, batches = [], [], {}, {}
+
+    def make():
+        return [_Impl(p.name, p.run, peer=True, compiled=False, task=task)
+                for task, p in torch_ready]
+
+    torch_ready = []
     for name in ("mlp-sgd", "mlp-ce"):
         recipe = get_recipe(name)
         tc = resolve(recipe, TrainConfig(hidden=cfg.hidden, epochs=1, seed=cfg.seed))
         k_init, k_shuffle = jax.random.split(jax.random.key(cfg.seed))
         model = recipe.build(ds.spec, tc)
         params = model.init(k_init)
-        fn = partial(train_minibatch, k_shuffle, model=model, optimizer=tc.optimizer,
-                     lr=float(tc.lr), batch_size=tc.batch_size, epochs=1)
-        t, _ = measure(fn, params, x, y, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
-        rows.append(_row(f"jax: {name} ({tc.optimizer}, batch {tc.batch_size}), one scan", t,
-                         len(ds.y_train), note="no numpy counterpart"))
-    return rows, {"samples": len(ds.y_train)}
+        n_batches = n // tc.batch_size
+        batches[name] = tc.batch_size
+        flops[name] = minibatch_flops(n_batches, tc.batch_size, model.n_inputs, cfg.hidden,
+                                      model.n_classes)
+        if not any(i.task == f"matmuls-{tc.batch_size}" for i in impls):
+            w1 = jnp.zeros((cfg.hidden, x.shape[1]), jnp.float32)
+            w2 = jnp.zeros((ds.n_classes, cfg.hidden), jnp.float32)
+            impls.append(_Impl(
+                f"jax: only the matmuls, batch {tc.batch_size}, one scan",
+                partial(matmul_steps, w1, w2, x, batch=tc.batch_size),
+                task=f"matmuls-{tc.batch_size}",
+                note="the epoch's five matmuls per step and nothing else"))
+        impls.append(_Impl(
+            f"jax: {name} ({tc.optimizer}, batch {tc.batch_size}), one scan",
+            partial(train_minibatch, k_shuffle, params, x, y, model=model,
+                    optimizer=tc.optimizer, lr=float(tc.lr), batch_size=tc.batch_size,
+                    epochs=1), task=name))
+        names.append((f"torch: {name} ({tc.optimizer}, batch {tc.batch_size}), torch.optim",
+                      name))
+        if torch_peer.available():  # the same shuffle as train_minibatch's first epoch
+            order = np.asarray(jax.random.permutation(jax.random.fold_in(k_shuffle, 0), n))
+            torch_ready.append((name, torch_peer.prepared_minibatch(
+                name, jax.tree.map(np.asarray, params), ds.x_train, ds.y_train, order,
+                lr=float(tc.lr), batch_size=tc.batch_size, optimizer=tc.optimizer)))
+    d, n_out = x.shape[1], ds.n_classes
+    a, b = gemm_floor_operands(n, cfg.hidden, d, n_out)
+    gemm = 2 * n * (d + n_out) * 2 * cfg.hidden
+    impls.append(_Impl("jax: one GEMM, jit, float32", partial(_matmul_jit, *jax.device_put((a, b))),
+                       task="gemm", note=f"[{n}, {d + n_out}] @ [{d + n_out}, "
+                                         f"{2 * cfg.hidden}]: the machine's GEMM rate"))
+    peers, missing = _peers(make, names, n)
+    rows, facts = _compare(impls + peers, n, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
+    t = {r["impl"]: r["median_s"] for r in rows}
+    rate = gemm / t["jax: one GEMM, jit, float32"]
+    for row in rows:  # each epoch's floor ratios live in its row (records.csv: plain values)
+        if row["task"] in flops:
+            row["flops"] = flops[row["task"]]
+            row["floor_s"] = flops[row["task"]] / rate
+            row["over_floor"] = row["median_s"] / row["floor_s"]
+            matmuls = t[f"jax: only the matmuls, batch {batches[row['task']]}, one scan"]
+            row["over_matmuls"] = row["median_s"] / matmuls
+            row["note"] = (f"{flops[row['task']] / 1e9:.1f} GFLOP: "
+                           f"{row['over_floor']:.2f}× its GEMM floor, "
+                           f"{row['over_matmuls']:.2f}× its matmuls alone")
+    return rows + missing, {**facts, **_torch_facts(), "samples": n,
+                            "gemm_gflop_per_s": rate / 1e9}
 
 
 def _speed_metrics(ds: datasets.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
@@ -517,17 +752,17 @@ def _speed_metrics(ds: datasets.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
     params = model.init(jax.random.key(cfg.seed))
     x, y = jax.device_put(ds.x_test), jax.device_put(ds.y_test)
     wih, who = np.asarray(params["wih"]), np.asarray(params["who"])
-    timed = partial(measure, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
-    t_jax, s_jax = timed(partial(evaluate_arrays, model, params), x, y)
-    t_np, s_np = timed(partial(numpy_evaluate, wih, who), np.asarray(ds.x_test),
-                       np.asarray(ds.y_test), compiled=False)
+    xn, yn = np.asarray(ds.x_test), np.asarray(ds.y_test)
     n = len(ds.y_test)
-    rows = [_row("jax: metrics.evaluate (forward + 5 scores), float32", t_jax, n),
-            _row("numpy: forward + argmax + bincount P/R/F1, float32", t_np, n, ref=True)]
+    impls = [_Impl("jax: metrics.evaluate (forward + 5 scores), float32",
+                   partial(evaluate_arrays, model, params, x, y), task="metrics"),
+             _Impl("numpy: forward + argmax + bincount P/R/F1, float32",
+                   partial(numpy_evaluate, wih, who, xn, yn), ref=True, compiled=False,
+                   task="metrics")]
+    rows, facts = _compare(impls, n, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
+    s_jax, s_np = evaluate_arrays(model, params, x, y), numpy_evaluate(wih, who, xn, yn)
     diff = max(abs(float(s_jax[m]) - s_np[m]) for m in SCORE_NAMES)
-    return rows, {"max_abs_diff": diff}
-
-
+    return rows, {**facts, "max_abs_diff": diff}
 
 
 def _speed_population(ds: datasets.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
@@ -538,49 +773,115 @@ def _speed_population(ds: datasets.Dataset, cfg: SpeedConfig) -> tuple[list, dic
     model = _seed_mlp(ds, cfg)
     params = init_population(model, keys)
     xs, ys = jax.device_put(ds.x_train[idx]), jax.device_put(ds.y_train[idx])
-    timed = partial(measure, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
     chunk = population.chunk_size(m, size, model.n_inputs)
-    t_pop, _ = timed(partial(train_seed_sgd_population, lr=cfg.lr, epochs=1, chunk=chunk),
-                     params, xs, ys)
-    t_vmap, _ = timed(partial(train_seed_sgd_population, lr=cfg.lr, epochs=1), params, xs, ys)
     singles = [(jax.tree.map(lambda a, i=i: a[i], params), xs[i], ys[i]) for i in range(m)]
 
-    def separate(models):
-        return [train_seed_sgd(p, a, b, lr=cfg.lr, epochs=1) for p, a, b in models]
+    def separate():
+        return [train_seed_sgd(p, a, b, lr=cfg.lr, epochs=1) for p, a, b in singles]
 
-    t_sep, _ = timed(separate, singles)
     k = max(1, min(cfg.numpy_epoch_samples // m, size))
-    nets = [baseline.neuralNetwork(model.n_inputs, cfg.hidden, model.n_classes, cfg.lr,
-                                   wih=np.asarray(p["wih"]),
-                                   who=np.asarray(p["who"])) for p, _, _ in singles]
+    weights = [(np.asarray(p["wih"], np.float64), np.asarray(p["who"], np.float64))
+               for p, _, _ in singles]
     subsets = [(np.asarray(ds.x_train[i[:k]], np.float64), ds.y_train[i[:k]]) for i in idx]
 
-    def numpy_population():
-        for net, (a, b) in zip(nets, subsets, strict=True):
-            net.train_epoch(a, b)
+    def numpy_population():  # fresh networks each call, from the same initial weights
+        for (wih, who), (a, b) in zip(weights, subsets, strict=True):
+            baseline.neuralNetwork(model.n_inputs, cfg.hidden, model.n_classes, cfg.lr,
+                                   wih=wih, who=who).train_epoch(a, b)
 
-    t_np, _ = _once(numpy_population)
     total = m * size
-    rows = [
-        _row(f"jax: {m} models as one population ({chunk} per vmap, the harness's choice "
-             f"on {jax.default_backend()})", t_pop, total),
-        _row(f"jax: {m} models in one vmap", t_vmap, total),
-        _row(f"jax: {m} separate trainings (one jit, called {m} times)", t_sep, total),
-        _row(f"numpy: {m} x neuralNetwork.train_epoch, float64", t_np._replace(compile_s=None),
-             total, n_timed=m * k, ref=True,
-             note=f"timed on {k} samples per model, scaled x{size / k:g}"),
+    impls = [
+        _Impl(f"jax: {m} models as one population ({chunk} per vmap, the harness's choice "
+              f"on {jax.default_backend()})",
+              partial(train_seed_sgd_population, params, xs, ys, lr=cfg.lr, epochs=1,
+                      chunk=chunk), task="population"),
+        _Impl(f"jax: {m} models in one vmap",
+              partial(train_seed_sgd_population, params, xs, ys, lr=cfg.lr, epochs=1),
+              task="population"),
+        _Impl(f"jax: {m} separate trainings (one jit, called {m} times)", separate,
+              task="population"),
+        _Impl(f"numpy: {m} x neuralNetwork.train_epoch, float64", numpy_population,
+              n_timed=m * k, ref=True, compiled=False, task="population",
+              note=f"timed on {k} samples per model, scaled x{size / k:g}"),
     ]
-    return rows, {"models": m, "size": size, "chunk": chunk,
-                  "population_over_separate": t_pop.median_s / t_sep.median_s,
-                  "vmap_over_separate": t_vmap.median_s / t_sep.median_s}
+    rows, facts = _compare(impls, total, rounds=cfg.rounds, max_seconds=cfg.max_seconds)
+    t_pop, t_vmap, t_sep = (r["median_s"] for r in rows[:3])
+    return rows, {**facts, "models": m, "size": size, "chunk": chunk,
+                  "population_over_separate": t_pop / t_sep,
+                  "vmap_over_separate": t_vmap / t_sep}
+
+
+def _speed_detection(ds: datasets.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
+    """The detection workload's cost: `detect`'s calibration (a population of clean and
+    poisoned retrains), a `detect_pair` call once the calibration is cached (first call,
+    compiling, and warm), and the Neural Cleanse trigger search of one model and of a
+    vmapped population (`neural_cleanse.reverse_triggers`, `scan_population`). Each is too
+    slow for rounds: one timed call after the compiling one (`_twice`)."""
+    from mlshift_jax.detection import change, neural_cleanse
+
+    n = len(ds.y_train)
+    size = min(10_000, n)
+    model = _seed_mlp(ds, cfg)
+    m = max(2, cfg.scan_models)
+    keys = jax.random.split(jax.random.key(cfg.seed), m)
+    stacked = train_seed_sgd_population(init_population(model, keys),
+                                        jax.device_put(ds.x_train[:size]),
+                                        jax.device_put(ds.y_train[:size]), lr=cfg.lr, epochs=1)
+    ref, sus = (jax.tree.map(lambda a, i=i: a[i], stacked) for i in (0, 1))
+    calib = change.CalibrationConfig(n_null=cfg.detect_null, sample_size=size, seed=cfg.seed)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        t_cal, null = _once(lambda: change.calibrate("seed-mlp", cfg.hidden, ds, calib,
+                                                     cache_path=tmp))
+        members = cfg.detect_null + len(null.changed_kinds)
+        rows.append(_row(f"calibrate: {members} retrains on {size:,} images (one population), "
+                         "probes answered, cached", t_cal._replace(compile_s=None), members,
+                         task="calibration", note="once; compile included"))
+        detect = partial(change.detect_pair, ref, sus, ds, config=calib, cache_path=tmp,
+                         seed=cfg.seed)
+        jax.clear_caches()  # as a fresh `mlshift detect` process: every program compiles
+        t_cold, _ = _once(detect)
+        rows.append(_row("detect_pair, cached calibration, first call", t_cold._replace(
+            compile_s=None), 1, task="detect",
+            note="traces and compiles; the CLI's compilation cache skips the compiling"))
+        rows += _twice([_Impl("detect_pair, cached calibration, warm", detect,
+                              compiled=False, task="detect", note="the call again")], 1)
+    k = min(500, len(ds.y_test))
+    xs, ys = jax.device_put(ds.x_test[:k]), jax.device_put(ds.y_test[:k])
+    scan_cfg = neural_cleanse.ScanConfig(steps=cfg.scan_steps)
+    key = jax.random.key(cfg.seed)
+    scans = [
+        _Impl(f"scan-model: reverse_triggers, 1 model ({scan_cfg.steps} steps x "
+              f"{model.n_classes} classes)",
+              partial(neural_cleanse.reverse_triggers, model, ref, xs, ys, key=key,
+                      config=scan_cfg), task="scan"),
+        _Impl(f"scan-model: scan_population, {m} models in one jit",
+              partial(neural_cleanse.scan_population, model, stacked, xs, ys, key=key,
+                      config=scan_cfg), n_timed=m, task="scan",
+              note=f"per model (the call scans {m}; chunk: the CPU/accelerator default)"),
+    ]
+    rows += _twice(scans, 1)
+    return rows, {"calibration_members": members, "sample_size": size, "scan_models": m,
+                  "scan_images": k, "scan_steps": scan_cfg.steps}
+
+
+def _twice(impls: list[_Impl], n: int) -> list[dict]:
+    """Rows for work too slow for rounds (the detection workload): each implementation called
+    twice, the first call its compile_s (when compiled), the second its one timed round."""
+    got = interleaved({i.impl: i.fn for i in impls}, rounds=1, warmup=1)
+    return [_row(i.impl, got[i.impl]._replace(compile_s=got[i.impl].compile_s if i.compiled
+                                               else None), n, n_timed=i.n_timed,
+                 note=i.note, task=i.task) for i in impls]
 
 
 SPEED_WORKLOADS: dict[str, Callable[[datasets.Dataset, SpeedConfig], tuple[list, dict]]] = {
     "fgsm": _speed_fgsm,
+    "pgd": _speed_pgd,
     "epoch-per-sample": _speed_epoch_per_sample,
     "epoch-minibatch": _speed_epoch_minibatch,
     "metrics": _speed_metrics,
     "population": _speed_population,
+    "detection": _speed_detection,
 }
 
 
@@ -617,13 +918,14 @@ def _poison_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bo
 def _detect_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bool) -> dict:
     cfg: DetectConfig = cell.config
     start = time.perf_counter()
-    tables = detection_bench.run(loaded.ds, quick=cfg.quick, seed=cfg.seed)
+    with PeakMemory() as mem:  # the speed table's detection row: the cell's time and memory
+        tables = detection_bench.run(loaded.ds, quick=cfg.quick, seed=cfg.seed)
     bench = detection_bench.QUICK if cfg.quick else detection_bench.FULL
     return {
         **_base(cell, loaded), "model": bench.recipe, "seed": cfg.seed, "hidden": bench.hidden,
         "n_train": min(bench.sample_size, len(loaded.ds.y_train)),
         "train_s": float(tables["timing"].loc["train population", "seconds"]),
-        "median_s": time.perf_counter() - start,
+        "median_s": time.perf_counter() - start, "peak_rss_bytes": mem.peak_bytes,
         "detail": {name: json.loads(t.to_json(orient="split")) for name, t in tables.items()},
     }
 
@@ -800,9 +1102,18 @@ def _cached(cache: Path, cell: Cell, loaded: Loaded, damaged: list) -> dict | No
     if not whole:
         damaged.append(f"cells/{path.name}")
         return None
-    if record.get("data_hash") != loaded.hash:
+    if record.get("data_hash") != loaded.hash or _lacks_peer(record):
         return None
     return record if record.get("determinism") == determinism_key() else None
+
+
+def _lacks_peer(record: dict) -> bool:
+    """A speed record timed without torch, now that torch is installed: recompute it, so that
+    `make bench` times torch whenever the peers extra is there."""
+    if record.get("kind") != "speed":
+        return False
+    rows = (record.get("detail") or {}).get("rows") or []
+    return any(r.get("missing") for r in rows) and torch_peer.available()
 
 
 def _warn_damaged(cache: Path, damaged: list) -> None:

@@ -20,6 +20,7 @@ this module without it raises `PeerMissing`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -28,12 +29,19 @@ import numpy as np
 from mlshift_jax.core.errors import MlshiftError
 from mlshift_jax.core.study import TARGET_HIGH, TARGET_LOW
 
+NOT_INSTALLED = "not installed"  # a speed row's note where torch is missing
+
 
 class PeerMissing(MlshiftError):
     """The optional peer (torch) is not installed: `pip install -e '.[peers]'`."""
 
 
 def _torch():
+    # OpenMP threads that spin after each op (libgomp's default) steal the cores XLA's pool,
+    # in the same process, and any other process on a shared machine need: on a loaded
+    # 2-core machine a 16-image torch step took 60x longer spinning than sleeping. Passive
+    # waiting, set before torch loads OpenMP; a user's own OMP_WAIT_POLICY wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import torch
     except ImportError:

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -95,6 +97,10 @@ def _stats(compile_s: float | None, times: list[float]) -> Timing:
     )
 
 
+NOISY = 0.30  # a spread above this is noisy: the speed cells rerun such a comparison
+RERUNS = 2    # ... at most this many times, then flag it
+
+
 def spread(t: Timing) -> float:
     """(max - min) / median of a timing's rounds: how noisy it was (0 for one round)."""
     return (t.max_s - t.min_s) / t.median_s if t.median_s > 0 else 0.0
@@ -141,3 +147,57 @@ def time_once(
 ) -> Timing:
     """One call, no warmup: for numpy baselines too slow to repeat. compile_s is None."""
     return time_call(fn, *args, rounds=1, warmup=0, sync=sync)
+
+
+class PeakMemory:
+    """The peak resident memory of this process while a `with` block runs, sampled.
+
+        with PeakMemory() as mem:
+            work()
+        mem.peak_bytes  # bytes; None where /proc/self/statm is missing (not Linux)
+
+    A thread reads the resident set size every `interval` seconds (and once at entry and at
+    exit), so a peak shorter than the interval can be missed: a lower bound, close for work
+    that holds its arrays for a while. Includes whatever the process held before the block.
+    """
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.peak_bytes: int | None = None
+        self._stop = None
+        self._thread = None
+
+    @staticmethod
+    def rss_bytes() -> int | None:
+        """This process's resident set size now, in bytes (None where it cannot be read)."""
+        try:
+            with open("/proc/self/statm") as f:
+                pages = int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pages * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        rss = self.rss_bytes()
+        if rss is not None:
+            self.peak_bytes = max(self.peak_bytes or 0, rss)
+
+    def __enter__(self) -> PeakMemory:
+        self._sample()
+        if self.peak_bytes is None:
+            return self
+        self._stop = threading.Event()
+
+        def loop():
+            while not self._stop.wait(self.interval):
+                self._sample()
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        self._sample()
