@@ -300,6 +300,7 @@ def test_detect_pair(mnist, tmp_path):
     assert result["category"] == "backdoor"
     assert set(result["fingerprint"]) >= set(FEATURES) | {"transitions", "ks_pvalue"}
     assert len(list(tmp_path.glob("calibration-*.npz"))) == 1
+    assert len(list(tmp_path.glob("triggers-*.npz"))) == 1  # the reference's, reused below
     again = change.detect_pair(ref, clean, mnist, config=cfg, cache_path=tmp_path)
     assert again["verdict"] == "unchanged" and again["category"] == "none"
     assert again["calibration"]["n_null"] == 19

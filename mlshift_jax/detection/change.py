@@ -17,7 +17,8 @@
 2. The **test** (`fingerprint.change_test`): the suspect's fingerprint against the reference,
    compared with the fingerprints of the clean retrains against the same reference; verdict
    "changed" when the combined (min-p) p-value <= alpha. The reference's and the suspect's
-   triggers are reversed here, in one call (the null's come from the cache). An alpha the
+   triggers are reversed here (`model_triggers`; the reference's are cached by its weights,
+   the null's come with the calibration). An alpha the
    null cannot reach (alpha < 1 / (n_null + 1)) is refused before anything is trained.
 3. The **category** (`categorize`): a categorizer fitted, for this reference, on the
    fingerprints of the calibration models (clean retrains = "none", poisoned models = their
@@ -28,6 +29,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -172,6 +174,48 @@ def trigger_key(seed: int) -> jax.Array:
     """The key of every trigger search of a calibration (and of the detect call using it):
     the same search for the null's models, the reference and the suspect."""
     return jax.random.fold_in(jax.random.key(seed), TRIGGER_STREAM)
+
+
+def _digest(params: Params) -> str:
+    """sha256 (16 hex digits) of a pytree's arrays: dtypes, shapes and bytes, in leaf order."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(params):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_triggers(model: Model, params: Params, null: Calibration, *, cache: bool = True,
+                   cache_path: str | os.PathLike | None = None) -> fingerprint.TriggerSummary:
+    """The smallest reversed trigger of one model (`fingerprint.reverse`, the calibration's
+    search, key and probes), cached on disk by the model's weights when `cache`: a
+    reference tested against many suspects is searched once. -> TriggerSummary (no leading
+    axis)."""
+    cfg = null.config
+    payload = {"version": CACHE_VERSION, "model": model.name, "params": _digest(params),
+               "probes": _digest(null.probes.index), "n_patched": null.probes.n_patched,
+               "scan": list(cfg.trigger_scan), "seed": cfg.seed}
+    folder = Path(cache_path) if cache_path is not None else cache_dir("detect")
+    path = folder / f"triggers-{config_hash(payload)}.npz"
+    if cache and path.exists():
+        try:
+            f = read_npz(path, what="cached reversed triggers")
+            return fingerprint.TriggerSummary(*(jnp.asarray(f[k])
+                                                for k in fingerprint.TriggerSummary._fields))
+        except (DataError, KeyError, TypeError):  # a damaged entry is searched again
+            warnings.warn(f"damaged cache entry {path} treated as missing and rebuilt",
+                          stacklevel=2)
+    one = jax.tree.map(lambda a: jnp.asarray(a)[None], params)
+    found = jax.tree.map(lambda a: a[0], fingerprint.reverse(
+        model, one, null.probes, key=trigger_key(cfg.seed), config=cfg.trigger_scan))
+    if cache:
+        try:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, **{k: np.asarray(v) for k, v in found._asdict().items()})
+        except OSError:
+            pass  # an unwritable cache costs time, not correctness
+    return found
 
 
 def _within(config, n_classes: int):
@@ -380,10 +424,8 @@ def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *
     probes = null.probes
     ref = fingerprint.responses(model, reference, probes)
     sus = fingerprint.responses(model, suspect, probes)
-    pair = jax.tree.map(lambda a, b: jnp.stack([a, b]), reference, suspect)
-    found = fingerprint.reverse(model, pair, probes, key=trigger_key(null.config.seed),
-                                config=null.config.trigger_scan)
-    ref_t = jax.tree.map(lambda a: a[0], found)
+    ref_t = model_triggers(model, reference, null, cache=cache, cache_path=cache_path)
+    sus_t = model_triggers(model, suspect, null, cache=False)
 
     def features(responses, triggers):
         return fingerprint.feature_matrix({
@@ -393,7 +435,7 @@ def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *
     null_fp = fingerprint.Null(features(null.null, null.null_triggers))
     fp = fingerprint.fingerprints(ref, jax.tree.map(lambda a: a[None], sus), probes.y)
     fp.update(fingerprint.trigger_features(model, reference, ref_t,
-                                           jax.tree.map(lambda a: a[1:], found), probes))
+                                           jax.tree.map(lambda a: a[None], sus_t), probes))
     observed = fingerprint.feature_matrix(fp)
     test = fingerprint.change_test(observed, null_fp)
     p_value = float(test.p_value[0])
@@ -423,7 +465,7 @@ def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *
     print_fp = fingerprint.to_json(one)
     print_fp["ks_pvalue"] = float(fingerprint.ks_pvalue(print_fp["ks"], len(conf_r),
                                                          len(conf_r)))
-    print_fp["trigger_target"] = int(found.target[1])  # the suspect's smallest trigger's class
+    print_fp["trigger_target"] = int(sus_t.target)  # the suspect's smallest trigger's class
     result = {
         "verdict": verdict,
         "p_value": p_value,
