@@ -464,6 +464,7 @@ def cmd_poison(args) -> None:
 
 def cmd_detect(args) -> None:
     from mlshift_jax.detection.change import CalibrationConfig, check_pair, detect_pair
+    from mlshift_jax.detection.fingerprint import check_alpha
     from mlshift_jax.models.recipes import TrainConfig
 
     (model, reference, meta), (other, suspect, _) = (_load_weights(p) for p in (
@@ -471,6 +472,7 @@ def cmd_detect(args) -> None:
     user = ":" in model.name or ":" in other.name  # built-ins: the arrays name the model
     kw = {"model": model, "suspect_model": other} if user else {}
     check_pair(reference, suspect, **kw)  # before the data loads: a mismatch is one line
+    check_alpha(args.alpha, args.null_models, alpha_name="--alpha", null_name="--null-models")
     ds = _load(args, meta)
     size = args.sample_size if args.sample_size is not None else min(10_000, len(ds.y_train))
     rules.check_at_most(size, len(ds.y_train), "--sample-size",
@@ -479,11 +481,6 @@ def cmd_detect(args) -> None:
         trained = meta.get("train") or {}
         kw["train"] = TrainConfig(**{k: trained.get(k) for k in (
             "lr", "epochs", "batch_size", "optimizer") if trained.get(k) is not None})
-    if 1 / (args.null_models + 1) > args.alpha:
-        print(f"mlshift: warning: with --null-models {args.null_models} the smallest p-value is "
-              f"1/{args.null_models + 1} = {1 / (args.null_models + 1):.3g} > alpha "
-              f"{args.alpha:g}: the verdict can only be 'unchanged' (use >= "
-              f"{math.ceil(1 / args.alpha - 1)})", file=sys.stderr)
     config = CalibrationConfig(sample_size=size, n_null=args.null_models)
     result = detect_pair(reference, suspect, ds, seed=args.seed, alpha=args.alpha,
                          config=config, **kw)
@@ -492,9 +489,20 @@ def cmd_detect(args) -> None:
         return
     rows = [[k, result[k]] for k in ("verdict", "p_value", "alpha", "category",
                                      "changed_probability", "architecture") if k in result]
+    rows[1][1] = _p_text(result["p_value"], result["p_resolution"])
+    rows += [[f"p {k}", _p_text(v, result["p_resolution"])]
+             for k, v in result["feature_p_values"].items()]
     rows += [[f"fingerprint {k}", v] for k, v in result["fingerprint"].items()
              if k != "transitions"]
     _emit("table", None, rows, headers=["", "value"])
+
+
+def _p_text(p: float, resolution: float) -> str:
+    """A p-value at its resolution: 1 / (n_null + 1) steps, never printed as 0 ("0.04 (=
+    1/25, the smallest)" at the floor)."""
+    steps = round(p / resolution)
+    text = f"{p:.3g}"
+    return f"{text} (= 1/{round(1 / resolution)}, the smallest)" if steps <= 1 else text
 
 
 # --- scan-model ---------------------------------------------------------------------------
@@ -690,12 +698,13 @@ def _options():
         "suspect": {"required": True, "metavar": "FILE.npz",
                     "help": "params of the model to test"},
         "alpha": num("alpha", 0.05, "the test's level (its false-positive rate on clean "
-                     "retrains)"),
+                     "retrains); refused below 1/(null models + 1), the smallest p-value"),
         "sample_size": num("sample_size", None, "training images of each clean retrain in "
                            "the null; match how the reference was trained; default: 10000, "
                            "or all the training images when there are fewer"),
         "null_models": num("null_models", 24, "clean retrains in the null: the smallest "
-                           "p-value is 1/(N+1), so N >= 19 for alpha 0.05; fewer is faster"),
+                           "p-value is 1/(N+1): N >= 19 for alpha 0.05, 99 for 0.01; fewer "
+                           "is faster"),
         "quick": {"action": "store_true", "help": "the CI-sized matrix"},
         "matrix": {"metavar": "FILE.toml",
                    "help": "a matrix TOML file; default bench/matrix.toml (a custom matrix "

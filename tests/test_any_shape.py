@@ -215,7 +215,7 @@ def test_train_attack_poison_detect(request, fixture):
                               probes=100, n_patched=20)
     to_np = {k: np.asarray(v) for k, v in backdoored.items()}
     ref_np = {k: np.asarray(v) for k, v in params.items()}
-    result = detect_pair(ref_np, to_np, ds, config=small, cache=False)
+    result = detect_pair(ref_np, to_np, ds, config=small, cache=False, alpha=0.2)
     assert result["architecture"] == "mlp-ce" and result["verdict"] in ("changed", "unchanged")
     assert 0.0 <= result["p_value"] <= 1.0
 

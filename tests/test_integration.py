@@ -126,7 +126,7 @@ def test_shell_chain_train_attack_poison_detect(user_module, tmp_path, capsys, a
     assert meta["poison"]["fraction"] == pytest.approx(0.2)
     result = run_cli(capsys, "detect", "--reference", "clean.safetensors", "--suspect",
                      "suspect.safetensors", "--dataset", ds, "--sample-size", "128",
-                     "--null-models", "4")
+                     "--null-models", "4", "--alpha", "0.2")
     assert result["verdict"] in ("changed", "unchanged")
     assert result["architecture"] == ref and 0 < result["p_value"] <= 1
     assert result["calibration"]["n_null"] == 4
@@ -168,7 +168,7 @@ def test_python_api_chain(user_module, tmp_path, attr, data):
     loaded, reference, _ = weights.load_model("clean.safetensors")
     assert loaded is recipe.build(ds.spec, cfg)  # the same cached Model
     out = detect_pair(reference, suspect, ds, model=loaded, train=cfg,
-                      config=CalibrationConfig(n_null=4, sample_size=128))
+                      config=CalibrationConfig(n_null=4, sample_size=128), alpha=0.2)
     assert out["architecture"] == ref and out["verdict"] in ("changed", "unchanged")
 
 

@@ -12,9 +12,10 @@ Tables (`run` returns them by name):
 
 - "auc": ROC-AUC, detector x change kind. Image-level detectors (confidence, margin, entropy,
   squeezing) on the test images attacked vs clean, with the first seed's reference; the
-  fingerprint test on systems (changed systems vs clean retrains, statistic = the pooled max
-  z); the training-data detectors (activation clustering, spectral signatures) on training
-  samples (poisoned vs not, mean over seeds). NaN where a detector does not apply.
+  fingerprint test on systems (changed systems vs clean retrains, statistic = -log of the
+  smallest per-feature tail, `fingerprint.change_test`); the training-data detectors
+  (activation clustering, spectral signatures) on training samples (poisoned vs not, mean
+  over seeds). NaN where a detector does not apply.
 - "input_detectors": per attack, eps and detector: ROC-AUC and TPR at `fpr` FPR.
 - "change_test": per change kind: ROC-AUC, detection rate at `alpha`, mean p-value and the
   cross-entropy of the "changed" probability (`fingerprint.changed_probability`), as NIST
@@ -88,8 +89,8 @@ DETECTORS = pd.DataFrame(
         ("entropy", "image", "entropy of the output distribution", "-"),
         ("squeezing", "image", "max L1(f(x), f(squeeze(x))), bit-1 / median 2x2, 3x3",
          "Xu, Evans & Qi, NDSS 2018"),
-        ("fingerprint test", "model", "max pooled z of disagreement, KL, KS, trigger flip, "
-         "patch sensitivity vs clean retrains", "this harness (see fingerprint.py)"),
+        ("fingerprint test", "model", "min-p of rank tails of disagreement, KL, KS, reversed-"
+         "trigger flip and norm vs clean retrains", "this harness (see fingerprint.py)"),
         ("activation clustering", "training sample", "1 - relative size of the sample's "
          "2-means cluster (PCA 10) in its predicted class", "Chen et al., arXiv:1811.03728"),
         ("spectral signatures", "training sample", "squared projection on the top singular "
@@ -300,20 +301,27 @@ def run(ds: Dataset, *, quick: bool = False, seed: int = 0,
     probes = fingerprint.make_probes(ds.x_test, ds.y_test, n=cfg.probes,
                                      n_patched=cfg.n_patched, seed=seed, spec=ds.spec)
     resp = fingerprint.model_responses(model, pop.params, probes)
+    found = fingerprint.reverse(model, pop.params, probes,  # every member's triggers, one jit
+                                key=jax.random.fold_in(key, 10**6 + 2))
     null_resp = _take(resp, members.rows("null"))
     cells, feats, inputs = [], [], []
     for s in range(cfg.seeds):
         ref_i = int(members.rows("reference", s)[0])
-        ref = _take(resp, ref_i)
-        null = fingerprint.Null(fingerprint.feature_matrix(
-            fingerprint.fingerprints(ref, null_resp, probes.y)))
+        ref, ref_p, ref_t = _take(resp, ref_i), member(pop.params, ref_i), _take(found, ref_i)
+        null = fingerprint.Null(fingerprint.feature_matrix({
+            **fingerprint.fingerprints(ref, null_resp, probes.y),
+            **fingerprint.trigger_features(model, ref_p, ref_t,
+                                           _take(found, members.rows("null")), probes)}))
         sus_rows = members.rows("suspect", s)
-        xs = changed_inputs(model, member(pop.params, ref_i), probes, cfg.attacks,
-                            jax.random.fold_in(key, s))
+        xs = changed_inputs(model, ref_p, probes, cfg.attacks, jax.random.fold_in(key, s))
         sus = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), _take(resp, sus_rows),
-                           fingerprint.input_responses(model, member(pop.params, ref_i), xs,
-                                                       probes))
-        f = fingerprint.feature_matrix(fingerprint.fingerprints(ref, sus, probes.y))
+                           fingerprint.input_responses(model, ref_p, xs, probes))
+        trig = jax.tree.map(
+            lambda a, b: jnp.concatenate([a, b]),
+            fingerprint.trigger_features(model, ref_p, ref_t, _take(found, sus_rows), probes),
+            fingerprint.input_trigger_features(model, ref_p, ref_t, xs, probes))
+        f = fingerprint.feature_matrix({**fingerprint.fingerprints(ref, sus, probes.y),
+                                        **trig})
         test = fingerprint.change_test(f, null)
         kinds = list(members.table.loc[sus_rows, "kind"]) + [k for k, _ in cfg.attacks]
         labels = list(members.table.loc[sus_rows, "label"]) + [

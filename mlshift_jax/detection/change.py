@@ -9,12 +9,17 @@
    rebuilt, with the harness's minibatch trainer and the reference's training settings),
    each on its own random sample of `sample_size` training images with its own seed, plus
    a few models trained on poisoned data (`poisonings` x `poison_seeds`), all answering
-   the probe set (`fingerprint.make_probes`). Only their responses on the probes are kept,
-   and cached on disk (`cache_dir`, by default `data.cache_dir("detect")`), named by the hash
-   of everything they depend on; a second call with the same architecture and data loads them.
+   the probe set (`fingerprint.make_probes`), and each with its triggers reversed by a short
+   Neural Cleanse search (`fingerprint.reverse`). Only their responses on the probes and the
+   summaries of their smallest reversed triggers are kept, and cached on disk (`cache_dir`,
+   by default `data.cache_dir("detect")`), named by the hash of everything they depend on;
+   a second call with the same architecture and data loads them.
 2. The **test** (`fingerprint.change_test`): the suspect's fingerprint against the reference,
    compared with the fingerprints of the clean retrains against the same reference; verdict
-   "changed" when the combined p-value <= alpha.
+   "changed" when the combined (min-p) p-value <= alpha. The reference's and the suspect's
+   triggers are reversed here (`model_triggers`; the reference's are cached by its weights,
+   the null's come with the calibration). An alpha the
+   null cannot reach (alpha < 1 / (n_null + 1)) is refused before anything is trained.
 3. The **category** (`categorize`): a categorizer fitted, for this reference, on the
    fingerprints of the calibration models (clean retrains = "none", poisoned models = their
    kind) and of the reference behind input changes of the probes (`attacks`: noise and
@@ -27,6 +32,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -49,14 +55,18 @@ from mlshift_jax.models.zoo import STUDY_SPEC, Model, Params, build, check_spec,
 from mlshift_jax.poisoning.poison import make_config
 
 RECIPE_OF = {"seed-mlp": "seed-mlp", "mlp-ce": "mlp-ce", "cnn": "cnn"}  # arch -> trainer
-CACHE_VERSION = 1  # bump when the calibration's meaning changes: old caches are ignored
+CACHE_VERSION = 2  # bump when the calibration's meaning changes: old caches are ignored
 NULL_STREAM = 0xC0FFEE  # member seeds of a calibration start here (+ seed * 10,000)
+TRIGGER_STREAM = 0x7217  # the trigger search's key: fold_in(key(seed), this)
 
 
 @dataclass(frozen=True)
 class CalibrationConfig:
     """How the calibration set is built. poisonings, attacks: (kind, fraction or eps);
-    epochs: of every calibration model (None: the recipe's default)."""
+    epochs: of every calibration model (None: the recipe's default); probes, n_patched: the
+    probe set's size and how many of them the trigger search uses; trigger_steps,
+    trigger_batch: the search's Adam steps per class and images per step (the suspect's
+    search at detect time uses the same)."""
 
     n_null: int = 24
     sample_size: int = 10_000
@@ -71,6 +81,14 @@ class CalibrationConfig:
     n_patched: int = 200
     epochs: int | None = None
     seed: int = 0
+    trigger_steps: int = fingerprint.TRIGGER_SCAN.steps
+    trigger_batch: int = fingerprint.TRIGGER_SCAN.batch
+
+    @property
+    def trigger_scan(self):
+        """The trigger search's `neural_cleanse.ScanConfig`."""
+        return fingerprint.TRIGGER_SCAN._replace(steps=self.trigger_steps,
+                                                 batch=self.trigger_batch)
 
     def validate(self) -> CalibrationConfig:
         """Raise ConfigError for settings that cannot work; return self."""
@@ -83,18 +101,22 @@ class CalibrationConfig:
             make_config(kind, fraction=fraction)
         for kind, _ in self.attacks:
             get_attack(kind)
+        self.trigger_scan.validate()
         return self
 
 
 @dataclass(frozen=True, eq=False)
 class Calibration:
     """Responses on `probes` of the clean retrains (`null`, leading axis n_null) and of the
-    changed models (`changed`, leading axis m, kinds in `changed_kinds`); recipe and hidden:
-    what they were trained as."""
+    changed models (`changed`, leading axis m, kinds in `changed_kinds`), and the summaries
+    of their smallest reversed triggers (`null_triggers`, `changed_triggers`); recipe and
+    hidden: what they were trained as."""
 
     probes: fingerprint.ProbeSet
     null: fingerprint.Responses = field(repr=False)
     changed: fingerprint.Responses = field(repr=False)
+    null_triggers: fingerprint.TriggerSummary = field(repr=False)
+    changed_triggers: fingerprint.TriggerSummary = field(repr=False)
     changed_kinds: tuple[str, ...]
     recipe: str
     hidden: int
@@ -146,6 +168,59 @@ def _cache_key(recipe: str, hidden: int, ds: Dataset, cfg: CalibrationConfig,
     return config_hash(payload)
 
 
+_CACHED = (("null", fingerprint.Responses), ("changed", fingerprint.Responses),
+           ("null_trig", fingerprint.TriggerSummary),
+           ("changed_trig", fingerprint.TriggerSummary))  # cache key prefixes, in field order
+
+
+def trigger_key(seed: int) -> jax.Array:
+    """The key of every trigger search of a calibration (and of the detect call using it):
+    the same search for the null's models, the reference and the suspect."""
+    return jax.random.fold_in(jax.random.key(seed), TRIGGER_STREAM)
+
+
+def _digest(params: Params) -> str:
+    """sha256 (16 hex digits) of a pytree's arrays: dtypes, shapes and bytes, in leaf order."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(params):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_triggers(model: Model, params: Params, null: Calibration, *, cache: bool = True,
+                   cache_path: str | os.PathLike | None = None) -> fingerprint.TriggerSummary:
+    """The smallest reversed trigger of one model (`fingerprint.reverse`, the calibration's
+    search, key and probes), cached on disk by the model's weights when `cache`: a
+    reference tested against many suspects is searched once. -> TriggerSummary (no leading
+    axis)."""
+    cfg = null.config
+    payload = {"version": CACHE_VERSION, "model": model.name, "params": _digest(params),
+               "probes": _digest(null.probes.index), "n_patched": null.probes.n_patched,
+               "scan": list(cfg.trigger_scan), "seed": cfg.seed}
+    folder = Path(cache_path) if cache_path is not None else cache_dir("detect")
+    path = folder / f"triggers-{config_hash(payload)}.npz"
+    if cache and path.exists():
+        try:
+            f = read_npz(path, what="cached reversed triggers")
+            return fingerprint.TriggerSummary(*(jnp.asarray(f[k])
+                                                for k in fingerprint.TriggerSummary._fields))
+        except (DataError, KeyError, TypeError):  # a damaged entry is searched again
+            warnings.warn(f"damaged cache entry {path} treated as missing and rebuilt",
+                          stacklevel=2)
+    one = jax.tree.map(lambda a: jnp.asarray(a)[None], params)
+    found = jax.tree.map(lambda a: a[0], fingerprint.reverse(
+        model, one, null.probes, key=trigger_key(cfg.seed), config=cfg.trigger_scan))
+    if cache:
+        try:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, **{k: np.asarray(v) for k, v in found._asdict().items()})
+        except OSError:
+            pass  # an unwritable cache costs time, not correctness
+    return found
+
+
 def _within(config, n_classes: int):
     """config with its target class (the study's 3 by default) moved to the last class where
     the data has fewer classes (a 3-class dataset has no class 3)."""
@@ -183,11 +258,9 @@ def calibrate(recipe: str | None, hidden: int, ds: Dataset,
     if cache and path.exists():
         try:
             f = read_npz(path, what="a cached calibration")
-            null = fingerprint.Responses(*(jnp.asarray(f[f"null_{k}"])
-                                           for k in fingerprint.Responses._fields))
-            changed = fingerprint.Responses(*(jnp.asarray(f[f"changed_{k}"])
-                                              for k in fingerprint.Responses._fields))
-            return Calibration(probes, null, changed, kinds, name, hidden, cfg)
+            parts = [record(*(jnp.asarray(f[f"{what}_{k}"]) for k in record._fields))
+                     for what, record in _CACHED]
+            return Calibration(probes, *parts, kinds, name, hidden, cfg)
         except (DataError, KeyError, TypeError):  # a damaged cache is rebuilt below
             warnings.warn(f"damaged cache entry {path} treated as missing and rebuilt",
                           stacklevel=2)
@@ -202,17 +275,22 @@ def calibrate(recipe: str | None, hidden: int, ds: Dataset,
     pop, _ = train_sampled(plan, configs, ds.x_train, ds.y_train, seeds=seeds.tolist(),
                            size=min(cfg.sample_size, len(ds.y_train)))
     resp = fingerprint.model_responses(plan.arch, pop.params, probes)
-    null = jax.tree.map(lambda a: a[:cfg.n_null], resp)
-    changed = jax.tree.map(lambda a: a[cfg.n_null:], resp)
+    found = fingerprint.reverse(plan.arch, pop.params, probes, key=trigger_key(cfg.seed),
+                                config=cfg.trigger_scan)
+    parts = [jax.tree.map(lambda a: a[:cfg.n_null], resp),
+             jax.tree.map(lambda a: a[cfg.n_null:], resp),
+             jax.tree.map(lambda a: a[:cfg.n_null], found),
+             jax.tree.map(lambda a: a[cfg.n_null:], found)]
     if cache:
-        arrays = {f"null_{k}": np.asarray(v) for k, v in null._asdict().items()}
-        arrays.update({f"changed_{k}": np.asarray(v) for k, v in changed._asdict().items()})
+        arrays = {f"{what}_{k}": np.asarray(v) for (what, _), part in zip(_CACHED, parts,
+                                                                          strict=True)
+                  for k, v in part._asdict().items()}
         try:
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 np.savez(f, **arrays)
         except OSError:
             pass  # an unwritable cache costs time, not correctness
-    return Calibration(probes, null, changed, kinds, name, hidden, cfg)
+    return Calibration(probes, *parts, kinds, name, hidden, cfg)
 
 
 def check_pair(reference: Params, suspect: Params, spec=None, *, model: Model | None = None,
@@ -293,7 +371,7 @@ def _arch(params: Params, spec) -> str:
 
 
 def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *,
-                null: Calibration | None = None, seed: int = 0, alpha: float = fingerprint.ALPHA,
+                null: Calibration | None = None, seed: int = 0, alpha: float | None = None,
                 config: CalibrationConfig | None = None, cache: bool = True,
                 cache_path: str | os.PathLike | None = None, model: Model | None = None,
                 recipe: str | None = None, train: TrainConfig | None = None,
@@ -304,7 +382,9 @@ def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *
     `weights.load_model`); ds: the dataset they were trained on (training images for the
     clean retrains, test images for the probes); null: a `Calibration` (None: `calibrate`
     one, cached); seed: of the calibration set and of the random input changes; alpha: the
-    test's level (its false-positive rate on clean retrains).
+    test's level, its false-positive rate on clean retrains (None: `fingerprint.ALPHA`,
+    0.05); ConfigError when the null is too small for it (alpha < 1 / (n_null + 1),
+    `fingerprint.check_alpha`), before any training.
 
     model: the reference's Model (`weights.load_model`); None infers a built-in from the
     arrays' names. recipe: the recipe its retrains use (default: the model's name for a user
@@ -315,12 +395,15 @@ def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *
     (`usermodels.DEFAULTS` where `train` leaves a setting None); its calibration reports
     hidden = the TrainConfig's (unused by the model).
 
-    Returns a JSON-able dict: verdict ("changed" / "unchanged"), p_value, alpha, statistic,
+    Returns a JSON-able dict: verdict ("changed" / "unchanged"), p_value and p_resolution
+    (1 / (n_null + 1), the smallest p-value this null gives), alpha, statistic,
     category, category_probabilities, changed_probability, feature_p_values, fingerprint
     (features, transition matrix, KS p-value), architecture, calibration.
     """
-    if not 0.0 < alpha < 1.0:
-        raise ConfigError(f"detect: expected alpha in (0, 1), found {alpha!r}")
+    n_null = (config or CalibrationConfig()).n_null if null is None else int(
+        null.null.probs.shape[0])
+    alpha = fingerprint.check_alpha(fingerprint.ALPHA if alpha is None else alpha,
+                                    n_null)  # before any training: one line
     reference = jax.tree.map(jnp.asarray, reference_params)
     suspect = jax.tree.map(jnp.asarray, suspect_params)
     check_pair(reference, suspect, ds.spec, model=model, suspect_model=suspect_model)
@@ -344,9 +427,18 @@ def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *
     probes = null.probes
     ref = fingerprint.responses(model, reference, probes)
     sus = fingerprint.responses(model, suspect, probes)
-    null_fp = fingerprint.Null(fingerprint.feature_matrix(
-        fingerprint.fingerprints(ref, null.null, probes.y)))
+    ref_t = model_triggers(model, reference, null, cache=cache, cache_path=cache_path)
+    sus_t = model_triggers(model, suspect, null, cache=False)
+
+    def features(responses, triggers):
+        return fingerprint.feature_matrix({
+            **fingerprint.fingerprints(ref, responses, probes.y),
+            **fingerprint.trigger_features(model, reference, ref_t, triggers, probes)})
+
+    null_fp = fingerprint.Null(features(null.null, null.null_triggers))
     fp = fingerprint.fingerprints(ref, jax.tree.map(lambda a: a[None], sus), probes.y)
+    fp.update(fingerprint.trigger_features(model, reference, ref_t,
+                                           jax.tree.map(lambda a: a[None], sus_t), probes))
     observed = fingerprint.feature_matrix(fp)
     test = fingerprint.change_test(observed, null_fp)
     p_value = float(test.p_value[0])
@@ -354,11 +446,12 @@ def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *
     # the categorizer, fitted for this reference
     xs = changed_inputs(model, reference, probes, null.config.attacks,
                         attack_key(seed))
-    inputs_changed = fingerprint.input_responses(model, reference, xs, probes)
+    inputs_changed = fingerprint.feature_matrix({
+        **fingerprint.fingerprints(ref, fingerprint.input_responses(model, reference, xs,
+                                                                    probes), probes.y),
+        **fingerprint.input_trigger_features(model, reference, ref_t, xs, probes)})
     train_features = np.concatenate([
-        null_fp.features,
-        fingerprint.feature_matrix(fingerprint.fingerprints(ref, null.changed, probes.y)),
-        fingerprint.feature_matrix(fingerprint.fingerprints(ref, inputs_changed, probes.y))])
+        null_fp.features, features(null.changed, null.changed_triggers), inputs_changed])
     labels = (["none"] * null_fp.size
               + [categorize.category_of(k.split()[0]) for k in null.changed_kinds]
               + [categorize.category_of(k) for k, _ in null.config.attacks])
@@ -375,9 +468,11 @@ def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *
     print_fp = fingerprint.to_json(one)
     print_fp["ks_pvalue"] = float(fingerprint.ks_pvalue(print_fp["ks"], len(conf_r),
                                                          len(conf_r)))
+    print_fp["trigger_target"] = int(sus_t.target)  # the suspect's smallest trigger's class
     result = {
         "verdict": verdict,
         "p_value": p_value,
+        "p_resolution": test.resolution,
         "alpha": alpha,
         "statistic": float(test.statistic[0]),
         "changed_probability": float(fingerprint.changed_probability(p_value)),

@@ -565,31 +565,40 @@ def realise(changes: list[Change], ds: Dataset, config: GeneratorConfig | None =
         weight_change(c, refs[c.ref]) if FAMILIES[c.family].realised_by == "weights"
         else trained[change_of[id(c)]] for c in model_changes]
     resp = fingerprint.model_responses(model, stack(systems), probes)
+    found = fingerprint.reverse(model, stack(systems), probes,  # every system's triggers
+                                key=jax.random.fold_in(attack_key(seed), 10**6))
     null_resp = jax.tree.map(lambda a: a[n_refs:n_refs + cfg.n_null], resp)
     where = {id(c): n_refs + cfg.n_null + j for j, c in enumerate(model_changes)}
     key = attack_key(seed)
     rows, feats, inputs = [], [], []
     for r in range(n_refs):
         ref = jax.tree.map(lambda a, r=r: a[r], resp)
-        null = fingerprint.Null(fingerprint.feature_matrix(
-            fingerprint.fingerprints(ref, null_resp, probes.y)))
+        ref_t = jax.tree.map(lambda a, r=r: a[r], found)
+        null = fingerprint.Null(fingerprint.feature_matrix({
+            **fingerprint.fingerprints(ref, null_resp, probes.y),
+            **fingerprint.trigger_features(model, refs[r], ref_t, jax.tree.map(
+                lambda a: a[n_refs:n_refs + cfg.n_null], found), probes)}))
         mine = [c for c in model_changes if c.ref == r]
         input_changes = [c for c in changes
                          if c.ref == r and FAMILIES[c.family].realised_by == "input"]
-        parts, order = [], []
+        parts, trig, order = [], [], []
         if mine:
-            parts.append(jax.tree.map(lambda a, m=mine: a[np.array([where[id(c)] for c in m])],
-                                      resp))
+            rows_m = np.array([where[id(c)] for c in mine])
+            parts.append(jax.tree.map(lambda a, m=rows_m: a[m], resp))
+            trig.append(fingerprint.trigger_features(
+                model, refs[r], ref_t, jax.tree.map(lambda a, m=rows_m: a[m], found), probes))
             order += mine
         if input_changes:
             attacks = tuple((c.family, float(c.get("eps"))) for c in input_changes)
             xs = changed_inputs(model, refs[r], probes, attacks, jax.random.fold_in(key, r))
             parts.append(fingerprint.input_responses(model, refs[r], xs, probes))
+            trig.append(fingerprint.input_trigger_features(model, refs[r], ref_t, xs, probes))
             order += input_changes
         if not order:
             continue
         sus = jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
-        f = fingerprint.feature_matrix(fingerprint.fingerprints(ref, sus, probes.y))
+        f = fingerprint.feature_matrix({**fingerprint.fingerprints(ref, sus, probes.y),
+                                        **jax.tree.map(lambda *a: jnp.concatenate(a), *trig)})
         test = fingerprint.change_test(f, null)
         for j, c in enumerate(order):
             rows.append({"family": c.family, "category": c.category, "group": c.group,

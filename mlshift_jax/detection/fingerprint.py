@@ -1,22 +1,29 @@
 """Model-level change test: has this model (or this model's input channel) changed, compared
 with a reference? Behavioural fingerprints, their null distribution, and calibrated p-values.
 
-**Probe set** (`make_probes`): `n` held-out test images (seeded), and the first `n_patched`
-of them stamped with each candidate trigger patch (`candidate_patches`: bright squares of
-sides 3 and 5 in the four corners, one pixel from the edges; the defender does not know the
-trigger, so it tries a few positions and sizes).
+**Probe set** (`make_probes`): `n` held-out test images (seeded); the first `n_patched` of
+them are the clean images the trigger search works on.
 
 **Responses** (`responses`): what a *system* answers on the probe set. A system is a model
 and the inputs it actually sees: for a model change it is (suspect params, the probes); for an
 input change it is (reference params, the changed probes), i.e. the reference model behind an
 input channel that adds noise or an adversarial perturbation to whatever comes in, row i of
-the changed batch being probe i after the change. Patches are stamped on the inputs the
-system sees; feature squeezing is applied to them too. A Responses record holds the outputs
-(`model.probs`) on the inputs [P, C], on the patched inputs [K, Q, C], and the feature
-squeezing score of each input [P] (the L1 output distance of `detect.squeeze_distance`).
+the changed batch being probe i after the change. Feature squeezing is applied to the inputs
+the system sees. A Responses record holds the outputs (`model.probs`) on the inputs [P, C]
+and the feature squeezing score of each input [P] (the L1 output distance of
+`detect.squeeze_distance`).
 
-**Fingerprint** (`fingerprint_arrays`): features of (reference responses, suspect responses),
-probe by probe:
+**Reversed triggers** (`reverse`, `TriggerSummary`): Neural Cleanse (Wang et al., IEEE S&P
+2019; `neural_cleanse.reverse_triggers`) run on a model over the first `n_patched` probes,
+a short search (`TRIGGER_SCAN`: 100 Adam steps of 64 images per class): for every class the
+smallest mask and pattern that send the other classes' images there. The summary keeps the
+smallest-norm trigger (its mask, pattern, target class and attack rate on the model) and
+the mask norms of all classes. The defender never guesses the trigger's
+place, shape or size: a corner square, scattered pixels or a blend, on any image size, is
+what the search reverses, if the model learnt one.
+
+**Fingerprint** (`fingerprint_arrays` for the responses, `trigger_features` for the
+triggers): features of (reference, suspect), probe by probe:
 
 - disagreement: share of probes whose predicted class differs;
 - kl: mean KL(reference || suspect) of the output distributions (`detect.distribution`:
@@ -28,31 +35,45 @@ probe by probe:
 - accuracy_drop: accuracy (reference) - accuracy (suspect) on the probes' labels;
 - flip_concentration: of the probes whose class changed, the largest share moving to one
   class (column of the class-transition matrix, diagonal excluded);
-- trigger_flip: the response to candidate trigger patches, max over patches k and classes c
-  of [share of patched probes the suspect calls c, among those it does not call c unpatched]
-  minus the same share for the reference (a backdoor sends one patch to one class);
-- patch_sensitivity: max over patches of log(suspect sensitivity / reference sensitivity),
-  a patch's sensitivity being the mean L1 distance between the output distributions of a
-  probe and of its patched copy (a clean model never saw those pixels lit; a model trained
-  on patched images, with or without relabelling, answers to them);
+- trigger_flip: the suspect's smallest reversed trigger, stamped on the search's probes:
+  the share of those not of its target class that the suspect sends to the target, minus
+  the share the reference sends there (a backdoor's trigger moves the suspect, not a clean
+  reference; a clean model's smallest trigger is a universal adversarial pattern that
+  transfers to a retrain of the same recipe);
+- trigger_norm: log(the reference's reversed mask norm for that target / the suspect's):
+  how much smaller the suspect's easiest way into a class is than the reference's way into
+  the same class (a backdoor's target is reachable with a far smaller mask; a clean
+  retrain's easiest class is easy for the reference too);
 - squeeze_gap: mean feature-squeezing score, suspect minus reference (Xu et al., NDSS 2018).
 
-The class-transition matrix (reference class -> suspect class, shares of probes) comes with
-them. Every feature is a jnp function of the two records: jit it, vmap it over suspects.
+For an input change the model is the reference, so its triggers are the reference's own:
+trigger_flip is the reference's rate on its smallest trigger stamped on the changed probes
+minus the rate on the probes, and trigger_norm is 0. The class-transition matrix (reference
+class -> suspect class, shares of probes) comes with them. Every feature is a jnp function
+of the two records: jit it, vmap it over suspects.
 
 **Null distribution and p-values** (`change_test`): the fingerprints of the reference against
 clean retrains (other seeds, other random samples: the study's stability experiment, trained
 as one population, `retrain.train_sampled`). Per feature, the empirical p-value is
-(1 + #{null >= observed}) / (1 + n_null). The features are combined by the **max-statistic**:
-each feature of `TEST_FEATURES` (one-sided: larger = more changed) is standardized by the mean
-and standard deviation of the pool {null fingerprints, the suspect's}, the statistic is the
-largest z, and the p-value is the suspect's rank among the pool: (1 + #{null T >= T}) /
-(1 + n_null). Because the standardization is a symmetric function of the pool, this p-value
-is exactly valid (P(p <= a) <= a) whenever the suspect is exchangeable with the null models,
-i.e. a clean retrain of the same recipe; the features need not be independent. Fisher's
-method was not used: it assumes independent p-values, and these features (disagreement, KL,
-KS) are strongly correlated. With n_null models the smallest p-value is 1 / (n_null + 1), so
-a test at alpha = 0.05 needs n_null >= 19.
+(1 + #{null >= observed}) / (1 + n_null): rank-based, one-sided (larger = more changed),
+at its resolution 1 / (1 + n_null). The features of `TEST_FEATURES` are combined by their
+**minimum** (min-p), calibrated on the null itself: in the pool {null fingerprints, the
+suspect's} every member gets its own per-feature tails among the pool and their minimum T,
+and the p-value is the suspect's rank: #{pool members with T <= the suspect's T} /
+(1 + n_null). A member above all the others in a feature (whose rank p-value is 1/(n+1),
+the floor) has its tail continued below the floor as exp(-excess / scale) / (n + 1), the
+excess over the runner-up in units of the feature's robust scale (1.4826 MAD), so that a
+suspect far beyond the null in one feature is not tied with null members that each top some
+feature by a little. One extreme feature is enough: nothing standardizes it by a pooled
+standard deviation it inflates itself (the max-z combination this replaced capped every
+member's z at sqrt(n_null), and so tied an extreme targeted flip with ordinary null
+members: p = 0.08 in issue 12). T is the same function of the pool for every member, so the
+p-value is exactly valid (P(p <= a) <= a) whenever the suspect is exchangeable with the null
+models, i.e. a clean retrain of the same recipe, however the features depend on each other.
+Fisher's method was not used: it assumes independent p-values, and these features
+(disagreement, KL, KS) are strongly correlated. With n_null models the smallest p-value is
+1 / (n_null + 1), so a test at alpha needs n_null >= 1/alpha - 1 (19 for 0.05, 99 for 0.01):
+`check_alpha` refuses a smaller null.
 
 `changed_probability` turns a p-value into a probability of "changed" (for cross-entropy
 scoring, as NIST TrojAI scores its rounds) with the calibration of Sellke, Bayarri & Berger,
@@ -64,6 +85,7 @@ prior odds P(changed | p) = 1 / (1 + B(p)), and 0.5 for p >= 1/e.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -73,52 +95,32 @@ import numpy as np
 
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.data.datasets import subsample
+from mlshift_jax.detection import neural_cleanse
 from mlshift_jax.detection.detect import SQUEEZERS, squeeze
 from mlshift_jax.models.zoo import Model, Params, check_spec, guess_spec
-from mlshift_jax.poisoning.poison import Patch, patch_pixels
 
-FEATURES = ("disagreement", "kl", "ks", "confidence_shift", "accuracy_drop",
-            "flip_concentration", "trigger_flip", "patch_sensitivity", "squeeze_gap")
-TEST_FEATURES = ("disagreement", "kl", "ks", "trigger_flip", "patch_sensitivity")
-CANDIDATE_SIZES = (3, 5)
-PATCH_MARGIN = 1
+RESPONSE_FEATURES = ("disagreement", "kl", "ks", "confidence_shift", "accuracy_drop",
+                     "flip_concentration")
+TRIGGER_FEATURES = ("trigger_flip", "trigger_norm")
+FEATURES = RESPONSE_FEATURES + TRIGGER_FEATURES + ("squeeze_gap",)
+TEST_FEATURES = ("disagreement", "kl", "ks", "trigger_flip", "trigger_norm")
+TRIGGER_SCAN = neural_cleanse.ScanConfig(steps=100, batch=64)  # a short search: see `reverse`
 ALPHA = 0.05
 _EPS = 1e-7
-_SENS_FLOOR = 1e-3  # keeps the log-ratio of patch sensitivities finite
+MAD_SCALE = 1.4826  # MAD of a normal sample times this estimates its standard deviation
+_TINY_NORM = 1e-3  # pixels: keeps the log-ratio of mask norms finite
 
 
 # --- probes ------------------------------------------------------------------------------------
 
 
-def candidate_patches(image_shape: tuple[int, ...], sizes: tuple[int, ...] = CANDIDATE_SIZES,
-                      margin: int = PATCH_MARGIN) -> tuple[Patch, ...]:
-    """Bright square patches (the top of the input range) of each size in the four corners
-    of images of image_shape (H, W[, C]), `margin` pixels from the edges: the trigger
-    candidates a defender tries (BadNets triggers sit in a corner; Gu et al. 2017). Sizes
-    that do not fit the image are left out."""
-    h, w = int(image_shape[0]), int(image_shape[1])
-    out = []
-    for s in sizes:
-        if s + 2 * margin > min(h, w):
-            continue
-        rows, cols = (margin, h - margin - s), (margin, w - margin - s)
-        out += [Patch(size=s, position=(r, c)) for r in rows for c in cols]
-    if not out:
-        raise ConfigError(f"probes: expected images of at least {min(sizes) + 2 * margin} "
-                          f"pixels a side for the candidate patches, found {h}x{w}")
-    return tuple(out)
-
-
 @dataclass(frozen=True, eq=False)
 class ProbeSet:
-    """The probes. x: [P, D] test images; y: int [P] their labels; patches: bool [K, D]
-    the pixels of each candidate patch; value: the stamped value; n_patched: Q, how many of
-    the probes (the first Q) are stamped with each patch; index: the test-set rows used."""
+    """The probes. x: [P, D] test images; y: int [P] their labels; n_patched: Q, how many of
+    the probes (the first Q) the trigger search stamps; index: the test-set rows used."""
 
     x: jax.Array = field(repr=False)
     y: jax.Array = field(repr=False)
-    patches: jax.Array = field(repr=False)
-    value: float
     n_patched: int
     index: np.ndarray = field(repr=False)
 
@@ -129,24 +131,21 @@ class ProbeSet:
 
 
 def make_probes(x_test, y_test, *, n: int = 1000, n_patched: int = 200, seed: int = 0,
-                patches: tuple[Patch, ...] | None = None, spec=None) -> ProbeSet:
+                spec=None) -> ProbeSet:
     """`n` test images drawn by `data.subsample(seed, ...)`, the first `n_patched` of which
-    are also stamped with each of `patches` (default `candidate_patches(image shape)`).
-    spec: the data's models.Spec (or Dataset / Model); None guesses it from the arrays."""
+    the trigger search (`reverse`) works on. spec: the data's models.Spec (or Dataset /
+    Model), checked against the arrays; None guesses it from them."""
     n_test = len(y_test)
     n = min(n, n_test)
-    if not 1 <= n_patched <= n:
-        raise ConfigError(f"probes: expected n_patched in 1..{n}, found {n_patched}")
-    spec = guess_spec(x_test, y_test) if spec is None else check_spec(spec)
-    patches = candidate_patches(spec.input_shape) if patches is None else patches
-    values = {p.value_for(spec.input_range) for p in patches}
-    if len(values) != 1:
-        raise ConfigError(f"probes: expected candidate patches of one value, found {values}")
+    if not 2 <= n_patched <= n:
+        raise ConfigError(f"probes: expected n_patched in 2..{n}, found {n_patched}")
+    if spec is not None:
+        check_spec(spec)
+    else:
+        guess_spec(x_test, y_test)
     index = subsample(seed, n_test, n)
-    pix = np.stack([patch_pixels(p, spec)[0] for p in patches])
     return ProbeSet(jnp.asarray(np.asarray(x_test)[index], jnp.float32),
-                    jnp.asarray(np.asarray(y_test)[index], jnp.int32), jnp.asarray(pix),
-                    float(values.pop()), int(n_patched), index)
+                    jnp.asarray(np.asarray(y_test)[index], jnp.int32), int(n_patched), index)
 
 
 # --- responses ---------------------------------------------------------------------------------
@@ -154,28 +153,20 @@ def make_probes(x_test, y_test, *, n: int = 1000, n_patched: int = 200, seed: in
 
 class Responses(NamedTuple):
     """A system's answers on a probe set. probs: [P, C] (`model.probs` of the outputs);
-    patched: [K, Q, C] the same on the inputs stamped with each candidate patch; squeeze:
-    [P] the feature-squeezing score of each input."""
+    squeeze: [P] the feature-squeezing score of each input."""
 
     probs: jax.Array
-    patched: jax.Array
     squeeze: jax.Array
 
 
-def _system_inputs(model: Model, x: jax.Array, patches: jax.Array, value,
-                   n_patched: int) -> tuple[jax.Array, jax.Array]:
-    """What a system is queried with besides x: [P, D]: its squeezed copies [S, P, D]
-    (`detect.SQUEEZERS`, on the model's image shape and range) and its first n_patched rows
-    stamped with each patch [K, Q, D]."""
-    squeezed = jnp.stack([jax.vmap(lambda xi, s=s: squeeze(model, s, xi))(x)
-                          for s in SQUEEZERS])
-    stamped = jnp.where(patches[:, None, :], jnp.asarray(value, x.dtype), x[None, :n_patched])
-    return squeezed, stamped
+def _squeezed(model: Model, x: jax.Array) -> jax.Array:
+    """The squeezed copies [S, P, D] of x: [P, D] (`detect.SQUEEZERS`, on the model's image
+    shape and range)."""
+    return jnp.stack([jax.vmap(lambda xi, s=s: squeeze(model, s, xi))(x) for s in SQUEEZERS])
 
 
-def _answers(model: Model, params: Params, x: jax.Array, squeezed: jax.Array,
-             stamped: jax.Array) -> Responses:
-    """Responses of params on inputs x [P, D] and their squeezed / stamped copies."""
+def _answers(model: Model, params: Params, x: jax.Array, squeezed: jax.Array) -> Responses:
+    """Responses of params on inputs x [P, D] and their squeezed copies."""
 
     def probs(xb):
         return jax.vmap(lambda xi: model.probs(model.apply(params, xi)))(xb)
@@ -184,23 +175,19 @@ def _answers(model: Model, params: Params, x: jax.Array, squeezed: jax.Array,
     d = p / jnp.sum(p, -1, keepdims=True)
     sq = jax.vmap(probs)(squeezed)  # [S, P, C]
     sq = sq / jnp.sum(sq, -1, keepdims=True)
-    squeeze = jnp.max(jnp.sum(jnp.abs(sq - d[None]), -1), axis=0)
-    return Responses(p, jax.vmap(probs)(stamped), squeeze)
+    return Responses(p, jnp.max(jnp.sum(jnp.abs(sq - d[None]), -1), axis=0))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "n_patched", "batch"))
-def _models_jit(model, stacked, x, patches, value, n_patched, batch):
-    squeezed, stamped = _system_inputs(model, x, patches, value, n_patched)
-    return jax.lax.map(lambda p: _answers(model, p, x, squeezed, stamped), stacked,
+@functools.partial(jax.jit, static_argnames=("model", "batch"))
+def _models_jit(model, stacked, x, batch):
+    squeezed = _squeezed(model, x)
+    return jax.lax.map(lambda p: _answers(model, p, x, squeezed), stacked, batch_size=batch)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "batch"))
+def _inputs_jit(model, params, xs, batch):
+    return jax.lax.map(lambda x: _answers(model, params, x, _squeezed(model, x)), xs,
                        batch_size=batch)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "n_patched", "batch"))
-def _inputs_jit(model, params, xs, patches, value, n_patched, batch):
-    def one(x):
-        return _answers(model, params, x, *_system_inputs(model, x, patches, value, n_patched))
-
-    return jax.lax.map(one, xs, batch_size=batch)
 
 
 def responses(model: Model, params: Params, probes: ProbeSet, x=None) -> Responses:
@@ -208,7 +195,7 @@ def responses(model: Model, params: Params, probes: ProbeSet, x=None) -> Respons
     pass the changed probes for an input-channel change). One jitted call."""
     x = probes.x if x is None else jnp.asarray(x, jnp.float32)
     _check_inputs(x, probes)
-    out = _inputs_jit(model, params, x[None], probes.patches, probes.value, probes.n_patched, 1)
+    out = _inputs_jit(model, params, x[None], 1)
     return jax.tree.map(lambda a: a[0], out)
 
 
@@ -226,29 +213,128 @@ def model_responses(model: Model, stacked: Params, probes: ProbeSet, *,
                     batch: int | None = None) -> Responses:
     """Responses of many models on the probes: stacked params (leaves [m, ...]) -> Responses
     with a leading axis m. One jitted call (`lax.map`, `batch` models per vmap); the squeezed
-    and stamped probes are built once for all."""
+    probes are built once for all."""
     m = jax.tree.leaves(stacked)[0].shape[0]
-    return _models_jit(model, stacked, probes.x, probes.patches, probes.value,
-                       probes.n_patched, _batch(m, batch))
+    return _models_jit(model, stacked, probes.x, _batch(m, batch))
 
 
 def input_responses(model: Model, params: Params, xs, probes: ProbeSet, *,
                     batch: int | None = None) -> Responses:
     """Responses of one model behind many input changes: xs: [m, P, D], row i of xs[j] the
     j-th change of probe i -> Responses with a leading axis m. One jitted call."""
-    xs = jnp.asarray(xs, jnp.float32)
-    if xs.ndim != 3:
-        raise ConfigError(f"input_responses: expected changed probes [m, P, D], found "
-                          f"{xs.shape}")
-    _check_inputs(xs[0], probes)
-    return _inputs_jit(model, params, xs, probes.patches, probes.value, probes.n_patched,
-                       _batch(xs.shape[0], batch))
+    xs = _check_changed(xs, probes)
+    return _inputs_jit(model, params, xs, _batch(xs.shape[0], batch))
 
 
 def _check_inputs(x, probes: ProbeSet) -> None:
     if tuple(x.shape) != tuple(probes.x.shape):
         raise ConfigError(f"suspect inputs: expected one changed copy of each probe, shape "
                           f"{tuple(probes.x.shape)}, found {tuple(x.shape)}")
+
+
+def _check_changed(xs, probes: ProbeSet) -> jax.Array:
+    xs = jnp.asarray(xs, jnp.float32)
+    if xs.ndim != 3:
+        raise ConfigError(f"input_responses: expected changed probes [m, P, D], found "
+                          f"{xs.shape}")
+    _check_inputs(xs[0], probes)
+    return xs
+
+
+# --- reversed triggers ---------------------------------------------------------------------------
+
+
+class TriggerSummary(NamedTuple):
+    """The smallest reversed trigger of a model (leading axes [...] for many). mask:
+    [..., H, W] in [0, 1]; pattern: [..., H, W, C]; target: int [...] its class; rate: [...]
+    its attack rate on the model (share of the search's probes not of the target sent
+    there); norms: [..., K] the L1 mask norm (pixels) of every class's reversed trigger."""
+
+    mask: jax.Array
+    pattern: jax.Array
+    target: jax.Array
+    rate: jax.Array
+    norms: jax.Array
+
+
+def summarize(triggers: neural_cleanse.Triggers) -> TriggerSummary:
+    """The smallest-norm trigger of each model of `neural_cleanse.Triggers` (class axis K
+    after any leading axes) -> TriggerSummary with the leading axes."""
+    lead = triggers.norms.shape[:-1]
+    flat = jax.tree.map(lambda a: a.reshape((-1, *a.shape[len(lead):])), triggers)  # [B, K...]
+    target = jnp.argmin(flat.norms, axis=-1)
+    rows = jnp.arange(target.shape[0])
+
+    def pick(a):  # [B, K, ...] -> [..., ...]
+        return a[rows, target].reshape(lead + a.shape[2:])
+
+    return TriggerSummary(pick(flat.masks), pick(flat.patterns),
+                          target.astype(jnp.int32).reshape(lead), pick(flat.rates),
+                          triggers.norms)
+
+
+def reverse(model: Model, stacked: Params, probes: ProbeSet, *, key: jax.Array,
+            config: neural_cleanse.ScanConfig = TRIGGER_SCAN,
+            chunk: int | None = None) -> TriggerSummary:
+    """Neural Cleanse's trigger search (`neural_cleanse.scan_population`, Wang et al. 2019)
+    on every model of `stacked` (leaves [m, ...]) over the first `probes.n_patched` probes,
+    every model with the same key -> TriggerSummary with a leading axis m. One jitted call.
+    The search is short (`TRIGGER_SCAN`): what it finds is compared only with what the same
+    search finds on the null's clean retrains."""
+    q = probes.n_patched
+    found = neural_cleanse.scan_population(model, stacked, probes.x[:q], probes.y[:q], key=key,
+                                           config=config, chunk=chunk)
+    return summarize(found)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _attack_rates(model: Model, params: Params, x: jax.Array, y: jax.Array,
+                  mask: jax.Array, pattern: jax.Array, target: jax.Array) -> jax.Array:
+    """Share of x [Q, D] (labels y != target) that params sends to target once stamped,
+    for each trigger: mask [m, H, W], pattern [m, H, W, C], target [m] -> [m]."""
+    apply = jax.vmap(model.apply, in_axes=(None, 0))
+
+    def one(mk, pt, t):
+        pred = jnp.argmax(apply(params, neural_cleanse.stamp(x, mk, pt, model.input_shape)), -1)
+        other = y != t
+        return jnp.sum((pred == t) & other) / jnp.maximum(jnp.sum(other), 1)
+
+    return jax.vmap(one)(mask, pattern, target)
+
+
+def trigger_features(model: Model, reference: Params, ref_triggers: TriggerSummary,
+                     triggers: TriggerSummary, probes: ProbeSet) -> dict[str, jax.Array]:
+    """The trigger features of m suspect models against the reference (module docstring).
+
+    reference: the reference's params; ref_triggers: its own summary (no leading axis);
+    triggers: the suspects' summaries (leading axis m). Returns {"trigger_flip": [m],
+    "trigger_norm": [m]}: the reference is run on each suspect's trigger, nothing else."""
+    q = probes.n_patched
+    ref_rate = _attack_rates(model, reference, probes.x[:q], probes.y[:q], triggers.mask,
+                             triggers.pattern, triggers.target)
+    mine = jnp.take_along_axis(triggers.norms, triggers.target[:, None], axis=1)[:, 0]
+    theirs = ref_triggers.norms[triggers.target]
+    return {"trigger_flip": triggers.rate - ref_rate,
+            "trigger_norm": jnp.log(jnp.maximum(theirs, _TINY_NORM)
+                                    / jnp.maximum(mine, _TINY_NORM))}
+
+
+def input_trigger_features(model: Model, reference: Params, ref_triggers: TriggerSummary,
+                           xs, probes: ProbeSet) -> dict[str, jax.Array]:
+    """The trigger features of the reference behind m input changes, xs: [m, P, D] (module
+    docstring): trigger_flip [m] = the reference's rate on its own smallest trigger stamped on
+    the changed probes minus on the probes; trigger_norm [m] = 0 (the same model)."""
+    xs = _check_changed(xs, probes)
+    q = probes.n_patched
+    one = jax.tree.map(lambda a: a[None], ref_triggers)
+
+    def rate(x):
+        return _attack_rates(model, reference, x[:q], probes.y[:q], one.mask, one.pattern,
+                             one.target)[0]
+
+    changed = jnp.stack([rate(x) for x in xs])
+    return {"trigger_flip": changed - rate(probes.x),
+            "trigger_norm": jnp.zeros(xs.shape[0], changed.dtype)}
 
 
 # --- the two-sample KS test ----------------------------------------------------------------------
@@ -286,31 +372,16 @@ def ks_pvalue(d, n: int, m: int) -> np.ndarray:
 # --- the fingerprint -----------------------------------------------------------------------------
 
 
-def _trigger_rates(r: Responses, n_patched: int) -> tuple[jax.Array, jax.Array]:
-    """rate: [K, C] share of patched probes called c among those not called c unpatched;
-    sensitivity: [K] mean L1 distance between the output distributions of a probe and of
-    its patched copy."""
-    base = jnp.argmax(r.probs[:n_patched], axis=-1)  # [Q]
-    pk = jnp.argmax(r.patched, axis=-1)  # [K, Q]
-    c = r.probs.shape[-1]
-    to = jax.nn.one_hot(pk, c)  # [K, Q, C]
-    not_base = 1.0 - jax.nn.one_hot(base, c)  # [Q, C]
-    rate = jnp.sum(to * not_base, axis=1) / jnp.maximum(jnp.sum(not_base, axis=0), 1.0)
-    d = r.probs[:n_patched] / jnp.sum(r.probs[:n_patched], -1, keepdims=True)
-    dk = r.patched / jnp.sum(r.patched, -1, keepdims=True)
-    sensitivity = jnp.mean(jnp.sum(jnp.abs(dk - d[None]), -1), axis=1)
-    return rate, sensitivity
-
-
 def fingerprint_arrays(ref: Responses, sus: Responses, y: jax.Array) -> dict[str, jax.Array]:
-    """The fingerprint of a suspect against a reference, probe by probe (module docstring).
+    """The response features of a suspect against a reference, probe by probe (module
+    docstring; the trigger features come from `trigger_features`).
 
     ref, sus: Responses of one system each; y: [P] the probes' labels. Returns scalars keyed
-    by `FEATURES` and "transitions": [C, C] (reference class -> suspect class, shares of the
-    probes). Traceable: jit it, vmap it over suspects (in_axes=(None, 0, None)).
+    by `RESPONSE_FEATURES` and "squeeze_gap", and "transitions": [C, C] (reference class ->
+    suspect class, shares of the probes). Traceable: jit it, vmap it over suspects
+    (in_axes=(None, 0, None)).
     """
     p, c = ref.probs.shape
-    n_patched = ref.patched.shape[1]
     pred_r, pred_s = jnp.argmax(ref.probs, -1), jnp.argmax(sus.probs, -1)
     dr = ref.probs / jnp.sum(ref.probs, -1, keepdims=True)
     ds = sus.probs / jnp.sum(sus.probs, -1, keepdims=True)
@@ -320,8 +391,6 @@ def fingerprint_arrays(ref: Responses, sus: Responses, y: jax.Array) -> dict[str
     transitions = transitions / p
     disagreement = jnp.mean(pred_r != pred_s)
     moved = jnp.max(jnp.sum(transitions * (1.0 - jnp.eye(c)), axis=0))
-    rate_r, sens_r = _trigger_rates(ref, n_patched)
-    rate_s, sens_s = _trigger_rates(sus, n_patched)
     return {
         "disagreement": disagreement,
         "kl": jnp.mean(kl),
@@ -329,8 +398,6 @@ def fingerprint_arrays(ref: Responses, sus: Responses, y: jax.Array) -> dict[str
         "confidence_shift": jnp.mean(conf_s) - jnp.mean(conf_r),
         "accuracy_drop": jnp.mean(pred_r == y) - jnp.mean(pred_s == y),
         "flip_concentration": moved / jnp.maximum(disagreement, 1.0 / p),
-        "trigger_flip": jnp.max(rate_s - rate_r),
-        "patch_sensitivity": jnp.max(jnp.log((sens_s + _SENS_FLOOR) / (sens_r + _SENS_FLOOR))),
         "squeeze_gap": jnp.mean(sus.squeeze) - jnp.mean(ref.squeeze),
         "transitions": transitions,
     }
@@ -339,12 +406,17 @@ def fingerprint_arrays(ref: Responses, sus: Responses, y: jax.Array) -> dict[str
 @jax.jit
 def fingerprints(ref: Responses, sus: Responses, y: jax.Array) -> dict[str, jax.Array]:
     """`fingerprint_arrays` for many suspects: sus with a leading axis m -> values [m] (and
-    transitions [m, C, C]). One jitted call."""
+    transitions [m, C, C]). One jitted call. Add `trigger_features` before `feature_matrix`."""
     return jax.vmap(fingerprint_arrays, in_axes=(None, 0, None))(ref, sus, y)
 
 
 def feature_matrix(fp: dict[str, jax.Array], names: tuple[str, ...] = FEATURES) -> np.ndarray:
-    """The scalar features of `fingerprints` as float64 [m, len(names)] (or [F] for one)."""
+    """The scalar features of a fingerprint as float64 [m, len(names)] (or [F] for one).
+    fp: `fingerprints` merged with `trigger_features` (every name must be there)."""
+    missing = [k for k in names if k not in fp]
+    if missing:
+        raise ConfigError(f"fingerprint: expected the features {list(names)}, found no "
+                          f"{missing} (merge `trigger_features` into `fingerprints`)")
     return np.stack([np.asarray(fp[k], np.float64) for k in names], axis=-1)
 
 
@@ -386,12 +458,60 @@ class Null:
 
 
 class TestResult(NamedTuple):
-    """A change test. p_value: [m] the combined (max-statistic) p-values; statistic: [m] the
-    largest pooled z; feature_p: [m, F] the per-feature empirical p-values (all features)."""
+    """A change test. p_value: [m] the combined p-values (min-p, calibrated on the pool);
+    statistic: [m] -log of the smallest per-feature tail (larger = more changed); feature_p:
+    [m, F] the per-feature empirical p-values (1 + #{null >= observed}) / (1 + n_null) of
+    every feature; resolution: 1 / (1 + n_null), the smallest p-value the null can give."""
 
     p_value: np.ndarray
     statistic: np.ndarray
     feature_p: np.ndarray
+    resolution: float
+
+
+def min_null_size(alpha: float) -> int:
+    """The fewest null members whose smallest p-value 1 / (n + 1) is <= alpha."""
+    return max(1, math.ceil(1.0 / alpha - 1.0 - 1e-9))
+
+
+def check_alpha(alpha, n_null: int, *, alpha_name: str = "alpha",
+                null_name: str = "n_null", where: str = "detect") -> float:
+    """Refuse a level the null cannot reach: with n_null members the smallest p-value is
+    1 / (n_null + 1), so a test at alpha < that could never say "changed". Returns alpha as
+    a float; raises ConfigError (one line, naming the null size alpha needs)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)) or not (
+            0.0 < float(alpha) < 1.0):
+        raise ConfigError(f"{where}: expected {alpha_name} in (0, 1), found {alpha!r}")
+    alpha = float(alpha)
+    if 1.0 / (n_null + 1) > alpha * (1.0 + 1e-9):
+        raise ConfigError(
+            f"{where}: {alpha_name} {alpha:g} needs {null_name} >= {min_null_size(alpha)} (with "
+            f"N null models the smallest p-value is 1/(N+1)); found {null_name} {n_null}, "
+            f"whose smallest p-value is 1/{n_null + 1} = {1.0 / (n_null + 1):.3g}")
+    return alpha
+
+
+def _robust_scale(pool: np.ndarray) -> np.ndarray:
+    """Per column of pool [..., N, f]: 1.4826 * MAD, else the std, else 1 -> [..., 1, f]."""
+    med = np.median(pool, axis=-2, keepdims=True)
+    mad = MAD_SCALE * np.median(np.abs(pool - med), axis=-2, keepdims=True)
+    std = pool.std(axis=-2, keepdims=True)
+    return np.where(mad > 0, mad, np.where(std > 0, std, 1.0))
+
+
+def _tails(pool: np.ndarray) -> np.ndarray:
+    """The per-feature tail of every member of each pool: pool [m, N, f] -> [m, N, f].
+
+    The rank p-value #{pool >= x} / N (itself included), except for a member strictly above
+    all the others, whose tail continues below 1/N as exp(-(x - runner-up) / scale) / N (an
+    exponential tail in units of the column's robust scale): how far out the top lies breaks
+    the tie between members that each top some feature."""
+    n = pool.shape[1]
+    count = (pool[:, None, :, :] >= pool[:, :, None, :]).sum(2)  # [m, N(member), f]
+    top2 = -np.sort(-pool, axis=1)[:, :2]  # [m, 2, f] largest, runner-up
+    others = np.where(pool >= top2[:, :1], top2[:, 1:2], top2[:, :1])  # max of the others
+    excess = (pool - others) / _robust_scale(pool)
+    return np.where(excess > 0, np.exp(-np.clip(excess, 0.0, 700.0)) / n, count / n)
 
 
 def change_test(observed, null: Null, test_features: tuple[str, ...] = TEST_FEATURES
@@ -399,29 +519,30 @@ def change_test(observed, null: Null, test_features: tuple[str, ...] = TEST_FEAT
     """Calibrated p-values of suspects' fingerprints against a null (module docstring).
 
     observed: float [m, F] or [F] (columns in `null.names` order). Each suspect is tested
-    on its own: pool = the null's n fingerprints + its own; every feature of
-    `test_features` standardized by the pool's mean and std; T = the largest z; p = (1 +
-    #{null T >= suspect T}) / (1 + n).
+    on its own: pool = the null's n fingerprints + its own (N = n + 1); each member's tail
+    in each feature of `test_features` (`_tails`: its rank p-value among the pool, extended
+    by an exponential tail for a member above all others); T = the member's smallest tail;
+    p = #{pool members with T <= the suspect's} / N. T is computed alike for every member
+    from the pool as a set, so p is exactly valid when the suspect is exchangeable with the
+    null (a clean retrain), whatever the features' dependence.
     """
     obs = np.atleast_2d(np.asarray(observed, np.float64))
     if obs.shape[1] != len(null.names):
         raise ConfigError(f"change_test: expected {len(null.names)} features per suspect, "
                           f"found {obs.shape[1]}")
     unknown = sorted(set(test_features) - set(null.names))
-    if unknown:
-        raise ConfigError(f"change_test: unknown test features {unknown}")
+    if unknown or not test_features:
+        raise ConfigError(f"change_test: expected test features among {list(null.names)}, "
+                          f"found {list(test_features)}")
     cols = [null.names.index(f) for f in test_features]
     n = null.size
     feature_p = (1.0 + (null.features[None, :, :] >= obs[:, None, :]).sum(1)) / (1.0 + n)
     pool = np.concatenate([np.broadcast_to(null.features[:, cols], (len(obs), n, len(cols))),
                            obs[:, None, cols]], axis=1)  # [m, n + 1, f]
-    mean = pool.mean(axis=1, keepdims=True)
-    std = pool.std(axis=1, keepdims=True)
-    z = (pool - mean) / np.where(std > 0, std, 1.0)
-    t = z.max(axis=2)  # [m, n + 1]
-    stat = t[:, -1]
-    p = (1.0 + (t[:, :-1] >= stat[:, None] - 1e-12).sum(1)) / (1.0 + n)
-    return TestResult(p, stat, feature_p)
+    t = _tails(pool).min(axis=2)  # [m, n + 1]
+    mine = t[:, -1]
+    p = (t <= mine[:, None] * (1.0 + 1e-9)).sum(1) / (1.0 + n)
+    return TestResult(p, -np.log(mine), feature_p, 1.0 / (1.0 + n))
 
 
 def changed_probability(p_value) -> np.ndarray:
