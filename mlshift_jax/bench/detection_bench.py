@@ -22,8 +22,9 @@ Tables (`run` returns them by name):
 - "confusion": the categorizer's confusion matrix (rows true, columns predicted), every cell
   predicted by a categorizer trained without its seed (`categorize.cross_validate`).
 - "training_data": per training-data detector (activation clustering, spectral signatures,
-  SPECTRE) and poisoning: precision, recall, ROC-AUC (means over seeds) against the poison
-  mask. The spectral methods get the member's true poisoned fraction as eps (they remove
+  SPECTRE) and poisoning: precision, recall, ROC-AUC over all samples and ROC-AUC within the
+  class holding the poison ("auc_in_class"), means over seeds, against the poison mask. The
+  spectral methods get the member's true poisoned fraction as eps (they remove
   1.5 * eps of each class; the papers assume a known bound).
 - "cells": every (seed, change) cell of the change test: its p-value, statistic, category,
   the categorizer's held-out prediction and its fingerprint features.
@@ -252,12 +253,13 @@ def _training_data_table(cfg: BenchConfig, ds: Dataset, members: _Members, pop, 
                                  eps=float(mask.mean()), key=jax.random.fold_in(key, i),
                                  block=block)
         for name, method in DATA_DETECTORS.items():
-            scores = detect_data.precision_recall_auc(found[method], mask)
+            scores = detect_data.precision_recall_auc(found[method], mask, y_p)
             rows.append({"detector": name, "change": members.table.at[i, "label"],
                          "seed": int(members.table.at[i, "seed"]), **scores})
     table = pd.DataFrame(rows)
     return (table.groupby(["detector", "change"], sort=False)
-            [["precision", "recall", "auc", "flagged", "poisoned"]].mean().reset_index())
+            [["precision", "recall", "auc", "auc_in_class", "flagged", "poisoned"]]
+            .mean().reset_index())
 
 
 def _one_blas_thread(fn):

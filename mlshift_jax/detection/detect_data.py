@@ -27,8 +27,8 @@ detection bench passes one size for all its members: one compile per detector).
   top `dims` principal directions, estimate the clean mean and covariance robustly, whiten
   with them, and score by QUantum Entropy (QUE) outlier scores; remove the 1.5 * eps * n_c
   highest. The robust estimate here is a minimum-covariance-determinant fit by concentration
-  steps (Rousseeuw & Van Driessen, FAST-MCD, 1999; half the class kept: breakdown 50%)
-  instead of the paper's filter-based robust covariance estimator.
+  steps (Rousseeuw & Van Driessen, FAST-MCD, 1999; half the class kept: breakdown 50%; one
+  deterministic start, DetMCD's) instead of the paper's filter-based robust estimator.
 
 Each detector returns a per-sample score (for ROC-AUC; higher = more suspicious) and a
 per-sample flag (the samples it would remove), both to be judged against the poison mask.
@@ -421,8 +421,15 @@ def activation_clustering(h, predicted, *, key: jax.Array,
 def _mcd(z: jax.Array, w: jax.Array, keep: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Robust mean [k] and covariance [k, k] of the valid rows of z: [b, k]: SPECTRE_STEPS
     concentration steps of FAST-MCD (Rousseeuw & Van Driessen 1999), each refitting the
-    mean and covariance to the `keep` rows of smallest Mahalanobis distance."""
+    mean and covariance to the `keep` rows of smallest Mahalanobis distance, started (as
+    one of DetMCD's deterministic starts, Hubert, Rousseeuw & Verdonck 2012) from the `keep`
+    rows nearest the coordinate-wise median, each coordinate scaled by its MAD."""
     k = z.shape[1]
+    valid = jnp.where(w[:, None] > 0, z, jnp.nan)
+    median = jnp.nanmedian(valid, axis=0)
+    mad = jnp.nanmedian(jnp.abs(valid - median), axis=0)
+    start = jnp.sum(((z - median) / jnp.maximum(mad, 1e-12)) ** 2, axis=1)
+    first = _top_in_block(-start, w, keep).astype(z.dtype)
 
     def step(_, subset):
         mean, cov, _ = _block_mean_cov(z, subset)
@@ -430,7 +437,7 @@ def _mcd(z: jax.Array, w: jax.Array, keep: jax.Array) -> tuple[jax.Array, jax.Ar
         dist = jnp.einsum("bi,ij,bj->b", z - mean, inv, z - mean)
         return _top_in_block(-dist, w, keep).astype(z.dtype)
 
-    subset = jax.lax.fori_loop(0, SPECTRE_STEPS, step, w)
+    subset = jax.lax.fori_loop(0, SPECTRE_STEPS, step, first)
     mean, cov, _ = _block_mean_cov(z, subset)
     return mean, cov
 
@@ -528,16 +535,26 @@ def poisoned_share(y, mask, n_classes: int | None = None) -> float:
     return float(np.max(poisoned / np.maximum(counts, 1)))
 
 
-def precision_recall_auc(detection: Detection, mask) -> dict[str, float]:
+def precision_recall_auc(detection: Detection, mask, labels=None) -> dict[str, float]:
     """precision and recall of `detection.flag`, ROC-AUC of `detection.score`, against the
     poison mask ([n] bool, the ground truth). Precision is 0 when nothing is flagged; AUC is
-    NaN when the mask is all one value."""
+    NaN when the mask is all one value. With labels ([n] int, the training labels) also
+    "auc_in_class": the ROC-AUC among the samples of the label holding the most poisoned
+    samples (the per-class ranking the detectors make, without comparing classes)."""
     flag = np.asarray(detection.flag, bool)
     truth = np.asarray(mask, bool)
+    score = np.asarray(detection.score)
     tp = int(np.sum(flag & truth))
     precision = tp / flag.sum() if flag.sum() else 0.0
     recall = tp / truth.sum() if truth.sum() else float("nan")
-    auc = roc_auc(np.asarray(detection.score), truth) if 0 < truth.sum() < truth.size \
-        else float("nan")
-    return {"precision": float(precision), "recall": float(recall), "auc": auc,
-            "flagged": int(flag.sum()), "poisoned": int(truth.sum())}
+    auc = roc_auc(score, truth) if 0 < truth.sum() < truth.size else float("nan")
+    out = {"precision": float(precision), "recall": float(recall), "auc": auc,
+           "flagged": int(flag.sum()), "poisoned": int(truth.sum())}
+    if labels is not None:
+        labels = np.asarray(labels).ravel()
+        out["auc_in_class"] = float("nan")
+        if truth.any():
+            inside = labels == np.bincount(labels[truth]).argmax()
+            if 0 < truth[inside].sum() < inside.sum():
+                out["auc_in_class"] = roc_auc(score[inside], truth[inside])
+    return out
