@@ -102,6 +102,10 @@ def test_silhouette_matches_scikit_learn():
     assign[:300], w[:300] = a, 1.0
     got = float(detect_data._silhouette(pad, assign, w))
     assert got == pytest.approx(silhouette_score(z, a), abs=1e-4)
+    sampled = float(detect_data._silhouette(pad, assign, w, jax.random.key(0), 256))
+    assert sampled == pytest.approx(got, abs=0.03)  # 256 of the 300 rows, vs all rows
+    assert float(detect_data._silhouette(pad, assign, w, jax.random.key(0), 512)) == \
+        pytest.approx(got, abs=1e-5)  # a sample as large as the block: every valid row
 
 
 def test_activation_clustering_decides_per_class():
