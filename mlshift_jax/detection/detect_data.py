@@ -65,7 +65,7 @@ SILHOUETTE_SAMPLE = 1024  # rows of a class whose silhouettes are averaged (time
 SPECTRAL_FACTOR = 1.5
 SPECTRE_DIMS = 32
 SPECTRE_ALPHA = 4.0
-SPECTRE_STEPS = 4
+SPECTRE_STEPS = 8
 METHODS = ("activation-clustering", "spectral-signatures", "spectre")
 
 
