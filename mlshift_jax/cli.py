@@ -31,6 +31,7 @@ from mlshift_jax.data import datasets
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+DATA_METHODS = ("activation-clustering", "spectral-signatures", "spectre")  # detect_data.METHODS
 TRAIN_OPTIONS = ("model", "hidden", "lr", "epochs", "batch_size", "optimizer", "seed",
                  "train_size", "save")
 
@@ -556,6 +557,94 @@ def cmd_scan_model(args) -> None:
              enumerate(zip(result["mask_norms"], result["attack_rates"], strict=True))]
     rows += [["file", f] for f in result["files"]] + ([["note", note]] if note else [])
     _emit("table", None, rows, headers=["", "value"])
+# --- scan-data ----------------------------------------------------------------------------
+
+
+def _share(flag: str, unit: str):
+    """argparse type: a finite number in 0..1, ConfigError naming `flag` else."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise ConfigError(f"{flag}: expected a finite number in 0..1 ({unit}), found "
+                              f"{text!r}")
+        return value
+
+    return parse
+
+
+def _count(flag: str, unit: str):
+    """argparse type: an integer >= 1, ConfigError naming `flag` else."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ConfigError(f"{flag}: expected an integer >= 1 ({unit}), found {text!r}")
+        return value
+
+    return parse
+
+
+def cmd_scan_data(args) -> None:
+    """Which training samples look poisoned? Every --method's scores on the training set."""
+    from mlshift_jax.attacks.evasion import attack_key
+    from mlshift_jax.core.files import atomic_path
+    from mlshift_jax.detection import detect_data
+
+    if args.out is not None and not args.out.endswith(".csv"):
+        raise ConfigError(f"--out: expected a FILE.csv, found {args.out!r}")
+    model, params, meta = _load_weights(args.params)  # a bad file is one line, before data
+    if model.stochastic:
+        raise ConfigError(f"scan-data: expected a deterministic model, found {model.name} "
+                          "(stochastic): its activations differ per call")
+    ds = _load(args, meta)
+    _check_fits(model, ds)
+    x, y = _train_data(args, ds)
+    rules.check_memory(2 * x.shape[0] * (x.shape[1] + 4 * 1024) * 4,
+                       f"scanning {x.shape[0]} training images", "lower --train-size")
+    methods = list(dict.fromkeys(args.method))
+    found = detect_data.scan(model, params, x, y, eps=args.eps, key=attack_key(args.seed),
+                             methods=methods)
+    y = np.asarray(y)
+    scores = {m: np.asarray(found[m].score, np.float64) for m in methods}
+    flags = {m: np.asarray(found[m].flag, bool) for m in methods}
+    if args.out is not None:
+        with atomic_path(args.out) as tmp, open(tmp, "w") as f:
+            f.write(",".join(["index", "label", *(f"{m}_{k}" for m in methods
+                                                  for k in ("score", "flag"))]) + "\n")
+            for i in range(len(y)):
+                f.write(",".join([str(i), str(int(y[i])), *(
+                    f"{scores[m][i]:.6g},{int(flags[m][i])}" for m in methods)]) + "\n")
+    result = {"dataset": ds.name, "n": int(len(y)), "eps": args.eps, "methods": {}}
+    rows = []
+    for m in methods:
+        top = np.argsort(-scores[m], kind="stable")[:args.top]
+        entry = {"flagged": int(flags[m].sum()),
+                 "top": [{"index": int(i), "label": int(y[i]), "score": float(scores[m][i]),
+                          "flagged": bool(flags[m][i])} for i in top]}
+        if found[m].classes is not None:
+            entry["suspect_classes"] = [int(c) for c in np.flatnonzero(
+                np.asarray(found[m].classes))]
+        result["methods"][m] = entry
+        rows += [[m, r + 1, t["index"], t["label"], t["score"], t["flagged"]]
+                 for r, t in enumerate(entry["top"])]
+    if args.out is not None:
+        result["out"] = args.out
+    if args.format == "json":
+        print(strict_json(result))
+        return
+    _emit("table", None, rows, headers=["method", "rank", "index", "label", "score",
+                                         "flagged"])
+    for m in methods:
+        extra = result["methods"][m].get("suspect_classes")
+        print(f"{m}: {result['methods'][m]['flagged']} of {len(y)} flagged"
+              + (f"; suspect classes {extra}" if extra is not None else ""))
 
 
 # --- bench --------------------------------------------------------------------------------
@@ -705,6 +794,10 @@ def _options():
         "null_models": num("null_models", 24, "clean retrains in the null: the smallest "
                            "p-value is 1/(N+1): N >= 19 for alpha 0.05, 99 for 0.01; fewer "
                            "is faster"),
+        "method": {"nargs": "+", "default": list(DATA_METHODS), "choices": DATA_METHODS,
+                   "metavar": "METHOD", "help": f"one or more of: {', '.join(DATA_METHODS)}"},
+        "top": {"type": _count("--top", "samples listed per method"), "default": 20,
+                "metavar": "N", "help": "list the N highest-scoring samples of each method"},
         "quick": {"action": "store_true", "help": "the CI-sized matrix"},
         "matrix": {"metavar": "FILE.toml",
                    "help": "a matrix TOML file; default bench/matrix.toml (a custom matrix "
@@ -807,6 +900,22 @@ def build_parser() -> argparse.ArgumentParser:
                    f"300. {rules.describe('steps')}"},
             seed={"help": "seed of the null's models, the images and the search: "
                   f"{rules.describe('seed')}"})
+    command("scan-data", cmd_scan_data, "which training samples look poisoned? "
+            "activation clustering, spectral signatures and SPECTRE on the training set of a "
+            "trained model", *DATA, "params", "train_size", "seed", "eps", "method", "top",
+            "out",
+            params={**options["params"], "required": True},
+            dataset={"default": None, "metavar": "NAME|PATH",
+                     "help": "the (possibly poisoned) training data the model was trained on; "
+                     "default: the one the weights' metadata names, else mnist"},
+            train_size={"help": "scan the first N training images (the ones the model was "
+                        f"trained on); default: all. {rules.describe('train_size')}"},
+            eps={"nargs": None, "default": 0.1, "type": _share("--eps", "the assumed "
+                 "poisoned fraction"), "metavar": "EPS",
+                 "help": "the assumed poisoned fraction: the spectral methods remove 1.5 * "
+                 "EPS of each class; a finite number in 0..1"},
+            out={"metavar": "FILE.csv", "help": "also write every training sample's score "
+                 "and flag per method here (atomically)"})
     command("bench", cmd_bench, "run the experiment matrix and write results/<platform>/",
             "quick", "matrix", "only", "out", "force", "distributed", "data_dir", "dataset",
             dataset={"default": None, "metavar": "NAME|PATH",

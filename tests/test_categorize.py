@@ -97,7 +97,7 @@ def test_detection_bench_tables(mnist):
     assert auc.loc[image_rows, poison_cols].isna().all().all()
     assert auc.loc[image_rows, attack_cols].notna().all().all()
     assert auc.loc["fingerprint test"].notna().all()
-    sample_rows = ["activation clustering", "spectral signatures"]
+    sample_rows = ["activation clustering", "spectral signatures", "SPECTRE"]
     assert auc.loc[sample_rows, attack_cols].isna().all().all()
     assert auc.loc[sample_rows, poison_cols].notna().all().all()
     values = auc.to_numpy()

@@ -14,8 +14,8 @@ Tables (`run` returns them by name):
   squeezing) on the test images attacked vs clean, with the first seed's reference; the
   fingerprint test on systems (changed systems vs clean retrains, statistic = -log of the
   smallest per-feature tail, `fingerprint.change_test`); the training-data detectors
-  (activation clustering, spectral signatures) on training samples (poisoned vs not, mean
-  over seeds). NaN where a detector does not apply.
+  (activation clustering, spectral signatures, SPECTRE) on training samples (poisoned vs
+  not, mean over seeds). NaN where a detector does not apply.
 - "input_detectors": per attack, eps and detector: ROC-AUC and TPR at `fpr` FPR.
 - "change_test": per change kind: ROC-AUC, detection rate at `alpha`, mean p-value and the
   cross-entropy of the "changed" probability (`fingerprint.changed_probability`), as NIST
@@ -28,9 +28,11 @@ Tables (`run` returns them by name):
   each of `lofo_refs` references of this configuration's recipe and width, every family
   decided by a categorizer trained without its group; rows the held-out family, columns its
   decisions (the categories and "uncertain"). Absent when lofo_refs is 0.
-- "training_data": per training-data detector and poisoning: precision, recall, ROC-AUC
-  (means over seeds) against the poison mask. Spectral signatures gets the true largest
-  per-class poisoned share as its eps (the paper assumes a known upper bound).
+- "training_data": per training-data detector (activation clustering, spectral signatures,
+  SPECTRE) and poisoning: precision, recall, ROC-AUC over all samples and ROC-AUC within the
+  class holding the poison ("auc_in_class"), means over seeds, against the poison mask. The
+  spectral methods get the member's true poisoned fraction as eps (they remove
+  1.5 * eps of each class; the papers assume a known bound).
 - "cells": every (seed, change) cell of the change test: its p-value, statistic, category,
   the categorizer's held-out prediction and its fingerprint features.
 - "detectors": what each detector scores, its unit and its source.
@@ -81,7 +83,8 @@ from mlshift_jax.poisoning.poison import make_config
 
 CLEAN = "clean"
 INPUT_ROWS = detect.INPUT_DETECTORS
-ROWS = (*INPUT_ROWS, "fingerprint test", "activation clustering", "spectral signatures")
+ROWS = (*INPUT_ROWS, "fingerprint test", "activation clustering", "spectral signatures",
+        "SPECTRE")
 DETECTORS = pd.DataFrame(
     [
         ("confidence", "image", "-max output", "Hendrycks & Gimpel, ICLR 2017"),
@@ -92,9 +95,12 @@ DETECTORS = pd.DataFrame(
         ("fingerprint test", "model", "min-p of rank tails of disagreement, KL, KS, reversed-"
          "trigger flip and norm vs clean retrains", "this harness (see fingerprint.py)"),
         ("activation clustering", "training sample", "1 - relative size of the sample's "
-         "2-means cluster (PCA 10) in its predicted class", "Chen et al., arXiv:1811.03728"),
+         "2-means cluster (PCA 10) in a predicted class judged poisoned (smaller cluster < "
+         "35%, silhouette > 0.1), else 0", "Chen et al., arXiv:1811.03728"),
         ("spectral signatures", "training sample", "squared projection on the top singular "
          "vector of its class", "Tran, Li & Madry, NeurIPS 2018"),
+        ("SPECTRE", "training sample", "QUE score after robust (MCD) whitening of its class's "
+         "top 32 principal directions", "Hayase et al., ICML 2021"),
     ],
     columns=["detector", "unit", "score", "source"]).set_index("detector")
 
@@ -229,36 +235,49 @@ def _input_detector_table(cfg: BenchConfig, ds: Dataset, model, params, key) -> 
     return pd.DataFrame(rows)
 
 
+DATA_DETECTORS = {"activation clustering": "activation-clustering",
+                  "spectral signatures": "spectral-signatures", "SPECTRE": "spectre"}
+
+
 def _training_data_table(cfg: BenchConfig, ds: Dataset, members: _Members, pop, idx,
                          key) -> pd.DataFrame:
-    """Activation clustering and spectral signatures on each poisoned member's data."""
+    """Activation clustering, spectral signatures and SPECTRE on each poisoned member's data.
+
+    The detectors are told the member's true poisoned fraction as eps (their removal counts:
+    1.5 * eps * class size). One class-block size for every member (the largest class, by
+    label or by prediction, of any member, rounded up to a power of two), so that each
+    detector compiles once for the whole table instead of once per block size."""
     model = pop.plan.arch
+    poisoned = [int(i) for i in members.rows("suspect")
+                if members.table.at[i, "label"] != CLEAN]
+
+    def data(i):
+        return poisoned_sample(ds.x_train, ds.y_train, idx[i],
+                               int(members.table.at[i, "member_seed"]), members.configs[i],
+                               model)
+
+    largest = 0
+    for i in poisoned:  # first pass: class sizes (by label and by prediction) only
+        x_p, y_p, _ = data(i)
+        predicted = jnp.argmax(predict(model, member(pop.params, i), x_p), -1)
+        for labels in (y_p, predicted):
+            largest = max(largest, int(np.bincount(np.asarray(labels)).max()))
+    block = detect_data.block_size(largest)
     rows = []
-    for i in members.rows("suspect"):
-        label = members.table.at[i, "label"]
-        if label == CLEAN:
-            continue
-        params = member(pop.params, int(i))
-        x_p, y_p, mask = poisoned_sample(ds.x_train, ds.y_train, idx[i],
-                                         int(members.table.at[i, "member_seed"]),
-                                         members.configs[i], model)
-        h = detect_data.activations(model, params, x_p)
-        predicted = jnp.argmax(predict(model, params, x_p), -1).astype(jnp.int32)
-        found = {
-            "activation clustering": detect_data.activation_clustering(
-                h, predicted, key=jax.random.fold_in(key, int(i)),
-                n_classes=model.n_classes),
-            "spectral signatures": detect_data.spectral_signatures(
-                h, y_p, eps=detect_data.poisoned_share(y_p, mask, model.n_classes),
-                n_classes=model.n_classes),
-        }
-        for name, detection in found.items():
-            scores = detect_data.precision_recall_auc(detection, mask)
-            rows.append({"detector": name, "change": label,
+    for i in poisoned:
+        x_p, y_p, mask = data(i)
+        mask = np.asarray(mask, bool)
+        found = detect_data.scan(model, member(pop.params, i), x_p, y_p,
+                                 eps=float(mask.mean()), key=jax.random.fold_in(key, i),
+                                 block=block)
+        for name, method in DATA_DETECTORS.items():
+            scores = detect_data.precision_recall_auc(found[method], mask, y_p)
+            rows.append({"detector": name, "change": members.table.at[i, "label"],
                          "seed": int(members.table.at[i, "seed"]), **scores})
     table = pd.DataFrame(rows)
     return (table.groupby(["detector", "change"], sort=False)
-            [["precision", "recall", "auc", "flagged", "poisoned"]].mean().reset_index())
+            [["precision", "recall", "auc", "auc_in_class", "flagged", "poisoned"]]
+            .mean().reset_index())
 
 
 def _one_blas_thread(fn):

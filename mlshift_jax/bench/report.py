@@ -477,8 +477,9 @@ def _detect(records: pd.DataFrame) -> str:
     auc = _md(t["auc"], "ROC-AUC of each detector (rows) on each change kind (columns); blank "
               "where the detector does not apply. Input detectors score attacked vs clean test "
               "images; the fingerprint test scores changed systems vs clean retrains; "
-              "activation clustering (Chen et al. 2018) and spectral signatures (Tran et al. "
-              "2018) score poisoned vs clean training samples.", floatfmt=".3f")
+              "activation clustering (Chen et al. 2018), spectral signatures (Tran et al. "
+              "2018) and SPECTRE (Hayase et al. 2021) score poisoned vs clean training "
+              "samples.", floatfmt=".3f")
     change = _md(t["change_test"].astype({"n": int}), "The model-level change test per "
                  "change kind, as NIST TrojAI scores its rounds: ROC-AUC against clean "
                  "retrains, detection rate at alpha, mean p-value, cross-entropy of the "
@@ -488,7 +489,14 @@ def _detect(records: pd.DataFrame) -> str:
                     "change, columns: its verdict), every cell predicted by a categorizer "
                     "trained without that cell's seed.")
     data_tab = _md(t["training_data"], "Training-data detectors against the poison mask "
-                   "(means over seeds).", index=False, floatfmt=".3f")
+                   "(means over seeds). auc: ROC-AUC over all training samples; auc_in_class:"
+                   " within the label holding the poison (the detectors rank within a class); "
+                   "precision / recall of the samples each would remove (spectral methods: "
+                   "1.5 * eps of each class, eps the true poisoned fraction; activation "
+                   "clustering: the smaller cluster of a class judged poisoned). All three "
+                   "assume the poison is a minority of its class: a BadNets mixture at 10% / "
+                   "20% puts about 47% / 65% poison in the target class.",
+                   index=False, floatfmt=".3f")
     return (head + "### Detector × change kind: ROC-AUC\n\n" + auc
             + "\n### Has the model changed? (fingerprint test)\n\n" + change
             + "\n### How did it change? (categorizer, held out by seed)\n\n" + confusion
@@ -767,7 +775,8 @@ def _detect_finding(records: pd.DataFrame) -> str | None:
                          f"{len(columns)} change kinds)")
 
     per_input = [r for r in auc.index if r in ("confidence", "margin", "entropy", "squeezing")]
-    per_data = [r for r in auc.index if r in ("activation clustering", "spectral signatures")]
+    per_data = [r for r in auc.index
+                if r in ("activation clustering", "spectral signatures", "SPECTRE")]
     if inputs:
         best(per_input, inputs, "best per-input detector")
     if "fingerprint test" in auc.index:

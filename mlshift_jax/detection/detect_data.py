@@ -1,30 +1,50 @@
 """Training-data detectors: which training samples are poisoned?
 
-Both read the penultimate-layer activations of the model trained on the (possibly poisoned)
-data (`Model.features`; a model without features, such as a user's flax or equinox module,
-gives its outputs, the logits, instead: see `activations`) and work one class at a time.
-The rows of each class are gathered into padded blocks (`class_blocks`), so each detector
-is one jitted call over all classes (vmap over the blocks), never a Python loop over
-classes; block sizes are rounded up so that few shapes (and compiles) occur.
+All three read the penultimate-layer activations of the model trained on the (possibly
+poisoned) data (`Model.features`; a model without features, such as a user's flax or equinox
+module, gives its outputs, the logits, instead: see `activations`) and work one class at a
+time. The rows of each class are gathered into padded blocks of one size (`class_blocks`,
+padding rows masked out), so each detector is one jitted call over all classes (vmap over the
+blocks, never a Python loop over classes) and compiles once per block size: the size is the
+largest class rounded up to a power of two (`block_size`), or a caller's fixed `block` (the
+detection bench passes one size for all its members: one compile per detector).
 
 - Activation clustering: Chen, Carvalho, Baracaldo, Ludwig, Edwards, Lee, Molloy, Srivastava,
   "Detecting Backdoor Attacks on Deep Neural Networks by Activation Clustering", AAAI SafeAI
   workshop 2019 (arXiv:1811.03728, 2018). Per predicted class: reduce the activations to
-  `dims` dimensions (PCA here; the paper uses ICA), split them by 2-means, and flag the
-  smaller cluster when it holds less than `size_threshold` of the class (0.35, the
-  reference implementation's default in the Adversarial Robustness Toolbox).
+  `dims` dimensions (PCA here; the paper uses ICA), split them by 2-means, and decide per
+  class with the paper's two rules as the Adversarial Robustness Toolbox implements them
+  (`analyze_by_silhouette_score`): the class is poisoned when its smaller cluster holds less
+  than `size_threshold` of it (0.35) AND the split's silhouette score exceeds
+  `silhouette_threshold` (0.10); the smaller cluster of a poisoned class is the suspect.
 - Spectral signatures: Tran, Li, Madry, "Spectral Signatures in Backdoor Attacks", NeurIPS
   2018. Per (training) label: centre the activations, take the top right singular vector v
-  of the centred matrix, score each sample by its squared projection on v; flag the
-  1.5 * eps highest-scoring samples of each class, eps the assumed poisoned fraction.
+  of the centred matrix, score each sample by its squared projection on v; remove the
+  round(1.5 * eps * n_c) highest-scoring samples of each class c (1.5 times the expected
+  poison count), eps the assumed poisoned fraction.
+- SPECTRE: Hayase, Kong, Somani, Oh, "SPECTRE: Defending Against Backdoor Attacks Using
+  Robust Statistics", ICML 2021. Per label: project the centred activations on the class's
+  top `dims` principal directions, estimate the clean mean and covariance robustly, whiten
+  with them, and score by QUantum Entropy (QUE) outlier scores; remove the 1.5 * eps * n_c
+  highest. The robust estimate here is a minimum-covariance-determinant fit by concentration
+  steps (Rousseeuw & Van Driessen, FAST-MCD, 1999; half the class kept: breakdown 50%; one
+  deterministic start, DetMCD's) instead of the paper's filter-based robust estimator.
 
-Each detector returns a per-sample score (for ROC-AUC; higher = more likely poisoned) and a
-per-sample flag (for precision and recall), both against the poisoning's mask.
+Each detector returns a per-sample score (for ROC-AUC; higher = more suspicious) and a
+per-sample flag (the samples it would remove), both to be judged against the poison mask.
+
+All three assume the poisoned samples are a minority of their class. A BadNets mixture
+relabels its poisoned images to one target class: at 20% of the eligible images (this
+project's "mixture 20%") they are about 65% of the target class, the clean images of the
+class become the minority, and none of these detectors can tell which group is the clean one
+(activation clustering then flags nothing in that class; the two spectral methods rank the
+clean minority highest). The detection bench's training-data table measures where this sets in.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -33,21 +53,30 @@ import numpy as np
 
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.detection.detect import roc_auc
-from mlshift_jax.models.zoo import Model, Params
+from mlshift_jax.models.zoo import Model, Params, predict
 
 AC_DIMS = 10
 AC_SIZE_THRESHOLD = 0.35
+AC_SILHOUETTE_THRESHOLD = 0.10
 AC_RESTARTS = 4
 KMEANS_STEPS = 30
+SILHOUETTE_ROWS = 512  # rows of the pairwise-distance matrix held at once (memory)
+SILHOUETTE_SAMPLE = 1024  # rows of a class whose silhouettes are averaged (time)
 SPECTRAL_FACTOR = 1.5
+SPECTRE_DIMS = 32
+SPECTRE_ALPHA = 4.0
+SPECTRE_STEPS = 8
+METHODS = ("activation-clustering", "spectral-signatures", "spectre")
 
 
 class Detection(NamedTuple):
     """A training-data detector's output. score: [n] float (higher = more suspicious);
-    flag: [n] bool (the samples it would remove)."""
+    flag: [n] bool (the samples it would remove); classes: [K] bool, the classes it judged
+    poisoned (activation clustering) or None."""
 
     score: jax.Array
     flag: jax.Array
+    classes: jax.Array | None = None
 
 
 def activations(model: Model, params: Params, x: jax.Array, *,
@@ -79,28 +108,54 @@ def _n_classes(labels, n_classes: int | None) -> int:
 
 # --- per-class blocks ---------------------------------------------------------------------------
 
-BLOCK = 256  # the smallest class block; blocks grow by steps of 1.5x, 2x (few shapes, compiles)
+BLOCK = 64  # the smallest class block; sizes are powers of two from here
 
 
-def class_blocks(labels, n_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def block_size(count: int) -> int:
+    """The block that holds a class of `count` rows: the next power of two >= count, at least
+    BLOCK. Buckets by powers of two, so classes of 1,025 to 2,048 rows share one compile."""
+    b = BLOCK
+    while b < int(count):
+        b *= 2
+    return b
+
+
+def class_counts(labels, n_classes: int | None = None) -> np.ndarray:
+    """Rows per class: labels [n] int -> int [n_classes]."""
+    labels = np.asarray(labels).ravel()
+    return np.bincount(labels, minlength=_n_classes(labels, n_classes))[:_n_classes(
+        labels, n_classes)]
+
+
+def class_blocks(labels, n_classes: int | None = None, *,
+                 block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The rows of each class, padded: (idx int [n_classes, b], valid bool [n_classes, b]).
 
-    b is the largest class size rounded up to the next of BLOCK * (1, 1.5, 2, 3, 4, 6, ...);
-    padding rows point past the end (index n) and are invalid. Host-side (numpy): the shapes
-    must be concrete. Working on blocks costs n * d^2 for a class covariance instead of
-    n_classes * n * d^2 with masks over all samples.
+    b is `block` when given (ConfigError when a class has more rows), else
+    `block_size(largest class)`. Padding rows point past the end (index n) and are invalid.
+    Host-side (numpy): the shapes must be concrete. Every detector compiles once per (n, d, b,
+    n_classes), so a caller scoring many datasets of one size passes one `block` for all.
     """
     labels = np.asarray(labels).ravel()
     n = labels.size
     n_classes = _n_classes(labels, n_classes)
+    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ConfigError(f"training-data detectors: expected labels in 0..{n_classes - 1}, "
+                          f"found {labels.min()}..{labels.max()}")
     counts = np.bincount(labels, minlength=n_classes)[:n_classes]
-    b = BLOCK
-    while b < counts.max():
-        b = b * 3 // 2 if b & (b - 1) == 0 else b * 4 // 3  # 256, 384, 512, 768, 1024, ...
+    largest = int(counts.max()) if counts.size else 0
+    if block is None:
+        b = block_size(largest)
+    elif int(block) < largest:
+        raise ConfigError(f"training-data detectors: expected block >= the largest class "
+                          f"({largest} rows), found {block}")
+    else:
+        b = int(block)
+    order = np.argsort(labels, kind="stable")
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
     idx = np.full((n_classes, b), n, np.int32)
-    for c in range(n_classes):
-        rows = np.flatnonzero(labels == c)
-        idx[c, :rows.size] = rows
+    pos = np.arange(n) - starts[labels[order]]  # rank of each row within its class
+    idx[labels[order], pos] = order
     return idx, idx < n
 
 
@@ -109,7 +164,7 @@ def _gather(h: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take(h, idx, axis=0, mode="fill", fill_value=0.0)
 
 
-def _scatter(values: jax.Array, idx: jax.Array, n: int, fill: float = 0.0) -> jax.Array:
+def _scatter(values: jax.Array, idx: jax.Array, n: int, fill=0.0) -> jax.Array:
     """Per-block values [C, b] back to the samples: -> [n] (padding dropped)."""
     return jnp.full((n,), fill, values.dtype).at[idx.ravel()].set(values.ravel(), mode="drop")
 
@@ -129,23 +184,56 @@ def _top_eigvecs(cov: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return values[::-1][:k], vectors[:, ::-1][:, :k]
 
 
+def _top_in_block(score: jax.Array, w: jax.Array, quota: jax.Array) -> jax.Array:
+    """bool [b]: the `quota` highest scores among the valid rows (w > 0) of one block."""
+    masked = jnp.where(w > 0, score, -jnp.inf)
+    order = jnp.argsort(-masked)  # one sort; the ranks by a scatter (0 = highest)
+    rank = jnp.zeros(score.shape, jnp.int32).at[order].set(jnp.arange(score.shape[0]))
+    return (rank < quota) & (w > 0)
+
+
+def removal_counts(labels, eps: float, n_classes: int | None = None,
+                   factor: float = SPECTRAL_FACTOR) -> np.ndarray:
+    """Samples removed per class: round(factor * eps * n_c), at most n_c -> int [n_classes].
+    Tran et al. 2018 remove 1.5 times the expected number of poisoned samples of each class,
+    eps the assumed poisoned fraction."""
+    _check_eps(eps)
+    counts = class_counts(labels, n_classes)
+    return np.minimum(np.round(factor * eps * counts).astype(np.int32), counts)
+
+
+def _check_eps(eps) -> None:
+    if not (isinstance(eps, (int, float, np.floating)) and 0.0 <= float(eps) <= 1.0):
+        raise ConfigError(f"training-data detectors: expected eps (the assumed poisoned "
+                          f"fraction) in [0, 1], found {eps!r}")
+
+
+def _per_class_inputs(h, y, n_classes, block):
+    idx, valid = class_blocks(y, n_classes, block=block)
+    return jnp.asarray(h), jnp.asarray(idx), jnp.asarray(valid)
+
+
 # --- spectral signatures (Tran et al. 2018) ----------------------------------------------------
 
 
 @jax.jit
-def _spectral_blocks(h: jax.Array, idx: jax.Array, valid: jax.Array) -> jax.Array:
+def _spectral_blocks(h: jax.Array, idx: jax.Array, valid: jax.Array,
+                     quota: jax.Array) -> tuple[jax.Array, jax.Array]:
     hb = _gather(h.astype(jnp.float32), idx)  # [C, b, d]
 
-    def per_class(block, w):
+    def per_class(block, w, q):
         mean, cov, _ = _block_mean_cov(block, w)
         value, vector = _top_eigvecs(cov, 1)
-        return ((block - mean) @ vector[:, 0]) ** 2 / jnp.maximum(value[0], 1e-12)
+        score = ((block - mean) @ vector[:, 0]) ** 2 / jnp.maximum(value[0], 1e-12)
+        return score, _top_in_block(score, w, q)
 
-    scores = jax.vmap(per_class)(hb, valid.astype(jnp.float32))
-    return _scatter(scores, idx, h.shape[0])
+    scores, flags = jax.vmap(per_class)(hb, valid.astype(jnp.float32), quota)
+    n = h.shape[0]
+    return _scatter(scores, idx, n), _scatter(flags, idx, n, False)
 
 
-def spectral_scores(h, y, n_classes: int | None = None) -> jax.Array:
+def spectral_scores(h, y, n_classes: int | None = None, *,
+                    block: int | None = None) -> jax.Array:
     """Spectral-signature outlier scores. h: [n, d] activations, y: [n] int labels -> [n].
 
     For the class c of each sample: (h_i - mean_c) . v_c squared, v_c the top right singular
@@ -153,8 +241,7 @@ def spectral_scores(h, y, n_classes: int | None = None) -> jax.Array:
     the top eigenvalue so that scores of different classes share one scale (a class's scores
     then average 1). Tran, Li & Madry, NeurIPS 2018, Algorithm 1. One jitted call.
     """
-    idx, valid = class_blocks(y, n_classes)
-    return _spectral_blocks(jnp.asarray(h), jnp.asarray(idx), jnp.asarray(valid))
+    return spectral_signatures(h, y, eps=0.0, n_classes=n_classes, block=block).score
 
 
 def top_fraction_per_class(scores: jax.Array, y: jax.Array, fraction: float,
@@ -173,16 +260,20 @@ def top_fraction_per_class(scores: jax.Array, y: jax.Array, fraction: float,
     return jnp.zeros(y.shape, bool).at[order].set(flag_sorted)
 
 
-def spectral_signatures(h, y, *, eps: float, n_classes: int | None = None) -> Detection:
-    """Spectral signatures (Tran et al., NeurIPS 2018): score every sample, flag the top
-    1.5 * eps of each class. h: [n, d], y: [n] training labels, eps: the assumed upper bound
-    on the poisoned fraction (the paper's epsilon); n_classes: K (default: max(y) + 1)."""
-    if not 0.0 <= eps <= 1.0:
-        raise ConfigError(f"spectral signatures: expected eps in [0, 1], found {eps!r}")
-    scores = spectral_scores(h, y, n_classes)
-    flag = top_fraction_per_class(scores, np.asarray(y, np.int32),
-                                  min(1.0, SPECTRAL_FACTOR * eps), n_classes)
-    return Detection(scores, flag)
+def spectral_signatures(h, y, *, eps: float, n_classes: int | None = None,
+                        block: int | None = None) -> Detection:
+    """Spectral signatures (Tran et al., NeurIPS 2018): score every sample (`spectral_scores`),
+    flag the round(1.5 * eps * n_c) highest of each class c (`removal_counts`).
+
+    h: [n, d], y: [n] training labels, eps: the assumed poisoned fraction (the paper's
+    epsilon) in [0, 1]; n_classes: K (default: max(y) + 1); block: a fixed class-block size
+    (`class_blocks`). ConfigError for eps outside [0, 1]. One jitted call.
+    """
+    _check_eps(eps)
+    quota = removal_counts(y, eps, n_classes)
+    score, flag = _spectral_blocks(*_per_class_inputs(h, y, n_classes, block),
+                                   jnp.asarray(quota))
+    return Detection(score, flag)
 
 
 # --- activation clustering (Chen et al. 2018) --------------------------------------------------
@@ -216,6 +307,45 @@ def _two_means(z: jax.Array, w: jax.Array, key: jax.Array) -> tuple[jax.Array, j
     return assign, jnp.sum(jnp.min(d, axis=1) * w)
 
 
+def _silhouette(z: jax.Array, assign: jax.Array, w: jax.Array, key: jax.Array | None = None,
+                sample: int | None = None) -> jax.Array:
+    """Mean silhouette (Rousseeuw 1987) of a 2-cluster split of the valid rows of z: [b, k].
+
+    s_i = (b_i - a_i) / max(a_i, b_i), a_i the mean Euclidean distance to the other members of
+    i's cluster, b_i to the members of the other cluster; s_i = 0 for a singleton (as
+    scikit-learn's `silhouette_score`). Averaged over every valid row, or (key and sample
+    given, sample < b) over `sample` valid rows drawn at random without replacement, each
+    against all rows (scikit-learn's `sample_size`; all rows when the class has fewer).
+    Pairwise distances SILHOUETTE_ROWS rows at a time."""
+    z, assign, w = jnp.asarray(z), jnp.asarray(assign), jnp.asarray(w)
+    b = z.shape[0]
+    if key is None or sample is None or sample >= b:
+        picked, pw = jnp.arange(b), w
+    else:  # valid rows first (priority >= 1), in random order
+        _, picked = jax.lax.top_k(jax.random.uniform(key, (b,)) + (w > 0), sample)
+        pw = w[picked]
+    m = picked.shape[0]
+    rows = math.gcd(m, SILHOUETTE_ROWS)  # a divisor of m: the chunks tile the rows
+    member = jax.nn.one_hot(assign, 2, dtype=z.dtype) * w[:, None]  # [b, 2]
+    size = jnp.sum(member, axis=0)
+    sq = jnp.sum(z * z, axis=1)
+
+    def chunk(where):
+        zi, ai = z[where], assign[where]
+        d2 = sq[where][:, None] + sq[None] - 2 * zi @ z.T
+        sums = jnp.sqrt(jnp.maximum(d2, 0.0)) @ member  # [rows, 2]
+        own = jnp.take_along_axis(sums, ai[:, None], 1)[:, 0]
+        other = jnp.take_along_axis(sums, 1 - ai[:, None], 1)[:, 0]
+        n_own = size[ai] - 1.0
+        a = own / jnp.maximum(n_own, 1.0)
+        bb = other / jnp.maximum(size[1 - ai], 1.0)
+        return jnp.where(n_own > 0, (bb - a) / jnp.maximum(jnp.maximum(a, bb), 1e-12), 0.0)
+
+    s = jax.lax.map(chunk, picked.reshape(-1, rows)).reshape(-1)
+    both = (size[0] > 0) & (size[1] > 0)
+    return jnp.where(both, jnp.sum(s * pw) / jnp.maximum(jnp.sum(pw), 1.0), 0.0)
+
+
 @functools.partial(jax.jit, static_argnames=("dims", "restarts"))
 def _cluster_blocks(h, idx, valid, key, *, dims: int, restarts: int):
     hb = _gather(h.astype(jnp.float32), idx)  # [C, b, d]
@@ -223,50 +353,185 @@ def _cluster_blocks(h, idx, valid, key, *, dims: int, restarts: int):
     def per_class(block, w, k):
         mean, cov, count = _block_mean_cov(block, w)
         _, basis = _top_eigvecs(cov, dims)
-        z = (block - mean) @ basis  # [b, dims]
+        z = ((block - mean) @ basis) * w[:, None]  # [b, dims]
         assigns, inertias = jax.vmap(lambda kk: _two_means(z, w, kk))(
             jax.random.split(k, restarts))
         assign = assigns[jnp.argmin(inertias)]
         size1 = jnp.sum(w * assign) / jnp.maximum(count, 1.0)
-        return assign, jnp.where(assign == 1, size1, 1.0 - size1)
+        rel = jnp.where(assign == 1, size1, 1.0 - size1)
+        sil = _silhouette(z, assign, w, jax.random.fold_in(k, restarts), SILHOUETTE_SAMPLE)
+        return assign, rel, jnp.minimum(size1, 1.0 - size1), sil
 
     keys = jax.vmap(lambda c: jax.random.fold_in(key, c))(jnp.arange(idx.shape[0]))
-    assign, rel = jax.vmap(per_class)(hb, valid.astype(jnp.float32), keys)  # [C, b] each
+    assign, rel, smaller, sil = jax.lax.map(
+        lambda a: per_class(*a), (hb, valid.astype(jnp.float32), keys))  # [C, b] / [C]
     n = h.shape[0]
-    return _scatter(assign, idx, n, 0), _scatter(rel, idx, n, 1.0)
+    return _scatter(assign, idx, n, 0), _scatter(rel, idx, n, 1.0), smaller, sil
+
+
+class Clusters(NamedTuple):
+    """Per-class 2-means splits. cluster: int [n] in {0, 1}; rel_size: [n], the share of its
+    class in the sample's cluster; smaller: [K] the smaller cluster's share of each class;
+    silhouette: [K] the split's mean silhouette (0 for an empty class)."""
+
+    cluster: jax.Array
+    rel_size: jax.Array
+    smaller: jax.Array
+    silhouette: jax.Array
 
 
 def cluster_classes(h, labels, key: jax.Array, *, dims: int = AC_DIMS,
-                    restarts: int = AC_RESTARTS,
-                    n_classes: int | None = None) -> tuple[jax.Array, jax.Array]:
+                    restarts: int = AC_RESTARTS, n_classes: int | None = None,
+                    block: int | None = None) -> Clusters:
     """Per class of `labels`: PCA of the class's activations to `dims` dimensions, then the
-    best (lowest inertia) of `restarts` seeded 2-means runs. One jitted call.
-
-    h: [n, d], labels: [n] int. Returns (cluster: int [n] in {0, 1}, the cluster of each
-    sample within its class; rel_size: [n] float, the share of its class in that cluster).
-    """
-    idx, valid = class_blocks(labels, n_classes)
-    return _cluster_blocks(jnp.asarray(h), jnp.asarray(idx), jnp.asarray(valid), key,
-                           dims=dims, restarts=restarts)
+    best (lowest inertia) of `restarts` seeded 2-means runs, and the split's silhouette
+    (averaged over SILHOUETTE_SAMPLE random rows of a larger class, each against all rows).
+    h: [n, d], labels: [n] int. One jitted call (classes one after another inside it: the
+    silhouette holds a [SILHOUETTE_ROWS, b] distance block per class)."""
+    cluster, rel, smaller, sil = _cluster_blocks(
+        *_per_class_inputs(h, labels, n_classes, block), key, dims=dims, restarts=restarts)
+    return Clusters(cluster, rel, smaller, sil)
 
 
 def activation_clustering(h, predicted, *, key: jax.Array,
                           dims: int = AC_DIMS,
                           size_threshold: float = AC_SIZE_THRESHOLD,
-                          n_classes: int | None = None) -> Detection:
-    """Activation clustering (Chen et al. 2018): per predicted class, 2-means on the
-    activations reduced to `dims` PCA dimensions; the smaller cluster is flagged when its
-    relative size is below `size_threshold`.
+                          silhouette_threshold: float = AC_SILHOUETTE_THRESHOLD,
+                          n_classes: int | None = None,
+                          block: int | None = None) -> Detection:
+    """Activation clustering (Chen et al. 2018) with the paper's per-class decision.
 
     h: [n, d], predicted: [n] int (the trained model's predicted class of each training
-    sample). score = 1 - the relative size of the sample's cluster (members of small
-    clusters score high; ties within a cluster). Seeded by `key`.
+    sample). Per predicted class: 2-means on the activations reduced to `dims` PCA
+    dimensions (`cluster_classes`); the class is judged poisoned when its smaller cluster
+    holds less than `size_threshold` of it and the split's silhouette exceeds
+    `silhouette_threshold` (the rules of ART's `analyze_by_silhouette_score`).
+
+    score: in a class judged poisoned, 1 - the relative size of the sample's cluster (the
+    suspect smaller cluster scores above 0.5, the rest of the class below); in every other
+    class 0 (a class judged clean has no suspects, so its small clusters are not ranked above
+    the poisoned class's majority). flag: the smaller cluster of each poisoned class.
+    classes: [K] bool, the classes judged poisoned. Seeded by `key`. ConfigError for
+    size_threshold outside (0, 0.5] or silhouette_threshold outside [-1, 1].
     """
     if not 0.0 < size_threshold <= 0.5:
         raise ConfigError(f"activation clustering: expected size_threshold in (0, 0.5], "
                           f"found {size_threshold!r}")
-    _, rel = cluster_classes(h, predicted, key, dims=dims, n_classes=n_classes)
-    return Detection(1.0 - rel, rel < size_threshold)
+    if not -1.0 <= silhouette_threshold <= 1.0:
+        raise ConfigError(f"activation clustering: expected silhouette_threshold in [-1, 1],"
+                          f" found {silhouette_threshold!r}")
+    predicted = np.asarray(predicted, np.int32)
+    found = cluster_classes(h, predicted, key, dims=dims, n_classes=n_classes, block=block)
+    classes = (found.smaller < size_threshold) & (found.silhouette > silhouette_threshold)
+    poisoned = classes[jnp.asarray(predicted)]
+    score = jnp.where(poisoned, 1.0 - found.rel_size, 0.0)
+    return Detection(score, poisoned & (found.rel_size < 0.5), classes)
+
+
+# --- SPECTRE (Hayase et al. 2021) ----------------------------------------------------------------
+
+
+def _mcd(z: jax.Array, w: jax.Array, keep: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Robust mean [k] and covariance [k, k] of the valid rows of z: [b, k]: SPECTRE_STEPS
+    concentration steps of FAST-MCD (Rousseeuw & Van Driessen 1999), each refitting the
+    mean and covariance to the `keep` rows of smallest Mahalanobis distance, started (as
+    one of DetMCD's deterministic starts, Hubert, Rousseeuw & Verdonck 2012) from the `keep`
+    rows nearest the coordinate-wise median, each coordinate scaled by its MAD."""
+    k = z.shape[1]
+    valid = jnp.where(w[:, None] > 0, z, jnp.nan)
+    median = jnp.nanmedian(valid, axis=0)
+    mad = jnp.nanmedian(jnp.abs(valid - median), axis=0)
+    start = jnp.sum(((z - median) / jnp.maximum(mad, 1e-12)) ** 2, axis=1)
+    first = _top_in_block(-start, w, keep).astype(z.dtype)
+
+    def step(_, subset):
+        mean, cov, _ = _block_mean_cov(z, subset)
+        inv = jnp.linalg.pinv(cov + 1e-6 * jnp.eye(k), hermitian=True)
+        dist = jnp.einsum("bi,ij,bj->b", z - mean, inv, z - mean)
+        return _top_in_block(-dist, w, keep).astype(z.dtype)
+
+    subset = jax.lax.fori_loop(0, SPECTRE_STEPS, step, first)
+    mean, cov, _ = _block_mean_cov(z, subset)
+    return mean, cov
+
+
+@functools.partial(jax.jit, static_argnames=("dims",))
+def _spectre_blocks(h, idx, valid, quota, *, dims: int, alpha: float):
+    hb = _gather(h.astype(jnp.float32), idx)  # [C, b, d]
+
+    def per_class(block, w, q):
+        mean, cov, count = _block_mean_cov(block, w)
+        _, basis = _top_eigvecs(cov, dims)
+        z = (block - mean) @ basis  # [b, dims]
+        keep = jnp.floor((count + dims + 1) / 2).astype(jnp.int32)  # MCD's half
+        r_mean, r_cov = _mcd(z, w, keep)
+        values, vectors = jnp.linalg.eigh(r_cov)
+        whiten = vectors / jnp.sqrt(jnp.maximum(values, 1e-6 * jnp.max(values)))[None]
+        white = ((z - r_mean) @ whiten) * w[:, None]  # [b, dims], robustly whitened
+        _, s_cov, _ = _block_mean_cov(white, w)
+        lam, vec = jnp.linalg.eigh(s_cov)
+        # QUE: Q = exp(alpha (S - I) / (||S|| - 1)), tau_i = w_i' Q w_i / tr(Q)
+        top = jnp.maximum(lam[-1] - 1.0, 1e-6)
+        e = jnp.exp(alpha * (lam - 1.0) / top)
+        proj = white @ vec
+        score = (proj ** 2) @ e / jnp.sum(e)
+        return score, _top_in_block(score, w, q)
+
+    scores, flags = jax.vmap(per_class)(hb, valid.astype(jnp.float32), quota)
+    n = h.shape[0]
+    return _scatter(scores, idx, n), _scatter(flags, idx, n, False)
+
+
+def spectre(h, y, *, eps: float, dims: int = SPECTRE_DIMS, alpha: float = SPECTRE_ALPHA,
+            n_classes: int | None = None, block: int | None = None) -> Detection:
+    """SPECTRE (Hayase et al., ICML 2021): robustly whitened QUE outlier scores per class.
+
+    h: [n, d], y: [n] training labels. Per class: the centred activations projected on the
+    class's top min(dims, d) principal directions; the mean and covariance estimated by a
+    minimum-covariance-determinant fit (half the class kept, so the estimate follows the
+    clean samples while they are more than half of the class); the samples whitened with
+    them; QUE score tau_i = w_i' Q w_i / tr(Q), Q = exp(alpha (S - I) / (||S||_2 - 1)), S
+    the whitened covariance (alpha 4, the paper's). Flags the round(1.5 * eps * n_c) highest
+    of each class. ConfigError for eps outside [0, 1] or alpha <= 0. One jitted call.
+    """
+    _check_eps(eps)
+    if not (np.isfinite(alpha) and alpha > 0):
+        raise ConfigError(f"spectre: expected alpha > 0, found {alpha!r}")
+    dims = min(int(dims), int(np.shape(h)[1]))
+    quota = removal_counts(y, eps, n_classes)
+    score, flag = _spectre_blocks(*_per_class_inputs(h, y, n_classes, block),
+                                  jnp.asarray(quota), dims=dims, alpha=float(alpha))
+    return Detection(score, flag)
+
+
+def scan(model: Model, params: Params, x, y, *, eps: float, key: jax.Array,
+         methods=METHODS, block: int | None = None) -> dict[str, Detection]:
+    """Every method of `methods` on one training set: {method: Detection}.
+
+    x: [n, D] the (possibly poisoned) training images, y: [n] their labels, params: the
+    model trained on them. Activation clustering splits by the model's predicted class, the
+    spectral methods by the label. eps: the assumed poisoned fraction (removal counts).
+    ConfigError for an unknown method."""
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ConfigError(f"training-data detectors: expected methods among {list(METHODS)}, "
+                          f"found {unknown}")
+    _check_eps(eps)
+    x = jnp.asarray(x)
+    h = activations(model, params, x)
+    y = np.asarray(y, np.int32)
+    k = model.n_classes
+    out = {}
+    if "activation-clustering" in methods:
+        predicted = np.asarray(jnp.argmax(predict(model, params, x), -1), np.int32)
+        out["activation-clustering"] = activation_clustering(h, predicted, key=key,
+                                                             n_classes=k, block=block)
+    if "spectral-signatures" in methods:
+        out["spectral-signatures"] = spectral_signatures(h, y, eps=eps, n_classes=k,
+                                                         block=block)
+    if "spectre" in methods:
+        out["spectre"] = spectre(h, y, eps=eps, n_classes=k, block=block)
+    return out
 
 
 # --- scores ----------------------------------------------------------------------------------
@@ -283,16 +548,26 @@ def poisoned_share(y, mask, n_classes: int | None = None) -> float:
     return float(np.max(poisoned / np.maximum(counts, 1)))
 
 
-def precision_recall_auc(detection: Detection, mask) -> dict[str, float]:
+def precision_recall_auc(detection: Detection, mask, labels=None) -> dict[str, float]:
     """precision and recall of `detection.flag`, ROC-AUC of `detection.score`, against the
     poison mask ([n] bool, the ground truth). Precision is 0 when nothing is flagged; AUC is
-    NaN when the mask is all one value."""
+    NaN when the mask is all one value. With labels ([n] int, the training labels) also
+    "auc_in_class": the ROC-AUC among the samples of the label holding the most poisoned
+    samples (the per-class ranking the detectors make, without comparing classes)."""
     flag = np.asarray(detection.flag, bool)
     truth = np.asarray(mask, bool)
+    score = np.asarray(detection.score)
     tp = int(np.sum(flag & truth))
     precision = tp / flag.sum() if flag.sum() else 0.0
     recall = tp / truth.sum() if truth.sum() else float("nan")
-    auc = roc_auc(np.asarray(detection.score), truth) if 0 < truth.sum() < truth.size \
-        else float("nan")
-    return {"precision": float(precision), "recall": float(recall), "auc": auc,
-            "flagged": int(flag.sum()), "poisoned": int(truth.sum())}
+    auc = roc_auc(score, truth) if 0 < truth.sum() < truth.size else float("nan")
+    out = {"precision": float(precision), "recall": float(recall), "auc": auc,
+           "flagged": int(flag.sum()), "poisoned": int(truth.sum())}
+    if labels is not None:
+        labels = np.asarray(labels).ravel()
+        out["auc_in_class"] = float("nan")
+        if truth.any():
+            inside = labels == np.bincount(labels[truth]).argmax()
+            if 0 < truth[inside].sum() < inside.sum():
+                out["auc_in_class"] = roc_auc(score[inside], truth[inside])
+    return out
