@@ -227,7 +227,7 @@ def test_fit_with_groups_sets_a_threshold_and_leave_one_family_out():
 
 # --- planted changes outside the training families ------------------------------------------------
 
-TINY = cg.GeneratorConfig(hidden=16, sample_size=1000, n_null=19, probes=200, n_patched=40)
+TINY = cg.GeneratorConfig(hidden=16, sample_size=1000, n_null=19, probes=200, n_patched=100)
 HELD_OUT = ("sparse", "blended")
 # one training plan (no epochs / lr families: each would be another compile)
 TRAIN_FAMILIES = ("square", "checkerboard", "per-class-square", "uniform-labels",
