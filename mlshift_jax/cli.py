@@ -31,7 +31,8 @@ from mlshift_jax.data import datasets
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
-DATA_METHODS = ("activation-clustering", "spectral-signatures", "spectre")  # detect_data.METHODS
+DATA_METHODS = ("activation-clustering", "spectral-signatures", "spectre",  # detect_data.METHODS
+                "mahalanobis")
 TRAIN_OPTIONS = ("model", "hidden", "lr", "epochs", "batch_size", "optimizer", "seed",
                  "train_size", "save")
 
@@ -610,7 +611,7 @@ def cmd_scan_data(args) -> None:
                        f"scanning {x.shape[0]} training images", "lower --train-size")
     methods = list(dict.fromkeys(args.method))
     found = detect_data.scan(model, params, x, y, eps=args.eps, key=attack_key(args.seed),
-                             methods=methods)
+                             methods=methods, reference=(ds.x_test, ds.y_test))  # clean
     y = np.asarray(y)
     scores = {m: np.asarray(found[m].score, np.float64) for m in methods}
     flags = {m: np.asarray(found[m].flag, bool) for m in methods}

@@ -84,7 +84,7 @@ from mlshift_jax.poisoning.poison import make_config
 CLEAN = "clean"
 INPUT_ROWS = detect.INPUT_DETECTORS
 ROWS = (*INPUT_ROWS, "fingerprint test", "activation clustering", "spectral signatures",
-        "SPECTRE")
+        "SPECTRE", "Mahalanobis")
 DETECTORS = pd.DataFrame(
     [
         ("confidence", "image", "-max output", "Hendrycks & Gimpel, ICLR 2017"),
@@ -101,6 +101,8 @@ DETECTORS = pd.DataFrame(
          "vector of its class", "Tran, Li & Madry, NeurIPS 2018"),
         ("SPECTRE", "training sample", "QUE score after robust (MCD) whitening of its class's "
          "top 32 principal directions", "Hayase et al., ICML 2021"),
+        ("Mahalanobis", "training sample", "squared Mahalanobis distance to the clean test "
+         "images' mean of its label (shared covariance)", "Lee et al., NeurIPS 2018"),
     ],
     columns=["detector", "unit", "score", "source"]).set_index("detector")
 
@@ -236,12 +238,14 @@ def _input_detector_table(cfg: BenchConfig, ds: Dataset, model, params, key) -> 
 
 
 DATA_DETECTORS = {"activation clustering": "activation-clustering",
-                  "spectral signatures": "spectral-signatures", "SPECTRE": "spectre"}
+                  "spectral signatures": "spectral-signatures", "SPECTRE": "spectre",
+                  "Mahalanobis": "mahalanobis"}
 
 
 def _training_data_table(cfg: BenchConfig, ds: Dataset, members: _Members, pop, idx,
                          key) -> pd.DataFrame:
-    """Activation clustering, spectral signatures and SPECTRE on each poisoned member's data.
+    """Activation clustering, spectral signatures, SPECTRE and Mahalanobis (against the first
+    `n_images` clean test images) on each poisoned member's data.
 
     The detectors are told the member's true poisoned fraction as eps (their removal counts:
     1.5 * eps * class size). One class-block size for every member (the largest class, by
@@ -263,13 +267,15 @@ def _training_data_table(cfg: BenchConfig, ds: Dataset, members: _Members, pop, 
         for labels in (y_p, predicted):
             largest = max(largest, int(np.bincount(np.asarray(labels)).max()))
     block = detect_data.block_size(largest)
+    n_ref = min(cfg.n_images, len(ds.y_test))  # clean test images: Mahalanobis's reference
+    reference = (ds.x_test[:n_ref], ds.y_test[:n_ref])
     rows = []
     for i in poisoned:
         x_p, y_p, mask = data(i)
         mask = np.asarray(mask, bool)
         found = detect_data.scan(model, member(pop.params, i), x_p, y_p,
                                  eps=float(mask.mean()), key=jax.random.fold_in(key, i),
-                                 block=block)
+                                 block=block, reference=reference)
         for name, method in DATA_DETECTORS.items():
             scores = detect_data.precision_recall_auc(found[method], mask, y_p)
             rows.append({"detector": name, "change": members.table.at[i, "label"],

@@ -66,7 +66,8 @@ SPECTRAL_FACTOR = 1.5
 SPECTRE_DIMS = 32
 SPECTRE_ALPHA = 4.0
 SPECTRE_STEPS = 8
-METHODS = ("activation-clustering", "spectral-signatures", "spectre")
+METHODS = ("activation-clustering", "spectral-signatures", "spectre", "mahalanobis")
+MAHALANOBIS_SHRINK = 1e-3  # ridge on the shared covariance, relative to its mean variance
 
 
 class Detection(NamedTuple):
@@ -505,13 +506,15 @@ def spectre(h, y, *, eps: float, dims: int = SPECTRE_DIMS, alpha: float = SPECTR
 
 
 def scan(model: Model, params: Params, x, y, *, eps: float, key: jax.Array,
-         methods=METHODS, block: int | None = None) -> dict[str, Detection]:
+         methods=METHODS, block: int | None = None,
+         reference: tuple | None = None) -> dict[str, Detection]:
     """Every method of `methods` on one training set: {method: Detection}.
 
     x: [n, D] the (possibly poisoned) training images, y: [n] their labels, params: the
     model trained on them. Activation clustering splits by the model's predicted class, the
     spectral methods by the label. eps: the assumed poisoned fraction (removal counts).
-    ConfigError for an unknown method."""
+    reference: (x_ref [m, D], y_ref [m]) images known to be clean, which "mahalanobis" needs
+    (left out without one). ConfigError for an unknown method."""
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ConfigError(f"training-data detectors: expected methods among {list(METHODS)}, "
@@ -531,7 +534,52 @@ def scan(model: Model, params: Params, x, y, *, eps: float, key: jax.Array,
                                                          block=block)
     if "spectre" in methods:
         out["spectre"] = spectre(h, y, eps=eps, n_classes=k, block=block)
+    if "mahalanobis" in methods and reference is not None:
+        x_ref, y_ref = reference
+        out["mahalanobis"] = mahalanobis(h, y, activations(model, params, jnp.asarray(x_ref)),
+                                         y_ref, eps=eps, n_classes=k)
     return out
+
+
+# --- Mahalanobis distance to clean class means (Lee et al. 2018) -----------------------------
+
+
+def mahalanobis(h, y, h_ref, y_ref, *, eps: float, n_classes: int | None = None) -> Detection:
+    """Each training sample's Mahalanobis distance to the clean mean of its label (Lee et al.,
+    NeurIPS 2018: class-conditional Gaussians with one shared covariance, fitted here on a
+    clean reference set), the round(1.5 * eps * n_c) farthest of each class flagged.
+
+    h: [n, d] training activations, y: [n] labels; h_ref: [m, d], y_ref: [m] activations and
+    labels of images known to be clean (the harness uses the test split). Unlike the
+    clustering and spectral methods it does not assume the poison is a minority of its class:
+    a relabelled trigger image is scored against what the clean images of its new label look
+    like. score: [n] squared distance; classes without a reference image score 0.
+    ConfigError for eps outside [0, 1] or a reference without images."""
+    _check_eps(eps)
+    h_ref, y_ref = jnp.asarray(h_ref, jnp.float32), np.asarray(y_ref, np.int32)
+    if h_ref.shape[0] < 2 or h_ref.ndim != 2 or h_ref.shape[1] != np.shape(h)[1]:
+        raise ConfigError(f"mahalanobis: expected clean reference activations [m >= 2, "
+                          f"{np.shape(h)[1]}], found {tuple(h_ref.shape)}")
+    k = max(_n_classes(y, n_classes), int(y_ref.max()) + 1)
+    score = _mahalanobis_scores(jnp.asarray(h, jnp.float32), jnp.asarray(y, jnp.int32),
+                                h_ref, jnp.asarray(y_ref), k)
+    flag = top_fraction_per_class(score, np.asarray(y, np.int32),
+                                  min(1.0, SPECTRAL_FACTOR * eps), k)
+    return Detection(score, flag)
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _mahalanobis_scores(h, y, h_ref, y_ref, k: int):
+    onehot = jax.nn.one_hot(y_ref, k, dtype=h_ref.dtype)  # [m, K]
+    counts = onehot.sum(0)  # [K]
+    means = (onehot.T @ h_ref) / jnp.maximum(counts, 1.0)[:, None]  # [K, d]
+    centred = h_ref - means[y_ref]
+    cov = centred.T @ centred / h_ref.shape[0]
+    ridge = MAHALANOBIS_SHRINK * jnp.maximum(jnp.trace(cov) / cov.shape[0], 1e-12)
+    chol = jax.scipy.linalg.cho_factor(cov + ridge * jnp.eye(cov.shape[0]))
+    diff = h - means[y]
+    dist = jnp.sum(diff * jax.scipy.linalg.cho_solve(chol, diff.T).T, axis=1)
+    return jnp.where(counts[y] > 0, dist, 0.0)
 
 
 # --- scores ----------------------------------------------------------------------------------
