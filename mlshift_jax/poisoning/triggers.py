@@ -190,8 +190,10 @@ def make(family: str, image_shape, input_range, **kw) -> TriggerArrays:
         raise ConfigError(f"trigger {family}: {e}") from None
 
 
-def _bilinear(img: jax.Array, flow: jax.Array) -> jax.Array:
-    """img sampled at (i + flow_r, j + flow_c), bilinear, edges clamped. img: [H, W, C]."""
+def bilinear(img: jax.Array, flow: jax.Array) -> jax.Array:
+    """img sampled at (i + flow_r, j + flow_c), bilinear, edges clamped (traceable).
+    img: [H, W, C]; flow: [H, W, 2] in pixels (row, column) -> [H, W, C]. A zero flow
+    returns img exactly."""
     h, w, _ = img.shape
     ii, jj = jnp.meshgrid(jnp.arange(h, dtype=img.dtype), jnp.arange(w, dtype=img.dtype),
                           indexing="ij")
@@ -208,7 +210,7 @@ def _bilinear(img: jax.Array, flow: jax.Array) -> jax.Array:
 def stamp_one(x: jax.Array, trig: TriggerArrays, image_shape, lo, hi) -> jax.Array:
     """Apply `trig` to ONE flat image x: [D] -> [D] (traceable; vmap it)."""
     img = x.reshape(image_shape)
-    img = _bilinear(img, jnp.asarray(trig.flow, x.dtype))
+    img = bilinear(img, jnp.asarray(trig.flow, x.dtype))
     mask = jnp.asarray(trig.mask, x.dtype)
     out = (1 - mask) * img + mask * jnp.asarray(trig.pattern, x.dtype) + jnp.asarray(
         trig.additive, x.dtype)
