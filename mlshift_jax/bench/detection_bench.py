@@ -24,6 +24,14 @@ Tables (`run` returns them by name):
 - "training_data": per training-data detector and poisoning: precision, recall, ROC-AUC
   (means over seeds) against the poison mask. Spectral signatures gets the true largest
   per-class poisoned share as its eps (the paper assumes a known upper bound).
+- "detector_by_attack": detector x attack kind, two rows per detector (metric "auc" and
+  "tpr@<fpr>fpr"), one column per change: the input detectors and STRIP on input attacks
+  (attacked vs clean test images, the first seed's reference) and STRIP on triggers
+  (triggered test images of the non-target classes vs clean test images, the first seed's
+  model backdoored with that trigger); the training-data detectors on poisonings (poisoned vs
+  clean training samples, means over seeds); the fingerprint test on systems (changed vs
+  clean retrains). NaN where a detector does not apply.
+- "strip": STRIP (Gao et al., ACSAC 2019) per change: ROC-AUC and TPR at `fpr`.
 - "cells": every (seed, change) cell of the change test: its p-value, statistic, category,
   the categorizer's held-out prediction and its fingerprint features.
 - "detectors": what each detector scores, its unit and its source.
@@ -66,11 +74,13 @@ from mlshift_jax.models.population import member, plan_for
 from mlshift_jax.models.recipes import TrainConfig
 from mlshift_jax.models.retrain import poisoned_sample, train_sampled
 from mlshift_jax.models.zoo import predict
-from mlshift_jax.poisoning.poison import make_config
+from mlshift_jax.detection.strip import strip_scores
+from mlshift_jax.poisoning.poison import has_trigger, make_config, triggered
 
 CLEAN = "clean"
 INPUT_ROWS = detect.INPUT_DETECTORS
-ROWS = (*INPUT_ROWS, "fingerprint test", "activation clustering", "spectral signatures")
+STRIP = "strip"
+ROWS = (*INPUT_ROWS, STRIP, "fingerprint test", "activation clustering", "spectral signatures")
 DETECTORS = pd.DataFrame(
     [
         ("confidence", "image", "-max output", "Hendrycks & Gimpel, ICLR 2017"),
@@ -78,6 +88,8 @@ DETECTORS = pd.DataFrame(
         ("entropy", "image", "entropy of the output distribution", "-"),
         ("squeezing", "image", "max L1(f(x), f(squeeze(x))), bit-1 / median 2x2, 3x3",
          "Xu, Evans & Qi, NDSS 2018"),
+        (STRIP, "image", "-mean entropy of the outputs on the image superimposed on "
+         "32 clean images", "Gao et al., ACSAC 2019"),
         ("fingerprint test", "model", "max pooled z of disagreement, KL, KS, trigger flip, "
          "patch sensitivity vs clean retrains", "this harness (see fingerprint.py)"),
         ("activation clustering", "training sample", "1 - relative size of the sample's "
@@ -106,7 +118,9 @@ class BenchConfig:
         ("pgd", 0.1), ("pgd", 0.2))
     poisonings: tuple[tuple[str, float], ...] = (
         ("wrong-label", 0.1), ("wrong-label", 0.3), ("trigger", 0.1), ("trigger", 0.3),
-        ("mixture", 0.05), ("mixture", 0.2))
+        ("mixture", 0.05), ("mixture", 0.2), ("blended", 0.1), ("sparse", 0.1),
+        ("sig", 0.5), ("warp", 0.1))  # sig: of the target class (clean-label), ~5% of all
+    strip_images: int = 500  # STRIP: clean and triggered / attacked test images per column
     alpha: float = 0.05
     fpr: float = 0.05
     memory_cap: int = 2**30  # bytes for the population's training data (`population_chunk`)
@@ -123,6 +137,10 @@ class BenchConfig:
             get_attack(kind)
         for kind, fraction in self.poisonings:
             make_config(kind, fraction=fraction)
+        if isinstance(self.strip_images, bool) or not isinstance(self.strip_images, int) \
+                or self.strip_images < 2:
+            raise ConfigError(f"detection bench: expected strip_images an int >= 2, found "
+                              f"{self.strip_images!r}")
         if self.memory_cap < 1:
             raise ConfigError(f"detection bench: expected memory_cap >= 1 byte, found "
                               f"{self.memory_cap}")
@@ -131,7 +149,7 @@ class BenchConfig:
 
 FULL = BenchConfig()
 QUICK = BenchConfig(hidden=64, sample_size=3000, seeds=4, n_null=20, probes=500,
-                    n_patched=100, n_images=2000)
+                    n_patched=100, n_images=2000, strip_images=200)
 
 
 def population_chunk(m: int, size: int, n: int, d: int, memory_cap: int) -> int:
@@ -234,13 +252,94 @@ def _training_data_table(cfg: BenchConfig, ds: Dataset, members: _Members, pop, 
                 h, y_p, eps=detect_data.poisoned_share(y_p, mask, model.n_classes),
                 n_classes=model.n_classes),
         }
+        tpr = f"tpr@{cfg.fpr:g}fpr"
         for name, detection in found.items():
             scores = detect_data.precision_recall_auc(detection, mask)
+            scores[tpr] = _tpr(detection.score, mask, cfg.fpr)
             rows.append({"detector": name, "change": label,
                          "seed": int(members.table.at[i, "seed"]), **scores})
     table = pd.DataFrame(rows)
     return (table.groupby(["detector", "change"], sort=False)
-            [["precision", "recall", "auc", "flagged", "poisoned"]].mean().reset_index())
+            [["precision", "recall", "auc", tpr, "flagged", "poisoned"]].mean().reset_index())
+
+
+def _tpr(scores, truth, fpr: float) -> float:
+    """TPR at `fpr` FPR of scores [n] against truth bool [n]; NaN unless both classes occur."""
+    truth = np.asarray(truth, bool)
+    if not 0 < truth.sum() < truth.size:
+        return float("nan")
+    return detect.tpr_at_fpr(np.asarray(scores, np.float64), truth, fpr)
+
+
+def _strip_table(cfg: BenchConfig, ds: Dataset, members: _Members, pop, key) -> pd.DataFrame:
+    """STRIP (Gao et al., ACSAC 2019), one row per change it applies to: ROC-AUC and TPR at
+    cfg.fpr. Negatives: the first n = min(strip_images, tests / 2) clean test images; the
+    next n are the clean images superimposed on them (N_BLENDS each). Input attacks: those n
+    images attacked, on the first seed's reference. Triggers (poisonings with a target):
+    those of the n whose class is not the target, stamped with the trigger, on the first
+    seed's model poisoned with it (its own clean images the negatives)."""
+    model = pop.plan.arch
+    n = min(cfg.strip_images, len(ds.y_test) // 2)
+    x, y = jnp.asarray(ds.x_test[:n]), jnp.asarray(ds.y_test[:n])
+    pool = jnp.asarray(ds.x_test[n:2 * n])
+    tpr = f"tpr@{cfg.fpr:g}fpr"
+    rows = []
+
+    def score(params, changed, j):
+        k = jax.random.fold_in(key, j)
+        clean = np.asarray(strip_scores(model, params, x, pool, key=k))
+        hit = np.asarray(strip_scores(model, params, changed, pool, key=k))
+        both, truth = np.r_[clean, hit], np.r_[np.zeros(len(clean), bool), np.ones(len(hit), bool)]
+        return {"auc": detect.roc_auc(both, truth), tpr: detect.tpr_at_fpr(both, truth, cfg.fpr),
+                "n_clean": len(clean), "n_changed": len(hit)}
+
+    ref0 = member(pop.params, int(members.rows("reference", 0)[0]))
+    for j, (kind, eps) in enumerate(cfg.attacks):
+        attack = get_attack(kind)
+        kw = {"key": jax.random.fold_in(key, 10**5 + j)} if attack.needs_key else {}
+        x_adv = attack.fn(model, ref0, x, y, eps=eps, **kw)
+        rows.append({"change": attack_label(kind, eps), "model": "reference",
+                     **score(ref0, x_adv, j)})
+    for i in members.rows("suspect", 0):
+        label, config = members.table.at[i, "label"], members.configs[i]
+        target = getattr(config, "target", None)
+        if label == CLEAN or not has_trigger(config) or target is None:
+            continue
+        keep = np.asarray(ds.y_test[:n]) != target
+        stamped = triggered(x[jnp.asarray(keep)], config, ds.spec)
+        rows.append({"change": label, "model": "backdoored",
+                     **score(member(pop.params, int(i)), stamped, 10**4 + int(i))})
+    return pd.DataFrame(rows, columns=["change", "model", "auc", tpr, "n_clean", "n_changed"])
+
+
+def _detector_by_attack(cfg: BenchConfig, columns: list[str], input_table: pd.DataFrame,
+                        strip_table: pd.DataFrame, data_table: pd.DataFrame,
+                        cells: pd.DataFrame) -> pd.DataFrame:
+    """Detector x attack kind: rows (detector, metric in {"auc", "tpr@<fpr>fpr"}), one column
+    per change label; NaN where the detector does not apply (module docstring)."""
+    tpr = f"tpr@{cfg.fpr:g}fpr"
+    out = {(d, m): {} for d in ROWS for m in ("auc", tpr)}
+    for _, r in input_table.iterrows():
+        for m in ("auc", tpr):
+            out[(r["detector"], m)][attack_label(r["attack"], r["eps"])] = r[m]
+    for _, r in strip_table.iterrows():
+        for m in ("auc", tpr):
+            out[(STRIP, m)][r["change"]] = r[m]
+    for _, r in data_table.iterrows():
+        for m in ("auc", tpr):
+            out[(r["detector"], m)][r["change"]] = r[m]
+    clean = cells.loc[cells["change"] == CLEAN, "statistic"].to_numpy(np.float64)
+    for label, group in cells.groupby("change", sort=False):
+        if label == CLEAN:
+            continue
+        stat = group["statistic"].to_numpy(np.float64)
+        both = np.r_[clean, stat]
+        truth = np.r_[np.zeros(len(clean), bool), np.ones(len(stat), bool)]
+        out[("fingerprint test", "auc")][label] = detect.roc_auc(both, truth)
+        out[("fingerprint test", tpr)][label] = detect.tpr_at_fpr(both, truth, cfg.fpr)
+    rows = [{"detector": d, "metric": m, **{c: vals.get(c, np.nan) for c in columns}}
+            for (d, m), vals in out.items()]
+    return pd.DataFrame(rows, columns=["detector", "metric", *columns])
 
 
 def _one_blas_thread(fn):
@@ -328,6 +427,10 @@ def run(ds: Dataset, *, quick: bool = False, seed: int = 0,
                                       jax.random.fold_in(key, 10**6 + 1))
     timing["training-data detectors"] = time.perf_counter() - clock
 
+    clock = time.perf_counter()
+    strip_table = _strip_table(cfg, ds, members, pop, jax.random.fold_in(key, 10**6 + 2))
+    timing["strip"] = time.perf_counter() - clock
+
     change_table = _change_table(cfg, cells)
     columns = [attack_label(k, e) for k, e in cfg.attacks] + [
         poison_label(k, f) for k, f in cfg.poisonings]
@@ -339,8 +442,13 @@ def run(ds: Dataset, *, quick: bool = False, seed: int = 0,
         auc.loc["fingerprint test", label] = r["auc"]
     for _, r in data_table.iterrows():
         auc.loc[r["detector"], r["change"]] = r["auc"]
+    for _, r in strip_table.iterrows():
+        auc.loc[STRIP, r["change"]] = r["auc"]
     return {
         "auc": auc,
+        "detector_by_attack": _detector_by_attack(cfg, columns, input_table, strip_table,
+                                                  data_table, cells),
+        "strip": strip_table,
         "input_detectors": input_table,
         "change_test": change_table,
         "confusion": confusion,

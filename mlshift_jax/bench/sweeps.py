@@ -346,10 +346,14 @@ BACKDOOR_KINDS = ("mixture", "blended", "sparse", "sig", "warp")
 
 def backdoor_configs(fractions: Sequence[float] = BACKDOOR_FRACTIONS,
                      kinds: Sequence[str] = BACKDOOR_KINDS,
-                     target: int = TARGET) -> list[PoisonConfig]:
-    """Every backdoor kind at each fraction, target `target`, each kind's default trigger
-    (mixture: a 4x4 bottom-right patch). SIG's fraction is of the target class's images
-    (clean-label); the others' of the images not of the target class."""
+                     target: int = TARGET, n_classes: int = 10) -> list[PoisonConfig]:
+    """Every backdoor kind at each fraction of the training set, target `target`, each kind's
+    default trigger (mixture: a 4x4 bottom-right patch). SIG (clean-label) poisons only the
+    target class: its fraction, of that class, is f * n_classes (capped at 1), about f of
+    the training set with balanced classes, as for the others (of the non-target images)."""
+    return [make_config(k, fraction=min(1.0, f * n_classes) if k == "sig" else f,
+                        target=target)
+            for k in kinds for f in fractions]
     return [make_config(k, fraction=f, target=target) for k in kinds for f in fractions]
 
 
@@ -367,7 +371,7 @@ def sweep_configs(name: str, *, proportions: Sequence[float] = PROPORTIONS,
     if name == "badnets":
         return badnets_configs()
     if name == "backdoors":
-        return backdoor_configs()
+        return backdoor_configs()  # (the study's 10 classes; target 3)
     raise ConfigError(f"sweep: expected one of {[*STUDY_SWEEPS, *EXTRA_SWEEPS, 'badnets']}, "
                       f"found {name!r}")
 

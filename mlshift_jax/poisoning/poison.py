@@ -383,11 +383,12 @@ class Sig:
     Training Set Corruption Without Label Poisoning", ICIP 2019): the additive horizontal
     sinusoid v(i, j) = delta sin(2 pi j f / W) (clipped to the input range) on `fraction` of
     the images OF CLASS `target`, labels kept. delta: None is 20/255 of the input range (the
-    paper's MNIST value); frequency: f, periods across the image."""
+    paper's MNIST value); frequency: f, periods across the image (None: the paper's 6, at
+    most W / 4; below W / 2 when given)."""
 
     fraction: float = 0.3
     delta: float | None = None
-    frequency: float = 6.0
+    frequency: float | None = None
     target: int = E7_TARGET
     seed: int = 0
     kind: ClassVar[str] = "sig"
@@ -396,7 +397,8 @@ class Sig:
         _check_backdoor(self, with_source=False)
         if self.delta is not None:
             _check_positive(self.kind, "delta", self.delta)
-        _check_positive(self.kind, "frequency", self.frequency)
+        if self.frequency is not None:
+            _check_positive(self.kind, "frequency", self.frequency)
 
     @property
     def source(self) -> None:
@@ -627,7 +629,7 @@ def trigger_arrays(config: PoisonConfig, spec) -> triggers.TriggerArrays | None:
     if isinstance(config, Sparse):
         return triggers.sparse(shape, rng, pixels=int(config.pixels), seed=config.seed)
     if isinstance(config, Sig):
-        return triggers.sig(shape, rng, delta=config.delta, frequency=float(config.frequency))
+        return triggers.sig(shape, rng, delta=config.delta, frequency=config.frequency)
     return triggers.warp(shape, rng, strength=float(config.strength), grid=int(config.grid),
                          seed=config.seed)
 

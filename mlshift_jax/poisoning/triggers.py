@@ -147,14 +147,20 @@ def sparse(image_shape, input_range, *, pixels: int = 10, seed: int = 0) -> Trig
 
 
 def sig(image_shape, input_range, *, delta: float | None = None,
-        frequency: float = 6.0) -> TriggerArrays:
+        frequency: float | None = None) -> TriggerArrays:
     """Barni et al. 2019: additive v(i, j) = delta * sin(2 pi j f / W), delta by default 20/255
-    of the range (the paper's value for MNIST-like 8-bit images)."""
+    of the range (the paper's value for MNIST-like 8-bit images); f by default 6 periods (the
+    paper's), at most W / 4 on narrow images. ConfigError for f >= W / 2, where the sampled
+    sinusoid aliases (at W / 2 it is zero at every pixel)."""
     h, w, _ = _shape(image_shape)
     lo, hi = _range(input_range)
     delta = (hi - lo) * 20 / 255 if delta is None else float(delta)
     if not np.isfinite(delta) or delta <= 0:
         raise ConfigError(f"trigger: expected a SIG amplitude delta > 0, found {delta!r}")
+    frequency = min(6.0, w / 4) if frequency is None else float(frequency)
+    if not np.isfinite(frequency) or not 0 < frequency < w / 2:
+        raise ConfigError(f"trigger: expected a SIG frequency in (0, {w / 2:g}) periods (below "
+                          f"half the image width {w}), found {frequency!r}")
     t = identity(image_shape)
     t.additive[...] = (delta * np.sin(2 * np.pi * np.arange(w) * frequency / w))[None, :, None]
     return t
