@@ -70,11 +70,11 @@ from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.data.datasets import Dataset
 from mlshift_jax.detection import categorize, detect, detect_data, fingerprint
 from mlshift_jax.detection.change import changed_inputs
+from mlshift_jax.detection.strip import strip_scores
 from mlshift_jax.models.population import member, plan_for
 from mlshift_jax.models.recipes import TrainConfig
 from mlshift_jax.models.retrain import poisoned_sample, train_sampled
 from mlshift_jax.models.zoo import predict
-from mlshift_jax.detection.strip import strip_scores
 from mlshift_jax.poisoning.poison import has_trigger, make_config, triggered
 
 CLEAN = "clean"
