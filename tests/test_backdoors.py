@@ -188,3 +188,14 @@ def test_detector_by_attack_table(mnist):
     assert np.nanmin(values) >= 0.0 and np.nanmax(values) <= 1.0
     assert out["auc"].loc["strip", "sparse 20%"] == pytest.approx(strip.loc["auc", "sparse 20%"])
     assert isinstance(out["strip"], pd.DataFrame) and len(out["strip"]) == 3
+
+
+def test_report_renders_the_detector_by_attack_table():
+    from mlshift_jax.bench import report
+
+    t = pd.DataFrame({"detector": ["strip", "strip", "margin", "margin"],
+                      "metric": ["auc", "tpr@0.05fpr"] * 2,
+                      "fgsm 0.1": [0.6, 0.1, 0.8, 0.3], "sparse 10%": [0.99, 0.9, np.nan, np.nan]})
+    text = report._detector_by_attack({"detector_by_attack": t})
+    assert "Detector × attack kind" in text and "0.990" in text and "tpr@0.05fpr" in text
+    assert report._detector_by_attack({}) == ""  # a record from before the table existed

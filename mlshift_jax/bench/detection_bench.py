@@ -285,10 +285,12 @@ def _strip_table(cfg: BenchConfig, ds: Dataset, members: _Members, pop, key) -> 
     tpr = f"tpr@{cfg.fpr:g}fpr"
     rows = []
 
-    def score(params, changed, j):
+    def score(params, changed, j, keep=None):
+        # every call scores [n, D] (one compilation); keep: the changed rows that count
         k = jax.random.fold_in(key, j)
         clean = np.asarray(strip_scores(model, params, x, pool, key=k))
         hit = np.asarray(strip_scores(model, params, changed, pool, key=k))
+        hit = hit if keep is None else hit[keep]
         both, truth = np.r_[clean, hit], np.r_[np.zeros(len(clean), bool), np.ones(len(hit), bool)]
         return {"auc": detect.roc_auc(both, truth), tpr: detect.tpr_at_fpr(both, truth, cfg.fpr),
                 "n_clean": len(clean), "n_changed": len(hit)}
@@ -306,9 +308,9 @@ def _strip_table(cfg: BenchConfig, ds: Dataset, members: _Members, pop, key) -> 
         if label == CLEAN or not has_trigger(config) or target is None:
             continue
         keep = np.asarray(ds.y_test[:n]) != target
-        stamped = triggered(x[jnp.asarray(keep)], config, ds.spec)
         rows.append({"change": label, "model": "backdoored",
-                     **score(member(pop.params, int(i)), stamped, 10**4 + int(i))})
+                     **score(member(pop.params, int(i)), triggered(x, config, ds.spec),
+                             10**4 + int(i), keep)})
     return pd.DataFrame(rows, columns=["change", "model", "auc", tpr, "n_clean", "n_changed"])
 
 
