@@ -749,6 +749,10 @@ EXAMPLE_CONFIGS = {
     "trigger 4x4": Trigger(fraction=1.0, patch=Patch(size=4)),
     "trigger 6x6 per-class": Trigger(fraction=1.0, patch=Patch(size=6, position="per-class")),
     "mixture 4x4 -> 3": Mixture(fraction=1.0, patch=Patch(size=4)),
+    "blended -> 3": make_config("blended", fraction=1.0),
+    "sparse -> 3": make_config("sparse", fraction=1.0),
+    "sig (class 3)": make_config("sig", fraction=1.0),
+    "warp -> 3": make_config("warp", fraction=1.0),
 }
 
 
