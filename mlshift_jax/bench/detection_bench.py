@@ -14,7 +14,10 @@ Tables (`run` returns them by name):
   squeezing) on the test images attacked vs clean, with the first seed's reference; the
   fingerprint test on systems (changed systems vs clean retrains, statistic = the pooled max
   z); the training-data detectors (activation clustering, spectral signatures) on training
-  samples (poisoned vs not, mean over seeds). NaN where a detector does not apply.
+  samples (poisoned vs not, mean over seeds); STRIP on attacked vs clean test images (the
+  first seed's reference) and on triggered vs clean test images (the first seed's model
+  backdoored with that trigger). NaN where a detector does not apply. The poisonings include
+  the trigger-array backdoors (blended, sparse, sig, warp; `poison.py`).
 - "input_detectors": per attack, eps and detector: ROC-AUC and TPR at `fpr` FPR.
 - "change_test": per change kind: ROC-AUC, detection rate at `alpha`, mean p-value and the
   cross-entropy of the "changed" probability (`fingerprint.changed_probability`), as NIST
