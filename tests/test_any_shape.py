@@ -250,7 +250,9 @@ def test_poison_every_kind_on_8x8_images(kind, channels):
     x = rng.random((200, 64 * channels), dtype=np.float32) * 0.5
     y = rng.integers(0, 5, 200)
     config = {"clean": poison.Clean(), "wrong-label": poison.WrongLabel(0.5, target=3),
-              "trigger": poison.Trigger(), "mixture": poison.Mixture(0.3)}[kind]
+              "trigger": poison.Trigger(), "mixture": poison.Mixture(0.3),
+              "blended": poison.Blended(0.3), "sparse": poison.Sparse(0.3),
+              "sig": poison.Sig(0.5), "warp": poison.Warp(0.3)}[kind]
     if channels == 1:  # 64 flat pixels: the shape is guessed (square, one channel)
         xp, yp, mask = poison.apply(KEY, x, y, config)
     else:

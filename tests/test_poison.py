@@ -32,6 +32,10 @@ EXAMPLES = {
     "wrong-label": WrongLabel(fraction=0.3, mode="uniform"),
     "trigger": Trigger(fraction=0.5, patch=Patch(size=3), source=None),
     "mixture": Mixture(fraction=0.2, patch=Patch(size=4), target=3),
+    "blended": poison.Blended(fraction=0.2, target=3),
+    "sparse": poison.Sparse(fraction=0.2, target=3),
+    "sig": poison.Sig(fraction=0.5, target=3),
+    "warp": poison.Warp(fraction=0.2, target=3),
 }
 
 
@@ -50,7 +54,8 @@ def _expected_count(cfg, y):
 
 
 def test_registry_covers_every_kind():
-    assert set(POISONINGS) == {"clean", "wrong-label", "trigger", "mixture"} == set(EXAMPLES)
+    assert set(POISONINGS) == {"clean", "wrong-label", "trigger", "mixture", "blended",
+                               "sparse", "sig", "warp"} == set(EXAMPLES)
     for name, p in POISONINGS.items():
         assert p.name == name and p.config.kind == name
 

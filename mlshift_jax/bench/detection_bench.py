@@ -15,7 +15,10 @@ Tables (`run` returns them by name):
   fingerprint test on systems (changed systems vs clean retrains, statistic = -log of the
   smallest per-feature tail, `fingerprint.change_test`); the training-data detectors
   (activation clustering, spectral signatures, SPECTRE) on training samples (poisoned vs
-  not, mean over seeds). NaN where a detector does not apply.
+  not, mean over seeds); STRIP on attacked vs clean test images (the first seed's
+  reference) and on triggered vs clean test images (the first seed's model backdoored with
+  that trigger). NaN where a detector does not apply. The poisonings include the
+  trigger-array backdoors (blended, sparse, sig, warp; `poison.py`).
 - "input_detectors": per attack, eps and detector: ROC-AUC and TPR at `fpr` FPR.
 - "change_test": per change kind: ROC-AUC, detection rate at `alpha`, mean p-value and the
   cross-entropy of the "changed" probability (`fingerprint.changed_probability`), as NIST
@@ -32,7 +35,15 @@ Tables (`run` returns them by name):
   SPECTRE) and poisoning: precision, recall, ROC-AUC over all samples and ROC-AUC within the
   class holding the poison ("auc_in_class"), means over seeds, against the poison mask. The
   spectral methods get the member's true poisoned fraction as eps (they remove
-  1.5 * eps of each class; the papers assume a known bound).
+  1.5 * eps of each class; the papers assume a known bound), and TPR at `fpr`.
+- "detector_by_attack": detector x attack kind, two rows per detector (metric "auc" and
+  "tpr@<fpr>fpr"), one column per change: the input detectors and STRIP on input attacks
+  (attacked vs clean test images, the first seed's reference) and STRIP on triggers
+  (triggered test images of the non-target classes vs clean test images, the first seed's
+  model backdoored with that trigger); the training-data detectors on poisonings (poisoned vs
+  clean training samples, means over seeds); the fingerprint test on systems (changed vs
+  clean retrains). NaN where a detector does not apply.
+- "strip": STRIP (Gao et al., ACSAC 2019) per change: ROC-AUC and TPR at `fpr`.
 - "cells": every (seed, change) cell of the change test: its p-value, statistic, category,
   the categorizer's held-out prediction and its fingerprint features.
 - "detectors": what each detector scores, its unit and its source.
@@ -75,16 +86,18 @@ from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.data.datasets import Dataset
 from mlshift_jax.detection import categorize, change_generator, detect, detect_data, fingerprint
 from mlshift_jax.detection.change import changed_inputs
+from mlshift_jax.detection.strip import strip_scores
 from mlshift_jax.models.population import member, plan_for
 from mlshift_jax.models.recipes import TrainConfig
 from mlshift_jax.models.retrain import poisoned_sample, train_sampled
 from mlshift_jax.models.zoo import predict
-from mlshift_jax.poisoning.poison import make_config
+from mlshift_jax.poisoning.poison import has_trigger, make_config, triggered
 
 CLEAN = "clean"
 INPUT_ROWS = detect.INPUT_DETECTORS
-ROWS = (*INPUT_ROWS, "fingerprint test", "activation clustering", "spectral signatures",
-        "SPECTRE", "Mahalanobis")
+STRIP = "strip"
+ROWS = (*INPUT_ROWS, STRIP, "fingerprint test", "activation clustering",
+        "spectral signatures", "SPECTRE", "Mahalanobis")
 DETECTORS = pd.DataFrame(
     [
         ("confidence", "image", "-max output", "Hendrycks & Gimpel, ICLR 2017"),
@@ -92,6 +105,8 @@ DETECTORS = pd.DataFrame(
         ("entropy", "image", "entropy of the output distribution", "-"),
         ("squeezing", "image", "max L1(f(x), f(squeeze(x))), bit-1 / median 2x2, 3x3",
          "Xu, Evans & Qi, NDSS 2018"),
+        (STRIP, "image", "-mean entropy of the outputs on the image superimposed on "
+         "32 clean images", "Gao et al., ACSAC 2019"),
         ("fingerprint test", "model", "min-p of rank tails of disagreement, KL, KS, reversed-"
          "trigger flip and norm vs clean retrains", "this harness (see fingerprint.py)"),
         ("activation clustering", "training sample", "1 - relative size of the sample's "
@@ -125,7 +140,9 @@ class BenchConfig:
         ("pgd", 0.1), ("pgd", 0.2))
     poisonings: tuple[tuple[str, float], ...] = (
         ("wrong-label", 0.1), ("wrong-label", 0.3), ("trigger", 0.1), ("trigger", 0.3),
-        ("mixture", 0.05), ("mixture", 0.2))
+        ("mixture", 0.05), ("mixture", 0.2), ("blended", 0.1), ("sparse", 0.1),
+        ("sig", 0.5), ("warp", 0.1))  # sig: of the target class (clean-label), ~5% of all
+    strip_images: int = 500  # STRIP: clean and triggered / attacked test images per column
     alpha: float = 0.05
     fpr: float = 0.05
     memory_cap: int = 2**30  # bytes for the population's training data (`population_chunk`)
@@ -148,6 +165,10 @@ class BenchConfig:
         if self.lofo_refs < 0 or self.lofo_per_family < 1:
             raise ConfigError(f"detection bench: expected lofo_refs >= 0 and lofo_per_family "
                               f">= 1, found {self.lofo_refs} and {self.lofo_per_family}")
+        if isinstance(self.strip_images, bool) or not isinstance(self.strip_images, int) \
+                or self.strip_images < 2:
+            raise ConfigError(f"detection bench: expected strip_images an int >= 2, found "
+                              f"{self.strip_images!r}")
         if self.memory_cap < 1:
             raise ConfigError(f"detection bench: expected memory_cap >= 1 byte, found "
                               f"{self.memory_cap}")
@@ -155,9 +176,14 @@ class BenchConfig:
 
 
 FULL = BenchConfig(scan_model=scan_bench.FULL)
+# QUICK (CI's bench-quick): one rate per poisoning kind, so that the four trigger-array
+# backdoors cost about what the second rates of wrong-label, trigger and mixture did.
 QUICK = BenchConfig(hidden=64, sample_size=3000, seeds=4, n_null=20, probes=500,
-                    n_patched=100, n_images=2000, lofo_refs=2, lofo_per_family=1,
-                    scan_model=scan_bench.QUICK)
+                    n_patched=100, n_images=2000, strip_images=200, lofo_refs=2,
+                    lofo_per_family=1, scan_model=scan_bench.QUICK,
+                    poisonings=(("wrong-label", 0.1), ("trigger", 0.1), ("mixture", 0.05),
+                                ("blended", 0.1), ("sparse", 0.1), ("sig", 0.5),
+                                ("warp", 0.1)))
 
 
 def population_chunk(m: int, size: int, n: int, d: int, memory_cap: int) -> int:
@@ -276,14 +302,103 @@ def _training_data_table(cfg: BenchConfig, ds: Dataset, members: _Members, pop, 
         found = detect_data.scan(model, member(pop.params, i), x_p, y_p,
                                  eps=float(mask.mean()), key=jax.random.fold_in(key, i),
                                  block=block, reference=reference)
+        tpr = f"tpr@{cfg.fpr:g}fpr"
         for name, method in DATA_DETECTORS.items():
             scores = detect_data.precision_recall_auc(found[method], mask, y_p)
+            scores[tpr] = _tpr(found[method].score, mask, cfg.fpr)
             rows.append({"detector": name, "change": members.table.at[i, "label"],
                          "seed": int(members.table.at[i, "seed"]), **scores})
     table = pd.DataFrame(rows)
     return (table.groupby(["detector", "change"], sort=False)
-            [["precision", "recall", "auc", "auc_in_class", "flagged", "poisoned"]]
+            [["precision", "recall", "auc", "auc_in_class", tpr, "flagged", "poisoned"]]
             .mean().reset_index())
+
+
+def _tpr(scores, truth, fpr: float) -> float:
+    """TPR at `fpr` FPR of scores [n] against truth bool [n]; NaN unless both classes occur."""
+    truth = np.asarray(truth, bool)
+    if not 0 < truth.sum() < truth.size:
+        return float("nan")
+    return detect.tpr_at_fpr(np.asarray(scores, np.float64), truth, fpr)
+
+
+def _strip_table(cfg: BenchConfig, ds: Dataset, members: _Members, pop, key) -> pd.DataFrame:
+    """STRIP (Gao et al., ACSAC 2019), one row per change it applies to: ROC-AUC and TPR at
+    cfg.fpr. Negatives: the first n = min(strip_images, tests / 2) clean test images; the
+    next n are the clean images superimposed on them (N_BLENDS each). Input attacks: those n
+    images attacked, on the first seed's reference. Triggers (poisonings with a target):
+    those of the n whose class is not the target, stamped with the trigger, on the first
+    seed's model poisoned with it (its own clean images the negatives); "asr": that model's
+    attack success rate on those triggered images (STRIP can only see a trigger the model
+    learnt)."""
+    model = pop.plan.arch
+    n = min(cfg.strip_images, len(ds.y_test) // 2)
+    x, y = jnp.asarray(ds.x_test[:n]), jnp.asarray(ds.y_test[:n])
+    pool = jnp.asarray(ds.x_test[n:2 * n])
+    tpr = f"tpr@{cfg.fpr:g}fpr"
+    rows = []
+
+    def score(params, changed, j, keep=None):
+        # every call scores [n, D] (one compilation); keep: the changed rows that count
+        k = jax.random.fold_in(key, j)
+        clean = np.asarray(strip_scores(model, params, x, pool, key=k))
+        hit = np.asarray(strip_scores(model, params, changed, pool, key=k))
+        hit = hit if keep is None else hit[keep]
+        both, truth = np.r_[clean, hit], np.r_[np.zeros(len(clean), bool), np.ones(len(hit), bool)]
+        return {"auc": detect.roc_auc(both, truth), tpr: detect.tpr_at_fpr(both, truth, cfg.fpr),
+                "n_clean": len(clean), "n_changed": len(hit)}
+
+    ref0 = member(pop.params, int(members.rows("reference", 0)[0]))
+    for j, (kind, eps) in enumerate(cfg.attacks):
+        attack = get_attack(kind)
+        kw = {"key": jax.random.fold_in(key, 10**5 + j)} if attack.needs_key else {}
+        x_adv = attack.fn(model, ref0, x, y, eps=eps, **kw)
+        rows.append({"change": attack_label(kind, eps), "model": "reference",
+                     **score(ref0, x_adv, j)})
+    for i in members.rows("suspect", 0):
+        label, config = members.table.at[i, "label"], members.configs[i]
+        target = getattr(config, "target", None)
+        if label == CLEAN or not has_trigger(config) or target is None:
+            continue
+        keep = np.asarray(ds.y_test[:n]) != target
+        params = member(pop.params, int(i))
+        stamped = triggered(x, config, ds.spec)
+        hits = np.asarray(jnp.argmax(predict(model, params, stamped), -1)) == target
+        rows.append({"change": label, "model": "backdoored",
+                     **score(params, stamped, 10**4 + int(i), keep),
+                     "asr": float(hits[keep].mean())})
+    return pd.DataFrame(rows, columns=["change", "model", "auc", tpr, "n_clean", "n_changed",
+                                       "asr"])
+
+
+def _detector_by_attack(cfg: BenchConfig, columns: list[str], input_table: pd.DataFrame,
+                        strip_table: pd.DataFrame, data_table: pd.DataFrame,
+                        cells: pd.DataFrame) -> pd.DataFrame:
+    """Detector x attack kind: rows (detector, metric in {"auc", "tpr@<fpr>fpr"}), one column
+    per change label; NaN where the detector does not apply (module docstring)."""
+    tpr = f"tpr@{cfg.fpr:g}fpr"
+    out = {(d, m): {} for d in ROWS for m in ("auc", tpr)}
+    for _, r in input_table.iterrows():
+        for m in ("auc", tpr):
+            out[(r["detector"], m)][attack_label(r["attack"], r["eps"])] = r[m]
+    for _, r in strip_table.iterrows():
+        for m in ("auc", tpr):
+            out[(STRIP, m)][r["change"]] = r[m]
+    for _, r in data_table.iterrows():
+        for m in ("auc", tpr):
+            out[(r["detector"], m)][r["change"]] = r[m]
+    clean = cells.loc[cells["change"] == CLEAN, "statistic"].to_numpy(np.float64)
+    for label, group in cells.groupby("change", sort=False):
+        if label == CLEAN:
+            continue
+        stat = group["statistic"].to_numpy(np.float64)
+        both = np.r_[clean, stat]
+        truth = np.r_[np.zeros(len(clean), bool), np.ones(len(stat), bool)]
+        out[("fingerprint test", "auc")][label] = detect.roc_auc(both, truth)
+        out[("fingerprint test", tpr)][label] = detect.tpr_at_fpr(both, truth, cfg.fpr)
+    rows = [{"detector": d, "metric": m, **{c: vals.get(c, np.nan) for c in columns}}
+            for (d, m), vals in out.items()]
+    return pd.DataFrame(rows, columns=["detector", "metric", *columns])
 
 
 def _one_blas_thread(fn):
@@ -388,6 +503,9 @@ def run(ds: Dataset, *, quick: bool = False, seed: int = 0,
         clock = time.perf_counter()
         scan_tables = scan_bench.scan_table(ds, seed=seed, config=cfg.scan_model)
         timing["scan-model table"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    strip_table = _strip_table(cfg, ds, members, pop, jax.random.fold_in(key, 10**6 + 2))
+    timing["strip"] = time.perf_counter() - clock
 
     change_table = _change_table(cfg, cells)
     columns = [attack_label(k, e) for k, e in cfg.attacks] + [
@@ -400,8 +518,13 @@ def run(ds: Dataset, *, quick: bool = False, seed: int = 0,
         auc.loc["fingerprint test", label] = r["auc"]
     for _, r in data_table.iterrows():
         auc.loc[r["detector"], r["change"]] = r["auc"]
+    for _, r in strip_table.iterrows():
+        auc.loc[STRIP, r["change"]] = r["auc"]
     return {
         "auc": auc,
+        "detector_by_attack": _detector_by_attack(cfg, columns, input_table, strip_table,
+                                                  data_table, cells),
+        "strip": strip_table,
         "input_detectors": input_table,
         "change_test": change_table,
         "confusion": confusion,

@@ -18,7 +18,8 @@ A matrix file (see `bench/matrix.toml`) has these tables; every key not listed i
     [speed]       workload x implementation timings: dataset, workloads, hidden, lr, eps, seed,
                   n_train, n_test, numpy_loop_images, numpy_epoch_samples, population,
                   population_size, detect_null, scan_models, scan_steps
-    [poison]      E4-E7 sweeps + BadNets: dataset, model, sweeps, badnets_models,
+    [poison]      E4-E7 sweeps (and "backdoors": every backdoor family with its ASR,
+                  `sweeps.EXTRA_SWEEPS`) + BadNets: dataset, model, sweeps, badnets_models,
                   badnets_n_train, hidden, epochs, seed, n_train, n_test
     [detect]      the detection benchmark: dataset, quick = false, seed
     [defenses]    defense x attack (defenses.py, adaptive.py): dataset, models, defenses,
@@ -56,6 +57,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from mlshift_jax.attacks.defenses import DEFENSES, resolve_options
 from mlshift_jax.attacks.evasion import ATTACKS, get_attack
+from mlshift_jax.bench.sweeps import EXTRA_SWEEPS
 from mlshift_jax.bench.sweeps import STUDY_SWEEPS as POISON_SWEEPS
 from mlshift_jax.core import rules
 from mlshift_jax.core.errors import ConfigError
@@ -551,7 +553,7 @@ def parse(text: str, path: str = "<matrix>") -> Matrix:
         "models": lambda v, w: chk.names(v, w, models, "model"),
         "attacks": lambda v, w: chk.names(v, w, attacks, "attack"),
         "workloads": lambda v, w: chk.names(v, w, set(SPEED_WORKLOADS), "workload"),
-        "sweeps": lambda v, w: chk.names(v, w, set(POISON_SWEEPS), "sweep"),
+        "sweeps": lambda v, w: chk.names(v, w, {*POISON_SWEEPS, *EXTRA_SWEEPS}, "sweep"),
     }
     blocks = {
         "e1": (E1, {**common, "dataset": dataset, "models": names["models"]}),

@@ -498,6 +498,7 @@ def _detect(records: pd.DataFrame) -> str:
                    "20% puts about 47% / 65% poison in the target class.",
                    index=False, floatfmt=".3f")
     return (head + "### Detector × change kind: ROC-AUC\n\n" + auc
+            + _detector_by_attack(t)
             + "\n### Has the model changed? (fingerprint test)\n\n" + change
             + "\n### How did it change? (categorizer, held out by seed)\n\n" + confusion
             + _lofo_section(t)
@@ -556,6 +557,27 @@ def _lofo_section(t: dict[str, pd.DataFrame]) -> str:
             f"{int(changed['none'].sum())} undetected.")
     return ("\n### Unseen change families (categorizer, leave one family out)\n\n"
             + _md(table.astype({c: int for c in counts + ["n"]}), note, floatfmt=".2f"))
+
+
+def _detector_by_attack(t: dict[str, pd.DataFrame]) -> str:
+    """The detector x attack-kind table (ROC-AUC and TPR at the benchmark's FPR), if the
+    record has it (records before it was added do not)."""
+    table = t.get("detector_by_attack")
+    if table is None:
+        return ""
+    keep = table.drop(columns=["detector", "metric"]).notna().any(axis=1)
+    note = ("Each detector (rows) on each attack kind (columns), two rows per detector: "
+            "ROC-AUC, and the TPR at a 5% false-positive rate (the largest TPR over ROC "
+            "points with FPR <= 0.05); blank where the detector does not apply. Input "
+            "detectors (confidence, margin, entropy, squeezing) and STRIP (Gao et al. 2019) "
+            "score attacked vs clean test images on a clean reference; STRIP also scores "
+            "triggered test images (true class not the target) vs clean test images on the "
+            "model backdoored with that trigger (mixture = BadNets patch, blended, sparse, "
+            "sig, warp). Training-data detectors score poisoned vs clean training samples "
+            "(means over seeds); the fingerprint test scores changed systems vs clean "
+            "retrains. Nothing is tuned to a column: every detector keeps its defaults.")
+    return ("\n### Detector × attack kind: ROC-AUC and TPR at 5% FPR\n\n"
+            + _md(table[keep], note, index=False, floatfmt=".3f"))
 
 
 # --- defenses: the defense x attack table ---------------------------------------------------
@@ -997,6 +1019,7 @@ _NOT_MEASURES = frozenset({"data_source", "is_sample", "data_hash", "backend",
 # here is keyed by its index
 _ROW_KEYS = {"input_detectors": ("attack", "eps", "detector"),
              "training_data": ("detector", "change"),
+             "detector_by_attack": ("detector", "metric"), "strip": ("change",),
              "rows": ("impl", "column", "attack", "eps")}  # a speed cell's or a defense's
 _SKIPPED_DETAIL = frozenset({"examples", "detectors"})  # digit images; the detectors' docs
 

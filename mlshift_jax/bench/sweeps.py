@@ -65,6 +65,7 @@ from mlshift_jax.models.population import (
 from mlshift_jax.models.recipes import TrainConfig
 from mlshift_jax.models.zoo import Model, Params, predict
 from mlshift_jax.poisoning.poison import (
+    BACKDOORS,
     Clean,
     Mixture,
     Patch,
@@ -75,9 +76,13 @@ from mlshift_jax.poisoning.poison import (
     check_for,
     describe,
     eligible_classes,
+    has_trigger,
     make_config,
     patch_pixels,
     poison_count,
+    stack_stamps,
+    stamp_for,
+    stamp_test,
     trigger_of,
 )
 
@@ -160,7 +165,7 @@ def badnets_configs(patches: Sequence[int] = BADNETS_PATCHES,
 def _asr_class(config: PoisonConfig) -> int:
     """The class the attack success rate counts hits of: target (mixture), source (trigger
     with a source); -1: stamp the patch of (y + 1) mod K (per-class trigger); -2: none."""
-    if isinstance(config, Mixture):
+    if isinstance(config, (Mixture, *BACKDOORS)):
         return config.target
     if isinstance(config, Trigger):
         if config.source is not None:
@@ -170,15 +175,16 @@ def _asr_class(config: PoisonConfig) -> int:
 
 
 def _confusions_one(arch: Model, params: Params, x: jax.Array, y: jax.Array, pix: jax.Array,
-                    value: jax.Array, asr_class: jax.Array) -> jax.Array:
+                    value: jax.Array, asr_class: jax.Array, trig=None) -> jax.Array:
     """[3, K, K] confusion matrices of one model: clean test images; each stamped with its
     own class's patch (pix[y]); stamped for the ASR (pix[asr_class], or pix[(y+1) % K]).
-    K = pix.shape[0], the classes."""
+    K = pix.shape[0], the classes. trig: the member's trigger-array `poison.Stamp` (blended,
+    sparse, sig, warp), applied after the patch on both stamped sets; None: none."""
     k = pix.shape[0]
     steer = jnp.where(asr_class >= 0, asr_class, (y + 1) % k)
     cms = []
     for stamp in (None, pix[y], pix[steer]):
-        xs = x if stamp is None else jnp.where(stamp, value, x)
+        xs = x if stamp is None else stamp_test(jnp.where(stamp, value, x), trig)
         pred = jnp.argmax(predict(arch, params, xs), axis=-1)
         cms.append(confusion_matrix(y, pred, k))
     return jnp.stack(cms)
@@ -186,16 +192,18 @@ def _confusions_one(arch: Model, params: Params, x: jax.Array, y: jax.Array, pix
 
 @partial(jax.jit, static_argnames=("arch", "chunk"))
 def confusions(arch: Model, params: Params, x: jax.Array, y: jax.Array, pix: jax.Array,
-               value: jax.Array, asr_class: jax.Array, *, chunk: int) -> jax.Array:
+               value: jax.Array, asr_class: jax.Array, *, chunk: int,
+               trig=None) -> jax.Array:
     """Confusion matrices of m models, `chunk` at a time: -> int [m, 3, K, K].
 
     params: leaves [m, ...]; x: [t, D], y: [t] the test set (shared); pix: bool [m, K, D]
-    each member's patch pixels by class; value: [m]; asr_class: int [m] (see `_asr_class`).
+    each member's patch pixels by class; value: [m]; asr_class: int [m] (see `_asr_class`);
+    trig: the members' stacked trigger stamps (`poison.stack_stamps`) or None.
     """
     one = partial(_confusions_one, arch)
-    members = {"p": params, "pix": pix, "v": value, "c": asr_class}
+    members = {"p": params, "pix": pix, "v": value, "c": asr_class, "t": trig}
     return map_chunks(lambda g: jax.vmap(lambda d: one(d["p"], x, y, d["pix"], d["v"],
-                                                       d["c"]))(g), members, chunk)
+                                                       d["c"], d["t"]))(g), members, chunk)
 
 
 def _div(a: float, b: float) -> float:
@@ -212,7 +220,7 @@ def cell_metrics(cms: np.ndarray, config: PoisonConfig) -> dict:
     target = getattr(config, "target", None)
     if isinstance(config, WrongLabel) and config.mode != "target":
         target = None
-    has_patch = trigger_of(config) is not None
+    has_patch = has_trigger(config)
     asr_class = _asr_class(config)
     if asr_class >= 0:
         rows = np.arange(k) != asr_class
@@ -278,11 +286,13 @@ def score_population(pop: Population, configs: Sequence[PoisonConfig], x_test, y
     value = np.array([p.value_for(spec.input_range) if p is not None else 0.0
                       for p in patches], np.float32)
     asr_class = np.array([_asr_class(c) for c in configs], np.int32)
+    trig = stack_stamps([stamp_for(c, spec) for c in configs])
     chunk = (chunk_size(len(configs), len(y_test), spec.n_inputs) if chunk is None
              else chunk)
     cms = np.asarray(confusions(pop.plan.arch, pop.params, jnp.asarray(x_test),
                                 jnp.asarray(y_test), jnp.asarray(pix), jnp.asarray(value),
-                                jnp.asarray(asr_class), chunk=chunk))
+                                jnp.asarray(asr_class), chunk=chunk,
+                                trig=None if trig is None else jax.tree.map(jnp.asarray, trig)))
     rows = []
     for i, config in enumerate(configs):
         rows.append({**config_fields(config), "poisoned_count": int(pop.counts[i]),
@@ -326,6 +336,25 @@ def run_sweep(ds: Dataset, configs: Sequence[PoisonConfig], *, model: str = "see
 
 
 STUDY_SWEEPS = ("E4", "E5", "E6-uniform", "E6-shift", "E6-target", "E7")
+# Sweeps beyond the study's, valid in a matrix's [poison] sweeps: "backdoors", every backdoor
+# family (BadNets patch, blended, sparse, SIG, WaNet warp) at BACKDOOR_FRACTIONS, one
+# population, each with its attack success rate.
+EXTRA_SWEEPS = ("backdoors",)
+BACKDOOR_FRACTIONS = (0.05, 0.1)
+BACKDOOR_KINDS = ("mixture", "blended", "sparse", "sig", "warp")
+
+
+def backdoor_configs(fractions: Sequence[float] = BACKDOOR_FRACTIONS,
+                     kinds: Sequence[str] = BACKDOOR_KINDS,
+                     target: int = TARGET, n_classes: int = 10) -> list[PoisonConfig]:
+    """Every backdoor kind at each fraction of the training set, target `target`, each kind's
+    default trigger (mixture: a 4x4 bottom-right patch). SIG (clean-label) poisons only the
+    target class: its fraction, of that class, is f * n_classes (capped at 1), about f of
+    the training set with balanced classes, as for the others (of the non-target images)."""
+    return [make_config(k, fraction=min(1.0, f * n_classes) if k == "sig" else f,
+                        target=target)
+            for k in kinds for f in fractions]
+    return [make_config(k, fraction=f, target=target) for k in kinds for f in fractions]
 
 
 def sweep_configs(name: str, *, proportions: Sequence[float] = PROPORTIONS,
@@ -341,7 +370,10 @@ def sweep_configs(name: str, *, proportions: Sequence[float] = PROPORTIONS,
         return proportion_configs("mixture", fractions=proportions)
     if name == "badnets":
         return badnets_configs()
-    raise ConfigError(f"sweep: expected one of {[*STUDY_SWEEPS, 'badnets']}, found {name!r}")
+    if name == "backdoors":
+        return backdoor_configs()  # (the study's 10 classes; target 3)
+    raise ConfigError(f"sweep: expected one of {[*STUDY_SWEEPS, *EXTRA_SWEEPS, 'badnets']}, "
+                      f"found {name!r}")
 
 
 def run_all(ds: Dataset, *, model: str = "seed-mlp", seed: int = 0, hidden: int = 200,
@@ -468,7 +500,8 @@ def config_from(kind: str, settings: dict) -> PoisonConfig:
         return Clean()
     names = {"wrong-label": ("fraction", "mode", "target", "source"),
              "trigger": ("fraction", "patch", "source"),
-             "mixture": ("fraction", "patch", "target", "source")}[kind]
+             "mixture": ("fraction", "patch", "target", "source"),
+             "sig": ("fraction", "target")}.get(kind, ("fraction", "target", "source"))
     return make_config(kind, **{k: settings[k] for k in names})
 
 
@@ -602,6 +635,8 @@ MARKDOWN_COLUMNS = {
            "target_recall", "triggered_accuracy", "asr"],
     "badnets": ["model", "patch", "fraction", "poisoned_count", "clean_accuracy", "f1",
                 "target_recall", "triggered_accuracy", "asr"],
+    "backdoors": ["cell", "kind", "fraction", "poisoned_count", "clean_accuracy", "f1",
+                  "target_recall", "triggered_accuracy", "asr"],
 }
 
 
@@ -715,6 +750,10 @@ EXAMPLE_CONFIGS = {
     "trigger 4x4": Trigger(fraction=1.0, patch=Patch(size=4)),
     "trigger 6x6 per-class": Trigger(fraction=1.0, patch=Patch(size=6, position="per-class")),
     "mixture 4x4 -> 3": Mixture(fraction=1.0, patch=Patch(size=4)),
+    "blended -> 3": make_config("blended", fraction=1.0),
+    "sparse -> 3": make_config("sparse", fraction=1.0),
+    "sig (class 3)": make_config("sig", fraction=1.0),
+    "warp -> 3": make_config("warp", fraction=1.0),
 }
 
 

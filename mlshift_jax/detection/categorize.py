@@ -68,6 +68,7 @@ CATEGORY_OF = {
     "eot-pgd": "adversarial-input", "bpda-pgd": "adversarial-input",
     "square": "adversarial-input", "transfer": "adversarial-input",
     "wrong-label": "wrong-label", "trigger": "trigger-only", "mixture": "backdoor",
+    "blended": "backdoor", "sparse": "backdoor", "sig": "backdoor", "warp": "backdoor",
 }
 L2 = 1e-2
 STEPS = 600

@@ -20,9 +20,20 @@ The kinds, as the study (UTD Team 4, Part 5) named its "abnormal data":
   Identifying Vulnerabilities in the Machine Learning Model Supply Chain", 2017): the patch
   is stamped AND the label set to a target class (the study used 3).
 
+Beyond the study, backdoors whose trigger is a `triggers.TriggerArrays` (any image shape,
+channels and input range), label set to `target` unless said otherwise:
+
+- "blended": Chen et al. 2017, a fixed random image blended in at ratio alpha;
+- "sparse": k random pixels set to the bottom or the top of the input range;
+- "sig": Barni et al. 2019, clean-label: an additive sinusoid on images OF the target class,
+  labels kept;
+- "warp": WaNet (Nguyen & Tran, ICLR 2021), a smooth random warp; its "noise mode" (images
+  warped with the trigger field plus noise, labels kept) optional.
+
 Which samples are poisoned: the *eligible* samples are those of class `source` (every class
-when source is None), less, for "mixture" and wrong-label mode "target", those already of the
-target class (relabelling them would change nothing). Exactly round(fraction * eligible)
+when source is None), less, for "mixture", "blended", "sparse", "warp" and wrong-label mode
+"target", those already of the target class (relabelling them would change nothing); for
+"sig", the target class's own samples. Exactly round(fraction * eligible)
 (Python's `round`) of them are drawn without replacement by ranking one uniform draw per
 sample, so for one key the poisoned set of a smaller fraction is a subset of a larger one's:
 a sweep over fractions with one key is a nested, controlled design.
@@ -30,6 +41,11 @@ a sweep over fractions with one key is a nested, controlled design.
 The core, `poison_arrays`, is written in `jax.numpy` over a `PoisonArrays` record of plain
 arrays, so a population of differently poisoned models can build each member's data inside
 one jit with `vmap` (see `population.py`); `to_arrays` turns a config into that record.
+A trigger array travels in it as a `Stamp` (mask, pattern, additive [H, W, C], flow
+[H, W, 2]); `stack_arrays` fills the members without one with the identity stamp, and leaves
+the stamp out entirely (None) when no member has one, so the study's kinds trace and compute
+exactly what they did before. `triggered(x, config, spec)` stamps test images with any
+kind's trigger, for the attack success rate.
 """
 
 from __future__ import annotations
@@ -46,6 +62,7 @@ import numpy as np
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.core.study import E7_TARGET
 from mlshift_jax.data.spec import Spec, check_spec, guess_spec
+from mlshift_jax.poisoning import triggers
 
 MODES = ("uniform", "shift", "target")
 PER_CLASS = "per-class"
@@ -303,10 +320,151 @@ class Mixture:
                               f"nothing), found both {self.target}")
 
 
-PoisonConfig = Clean | WrongLabel | Trigger | Mixture
+def _check_backdoor(config, *, with_source: bool = True) -> None:
+    """The fraction, target and source of a backdoor config (blended, sparse, sig, warp)."""
+    _check_fraction(config.kind, config.fraction)
+    _check_class(config.kind, "target", config.target)
+    if with_source:
+        _check_class(config.kind, "source", config.source, optional=True)
+        if config.source == config.target:
+            raise ConfigError(f"{config.kind}: expected source != target (it would poison "
+                              f"nothing), found both {config.target}")
+    _check_int(config.kind, "seed", config.seed, 0, 2**31 - 1)
+
+
+def _check_positive(where: str, name: str, value, hi: float | None = None) -> None:
+    if (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
+            or not math.isfinite(value) or value <= 0 or (hi is not None and value > hi)):
+        span = f"in (0, {hi}]" if hi is not None else "> 0"
+        raise ConfigError(f"{where}: expected {name} a number {span}, found {value!r}")
+
+
+@dataclass(frozen=True)
+class Blended:
+    """Blended backdoor (Chen, Liu, Li, Lu & Song, "Targeted Backdoor Attacks on Deep Learning
+    Systems Using Data Poisoning", 2017): x' = (1 - alpha) x + alpha p, p a fixed uniform
+    random image of the input range (drawn from `seed`), on `fraction` of the eligible images
+    (not of class `target`; of class `source` when given), labels set to `target`."""
+
+    fraction: float = 0.1
+    alpha: float = 0.2
+    target: int = E7_TARGET
+    source: int | None = None
+    seed: int = 0
+    kind: ClassVar[str] = "blended"
+
+    def __post_init__(self):
+        _check_backdoor(self)
+        _check_positive(self.kind, "alpha", self.alpha, 1.0)
+
+
+@dataclass(frozen=True)
+class Sparse:
+    """Sparse random-pixel backdoor: `pixels` pixels at random places over the image (drawn
+    from `seed`), each set to the bottom or the top of the input range in every channel, on
+    `fraction` of the eligible images (as `Blended`), labels set to `target`. No corner or
+    square: a trigger that patch searches do not cover."""
+
+    fraction: float = 0.1
+    pixels: int = 10
+    target: int = E7_TARGET
+    source: int | None = None
+    seed: int = 0
+    kind: ClassVar[str] = "sparse"
+
+    def __post_init__(self):
+        _check_backdoor(self)
+        _check_int(self.kind, "pixels", self.pixels, 1)
+
+
+@dataclass(frozen=True)
+class Sig:
+    """SIG, a clean-label backdoor (Barni, Kallas & Tondi, "A New Backdoor Attack in CNNs by
+    Training Set Corruption Without Label Poisoning", ICIP 2019): the additive horizontal
+    sinusoid v(i, j) = delta sin(2 pi j f / W) (clipped to the input range) on `fraction` of
+    the images OF CLASS `target`, labels kept. delta: None is 20/255 of the input range (the
+    paper's MNIST value); frequency: f, periods across the image (None: the paper's 6, at
+    most W / 4; below W / 2 when given)."""
+
+    fraction: float = 0.3
+    delta: float | None = None
+    frequency: float | None = None
+    target: int = E7_TARGET
+    seed: int = 0
+    kind: ClassVar[str] = "sig"
+
+    def __post_init__(self):
+        _check_backdoor(self, with_source=False)
+        if self.delta is not None:
+            _check_positive(self.kind, "delta", self.delta)
+        if self.frequency is not None:
+            _check_positive(self.kind, "frequency", self.frequency)
+
+    @property
+    def source(self) -> None:
+        """SIG poisons the target class itself: no source class."""
+        return None
+
+
+@dataclass(frozen=True)
+class Warp:
+    """WaNet-style warping backdoor (Nguyen & Tran, "WaNet - Imperceptible Warping-based
+    Backdoor Attack", ICLR 2021): a smooth random flow field (a `grid` x `grid` control grid
+    drawn from `seed`, upsampled, `strength` pixels mean displacement) applied by bilinear
+    sampling to `fraction` of the eligible images (as `Blended`), labels set to `target`.
+
+    noise: WaNet's "noise mode", off at 0. Otherwise round(noise * count) further eligible
+    images (the paper: cross ratio 2) are warped with the trigger field plus per-pixel
+    uniform noise of +-NOISE_PIXELS pixels, labels KEPT, so that a model learns the exact
+    warp rather than any warp. These images carry no trigger: they are not in the returned
+    mask (the ground truth of the training-data detectors), though they are modified.
+    """
+
+    fraction: float = 0.1
+    strength: float = 1.0
+    grid: int = 4
+    noise: float = 0.0
+    target: int = E7_TARGET
+    source: int | None = None
+    seed: int = 0
+    kind: ClassVar[str] = "warp"
+
+    def __post_init__(self):
+        _check_backdoor(self)
+        _check_positive(self.kind, "strength", self.strength)
+        _check_int(self.kind, "grid", self.grid, 2)
+        if (isinstance(self.noise, bool) or not isinstance(self.noise, (int, float, np.number))
+                or not math.isfinite(self.noise) or self.noise < 0):
+            raise ConfigError(f"{self.kind}: expected noise (a cross ratio) >= 0, found "
+                              f"{self.noise!r}")
+
+
+NOISE_PIXELS = 0.5  # WaNet noise mode: +-1/H in grid_sample's [-1, 1] units, half a pixel
+BACKDOORS = (Blended, Sparse, Sig, Warp)  # the trigger-array poisonings (`triggers.py`)
+
+PoisonConfig = Clean | WrongLabel | Trigger | Mixture | Blended | Sparse | Sig | Warp
 
 
 # --- the core, in JAX -------------------------------------------------------------------------
+
+
+class Stamp(NamedTuple):
+    """A `triggers.TriggerArrays` trigger ready for the population jit (see `triggers.py`):
+
+        x' = clip((1 - mask) warp(x, flow) + mask pattern + additive, lo, hi)
+
+    mask, pattern, additive: float32 [H, W, C] (their shape is the image's); flow: float32
+    [H, W, 2] in pixels, or None (no warp: the bilinear sampling is skipped); bounds: float32
+    [2] (lo, hi); noise: int32 [] WaNet noise-mode images (`Warp.noise`). The identity stamp
+    (mask, additive, flow 0; bounds +-inf) changes nothing, bit for bit.
+    """
+
+    mask: jax.Array
+    pattern: jax.Array
+    additive: jax.Array
+    flow: jax.Array | None
+    bounds: jax.Array
+    noise: jax.Array
 
 
 class PoisonArrays(NamedTuple):
@@ -315,7 +473,9 @@ class PoisonArrays(NamedTuple):
     count: int32 [] samples to poison; eligible: bool [K] classes that may be poisoned (its
     length is the number of classes K); relabel: int32 [] (KEEP, UNIFORM, SHIFT, TO_TARGET);
     target: int32 []; patch: bool [K, D] pixels stamped, by true class (all False: no
-    patch); value: float32 [] the stamped value.
+    patch); value: float32 [] the stamped value; trigger: a `Stamp` (blended, sparse, sig,
+    warp) or None (the other kinds: then nothing of it is traced, and their results are those
+    of the patch alone).
     """
 
     count: jax.Array
@@ -324,6 +484,34 @@ class PoisonArrays(NamedTuple):
     target: jax.Array
     patch: jax.Array
     value: jax.Array
+    trigger: Stamp | None = None
+
+
+def _stamp_images(x: jax.Array, stamp: Stamp, flow: jax.Array | None = None,
+                  *, composite: bool = True) -> jax.Array:
+    """x: [n, D] with `stamp` applied to every row (traceable). flow: [n, H, W, 2] per-row
+    flows in place of stamp.flow (noise mode); composite False: the warp alone (clipped)."""
+    shape = stamp.mask.shape
+    lo, hi = stamp.bounds[0].astype(x.dtype), stamp.bounds[1].astype(x.dtype)
+
+    def one(xi, fi):
+        img = xi.reshape(shape)
+        if fi is not None:
+            img = triggers.bilinear(img, fi.astype(x.dtype))
+        if composite:
+            img = ((1 - stamp.mask) * img + stamp.mask * stamp.pattern.astype(x.dtype)
+                   + stamp.additive.astype(x.dtype))
+        return jnp.clip(img, lo, hi).reshape(xi.shape)
+
+    if flow is not None:
+        return jax.vmap(one)(x, flow)
+    return jax.vmap(lambda xi: one(xi, stamp.flow))(x)
+
+
+def stamp_test(x: jax.Array, stamp: Stamp | None) -> jax.Array:
+    """Test images with a trigger stamp applied (no noise mode): x [n, D] -> [n, D]; None:
+    x itself. Traceable."""
+    return x if stamp is None else _stamp_images(x, stamp)
 
 
 def poison_arrays(key: jax.Array, x: jax.Array, y: jax.Array,
@@ -333,7 +521,9 @@ def poison_arrays(key: jax.Array, x: jax.Array, y: jax.Array,
     Pure and traceable (jit / vmap over key and arrays with x, y shared). The `count`
     eligible samples with the smallest uniform draw are poisoned, exactly `count` of them as
     long as count <= the number of eligible samples (`to_arrays` sees to it). K, the number
-    of classes, is the (static) length of `arrays.eligible`.
+    of classes, is the (static) length of `arrays.eligible`. With a trigger stamp, the
+    masked rows are stamped with it, and in noise mode the next `trigger.noise` eligible
+    rows by the same draw are warped with the trigger's flow plus noise, labels kept.
     """
     k_pick, k_label = jax.random.split(key)
     n, k = y.shape[0], arrays.eligible.shape[-1]
@@ -348,10 +538,24 @@ def poison_arrays(key: jax.Array, x: jax.Array, y: jax.Array,
     y_out = jnp.where(mask, new, y).astype(y.dtype)
     stamp = arrays.patch[y] & mask[:, None]
     x_out = jnp.where(stamp, arrays.value.astype(x.dtype), x)
+    t = arrays.trigger
+    if t is not None:
+        x_out = jnp.where(mask[:, None], _stamp_images(x_out, t), x_out)
+        if t.flow is not None and t.noise is not None:  # noise rows: flow + per-pixel noise
+            noisy = (rank >= arrays.count) & (rank < arrays.count + t.noise) & (draw < 2.0)
+            noise = jax.random.uniform(jax.random.fold_in(key, NOISE_STREAM),
+                                       (n, *t.flow.shape), t.flow.dtype,
+                                       -NOISE_PIXELS, NOISE_PIXELS)
+            warped = _stamp_images(x_out, t, t.flow + noise, composite=False)
+            x_out = jnp.where(noisy[:, None], warped, x_out)
     return x_out, y_out, mask
 
 
+NOISE_STREAM = 0x3A9E  # fold_in(key, NOISE_STREAM) draws the noise-mode flows
+
+
 _poison_jit = jax.jit(poison_arrays)
+_stamp_test_jit = jax.jit(stamp_test)
 
 
 def eligible_classes(config: PoisonConfig, n_classes: int) -> np.ndarray:
@@ -359,19 +563,24 @@ def eligible_classes(config: PoisonConfig, n_classes: int) -> np.ndarray:
     out = np.zeros(n_classes, bool)
     if isinstance(config, Clean):
         return out
+    if isinstance(config, Sig):  # clean-label: the target class's own images
+        out[config.target] = True
+        return out
     if config.source is None:
         out[:] = True
     else:
         out[config.source] = True
-    if isinstance(config, Mixture) or (isinstance(config, WrongLabel) and config.mode == "target"):
+    if isinstance(config, (Mixture, *BACKDOORS)) or (isinstance(config, WrongLabel)
+                                                      and config.mode == "target"):
         out[config.target] = False
     return out
 
 
 def _uses_target(config: PoisonConfig) -> bool:
-    """Whether config relabels to its target (mixture; wrong-label in mode "target")."""
-    return isinstance(config, Mixture) or (isinstance(config, WrongLabel)
-                                           and config.mode == "target")
+    """Whether config names a target class (mixture, wrong-label in mode "target", and the
+    trigger-array backdoors: blended, sparse, warp relabel to it; sig poisons it)."""
+    return isinstance(config, (Mixture, *BACKDOORS)) or (isinstance(config, WrongLabel)
+                                                         and config.mode == "target")
 
 
 def _classes_needed(config: PoisonConfig, y) -> int:
@@ -394,8 +603,78 @@ def poison_count(config: PoisonConfig, y, n_classes: int | None = None) -> int:
 
 
 def trigger_of(config: PoisonConfig) -> Patch | None:
-    """The patch a config stamps (Trigger, Mixture), else None."""
+    """The patch a config stamps (Trigger, Mixture), else None (the trigger-array backdoors
+    have none: see `trigger_arrays`)."""
     return getattr(config, "patch", None)
+
+
+def has_trigger(config: PoisonConfig) -> bool:
+    """Whether config stamps a trigger on its images (a patch or a trigger array)."""
+    return trigger_of(config) is not None or isinstance(config, BACKDOORS)
+
+
+def trigger_arrays(config: PoisonConfig, spec) -> triggers.TriggerArrays | None:
+    """The `triggers.TriggerArrays` of a blended / sparse / sig / warp config on images of
+    spec (a models.Spec, Dataset or Model), else None. ConfigError when it cannot fit (an
+    image that is not (H, W, C), more sparse pixels than the image has)."""
+    if not isinstance(config, BACKDOORS):
+        return None
+    spec = check_spec(spec)
+    if len(spec.input_shape) != 3:
+        raise ConfigError(f"{config.kind}: expected images (H, W, C), found input shape "
+                          f"{spec.input_shape}")
+    shape, rng = spec.input_shape, spec.input_range
+    if isinstance(config, Blended):
+        return triggers.blended(shape, rng, alpha=float(config.alpha), seed=config.seed)
+    if isinstance(config, Sparse):
+        return triggers.sparse(shape, rng, pixels=int(config.pixels), seed=config.seed)
+    if isinstance(config, Sig):
+        return triggers.sig(shape, rng, delta=config.delta, frequency=config.frequency)
+    return triggers.warp(shape, rng, strength=float(config.strength), grid=int(config.grid),
+                         seed=config.seed)
+
+
+def _stamp_of(trig: triggers.TriggerArrays, spec: Spec, noise: int = 0) -> Stamp:
+    f32 = np.float32
+    flow = trig.flow if np.any(trig.flow) else None
+    return Stamp(trig.mask.astype(f32), trig.pattern.astype(f32), trig.additive.astype(f32),
+                 None if flow is None else flow.astype(f32),
+                 np.array(spec.input_range, f32), np.int32(noise) if noise else None)
+
+
+def identity_stamp(image_shape) -> Stamp:
+    """The stamp that changes nothing (bounds -inf..inf: no clipping); fills a stacked
+    population's members that have no trigger."""
+    t = triggers.identity(image_shape)
+    return Stamp(t.mask, t.pattern, t.additive, None,
+                 np.array([-np.inf, np.inf], np.float32), None)
+
+
+def stamp_for(config: PoisonConfig, spec) -> Stamp | None:
+    """The trigger `Stamp` of a blended / sparse / sig / warp config for test images (no
+    noise mode), else None: `stamp_test(x, stamp_for(config, spec))` triggers x."""
+    trig = trigger_arrays(config, spec)
+    return None if trig is None else _stamp_of(trig, check_spec(spec))
+
+
+def triggered(x, config: PoisonConfig, spec=None, y=None) -> jax.Array:
+    """Test images x: [n, D] (or [D]) with config's trigger stamped, whatever its kind: a
+    patch (`apply_trigger`; a per-class patch needs y) or a trigger array (blended, sparse,
+    sig, warp). For the attack success rate. ConfigError for a config with no trigger."""
+    if not has_trigger(config):
+        raise ConfigError(f"{config.kind}: expected a poisoning with a trigger (trigger, "
+                          f"mixture, {', '.join(c.kind for c in BACKDOORS)}), found none")
+    patch = trigger_of(config)
+    if patch is not None:
+        return apply_trigger(x, patch, y, spec)
+    x = jnp.asarray(x)
+    spec = _spec(spec, x, y, config)
+    check_for(config, spec)
+    if x.shape[-1] != spec.n_inputs or x.ndim not in (1, 2):
+        raise ConfigError(f"triggered: expected images [n, {spec.n_inputs}] {spec.input_shape},"
+                          f" found x of shape {tuple(x.shape)}")
+    out = _stamp_test_jit(x.reshape(-1, spec.n_inputs), stamp_for(config, spec))
+    return out.reshape(x.shape)
 
 
 def check_for(config: PoisonConfig, spec) -> None:
@@ -412,6 +691,7 @@ def check_for(config: PoisonConfig, spec) -> None:
     if patch is not None:
         patch.corners(spec.input_shape, k)
         patch.value_for(spec.input_range)
+    trigger_arrays(config, spec)
 
 
 def to_arrays(config: PoisonConfig, y, spec) -> PoisonArrays:
@@ -430,23 +710,56 @@ def to_arrays(config: PoisonConfig, y, spec) -> PoisonArrays:
            else np.zeros((k, spec.n_inputs), bool))
     if isinstance(config, WrongLabel):
         relabel = _RELABEL[config.mode]
-    elif isinstance(config, Mixture):
+    elif isinstance(config, (Mixture, Blended, Sparse, Warp)):
         relabel = TO_TARGET
     else:
         relabel = KEEP
+    count = poison_count(config, y, k)
+    trig = trigger_arrays(config, spec)
+    stamp = None
+    if trig is not None:
+        noise = int(round(config.noise * count)) if isinstance(config, Warp) else 0
+        stamp = _stamp_of(trig, spec, noise)
     return PoisonArrays(
-        count=np.int32(poison_count(config, y, k)),
+        count=np.int32(count),
         eligible=eligible_classes(config, k),
         relabel=np.int32(relabel),
         target=np.int32(getattr(config, "target", 0)),
         patch=pix,
         value=np.float32(patch.value_for(spec.input_range) if patch is not None else 0.0),
+        trigger=stamp,
     )
 
 
+def stack_stamps(stamps: list[Stamp | None]) -> Stamp | None:
+    """Many members' stamps (None: no trigger) as one with a leading member axis [m, ...]:
+    None when no member has one; else the members without one get the identity stamp, the
+    flow is None unless some member warps (then zeros for the others), noise likewise."""
+    present = [s for s in stamps if s is not None]
+    if not present:
+        return None
+    shape = present[0].mask.shape
+    if any(s.mask.shape != shape for s in present):
+        raise ConfigError(f"poison: expected one image shape for every member's trigger, found "
+                          f"{sorted({s.mask.shape for s in present})}")
+    filled = [identity_stamp(shape) if s is None else s for s in stamps]
+    warps = any(s.flow is not None for s in filled)
+    noisy = any(s.noise is not None for s in filled)
+    return Stamp(
+        np.stack([s.mask for s in filled]), np.stack([s.pattern for s in filled]),
+        np.stack([s.additive for s in filled]),
+        np.stack([s.flow if s.flow is not None else np.zeros((*shape[:2], 2), np.float32)
+                  for s in filled]) if warps else None,
+        np.stack([s.bounds for s in filled]),
+        np.stack([s.noise if s.noise is not None else np.int32(0) for s in filled])
+        if noisy else None)
+
+
 def stack_arrays(records: list[PoisonArrays]) -> PoisonArrays:
-    """Many records as one with a leading member axis [m, ...] (for `vmap`)."""
-    return PoisonArrays(*(np.stack(parts) for parts in zip(*records, strict=True)))
+    """Many records as one with a leading member axis [m, ...] (for `vmap`). The members'
+    trigger stamps are stacked by `stack_stamps`."""
+    head = [np.stack(parts) for parts in zip(*(r[:-1] for r in records), strict=True)]
+    return PoisonArrays(*head, stack_stamps([r.trigger for r in records]))
 
 
 def _check_config(config, expected: type | tuple[type, ...] | None = None) -> None:
@@ -502,6 +815,13 @@ def mixture(key, x, y, config: Mixture, spec=None):
     return apply(key, x, y, config, spec)
 
 
+def backdoor(key, x, y, config: Blended | Sparse | Sig | Warp, spec=None):
+    """A trigger-array backdoor (blended, sparse, sig, warp; see their configs): the trigger
+    stamped under mask and the label set to the target (sig: kept)."""
+    _check_config(config, BACKDOORS)
+    return apply(key, x, y, config, spec)
+
+
 # --- the registry -----------------------------------------------------------------------------
 
 
@@ -523,6 +843,16 @@ POISONINGS: dict[str, Poisoning] = {p.name: p for p in (
               "the study's 'noisy' data: a k x k patch stamped, labels kept"),
     Poisoning("mixture", Mixture, mixture,
               "BadNets / the study's 'mixture': patch stamped and label set to the target"),
+    Poisoning("blended", Blended, backdoor,
+              "Chen et al. 2017: a random image blended in at ratio alpha, label -> target"),
+    Poisoning("sparse", Sparse, backdoor,
+              "k random pixels set to the range's ends, label -> target"),
+    Poisoning("sig", Sig, backdoor,
+              "SIG, Barni et al. 2019, clean-label: a sinusoid on target-class images, "
+              "labels kept"),
+    Poisoning("warp", Warp, backdoor,
+              "WaNet, Nguyen & Tran 2021: a smooth random warp, label -> target "
+              "(noise mode optional)"),
 )}
 
 
@@ -567,7 +897,15 @@ def describe(config: PoisonConfig) -> str:
     patch = trigger_of(config)
     if patch is not None:
         text += f" {patch.size}x{patch.size}" + (" per-class" if patch.per_class else "")
-    if isinstance(config, Mixture):
+    if isinstance(config, Blended):
+        text += f" alpha {config.alpha:g}"
+    elif isinstance(config, Sparse):
+        text += f" {config.pixels}px"
+    elif isinstance(config, Warp):
+        text += f" {config.strength:g}px" + (f" noise x{config.noise:g}" if config.noise else "")
+    if isinstance(config, Sig):
+        text += f" of class {config.target}"
+    elif isinstance(config, (Mixture, *BACKDOORS)):
         text += f" -> {config.target}"
     if config.source is not None:
         text += f" (class {config.source})"

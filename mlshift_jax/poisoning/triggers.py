@@ -147,14 +147,20 @@ def sparse(image_shape, input_range, *, pixels: int = 10, seed: int = 0) -> Trig
 
 
 def sig(image_shape, input_range, *, delta: float | None = None,
-        frequency: float = 6.0) -> TriggerArrays:
+        frequency: float | None = None) -> TriggerArrays:
     """Barni et al. 2019: additive v(i, j) = delta * sin(2 pi j f / W), delta by default 20/255
-    of the range (the paper's value for MNIST-like 8-bit images)."""
+    of the range (the paper's value for MNIST-like 8-bit images); f by default 6 periods (the
+    paper's), at most W / 4 on narrow images. ConfigError for f >= W / 2, where the sampled
+    sinusoid aliases (at W / 2 it is zero at every pixel)."""
     h, w, _ = _shape(image_shape)
     lo, hi = _range(input_range)
     delta = (hi - lo) * 20 / 255 if delta is None else float(delta)
     if not np.isfinite(delta) or delta <= 0:
         raise ConfigError(f"trigger: expected a SIG amplitude delta > 0, found {delta!r}")
+    frequency = min(6.0, w / 4) if frequency is None else float(frequency)
+    if not np.isfinite(frequency) or not 0 < frequency < w / 2:
+        raise ConfigError(f"trigger: expected a SIG frequency in (0, {w / 2:g}) periods (below "
+                          f"half the image width {w}), found {frequency!r}")
     t = identity(image_shape)
     t.additive[...] = (delta * np.sin(2 * np.pi * np.arange(w) * frequency / w))[None, :, None]
     return t
@@ -190,8 +196,10 @@ def make(family: str, image_shape, input_range, **kw) -> TriggerArrays:
         raise ConfigError(f"trigger {family}: {e}") from None
 
 
-def _bilinear(img: jax.Array, flow: jax.Array) -> jax.Array:
-    """img sampled at (i + flow_r, j + flow_c), bilinear, edges clamped. img: [H, W, C]."""
+def bilinear(img: jax.Array, flow: jax.Array) -> jax.Array:
+    """img sampled at (i + flow_r, j + flow_c), bilinear, edges clamped (traceable).
+    img: [H, W, C]; flow: [H, W, 2] in pixels (row, column) -> [H, W, C]. A zero flow
+    returns img exactly."""
     h, w, _ = img.shape
     ii, jj = jnp.meshgrid(jnp.arange(h, dtype=img.dtype), jnp.arange(w, dtype=img.dtype),
                           indexing="ij")
@@ -208,7 +216,7 @@ def _bilinear(img: jax.Array, flow: jax.Array) -> jax.Array:
 def stamp_one(x: jax.Array, trig: TriggerArrays, image_shape, lo, hi) -> jax.Array:
     """Apply `trig` to ONE flat image x: [D] -> [D] (traceable; vmap it)."""
     img = x.reshape(image_shape)
-    img = _bilinear(img, jnp.asarray(trig.flow, x.dtype))
+    img = bilinear(img, jnp.asarray(trig.flow, x.dtype))
     mask = jnp.asarray(trig.mask, x.dtype)
     out = (1 - mask) * img + mask * jnp.asarray(trig.pattern, x.dtype) + jnp.asarray(
         trig.additive, x.dtype)
