@@ -194,7 +194,7 @@ def test_a_recipe_is_used_as_it_is(user_module):
 @pytest.mark.parametrize("ref, match", [
     ("no_such_module_xyz:model", "no module named 'no_such_module_xyz'"),
     ("{mod}:missing", "has no attribute 'missing'"),
-    ("{mod}:not_a_model", "expected an mlshift_jax models.Model.*found int"),
+    ("{mod}:not_a_model", "expected an mlshift_jax Model record.*found int"),
     ("{mod}:Linen", "Module instance .*found the class Linen"),
     ("{mod}", "expected a built-in name or 'pkg.module:attr'"),
     ("{mod}:a b", "expected a built-in name or 'pkg.module:attr'"),
