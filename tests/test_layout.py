@@ -59,3 +59,12 @@ def test_imports_point_down(path):
     up = [m for m in imported(ast.parse(path.read_text()))
           if m != "mlshift_jax" and layer_of(m) > own]
     assert not up, f"{rel} (layer {LAYERS[own] if own < TOP else 'top'}) imports above: {up}"
+
+
+def test_paths_relative_to_the_package_still_point_at_the_repository():
+    from mlshift_jax import cli
+    from mlshift_jax.bench import report
+
+    assert (report.REPO_ROOT / "pyproject.toml").exists()
+    assert report.default_out_dir().parent == report.REPO_ROOT / "results"
+    assert (cli.BENCH_DIR / "matrix.toml").exists()

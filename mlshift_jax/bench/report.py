@@ -51,7 +51,7 @@ from mlshift_jax.detection import categorize
 MEASURES = ("accuracy", "precision", "recall", "f1", "confidence")
 PRF = ("precision", "recall", "f1", "confidence")
 SCORED_KINDS = ("attack", "stability")  # the kinds whose records carry model scores
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # --- where and on what -------------------------------------------------------------------------
