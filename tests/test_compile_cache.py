@@ -12,10 +12,15 @@ KEYS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs
 
 @pytest.fixture
 def restore():
+    """Put JAX's cache settings back, and drop the cache object JAX built from them (it
+    outlives the settings): later tests in this process must compile without a disk cache."""
+    from jax._src import compilation_cache
+
     saved = {k: getattr(jax.config, k) for k in KEYS}
     yield
     for k, v in saved.items():
         jax.config.update(k, v)
+    compilation_cache.reset_cache()
 
 
 def test_opt_out_leaves_jax_alone(tmp_path, monkeypatch, restore):
