@@ -227,7 +227,7 @@ def test_fit_with_groups_sets_a_threshold_and_leave_one_family_out():
 
 # --- planted changes outside the training families ------------------------------------------------
 
-TINY = cg.GeneratorConfig(hidden=16, sample_size=1000, n_null=19, probes=200, n_patched=100)
+TINY = cg.GeneratorConfig(hidden=32, sample_size=2000, n_null=19, probes=200, n_patched=100)
 HELD_OUT = ("sparse", "blended")
 # one training plan (no epochs / lr families: each would be another compile)
 TRAIN_FAMILIES = ("square", "checkerboard", "per-class-square", "uniform-labels",
@@ -245,7 +245,7 @@ def test_unseen_trigger_families_are_detected_and_abstained_on_or_named_right(mn
     either way; the benchmark's larger world, `change_generator.lofo`, shows how often it
     names.)"""
     assert not {cg.FAMILIES[f].group for f in TRAIN_FAMILIES} & set(HELD_OUT)
-    changes = cg.generate(2, 1, mnist.spec, seed=0, families=TRAIN_FAMILIES)
+    changes = cg.generate(2, 2, mnist.spec, seed=0, families=TRAIN_FAMILIES)
     planted = [
         cg.Change("sparse", r, 0, (("pixels", 100), ("fraction", 0.5), ("target", 3 + r)),
                   seed=11 + r) for r in range(2)] + [
