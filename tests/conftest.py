@@ -34,3 +34,15 @@ def full_mnist(mnist):
     if mnist.is_sample:
         pytest.skip("full MNIST not found: set MLSHIFT_DATA_DIR to a folder with the IDX files")
     return mnist
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop JAX's compiled programs after each test file (core/memory_maps.py): one pytest
+    process that keeps them all reaches the kernel's limit on memory maps about 80% of the
+    way through this suite, and the next compile segfaults."""
+    yield
+    from mlshift_jax.core import memory_maps
+
+    memory_maps.relieve(share=0.0)

@@ -68,7 +68,7 @@ from mlshift_jax.bench.matrix import (
     select,
     with_dataset,
 )
-from mlshift_jax.core import sharding, study
+from mlshift_jax.core import memory_maps, sharding, study
 from mlshift_jax.core.errors import ConfigError, DataError
 from mlshift_jax.core.files import clean_stale_temps, load_params, save_params, write_text
 from mlshift_jax.core.timing import (
@@ -1195,6 +1195,7 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
             records[cell.id] = {**record, "id": cell.id, "block": cell.block,
                                 "status": "computed"}
             shown.done(cell.id)
+            memory_maps.relieve()  # 150+ cells of compiles would pass the kernel's map limit
     except KeyboardInterrupt:
         shown.close()
         _warn_damaged(cache, memo.damaged)
