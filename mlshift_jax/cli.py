@@ -25,7 +25,7 @@ from tabulate import tabulate
 
 from mlshift_jax import __version__
 from mlshift_jax.core import rules
-from mlshift_jax.core.errors import ConfigError, MlshiftError
+from mlshift_jax.core.errors import ConfigError, Interrupted, MlshiftError
 from mlshift_jax.data import datasets
 
 EXIT_USAGE = 2
@@ -952,8 +952,6 @@ def _interrupted_line() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
-    from mlshift_jax.bench.runner import Interrupted
-
     _interrupt.seen, _interrupt.cells = False, None
     try:
         previous = signal.signal(signal.SIGINT, _interrupt)

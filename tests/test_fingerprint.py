@@ -285,7 +285,7 @@ def test_power_on_planted_backdoors(trials):
 # --- detect_pair --------------------------------------------------------------------------------
 
 
-def test_detect_pair(mnist, tmp_path):
+def test_detect_pair(mnist, tmp_path, monkeypatch):
     """End to end on small models: a backdoored suspect is "changed" and named a backdoor; a
     clean retrain is not flagged; the calibration is cached and reused."""
     cfg = change.CalibrationConfig(n_null=19, sample_size=SIZE, poison_seeds=1, probes=300,
@@ -303,6 +303,9 @@ def test_detect_pair(mnist, tmp_path):
     assert set(result["fingerprint"]) >= set(FEATURES) | {"transitions", "ks_pvalue"}
     assert len(list(tmp_path.glob("calibration-*.npz"))) == 1
     assert len(list(tmp_path.glob("triggers-*.npz"))) == 1  # the reference's, reused below
+    assert len(list(tmp_path.glob("input-changes-*.npz"))) == 1  # its attacked probes too
+    monkeypatch.setattr(change, "changed_inputs",  # the second call reads them back
+                        lambda *a, **kw: pytest.fail("attacked the cached reference again"))
     again = change.detect_pair(ref, clean, mnist, config=cfg, cache_path=tmp_path)
     assert again["verdict"] == "unchanged" and again["category"] == "none"
     assert again["calibration"]["n_null"] == 19

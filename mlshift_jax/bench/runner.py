@@ -69,7 +69,7 @@ from mlshift_jax.bench.matrix import (
     with_dataset,
 )
 from mlshift_jax.core import memory_maps, sharding, study
-from mlshift_jax.core.errors import ConfigError, DataError
+from mlshift_jax.core.errors import ConfigError, DataError, Interrupted
 from mlshift_jax.core.files import clean_stale_temps, load_params, save_params, write_text
 from mlshift_jax.core.timing import (
     NOISY,
@@ -253,14 +253,6 @@ class _Memo(NamedTuple):
     trained: dict  # params key -> _Trained
     per_test: dict  # (params key, n_test) -> {"clean": scores, "zero_grad_frac": float}
     damaged: list  # cache entries found damaged (treated as missing, rebuilt)
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during `run`: `cached` cells of the selection have their record on disk."""
-
-    def __init__(self, cached: int, total: int):
-        super().__init__(f"{cached} cells cached")
-        self.cached, self.total = cached, total
 
 
 def determinism_key() -> str:

@@ -18,6 +18,14 @@ import numpy as np
 
 from mlshift_jax.core.errors import ConfigError
 
+
+@jax.jit
+def count_nonfinite(x: jax.Array) -> jax.Array:
+    """How many NaN / inf values x holds (int scalar): one program per shape, not three
+    eager ones."""
+    return x.size - jnp.count_nonzero(jnp.isfinite(x))
+
+
 _PASSED: OrderedDict[int, Any] = OrderedDict()  # id -> the array itself (keeps the id valid)
 _KEEP = 8
 
@@ -32,7 +40,7 @@ def finite_inputs(where: str, x: Any) -> None:
         dtype = x.dtype
     if not np.issubdtype(dtype, np.floating):
         return
-    bad = int(jnp.size(x) - jnp.count_nonzero(jnp.isfinite(x)))
+    bad = int(count_nonfinite(x))
     if bad:
         raise ConfigError(f"{where}: expected finite input values, found {bad} NaN/inf "
                           f"value(s) in an array of shape {list(np.shape(x))}")

@@ -11,3 +11,12 @@ class DataError(MlshiftError):
 
 class ConfigError(MlshiftError):
     """A parameter or configuration value is out of its allowed range."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a bench run: `cached` cells of the selection have their record on disk
+    (a KeyboardInterrupt, not an MlshiftError: the CLI exits 130, not 2)."""
+
+    def __init__(self, cached: int, total: int):
+        super().__init__(f"{cached} cells cached")
+        self.cached, self.total = cached, total

@@ -257,8 +257,7 @@ def fit(inputs, labels, *, categories: tuple[str, ...] = CATEGORIES,
                               f"({len(folds)} distinct)")
         weights = np.vstack([weights, (groups[None, :] != folds[:, None]).astype(np.float32)])
     w, b, c, s = (np.asarray(a, np.float64) for a in _fit_folds(
-        jnp.asarray(x), jnp.asarray(onehot, jnp.float32), jnp.asarray(weights), l2,
-        steps=steps))
+        x, onehot.astype(np.float32), weights, l2, steps=steps))
     threshold = 0.0
     if folds is not None:
         proba = np.empty((len(x), len(categories)))
@@ -286,8 +285,7 @@ def cross_validate(inputs, labels, groups, *, categories: tuple[str, ...] = CATE
     onehot = _encode(labels, categories)
     weights = (groups[None, :] != folds[:, None]).astype(np.float32)  # [folds, n]
     w, b, c, s = (np.asarray(a, np.float64) for a in _fit_folds(
-        jnp.asarray(x), jnp.asarray(onehot, jnp.float32), jnp.asarray(weights), l2,
-        steps=steps))
+        x, onehot.astype(np.float32), weights, l2, steps=steps))
     out = np.empty(len(x), dtype=object)
     for i, g in enumerate(folds):
         rows = groups == g
@@ -328,8 +326,7 @@ def leave_one_family_out(inputs, true, groups, verdicts=None, *,
     weights = np.stack([((groups != g) & (groups != h) if h is not None else groups != g)
                         & usable for g, h in pairs]).astype(np.float32)
     w, b, c, s = (np.asarray(a, np.float64) for a in _fit_folds(
-        jnp.asarray(x), jnp.asarray(onehot, jnp.float32), jnp.asarray(weights), l2,
-        steps=steps))
+        x, onehot.astype(np.float32), weights, l2, steps=steps))
     model = {p: Categorizer(w[i], b[i], c[i], s[i], categories=categories)
              for i, p in enumerate(pairs)}
     decisions = np.empty(len(x), dtype=object)

@@ -18,12 +18,13 @@
    compared with the fingerprints of the clean retrains against the same reference; verdict
    "changed" when the combined (min-p) p-value <= alpha. The reference's and the suspect's
    triggers are reversed here (`model_triggers`; the reference's are cached by its weights,
-   the null's come with the calibration). An alpha the
-   null cannot reach (alpha < 1 / (n_null + 1)) is refused before anything is trained.
+   the null's come with the calibration). An alpha the null cannot reach
+   (alpha < 1 / (n_null + 1)) is refused before anything is trained.
 3. The **category** (`categorize`): a categorizer fitted, for this reference, on the
    fingerprints of the calibration models (clean retrains = "none", poisoned models = their
    kind) and of the reference behind input changes of the probes (`attacks`: noise and
-   adversarial inputs), its abstention threshold chosen by leave-one-group-out over them
+   adversarial inputs; `input_change_features`, cached by the reference's weights), its
+   abstention threshold chosen by leave-one-group-out over them
    (the clean retrains in 4 groups, each poisoning and attack its own). The category agrees
    with the verdict (`categorize.decide`): "unchanged" reports "none"; "changed" reports
    the most probable category, or "uncertain" (changed, kind uncertain) when that is "none"
@@ -176,6 +177,11 @@ _CACHED = (("null", fingerprint.Responses), ("changed", fingerprint.Responses),
 def trigger_key(seed: int) -> jax.Array:
     """The key of every trigger search of a calibration (and of the detect call using it):
     the same search for the null's models, the reference and the suspect."""
+    return _trigger_key(np.uint32(seed))
+
+
+@jax.jit
+def _trigger_key(seed):  # one program rather than four eager ones
     return jax.random.fold_in(jax.random.key(seed), TRIGGER_STREAM)
 
 
@@ -189,36 +195,93 @@ def _digest(params: Params) -> str:
     return h.hexdigest()[:16]
 
 
+def _cached_arrays(path: Path, what: str, compute, *, cache: bool) -> dict[str, np.ndarray]:
+    """The arrays `compute()` returns (a dict of arrays), read from the .npz at `path` when
+    `cache` and it is there (a damaged file is recomputed, with a warning), else computed and
+    written there atomically (an unwritable cache costs time, not correctness)."""
+    if cache and path.exists():
+        try:
+            f = read_npz(path, what=what)
+            return {k: np.asarray(v) for k, v in f.items()}
+        except (DataError, KeyError, TypeError):
+            warnings.warn(f"damaged cache entry {path} treated as missing and rebuilt",
+                          stacklevel=3)
+    arrays = {k: np.asarray(v) for k, v in compute().items()}
+    if cache:
+        try:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+        except OSError:
+            pass
+    return arrays
+
+
+def _reference_payload(model: Model, params: Params, null: Calibration) -> dict:
+    """What a per-model cache entry depends on: the model, its weights, the probes, the
+    trigger search and the calibration's seed."""
+    cfg = null.config
+    return {"version": CACHE_VERSION, "model": model.name, "params": _digest(params),
+            "probes": _digest(null.probes.index), "n_patched": null.probes.n_patched,
+            "scan": list(cfg.trigger_scan), "seed": cfg.seed}
+
+
+def _folder(cache_path) -> Path:
+    return Path(cache_path) if cache_path is not None else cache_dir("detect")
+
+
 def model_triggers(model: Model, params: Params, null: Calibration, *, cache: bool = True,
                    cache_path: str | os.PathLike | None = None) -> fingerprint.TriggerSummary:
     """The smallest reversed trigger of one model (`fingerprint.reverse`, the calibration's
     search, key and probes), cached on disk by the model's weights when `cache`: a
     reference tested against many suspects is searched once. -> TriggerSummary (no leading
-    axis)."""
-    cfg = null.config
-    payload = {"version": CACHE_VERSION, "model": model.name, "params": _digest(params),
-               "probes": _digest(null.probes.index), "n_patched": null.probes.n_patched,
-               "scan": list(cfg.trigger_scan), "seed": cfg.seed}
-    folder = Path(cache_path) if cache_path is not None else cache_dir("detect")
-    path = folder / f"triggers-{config_hash(payload)}.npz"
-    if cache and path.exists():
-        try:
-            f = read_npz(path, what="cached reversed triggers")
-            return fingerprint.TriggerSummary(*(jnp.asarray(f[k])
-                                                for k in fingerprint.TriggerSummary._fields))
-        except (DataError, KeyError, TypeError):  # a damaged entry is searched again
-            warnings.warn(f"damaged cache entry {path} treated as missing and rebuilt",
-                          stacklevel=2)
-    one = jax.tree.map(lambda a: jnp.asarray(a)[None], params)
-    found = jax.tree.map(lambda a: a[0], fingerprint.reverse(
-        model, one, null.probes, key=trigger_key(cfg.seed), config=cfg.trigger_scan))
-    if cache:
-        try:
-            with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                np.savez(f, **{k: np.asarray(v) for k, v in found._asdict().items()})
-        except OSError:
-            pass  # an unwritable cache costs time, not correctness
-    return found
+    axis, host arrays)."""
+    def search():
+        one = jax.device_put(jax.tree.map(lambda a: np.asarray(a)[None], params))
+        found = fingerprint.reverse(model, one, null.probes, key=trigger_key(null.config.seed),
+                                    config=null.config.trigger_scan)
+        return {k: np.asarray(v)[0] for k, v in found._asdict().items()}
+
+    key = config_hash(_reference_payload(model, params, null))
+    path = _folder(cache_path) / f"triggers-{key}.npz"
+    found = _cached_arrays(path, "cached reversed triggers", search, cache=cache)
+    return fingerprint.TriggerSummary(**{k: found[k] for k in fingerprint.TriggerSummary._fields})
+
+
+def input_change_features(model: Model, reference: Params, null: Calibration, *,
+                          ref: fingerprint.Responses, ref_triggers: fingerprint.TriggerSummary,
+                          seed: int, cache: bool = True,
+                          cache_path: str | os.PathLike | None = None) -> np.ndarray:
+    """The fingerprints of the reference behind each input change of the calibration's
+    `attacks` (`changed_inputs` on the probes, key `attack_key(seed)`), against itself:
+    float64 [len(attacks), len(FEATURES)], the categorizer's rows for input changes.
+    ref, ref_triggers: the reference's responses and reversed trigger. Cached on disk by the
+    reference's weights when `cache`: a reference tested against many suspects attacks its
+    probes once."""
+    probes = null.probes
+
+    def compute():
+        xs = changed_inputs(model, reference, probes, null.config.attacks, attack_key(seed))
+        return {"features": fingerprint.feature_matrix({
+            **fingerprint.fingerprints(ref, fingerprint.input_responses(
+                model, reference, xs, probes), probes.y),
+            **fingerprint.input_trigger_features(model, reference, ref_triggers, xs,
+                                                 probes)})}
+
+    payload = {**_reference_payload(model, reference, null), "attack_seed": seed,
+               "attacks": [list(a) for a in null.config.attacks]}
+    path = _folder(cache_path) / f"input-changes-{config_hash(payload)}.npz"
+    return _cached_arrays(path, "cached input-change fingerprints", compute,
+                          cache=cache)["features"]
+
+
+def _one(tree):
+    """A leading axis of 1 on every leaf (host-side: no programs)."""
+    return jax.tree.map(lambda a: np.asarray(a)[None], tree)
+
+
+def _rows(*trees):
+    """Trees of the same structure concatenated along their leading axis (host-side)."""
+    return jax.tree.map(lambda *a: np.concatenate([np.asarray(x) for x in a]), *trees)
 
 
 def _within(config, n_classes: int):
@@ -253,12 +316,12 @@ def calibrate(recipe: str | None, hidden: int, ds: Dataset,
                                      n_patched=min(cfg.n_patched, n_probes), seed=cfg.seed,
                                      spec=ds.spec)
     kinds = tuple([f"{k} {f:g}" for k, f in cfg.poisonings] * cfg.poison_seeds)
-    folder = Path(cache_path) if cache_path is not None else cache_dir("detect")
-    path = folder / f"calibration-{_cache_key(recipe, hidden, ds, cfg, model, train)}.npz"
+    key = _cache_key(recipe, hidden, ds, cfg, model, train)
+    path = _folder(cache_path) / f"calibration-{key}.npz"
     if cache and path.exists():
         try:
             f = read_npz(path, what="a cached calibration")
-            parts = [record(*(jnp.asarray(f[f"{what}_{k}"]) for k in record._fields))
+            parts = [record(*(np.asarray(f[f"{what}_{k}"]) for k in record._fields))
                      for what, record in _CACHED]
             return Calibration(probes, *parts, kinds, name, hidden, cfg)
         except (DataError, KeyError, TypeError):  # a damaged cache is rebuilt below
@@ -404,8 +467,8 @@ def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *
         null.null.probs.shape[0])
     alpha = fingerprint.check_alpha(fingerprint.ALPHA if alpha is None else alpha,
                                     n_null)  # before any training: one line
-    reference = jax.tree.map(jnp.asarray, reference_params)
-    suspect = jax.tree.map(jnp.asarray, suspect_params)
+    reference = jax.device_put(reference_params)  # transfers, not programs
+    suspect = jax.device_put(suspect_params)
     check_pair(reference, suspect, ds.spec, model=model, suspect_model=suspect_model)
     if model is None:
         model = infer_model(reference, ds.spec)
@@ -430,41 +493,35 @@ def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *
     ref_t = model_triggers(model, reference, null, cache=cache, cache_path=cache_path)
     sus_t = model_triggers(model, suspect, null, cache=False)
 
-    def features(responses, triggers):
-        return fingerprint.feature_matrix({
-            **fingerprint.fingerprints(ref, responses, probes.y),
-            **fingerprint.trigger_features(model, reference, ref_t, triggers, probes)})
-
-    null_fp = fingerprint.Null(features(null.null, null.null_triggers))
-    fp = fingerprint.fingerprints(ref, jax.tree.map(lambda a: a[None], sus), probes.y)
-    fp.update(fingerprint.trigger_features(model, reference, ref_t,
-                                           jax.tree.map(lambda a: a[None], sus_t), probes))
-    observed = fingerprint.feature_matrix(fp)
+    # every fingerprint against the reference in one call each (one program, not one per
+    # group): rows = the null's clean retrains, the calibration's changed models, the suspect
+    n, k = int(null.null.probs.shape[0]), len(null.changed_kinds)
+    fp = fingerprint.fingerprints(ref, _rows(null.null, null.changed, _one(sus)), probes.y)
+    fp.update(fingerprint.trigger_features(model, reference, ref_t, _rows(
+        null.null_triggers, null.changed_triggers, _one(sus_t)), probes))
+    every = fingerprint.feature_matrix(fp)
+    null_fp = fingerprint.Null(every[:n])
+    observed = every[n + k:]
     test = fingerprint.change_test(observed, null_fp)
     p_value = float(test.p_value[0])
 
     # the categorizer, fitted for this reference
-    xs = changed_inputs(model, reference, probes, null.config.attacks,
-                        attack_key(seed))
-    inputs_changed = fingerprint.feature_matrix({
-        **fingerprint.fingerprints(ref, fingerprint.input_responses(model, reference, xs,
-                                                                    probes), probes.y),
-        **fingerprint.input_trigger_features(model, reference, ref_t, xs, probes)})
-    train_features = np.concatenate([
-        null_fp.features, features(null.changed, null.changed_triggers), inputs_changed])
-    labels = (["none"] * null_fp.size
-              + [categorize.category_of(k.split()[0]) for k in null.changed_kinds]
-              + [categorize.category_of(k) for k, _ in null.config.attacks])
-    groups = ([f"clean {i % 4}" for i in range(null_fp.size)] + list(null.changed_kinds)
-              + [f"{k} {e:g}" for k, e in null.config.attacks])
+    inputs_changed = input_change_features(model, reference, null, ref=ref, ref_triggers=ref_t,
+                                           seed=seed, cache=cache, cache_path=cache_path)
+    train_features = np.concatenate([every[:n + k], inputs_changed])
+    labels = (["none"] * n
+              + [categorize.category_of(kind.split()[0]) for kind in null.changed_kinds]
+              + [categorize.category_of(kind) for kind, _ in null.config.attacks])
+    groups = ([f"clean {i % 4}" for i in range(n)] + list(null.changed_kinds)
+              + [f"{kind} {e:g}" for kind, e in null.config.attacks])
     model_c = categorize.fit(categorize.categorizer_inputs(train_features, null_fp), labels,
                              groups=groups)
     probs = model_c.predict_proba(categorize.categorizer_inputs(observed, null_fp))[0]
     verdict = "changed" if p_value <= alpha else "unchanged"
     category = categorize.decide(probs[None], [verdict], threshold=model_c.threshold,
                                  categories=model_c.categories)[0]
-    one = jax.tree.map(lambda a: a[0], fp)
-    conf_r = np.asarray(jnp.max(ref.probs, -1))
+    one = {name: np.asarray(v)[n + k] for name, v in fp.items()}
+    conf_r = np.asarray(ref.probs).max(-1)
     print_fp = fingerprint.to_json(one)
     print_fp["ks_pvalue"] = float(fingerprint.ks_pvalue(print_fp["ks"], len(conf_r),
                                                          len(conf_r)))

@@ -129,6 +129,12 @@ class ProbeSet:
         """P, the number of probes."""
         return int(self.y.shape[0])
 
+    @functools.cached_property
+    def patched(self) -> tuple[jax.Array, jax.Array]:
+        """(x [Q, D], y [Q]): the probes the trigger search stamps (sliced once)."""
+        q = self.n_patched
+        return jax.device_put(np.asarray(self.x)[:q]), jax.device_put(np.asarray(self.y)[:q])
+
 
 def make_probes(x_test, y_test, *, n: int = 1000, n_patched: int = 200, seed: int = 0,
                 spec=None) -> ProbeSet:
@@ -143,9 +149,10 @@ def make_probes(x_test, y_test, *, n: int = 1000, n_patched: int = 200, seed: in
         check_spec(spec)
     else:
         guess_spec(x_test, y_test)
-    index = subsample(seed, n_test, n)
-    return ProbeSet(jnp.asarray(np.asarray(x_test)[index], jnp.float32),
-                    jnp.asarray(np.asarray(y_test)[index], jnp.int32), int(n_patched), index)
+    index = subsample(seed, n_test, n)  # host-side, then one transfer each (no programs)
+    return ProbeSet(jax.device_put(np.asarray(x_test)[index].astype(np.float32)),
+                    jax.device_put(np.asarray(y_test)[index].astype(np.int32)),
+                    int(n_patched), index)
 
 
 # --- responses ---------------------------------------------------------------------------------
@@ -184,6 +191,11 @@ def _models_jit(model, stacked, x, batch):
     return jax.lax.map(lambda p: _answers(model, p, x, squeezed), stacked, batch_size=batch)
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def _one_jit(model, params, x):
+    return _answers(model, params, x, _squeezed(model, x))
+
+
 @functools.partial(jax.jit, static_argnames=("model", "batch"))
 def _inputs_jit(model, params, xs, batch):
     return jax.lax.map(lambda x: _answers(model, params, x, _squeezed(model, x)), xs,
@@ -195,8 +207,7 @@ def responses(model: Model, params: Params, probes: ProbeSet, x=None) -> Respons
     pass the changed probes for an input-channel change). One jitted call."""
     x = probes.x if x is None else jnp.asarray(x, jnp.float32)
     _check_inputs(x, probes)
-    out = _inputs_jit(model, params, x[None], 1)
-    return jax.tree.map(lambda a: a[0], out)
+    return _one_jit(model, params, x)
 
 
 def _batch(m: int, batch: int | None) -> int:
@@ -233,11 +244,12 @@ def _check_inputs(x, probes: ProbeSet) -> None:
 
 
 def _check_changed(xs, probes: ProbeSet) -> jax.Array:
-    xs = jnp.asarray(xs, jnp.float32)
+    xs = xs if isinstance(xs, jax.Array) and xs.dtype == jnp.float32 else jnp.asarray(
+        xs, jnp.float32)
     if xs.ndim != 3:
         raise ConfigError(f"input_responses: expected changed probes [m, P, D], found "
                           f"{xs.shape}")
-    _check_inputs(xs[0], probes)
+    _check_inputs(jax.ShapeDtypeStruct(xs.shape[1:], xs.dtype), probes)
     return xs
 
 
@@ -257,6 +269,7 @@ class TriggerSummary(NamedTuple):
     norms: jax.Array
 
 
+@jax.jit
 def summarize(triggers: neural_cleanse.Triggers) -> TriggerSummary:
     """The smallest-norm trigger of each model of `neural_cleanse.Triggers` (class axis K
     after any leading axes) -> TriggerSummary with the leading axes."""
@@ -281,9 +294,9 @@ def reverse(model: Model, stacked: Params, probes: ProbeSet, *, key: jax.Array,
     every model with the same key -> TriggerSummary with a leading axis m. One jitted call.
     The search is short (`TRIGGER_SCAN`): what it finds is compared only with what the same
     search finds on the null's clean retrains."""
-    q = probes.n_patched
-    found = neural_cleanse.scan_population(model, stacked, probes.x[:q], probes.y[:q], key=key,
-                                           config=config, chunk=chunk)
+    x, y = probes.patched
+    found = neural_cleanse.scan_population(model, stacked, x, y, key=key, config=config,
+                                           chunk=chunk)
     return summarize(found)
 
 
@@ -308,12 +321,18 @@ def trigger_features(model: Model, reference: Params, ref_triggers: TriggerSumma
 
     reference: the reference's params; ref_triggers: its own summary (no leading axis);
     triggers: the suspects' summaries (leading axis m). Returns {"trigger_flip": [m],
-    "trigger_norm": [m]}: the reference is run on each suspect's trigger, nothing else."""
-    q = probes.n_patched
-    ref_rate = _attack_rates(model, reference, probes.x[:q], probes.y[:q], triggers.mask,
-                             triggers.pattern, triggers.target)
+    "trigger_norm": [m]}: the reference is run on each suspect's trigger, nothing else.
+    One jitted call."""
+    x, y = probes.patched
+    return _trigger_features(model, reference, ref_triggers.norms, triggers, x, y)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _trigger_features(model, reference, ref_norms, triggers, x, y):
+    ref_rate = _attack_rates(model, reference, x, y, triggers.mask, triggers.pattern,
+                             triggers.target)
     mine = jnp.take_along_axis(triggers.norms, triggers.target[:, None], axis=1)[:, 0]
-    theirs = ref_triggers.norms[triggers.target]
+    theirs = ref_norms[triggers.target]
     return {"trigger_flip": triggers.rate - ref_rate,
             "trigger_norm": jnp.log(jnp.maximum(theirs, _TINY_NORM)
                                     / jnp.maximum(mine, _TINY_NORM))}
@@ -323,17 +342,23 @@ def input_trigger_features(model: Model, reference: Params, ref_triggers: Trigge
                            xs, probes: ProbeSet) -> dict[str, jax.Array]:
     """The trigger features of the reference behind m input changes, xs: [m, P, D] (module
     docstring): trigger_flip [m] = the reference's rate on its own smallest trigger stamped on
-    the changed probes minus on the probes; trigger_norm [m] = 0 (the same model)."""
+    the changed probes minus on the probes; trigger_norm [m] = 0 (the same model). One
+    jitted call."""
     xs = _check_changed(xs, probes)
-    q = probes.n_patched
+    return _input_trigger_features(model, reference, ref_triggers, xs, probes.x, probes.y,
+                                   probes.n_patched)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "q"))
+def _input_trigger_features(model, reference, ref_triggers, xs, x, y, q):
     one = jax.tree.map(lambda a: a[None], ref_triggers)
 
-    def rate(x):
-        return _attack_rates(model, reference, x[:q], probes.y[:q], one.mask, one.pattern,
+    def rate(images):
+        return _attack_rates(model, reference, images[:q], y[:q], one.mask, one.pattern,
                              one.target)[0]
 
-    changed = jnp.stack([rate(x) for x in xs])
-    return {"trigger_flip": changed - rate(probes.x),
+    changed = jax.vmap(rate)(xs)
+    return {"trigger_flip": changed - rate(x),
             "trigger_norm": jnp.zeros(xs.shape[0], changed.dtype)}
 
 

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mlshift_jax.core.checks import count_nonfinite
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.models.train import map_chunks
 from mlshift_jax.models.zoo import Model, Params
@@ -193,7 +194,7 @@ def _check(model: Model, x, y) -> tuple[jax.Array, jax.Array]:
         raise ConfigError(f"scan: expected y int [{x.shape[0]}], found {y.dtype}{tuple(y.shape)}")
     if x.shape[0] < 2:
         raise ConfigError(f"scan: expected at least 2 clean images, found {x.shape[0]}")
-    if not bool(jnp.all(jnp.isfinite(x))):
+    if int(count_nonfinite(x)):
         raise ConfigError("scan: expected finite images, found NaN or inf")
     if len(model.input_shape) != 3:
         raise ConfigError(f"scan: expected the model's input_shape (H, W, C), found "
