@@ -321,8 +321,8 @@ def test_detection_workload_times_calibration_detect_and_scans(mnist, monkeypatc
         seen["calibrate"] = (recipe, hidden, config.n_null, config.sample_size, cache_path)
         return Null()
 
-    def detect_pair(ref, sus, ds, *, config, cache_path, seed):
-        seen["detect"] = cache_path
+    def detect_pair(ref, sus, ds, *, config, cache_path, seed, alpha):
+        seen["detect"], seen["alpha"] = cache_path, alpha
         return {"verdict": "unchanged"}
 
     monkeypatch.setattr(change, "calibrate", calibrate)
@@ -340,6 +340,7 @@ def test_detection_workload_times_calibration_detect_and_scans(mnist, monkeypatc
     assert [r["task"] for r in rows] == ["calibration", "detect", "detect", "scan", "scan"]
     assert seen["calibrate"][:4] == ("seed-mlp", 8, 3, 100)
     assert seen["detect"] == seen["calibrate"][4]  # the detect call finds the cached one
+    assert seen["alpha"] >= 1 / (3 + 1)  # a level a 3-model null can reach
     assert (seen["single"], seen["population"]) == (7, 3)
     assert rows[0]["n"] == extra["calibration_members"] == 3 + 3
     assert rows[-1]["scale"] == pytest.approx(1 / 3)  # the population row: per model
