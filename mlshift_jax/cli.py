@@ -93,9 +93,24 @@ def strict_json(payload) -> str:
 def _emit(fmt: str, payload, table_rows=None, headers="keys") -> None:
     if fmt == "json":
         print(strict_json(payload))
+    elif table_rows is not None:  # rows mix text and numbers: format the floats here
+        print(tabulate([[_cell(v) for v in row] for row in table_rows], headers=headers,
+                       disable_numparse=True))
     else:
-        print(tabulate(table_rows if table_rows is not None else payload, headers=headers,
-                       floatfmt=".4f"))
+        print(tabulate(payload, headers=headers, floatfmt=".4f"))
+
+
+def _cell(v):
+    """A float for a text table: 4 significant digits below 1, 6 up to a million, else
+    scientific (0.9255000352859497 -> 0.9255, 0.000228 -> 2.289e-04); anything else as is."""
+    if not isinstance(v, (float, np.floating)):
+        return v
+    v = float(v)
+    if not math.isfinite(v) or v == 0:
+        return str(v)
+    if 1e-3 <= abs(v) < 1:
+        return f"{v:.4g}"
+    return f"{v:.6g}" if 1 <= abs(v) < 1e6 else f"{v:.3e}"
 
 
 def _dataset_of(meta: dict) -> str | None:
@@ -485,7 +500,8 @@ def cmd_detect(args) -> None:
             "lr", "epochs", "batch_size", "optimizer") if trained.get(k) is not None})
     config = CalibrationConfig(sample_size=size, n_null=args.null_models)
     result = detect_pair(reference, suspect, ds, seed=args.seed, alpha=args.alpha,
-                         config=config, **kw)
+                         config=config, log=lambda line: print(f"mlshift: {line}",
+                                                               file=sys.stderr), **kw)
     if args.format == "json":
         print(strict_json(result))
         return

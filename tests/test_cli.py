@@ -30,7 +30,8 @@ def test_train_table_and_save_in_study_orientation(capsys, tmp_path):
     code, out, err = run_cli(capsys, "train", "--model", "seed-mlp-numpy", "--hidden", "20",
                              "--train-size", "300", "--save", str(path))
     assert code == 0, err
-    assert "accuracy" in out
+    accuracy = next(line.split()[1] for line in out.splitlines() if line.startswith("accuracy"))
+    assert 0 < float(accuracy) <= 1 and len(accuracy) <= 6  # 0.9255, not 0.9255000352859497
     with np.load(path, allow_pickle=False) as f:
         assert f["wih"].shape == (20, 784) and f["who"].shape == (10, 20)
     assert [p.name for p in tmp_path.iterdir()] == ["params.npz"]  # no temp file left
@@ -114,7 +115,9 @@ def test_poison_bad_arguments_are_one_line(capsys, argv, fragment):
     assert code == 2 and err.count("\n") == 1 and fragment in err, err
 
 
-def test_detect_flags_a_planted_change_and_not_the_model_itself(capsys, tmp_path):
+def test_detect_flags_a_planted_change_and_not_the_model_itself(capsys, tmp_path,
+                                                                monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # its own calibration
     ref = tmp_path / "ref.npz"
     assert main(["train", "--hidden", "16", "--train-size", "10000", "--save", str(ref)]) == 0
     with np.load(ref) as f:
@@ -125,6 +128,7 @@ def test_detect_flags_a_planted_change_and_not_the_model_itself(capsys, tmp_path
     code, out, err = run_cli(capsys, "detect", "--reference", str(ref), "--suspect",
                              str(tmp_path / "swapped.npz"), "--format", "json")
     assert code == 0, err
+    assert "mlshift: calibrating: training 24 clean retrains" in err  # said before the wait
     result = json.loads(out)
     assert result["verdict"] == "changed" and result["category"] != "none"
     assert {"p_value", "fingerprint", "category_probabilities"} <= set(result)
@@ -132,6 +136,7 @@ def test_detect_flags_a_planted_change_and_not_the_model_itself(capsys, tmp_path
     code, out, err = run_cli(capsys, "detect", "--reference", str(ref), "--suspect", str(ref),
                              "--format", "json")
     assert code == 0 and json.loads(out)["verdict"] == "unchanged", err
+    assert "calibrating" not in err  # the calibration came from the cache
 
 
 def test_detect_refuses_mismatched_models_in_one_line(capsys, tmp_path):
@@ -164,3 +169,13 @@ def test_params_of_the_wrong_width_are_one_line(capsys, tmp_path):
              who=np.zeros((10, 8), np.float32))
     code, _, err = run_cli(capsys, "attack", "--params", str(tmp_path / "p.npz"))
     assert code == 2 and "784" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value,text", [
+    (0.9255000352859497, "0.9255"), (-0.0009999803733080626, "-1.000e-03"), (1.929058, "1.92906"),
+    (60000.0, "60000"), (0.0, "0.0"), (float("nan"), "nan"), (3, 3), ("changed", "changed"),
+])
+def test_table_cells_print_floats_with_sensible_digits(value, text):
+    from mlshift_jax.cli import _cell
+
+    assert _cell(value) == text

@@ -37,6 +37,7 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -295,8 +296,9 @@ def _within(config, n_classes: int):
 
 def calibrate(recipe: str | None, hidden: int, ds: Dataset,
               config: CalibrationConfig | None = None, *, model: Model | None = None,
-              train: TrainConfig | None = None,
-              cache: bool = True, cache_path: str | os.PathLike | None = None) -> Calibration:
+              train: TrainConfig | None = None, cache: bool = True,
+              cache_path: str | os.PathLike | None = None,
+              log: Callable[[str], None] | None = None) -> Calibration:
     """Train (or load from the cache) the calibration set of `recipe` at width `hidden`.
 
     recipe: a built-in JAX recipe or a user ref "pkg.module:attr" (`population.plan_for`), or
@@ -306,8 +308,10 @@ def calibrate(recipe: str | None, hidden: int, ds: Dataset,
     reference's from `weights.load_model`, so its hyper-parameters carry over; train: the
     TrainConfig the retrains use (lr, batch size, optimizer, epochs; None: the recipe's
     defaults; `config.epochs`, when set, wins). cache: read and write the cache; cache_path:
-    its folder (default `data.cache_dir("detect")`). The population is one jit. The probes
-    are min(config.probes, test images); the patched ones at most that many.
+    its folder (default `data.cache_dir("detect")`); log: called with one line before a
+    calibration is trained (not when it is read from the cache), e.g. to tell a CLI user.
+    The population is one jit. The probes are min(config.probes, test images); the patched
+    ones at most that many.
     """
     cfg = (config or CalibrationConfig()).validate()
     name = recipe if recipe is not None else getattr(model, "name", None)
@@ -331,12 +335,17 @@ def calibrate(recipe: str | None, hidden: int, ds: Dataset,
         _within(make_config(k, fraction=f), ds.n_classes)
         for k, f in cfg.poisonings] * cfg.poison_seeds
     seeds = NULL_STREAM + cfg.seed * 10_000 + np.arange(len(configs))
+    size = min(cfg.sample_size, len(ds.y_train))
+    if log is not None:
+        log(f"calibrating: training {cfg.n_null} clean retrains and {len(configs) - cfg.n_null}"
+            f" changed models on {size:,} images each, once for this architecture and data "
+            f"(cached in {path.parent})")
     base = train if train is not None else TrainConfig()
     epochs = cfg.epochs if cfg.epochs is not None else base.epochs
     plan = plan_for(recipe, replace(base, hidden=hidden, epochs=epochs, seed=0), ds.spec,
                     model=model)
     pop, _ = train_sampled(plan, configs, ds.x_train, ds.y_train, seeds=seeds.tolist(),
-                           size=min(cfg.sample_size, len(ds.y_train)))
+                           size=size)
     resp = fingerprint.model_responses(plan.arch, pop.params, probes)
     found = fingerprint.reverse(plan.arch, pop.params, probes, key=trigger_key(cfg.seed),
                                 config=cfg.trigger_scan)
@@ -438,7 +447,8 @@ def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *
                 config: CalibrationConfig | None = None, cache: bool = True,
                 cache_path: str | os.PathLike | None = None, model: Model | None = None,
                 recipe: str | None = None, train: TrainConfig | None = None,
-                suspect_model: Model | None = None) -> dict:
+                suspect_model: Model | None = None,
+                log: Callable[[str], None] | None = None) -> dict:
     """Test whether `suspect_params` behaves as a changed version of `reference_params`.
 
     reference_params, suspect_params: params of the same architecture (e.g. from
@@ -453,7 +463,8 @@ def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *
     arrays' names. recipe: the recipe its retrains use (default: the model's name for a user
     model "pkg.module:attr", the built-in trainer of its architecture otherwise); train: the
     reference's TrainConfig, for the retrains (see `calibrate`); suspect_model: the suspect's
-    Model, checked against model. A user model (any name but the built-in architectures
+    Model, checked against model; log: passed to `calibrate` (one line before training a
+    calibration). A user model (any name but the built-in architectures
     seed-mlp, mlp-ce, cnn) retrains that very Model with the harness's minibatch trainer
     (`usermodels.DEFAULTS` where `train` leaves a setting None); its calibration reports
     hidden = the TrainConfig's (unused by the model).
@@ -481,7 +492,7 @@ def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *
     if null is None:
         cfg = config or CalibrationConfig(seed=seed)
         null = calibrate(recipe, hidden, ds, cfg, cache=cache, cache_path=cache_path,
-                         model=model if user else None, train=train)
+                         model=model if user else None, train=train, log=log)
     wrong = (null.recipe != (recipe or model.name) if user else
              plan_for(null.recipe, spec=ds.spec).arch.name != model.name)
     if null.hidden != hidden or wrong:
