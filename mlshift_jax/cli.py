@@ -100,6 +100,11 @@ def _emit(fmt: str, payload, table_rows=None, headers="keys") -> None:
         print(tabulate(payload, headers=headers, floatfmt=".4f"))
 
 
+def _log(line: str) -> None:
+    """A progress line on stderr, as every mlshift line: `mlshift: ...`."""
+    print(f"mlshift: {line}", file=sys.stderr)
+
+
 def _cell(v):
     """A float for a text table: 4 significant digits below 1, 6 up to a million, else
     scientific (0.9255000352859497 -> 0.9255, 0.000228 -> 2.289e-04); anything else as is."""
@@ -463,10 +468,7 @@ def cmd_poison(args) -> None:
         _emit(args.format, result, [[k, v] for k, v in result.items()], headers=["", "value"])
         return
 
-    def log(line: str) -> None:
-        print(f"mlshift: {line}", file=sys.stderr)
-
-    tables = sweeps.run_all(ds, badnets_models=(args.model,), log=log, **common)
+    tables = sweeps.run_all(ds, badnets_models=(args.model,), log=_log, **common)
     found = sweeps.findings(tables)
     if args.format == "json":
         payload = {name: json.loads(t.to_json(orient="records")) for name, t in tables.items()}
@@ -500,8 +502,7 @@ def cmd_detect(args) -> None:
             "lr", "epochs", "batch_size", "optimizer") if trained.get(k) is not None})
     config = CalibrationConfig(sample_size=size, n_null=args.null_models)
     result = detect_pair(reference, suspect, ds, seed=args.seed, alpha=args.alpha,
-                         config=config, log=lambda line: print(f"mlshift: {line}",
-                                                               file=sys.stderr), **kw)
+                         config=config, log=_log, **kw)
     if args.format == "json":
         print(strict_json(result))
         return
@@ -556,7 +557,8 @@ def cmd_scan_model(args) -> None:
     if args.sample_size is not None:
         rules.check_at_most(args.sample_size, len(ds.y_train), "--sample-size",
                             f"training images of {ds.name}")
-    result = scan_model(model, params, ds, config=scan_cfg, null_config=null_cfg, train=train)
+    result = scan_model(model, params, ds, config=scan_cfg, null_config=null_cfg, train=train,
+                        log=_log)
     trigger = result.pop("trigger")
     result["files"], note = [], ""
     if args.out is not None:

@@ -87,13 +87,15 @@ def saved(tmp_path_factory):
     return path
 
 
-def test_cli_scan_model_json_and_trigger_files(capsys, saved, tmp_path):
+def test_cli_scan_model_json_and_trigger_files(capsys, saved, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # its own null
     capsys.readouterr()
     out_dir = tmp_path / "out"
     argv = ["scan-model", "--params", str(saved), "--null-models", "3", "--sample-size",
             "1000", "--n", "60", "--steps", "20", "--out", str(out_dir), "--format", "json"]
     code, out, err = run_cli(capsys, *argv)
     assert code == 0, err
+    assert "mlshift: calibrating: training and scanning 3 clean models" in err
     result = json.loads(out)
     assert KEYS <= set(result) and result["verdict"] in ("backdoor", "clean")
     assert len(result["mask_norms"]) == 10 and len(result["attack_rates"]) == 10
@@ -107,6 +109,7 @@ def test_cli_scan_model_json_and_trigger_files(capsys, saved, tmp_path):
         assert f["mask"].shape == (10, 28, 28) and f["pattern"].shape == (10, 28, 28, 1)
     code, out, err = run_cli(capsys, *argv)  # the null comes from the cache this time
     assert code == 0 and json.loads(out)["null"]["cached"] is True, err
+    assert "calibrating" not in err
 
 
 @pytest.mark.parametrize("extra,fragment", [

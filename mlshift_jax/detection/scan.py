@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -174,14 +175,16 @@ def _null(norms, rates, recipe, hidden, cfg, scan, seconds) -> Null:
 def calibrate_null(recipe: str | None, hidden: int, ds: Dataset,
                    config: NullConfig | None = None, *, scan: nc.ScanConfig = nc.DEFAULT,
                    model: Model | None = None, train: TrainConfig | None = None,
-                   cache: bool = True, cache_path=None) -> Null:
+                   cache: bool = True, cache_path=None,
+                   log: Callable[[str], None] | None = None) -> Null:
     """Train (or load from the cache) and scan the null of `recipe` at width `hidden`.
 
     recipe: a built-in JAX recipe or a user ref "pkg.module:attr" (`population.plan_for`), or
     None with `model` (a user's Model without a ref); model: the Model to retrain (None: the
     recipe's for `ds`); train: the suspect's TrainConfig (lr, epochs, batch size, optimizer;
     None: the recipe's defaults; `config.epochs`, when set, wins); cache / cache_path: read
-    and write the cache in that folder (default `data.cache_dir("scan")`). The null is
+    and write the cache in that folder (default `data.cache_dir("scan")`); log: called with
+    one line before a null is trained (not when it is read from the cache). The null is
     trained as one population (one jit) and scanned as one (`scan_population`). Returns a
     `Null` whose threshold is calibrated as the module docstring says. ConfigError for bad
     settings (see `NullConfig.validate`, `ScanConfig.validate`).
@@ -210,6 +213,9 @@ def calibrate_null(recipe: str | None, hidden: int, ds: Dataset,
     plan = plan_for(recipe, replace(base, hidden=hidden, epochs=epochs, seed=0), ds.spec,
                     model=model)
     seeds = NULL_STREAM + cfg.seed * 10_000 + np.arange(cfg.n_null)
+    if log is not None:
+        log(f"calibrating: training and scanning {cfg.n_null} clean models on {size:,} images "
+            f"each, once for this recipe and data (cached in {folder})")
     start = time.perf_counter()
     pop, _ = train_sampled(plan, [make_config("clean")] * cfg.n_null, ds.x_train, ds.y_train,
                            seeds=seeds.tolist(), size=size)
@@ -255,14 +261,15 @@ def _check_params(model: Model, params: Params, ds: Dataset) -> Params:
 def scan_model(model: Model, params: Params, ds: Dataset, *, null: Null | None = None,
                config: nc.ScanConfig = nc.DEFAULT, null_config: NullConfig | None = None,
                train: TrainConfig | None = None, cache: bool = True,
-               cache_path=None) -> dict:
+               cache_path=None, log: Callable[[str], None] | None = None) -> dict:
     """Scan one model for a backdoor, with no reference model (module docstring).
 
     model: its `models.Model` (e.g. from `weights.load_model`); params: its weights; ds: the
     dataset it was trained on (test images for the search, training images for the null);
     null: a `Null` (None: `calibrate_null` for the model's recipe, cached); config: the
     trigger search's settings; null_config: the null's (n_null, images, alpha, seed, ...);
-    train: the model's TrainConfig, so the null trains as it did (None: recipe defaults).
+    train: the model's TrainConfig, so the null trains as it did (None: recipe defaults);
+    log: passed to `calibrate_null` (one line before training a null).
 
     Returns a JSON-able dict: verdict ("backdoor" / "clean"), target (the suspected class or
     None), anomaly_index, threshold, threshold_fpr (leave-one-out on the null), alpha,
@@ -282,7 +289,7 @@ def scan_model(model: Model, params: Params, ds: Dataset, *, null: Null | None =
     if null is None:
         null = calibrate_null(recipe, hidden, ds, cfg, scan=config,
                               model=model if user else None, train=train, cache=cache,
-                              cache_path=cache_path)
+                              cache_path=cache_path, log=log)
     if null.hidden != hidden or null.recipe != (recipe or model.name):
         raise ConfigError(f"scan: expected a null of {recipe or model.name} with hidden "
                           f"{hidden}, found {null.recipe} with hidden {null.hidden}")
