@@ -49,6 +49,29 @@ def test_per_sample_scan_float32_tracks_float64(mnist):
         np.testing.assert_allclose(np.asarray(params[k]), v, atol=1e-4)
 
 
+@pytest.mark.parametrize("block", [7, 64, 1000])
+def test_blocked_rule_equals_per_step_loop_float64(mnist, block):
+    """The blocked form (`_seed_sgd_block`) is the per-step rule in another order: 450
+    samples leave a remainder at block 7 and 64, and none fill a block of 1000."""
+    x, y = mnist.x_train[:450].astype(np.float64), mnist.y_train[:450]
+    with jax.enable_x64(True):
+        params = SEED_MLP.init(jax.random.key(2), n_hidden=40, dtype=jnp.float64)
+        per_step = train_seed_sgd(params, jnp.asarray(x), jnp.asarray(y), lr=0.1, block=1,
+                                  epochs=2)
+        blocked = train_seed_sgd(params, jnp.asarray(x), jnp.asarray(y), lr=0.1,
+                                 block=block, epochs=2)
+        for k in per_step:
+            assert np.max(np.abs(np.asarray(blocked[k] - per_step[k]))) <= 1e-12, k
+        assert np.max(np.abs(np.asarray(per_step["wih"] - params["wih"]))) > 1e-3
+
+
+@pytest.mark.parametrize("block", [0, -3, 2.5, True])
+def test_block_must_be_a_positive_int(mnist, block):
+    x, y = jnp.asarray(mnist.x_train[:20]), jnp.asarray(mnist.y_train[:20])
+    with pytest.raises(ConfigError, match="block"):
+        train_seed_sgd(SEED_MLP.init(jax.random.key(0), n_hidden=8), x, y, lr=0.1, block=block)
+
+
 def test_study_rule_is_gradient_descent_only_for_output_weights():
     """The study's `who` update is -lr * dL/dwho; its `wih` update is not -lr * dL/dwih."""
     with jax.enable_x64(True):

@@ -86,6 +86,7 @@ from mlshift_jax.models import baseline, population, zoo
 from mlshift_jax.models.metrics import SCORE_NAMES, evaluate, evaluate_arrays
 from mlshift_jax.models.recipes import TrainConfig, fit, get_recipe, model_for, resolve
 from mlshift_jax.models.train import (
+    SEED_SGD_BLOCK,
     init_population,
     train_minibatch,
     train_seed_sgd,
@@ -631,8 +632,12 @@ def _speed_epoch_per_sample(ds: datasets.Dataset, cfg: SpeedConfig) -> tuple[lis
 
     subset = f"timed on the first {k} samples, scaled x{n / k:g}"
     impls = [
-        _Impl("jax: one lax.scan, float32", partial(train_seed_sgd, params, x, y, lr=cfg.lr,
-                                                    epochs=1), task="epoch"),
+        _Impl(f"jax: one lax.scan over blocks of {SEED_SGD_BLOCK}, float32",
+              partial(train_seed_sgd, params, x, y, lr=cfg.lr, epochs=1), task="epoch",
+              note="the same updates, wih written once per block (train._seed_sgd_block)"),
+        _Impl("jax: one lax.scan, one step per sample, float32",
+              partial(train_seed_sgd, params, x, y, lr=cfg.lr, epochs=1, block=1),
+              task="epoch", note="the rule as written (train.seed_sgd_step)"),
         _Impl("numpy: neuralNetwork.train_epoch (the study's loop), float64", numpy_epoch,
               n_timed=k, ref=True, compiled=False, task="epoch", note=subset),
     ]

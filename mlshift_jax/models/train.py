@@ -42,20 +42,74 @@ def seed_sgd_step(params: Params, x: jax.Array, t: jax.Array, lr) -> Params:
     }
 
 
-@partial(jax.jit, static_argnames=("epochs",))
-def train_seed_sgd(params: Params, x: jax.Array, y: jax.Array, *, lr, epochs: int = 1) -> Params:
+SEED_SGD_BLOCK = 100  # samples per block of `train_seed_sgd` (see `_seed_sgd_block`)
+
+
+def _seed_sgd_block(params: Params, x: jax.Array, t: jax.Array, lr) -> Params:
+    """`seed_sgd_step` on each of b samples in turn, with wih read and written once.
+
+    x: [b, D], t: [b, K]. The rule changes wih by a rank-one term per sample, lr * a_j x_j^T
+    with a_j = hid_err * hidden * (1 - hidden), so before sample j
+
+        wih_j @ x_j = wih_0 @ x_j + lr * sum_{i<j} a_i (x_i . x_j).
+
+    The block computes wih_0 @ x_j for all j and the Gram matrix x x^T as two matrix
+    products, runs the b steps on 200-wide vectors (who, [K, h], is updated per sample as
+    written), and adds lr * a^T x to wih at the end. The same arithmetic in another order:
+    float64 agrees with the per-step loop to ~1e-15, float32 to ~1e-4 after an epoch. The
+    per-step loop reads and writes the [h, D] wih every sample, so it runs at memory speed;
+    this form spends its time in matrix products: one model on 10,000 MNIST images (hidden
+    200, this project's 2-core CPU) took 0.076 s at b = 100 against 0.33 s per step (4.4x),
+    and a vmapped population of 14 about 3.4x less per member.
+    """
+    wih, who = params["wih"], params["who"]
+    pre = x @ wih.T  # [b, h]: wih_0 @ x_j
+    gram = lr * (x @ x.T)  # [b, b]
+
+    def one_sample(carry, j):
+        who, a = carry  # a: [b, h], rows >= j still zero
+        hidden = jax.nn.sigmoid(pre[j] + gram[j] @ a)
+        out = jax.nn.sigmoid(who @ hidden)
+        out_err = t[j] - out
+        hid_err = who.T @ out_err
+        a = a.at[j].set(hid_err * hidden * (1.0 - hidden))
+        return (who + lr * jnp.outer(out_err * out * (1.0 - out), hidden), a), None
+
+    a0 = jnp.zeros((x.shape[0], wih.shape[0]), wih.dtype)
+    (who, a), _ = jax.lax.scan(one_sample, (who, a0), jnp.arange(x.shape[0]))
+    return {"wih": wih + lr * (a.T @ x), "who": who}
+
+
+@partial(jax.jit, static_argnames=("epochs", "block"))
+def train_seed_sgd(params: Params, x: jax.Array, y: jax.Array, *, lr, epochs: int = 1,
+                   block: int = SEED_SGD_BLOCK) -> Params:
     """The study's training loop: `epochs` passes over x in order, one sample per update.
 
-    params: {"wih": [h, D], "who": [K, h]}; x: [n, D]; y: int [n]. One compiled scan.
+    params: {"wih": [h, D], "who": [K, h]}; x: [n, D]; y: int [n]. One compiled scan over
+    blocks of `block` samples (`_seed_sgd_block`: the same per-sample updates, in another
+    order of arithmetic) and `seed_sgd_step` on the last n mod block samples; block=1 runs
+    `seed_sgd_step` on every sample.
     """
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ConfigError(f"train_seed_sgd: expected block an integer >= 1, found {block!r}")
     t = study_targets(y, params["who"].shape[0], params["who"].dtype)
     x = x.astype(params["wih"].dtype)
+    n = x.shape[0]
+    head = (n // block) * block if block > 1 else 0
+    blocks = (x[:head].reshape(-1, block, x.shape[1]), t[:head].reshape(-1, block, t.shape[1]))
+
+    def one_block(p, xt):
+        return _seed_sgd_block(p, xt[0], xt[1], lr), None
 
     def one_sample(p, xt):
         return seed_sgd_step(p, xt[0], xt[1], lr), None
 
     def one_epoch(p, _):
-        return jax.lax.scan(one_sample, p, (x, t))[0], None
+        if head:
+            p = jax.lax.scan(one_block, p, blocks)[0]
+        if head < n:
+            p = jax.lax.scan(one_sample, p, (x[head:], t[head:]))[0]
+        return p, None
 
     return jax.lax.scan(one_epoch, params, None, length=epochs)[0]
 
