@@ -63,6 +63,23 @@ def test_stamp_mixes_mask_and_pattern_per_pixel_for_any_shape():
     assert np.allclose(out[:, 1, 2], 0.7) and float(jnp.sum(out)) == pytest.approx(2 * 3 * 0.7)
 
 
+@pytest.mark.parametrize("shape", [(28, 28, 1), (4, 5, 3)])
+def test_stamp_on_flat_images_equals_the_image_form_exactly(shape):
+    """The flat layout computes (1 - m) * img + m * p as on [N, H, W, C] images: random mask,
+    pattern and images, jitted or not, equal to float32 rounding (XLA may fuse a multiply-add
+    differently in either form)."""
+    h, w, c = shape
+    k1, k2, k3 = jax.random.split(jax.random.key(4), 3)
+    x = jax.random.uniform(k1, (6, h * w * c))
+    mask = jax.random.uniform(k2, (h, w))
+    pattern = jax.random.uniform(k3, (h, w, c))
+    img = x.reshape(-1, h, w, c)
+    expected = ((1.0 - mask[..., None]) * img + mask[..., None] * pattern).reshape(x.shape)
+    for fn in (stamp, jax.jit(stamp, static_argnums=3)):
+        np.testing.assert_allclose(np.asarray(fn(x, mask, pattern, shape)),
+                                   np.asarray(expected), rtol=3e-7, atol=3e-7)
+
+
 @pytest.fixture(scope="module")
 def planted(mnist):
     x, y = mnist.x_train[:3000], mnist.y_train[:3000]

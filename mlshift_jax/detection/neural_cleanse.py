@@ -103,10 +103,14 @@ def _log_dist(model: Model, scores: jax.Array) -> jax.Array:
 
 def stamp(x: jax.Array, mask: jax.Array, pattern: jax.Array,
           input_shape: tuple[int, ...]) -> jax.Array:
-    """(1 - m) * x + m * p on flat images. x: [N, D]; mask: [H, W]; pattern: [H, W, C]."""
-    img = x.reshape(-1, *input_shape)
-    out = (1.0 - mask[..., None]) * img + mask[..., None] * pattern
-    return out.reshape(x.shape)
+    """(1 - m) * x + m * p on flat images. x: [N, D]; mask: [H, W]; pattern: [H, W, C].
+
+    The mask is spread over the channels and both are flattened to [D] (row-major (H, W, C),
+    like x), so the arithmetic runs on x's own [N, D] layout: the same products as on
+    [N, H, W, C] images, but XLA:CPU ran the whole trigger search 2.3x faster this way
+    (MNIST, 10 classes x 64 images a step, this project's 2-core CPU)."""
+    m = jnp.broadcast_to(mask[..., None], input_shape).reshape(-1)
+    return (1.0 - m) * x + m * pattern.reshape(-1)
 
 
 def _decode(v: dict, lo, hi) -> tuple[jax.Array, jax.Array]:
