@@ -178,6 +178,21 @@ def test_top_fraction_per_class():
     assert set(np.flatnonzero(flag)) == {8, 9, 18, 19, 28, 29, 38, 39}
 
 
+def test_top_fraction_per_class_matches_a_per_class_sort():
+    """Shuffled classes of unequal sizes, some ties: each class's round(f * n_c) highest."""
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 5, 997)
+    scores = rng.integers(0, 40, 997).astype(np.float32)  # many ties
+    flag = detect_data.top_fraction_per_class(scores, y, 0.15, n_classes=6)
+    assert flag.dtype == bool and flag.shape == y.shape
+    for c in range(6):
+        rows = np.flatnonzero(y == c)
+        keep = round(0.15 * rows.size)
+        assert flag[rows].sum() == keep
+        if 0 < keep < rows.size:  # every flagged score is at least every unflagged one
+            assert scores[rows][flag[rows]].min() >= scores[rows][~flag[rows]].max()
+
+
 def test_planted_clusters_found():
     """Synthetic activations: class 0 holds a small distinct cluster (15%), class 1 none.
 

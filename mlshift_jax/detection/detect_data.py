@@ -245,20 +245,23 @@ def spectral_scores(h, y, n_classes: int | None = None, *,
     return spectral_signatures(h, y, eps=0.0, n_classes=n_classes, block=block).score
 
 
-def top_fraction_per_class(scores: jax.Array, y: jax.Array, fraction: float,
-                           n_classes: int | None = None) -> jax.Array:
-    """Flag the round(fraction * n_c) highest scores of each class c: -> bool [n]. y is
-    concrete; n_classes defaults to its largest label + 1."""
+def top_fraction_per_class(scores, y, fraction: float,
+                           n_classes: int | None = None) -> np.ndarray:
+    """Flag the round(fraction * n_c) highest scores of each class c: -> numpy bool [n]
+    (ties: the earlier sample first). n_classes defaults to y's largest label + 1. On the
+    host, where a sort of n numbers belongs: as eager JAX it compiled one small program per
+    operation and array size."""
     n_classes = _n_classes(y, n_classes)
-    scores, y = jnp.asarray(scores), jnp.asarray(y)
-    order = jnp.lexsort((-scores, y))  # by class, then by descending score
-    counts = jnp.bincount(y, length=n_classes)
-    starts = jnp.cumsum(counts) - counts
+    scores, y = np.asarray(scores), np.asarray(y)
+    order = np.lexsort((-scores, y))  # by class, then by descending score
+    counts = np.bincount(y, minlength=n_classes)
+    starts = np.cumsum(counts) - counts
     sorted_y = y[order]
-    position = jnp.arange(y.shape[0]) - starts[sorted_y]  # rank within the class
-    quota = jnp.round(fraction * counts).astype(jnp.int32)
-    flag_sorted = position < quota[sorted_y]
-    return jnp.zeros(y.shape, bool).at[order].set(flag_sorted)
+    position = np.arange(y.shape[0]) - starts[sorted_y]  # rank within the class
+    quota = np.round(fraction * counts).astype(np.int64)
+    flag = np.zeros(y.shape, bool)
+    flag[order] = position < quota[sorted_y]
+    return flag
 
 
 def spectral_signatures(h, y, *, eps: float, n_classes: int | None = None,
