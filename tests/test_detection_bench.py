@@ -62,3 +62,35 @@ def test_run_trains_the_population_within_the_cap(mnist, monkeypatch, cap_member
         detection_bench.run(mnist, config=detection_bench.with_overrides(TINY, memory_cap=cap))
     assert seen["size"] == size and seen["chunk"] == min(cap_members, seen["m"])
     assert _bytes(seen["chunk"], size, n, d) <= cap
+
+
+def test_parts_and_data_seeds_are_checked(mnist):
+    with pytest.raises(ConfigError, match="parts among"):
+        detection_bench.run(mnist, config=TINY, parts=("detector",))
+    with pytest.raises(ConfigError, match="parts among"):
+        detection_bench.run(mnist, config=TINY, parts=())
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="data_seeds"):
+            detection_bench.with_overrides(TINY, data_seeds=bad)
+
+
+def test_training_data_detectors_scan_only_the_first_data_seeds(mnist, monkeypatch):
+    """data_seeds=1 of 2 seeds: one scan per poisoning, every poisoning still in the table;
+    the "detectors" part alone has no scan-model or leave-one-family-out table."""
+    from mlshift_jax.detection import detect_data
+
+    calls = []
+    real = detect_data.scan
+
+    def counting(*args, **kw):
+        calls.append(kw["eps"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(detection_bench.detect_data, "scan", counting)
+    cfg = detection_bench.with_overrides(TINY, data_seeds=1)
+    out = detection_bench.run(mnist, config=cfg, parts=("detectors",))
+    assert len(calls) == len(cfg.poisonings)
+    labels = {detection_bench.poison_label(k, f) for k, f in cfg.poisonings}
+    assert set(out["training_data"]["change"]) == labels
+    assert "categorizer_lofo" not in out and "scan_model" not in out
+    assert "categorizer leave-one-family-out" not in out["timing"].index

@@ -428,17 +428,34 @@ def test_detect_cell_lands_in_the_report(tmp_path, monkeypatch):
     from mlshift_jax.bench import detection_bench
     from tests.test_categorize import TINY as TINY_DETECT
 
-    monkeypatch.setattr(detection_bench, "QUICK", TINY_DETECT)
+    from mlshift_jax.bench import scan_bench
+    from mlshift_jax.detection.neural_cleanse import ScanConfig
+
+    scan = scan_bench.ScanBenchConfig(hidden=8, sample_size=400, kinds=("patch",),
+                                      rates=(0.1,), per_cell=1, n_null=2, n_clean=1,
+                                      n_benign=0, images=50,
+                                      scan=ScanConfig(steps=5, batch=32), rounds=1)
+    monkeypatch.setattr(detection_bench, "QUICK",
+                        detection_bench.with_overrides(TINY_DETECT, scan_model=scan))
     path = tmp_path / "detect.toml"
     path.write_text(TINY + '\n[detect]\nquick = true\nseed = 1\n')
     records = runner.run(path, out_dir=tmp_path / "out", only="detect")
-    assert list(records["id"]) == ["detect/mnist/seed1"]
-    tables = report.detection_tables(records)
-    assert {"auc", "change_test", "confusion", "training_data"} <= set(tables)
+    assert list(records["id"]) == ["detect/mnist/seed1", "detect/mnist/seed1/scan-model",
+                                   "detect/mnist/seed1/categorizer-lofo"]
+    tables = report.detection_tables(records)  # the three cells' tables together
+    assert {"auc", "change_test", "confusion", "training_data", "categorizer_lofo",
+            "scan_model"} <= set(tables)
+    stages = set(tables["timing"].index)
+    assert {"train population", "categorizer leave-one-family-out",
+            "scan-model table"} <= stages
     assert list(tables["auc"].index) == list(detection_bench.ROWS)
     text = report.tables_markdown(records)
-    for title in ("## Detection", "ROC-AUC", "fingerprint test", "categorizer"):
+    for title in ("## Detection", "ROC-AUC", "fingerprint test", "categorizer",
+                  "categorizer-lofo"):
         assert title in text, title
+    speed = [row["implementation"] for row in report._detect_cell_rows(records)]
+    assert speed == [f"the detection benchmark cell {part} (mnist)"
+                     for part in detection_bench.PARTS]
 
 
 def test_a_speed_record_without_torch_is_recomputed_once_torch_is_there(monkeypatch):

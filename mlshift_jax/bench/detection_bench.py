@@ -15,9 +15,9 @@ Tables (`run` returns them by name):
   fingerprint test on systems (changed systems vs clean retrains, statistic = -log of the
   smallest per-feature tail, `fingerprint.change_test`); the training-data detectors
   (activation clustering, spectral signatures, SPECTRE) on training samples (poisoned vs
-  not, mean over seeds); STRIP on attacked vs clean test images (the first seed's
-  reference) and on triggered vs clean test images (the first seed's model backdoored with
-  that trigger). NaN where a detector does not apply. The poisonings include the
+  not, mean over the first `data_seeds` seeds); STRIP on attacked vs clean test images (the
+  first seed's reference) and on triggered vs clean test images (the first seed's model
+  backdoored with that trigger). NaN where a detector does not apply. The poisonings include the
   trigger-array backdoors (blended, sparse, sig, warp; `poison.py`).
 - "input_detectors": per attack, eps and detector: ROC-AUC and TPR at `fpr` FPR.
 - "change_test": per change kind: ROC-AUC, detection rate at `alpha`, mean p-value and the
@@ -33,7 +33,8 @@ Tables (`run` returns them by name):
   decisions (the categories and "uncertain"). Absent when lofo_refs is 0.
 - "training_data": per training-data detector (activation clustering, spectral signatures,
   SPECTRE) and poisoning: precision, recall, ROC-AUC over all samples and ROC-AUC within the
-  class holding the poison ("auc_in_class"), means over seeds, against the poison mask. The
+  class holding the poison ("auc_in_class"), means over the first `data_seeds` seeds,
+  against the poison mask. The
   spectral methods get the member's true poisoned fraction as eps (they remove
   1.5 * eps of each class; the papers assume a known bound), and TPR at `fpr`.
 - "detector_by_attack": detector x attack kind, two rows per detector (metric "auc" and
@@ -41,8 +42,8 @@ Tables (`run` returns them by name):
   (attacked vs clean test images, the first seed's reference) and STRIP on triggers
   (triggered test images of the non-target classes vs clean test images, the first seed's
   model backdoored with that trigger); the training-data detectors on poisonings (poisoned vs
-  clean training samples, means over seeds); the fingerprint test on systems (changed vs
-  clean retrains). NaN where a detector does not apply.
+  clean training samples, means over the first `data_seeds` seeds); the fingerprint test on
+  systems (changed vs clean retrains). NaN where a detector does not apply.
 - "strip": STRIP (Gao et al., ACSAC 2019) per change: ROC-AUC and TPR at `fpr`.
 - "cells": every (seed, change) cell of the change test: its p-value, statistic, category,
   the categorizer's held-out prediction and its fingerprint features.
@@ -51,6 +52,12 @@ Tables (`run` returns them by name):
 - "scan_model", "scan_model_summary": the reference-free backdoor scan (Neural Cleanse with
   a calibrated threshold) on its own population, `scan_bench.scan_table` with the config's
   `scan_model` (FULL and QUICK have one; None leaves the tables out).
+
+`run` has three parts (`PARTS`), each with its own population, and the bench runs each as its
+own cell: "detectors" (every table above but two), "scan-model" (its two tables) and
+"categorizer-lofo" (its table). FULL's sizes (6 seeds, a null of 24 clean retrains, the
+training-data detectors on 3 seeds) keep the "detectors" cell near two minutes on 2 CPU
+cores; the timing table of each cell says where its time went.
 
 Memory: the population trains `population_chunk` members per vmap, so that their training
 data (the shared training set, and each member's gathered sample and poisoned copy, float32)
@@ -65,7 +72,7 @@ scipy's LAPACK) to one thread (threadpoolctl). Their worker threads otherwise co
 XLA's own thread pool for the cores: on this project's 2-core CPU (loaded), ten 200 x 200
 `jnp.linalg.eigh` took 1.4-7 s with the default two BLAS threads and 0.06-0.13 s with one,
 and activation clustering and spectral signatures each take one such batch per poisoned
-member (60 of them in FULL). XLA's own kernels do not use these libraries.
+member (30 of them in FULL). XLA's own kernels do not use these libraries.
 """
 
 from __future__ import annotations
@@ -129,9 +136,9 @@ class BenchConfig:
     recipe: str = "seed-mlp"
     hidden: int = 200
     sample_size: int = 10_000
-    seeds: int = 10
+    seeds: int = 6
     clean_per_seed: int = 2
-    n_null: int = 39
+    n_null: int = 24  # as many clean retrains as `detect`'s calibration (CalibrationConfig)
     probes: int = 1000
     n_patched: int = 200
     n_images: int = 10_000
@@ -143,6 +150,7 @@ class BenchConfig:
         ("mixture", 0.05), ("mixture", 0.2), ("blended", 0.1), ("sparse", 0.1),
         ("sig", 0.5), ("warp", 0.1))  # sig: of the target class (clean-label), ~5% of all
     strip_images: int = 500  # STRIP: clean and triggered / attacked test images per column
+    data_seeds: int = 3  # the training-data detectors scan the poisoned members of these seeds
     alpha: float = 0.05
     fpr: float = 0.05
     memory_cap: int = 2**30  # bytes for the population's training data (`population_chunk`)
@@ -165,6 +173,10 @@ class BenchConfig:
         if self.lofo_refs < 0 or self.lofo_per_family < 1:
             raise ConfigError(f"detection bench: expected lofo_refs >= 0 and lofo_per_family "
                               f">= 1, found {self.lofo_refs} and {self.lofo_per_family}")
+        if isinstance(self.data_seeds, bool) or not isinstance(self.data_seeds, int) \
+                or self.data_seeds < 1:
+            raise ConfigError(f"detection bench: expected data_seeds an int >= 1, found "
+                              f"{self.data_seeds!r}")
         if isinstance(self.strip_images, bool) or not isinstance(self.strip_images, int) \
                 or self.strip_images < 2:
             raise ConfigError(f"detection bench: expected strip_images an int >= 2, found "
@@ -279,7 +291,8 @@ def _training_data_table(cfg: BenchConfig, ds: Dataset, members: _Members, pop, 
     detector compiles once for the whole table instead of once per block size."""
     model = pop.plan.arch
     poisoned = [int(i) for i in members.rows("suspect")
-                if members.table.at[i, "label"] != CLEAN]
+                if members.table.at[i, "label"] != CLEAN
+                and members.table.at[i, "seed"] < cfg.data_seeds]
 
     def data(i):
         return poisoned_sample(ds.x_train, ds.y_train, idx[i],
@@ -412,16 +425,47 @@ def _one_blas_thread(fn):
     return inner
 
 
+PARTS = ("detectors", "scan-model", "categorizer-lofo")  # one bench cell each (`run`)
+
+
 @_one_blas_thread
 def run(ds: Dataset, *, quick: bool = False, seed: int = 0,
-        config: BenchConfig | None = None) -> dict[str, pd.DataFrame]:
+        config: BenchConfig | None = None, parts=PARTS) -> dict[str, pd.DataFrame]:
     """Train, change, detect and categorize; return the tables named in the module docstring.
 
     quick: the small configuration (`QUICK`: hidden 64, 3,000-image samples, 4 seeds) instead
-    of `FULL`; config overrides both. Same seed, same tables.
+    of `FULL`; config overrides both. parts: which of `PARTS` to run, each with its own
+    population: "detectors" (every table but two), "scan-model" ("scan_model",
+    "scan_model_summary"; none when the config's scan_model is None) and "categorizer-lofo"
+    ("categorizer_lofo"; none when lofo_refs is 0). The bench runs each part as its own cell.
+    "timing" has the stages of the parts run. Same seed, same tables. ConfigError for an
+    unknown part.
     """
     cfg = (config or (QUICK if quick else FULL)).validate()
+    parts = tuple(parts)
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise ConfigError(f"detection bench: expected parts among {list(PARTS)}, found "
+                          f"{unknown or 'none'}")
     timing: dict[str, float] = {}
+    out: dict[str, pd.DataFrame] = {}
+    if "detectors" in parts:
+        out.update(_detectors(cfg, ds, seed, timing))
+    if "categorizer-lofo" in parts and cfg.lofo_refs:
+        clock = time.perf_counter()
+        out["categorizer_lofo"] = _categorizer_lofo(cfg, ds, seed)
+        timing["categorizer leave-one-family-out"] = time.perf_counter() - clock
+    if "scan-model" in parts and cfg.scan_model is not None:
+        clock = time.perf_counter()  # the reference-free scan (scan_bench.py)
+        out.update(scan_bench.scan_table(ds, seed=seed, config=cfg.scan_model))
+        timing["scan-model table"] = time.perf_counter() - clock
+    out["timing"] = pd.DataFrame({"seconds": timing}).rename_axis("stage")
+    return out
+
+
+def _detectors(cfg: BenchConfig, ds: Dataset, seed: int,
+               timing: dict[str, float]) -> dict[str, pd.DataFrame]:
+    """The "detectors" part of `run`: its tables; its stages' seconds added to timing."""
     clock = time.perf_counter()
     key = attack_key(seed)  # input changes and detector draws: apart from training keys
     members = _Members(cfg, seed)
@@ -493,16 +537,6 @@ def run(ds: Dataset, *, quick: bool = False, seed: int = 0,
                                       jax.random.fold_in(key, 10**6 + 1))
     timing["training-data detectors"] = time.perf_counter() - clock
 
-    lofo = {}
-    if cfg.lofo_refs:
-        clock = time.perf_counter()
-        lofo["categorizer_lofo"] = _categorizer_lofo(cfg, ds, seed)
-        timing["categorizer leave-one-family-out"] = time.perf_counter() - clock
-    scan_tables = {}  # the reference-free scan (scan_bench.py): its own population
-    if cfg.scan_model is not None:
-        clock = time.perf_counter()
-        scan_tables = scan_bench.scan_table(ds, seed=seed, config=cfg.scan_model)
-        timing["scan-model table"] = time.perf_counter() - clock
     clock = time.perf_counter()
     strip_table = _strip_table(cfg, ds, members, pop, jax.random.fold_in(key, 10**6 + 2))
     timing["strip"] = time.perf_counter() - clock
@@ -531,11 +565,10 @@ def run(ds: Dataset, *, quick: bool = False, seed: int = 0,
         "training_data": data_table,
         "cells": pd.concat([cells, pd.DataFrame(feats, columns=fingerprint.FEATURES)],
                            axis=1),
-        **lofo,
         "detectors": DETECTORS,
-        "timing": pd.DataFrame({"seconds": timing}).rename_axis("stage"),
-        **scan_tables,  # "scan_model", "scan_model_summary"
     }
+
+
 
 
 def _categorizer_lofo(cfg: BenchConfig, ds: Dataset, seed: int) -> pd.DataFrame:

@@ -21,7 +21,8 @@ A matrix file (see `bench/matrix.toml`) has these tables; every key not listed i
     [poison]      E4-E7 sweeps (and "backdoors": every backdoor family with its ASR,
                   `sweeps.EXTRA_SWEEPS`) + BadNets: dataset, model, sweeps, badnets_models,
                   badnets_n_train, hidden, epochs, seed, n_train, n_test
-    [detect]      the detection benchmark: dataset, quick = false, seed
+    [detect]      the detection benchmark: dataset, quick = false, seed; three cells, one per
+                  part (detection_bench.PARTS: detectors, scan-model, categorizer-lofo)
     [defenses]    defense x attack (defenses.py, adaptive.py): dataset, models, defenses,
                   attacks (columns: fgsm, pgd, adaptive, square, transfer), eps, seed,
                   n_train, n_test, steps, restarts, samples, queries, adv_eps, adv_steps,
@@ -57,6 +58,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from mlshift_jax.attacks.defenses import DEFENSES, resolve_options
 from mlshift_jax.attacks.evasion import ATTACKS, get_attack
+from mlshift_jax.bench.detection_bench import PARTS as DETECT_PARTS
 from mlshift_jax.bench.sweeps import EXTRA_SWEEPS
 from mlshift_jax.bench.sweeps import STUDY_SWEEPS as POISON_SWEEPS
 from mlshift_jax.core import rules
@@ -190,6 +192,7 @@ class DetectConfig:
     dataset: str
     quick: bool
     seed: int
+    part: str = "detectors"  # one of detection_bench.PARTS
 
 
 @dataclass(frozen=True)
@@ -815,8 +818,11 @@ def cells(matrix: Matrix) -> tuple[Cell, ...]:
         out += _poison_cells(matrix, matrix.poison)
     if matrix.detect is not None:
         d = matrix.detect
-        out.append(Cell(f"detect/{d.dataset}/seed{d.seed}", "detect",
-                        DetectConfig(dataset=d.dataset, quick=d.quick, seed=d.seed)))
+        for part in DETECT_PARTS:  # detection_bench.PARTS: one cell each
+            suffix = "" if part == DETECT_PARTS[0] else f"/{part}"
+            out.append(Cell(f"detect/{d.dataset}/seed{d.seed}{suffix}", "detect",
+                            DetectConfig(dataset=d.dataset, quick=d.quick, seed=d.seed,
+                                         part=part)))
     if matrix.defenses is not None:
         out += _defense_cells(matrix, matrix.defenses)
     ids = [c.id for c in out]

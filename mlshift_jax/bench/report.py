@@ -295,6 +295,12 @@ def _ratio(num: Any, den: Any) -> str:
     return f"{num / den:.3g}×"
 
 
+def _detect_part(record) -> str:
+    """The part a detect record ran: the last piece of its id, "detectors" for the first."""
+    last = str(record.get("id", "")).rsplit("/", 1)[-1]
+    return "detectors" if last.startswith("seed") else last
+
+
 def _detect_cell_rows(records: pd.DataFrame) -> list[dict[str, Any]]:
     """The speed table's rows for the detection benchmark cells ([detect]): the whole cell's
     wall time and the process's peak resident memory during it (sampled)."""
@@ -303,7 +309,7 @@ def _detect_cell_rows(records: pd.DataFrame) -> list[dict[str, Any]]:
         peak = r.get("peak_rss_bytes")
         out.append({
             "workload": "detection", "implementation": f"the detection benchmark cell "
-            f"({'quick' if 'quick' in str(r.get('id', '')) else r.get('dataset', '')})",
+            f"{_detect_part(r)} ({r.get('dataset', '')})",
             "n": "1", "median": fmt_time(r.get("median_s")), "min – max": "—",
             "rounds": 1, "spread": "—", "compile": "—", "speed-up vs numpy": "—",
             "vs torch": "—",
@@ -456,24 +462,41 @@ def _poison(records: pd.DataFrame) -> str:
     return f"*{note}*\n\n" + sweeps.markdown(tables, sweeps.findings(tables))
 
 
-def detection_tables(records: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """The detection benchmark's tables (detection_bench.run) of the first detect record."""
+def _detect_group(records: pd.DataFrame) -> pd.DataFrame:
+    """The detect records of the first (dataset, seed): one per part (detection_bench.PARTS,
+    the "detectors" cell first)."""
     rows = _rows(records, kind="detect")
     if not len(rows):
-        return {}
-    return {name: pd.DataFrame(**split) for name, split in rows.iloc[0]["detail"].items()}
+        return rows
+    first = rows.iloc[0]
+    same = rows[(rows["dataset"] == first["dataset"]) & (rows["seed"] == first["seed"])]
+    return same.sort_values("id", key=lambda ids: ids.str.count("/"), kind="stable")
+
+
+def detection_tables(records: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The detection benchmark's tables (detection_bench.run) of the first dataset and seed:
+    the tables of its cells together, their "timing" rows in one table."""
+    out: dict[str, pd.DataFrame] = {}
+    for _, r in _detect_group(records).iterrows():
+        for name, split in r["detail"].items():
+            table = pd.DataFrame(**split)
+            out[name] = pd.concat([out[name], table]) if name == "timing" and name in out \
+                else table
+    return out
 
 
 def _detect(records: pd.DataFrame) -> str:
     t = detection_tables(records)
-    if not t:
+    if "auc" not in t:
         return "No detection cell in this run.\n"
-    r = _rows(records, kind="detect").iloc[0]
+    group = _detect_group(records)
+    r = group.iloc[0]
     members = int(t["timing"].loc["population members", "seconds"])
+    cells = "; ".join(f"{_detect_part(c)} {fmt_time(c['median_s'])}"
+                      for _, c in group.iterrows())
     head = (f"{r['dataset']}: {members} {r['model']} models (hidden {int(r['hidden'])}, each on "
             f"its own random sample of {int(r['n_train']):,} training images) trained as one "
-            f"population in {fmt_time(r['train_s'])}; the whole benchmark took "
-            f"{fmt_time(r['median_s'])}.\n\n")
+            f"population in {fmt_time(r['train_s'])}. The benchmark's cells took: {cells}.\n\n")
     auc = _md(t["auc"], "ROC-AUC of each detector (rows) on each change kind (columns); blank "
               "where the detector does not apply. Input detectors score attacked vs clean test "
               "images; the fingerprint test scores changed systems vs clean retrains; "
