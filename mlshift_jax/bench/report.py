@@ -512,8 +512,9 @@ def _detect(records: pd.DataFrame) -> str:
                     "change, columns: its verdict), every cell predicted by a categorizer "
                     "trained without that cell's seed.")
     data_tab = _md(t["training_data"], "Training-data detectors against the poison mask "
-                   "(means over seeds). auc: ROC-AUC over all training samples; auc_in_class:"
-                   " within the label holding the poison (the detectors rank within a class); "
+                   "(means over the seeds scanned, the first data_seeds). auc: ROC-AUC over all "
+                   "training samples; auc_in_class: within the label holding the poison (the "
+                   "detectors rank within a class); "
                    "precision / recall of the samples each would remove (spectral methods: "
                    "1.5 * eps of each class, eps the true poisoned fraction; activation "
                    "clustering: the smaller cluster of a class judged poisoned). All three "
@@ -597,8 +598,8 @@ def _detector_by_attack(t: dict[str, pd.DataFrame]) -> str:
             "triggered test images (true class not the target) vs clean test images on the "
             "model backdoored with that trigger (mixture = BadNets patch, blended, sparse, "
             "sig, warp). Training-data detectors score poisoned vs clean training samples "
-            "(means over seeds); the fingerprint test scores changed systems vs clean "
-            "retrains. Nothing is tuned to a column: every detector keeps its defaults.")
+            "(means over the seeds scanned); the fingerprint test scores changed systems vs "
+            "clean retrains. Nothing is tuned to a column: every detector keeps its defaults.")
     return ("\n### Detector × attack kind: ROC-AUC and TPR at 5% FPR\n\n"
             + _md(table[keep], note, index=False, floatfmt=".3f"))
 
