@@ -17,8 +17,8 @@ Tables (`run` returns them by name):
   (activation clustering, spectral signatures, SPECTRE) on training samples (poisoned vs
   not, mean over the first `data_seeds` seeds); STRIP on attacked vs clean test images (the
   first seed's reference) and on triggered vs clean test images (the first seed's model
-  backdoored with that trigger). NaN where a detector does not apply. The poisonings include the
-  trigger-array backdoors (blended, sparse, sig, warp; `poison.py`).
+  backdoored with that trigger). NaN where a detector does not apply. The poisonings include
+  the trigger-array backdoors (blended, sparse, sig, warp; `poison.py`).
 - "input_detectors": per attack, eps and detector: ROC-AUC and TPR at `fpr` FPR.
 - "change_test": per change kind: ROC-AUC, detection rate at `alpha`, mean p-value and the
   cross-entropy of the "changed" probability (`fingerprint.changed_probability`), as NIST
@@ -34,9 +34,9 @@ Tables (`run` returns them by name):
 - "training_data": per training-data detector (activation clustering, spectral signatures,
   SPECTRE) and poisoning: precision, recall, ROC-AUC over all samples and ROC-AUC within the
   class holding the poison ("auc_in_class"), means over the first `data_seeds` seeds,
-  against the poison mask. The
-  spectral methods get the member's true poisoned fraction as eps (they remove
-  1.5 * eps of each class; the papers assume a known bound), and TPR at `fpr`.
+  against the poison mask. The spectral methods get the member's true poisoned fraction as
+  eps (they remove 1.5 * eps of each class; the papers assume a known bound), and TPR at
+  `fpr`.
 - "detector_by_attack": detector x attack kind, two rows per detector (metric "auc" and
   "tpr@<fpr>fpr"), one column per change: the input detectors and STRIP on input attacks
   (attacked vs clean test images, the first seed's reference) and STRIP on triggers
@@ -430,7 +430,8 @@ PARTS = ("detectors", "scan-model", "categorizer-lofo")  # one bench cell each (
 
 @_one_blas_thread
 def run(ds: Dataset, *, quick: bool = False, seed: int = 0,
-        config: BenchConfig | None = None, parts=PARTS) -> dict[str, pd.DataFrame]:
+        config: BenchConfig | None = None,
+        parts: tuple[str, ...] = PARTS) -> dict[str, pd.DataFrame]:
     """Train, change, detect and categorize; return the tables named in the module docstring.
 
     quick: the small configuration (`QUICK`: hidden 64, 3,000-image samples, 4 seeds) instead
