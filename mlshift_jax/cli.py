@@ -722,8 +722,9 @@ def cmd_bench(args) -> None:
     if args.only:  # a partial run: show its cells, leave the full tables as they are
         cols = [c for c in ("id", "status", "accuracy", "f1", "median_s") if c in records]
         print(tabulate(records[cols].values.tolist(), headers=cols, floatfmt=".4f"))
-        print(f"mlshift: --only: {len(records)} cells in {seconds:.0f} s; tables in {out} "
-              "left unchanged (run without --only to rewrite them)", file=sys.stderr)
+        print(f"mlshift: --only: {len(records)} cells in {seconds:.0f} s, cached in {out}; "
+              "tables not written: a run without --only writes them from the cache, and "
+              "tables already there are left unchanged", file=sys.stderr)
         return
     if jax.process_index() != 0:  # a multi-host run: process 0 writes the report
         return
@@ -822,7 +823,8 @@ def _options():
                    "help": "a matrix TOML file; default bench/matrix.toml (a custom matrix "
                    "writes to results/<platform>-<name>/ unless --out)"},
         "only": {"metavar": "PATTERN",
-                 "help": "run only the cells whose id matches (glob or substring)"},
+                 "help": "run only the cells whose id matches (glob or substring) and cache "
+                         "them; the tables are written only by a run without --only"},
         "out": {"metavar": "DIR", "help": "output folder; default results/<platform>/ (its "
                 "-quick, -<matrix> or -sample sibling for --quick, --matrix or the bundled "
                 "sample)"},

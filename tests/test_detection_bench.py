@@ -69,6 +69,10 @@ def test_parts_and_data_seeds_are_checked(mnist):
         detection_bench.run(mnist, config=TINY, parts=("detector",))
     with pytest.raises(ConfigError, match="parts among"):
         detection_bench.run(mnist, config=TINY, parts=())
+    with pytest.raises(ConfigError, match="parts a tuple"):
+        detection_bench.run(mnist, config=TINY, parts=None)
+    with pytest.raises(ConfigError, match=r"found \['scan_model'\]"):
+        detection_bench.run(mnist, config=TINY, parts="scan_model")  # one name, misspelt
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ConfigError, match="data_seeds"):
             detection_bench.with_overrides(TINY, data_seeds=bad)

@@ -229,7 +229,8 @@ eps = [0.1]
 quick = true
 """
     cell = [c for c in matrix.cells(matrix.parse(text)) if c.kind == "detect"]
-    assert [c.id for c in cell] == ["detect/mnist/seed0", "detect/mnist/seed0/scan-model",
+    assert [c.id for c in cell] == ["detect/mnist/seed0/detectors",
+                                    "detect/mnist/seed0/scan-model",
                                     "detect/mnist/seed0/categorizer-lofo"]
     assert [c.config.part for c in cell] == ["detectors", "scan-model", "categorizer-lofo"]
     assert all(c.config.quick is True for c in cell)

@@ -192,7 +192,8 @@ def _detect_record() -> dict:
                        columns=["fgsm 0.1", "mixture 5%"])
     cells = pd.DataFrame({"seed": [0, 0], "change": ["clean", "fgsm 0.1"],
                           "predicted": ["none", "adversarial-input"], "p_value": [0.5, 0.025]})
-    return {"id": "detect/mnist/seed0", "kind": "detect", "block": "detect", "dataset": "mnist",
+    return {"id": "detect/mnist/seed0/detectors", "kind": "detect", "block": "detect",
+            "dataset": "mnist",
             "model": "seed-mlp", "seed": 0, "hidden": 200, "n_train": 10000, "median_s": 80.0,
             "train_s": 50.0, "detail": {"auc": json.loads(auc.to_json(orient="split")),
                                         "cells": json.loads(cells.to_json(orient="split"))}}
@@ -224,7 +225,7 @@ def test_records_csv_is_long_one_row_per_cell_and_measure(tmp_path):
     assert cell.loc[attack.index, "eps"].tolist() == attack["eps"].tolist()
     assert cell["n_test"].tolist() == [200.0] * 4 and "n_test" not in set(own["measure"])
     # a detail table pivots back to itself; text values land in `text`
-    det = csv[csv["id"] == "detect/mnist/seed0"]
+    det = csv[csv["id"] == "detect/mnist/seed0/detectors"]
     auc = det[det["table"] == "auc"].pivot(index="row", columns="measure", values="value")
     assert auc.loc["confidence", "fgsm 0.1"] == 0.7 and auc.loc["fingerprint test"].eq(1).all()
     assert np.isnan(auc.loc["confidence", "mixture 5%"])  # a missing value is left out

@@ -425,11 +425,9 @@ def test_progress_on_a_terminal_is_a_live_bar():
 
 def test_detect_cell_lands_in_the_report(tmp_path, monkeypatch):
     """The detection benchmark as a matrix cell (a tiny configuration stands in for QUICK)."""
-    from mlshift_jax.bench import detection_bench
-    from tests.test_categorize import TINY as TINY_DETECT
-
-    from mlshift_jax.bench import scan_bench
+    from mlshift_jax.bench import detection_bench, scan_bench
     from mlshift_jax.detection.neural_cleanse import ScanConfig
+    from tests.test_categorize import TINY as TINY_DETECT
 
     scan = scan_bench.ScanBenchConfig(hidden=8, sample_size=400, kinds=("patch",),
                                       rates=(0.1,), per_cell=1, n_null=2, n_clean=1,
@@ -440,8 +438,8 @@ def test_detect_cell_lands_in_the_report(tmp_path, monkeypatch):
     path = tmp_path / "detect.toml"
     path.write_text(TINY + '\n[detect]\nquick = true\nseed = 1\n')
     records = runner.run(path, out_dir=tmp_path / "out", only="detect")
-    assert list(records["id"]) == ["detect/mnist/seed1", "detect/mnist/seed1/scan-model",
-                                   "detect/mnist/seed1/categorizer-lofo"]
+    assert list(records["id"]) == [f"detect/mnist/seed1/{part}"
+                                   for part in detection_bench.PARTS]
     tables = report.detection_tables(records)  # the three cells' tables together
     assert {"auc", "change_test", "confusion", "training_data", "categorizer_lofo",
             "scan_model"} <= set(tables)

@@ -49,7 +49,7 @@ def test_per_sample_scan_float32_tracks_float64(mnist):
         np.testing.assert_allclose(np.asarray(params[k]), v, atol=1e-4)
 
 
-@pytest.mark.parametrize("block", [7, 64, 1000])
+@pytest.mark.parametrize("block", [7, np.int64(64), 1000])
 def test_blocked_rule_equals_per_step_loop_float64(mnist, block):
     """The blocked form (`_seed_sgd_block`) is the per-step rule in another order: 450
     samples leave a remainder at block 7 and 64, and none fill a block of 1000."""

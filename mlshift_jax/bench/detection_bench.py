@@ -54,10 +54,10 @@ Tables (`run` returns them by name):
   `scan_model` (FULL and QUICK have one; None leaves the tables out).
 
 `run` has three parts (`PARTS`), each with its own population, and the bench runs each as its
-own cell: "detectors" (every table above but two), "scan-model" (its two tables) and
-"categorizer-lofo" (its table). FULL's sizes (6 seeds, a null of 24 clean retrains, the
-training-data detectors on 3 seeds) keep the "detectors" cell near two minutes on 2 CPU
-cores; the timing table of each cell says where its time went.
+own cell: "scan-model" ("scan_model", "scan_model_summary"), "categorizer-lofo"
+("categorizer_lofo") and "detectors" (every other table above). FULL's sizes (6 seeds, a null
+of 24 clean retrains, the training-data detectors on 3 seeds) keep the "detectors" cell near
+two minutes on 2 CPU cores; the timing table of each cell says where its time went.
 
 Memory: the population trains `population_chunk` members per vmap, so that their training
 data (the shared training set, and each member's gathered sample and poisoned copy, float32)
@@ -435,14 +435,20 @@ def run(ds: Dataset, *, quick: bool = False, seed: int = 0,
     """Train, change, detect and categorize; return the tables named in the module docstring.
 
     quick: the small configuration (`QUICK`: hidden 64, 3,000-image samples, 4 seeds) instead
-    of `FULL`; config overrides both. parts: which of `PARTS` to run, each with its own
-    population: "detectors" (every table but two), "scan-model" ("scan_model",
-    "scan_model_summary"; none when the config's scan_model is None) and "categorizer-lofo"
-    ("categorizer_lofo"; none when lofo_refs is 0). The bench runs each part as its own cell.
+    of `FULL`; config overrides both. parts: which of `PARTS` to run (a name or a tuple of
+    names), each with its own population: "scan-model" ("scan_model", "scan_model_summary";
+    none when the config's scan_model is None), "categorizer-lofo" ("categorizer_lofo"; none
+    when lofo_refs is 0) and "detectors" (every other table of the module docstring). The
+    bench runs each part as its own cell.
     "timing" has the stages of the parts run. Same seed, same tables. ConfigError for an
     unknown part.
     """
     cfg = (config or (QUICK if quick else FULL)).validate()
+    if isinstance(parts, str):
+        parts = (parts,)
+    if not isinstance(parts, (tuple, list)):
+        raise ConfigError(f"detection bench: expected parts a tuple of names from "
+                          f"{list(PARTS)}, found {parts!r}")
     parts = tuple(parts)
     unknown = [p for p in parts if p not in PARTS]
     if unknown or not parts:

@@ -819,8 +819,7 @@ def cells(matrix: Matrix) -> tuple[Cell, ...]:
     if matrix.detect is not None:
         d = matrix.detect
         for part in DETECT_PARTS:  # detection_bench.PARTS: one cell each
-            suffix = "" if part == DETECT_PARTS[0] else f"/{part}"
-            out.append(Cell(f"detect/{d.dataset}/seed{d.seed}{suffix}", "detect",
+            out.append(Cell(f"detect/{d.dataset}/seed{d.seed}/{part}", "detect",
                             DetectConfig(dataset=d.dataset, quick=d.quick, seed=d.seed,
                                          part=part)))
     if matrix.defenses is not None:

@@ -40,7 +40,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from mlshift_jax.bench import sweeps
+from mlshift_jax.bench import detection_bench, sweeps
 from mlshift_jax.bench.torch_peer import NOT_INSTALLED
 from mlshift_jax.core import fmt, study
 from mlshift_jax.core.files import atomic_path, clean_stale_temps, write_text
@@ -296,9 +296,8 @@ def _ratio(num: Any, den: Any) -> str:
 
 
 def _detect_part(record) -> str:
-    """The part a detect record ran: the last piece of its id, "detectors" for the first."""
-    last = str(record.get("id", "")).rsplit("/", 1)[-1]
-    return "detectors" if last.startswith("seed") else last
+    """The part a detect record ran (detection_bench.PARTS): the last piece of its id."""
+    return str(record.get("id", "")).rsplit("/", 1)[-1]
 
 
 def _detect_cell_rows(records: pd.DataFrame) -> list[dict[str, Any]]:
@@ -470,7 +469,9 @@ def _detect_group(records: pd.DataFrame) -> pd.DataFrame:
         return rows
     first = rows.iloc[0]
     same = rows[(rows["dataset"] == first["dataset"]) & (rows["seed"] == first["seed"])]
-    return same.sort_values("id", key=lambda ids: ids.str.count("/"), kind="stable")
+    order = {part: i for i, part in enumerate(detection_bench.PARTS)}
+    return same.sort_values("id", key=lambda ids: ids.map(
+        lambda i: order.get(_detect_part({"id": i}), len(order))), kind="stable")
 
 
 def detection_tables(records: pd.DataFrame) -> dict[str, pd.DataFrame]:
