@@ -47,7 +47,10 @@ print(json.dumps({
     "population_max_diff": max(float(jnp.max(jnp.abs(one[k] - many[k]))) for k in one),
     "population_shape": list(many["wih"].shape),
     "fgsm_pixels_differing": int(np.sum(np.asarray(adv_one) != np.asarray(adv_many))),
-    "pgd_max_diff": float(jnp.max(jnp.abs(pgd_one - pgd_many))),
+    "pgd_pixels_differing": int(np.sum(np.abs(np.asarray(pgd_one) - np.asarray(pgd_many))
+                                       > 1e-5)),
+    "pgd_accuracy_diff": abs(evaluate(SEED_MLP, first, pgd_one, y)["accuracy"]
+                             - evaluate(SEED_MLP, first, pgd_many, y)["accuracy"]),
     "adv_shape": list(adv_many.shape),
     "scores_max_diff": max(abs(scores_one[k] - scores_many[k]) for k in scores_one),
     "population_scores_max_diff": max(float(np.max(np.abs(np.asarray(pop_one[k])

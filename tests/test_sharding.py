@@ -23,7 +23,10 @@ def test_four_forced_host_devices_give_the_one_device_results():
     assert r["population_shape"] == [6, 32, 784] and r["adv_shape"] == [1001, 784]
     assert r["population_max_diff"] <= 1e-5
     assert r["fgsm_pixels_differing"] <= 1001 * 784 * 1e-4  # sign flips at ~0 gradients only
-    assert r["pgd_max_diff"] <= 1e-5
+    # PGD takes the sign of the gradient each step: where it is ~0, the sharded sum's rounding
+    # can flip it (2 of 784,784 pixels, one image, with this seed's model); nothing else moves
+    assert r["pgd_pixels_differing"] <= 1001 * 784 * 1e-4
+    assert r["pgd_accuracy_diff"] <= 1 / 1001
     assert r["scores_max_diff"] <= 1e-6 and r["population_scores_max_diff"] <= 1e-6
 
 
