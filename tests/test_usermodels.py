@@ -98,11 +98,12 @@ _counter = itertools.count()
 
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
-    """A fresh module written to tmp_path, the working folder; its name (unique per test)."""
+    """A fresh module written to tmp_path, put on the Python path as PYTHONPATH would; its
+    name (unique per test). The working folder is elsewhere: it is never searched."""
     name = f"user_models_{next(_counter)}"
     (tmp_path / f"{name}.py").write_text(textwrap.dedent(USER_MODULE))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.setattr(sys, "path", [str(tmp_path),
+                                      *(p for p in sys.path if p not in ("", str(tmp_path)))])
     yield name
     sys.modules.pop(name, None)
 
@@ -135,7 +136,9 @@ def test_user_model_build_fit_save_load_attack_evaluate(user_module, tmp_path, a
 
     meta = weights.metadata(model, train=CFG)
     weights.save(tmp_path / suffix, params, meta)
-    loaded_model, loaded, got = weights.load_model(tmp_path / suffix)
+    with pytest.raises(ConfigError, match=f"never imported.*--model {ref}"):
+        weights.load_model(tmp_path / suffix)  # the file alone: not imported, one line
+    loaded_model, loaded, got = weights.load_model(tmp_path / suffix, model=ref)
     assert loaded_model is model and got["model"]["ref"] == ref
     assert got["input_shape"] == list(SHAPE) and got["train"]["lr"] == CFG.lr
     assert evaluate(loaded_model, loaded, x_test, y_test, n_classes=K) == clean
@@ -162,7 +165,7 @@ def test_hyper_parameters_reach_the_factory_and_the_metadata(user_module, tmp_pa
     params = model.init(jax.random.key(0))
     assert params["mlp"]["layers"][0]["weight"].shape == (7, 4 * 8 * 8)
     weights.save(tmp_path / "w.safetensors", params, weights.metadata(model))
-    loaded_model, _, meta = weights.load_model(tmp_path / "w.safetensors")
+    loaded_model, _, meta = weights.load_model(tmp_path / "w.safetensors", model=ref)
     assert meta["model"]["hparams"] == {"width": 7} and loaded_model is model
     linen = usermodels.recipe(f"{user_module}:linen", {"width": 5}).build(SPEC)
     assert linen.init(jax.random.key(0))["params"]["Dense_0"]["kernel"].shape[1] == 5
@@ -214,6 +217,9 @@ def test_a_module_that_fails_to_import_is_named(tmp_path, monkeypatch):
     (tmp_path / "broken_user_mod.py").write_text("import not_installed_pkg_xyz\n")
     (tmp_path / "syntax_user_mod.py").write_text("def f(:\n")
     monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="the working folder is not searched"):
+        usermodels.recipe("broken_user_mod:f")
+    monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ConfigError, match="needs the module 'not_installed_pkg_xyz'"):
         usermodels.recipe("broken_user_mod:f")
     with pytest.raises(ConfigError, match="importing syntax_user_mod failed: SyntaxError"):

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 import time
 import zipfile
@@ -182,8 +183,8 @@ def read_head(path: str | os.PathLike, n: int, what: str) -> tuple[int, bytes]:
     """(size in bytes, first n bytes) of a file; one DataError naming it when it is missing,
     a folder or unreadable (what: what was expected there)."""
     shown = str(path) or "''"
+    size = regular_file(path, what)
     try:
-        size = os.stat(path).st_size
         with open(path, "rb") as fh:
             return size, fh.read(n)
     except FileNotFoundError:
@@ -194,7 +195,35 @@ def read_head(path: str | os.PathLike, n: int, what: str) -> tuple[int, bytes]:
         raise DataError(f"{shown}: expected a readable file, found {e.strerror or e}") from None
 
 
-def read_npz(path: str | os.PathLike, *, what: str = "a .npz of arrays") -> dict[str, np.ndarray]:
+def file_kind(mode: int) -> str:
+    """What a stat mode is, in words ("a folder", "a FIFO (named pipe)", ...)."""
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a regular file")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def regular_file(path: str | os.PathLike, what: str) -> int:
+    """The size of `path` when it is a regular file (symlinks followed); one DataError naming
+    it otherwise: missing, a folder, a FIFO, a device or a socket (never opened: a FIFO would
+    block, /dev/zero would never end)."""
+    shown = str(path) or "''"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DataError(f"{shown}: expected {what}, found no such file") from None
+    except OSError as e:
+        raise DataError(f"{shown}: expected a readable file, found {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"{shown}: expected {what} (a regular file), found "
+                        f"{file_kind(st.st_mode)}")
+    return st.st_size
+
+
+def read_npz(path: str | os.PathLike, *, what: str = "a .npz of arrays",
+             only: str | None = None) -> dict[str, np.ndarray]:
     """Read an `.npz` safely: {name: array}, each array a fresh writable copy.
 
     No pickle is ever loaded. Refused, each with one `DataError` naming `path`: a missing,
@@ -203,7 +232,8 @@ def read_npz(path: str | os.PathLike, *, what: str = "a .npz of arrays") -> dict
     whose declared size differs from the member's real size, or whose inflated size exceeds
     MAX_INFLATE_RATIO times its compressed size; members that together need more than
     MEMORY_SHARE of the memory free now (checked before allocating); a CRC mismatch or corrupt
-    deflate data. `what` says what was expected (for the messages).
+    deflate data. `what` says what was expected (for the messages); only: read just the
+    member of that name (every member's sizes are still checked; {} when it is absent).
     """
     path = Path(path)
     shown = str(path) or "''"
@@ -220,7 +250,8 @@ def read_npz(path: str | os.PathLike, *, what: str = "a .npz of arrays") -> dict
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
             plan = _plan(shown, infos, size)
-            return {name: _read_member(shown, zf, info) for name, info in plan}
+            return {name: _read_member(shown, zf, info) for name, info in plan
+                    if only is None or name == only}
     except DataError:
         raise
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:

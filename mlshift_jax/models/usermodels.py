@@ -45,7 +45,6 @@ import functools
 import importlib
 import inspect
 import math
-import os
 import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -57,7 +56,7 @@ from mlshift_jax.core.errors import ConfigError, DataError
 from mlshift_jax.data.spec import Spec
 from mlshift_jax.models import recipes
 from mlshift_jax.models.recipes import Recipe
-from mlshift_jax.models.weights import path_name, unflatten
+from mlshift_jax.models.weights import check_hparams, path_name, unflatten
 from mlshift_jax.models.zoo import Model, Params
 
 # the recipe defaults of a user model trained by the harness (Adam on the mean cross-entropy)
@@ -104,21 +103,24 @@ def _module_of(obj: Any, module: str, cls: str) -> type | None:
 
 
 def import_ref(ref: str) -> Any:
-    """The object `attr` of "pkg.module:attr" (attr may be dotted), importing the module from
-    PYTHONPATH or the current working folder. ConfigError in one line otherwise."""
+    """The object `attr` of "pkg.module:attr" (attr may be dotted), importing the module the
+    way Python does (sys.path: installed packages and PYTHONPATH). The working folder is never
+    added to sys.path: a module next to a downloaded model is not imported because of where
+    the command runs. ConfigError in one line otherwise.
+
+    Only call this with a reference the user gave (an option, an argument): never with one
+    read from a file."""
     mod_name, sep, attr = ref.partition(":")
     idents = mod_name.split(".") + attr.split(".")
     if not sep or not all(p.isidentifier() for p in idents):
         raise ConfigError(f"model {ref!r}: expected a built-in name or 'pkg.module:attr'")
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.append(cwd)
     try:
         obj = importlib.import_module(mod_name)
     except ModuleNotFoundError as e:
         if e.name and (mod_name == e.name or mod_name.startswith(e.name + ".")):
-            raise ConfigError(f"model {ref!r}: no module named {e.name!r} on PYTHONPATH or in "
-                              f"the working folder {cwd}") from None
+            raise ConfigError(f"model {ref!r}: no module named {e.name!r} on the Python path "
+                              "(install it, or add its folder to PYTHONPATH; the working "
+                              "folder is not searched)") from None
         raise ConfigError(f"model {ref!r}: importing {mod_name} failed: it needs the module "
                           f"{e.name!r}, which is not installed") from None
     except Exception as e:  # noqa: BLE001 - any error in the user's module, in one line
@@ -477,9 +479,10 @@ def build_model(ref: str, *, input_shape=None, n_classes=None, input_range=None,
     stored input shape, classes, range and hyper-parameters (None: MNIST's)."""
     spec = Spec(tuple(input_shape or (28, 28, 1)), int(n_classes or 10),
                 tuple(input_range or (0.01, 1.0)))
+    hparams = check_hparams(ref, dict(hparams or {}), f"model {ref!r}")
     r = get_recipe(ref, hparams if ":" in ref else None)
     if hasattr(r, "build"):
-        hidden = dict(hparams or {}).get("hidden")
+        hidden = hparams.get("hidden") if ":" not in ref else None
         cfg = recipes.TrainConfig(**({"hidden": int(hidden)} if hidden else {}))
         return r.build(spec, cfg)
     model = r.arch  # a built-in recipe before the contract's build(spec, cfg)

@@ -26,7 +26,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -244,14 +246,16 @@ def load(path: str | os.PathLike, *, finite: bool = True) -> tuple[Any, dict]:
     from mlshift_jax.core.files import read_head
 
     shown = str(path) or "''"
-    _, head = read_head(path, 4, "a weights file")
+    size, head = read_head(path, 4, "a weights file")
     if not head:
         raise DataError(f"{shown}: expected a weights file, found an empty (0-byte) file")
-    if head.startswith(b"PK"):
-        flat, text = _read_npz(path, shown)
+    if head.startswith(b"PK"):  # the metadata member first: checked before any array is read
+        meta = check_metadata(_parse_meta(_npz_meta_text(path, shown), shown), shown)
+        flat = _read_npz(path, shown)
     else:
-        flat, text = _read_safetensors(path, shown)
-    meta = _parse_meta(text, shown)
+        blob = _read_bounded(path, shown, size)
+        meta = check_metadata(_parse_meta(_safetensors_meta_text(blob, shown), shown), shown)
+        flat = _read_safetensors(blob, shown)
     flat = _check(shown, flat, finite)
     for name, dtype in (meta.get("widened") or {}).items():
         if name in flat and dtype in _WIDENED:
@@ -266,53 +270,281 @@ def load(path: str | os.PathLike, *, finite: bool = True) -> tuple[Any, dict]:
     return unflatten(flat), meta
 
 
-def _read_npz(path, shown: str) -> tuple[dict[str, np.ndarray], str | None]:
+MAX_META_BYTES = 1 << 20  # the metadata JSON: 1 MiB is ~1000 times what `save` writes
+MAX_META_DEPTH = 16  # nesting of the metadata JSON (save writes 4 levels at most)
+
+
+def _npz_meta_text(path, shown: str) -> str | None:
+    """The "__mlshift__" member's JSON text, read before any array (None: no member)."""
     from mlshift_jax.core import files
 
-    arrays = files.read_npz(path, what="a .npz of weights")  # sizes, inflation, CRC
-    raw = arrays.pop(NPZ_META, None)
+    raw = files.read_npz(path, what="a .npz of weights", only=NPZ_META).get(NPZ_META)
     if raw is None:
-        return arrays, None
-    if raw.dtype != np.uint8 or raw.ndim != 1:
-        raise DataError(f"{shown}: expected {NPZ_META!r} as uint8 JSON bytes, found "
-                        f"{raw.dtype} {list(raw.shape)}")
+        return None
+    if raw.dtype != np.uint8 or raw.ndim != 1 or raw.size > MAX_META_BYTES:
+        raise DataError(f"{shown}: expected {NPZ_META!r} as at most {MAX_META_BYTES} uint8 "
+                        f"JSON bytes, found {raw.dtype} {list(raw.shape)}")
     try:
-        return arrays, raw.tobytes().decode()
+        return raw.tobytes().decode()
     except UnicodeDecodeError:
         raise DataError(f"{shown}: expected {NPZ_META!r} to hold UTF-8 JSON, found other "
                         "bytes") from None
 
 
-def _read_safetensors(path, shown: str) -> tuple[dict[str, np.ndarray], str | None]:
+def _read_npz(path, shown: str) -> dict[str, np.ndarray]:
+    from mlshift_jax.core import files
+
+    arrays = files.read_npz(path, what="a .npz of weights")  # sizes, inflation, CRC
+    arrays.pop(NPZ_META, None)
+    return arrays
+
+
+def _read_bounded(path, shown: str, size: int) -> bytes:
+    """The whole (regular) file, refused when it would take more memory than is free."""
+    from mlshift_jax.core import files
+
+    free = files.available_memory()
+    if size > files.MEMORY_SHARE * free:
+        raise DataError(f"{shown}: a weights file of ~{files.gib(size)}, this machine has "
+                        f"{files.gib(free)} free; refusing to load it")
+    with open(path, "rb") as f:
+        blob = f.read(size + 1)
+    if len(blob) != size:
+        raise DataError(f"{shown}: expected a file of fixed size {size}, found it changing "
+                        "while read")
+    return blob
+
+
+def _safetensors_meta_text(blob: bytes, shown: str) -> str | None:
+    """The "mlshift" metadata of a safetensors header, read before the tensors."""
+    if len(blob) < 8:
+        raise DataError(f"{shown}: expected a safetensors or .npz weights file, found "
+                        f"{len(blob)} bytes")
+    (n,) = struct.unpack("<Q", blob[:8])
+    if n > len(blob) - 8 or n > 100_000_000:  # the safetensors library's own header bound
+        raise DataError(f"{shown}: expected a safetensors or .npz weights file, found a "
+                        f"header of {n} bytes in a file of {len(blob)}")
+    try:
+        header = _json_loads(blob[8:8 + n].decode())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{shown}: expected a safetensors or .npz weights file, found a "
+                        f"damaged header ({_first(e)})") from None
+    if not isinstance(header, dict):
+        raise DataError(f"{shown}: expected a safetensors header object, found "
+                        f"{type(header).__name__}")
+    extra = header.get("__metadata__") or {}
+    text = extra.get(META_KEY) if isinstance(extra, dict) else None
+    if text is not None and not isinstance(text, str):
+        raise DataError(f"{shown}: expected the metadata {META_KEY!r} as a JSON string, "
+                        f"found {type(text).__name__}")
+    return text
+
+
+def _read_safetensors(blob: bytes, shown: str) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError
     from safetensors.numpy import load as st_load
 
-    blob = Path(path).read_bytes()
     try:
-        flat = st_load(blob)
+        return st_load(blob)
     except SafetensorError as e:
         raise DataError(f"{shown}: expected a safetensors or .npz weights file, found a "
                         f"damaged one ({e})") from None
     except (KeyError, ValueError, TypeError) as e:  # e.g. a dtype numpy cannot hold
         raise DataError(f"{shown}: expected safetensors with numpy dtypes, could not read "
                         f"it ({type(e).__name__}: {e})") from None
-    # the library checked the header; read its metadata (8-byte little-endian size, JSON)
-    (n,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8:8 + n])
-    return flat, (header.get("__metadata__") or {}).get(META_KEY)
+
+
+def _first(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _json_loads(text: str) -> Any:
+    """json.loads, with nesting deeper than the interpreter's stack a ValueError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def _parse_meta(text: str | None, shown: str) -> dict:
     if text is None:
         return {}
+    if len(text) > MAX_META_BYTES:
+        raise DataError(f"{shown}: expected metadata of at most {MAX_META_BYTES} bytes, "
+                        f"found {len(text)}")
     try:
-        meta = json.loads(text)
+        meta = _json_loads(text)
     except ValueError as e:
         raise DataError(f"{shown}: expected JSON metadata under {META_KEY!r}, found bad JSON "
-                        f"({e})") from None
+                        f"({_first(e)})") from None
     if not isinstance(meta, dict):
         raise DataError(f"{shown}: expected a JSON object as metadata, found "
                         f"{type(meta).__name__}")
+    return meta
+
+
+# --- metadata as data: every field checked before anything is built ---------------------------
+
+_REF = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*(:[A-Za-z_][A-Za-z0-9_.]*)?$")
+MAX_INPUTS = 1 << 26  # values per example (64 Mi: far above any image the harness takes)
+MAX_CLASSES = 1 << 20  # rules' "target" bound: a class index is below it
+MAX_HPARAMS = 64
+
+
+def _depth(value: Any, limit: int) -> bool:
+    """True when value nests at most `limit` levels (iterative: no recursion)."""
+    todo = [(value, 1)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, (dict, list)):
+            if d > limit:
+                return False
+            todo += [(c, d + 1) for c in (v.values() if isinstance(v, dict) else v)]
+    return True
+
+
+def _bad(shown: str, field: str, expected: str, found: Any) -> DataError:
+    text = repr(found)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return DataError(f"{shown}: metadata {field!r}: expected {expected}, found {text}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(float(v)))
+
+
+def _scalar_ok(v: Any) -> bool:
+    """A hyper-parameter value: a bool, a finite number, a short string, or a short list of
+    those (never a dict: nothing from a file is a keyword structure)."""
+    if isinstance(v, bool) or v is None:
+        return True
+    if _is_int(v):
+        return abs(v) < 2**53
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, str):
+        return len(v) <= 200
+    if isinstance(v, list):
+        return len(v) <= 64 and all(not isinstance(x, list) and _scalar_ok(x) for x in v)
+    return False
+
+
+def check_hparams(ref: str, hparams: Any, where: str) -> dict:
+    """A model's hyper-parameters as validated data: built-ins take only "hidden" (an integer
+    in rules' range); a user reference takes at most 64 identifier keys with bool, finite
+    number, short string or short list values. DataError naming the field otherwise."""
+    from mlshift_jax.core import rules
+    from mlshift_jax.core.errors import ConfigError as _CE
+
+    field = "model.hparams"
+    if hparams is None:
+        return {}
+    if not isinstance(hparams, dict):
+        raise _bad(where, field, "an object of named values", hparams)
+    if ":" not in ref:
+        unknown = sorted(set(hparams) - {"hidden"})
+        if unknown:
+            raise _bad(where, f"{field}.{unknown[0]}", "only 'hidden' for a built-in model",
+                       unknown[0])
+        if "hidden" in hparams:
+            try:
+                rules.check("hidden", hparams["hidden"], f"{where}: metadata "
+                            f"'{field}.hidden'")
+            except _CE as e:
+                raise DataError(str(e)) from None
+        return dict(hparams)
+    if len(hparams) > MAX_HPARAMS:
+        raise _bad(where, field, f"at most {MAX_HPARAMS} entries", f"{len(hparams)} entries")
+    for k, v in hparams.items():
+        if not k.isidentifier():
+            raise _bad(where, field, "identifier names", k)
+        if not _scalar_ok(v):
+            raise _bad(where, f"{field}.{k}", "a bool, a finite number, a string of at most "
+                       "200 characters or a short flat list of those", v)
+    return dict(hparams)
+
+
+_TRAIN_RULES = {"hidden": "hidden", "epochs": "epochs", "batch_size": "batch_size",
+                "seed": "seed", "lr": "lr"}
+
+
+def check_metadata(meta: dict, shown: str) -> dict:
+    """`meta` if every field a reader uses is well-typed and in range, checked before any
+    array is read or any model built; DataError naming the field otherwise.
+
+    model: {"ref": a name or "pkg.module:attr", "hparams": see `check_hparams`};
+    input_shape: 1 to 3 positive ints, at most 2**26 values; input_range: two finite numbers
+    lo < hi; n_classes: an integer in 2..2**20; train: an object whose hidden, epochs,
+    batch_size, seed and lr follow the CLI's rules and whose optimizer is a known name;
+    seed: an integer seed; dataset, poison: objects; widened: names of widened dtypes.
+    """
+    from mlshift_jax.core import rules
+    from mlshift_jax.core.errors import ConfigError as _CE
+
+    if not _depth(meta, MAX_META_DEPTH):
+        raise _bad(shown, "(whole)", f"at most {MAX_META_DEPTH} levels of nesting", "deeper")
+    model = meta.get("model")
+    if model is not None:
+        if not isinstance(model, dict):
+            raise _bad(shown, "model", 'an object {"ref": ..., "hparams": ...}', model)
+        ref = model.get("ref")
+        if ref is not None and not (isinstance(ref, str) and len(ref) <= 200
+                                    and _REF.match(ref)):
+            raise _bad(shown, "model.ref", "a model name or 'pkg.module:attr'", ref)
+        check_hparams(ref or "", model.get("hparams"), shown)
+    shape = meta.get("input_shape")
+    if shape is not None:
+        if not (isinstance(shape, list) and 1 <= len(shape) <= 3
+                and all(_is_int(d) and 1 <= d <= MAX_INPUTS for d in shape)
+                and math.prod(shape) <= MAX_INPUTS):
+            raise _bad(shown, "input_shape", f"1 to 3 positive integers (H, W, C) with at "
+                       f"most {MAX_INPUTS} values", shape)
+    span = meta.get("input_range")
+    if span is not None:
+        if not (isinstance(span, list) and len(span) == 2 and all(map(_is_number, span))
+                and span[0] < span[1]):
+            raise _bad(shown, "input_range", "two finite numbers lo < hi", span)
+    k = meta.get("n_classes")
+    if k is not None and not (_is_int(k) and 2 <= k <= MAX_CLASSES):
+        raise _bad(shown, "n_classes", f"an integer in 2..{MAX_CLASSES}", k)
+    train = meta.get("train")
+    if train is not None:
+        if not isinstance(train, dict):
+            raise _bad(shown, "train", "an object of training settings", train)
+        for key, rule in _TRAIN_RULES.items():
+            if train.get(key) is not None:
+                try:
+                    rules.check(rule, train[key], f"{shown}: metadata 'train.{key}'")
+                except _CE as e:
+                    raise DataError(str(e)) from None
+        opt = train.get("optimizer")
+        if opt is not None:
+            from mlshift_jax.models.train import OPTIMIZERS
+
+            if opt not in OPTIMIZERS:
+                raise _bad(shown, "train.optimizer", f"one of {sorted(OPTIMIZERS)}", opt)
+    if meta.get("seed") is not None:
+        try:
+            rules.check("seed", meta["seed"], f"{shown}: metadata 'seed'")
+        except _CE as e:
+            raise DataError(str(e)) from None
+    for field in ("dataset", "poison"):
+        if meta.get(field) is not None and not isinstance(meta[field], dict):
+            raise _bad(shown, field, "an object", meta[field])
+    found = meta.get("dataset") or {}
+    for key in ("name", "source", "hash"):
+        if found.get(key) is not None and not (isinstance(found[key], str)
+                                               and len(found[key]) <= 4096):
+            raise _bad(shown, f"dataset.{key}", "a string", found[key])
+    widened = meta.get("widened")
+    if widened is not None and not (isinstance(widened, dict) and all(
+            isinstance(v, str) and v in _WIDENED for v in widened.values())):
+        raise _bad(shown, "widened", f"an object of dtype names in {list(_WIDENED)}", widened)
     return meta
 
 
@@ -328,36 +560,83 @@ def _check(shown: str, flat: dict, finite: bool) -> dict[str, np.ndarray]:
 
 
 def load_model(path: str | os.PathLike, model=None):
-    """(Model, params, meta) from a weights file.
+    """(Model, params, meta) from a weights file. Nothing the file holds is imported or called.
 
-    The architecture is `model` when given (a built `models.Model`, e.g. from `wrap(obj)
-    .build(spec)`, for files whose reference cannot be imported), else the one named in the
-    metadata (a built-in name or "pkg.mod:attr", built for the stored input shape, range,
-    classes and hyper-parameters), else, for a metadata-free file, the built-in layout its
-    arrays match (`models.infer_model`). DataError when the arrays do not fit that model;
-    ConfigError when the reference cannot be resolved.
+    model: None, a "pkg.module:attr" reference, or a built `models.Model` (e.g. from
+    `wrap(obj).build(spec)`). The metadata's model reference is a string only: a built-in
+    name is built from it (for the stored input shape, range, classes and hidden width); a
+    "pkg.module:attr" reference is user code, used only when the caller passes that same
+    reference as `model` (a different one is refused) - the file alone never makes the tool
+    import a module. A built Model is used as it is. A metadata-free file is matched against
+    the built-in layouts (`models.infer_model`). Hyper-parameters from the file are checked as
+    data (`check_hparams`) before anything is built, and the arrays must have exactly the
+    shapes the model built from the metadata initialises (a hidden width that disagrees with
+    the arrays is refused).
+
+    DataError when the file, its metadata or its arrays are bad (one line naming the field);
+    ConfigError when the reference is user code not passed as `model`, differs from the
+    one passed, or cannot be resolved.
     """
     from mlshift_jax.models.usermodels import build_model, fit_check
 
+    if model is not None and not isinstance(model, str) and not hasattr(model, "apply"):
+        raise ConfigError(f"load_model: expected model=None, a 'pkg.module:attr' string or a "
+                          f"built Model, found {type(model).__name__}")
+    shown = str(path)
     params, meta = load(path)
     ref = (meta.get("model") or {}).get("ref")
+    if isinstance(model, str):
+        given = model
+        if ref is None:
+            raise ConfigError(f"{shown}: the model {given!r} was given, but the file's "
+                              "metadata names no model; load it without the option")
+        if given != ref:
+            raise ConfigError(f"{shown}: its model is {ref!r}, not {given!r} as given; pass "
+                              f"the reference the file was saved with, or another file")
+        if ":" not in given:
+            model = None  # a built-in name: built below, as without the option
     if model is None and ref is None:
         from mlshift_jax.models.zoo import infer_model
 
         if not isinstance(params, dict):
-            raise DataError(f"{path}: expected metadata naming the model, or the arrays of a "
+            raise DataError(f"{shown}: expected metadata naming the model, or the arrays of a "
                             "built-in model; found neither")
         return infer_model(params), params, meta
-    if model is None:
+    if model is None or isinstance(model, str):
         from mlshift_jax.models.recipes import RECIPES
 
+        if model is None and ":" in ref:
+            raise ConfigError(f"{shown}: its model is {ref!r}, user code that is never "
+                              "imported because a file names it; to run it, pass it yourself: "
+                              f"--model {ref} (API: load_model(path, model={ref!r}))")
         if ":" not in ref and ref not in RECIPES:
-            raise ConfigError(f"{path}: its model {ref!r} is neither a built-in name "
+            raise ConfigError(f"{shown}: its model {ref!r} is neither a built-in name "
                               f"({', '.join(sorted(RECIPES))}) nor a pkg.module:attr "
                               "reference; pass the model: load_model(path, model=...)")
+        hparams = check_hparams(ref, (meta.get("model") or {}).get("hparams"), shown)
         model = build_model(ref, input_shape=meta.get("input_shape"),
                             n_classes=meta.get("n_classes"),
-                            input_range=meta.get("input_range"),
-                            hparams=(meta.get("model") or {}).get("hparams") or {})
-    fit_check(model, params, where=str(path))
+                            input_range=meta.get("input_range"), hparams=hparams)
+        _same_shapes(model, params, shown)
+    fit_check(model, params, where=shown)
     return model, params, meta
+
+
+def _same_shapes(model, params, shown: str) -> None:
+    """DataError unless params have exactly the arrays (names, shapes) model.init makes."""
+    try:
+        expected = jax.eval_shape(model.init, jax.random.key(0))
+    except Exception:  # noqa: BLE001 - an init that needs more than a key: fit_check decides
+        return
+    want = {k: tuple(v.shape) for k, v in _shape_flat(expected).items()}
+    got = {k: tuple(np.shape(v)) for k, v in _shape_flat(params).items()}
+    if want != got:
+        diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))[:3]
+        shown_diff = ", ".join(f"{k}: metadata gives {want.get(k)}, arrays {got.get(k)}"
+                               for k in diff)
+        raise DataError(f"{shown}: the weights do not fit the model its metadata describes "
+                        f"(model.hparams / input_shape / n_classes): {shown_diff}")
+
+
+def _shape_flat(tree) -> dict:
+    return {path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
