@@ -198,7 +198,8 @@ def _save(args, params, model, ds: datasets.Dataset, poison_config=None) -> None
     from mlshift_jax.core.files import clean_stale_temps
     from mlshift_jax.models import weights
 
-    clean_stale_temps(Path(args.save).parent, recursive=False)
+    save = Path(args.save)  # only its own file and its own temp files are touched
+    clean_stale_temps(save.parent, recursive=False, names={save.name})
     meta = weights.metadata(model, train=_train_config(args), dataset=ds, poison=poison_config)
     weights.save(args.save, params, meta)
 
@@ -211,12 +212,14 @@ def _check_fits(model, ds: datasets.Dataset) -> None:
                           f"with {ds.n_classes}: pass the --dataset the model was trained on")
 
 
-def _load_weights(path: str):
+def _load_weights(path: str, model: str | None = None):
     """(model, params, meta) of a weights file: the architecture from its metadata, else from
-    the arrays' layout (before the data loads: a bad file is one line)."""
+    the arrays' layout (before the data loads: a bad file is one line). model: --model, the
+    user's own "pkg.module:attr" the file must name (a file's reference alone is never
+    imported)."""
     from mlshift_jax.models import weights
 
-    model, params, meta = weights.load_model(path)
+    model, params, meta = weights.load_model(path, model=model)
     return model, params, meta or {}
 
 
@@ -312,15 +315,16 @@ def cmd_attack(args) -> None:
         from mlshift_jax.attacks.defenses import get_defense
 
         get_defense(args.defense)  # a bad name fails before the data loads
-    if (args.params is None) == (args.model is None):
-        raise ConfigError("give exactly one of --params FILE.npz or --model NAME")
+    if args.params is None and args.model is None:
+        raise ConfigError("give --params FILE (with --model PKG.MOD:ATTR when the file names "
+                          "user code) or --model NAME to train one")
     if args.params:
         given = [f"--{k.replace('_', '-')}" for k in TRAIN_OPTIONS
                  if k != "model" and getattr(args, k) is not None]
         if given:
-            raise ConfigError(f"{', '.join(given)}: training options apply only with --model; "
-                              "--params gives a trained model")
-        model, params, meta = _load_weights(args.params)  # before the data loads
+            raise ConfigError(f"{', '.join(given)}: training options apply only with --model "
+                              "alone; --params gives a trained model")
+        model, params, meta = _load_weights(args.params, args.model)  # before the data loads
     else:
         args.hidden = 200 if args.hidden is None else args.hidden
         args.seed = 0 if args.seed is None else args.seed
@@ -394,7 +398,7 @@ def _defend(args, model, params, ds, key):
 
     defense = defenses.get_defense(args.defense)
     if defense.kind == "training":
-        if args.model is None:
+        if args.model is None or args.params is not None:
             raise ConfigError("attack --defense adv-train trains the model: give --model NAME "
                               "(a saved adversarially trained model: --params without "
                               "--defense)")
@@ -486,7 +490,7 @@ def cmd_detect(args) -> None:
     from mlshift_jax.detection.fingerprint import check_alpha
     from mlshift_jax.models.recipes import TrainConfig
 
-    (model, reference, meta), (other, suspect, _) = (_load_weights(p) for p in (
+    (model, reference, meta), (other, suspect, _) = (_load_weights(p, args.model) for p in (
         args.reference, args.suspect))
     user = ":" in model.name or ":" in other.name  # built-ins: the arrays name the model
     kw = {"model": model, "suspect_model": other} if user else {}
@@ -536,9 +540,12 @@ def cmd_scan_model(args) -> None:
                           images=args.n, alpha=args.alpha, seed=args.seed).validate()
     scan_cfg = ScanConfig(**({"steps": args.steps} if args.steps is not None else {}))
     scan_cfg.validate()
-    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ConfigError(f"--out: expected a folder, found a file {args.out}")
-    model, params, meta = _load_weights(args.params)  # before the data loads
+    if args.out is not None:
+        from mlshift_jax.bench.report import REPO_ROOT
+        from mlshift_jax.core import outdir
+
+        outdir.claim(args.out, protected=[REPO_ROOT])
+    model, params, meta = _load_weights(args.params, args.model)  # before the data loads
     if ":" in model.name:  # a user model: its null retrains as it was trained
         trained = meta.get("train") or {}
         train = TrainConfig(**{k: trained.get(k) for k in (
@@ -562,6 +569,9 @@ def cmd_scan_model(args) -> None:
     trigger = result.pop("trigger")
     result["files"], note = [], ""
     if args.out is not None:
+        outdir.record(args.out, files=[Path(args.out) / n for n in (
+            "triggers.npz", "target-mask.npy", "target-pattern.npy", "triggers.png",
+            "target.png")])
         result["files"], note = save_triggers(trigger, args.out, target=result["target"],
                                               input_range=model.input_range)
     if note:
@@ -618,7 +628,7 @@ def cmd_scan_data(args) -> None:
 
     if args.out is not None and not args.out.endswith(".csv"):
         raise ConfigError(f"--out: expected a FILE.csv, found {args.out!r}")
-    model, params, meta = _load_weights(args.params)  # a bad file is one line, before data
+    model, params, meta = _load_weights(args.params, args.model)  # one line, before data
     if model.stochastic:
         raise ConfigError(f"scan-data: expected a deterministic model, found {model.name} "
                           "(stochastic): its activations differ per call")
@@ -680,7 +690,11 @@ def _bench_out(args, matrix: Path) -> tuple[Path, Path | None, str]:
     if args.out is not None:
         if not args.out.strip():
             raise ConfigError("--out: expected a folder, found an empty string")
-        return Path(args.out), None, ""
+        out = Path(args.out)
+        committed = report.default_out_dir()
+        if out.resolve() == committed.resolve() and not (args.matrix or args.quick):
+            return out, committed.with_name(committed.name + "-sample"), ""
+        return out, None, ""
     out = report.default_out_dir()
     why = ""
     if args.matrix:
@@ -881,7 +895,9 @@ def build_parser() -> argparse.ArgumentParser:
             *DATA, "params", *TRAIN_OPTIONS, "attack", "eps", "target", "n", "rounds",
             "defense", "steps", "restarts",
             model={"default": None, "metavar": "NAME|PKG.MOD:ATTR",
-                   "help": "train this model first instead of loading --params"},
+                   "help": "train this model first; with --params: the user model "
+                   "(pkg.module:attr) the file names, which is never imported unless given "
+                   "here"},
             dataset={"default": None, "metavar": "NAME|PATH",
                      "help": "a built-in dataset or a path; default: with --params, the one "
                      "the weights' metadata names, else mnist"},
@@ -893,14 +909,21 @@ def build_parser() -> argparse.ArgumentParser:
             "triggered", *DATA, *TRAIN_OPTIONS, "kind", "fraction", "patch", "target", "mode",
             "source", "sweep")
     command("detect", cmd_detect, "has the suspect model changed from the reference, and how?",
-            *DATA, "reference", "suspect", "alpha", "sample_size", "null_models", "seed",
+            *DATA, "reference", "suspect", "model", "alpha", "sample_size", "null_models",
+            "seed",
+            model={"default": None, "metavar": "PKG.MOD:ATTR",
+                   "help": "the user model the weights file names, given by you: a file's "
+                   "pkg.module:attr is never imported unless it is passed here too"},
             dataset={"default": None, "metavar": "NAME|PATH",
                      "help": "the dataset the models were trained on; default: the one the "
                      "reference's metadata names, else mnist"})
     command("scan-model", cmd_scan_model, "is there a backdoor in this model? Neural Cleanse "
             "(Wang et al. 2019) with a threshold calibrated on clean models of its recipe",
-            *DATA, "params", "out", "null_models", "alpha", "sample_size", "n", "steps",
-            "seed",
+            *DATA, "params", "model", "out", "null_models", "alpha", "sample_size", "n",
+            "steps", "seed",
+            model={"default": None, "metavar": "PKG.MOD:ATTR",
+                   "help": "the user model the weights file names, given by you: a file's "
+                   "pkg.module:attr is never imported unless it is passed here too"},
             params={"required": True, "metavar": "FILE",
                     "help": "the model to scan (weights saved by --save)"},
             dataset={"default": None, "metavar": "NAME|PATH",
@@ -923,8 +946,11 @@ def build_parser() -> argparse.ArgumentParser:
                   f"{rules.describe('seed')}"})
     command("scan-data", cmd_scan_data, "which training samples look poisoned? "
             "activation clustering, spectral signatures and SPECTRE on the training set of a "
-            "trained model", *DATA, "params", "train_size", "seed", "eps", "method", "top",
-            "out",
+            "trained model", *DATA, "params", "model", "train_size", "seed", "eps", "method",
+            "top", "out",
+            model={"default": None, "metavar": "PKG.MOD:ATTR",
+                   "help": "the user model the weights file names, given by you: a file's "
+                   "pkg.module:attr is never imported unless it is passed here too"},
             params={**options["params"], "required": True},
             dataset={"default": None, "metavar": "NAME|PATH",
                      "help": "the (possibly poisoned) training data the model was trained on; "
@@ -944,6 +970,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INPUT_FILES = ("params", "reference", "suspect", "matrix")
+
+
+def _check_path(args, name: str, value: str) -> None:
+    """Refuse up front a path option that names a FIFO, a device, a socket, or a folder where
+    a file is expected (or a file where a folder is): nothing is opened before this."""
+    import os
+    import stat
+
+    from mlshift_jax.core.files import file_kind
+
+    flag = f"--{name.replace('_', '-')}"
+    try:
+        mode = os.stat(value).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return  # inputs: the reader says "no such file"; outputs: created
+    except OSError as e:
+        raise ConfigError(f"{flag} {value}: expected a usable path, found "
+                          f"{e.strerror or e}") from None
+    except ValueError:  # an embedded NUL byte
+        raise ConfigError(f"{flag}: expected a path, found {value!r}") from None
+    folder_wanted = name == "data_dir" or name == "out" and args.func is not cmd_scan_data
+    if name == "dataset":  # a built-in name, a .npz / CSV file or an IDX / CSV folder
+        ok = stat.S_ISREG(mode) or stat.S_ISDIR(mode)
+        wanted = "a file or a folder"
+    elif folder_wanted:
+        ok, wanted = stat.S_ISDIR(mode), "a folder"
+    else:
+        ok, wanted = stat.S_ISREG(mode), "a regular file"
+    if not ok:
+        raise ConfigError(f"{flag} {value}: expected {wanted}, found {file_kind(mode)}")
+
+
 def _one_line(text: str) -> str:
     return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
@@ -953,12 +1012,34 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def _interrupt(signum, frame):
+    """Ctrl-C: one line, then exit 130 at once (os._exit after flushing). Raising
+    KeyboardInterrupt instead could land inside a JAX callback or compile, be swallowed there
+    (the run went on and exited 0), or leave XLA's threads running into interpreter teardown
+    (exit 139 during detect's calibration). Files are safe: every write is atomic, and the
+    temp file of a write cut short is removed by the next run (`files.clean_stale_temps`)."""
     _interrupt.seen = True
-    raise KeyboardInterrupt
+    hard_exit(_interrupted_line())
 
 
 _interrupt.seen = False
 _interrupt.cells = None  # bench: the folder of cached cell records, once it is known
+
+
+def hard_exit(line: str, code: int = EXIT_INTERRUPTED) -> None:
+    """Print `line` to stderr, flush both streams, and end the process with `code` now."""
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(code)
 
 
 def _interrupted_line() -> str:
@@ -973,6 +1054,11 @@ def _interrupted_line() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
     _interrupt.seen, _interrupt.cells = False, None
+    for stream in (sys.stdout, sys.stderr):  # a path that is not UTF-8 prints escaped
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):  # a replaced or closed stream
+            pass
     try:
         previous = signal.signal(signal.SIGINT, _interrupt)
     except ValueError:  # not the main thread: leave signals alone
@@ -987,6 +1073,8 @@ def main(argv: list[str] | None = None) -> int:
                     if value is not None and not value.strip():
                         raise ConfigError(f"--{name.replace('_', '-')}: expected a path, "
                                           "found an empty string")
+                    if value is not None:
+                        _check_path(args, name, value)
                 if args.func is not cmd_bench:  # the bench reports compile times: no cache
                     from mlshift_jax.core import compile_cache
 

@@ -107,13 +107,13 @@ def test_shell_chain_train_attack_poison_detect(user_module, tmp_path, capsys, a
     assert meta["model"]["ref"] == ref and meta["poison"] is None
     assert meta["input_shape"] == list((*SHAPES[data], 1)[:3])
     # attack the saved file: the dataset from the metadata, then named explicitly
-    rows = run_cli(capsys, "attack", "--params", "clean.safetensors", "--attack", "fgsm",
-                   "--eps", "0", "0.3", "--rounds", "1")
+    rows = run_cli(capsys, "attack", "--params", "clean.safetensors", "--model", ref,
+                   "--attack", "fgsm", "--eps", "0", "0.3", "--rounds", "1")
     assert [r["eps"] for r in rows] == [0.0, 0.3]
     assert rows[0]["accuracy"] == pytest.approx(train["accuracy"], abs=1e-6)
     assert rows[1]["accuracy"] < rows[0]["accuracy"]
     again = run_cli(capsys, "attack", "--params", "clean.safetensors", "--dataset", ds,
-                    "--attack", "noise-sign", "--eps", "0.1", "--rounds", "1")
+                    "--model", ref, "--attack", "noise-sign", "--eps", "0.1", "--rounds", "1")
     assert again[0]["attack"] == "noise-sign"
     poisoned = run_cli(capsys, "poison", "--model", ref, "--dataset", ds, "--epochs", "3",
                        "--kind", "mixture", "--fraction", "0.2", "--patch", "2",
@@ -121,11 +121,12 @@ def test_shell_chain_train_attack_poison_detect(user_module, tmp_path, capsys, a
     assert poisoned["model"] == ref and poisoned["poisoned_count"] > 0
     assert "hidden" not in poisoned  # a user model has its own widths
     assert poisoned["params_finite"] and poisoned["saved"] == "suspect.safetensors"
-    model, params, meta = weights.load_model("suspect.safetensors")
+    model, params, meta = weights.load_model("suspect.safetensors", model=ref)
     assert model.name == ref and meta["poison"]["target"] == 3
     assert meta["poison"]["fraction"] == pytest.approx(0.2)
     result = run_cli(capsys, "detect", "--reference", "clean.safetensors", "--suspect",
-                     "suspect.safetensors", "--dataset", ds, "--sample-size", "128",
+                     "suspect.safetensors", "--model", ref, "--dataset", ds,
+                     "--sample-size", "128",
                      "--null-models", "4", "--alpha", "0.2")
     assert result["verdict"] in ("changed", "unchanged")
     assert result["architecture"] == ref and 0 < result["p_value"] <= 1
@@ -140,8 +141,8 @@ def test_detect_refuses_models_of_different_kinds(user_module, tmp_path, capsys)
                          "--epochs", "1", "--save", f"{attr}.safetensors"]) == 0
     capsys.readouterr()
     code = cli.main(["detect", "--reference", "net.safetensors", "--suspect",
-                     "mlp.safetensors", "--null-models", "4"])
-    assert code == 2 and "expected the suspect to be" in capsys.readouterr().err
+                     "mlp.safetensors", "--model", f"{user_module}:net", "--null-models", "4"])
+    assert code == 2 and f"its model is '{user_module}:mlp', not" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("attr,data", [("net", "digits"), ("mlp", "rgb")])
@@ -165,7 +166,7 @@ def test_python_api_chain(user_module, tmp_path, attr, data):
     suspect = result["params"]
     assert type(suspect) is type(params)
     ms.save_weights("suspect.safetensors", suspect, ms.metadata(model, dataset=ds))
-    loaded, reference, _ = weights.load_model("clean.safetensors")
+    loaded, reference, _ = weights.load_model("clean.safetensors", model=ref)
     assert loaded is recipe.build(ds.spec, cfg)  # the same cached Model
     out = detect_pair(reference, suspect, ds, model=loaded, train=cfg,
                       config=CalibrationConfig(n_null=4, sample_size=128), alpha=0.2)

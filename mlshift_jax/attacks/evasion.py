@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlshift_jax.core.checks import finite_inputs
+from mlshift_jax.core.checks import finite_inputs, inputs_in_range
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.models.zoo import Model, Params
 
@@ -66,14 +66,22 @@ def _concrete(value: Any) -> np.ndarray | None:
     return np.asarray(value)
 
 
-def _check_inputs(model: Model, x: Any, y: Any) -> tuple[jax.Array, jax.Array]:
-    """x: [batch, n_in] float, y: [batch] int. Returns both as jax arrays."""
+def _check_inputs(model: Model, x: Any, y: Any, *, lo: Any = None, hi: Any = None,
+                  clip: bool = False) -> tuple[jax.Array, jax.Array]:
+    """x: [batch, n_in] float, y: [batch] int. Returns both as jax arrays.
+
+    The checks every attack shares: x finite and inside [lo, hi] (None: the model's
+    input_range; `core.checks.inputs_in_range`: one ConfigError naming the range and the
+    values found, or, with clip, clipped and counted in a warning)."""
     if not isinstance(model, Model):
         raise ConfigError(f"model: expected a models.Model, found {type(model).__name__}")
     x, y = jnp.asarray(x), jnp.asarray(y)
     if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
         raise ConfigError(f"x: expected a float array [batch, n_in], found {x.dtype}{x.shape}")
     finite_inputs("x", x)
+    bounds = [_concrete(v) for v in _bounds(model, lo, hi)]
+    if all(b is not None and b.ndim == 0 and np.isfinite(b) for b in bounds):
+        x = inputs_in_range("x", x, float(bounds[0]), float(bounds[1]), clip=clip)
     if y.shape != x.shape[:1] or not jnp.issubdtype(y.dtype, jnp.integer):
         raise ConfigError(
             f"y: expected int labels of shape ({x.shape[0]},), found {y.dtype}{y.shape}")
@@ -142,7 +150,7 @@ def _bounds(model: Model, lo: Any, hi: Any) -> tuple[Any, Any]:
 def _prepare(model, x, y, eps, lo, hi):
     """The checks every attack shares; eps, lo, hi cast to x's dtype (one trace per dtype);
     lo / hi None take the model's input_range."""
-    x, y = _check_inputs(model, x, y)
+    x, y = _check_inputs(model, x, y, lo=lo, hi=hi)
     lo, hi = _bounds(model, lo, hi)
     _check_eps(eps)
     _check_range(lo, hi)
@@ -408,7 +416,7 @@ def sweep(attack_fn: Attack | Callable[..., jax.Array], model: Model, params: Pa
     if not callable(fn):
         raise ConfigError(f"attack_fn: expected an Attack or an attack function, found {fn!r}")
     _check_eps(eps_values, ndim=1, name="eps_values")
-    x, y = _check_inputs(model, x, y)
+    x, y = _check_inputs(model, x, y, lo=kw.get("lo"), hi=kw.get("hi"))
     _check_range(*_bounds(model, kw.get("lo"), kw.get("hi")))
     if "steps" in kw or "step_size" in kw:
         _check_steps(kw.get("steps", PGD_STEPS), kw.get("step_size"))

@@ -47,6 +47,8 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import math
+import stat
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -63,7 +65,11 @@ from mlshift_jax.bench.sweeps import EXTRA_SWEEPS
 from mlshift_jax.bench.sweeps import STUDY_SWEEPS as POISON_SWEEPS
 from mlshift_jax.core import rules
 from mlshift_jax.core.errors import ConfigError
-from mlshift_jax.core.files import HASH_LEN, config_hash  # noqa: F401  (HASH_LEN: cell ids)
+from mlshift_jax.core.files import (  # noqa: F401  (HASH_LEN: cell ids)
+    HASH_LEN,
+    config_hash,
+    file_kind,
+)
 from mlshift_jax.data.datasets import DATASETS
 from mlshift_jax.models.recipes import RECIPES, TrainConfig, get_recipe, resolve
 from mlshift_jax.models.train import OPTIMIZERS
@@ -469,7 +475,13 @@ class _Checker:
         return value
 
     def eps_list(self, value: Any, where: str) -> tuple[float, ...]:
-        return tuple(self.float_(e, where) for e in self.list_(value, where))
+        """Distinct eps values, each within the CLI's --eps rule (`rules.RULES["eps"]`)."""
+        out = tuple(self.rule("eps")(e, where) for e in self.list_(value, where))
+        if len(set(out)) != len(out):  # a set: linear in the count
+            seen: set = set()
+            dup = next(e for e in out if e in seen or seen.add(e))
+            self.fail(where, f"expected distinct eps values, found {dup!r} twice")
+        return out
 
 
 def is_model_ref(value: Any) -> bool:
@@ -507,6 +519,9 @@ def parse(text: str, path: str = "<matrix>") -> Matrix:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:  # arrays or tables nested tens of thousands deep
+        raise ConfigError(f"{path}: expected a matrix TOML file, found values nested too "
+                          "deeply to read") from None
     chk.table(raw, "top level", {"matrix", "datasets", "timing", "train", "attack_options",
                                  "e1", "e2", "e3", "speed", "poison", "detect", "defenses"},
               {"matrix"})
@@ -668,10 +683,18 @@ def load(path: str | Path) -> Matrix:
     path = Path(path)
     shown = str(path) if str(path) not in ("", ".") else repr(str(path))
     try:
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"{shown}: expected a matrix TOML file (a regular file), found "
+                              f"{file_kind(mode)}")
         if path.stat().st_size > MAX_MATRIX_BYTES:
             raise ConfigError(f"{shown}: expected a matrix file of at most {MAX_MATRIX_BYTES} "
                               f"bytes, found {path.stat().st_size}")
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_MATRIX_BYTES + 1)  # bounded, even if the file grows meanwhile
+        if len(raw) > MAX_MATRIX_BYTES:
+            raise ConfigError(f"{shown}: expected a matrix file of at most {MAX_MATRIX_BYTES} "
+                              "bytes, found more")
     except OSError as e:
         raise ConfigError(f"{shown}: cannot read the matrix file "
                           f"({e.strerror or type(e).__name__})") from None
@@ -824,9 +847,9 @@ def cells(matrix: Matrix) -> tuple[Cell, ...]:
                                          part=part)))
     if matrix.defenses is not None:
         out += _defense_cells(matrix, matrix.defenses)
-    ids = [c.id for c in out]
-    if len(set(ids)) != len(ids):
-        dup = sorted({i for i in ids if ids.count(i) > 1})
+    counts = Counter(c.id for c in out)  # linear: 100,000 cells are checked at once
+    if len(counts) != len(out):
+        dup = sorted(i for i, n in counts.items() if n > 1)
         raise ConfigError(f"{matrix.path}: cell ids repeat: {dup[:3]}; expected distinct cells")
     return tuple(out)
 

@@ -42,8 +42,8 @@ import pandas as pd
 
 from mlshift_jax.bench import detection_bench, sweeps
 from mlshift_jax.bench.torch_peer import NOT_INSTALLED
-from mlshift_jax.core import fmt, study
-from mlshift_jax.core.files import atomic_path, clean_stale_temps, write_text
+from mlshift_jax.core import fmt, outdir, study
+from mlshift_jax.core.files import atomic_path, write_text
 from mlshift_jax.core.timing import NOISY, RERUNS
 from mlshift_jax.data import datasets
 from mlshift_jax.detection import categorize
@@ -1147,26 +1147,27 @@ def records_csv(records: pd.DataFrame) -> pd.DataFrame:
 
 
 def write(records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """Write tables.md, records.csv, run.json and figures/ into out_dir (atomically, each);
-    figures of an earlier run that this one did not draw are removed, so the folder holds
-    one run.
+    """Write tables.md, records.csv, run.json and figures/ into out_dir (atomically, each),
+    listed in its manifest (`core.outdir`); figures an earlier run listed and this one did not
+    draw are removed, so the folder holds one run. ConfigError for a folder holding files
+    mlshift did not write, the filesystem root, the home folder or the repository root.
 
     records: what `runner.run` returns. Returns the paths written.
     """
-    out_dir = Path(out_dir)
+    out_dir = outdir.claim(out_dir, protected=[REPO_ROOT])
+    paths = [out_dir / "tables.md", out_dir / "records.csv", out_dir / "run.json"]
+    outdir.record(out_dir, files=paths, folders=["figures"])  # listed before they exist
     info = run_info(records)
     figures, note = write_figures(records, out_dir)
+    outdir.record(out_dir, files=figures)
     links = "\n".join(f"- [{p.name}](figures/{p.name})" for p in figures) or note
     text = tables_markdown(records, info, figures=links + "\n" if links else "")
-    paths = [out_dir / "tables.md", out_dir / "records.csv", out_dir / "run.json"]
     write_text(paths[0], text)
     with atomic_path(paths[1]) as tmp:
         records_csv(records).to_csv(tmp, index=False)
     write_text(paths[2], json.dumps(info, indent=2, default=str) + "\n")
-    # one run per folder: figures an earlier run drew and this one did not are removed
-    kept = {p.resolve() for p in figures}
-    for old in sorted((out_dir / "figures").glob("*.png")):
-        if old.resolve() not in kept:
-            old.unlink()
-    clean_stale_temps(out_dir)
+    # one run per folder: figures an earlier run drew (listed in the manifest) and this one
+    # did not are removed; nothing the manifest does not list is ever touched
+    outdir.remove_listed(out_dir, figures, under="figures")
+    outdir.clean_temps(out_dir)
     return paths + figures

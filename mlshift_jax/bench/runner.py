@@ -68,9 +68,9 @@ from mlshift_jax.bench.matrix import (
     select,
     with_dataset,
 )
-from mlshift_jax.core import memory_maps, sharding, study
+from mlshift_jax.core import memory_maps, outdir, sharding, study
 from mlshift_jax.core.errors import ConfigError, DataError, Interrupted
-from mlshift_jax.core.files import clean_stale_temps, load_params, save_params, write_text
+from mlshift_jax.core.files import load_params, save_params, write_text
 from mlshift_jax.core.timing import (
     NOISY,
     RERUNS,
@@ -1125,6 +1125,30 @@ def _warn_damaged(cache: Path, damaged: list) -> None:
                       f"in {cache} treated as missing and rebuilt: {shown}", stacklevel=3)
 
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MATRIX = REPO_ROOT / "bench" / "matrix.toml"
+
+
+def _check_committed(out_dir, matrix_path, dataset, sample: bool) -> None:
+    """The repository's committed results/<platform>/ holds only the default matrix's run on
+    the full data: ConfigError for another matrix, --dataset or the bundled sample there."""
+    from mlshift_jax.bench.report import default_out_dir
+
+    committed = default_out_dir(REPO_ROOT).resolve()
+    if Path(out_dir).resolve() != committed:
+        return
+    same = Path(matrix_path).resolve() == DEFAULT_MATRIX.resolve() and dataset is None
+    if same and sample:
+        raise ConfigError(f"--out {out_dir}: the committed results of the full data; refusing "
+                          "to write a run on the bundled sample there (set MLSHIFT_DATA_DIR "
+                          "or give --out another folder)")
+    if not same:
+        raise ConfigError(f"--out {out_dir}: the committed results of the default matrix; "
+                          f"refusing to write {Path(matrix_path).name}"
+                          f"{' on ' + dataset if dataset else ''} there; give --out another "
+                          "folder")
+
+
 def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None,
         force: bool = False, data_dir: str | None = None, dataset: str | None = None,
         sample_out_dir: str | Path | None = None) -> pd.DataFrame:
@@ -1164,8 +1188,12 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
         print(f"mlshift: the bundled sample, not the full data: results go to "
               f"{sample_out_dir}, not {out_dir}", file=sys.stderr)
         out_dir = sample_out_dir
+    _check_committed(out_dir, matrix_path, dataset,
+                     any(d.ds.is_sample for d in loaded.values()))
+    outdir.claim(out_dir, protected=[REPO_ROOT])  # only a folder mlshift wrote, or a new one
+    outdir.record(out_dir, folders=[CACHE_DIR])
     cache = Path(out_dir) / CACHE_DIR
-    clean_stale_temps(out_dir)  # what a hard-killed run left half-written
+    outdir.clean_temps(out_dir)  # what a hard-killed run left half-written
     records: dict[str, dict] = {}
     todo = []
     memo = _Memo({}, {}, {}, [])

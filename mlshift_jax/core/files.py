@@ -97,12 +97,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_temps(folder: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
+def clean_stale_temps(folder: str | os.PathLike, *, recursive: bool = True,
+                      names: set[str] | None = None) -> list[Path]:
     """Remove the temp files `atomic_path` left in `folder` when a writer was killed hard.
 
     A temp file counts as stale when the process named in it is gone (or, for pid-less names
-    of older versions, when it is over 10 minutes old). Returns the paths removed; folders
-    that cannot be read are passed over.
+    of older versions, when it is over 10 minutes old). names: only the temps of these target
+    names (`.<name>.<pid>-<random>.tmp`), e.g. the one file `--save` writes; None: any (only
+    for folders the tool created itself). Symlinks are never followed or removed. Returns the
+    paths removed; folders that cannot be read are passed over.
     """
     folder = Path(folder)
     removed = []
@@ -113,8 +116,13 @@ def clean_stale_temps(folder: str | os.PathLike, *, recursive: bool = True) -> l
     for entry in entries:
         try:
             if entry.is_dir(follow_symlinks=False):
-                if recursive:
+                if recursive and names is None:
                     removed += clean_stale_temps(entry.path)
+                continue
+            if entry.is_symlink() or not entry.is_file(follow_symlinks=False):
+                continue
+            if names is not None and not any(
+                    entry.name.startswith(f".{n}.") for n in names):
                 continue
             match = _TEMP.match(entry.name)
             if match:

@@ -79,6 +79,7 @@ _IDX_STEMS = {  # role -> file name as published, without ".gz"
     "x_test": "t10k-images-idx3-ubyte",
     "y_test": "t10k-labels-idx1-ubyte",
 }
+MAX_CLASSES = 100_000  # more classes than any image dataset has; 10**9 would not fit memory
 _IDX_MAGIC = {2051: 3, 2052: 4, 2049: 1}  # magic -> dimensions (images, with channels, labels)
 # md5 of each known dataset's 60,000 training labels (uint8, no header): catches one
 # dataset's files read under another's name, e.g. MLSHIFT_DATA_DIR=.../mnist for fashion-mnist.
@@ -557,10 +558,16 @@ def _dataset(
     shape = _shape_of(shapes[0], image_shape, where[0])
     labels = np.concatenate([a[1].astype(np.int64) for a in arrays])
     if n_classes is None:
+        for _x, y, _x_path, y_path in arrays:  # a label of 10**9 would make 10**9 classes
+            big = np.flatnonzero(y.astype(np.int64) >= MAX_CLASSES)
+            if big.size:
+                raise DataError(f"{y_path}: expected labels 0..{MAX_CLASSES - 1} (classes), "
+                                f"found {int(y[big[0]])} (sample {int(big[0])})")
         n_classes = max(2, int(labels.max()) + 1)
     elif isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) \
-            or n_classes < 2:
-        raise ConfigError(f"n_classes: expected an integer >= 2, found {n_classes!r}")
+            or not 2 <= n_classes <= MAX_CLASSES:
+        raise ConfigError(f"n_classes: expected an integer in 2..{MAX_CLASSES}, found "
+                          f"{n_classes!r}")
     out = []
     for x, y, x_path, y_path in arrays:
         _check_split(x.reshape(len(x), -1), y, x_path, y_path, int(n_classes))

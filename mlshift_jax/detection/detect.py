@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlshift_jax.attacks.defenses import kth_smallest
-from mlshift_jax.core.checks import finite_inputs
+from mlshift_jax.core.checks import finite_inputs, inputs_in_range
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.models.zoo import Model, Params, square_shape
 
@@ -157,9 +157,10 @@ def input_scores(model: Model, params: Params, x: jax.Array,
     x: [batch, n_in] -> {name: [batch]} for the names in `INPUT_DETECTORS`, each oriented so
     that a higher score means "more likely adversarial or noisy". `model` and `squeezers` are
     static (hashable NamedTuples of functions). ConfigError for NaN / inf in x (entropy would
-    call such an input the least suspicious one).
+    call such an input the least suspicious one) and for values outside model.input_range.
     """
     finite_inputs("input_scores: x", x)
+    x = inputs_in_range("input_scores: x", x, *model.input_range)
     return _input_scores(model, params, x, squeezers)
 
 
@@ -176,6 +177,7 @@ def squeezing_score(model: Model, params: Params, x: jax.Array,
     ConfigError for NaN / inf in x.
     """
     finite_inputs("squeezing_score: x", x)
+    x = inputs_in_range("squeezing_score: x", x, *model.input_range)
     return _squeezing_score(model, params, x, squeezers)
 
 

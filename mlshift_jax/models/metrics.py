@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from mlshift_jax.core.checks import finite_inputs
+from mlshift_jax.core.checks import finite_inputs, inputs_in_range
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.models.zoo import Model, Params, predict
 
@@ -184,15 +184,17 @@ def evaluate_arrays(
 
 def evaluate(
     model: Model, params: Params, x: jax.Array, y: jax.Array, *, n_classes: int | None = None,
-    key: jax.Array | None = None,
+    key: jax.Array | None = None, clip: bool = False,
 ) -> dict[str, float]:
     """accuracy, precision, recall, f1 (macro) and confidence of one model on (x, y).
 
     x: [batch, n_in], y: [batch] int. One jitted call, then one device->host transfer.
     key: required when `model.stochastic` (one draw per example), ignored otherwise.
-    ConfigError for NaN / inf in x (they would count as class 0).
+    ConfigError for NaN / inf in x (they would count as class 0) and for values outside
+    model.input_range (`core.checks.inputs_in_range`; clip=True clips and counts them).
     """
     finite_inputs("evaluate: x", x)
+    x = inputs_in_range("evaluate: x", x, *model.input_range, clip=clip)
     scores = jax.device_get(evaluate_arrays(model, params, x, y, n_classes=n_classes, key=key))
     return {k: float(v) for k, v in scores.items()}
 
