@@ -210,6 +210,12 @@ def _check_fits(model, ds: datasets.Dataset) -> None:
         raise ConfigError(f"{model.name} takes images {tuple(model.input_shape)} with "
                           f"{model.n_classes} classes; {ds.name} has {tuple(ds.image_shape)} "
                           f"with {ds.n_classes}: pass the --dataset the model was trained on")
+    (lo, hi), (d_lo, d_hi) = model.input_range, ds.input_range
+    tol = 1e-5 * (d_hi - d_lo)  # core.checks.RANGE_TOL
+    if abs(lo - d_lo) > tol or abs(hi - d_hi) > tol:
+        raise ConfigError(f"input_range: {model.name} takes inputs in [{lo:g}, {hi:g}]; "
+                          f"{ds.name} is scaled to [{d_lo:g}, {d_hi:g}]: pass the --dataset "
+                          "the model was trained on")
 
 
 def _load_weights(path: str, model: str | None = None):
@@ -722,6 +728,10 @@ def cmd_bench(args) -> None:
     if args.dataset is not None:
         with_dataset(mx, args.dataset)
     out, sample_out, why = _bench_out(args, matrix)
+    from mlshift_jax.core import outdir  # refused before any data loads (runner.run again)
+
+    outdir.claim(out, protected=[report.REPO_ROOT])
+    runner._check_committed(out, matrix, args.dataset, sample=False)
     if why:
         print(f"mlshift: {why}: results go to {out}, not {report.default_out_dir()} "
               "(pass --out to choose)", file=sys.stderr)

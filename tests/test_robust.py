@@ -473,17 +473,373 @@ def test_sample_and_custom_matrix_runs_go_elsewhere(tmp_path):
     assert out == default and sample != default and sample.name.endswith("-sample")
 
 
-def test_report_removes_figures_of_an_earlier_run(tmp_path):
-    from mlshift_jax.bench import runner
+# --- kind 7: a data file is never code --------------------------------------------------------
+
+MARKER_MODULE = '''
+import pathlib
+pathlib.Path({marker!r}).write_text("imported")
+net = None
+'''
+
+
+def _marker_package(tmp_path: Path) -> tuple[Path, str]:
+    """A module and a package (with a submodule) in tmp_path that each write a marker file
+    when imported; (marker path, unique module name)."""
+    import uuid
+
+    name = f"payload_{uuid.uuid4().hex[:8]}"
+    marker = tmp_path / "MARKER"
+    (tmp_path / f"{name}.py").write_text(MARKER_MODULE.format(marker=str(marker)))
+    pkg = tmp_path / f"{name}_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(MARKER_MODULE.format(marker=str(marker)))
+    (pkg / "sub.py").write_text(MARKER_MODULE.format(marker=str(marker)))
+    return marker, name
+
+
+def _seed_mlp_file(path: Path, *, meta_text: str | None = None, edit=None,
+                   hidden: int = 8) -> None:
+    """A working seed-mlp weights file (.safetensors or .npz by suffix), its metadata JSON
+    replaced by `meta_text` or changed by `edit(meta)` (written raw: NaN allowed)."""
+    import jax
+    from safetensors.numpy import save as st_save
+
+    from mlshift_jax.models import weights, zoo
+
+    model = zoo.build("seed-mlp", zoo.STUDY_SPEC, hidden)
+    params = jax.tree.map(np.asarray, model.init(jax.random.key(0)))
+    meta = weights.save(path, params, weights.metadata(model))
+    if edit is not None:
+        edit(meta)
+    text = meta_text if meta_text is not None else json.dumps(meta)
+    flat = weights.flatten(params)
+    if path.suffix == ".npz":
+        np.savez(path, **flat, __mlshift__=np.frombuffer(text.encode(), np.uint8))
+    else:
+        path.write_bytes(st_save(flat, metadata={"mlshift": text}))
+
+
+def _ref(ref):
+    return lambda m: m["model"].update(ref=ref)
+
+
+CODE_REFS = {  # the file's model reference -> what the one line must name
+    "a module in the working folder": ("{mod}:net", "never imported"),
+    "a submodule of a package": ("{mod}_pkg.sub:net", "never imported"),
+    "a package attribute path": ("{mod}_pkg:sub.net", "never imported"),
+    "os:system": ("os:system", "never imported"),
+    "builtins:print": ("builtins:print", "never imported"),
+    "antigravity": ("antigravity:x", "never imported"),
+    "this": ("this:s", "never imported"),
+    "subprocess:run": ("subprocess:run", "never imported"),
+}
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+@pytest.mark.parametrize("kind", CODE_REFS)
+def test_a_file_naming_code_never_imports_it(capsys, tmp_path, monkeypatch, kind, suffix):
+    from mlshift_jax.models import weights
+
+    marker, mod = _marker_package(tmp_path)
+    monkeypatch.chdir(tmp_path)  # the module sits next to the "downloaded" model
+    ref, match = (s.format(mod=mod) for s in CODE_REFS[kind])
+    path = tmp_path / f"model{suffix}"
+    _seed_mlp_file(path, edit=_ref(ref))
+    before = sorted(os.listdir(tmp_path))
+    for argv in (["attack", "--params", path], ["scan-model", "--params", path],
+                 ["scan-data", "--params", path],
+                 ["detect", "--reference", path, "--suspect", path]):
+        line = one_line_rc2(capsys, *argv)
+        assert match in line and ref in line and "--model" in line, line
+    with pytest.raises(ConfigError, match=match):
+        weights.load_model(path)
+    with pytest.raises(ConfigError, match="not 'seed-mlp' as given"):
+        weights.load_model(path, model="seed-mlp")  # another reference: refused
+    line = one_line_rc2(capsys, "attack", "--params", path, "--model", "other_pkg:net")
+    assert "not 'other_pkg:net' as given" in line
+    assert not marker.exists() and sorted(os.listdir(tmp_path)) == before
+    assert "Beautiful is better than ugly" not in capsys.readouterr().out
+
+
+def test_a_module_in_the_working_folder_is_not_on_the_path(capsys, tmp_path, monkeypatch):
+    """Even named by the user, a module in the working folder is not imported: the working
+    folder is never added to sys.path (PYTHONPATH or an install puts it there)."""
+    marker, mod = _marker_package(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path
+                                      if p not in ("", ".", str(tmp_path))])
+    path = tmp_path / "model.safetensors"
+    _seed_mlp_file(path, edit=_ref(f"{mod}:net"))
+    line = one_line_rc2(capsys, "attack", "--params", path, "--model", f"{mod}:net")
+    assert f"no module named '{mod}'" in line and "working folder is not searched" in line
+    assert not marker.exists()
+
+
+BAD_META = {  # name -> (edit of the metadata, or its raw text; the field the line names)
+    "input_shape 784": (lambda m: m.update(input_shape=784), "input_shape"),
+    "hidden 'abc'": (lambda m: m["model"].update(hparams={"hidden": "abc"}),
+                     "model.hparams.hidden"),
+    "hparams a list": (lambda m: m["model"].update(hparams=[1, 2]), "model.hparams"),
+    "hparams unknown key": (lambda m: m["model"].update(hparams={"hidden": 8, "sep": "x"}),
+                            "model.hparams.sep"),
+    "n_classes 'ten'": (lambda m: m.update(n_classes="ten"), "n_classes"),
+    "n_classes [10]": (lambda m: m.update(n_classes=[10]), "n_classes"),
+    "n_classes NaN": (lambda m: m.update(n_classes=float("nan")), "n_classes"),
+    "n_classes 0": (lambda m: m.update(n_classes=0), "n_classes"),
+    "n_classes 10.7": (lambda m: m.update(n_classes=10.7), "n_classes"),
+    "n_classes 10**9": (lambda m: m.update(n_classes=10**9), "n_classes"),
+    "model a string": (lambda m: m.update(model="seed-mlp"), "model"),
+    "ref 5": (lambda m: m["model"].update(ref=5), "model.ref"),
+    "ref with spaces": (lambda m: m["model"].update(ref="os:system; rm"), "model.ref"),
+    "train.epochs 99999999999": (lambda m: m.update(train={"epochs": 99999999999}),
+                                 "train.epochs"),
+    "train.lr 'fast'": (lambda m: m.update(train={"lr": "fast"}), "train.lr"),
+    "train a list": (lambda m: m.update(train=[1]), "train"),
+    "seed -1": (lambda m: m.update(seed=-1), "seed"),
+    "input_range NaN": (lambda m: m.update(input_range=[float("nan"), 1.0]), "input_range"),
+    "input_range reversed": (lambda m: m.update(input_range=[1.0, 0.01]), "input_range"),
+    "hidden disagrees with the arrays": (lambda m: m["model"].update(hparams={"hidden": 7}),
+                                         "do not fit"),
+    "n_classes disagrees with the arrays": (lambda m: m.update(n_classes=12), "do not fit"),
+    "JSON nested 100,000 deep": ("[" * 100_000 + "]" * 100_000, "bad JSON"),
+    "object nested 20 deep": ('{"a":' * 20 + "1" + "}" * 20, "nesting"),
+    "metadata a list": ("[1, 2]", "JSON object"),
+    "widened to a pickle": (lambda m: m.update(widened={"wih": "object"}), "widened"),
+}
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+@pytest.mark.parametrize("kind", BAD_META)
+def test_hostile_metadata_is_one_line_naming_the_field(capsys, tmp_path, kind, suffix):
+    from mlshift_jax.models import weights
+
+    change, field = BAD_META[kind]
+    path = tmp_path / f"w{suffix}"
+    if isinstance(change, str):
+        _seed_mlp_file(path, meta_text=change)
+    else:
+        _seed_mlp_file(path, edit=change)
+    line = one_line_rc2(capsys, "attack", "--params", path, "--n", "5")
+    assert field in line and str(path) in line, line
+    with pytest.raises((DataError, ConfigError)):
+        weights.load_model(path)
+
+
+def test_an_input_range_far_from_the_data_is_one_line(capsys, tmp_path):
+    path = tmp_path / "w.safetensors"
+    _seed_mlp_file(path, edit=lambda m: m.update(input_range=[0.0, 255.0]))
+    line = one_line_rc2(capsys, "attack", "--params", path, "--n", "5", "--rounds", "1")
+    assert "input_range" in line and "[0, 255]" in line
+
+
+# --- kind 8: special files, output folders ----------------------------------------------------
+
+
+def _fifo(tmp_path: Path) -> Path:
+    p = tmp_path / "fifo"
+    os.mkfifo(p)
+    return p
+
+
+SPECIAL_PATHS = {  # name -> (argv builder from (tmp_path, special path), expected words)
+    "--params FIFO": (lambda t, s: ["attack", "--params", s], "FIFO"),
+    "--params /dev/zero": (lambda t, s: ["attack", "--params", "/dev/zero"], "device"),
+    "--params folder": (lambda t, s: ["scan-data", "--params", t], "folder"),
+    "--reference FIFO": (lambda t, s: ["detect", "--reference", s, "--suspect", s], "FIFO"),
+    "--matrix FIFO": (lambda t, s: ["bench", "--matrix", s, "--out", t / "o"], "FIFO"),
+    "--matrix /dev/zero": (lambda t, s: ["bench", "--matrix", "/dev/zero", "--out", t / "o"],
+                           "device"),
+    "--dataset /dev/zero": (lambda t, s: ["train", "--dataset", "/dev/zero"], "device"),
+    "--dataset FIFO": (lambda t, s: ["train", "--dataset", s], "FIFO"),
+    "--data-dir FIFO": (lambda t, s: ["train", "--data-dir", s], "FIFO"),
+    "--save FIFO": (lambda t, s: ["train", "--hidden", "4", "--save", s], "FIFO"),
+    "--save folder": (lambda t, s: ["train", "--hidden", "4", "--save", t], "folder"),
+    "bench --out FIFO": (lambda t, s: ["bench", "--quick", "--out", s], "FIFO"),
+    "scan-data --out folder": (lambda t, s: ["scan-data", "--params", t / "x.npz", "--out",
+                                             t], "folder"),
+    "scan-model --out /dev/null": (lambda t, s: ["scan-model", "--params", t / "x.npz",
+                                                 "--out", "/dev/null"], "device"),
+}
+
+
+@pytest.mark.parametrize("kind", SPECIAL_PATHS)
+def test_special_files_are_refused_before_they_are_opened(capsys, tmp_path, kind):
+    special = _fifo(tmp_path)
+    argv, words = SPECIAL_PATHS[kind]
+    line = one_line_rc2(capsys, *argv(tmp_path, special))
+    assert words in line, line
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+OUT_FOLDERS = {  # name -> (make the folder's contents in d, words of the one line)
+    "a foreign file": (lambda d: (d / "notes.txt").write_text("mine"), "did not write"),
+    "foreign figures, no manifest": (lambda d: ((d / "figures").mkdir(),
+                                                (d / "figures" / "x.png").write_bytes(b"p"),
+                                                (d / "tables.md").write_text("mine")),
+                                     "did not write"),
+    "a manifest plus a foreign file": (
+        lambda d: ((d / ".mlshift-manifest.json").write_text(json.dumps(
+            {"format": "mlshift-output-manifest", "files": ["tables.md"], "folders": []})),
+            (d / "tables.md").write_text("t"), (d / "thesis.tex").write_text("mine")),
+        "thesis.tex"),
+    "a manifest leaving the folder": (
+        lambda d: ((d / ".mlshift-manifest.json").write_text(json.dumps(
+            {"format": "mlshift-output-manifest", "files": ["../victim.txt"],
+             "folders": []})),), "inside the folder"),
+    "a manifest nested 100,000 deep": (
+        lambda d: (d / ".mlshift-manifest.json").write_text("[" * 100_000 + "]" * 100_000),
+        "bad JSON"),
+}
+
+
+@pytest.mark.parametrize("kind", OUT_FOLDERS)
+def test_out_at_a_folder_with_foreign_files_is_refused(capsys, tmp_path, kind):
+    from tests.test_runner import TINY
+
+    (tmp_path / "m.toml").write_text(TINY)
+    d = tmp_path / "out"
+    d.mkdir()
+    make, words = OUT_FOLDERS[kind]
+    make(d)
+    (tmp_path / "victim.txt").write_text("keep")
+    before = _listing(d)
+    line = one_line_rc2(capsys, "bench", "--matrix", tmp_path / "m.toml", "--out", d)
+    assert words in line, line
+    assert _listing(d) == before and (tmp_path / "victim.txt").exists()
+
+
+@pytest.mark.parametrize("where", ["/", "home", "repository root", "committed results"])
+def test_out_at_protected_places_is_refused(capsys, tmp_path, monkeypatch, where):
+    from mlshift_jax.bench import report
+    from tests.test_runner import TINY
+
+    (tmp_path / "m.toml").write_text(TINY)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    out = {"/": Path("/"), "home": home, "repository root": ROOT,
+           "committed results": report.default_out_dir()}[where]
+    before = sorted(os.listdir(out))
+    line = one_line_rc2(capsys, "bench", "--matrix", tmp_path / "m.toml", "--out", out)
+    assert "refusing" in line, line
+    assert sorted(os.listdir(out)) == before
+
+
+def test_committed_results_carry_a_manifest_of_their_files():
+    from mlshift_jax.core import outdir
+
+    folder = ROOT / "results" / "cpu"
+    manifest = outdir.read(folder)
+    assert manifest is not None and outdir.claim(folder, protected=[ROOT]) == folder
+    assert {"tables.md", "records.csv", "run.json"} <= manifest["files"]
+    figures = {f"figures/{p.name}" for p in (folder / "figures").glob("*.png")}
+    assert figures <= manifest["files"]
+
+
+def test_a_rerun_removes_only_listed_figures(tmp_path):
+    from mlshift_jax.bench import report, runner
+    from mlshift_jax.core import outdir
     from tests.test_runner import TINY
 
     m = tmp_path / "m.toml"
     m.write_text(TINY)
     out = tmp_path / "out"
-    stale = out / "figures" / "accuracy-vs-eps-old.png"
-    stale.parent.mkdir(parents=True)
-    stale.write_bytes(b"png")
-    from mlshift_jax.bench import report
-
     report.write(runner.run(m, out_dir=out), out)
-    assert not stale.exists()
+    listed = out / "figures" / "accuracy-vs-eps-old.png"  # a figure an earlier run drew
+    listed.write_bytes(b"png")
+    outdir.record(out, files=[listed])
+    mine = out / "figures" / "my-notes.png"  # not listed: never removed
+    mine.write_bytes(b"mine")
+    foreign_temp = out / f".notes.txt.{2**22 + 7}-abcd1234.tmp"  # not a listed name
+    cache_temp = out / ".cache" / f".x.json.{2**22 + 7}-abcd1234.tmp"  # the tool's folder
+    cache_temp.write_bytes(b"")
+    before = _listing(out)
+    report.write(runner.run(m, out_dir=out), out)
+    after = _listing(out)
+    assert not listed.exists() and mine.read_bytes() == b"mine" and not cache_temp.exists()
+    assert set(before) - set(after) == {"figures/accuracy-vs-eps-old.png",
+                                        f".cache/{cache_temp.name}"}
+    assert not foreign_temp.exists()  # never made: a foreign temp would stop the claim
+
+
+def test_save_touches_only_its_own_file_and_temps(capsys, tmp_path):
+    theirs = tmp_path / f".other.npz.{2**22 + 9}-abcd1234.tmp"  # a stale temp, not ours
+    theirs.write_bytes(b"x")
+    own = tmp_path / f".p.npz.{2**22 + 9}-abcd1234.tmp"  # ours, left by a killed run
+    own.write_bytes(b"x")
+    code = main(["train", "--hidden", "4", "--train-size", "200", "--save",
+                 str(tmp_path / "p.npz")])
+    assert code == 0, capsys.readouterr().err
+    assert theirs.exists() and not own.exists() and (tmp_path / "p.npz").is_file()
+
+
+def test_a_save_path_that_is_not_utf8_prints(capsys, tmp_path):
+    name = os.fsdecode(b"p-\xff.npz")  # surrogate-escaped, as argv gives it
+    code = main(["train", "--hidden", "4", "--train-size", "200", "--save",
+                 str(tmp_path / name)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "Traceback" not in err and "saved" in out
+    assert (tmp_path / name).is_file()
+
+
+# --- kind 9: inputs outside the model's range, absurd labels and matrices ------------------------
+
+
+def test_inputs_outside_the_range_are_refused_or_clipped(mnist):
+    import jax
+
+    from mlshift_jax.attacks import evasion
+    from mlshift_jax.detection.detect import input_scores
+    from mlshift_jax.models import zoo
+    from mlshift_jax.models.metrics import evaluate
+
+    model = zoo.build("seed-mlp", mnist.spec, 8)
+    params = model.init(jax.random.key(0))
+    x, y = mnist.x_test[:200], mnist.y_test[:200]
+    half = np.asarray(x) * 0.5 - 0.01  # [0, 0.5]-ish: below the range's 0.01
+    for call in (lambda: evasion.fgsm(model, params, half, y, eps=0.0),
+                 lambda: evasion.pgd(model, params, half, y, eps=0.1, key=jax.random.key(0)),
+                 lambda: evaluate(model, params, half, y),
+                 lambda: input_scores(model, params, half)):
+        with pytest.raises(ConfigError, match=r"input range \[0.01, 1\], found values in "
+                           r"\[-0.005"):
+            call()
+    with pytest.warns(UserWarning, match="clipped"):
+        clipped = evaluate(model, params, half, y, clip=True)
+    assert 0 <= clipped["accuracy"] <= 1
+    same = evasion.fgsm(model, params, x, y, eps=0.0)  # the data's own range passes
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(x))
+
+
+def test_a_label_of_a_billion_is_one_line(capsys, tmp_path):
+    y = np.zeros(20, np.int64)
+    y[3] = 10**9
+    np.savez(tmp_path / "d.npz", x_train=np.zeros((20, 28, 28), np.uint8), y_train=y,
+             x_test=np.zeros((10, 28, 28), np.uint8), y_test=np.zeros(10, np.int64))
+    line = one_line_rc2(capsys, "train", "--dataset", tmp_path / "d.npz", "--hidden", "4")
+    assert "1000000000" in line and "y_train" in line or "d.npz" in line
+
+
+MATRIX_HEAD = '[matrix]\ndatasets=["mnist"]\nmodels=["seed-mlp"]\nattacks=["none"]\n'
+
+BAD_MATRICES = {
+    "nested 50,000 deep": (MATRIX_HEAD + "eps=" + "[" * 50_000 + "]" * 50_000 + "\n",
+                           "nested too deeply"),
+    "eps above the CLI's bound": (MATRIX_HEAD + "eps=[1e9]\n", "eps"),
+    "100,000 eps with a repeat": (MATRIX_HEAD + "eps=[" + ",".join(
+        f"{i / 1e5:.5f}" for i in range(100_000)) + ",0.5]\n", "distinct eps"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_MATRICES)
+def test_absurd_matrices_are_one_line(capsys, tmp_path, kind):
+    text, words = BAD_MATRICES[kind]
+    (tmp_path / "m.toml").write_text(text)
+    line = one_line_rc2(capsys, "bench", "--matrix", tmp_path / "m.toml", "--out",
+                        tmp_path / "o")
+    assert words in line, line
+    assert not (tmp_path / "o").exists()
