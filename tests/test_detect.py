@@ -130,7 +130,8 @@ def test_entropy_and_softmax_model():
     assert float(detect.entropy(jnp.full(10, 0.1))) == pytest.approx(np.log(10), rel=1e-6)
     assert float(detect.entropy(jnp.eye(10)[3])) == 0.0
     params = MLP_CE.init(jax.random.key(1), n_hidden=16)
-    scores = detect.input_scores(MLP_CE, params, jnp.asarray(RNG.random((4, 784)), jnp.float32))
+    x = 0.01 + 0.99 * RNG.random((4, 784))  # inside the model's input range [0.01, 1]
+    scores = detect.input_scores(MLP_CE, params, jnp.asarray(x, jnp.float32))
     assert all(np.all(np.isfinite(np.asarray(v))) for v in scores.values())
 
 

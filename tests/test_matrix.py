@@ -115,7 +115,10 @@ BAD = [
     (TINY.replace("[matrix]", "[matrixx]"), "top level", "unknown key"),
     (TINY.replace('datasets = ["mnist"]\n', ""), "[matrix].datasets", "required"),
     (TINY.replace("eps = [0.1, 0.2]", "eps = []"), "[matrix].eps", "non-empty"),
-    (TINY.replace("eps = [0.1, 0.2]", "eps = [0.1, 0.1]"), None, None),  # repeated cells
+    (TINY.replace("eps = [0.1, 0.2]", "eps = [0.1, 0.1]"), "[matrix].eps", "0.1 twice"),
+    (TINY.replace("eps = [0.1, 0.2]", "eps = [0.1, 2e6]"), "[matrix].eps", "2000000.0"),
+    (TINY.replace('attacks = ["none", "fgsm"]', 'attacks = ["none", "fgsm"]\nseeds = [0, 0]'),
+     None, None),  # repeated cells
     (TINY + "\n[matrix2\n", "not valid TOML", ""),
 ]
 

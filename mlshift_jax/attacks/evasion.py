@@ -79,9 +79,11 @@ def _check_inputs(model: Model, x: Any, y: Any, *, lo: Any = None, hi: Any = Non
     if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
         raise ConfigError(f"x: expected a float array [batch, n_in], found {x.dtype}{x.shape}")
     finite_inputs("x", x)
-    bounds = [_concrete(v) for v in _bounds(model, lo, hi)]
-    if all(b is not None and b.ndim == 0 and np.isfinite(b) for b in bounds):
-        x = inputs_in_range("x", x, float(bounds[0]), float(bounds[1]), clip=clip)
+    b_lo, b_hi = (_concrete(v) for v in _bounds(model, lo, hi))
+    usable = all(b is not None and b.ndim == 0 and b.dtype.kind in "fiu" and np.isfinite(b)
+                 for b in (b_lo, b_hi))
+    if usable and b_lo < b_hi:  # a bad range is _check_range's to name
+        x = inputs_in_range("x", x, float(b_lo), float(b_hi), clip=clip)
     if y.shape != x.shape[:1] or not jnp.issubdtype(y.dtype, jnp.integer):
         raise ConfigError(
             f"y: expected int labels of shape ({x.shape[0]},), found {y.dtype}{y.shape}")
