@@ -658,7 +658,7 @@ def with_dataset(matrix: Matrix, name: str) -> Matrix:
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"--dataset: expected a dataset name or path, found {name!r}")
     blocks = {k: replace(getattr(matrix, k), dataset=name)
-              for k in ("e1", "e2", "e3", "speed", "poison", "detect")
+              for k in ("e1", "e2", "e3", "speed", "poison", "detect", "defenses")
               if getattr(matrix, k) is not None}
     return replace(matrix, datasets=(name,), **blocks)
 
