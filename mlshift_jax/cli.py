@@ -714,7 +714,8 @@ def cmd_bench(args) -> None:
     _interrupt.cells = out / runner.CACHE_DIR / "cells"  # Ctrl-C before run() knows its cells
     records = runner.run(matrix, out_dir=out, only=args.only, force=args.force,
                          data_dir=args.data_dir, dataset=args.dataset,
-                         sample_out_dir=sample_out, reuse_stale=args.reuse_stale)
+                         sample_out_dir=sample_out, reuse_stale=args.reuse_stale,
+                         tiny=args.tiny)
     out = Path(records.attrs["run"]["out_dir"])
     seconds = time.perf_counter() - start
     if args.only:  # a partial run: show its cells, leave the full tables as they are
@@ -830,6 +831,10 @@ def _options():
                 "-quick, -<matrix> or -sample sibling for --quick, --matrix or the bundled "
                 "sample)"},
         "force": {"action": "store_true", "help": "rerun cells even if cached"},
+        "tiny": {"action": "store_true",
+                 "help": "every cell of the matrix at a smoke test's size (a few hundred "
+                 "images, hidden 16): a rehearsal whose numbers mean nothing "
+                 "(scripts/bench_gpu.sh --dry-run)"},
         "reuse_stale": {"action": "store_true",
                         "help": "reuse cached cells computed by other code (another code "
                         "digest) instead of recomputing them; the tables mark them STALE "
@@ -943,8 +948,8 @@ def build_parser() -> argparse.ArgumentParser:
             out={"metavar": "FILE.csv", "help": "also write every training sample's score "
                  "and flag per method here (atomically)"})
     command("bench", cmd_bench, "run the experiment matrix and write results/<platform>/",
-            "quick", "matrix", "only", "out", "force", "reuse_stale", "distributed", "data_dir",
-            "dataset", dataset={"default": None, "metavar": "NAME|PATH",
+            "quick", "matrix", "only", "out", "force", "reuse_stale", "tiny", "distributed",
+            "data_dir", "dataset", dataset={"default": None, "metavar": "NAME|PATH",
                      "help": "run the matrix on this dataset instead of its own"})
     return parser
 

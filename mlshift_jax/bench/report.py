@@ -43,7 +43,7 @@ from mlshift_jax.bench import detection_bench, sweeps
 from mlshift_jax.bench.torch_peer import NOT_INSTALLED
 from mlshift_jax.core import fmt, study
 from mlshift_jax.core.files import atomic_path, clean_stale_temps, write_text
-from mlshift_jax.core.provenance import code_digest, git_commit
+from mlshift_jax.core.provenance import code_digest, git_commit, relative_source
 from mlshift_jax.core.timing import NOISY, RERUNS
 from mlshift_jax.data import datasets
 from mlshift_jax.detection import categorize
@@ -57,14 +57,33 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # --- where and on what -------------------------------------------------------------------------
 
 
-def platform_name(device: Any = None) -> str:
-    """"cpu", or "<platform>-<device kind>" such as "gpu-h200" or "tpu-v5-lite"."""
-    device = jax.devices()[0] if device is None else device
-    if device.platform == "cpu":
+_VENDOR = frozenset({"nvidia", "amd", "tesla", "geforce", "radeon", "tpu", "instinct"})
+# where a GPU's model name ends: its memory size, form factor or memory type
+_GPU_SUFFIX = re.compile(r"^(\d+gb|sxm\d*|pcie|hbm\d*e?|nvl|mig)$")
+
+
+def platform_for(platform: str, device_kind: str) -> str:
+    """The results folder's name for a device: "cpu", or "<platform>-<model>" such as
+    "gpu-h100" ("NVIDIA H100 80GB HBM3"), "gpu-h200" ("NVIDIA H200"), "gpu-a100"
+    ("NVIDIA A100-SXM4-40GB") or "tpu-v5-lite" ("TPU v5 lite"): the vendor dropped, and for
+    GPUs the memory size and form factor after the model."""
+    if platform == "cpu":
         return "cpu"
-    kind = re.sub(r"[^a-z0-9]+", "-", device.device_kind.lower()).strip("-")
-    kind = re.sub(r"^(nvidia|amd|tesla|geforce|tpu)-", "", kind) or "unknown"
-    return f"{device.platform}-{kind}"
+    words = [w for w in re.split(r"[^a-z0-9]+", device_kind.lower()) if w]
+    words = [w for w in words if w not in _VENDOR]
+    if platform in ("gpu", "cuda", "rocm"):
+        platform = "gpu"
+        for i, w in enumerate(words):
+            if i and _GPU_SUFFIX.match(w):
+                words = words[:i]
+                break
+    return f"{platform}-{'-'.join(words) or 'unknown'}"
+
+
+def platform_name(device: Any = None) -> str:
+    """`platform_for` the first device (or `device`): "cpu", "gpu-h200", "tpu-v5-lite"."""
+    device = jax.devices()[0] if device is None else device
+    return platform_for(device.platform, device.device_kind)
 
 
 def default_out_dir(root: str | Path = REPO_ROOT) -> Path:
@@ -95,6 +114,8 @@ def run_info(records: pd.DataFrame) -> dict[str, Any]:
         "device_count": len(devices),
         "cpu_count": os.cpu_count(),
         **run,
+        **({"out_dir": relative_source(str(Path(run["out_dir"]).resolve()))}
+           if "out_dir" in run else {}),
     }
 
 

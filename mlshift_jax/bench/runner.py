@@ -69,6 +69,7 @@ from mlshift_jax.bench.matrix import (
     select,
     with_dataset,
 )
+from mlshift_jax.bench.matrix import tiny as tiny_matrix
 from mlshift_jax.core import memory_maps, sharding, study
 from mlshift_jax.core.errors import ConfigError, DataError, Interrupted
 from mlshift_jax.core.files import clean_stale_temps, load_params, save_params, write_text
@@ -1154,8 +1155,8 @@ def _without_paths(text: str) -> str:
 
 def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None,
         force: bool = False, data_dir: str | None = None, dataset: str | None = None,
-        sample_out_dir: str | Path | None = None, reuse_stale: bool = False
-        ) -> pd.DataFrame:
+        sample_out_dir: str | Path | None = None, reuse_stale: bool = False,
+        tiny: bool = False) -> pd.DataFrame:
     """Run the cells of the matrix at `matrix_path` whose id matches `only` (fnmatch pattern
     or substring; None: all); reuse cached cells unless `force`. Returns their records.
 
@@ -1166,7 +1167,7 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
     folder used. Ctrl-C raises `Interrupted` (how many cells are cached). reuse_stale: reuse
     cached cells computed by other code (another `code_digest`) instead of recomputing them;
     their records get status "stale" and keep the digest and commit of the code that made
-    them (the report marks them).
+    them (the report marks them). tiny: every cell at a smoke test's size (`matrix.tiny`).
 
     Each record is one row: id, kind, block, dataset, model, attack, eps, seed, n_train,
     n_test, accuracy, precision, recall, f1, confidence, clean_accuracy, compile_s, median_s,
@@ -1180,6 +1181,8 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
     mx = load(matrix_path)
     if dataset is not None:
         mx = with_dataset(mx, dataset)
+    if tiny:
+        mx = tiny_matrix(mx)
     selected = select(cells(mx), only)
     if not selected:
         raise ConfigError(f"{matrix_path}: no cell id matches {only!r}; ids look like "
@@ -1246,7 +1249,7 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
     computed = {c.hash: by_hash[c.hash] for c in todo if c.hash in by_hash}
     frame.attrs["run"] = {
         "matrix": relative_source(str(matrix_path)), "matrix_sha256": _file_hash(matrix_path),
-        "only": only, "force": force, "reuse_stale": reuse_stale,
+        "only": only, "force": force, "reuse_stale": reuse_stale, "tiny": tiny,
         "started": started.isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - start,
         "cells": len(selected), "computed": len(todo),
@@ -1263,7 +1266,7 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
                                   for k, v in mx.load_kwargs(n).items()}}
                      for n, d in loaded.items()},
         "skipped": {n: _without_paths(why) for n, why in skipped.items()},
-        "out_dir": relative_source(str(Path(out_dir).resolve())),
+        "out_dir": str(out_dir),  # report.run_info writes it relative (run.json)
         "determinism": determinism_key(),
     }
     return frame
