@@ -32,6 +32,7 @@ from mlshift_jax.core.files import write_text
 from mlshift_jax.core.sharding import describe_devices
 from mlshift_jax.core.timing import time_call
 from mlshift_jax.data import datasets
+from mlshift_jax.models.population import chunk_size, device_bytes, host_bytes
 from mlshift_jax.models.train import init_population, train_seed_sgd_population
 from mlshift_jax.models.zoo import SEED_MLP
 
@@ -93,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     pop_t = time_call(lambda: train_seed_sgd_population(pop, xt, yt, lr=0.1), rounds=3)
     wall = time.perf_counter() - start
+    # the chunk rule the poisoning sweeps follow (population.chunk_size): how many members'
+    # poisoned copies of the training set one vmap holds on this device, at this run's size
+    # and at the full 60,000 images
+    memory = host_bytes() if jax.default_backend() == "cpu" else device_bytes()
+    chunk = chunk_size(args.population, size, N_IN)
+    chunk_full = chunk_size(args.population, 60_000, N_IN)
 
     result = {
         "platform": platform_name(), "devices": describe_devices(), "data_source": ds.source,
@@ -102,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         "fgsm_floor_s": floor_s, "fgsm_over_floor": fgsm_t.median_s / floor_s,
         "population_models": args.population, "population_images": size,
         "population_epoch_median_s": pop_t.median_s, "population_compile_s": pop_t.compile_s,
-        "population_wall_s": wall,
+        "population_wall_s": wall, "chunk_memory_bytes": memory,
+        "population_chunk": chunk, "population_chunk_60000": chunk_full,
     }
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "floor.json", json.dumps(result, indent=2) + "\n")
@@ -115,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         f"| FGSM floor max(FLOPs/rate, bytes/bandwidth) | {floor_s * 1e3:.3f} ms |",
         f"| FGSM / floor | {result['fgsm_over_floor']:.2f}x |",
         f"| {args.population} seed-mlp models, one per-sample epoch of {size} images "
-        f"| {pop_t.median_s:.3f} s (compile {pop_t.compile_s:.1f} s) |", ""]))
+        f"| {pop_t.median_s:.3f} s (compile {pop_t.compile_s:.1f} s) |",
+        f"| chunk rule: members per vmap, {args.population} poisoned copies of {size} / "
+        f"60,000 images in {memory / 2**30:.0f} GiB | {chunk} / {chunk_full} |", ""]))
     print(json.dumps(result, indent=2))
     return 0
 

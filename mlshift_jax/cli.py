@@ -378,10 +378,16 @@ def cmd_attack(args) -> None:
                 row.update(zero_grad_frac=grads["zero_grad_frac"],
                            gradient_flag=grads["gradient_flag"])
             rows.append(row)
-    if args.defense:
-        _attack_flags(args, model, params, x, y, key, rows)
+    flags = _attack_flags(args, model, params, x, y, key, rows) if args.defense else []
+    if args.format == "json":  # one shape with and without --defense (docs/json.md)
+        print(strict_json({"model": model.name, "defense": args.defense, "n_images": n,
+                           "rows": rows, "flags": flags}))
         return
-    _emit(args.format, rows)
+    _emit("table", rows)
+    if args.defense:
+        print(f"\nflags ({model.name}):" if flags else f"\nflags ({model.name}): none raised")
+        for line in flags:
+            print(f"  - {line}")
 
 
 def _iterative_kw(args, fn) -> dict:
@@ -416,23 +422,15 @@ def _defend(args, model, params, ds, key):
     return defenses.build(args.defense, model, state=state), params
 
 
-def _attack_flags(args, model, params, x, y, key, rows) -> None:
-    """The rows plus the obfuscated-gradient flags (obfuscation.py) of the defended model."""
+def _attack_flags(args, model, params, x, y, key, rows) -> list[str]:
+    """The obfuscated-gradient flags (obfuscation.py) the defended model's rows raise."""
     from mlshift_jax.attacks import obfuscation
 
     accuracy = {(r["attack"], r["eps"]): r["accuracy"] for r in rows}
     k = min(200, int(x.shape[0]))
     probed = obfuscation.probe(model, params, x[:k], y[:k], key=jax.random.fold_in(key, 11),
                                eps=max(args.eps), steps=args.steps or 10)
-    raised = obfuscation.flags(accuracy, probed, n=int(x.shape[0]))
-    if args.format == "json":
-        print(json.dumps({"defense": args.defense, "model": model.name, "rows": rows,
-                          "flags": raised}, indent=2, default=float))
-        return
-    _emit("table", rows)
-    print(f"\nflags ({model.name}):" if raised else f"\nflags ({model.name}): none raised")
-    for line in raised:
-        print(f"  - {line}")
+    return list(obfuscation.flags(accuracy, probed, n=int(x.shape[0])))
 
 
 # --- poison -------------------------------------------------------------------------------
@@ -740,7 +738,8 @@ def cmd_bench(args) -> None:
     _interrupt.cells = out / runner.CACHE_DIR / "cells"  # Ctrl-C before run() knows its cells
     records = runner.run(matrix, out_dir=out, only=args.only, force=args.force,
                          data_dir=args.data_dir, dataset=args.dataset,
-                         sample_out_dir=sample_out)
+                         sample_out_dir=sample_out, reuse_stale=args.reuse_stale,
+                         tiny=args.tiny)
     out = Path(records.attrs["run"]["out_dir"])
     seconds = time.perf_counter() - start
     if args.only:  # a partial run: show its cells, leave the full tables as they are
@@ -753,9 +752,12 @@ def cmd_bench(args) -> None:
     if jax.process_index() != 0:  # a multi-host run: process 0 writes the report
         return
     paths = report.write(records, out)
-    computed = int((records["status"] == "computed").sum())
-    print(f"wrote {len(paths)} files to {out} ({len(records)} cells: {computed} computed, "
-          f"{len(records) - computed} reused) in {seconds:.0f} s")
+    run = records.attrs["run"]
+    stale = f", {run['stale']} STALE" if run["stale"] else ""
+    skipped = f", {run['skipped_cells']} skipped" if run["skipped_cells"] else ""
+    print(f"wrote {len(paths)} files to {out} ({run['cells']} cells: {run['computed']} "
+          f"computed in {run['compute_s']:.0f} s, {run['reused']} reused{stale}{skipped}) in "
+          f"{seconds:.0f} s")
 
 
 # --- parser -------------------------------------------------------------------------------
@@ -853,6 +855,14 @@ def _options():
                 "-quick, -<matrix> or -sample sibling for --quick, --matrix or the bundled "
                 "sample)"},
         "force": {"action": "store_true", "help": "rerun cells even if cached"},
+        "tiny": {"action": "store_true",
+                 "help": "every cell of the matrix at a smoke test's size (a few hundred "
+                 "images, hidden 16): a rehearsal whose numbers mean nothing "
+                 "(scripts/bench_gpu.sh --dry-run)"},
+        "reuse_stale": {"action": "store_true",
+                        "help": "reuse cached cells computed by other code (another code "
+                        "digest) instead of recomputing them; the tables mark them STALE "
+                        "with the commit they came from"},
         "distributed": {"action": "store_true",
                         "help": "join a multi-process run first (jax.distributed.initialize; "
                         "MLSHIFT_COORDINATOR, MLSHIFT_NUM_PROCESSES, MLSHIFT_PROCESS_ID)"},
@@ -974,8 +984,8 @@ def build_parser() -> argparse.ArgumentParser:
             out={"metavar": "FILE.csv", "help": "also write every training sample's score "
                  "and flag per method here (atomically)"})
     command("bench", cmd_bench, "run the experiment matrix and write results/<platform>/",
-            "quick", "matrix", "only", "out", "force", "distributed", "data_dir", "dataset",
-            dataset={"default": None, "metavar": "NAME|PATH",
+            "quick", "matrix", "only", "out", "force", "reuse_stale", "tiny", "distributed",
+            "data_dir", "dataset", dataset={"default": None, "metavar": "NAME|PATH",
                      "help": "run the matrix on this dataset instead of its own"})
     return parser
 

@@ -360,7 +360,7 @@ def test_cli_train_attack_poison_on_a_path_dataset(colour, tmp_path, capsys):
                   "--epochs", "2", "--save", str(tmp_path / "p.npz"), "--format", "json")
     assert trained["accuracy"] > 0.5
     rows = run("attack", "--dataset", path, "--params", str(tmp_path / "p.npz"), "--attack",
-               "fgsm", "--eps", "0", "0.2", "--format", "json")
+               "fgsm", "--eps", "0", "0.2", "--format", "json")["rows"]
     assert rows[1]["accuracy"] < rows[0]["accuracy"] == trained["accuracy"]
     result = run("poison", "--dataset", path, "--kind", "mixture", "--fraction", "0.2",
                  "--patch", "3", "--target", "1", "--hidden", "32", "--format", "json")

@@ -56,3 +56,45 @@ def test_make_checks_before_installing():
     recipe = (ROOT / "Makefile").read_text().split("\nbench-gpu:")[1].split("\n\n")[0]
     steps = [line.strip() for line in recipe.splitlines()[1:] if line.startswith("\t")]
     assert steps[0] == "scripts/bench_gpu.sh --check" and "cuda12" in steps[1]
+
+
+def test_dry_run_runs_every_step_at_a_tiny_size_into_a_folder_named_from_the_device(tmp_path):
+    """The dry run's steps and layout, with a stand-in Python that runs `-c` snippets for real
+    and records the two long steps (floor.py, bench), writing the files they would write.
+    The whole dry run for real is CI's (.ci/run): about 13 minutes on 2 busy cores."""
+    log = tmp_path / "calls.log"
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+if [ "$1" = -c ]; then exec {sys.executable} "$@"; fi
+echo "$*" >> {log}
+out=""; prev=""
+for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
+mkdir -p "$out"
+case "$*" in
+  *floor.py*) echo '{{}}' > "$out/floor.json"; echo x > "$out/floor.md" ;;
+  *mlshift_jax\\ bench*) for f in tables.md records.csv run.json; do echo x > "$out/$f"; done ;;
+esac
+""")
+    fake.chmod(0o755)
+    done = _run("--dry-run", str(fake), JAX_PLATFORMS="cpu",
+                MLSHIFT_DRY_RUN_OUT=str(tmp_path / "dry"),
+                MLSHIFT_DRY_RUN_DEVICE="NVIDIA H200")
+    assert done.returncode == 0, done.stderr
+    calls = log.read_text().splitlines()
+    out = tmp_path / "dry" / "results" / "gpu-h200"
+    assert len(calls) == 2 and "bench/floor.py" in calls[0] and "--images 2000" in calls[0]
+    assert f"--out {out}" in calls[0]
+    assert calls[1].startswith("-m mlshift_jax bench --force --tiny") and str(out) in calls[1]
+    assert "results/gpu-h200 written" in done.stdout and "DRY RUN" in done.stderr
+    assert "[1/3]" in done.stderr and "[3/3]" in done.stderr
+    assert not (ROOT / "results" / "gpu-h200").exists()  # the repository's results untouched
+
+
+def test_dry_run_fails_when_a_step_leaves_a_file_out(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\nif [ "$1" = -c ]; then exec {sys.executable} "$@"; fi\n'
+                    "exit 0\n")
+    fake.chmod(0o755)
+    done = _run("--dry-run", str(fake), JAX_PLATFORMS="cpu",
+                MLSHIFT_DRY_RUN_OUT=str(tmp_path / "dry"))
+    assert done.returncode == 1 and "lacks floor.json" in done.stderr

@@ -108,12 +108,13 @@ def test_shell_chain_train_attack_poison_detect(user_module, tmp_path, capsys, a
     assert meta["input_shape"] == list((*SHAPES[data], 1)[:3])
     # attack the saved file: the dataset from the metadata, then named explicitly
     rows = run_cli(capsys, "attack", "--params", "clean.safetensors", "--model", ref,
-                   "--attack", "fgsm", "--eps", "0", "0.3", "--rounds", "1")
+                   "--attack", "fgsm", "--eps", "0", "0.3", "--rounds", "1")["rows"]
     assert [r["eps"] for r in rows] == [0.0, 0.3]
     assert rows[0]["accuracy"] == pytest.approx(train["accuracy"], abs=1e-6)
     assert rows[1]["accuracy"] < rows[0]["accuracy"]
     again = run_cli(capsys, "attack", "--params", "clean.safetensors", "--dataset", ds,
-                    "--model", ref, "--attack", "noise-sign", "--eps", "0.1", "--rounds", "1")
+                    "--model", ref, "--attack", "noise-sign", "--eps", "0.1",
+                    "--rounds", "1")["rows"]
     assert again[0]["attack"] == "noise-sign"
     poisoned = run_cli(capsys, "poison", "--model", ref, "--dataset", ds, "--epochs", "3",
                        "--kind", "mixture", "--fraction", "0.2", "--patch", "2",

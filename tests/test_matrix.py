@@ -255,3 +255,27 @@ target = 5
 """
     cell = matrix.cells(matrix.parse(text))[0]
     assert dict(cell.config.options) == {"target": 5}
+
+
+def test_tiny_keeps_every_cell_of_the_full_matrix_at_a_smoke_tests_size():
+    """`bench --tiny` (scripts/bench_gpu.sh --dry-run): the same cells, block by block and
+    part by part, every size capped."""
+    from pathlib import Path
+
+    full = matrix.load(Path(__file__).resolve().parents[1] / "bench" / "matrix.toml")
+    small = matrix.tiny(full)
+    before, after = matrix.cells(full), matrix.cells(small)
+    assert [(c.kind, c.block) for c in before] == [(c.kind, c.block) for c in after]
+    assert len({c.id for c in after}) == len(after)
+    assert not {c.hash for c in before} & {c.hash for c in after}  # caches never mix
+    for cell in after:
+        cfg = cell.config
+        for name in ("n_train", "n_test"):
+            value = getattr(cfg, name, None)
+            if isinstance(value, int):
+                assert value <= matrix.TINY_TRAIN, (cell.id, name, value)
+        spec = getattr(cfg, "train", None)
+        if spec is not None and spec.n_train is not None:
+            assert spec.n_train <= matrix.TINY_TRAIN
+    assert small.timing.rounds == 1 and small.detect.quick
+    assert small.defenses.n_test <= 50 and small.speed.population == 2

@@ -265,7 +265,10 @@ def test_figures_are_drawn(tmp_path):
 
 @pytest.mark.parametrize("platform,kind,name", [
     ("cpu", "cpu", "cpu"), ("gpu", "NVIDIA H200", "gpu-h200"),
-    ("gpu", "NVIDIA A100-SXM4-80GB", "gpu-a100-sxm4-80gb"), ("tpu", "TPU v5 lite", "tpu-v5-lite"),
+    ("gpu", "NVIDIA A100-SXM4-80GB", "gpu-a100"), ("tpu", "TPU v5 lite", "tpu-v5-lite"),
+    ("gpu", "NVIDIA H100 80GB HBM3", "gpu-h100"), ("gpu", "NVIDIA H100 NVL", "gpu-h100"),
+    ("gpu", "NVIDIA GeForce RTX 4090", "gpu-rtx-4090"), ("gpu", "Tesla V100-SXM2-16GB",
+                                                          "gpu-v100"),
 ])
 def test_platform_name(platform, kind, name):
     assert report.platform_name(SimpleNamespace(platform=platform, device_kind=kind)) == name

@@ -673,9 +673,59 @@ def with_dataset(matrix: Matrix, name: str) -> Matrix:
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"--dataset: expected a dataset name or path, found {name!r}")
     blocks = {k: replace(getattr(matrix, k), dataset=name)
-              for k in ("e1", "e2", "e3", "speed", "poison", "detect")
+              for k in ("e1", "e2", "e3", "speed", "poison", "detect", "defenses")
               if getattr(matrix, k) is not None}
     return replace(matrix, datasets=(name,), **blocks)
+
+
+TINY_TRAIN, TINY_TEST, TINY_HIDDEN = 600, 100, 16
+
+
+def tiny(matrix: Matrix) -> Matrix:
+    """`matrix` with every cell it has, each at a smoke test's size (`bench --tiny`, which
+    `scripts/bench_gpu.sh --dry-run` runs): at most TINY_TRAIN training and TINY_TEST test
+    images, hidden TINY_HIDDEN (8 for the poisoning sweeps), 2 samples / models where a
+    block trains several, the shortest attacks and searches, one timed round. Every code
+    path of the full matrix runs; no number of it means anything."""
+    def cap(n: int | None, k: int) -> int:
+        return k if n is None else min(n, k)
+
+    blocks: dict[str, Any] = {}
+    if matrix.e1 is not None:
+        e1 = matrix.e1
+        blocks["e1"] = replace(e1, hidden=TINY_HIDDEN, n_train=cap(e1.n_train, TINY_TRAIN),
+                               n_test=cap(e1.n_test, TINY_TEST))
+    if matrix.e2 is not None:
+        e2 = matrix.e2
+        blocks["e2"] = replace(e2, samples=min(e2.samples, 2), size=min(e2.size, 300),
+                               hidden=TINY_HIDDEN, n_train=cap(e2.n_train, TINY_TRAIN),
+                               n_test=cap(e2.n_test, TINY_TEST))
+    if matrix.e3 is not None:
+        e3 = matrix.e3
+        top = max(e3.n_test)
+        blocks["e3"] = replace(e3, hidden=TINY_HIDDEN, n_train=cap(e3.n_train, TINY_TRAIN),
+                               n_test=tuple(max(1, n * TINY_TEST // top) for n in e3.n_test))
+    if matrix.speed is not None:
+        sp = matrix.speed
+        blocks["speed"] = replace(sp, hidden=TINY_HIDDEN, n_train=cap(sp.n_train, TINY_TRAIN),
+                                  n_test=cap(sp.n_test, TINY_TEST), numpy_loop_images=10,
+                                  numpy_epoch_samples=20, population=2, population_size=200,
+                                  detect_null=2, scan_models=2, scan_steps=5)
+    if matrix.poison is not None:
+        po = matrix.poison
+        blocks["poison"] = replace(po, hidden=8, n_train=cap(po.n_train, TINY_TRAIN),
+                                   n_test=cap(po.n_test, TINY_TEST),
+                                   badnets_n_train=cap(po.badnets_n_train, TINY_TRAIN))
+    if matrix.detect is not None:
+        blocks["detect"] = replace(matrix.detect, quick=True)
+    if matrix.defenses is not None:
+        d = matrix.defenses
+        blocks["defenses"] = replace(d, n_train=cap(d.n_train, TINY_TRAIN),
+                                     n_test=cap(d.n_test, 50), steps=2, restarts=1,
+                                     samples=2, queries=10, adv_steps=2, probe_n=20)
+    return replace(matrix, hidden=TINY_HIDDEN, n_train=cap(matrix.n_train, TINY_TRAIN),
+                   n_test=cap(matrix.n_test, TINY_TEST),
+                   timing=replace(matrix.timing, rounds=1, max_seconds=0.5), **blocks)
 
 
 def load(path: str | Path) -> Matrix:

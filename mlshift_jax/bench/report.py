@@ -29,7 +29,6 @@ import math
 import os
 import platform as _platform
 import re
-import subprocess
 import warnings
 from datetime import datetime, timezone
 from importlib import metadata
@@ -44,6 +43,7 @@ from mlshift_jax.bench import detection_bench, sweeps
 from mlshift_jax.bench.torch_peer import NOT_INSTALLED
 from mlshift_jax.core import fmt, outdir, study
 from mlshift_jax.core.files import atomic_path, write_text
+from mlshift_jax.core.provenance import code_digest, git_commit, relative_source
 from mlshift_jax.core.timing import NOISY, RERUNS
 from mlshift_jax.data import datasets
 from mlshift_jax.detection import categorize
@@ -57,28 +57,38 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # --- where and on what -------------------------------------------------------------------------
 
 
-def platform_name(device: Any = None) -> str:
-    """"cpu", or "<platform>-<device kind>" such as "gpu-h200" or "tpu-v5-lite"."""
-    device = jax.devices()[0] if device is None else device
-    if device.platform == "cpu":
+_VENDOR = frozenset({"nvidia", "amd", "tesla", "geforce", "radeon", "tpu", "instinct"})
+# where a GPU's model name ends: its memory size, form factor or memory type
+_GPU_SUFFIX = re.compile(r"^(\d+gb|sxm\d*|pcie|hbm\d*e?|nvl|mig)$")
+
+
+def platform_for(platform: str, device_kind: str) -> str:
+    """The results folder's name for a device: "cpu", or "<platform>-<model>" such as
+    "gpu-h100" ("NVIDIA H100 80GB HBM3"), "gpu-h200" ("NVIDIA H200"), "gpu-a100"
+    ("NVIDIA A100-SXM4-40GB") or "tpu-v5-lite" ("TPU v5 lite"): the vendor dropped, and for
+    GPUs the memory size and form factor after the model."""
+    if platform == "cpu":
         return "cpu"
-    kind = re.sub(r"[^a-z0-9]+", "-", device.device_kind.lower()).strip("-")
-    kind = re.sub(r"^(nvidia|amd|tesla|geforce|tpu)-", "", kind) or "unknown"
-    return f"{device.platform}-{kind}"
+    words = [w for w in re.split(r"[^a-z0-9]+", device_kind.lower()) if w]
+    words = [w for w in words if w not in _VENDOR]
+    if platform in ("gpu", "cuda", "rocm"):
+        platform = "gpu"
+        for i, w in enumerate(words):
+            if i and _GPU_SUFFIX.match(w):
+                words = words[:i]
+                break
+    return f"{platform}-{'-'.join(words) or 'unknown'}"
+
+
+def platform_name(device: Any = None) -> str:
+    """`platform_for` the first device (or `device`): "cpu", "gpu-h200", "tpu-v5-lite"."""
+    device = jax.devices()[0] if device is None else device
+    return platform_for(device.platform, device.device_kind)
 
 
 def default_out_dir(root: str | Path = REPO_ROOT) -> Path:
     """results/<platform_name()>/ under `root` (the repository by default)."""
     return Path(root) / "results" / platform_name()
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
 def _version(package: str) -> str:
@@ -95,7 +105,8 @@ def run_info(records: pd.DataFrame) -> dict[str, Any]:
     return {
         "platform": platform_name(devices[0]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
+        "code_digest": code_digest(),
         "versions": {p: _version(p) for p in ("jax", "jaxlib", "numpy", "optax", "pandas")}
         | {"python": _platform.python_version()},
         "backend": jax.default_backend(),
@@ -103,6 +114,8 @@ def run_info(records: pd.DataFrame) -> dict[str, Any]:
         "device_count": len(devices),
         "cpu_count": os.cpu_count(),
         **run,
+        **({"out_dir": relative_source(str(Path(run["out_dir"]).resolve()))}
+           if "out_dir" in run else {}),
     }
 
 
@@ -138,9 +151,16 @@ def validity_warnings(records: pd.DataFrame) -> pd.DataFrame:
       the gradient: a broken attack or masked gradients);
     - PGD is weaker than FGSM at the same eps (PGD includes FGSM's step);
     - zero input gradients: FGSM's step is 0 on more than half of the pixels;
-    - training diverged: NaN/inf params or scores.
+    - training diverged: NaN/inf params or scores;
+    - stale: the record was reused (`--reuse-stale`) from other code than this run's.
     """
     found: list[tuple[str, str]] = []
+    if "status" in records:
+        for _, r in records[records["status"] == "stale"].iterrows():
+            found.append((r["id"], f"STALE: reused (--reuse-stale) from code "
+                                   f"{r.get('code_digest') or 'of no recorded digest'} at "
+                                   f"commit {str(r.get('commit') or 'unknown')[:12]}, not "
+                                   "this run's code"))
     scored = pd.concat([_rows(records, kind=k) for k in SCORED_KINDS])
     for _, r in scored.iterrows():
         measures = MEASURES if r["kind"] == "attack" else MEASURES[:4]
@@ -257,7 +277,9 @@ def _e3(records: pd.DataFrame, warns: dict[str, str], test_sizes: dict[str, int]
         return "No E3 cells in this run.\n"
     parts = []
     for n in sorted(rows["n_test"].unique(), reverse=True):
-        sub = rows[rows["n_test"] == n]
+        # cells that ask for more test images than the data has (10,000 and 6,000 on the
+        # bundled sample's 2,000) get the same images: one row each
+        sub = rows[rows["n_test"] == n].drop_duplicates(["attack", "eps"])
         r0 = sub.iloc[0]
         if n == study.E3_IMAGES:
             title = (f"### E3 on the study's {int(n):,} images: the first {int(n):,} "
@@ -893,6 +915,7 @@ def tables_markdown(records: pd.DataFrame, info: dict[str, Any] | None = None,
         out += [f"## Pairings: {name}\n", _pairings(records, name, warns)]
     for name, why in info.get("skipped", {}).items():
         out += [f"## Pairings: {name}\n", f"Skipped: the dataset could not be loaded ({why}).\n"]
+    out += ["## Cost: compute time and memory per block\n", _cost(records)]
     out += ["## Validity warnings\n", _warning_list(warnings)]
     if figures:
         out += ["## Figures\n", figures]
@@ -903,21 +926,69 @@ def tables_markdown(records: pd.DataFrame, info: dict[str, Any] | None = None,
 
 
 def _header(info: dict[str, Any]) -> str:
-    lines = [f"- date {info['date']}, git commit {info['git_commit']}, backend "
+    lines = [f"- date {info['date']}, git commit {info['git_commit']}, code digest "
+             f"{info.get('code_digest', '—')}, backend "
              f"{info['backend']} ({info['device_kind']} x{info['device_count']}), "
              f"{info['cpu_count']} CPUs; jax {info['versions']['jax']}, numpy "
              f"{info['versions']['numpy']}"]
     if "wall_s" in info:
+        stale = info.get("stale") or 0
+        skipped = info.get("skipped_cells") or 0
         lines.append(f"- matrix `{info.get('matrix')}`: {info.get('cells')} cells "
-                     f"({info.get('computed')} computed, {info.get('reused')} reused from the "
-                     f"cache), wall time {fmt_time(info['wall_s'])}")
+                     f"({info.get('computed')} computed in {fmt_time(info.get('compute_s'))}, "
+                     f"{info.get('reused')} reused from the cache"
+                     + (f", {stale} STALE (other code, --reuse-stale)" if stale else "")
+                     + (f", {skipped} skipped" if skipped else "")
+                     + f"), wall time {fmt_time(info['wall_s'])}")
     for name, d in info.get("datasets", {}).items():
         what = "the bundled SAMPLE, not the full dataset" if d["is_sample"] else "full"
-        lines.append(f"- data {name}: {d['source']} ({what}: {d['n_train']:,} train / "
-                     f"{d['n_test']:,} test images)")
+        lines.append(f"- data {name}: {d['source']}, content {d.get('data_hash', '—')} "
+                     f"({what}: {d['n_train']:,} train / {d['n_test']:,} test images, "
+                     f"{d.get('n_classes', '?')} classes)")
     for name, why in info.get("skipped", {}).items():
-        lines.append(f"- data {name}: SKIPPED ({why})")
+        lines.append(f"- data {name}: SKIPPED, with every cell of every block on it ({why})")
     return "\n".join(lines) + "\n"
+
+
+def cost_table(records: pd.DataFrame) -> pd.DataFrame:
+    """Per block: cells, cells computed in this run, their compute time (s) and the largest
+    peak resident memory (bytes) while one ran; sorted by compute time, largest first.
+    Reused cells count in `cells` with the compute time their record carries (from the run
+    that computed them)."""
+    if records.empty or "block" not in records:
+        return pd.DataFrame(columns=["block", "cells", "computed", "compute_s", "peak_rss"])
+    frame = records.drop_duplicates("hash") if "hash" in records else records
+    compute = pd.to_numeric(frame.get("compute_s", pd.Series(np.nan, index=frame.index)))
+    peak = pd.to_numeric(frame.get("peak_rss_bytes_cell",
+                                   pd.Series(np.nan, index=frame.index)))
+    status = frame.get("status", pd.Series("", index=frame.index))
+    out = pd.DataFrame({"block": frame["block"], "compute_s": compute, "peak_rss": peak,
+                        "computed": (status == "computed").astype(int)})
+    table = out.groupby("block").agg(cells=("block", "size"), computed=("computed", "sum"),
+                                     compute_s=("compute_s", lambda v: v.sum(min_count=1)),
+                                     peak_rss=("peak_rss", "max"))
+    return table.sort_values("compute_s", ascending=False, na_position="last").reset_index()
+
+
+def _cost(records: pd.DataFrame) -> str:
+    table = cost_table(records)
+    if not len(table):
+        return "No cells in this run.\n"
+    total = table["compute_s"].sum(min_count=1)
+    shown = pd.DataFrame({
+        "block": table["block"], "cells": table["cells"], "computed here": table["computed"],
+        "compute time": [fmt_time(v) for v in table["compute_s"]],
+        "share": [f"{v / total:.0%}" if _finite(v) and _finite(total) and total > 0 else "—"
+                  for v in table["compute_s"]],
+        "peak memory": [f"{v / 2**30:.2f} GiB" if _finite(v) else "—"
+                        for v in table["peak_rss"]]})
+    note = ("Each block's cells (a cell shared by two blocks counts once), the time its cells "
+            "took to compute (from their records: cells reused from the cache carry the time "
+            "of the run that computed them; — where a record predates the measure) and the "
+            "largest resident memory of the process while one of its cells ran (a lower "
+            "bound, sampled every 0.2 s; it includes what the process held before). Sorted "
+            "by compute time: the next growth shows at the top.")
+    return _md(shown, note, index=False)
 
 
 def _warning_list(warnings: pd.DataFrame) -> str:
@@ -1033,7 +1104,7 @@ def write_figures(records: pd.DataFrame, out_dir: str | Path) -> tuple[list[Path
 # field of a record is a measure of that cell
 CELL_COLUMNS = ("id", "hash", "kind", "block", "dataset", "model", "arch", "workload",
                 "attack", "eps", "seed", "n_train", "n_test", "hidden", "lr", "epochs",
-                "status")
+                "status", "code_digest", "commit")
 LONG_COLUMNS = (*CELL_COLUMNS, "table", "row", "measure", "value", "text")
 _INT_COLUMNS = ("seed", "n_train", "n_test", "hidden", "epochs")
 # record fields that are neither config nor measure: run.json has them (datasets, backend)
@@ -1123,7 +1194,8 @@ def _detail_entries(record: dict) -> list[dict[str, Any]]:
 def records_csv(records: pd.DataFrame) -> pd.DataFrame:
     """The records in long (tidy) form, as records.csv holds them: one row per cell x measure.
 
-    Columns: CELL_COLUMNS (which cell: id, kind, dataset, model, attack, eps, ...), then
+    Columns: CELL_COLUMNS (which cell: id, kind, dataset, model, attack, eps, ..., and the
+    code_digest and commit of the code that computed it), then
     `table` ("cell" for the cell's own measures, else the detail table it comes from: "E7",
     "auc", "cells", "rows" of a speed cell, ...), `row` (the row of that table: a detector,
     a sample, an implementation; "" for scalars), `measure`, `value` (a number; booleans as

@@ -34,6 +34,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -68,9 +69,11 @@ from mlshift_jax.bench.matrix import (
     select,
     with_dataset,
 )
+from mlshift_jax.bench.matrix import tiny as tiny_matrix
 from mlshift_jax.core import memory_maps, outdir, sharding, study
 from mlshift_jax.core.errors import ConfigError, DataError, Interrupted
 from mlshift_jax.core.files import load_params, save_params, write_text
+from mlshift_jax.core.provenance import code_digest, git_commit, relative_source
 from mlshift_jax.core.timing import (
     NOISY,
     RERUNS,
@@ -296,7 +299,8 @@ def _device(memo: _Memo, loaded: Loaded, split: str, n: int | None):
 def _trained(spec: TrainSpec, loaded: Loaded, memo: _Memo, cache: Path,
              force: bool) -> tuple[str, _Trained]:
     """Params for `spec` on `loaded`: from this run, from the cache, or trained (timed once)."""
-    where = hashlib.sha256(determinism_key().encode()).hexdigest()[:6]
+    # trained params depend on the trainer's code too: a code change retrains
+    where = hashlib.sha256(f"{determinism_key()}|{code_digest()}".encode()).hexdigest()[:6]
     key = f"{spec.hash}-{loaded.hash}-{where}"
     if key in memo.trained:
         return key, memo.trained[key]
@@ -360,10 +364,11 @@ def _mesh():
 def _base(cell: Cell, loaded: Loaded) -> dict[str, Any]:
     device = jax.devices()[0]
     return {"id": cell.id, "hash": cell.hash, "kind": cell.kind, "block": cell.block,
-            "dataset": loaded.ds.name, "data_source": loaded.ds.source,
+            "dataset": loaded.ds.name, "data_source": relative_source(loaded.ds.source),
             "is_sample": loaded.ds.is_sample, "data_hash": loaded.hash,
             "backend": jax.default_backend(), "device_kind": device.device_kind,
-            "determinism": determinism_key()}
+            "determinism": determinism_key(), "code_digest": code_digest(),
+            "commit": git_commit()}
 
 
 def _attack_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bool) -> dict:
@@ -1087,10 +1092,15 @@ def _dataset_of(cell: Cell) -> str:
     return cell.config.dataset
 
 
-def _cached(cache: Path, cell: Cell, loaded: Loaded, damaged: list) -> dict | None:
-    """The cell's cached record if it is whole and was computed on the same data under the
-    same `determinism_key`; None otherwise. A damaged record (unreadable, not JSON, not a
-    record of this cell) is listed in `damaged` and treated as missing."""
+def _cached(cache: Path, cell: Cell, loaded: Loaded, damaged: list,
+            reuse_stale: bool = False) -> dict | None:
+    """The cached record to reuse for `cell`, or None to compute it.
+
+    A record counts if it is whole and was computed on the same data under the same
+    `determinism_key` by the same code (`provenance.code_digest`). A record of other code is
+    stale: None (recomputed), unless `reuse_stale`, when it is returned as it is (its
+    `code_digest` and `commit` name the code that made it). A damaged record (unreadable, not
+    JSON, not a record of this cell) is listed in `damaged` and treated as missing."""
     path = cache / "cells" / f"{cell.hash}.json"
     if not path.exists():
         return None
@@ -1105,7 +1115,11 @@ def _cached(cache: Path, cell: Cell, loaded: Loaded, damaged: list) -> dict | No
         return None
     if record.get("data_hash") != loaded.hash or _lacks_peer(record):
         return None
-    return record if record.get("determinism") == determinism_key() else None
+    if record.get("determinism") != determinism_key():
+        return None
+    if record.get("code_digest") != code_digest() and not reuse_stale:
+        return None
+    return record
 
 
 def _lacks_peer(record: dict) -> bool:
@@ -1149,9 +1163,24 @@ def _check_committed(out_dir, matrix_path, dataset, sample: bool) -> None:
                           "folder")
 
 
+def _file_hash(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (first 12 hex): what names a matrix in run.json, with its
+    path relative to the repository."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+
+
+_ABS_PATH = re.compile(r"(?<![\w:./~-])/[^\s'\",;()]+")
+
+
+def _without_paths(text: str) -> str:
+    """text with each absolute path in it made relative (`provenance.relative_source`)."""
+    return _ABS_PATH.sub(lambda m: relative_source(m.group(0)), text)
+
+
 def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None,
         force: bool = False, data_dir: str | None = None, dataset: str | None = None,
-        sample_out_dir: str | Path | None = None) -> pd.DataFrame:
+        sample_out_dir: str | Path | None = None, reuse_stale: bool = False,
+        tiny: bool = False) -> pd.DataFrame:
     """Run the cells of the matrix at `matrix_path` whose id matches `only` (fnmatch pattern
     or substring; None: all); reuse cached cells unless `force`. Returns their records.
 
@@ -1159,17 +1188,25 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
     dataset instead of its own (`matrix.with_dataset`); sample_out_dir: where the run goes
     instead of `out_dir` when a dataset comes from the bundled sample (said in one line), so
     a sample run never lands in a full-data results folder. `attrs["run"]["out_dir"]` is the
-    folder used. Ctrl-C raises `Interrupted` (how many cells are cached).
+    folder used. Ctrl-C raises `Interrupted` (how many cells are cached). reuse_stale: reuse
+    cached cells computed by other code (another `code_digest`) instead of recomputing them;
+    their records get status "stale" and keep the digest and commit of the code that made
+    them (the report marks them). tiny: every cell at a smoke test's size (`matrix.tiny`).
 
     Each record is one row: id, kind, block, dataset, model, attack, eps, seed, n_train,
     n_test, accuracy, precision, recall, f1, confidence, clean_accuracy, compile_s, median_s,
-    min_s, max_s, iqr_s, rounds, train_s, ..., status ("computed" or "reused") and `detail`
-    (a dict: digit examples, the stability table, a speed cell's implementations).
+    min_s, max_s, iqr_s, rounds, train_s, ..., code_digest and commit (the code that computed
+    it), compute_s and peak_rss_bytes_cell (the cell's wall time and the process's peak
+    resident memory while it ran, when it was computed), status ("computed", "reused" or
+    "stale") and `detail` (a dict: digit examples, the stability table, a speed cell's
+    implementations).
     """
     start, started = time.perf_counter(), datetime.now(timezone.utc)
     mx = load(matrix_path)
     if dataset is not None:
         mx = with_dataset(mx, dataset)
+    if tiny:
+        mx = tiny_matrix(mx)
     selected = select(cells(mx), only)
     if not selected:
         raise ConfigError(f"{matrix_path}: no cell id matches {only!r}; ids look like "
@@ -1201,11 +1238,13 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
         name = _dataset_of(cell)
         if name in skipped:
             continue
-        record = None if force else _cached(cache, cell, loaded[name], memo.damaged)
+        record = None if force else _cached(cache, cell, loaded[name], memo.damaged,
+                                            reuse_stale)
         if record is None:
             todo.append(cell)
         else:
-            records[cell.id] = {**record, "id": cell.id, "block": cell.block, "status": "reused"}
+            status = "reused" if record.get("code_digest") == code_digest() else "stale"
+            records[cell.id] = {**record, "id": cell.id, "block": cell.block, "status": status}
     by_hash: dict[str, dict] = {}
     shown = Progress(len(todo))
     try:
@@ -1213,7 +1252,12 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
             shown.start(cell.id)
             record = by_hash.get(cell.hash)
             if record is None:
-                record = COMPUTE[cell.kind](cell, loaded[_dataset_of(cell)], memo, cache, force)
+                began = time.perf_counter()
+                with PeakMemory(interval=0.2) as mem:
+                    record = COMPUTE[cell.kind](cell, loaded[_dataset_of(cell)], memo, cache,
+                                                force)
+                record["compute_s"] = time.perf_counter() - began
+                record["peak_rss_bytes_cell"] = mem.peak_bytes
                 record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
                 if jax.process_index() == 0:  # several hosts run the same cells; one writes
                     write_text(cache / "cells" / f"{cell.hash}.json",
@@ -1230,16 +1274,27 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
     shown.close()
     _warn_damaged(cache, memo.damaged)
     frame = pd.DataFrame([records[c.id] for c in selected if c.id in records])
+    computed = {c.hash: by_hash[c.hash] for c in todo if c.hash in by_hash}
     frame.attrs["run"] = {
-        "matrix": str(matrix_path), "only": only, "force": force,
+        "matrix": relative_source(str(matrix_path)), "matrix_sha256": _file_hash(matrix_path),
+        "only": only, "force": force, "reuse_stale": reuse_stale, "tiny": tiny,
         "started": started.isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - start,
-        "cells": len(selected), "computed": len(todo), "reused": len(records) - len(todo),
-        "datasets": {n: {"source": d.ds.source, "is_sample": d.ds.is_sample,
+        "cells": len(selected), "computed": len(todo),
+        "reused": sum(r["status"] == "reused" for r in records.values()),
+        "stale": sum(r["status"] == "stale" for r in records.values()),
+        "skipped_cells": sum(_dataset_of(c) in skipped for c in selected),
+        "compute_s": sum(float(r.get("compute_s") or 0.0) for r in computed.values()),
+        "code_digest": code_digest(), "commit": git_commit(),
+        "datasets": {n: {"source": relative_source(d.ds.source), "is_sample": d.ds.is_sample,
                          "n_train": len(d.ds.y_train), "n_test": len(d.ds.y_test),
                          "data_hash": d.hash, "image_shape": list(d.ds.image_shape),
                          "n_classes": d.ds.n_classes, "input_range": list(d.ds.input_range),
-                         "load": mx.load_kwargs(n)} for n, d in loaded.items()},
-        "skipped": skipped, "out_dir": str(out_dir), "determinism": determinism_key(),
+                         "load": {k: relative_source(v) if isinstance(v, str) else v
+                                  for k, v in mx.load_kwargs(n).items()}}
+                     for n, d in loaded.items()},
+        "skipped": {n: _without_paths(why) for n, why in skipped.items()},
+        "out_dir": str(out_dir),  # report.run_info writes it relative (run.json)
+        "determinism": determinism_key(),
     }
     return frame

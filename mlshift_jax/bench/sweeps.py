@@ -331,7 +331,7 @@ def run_sweep(ds: Dataset, configs: Sequence[PoisonConfig], *, model: str = "see
                        epochs=pop.plan.epochs,
                        hidden=hidden, seed=seed, chunk=pop.chunk, compile_s=pop.compile_s,
                        train_s=pop.train_s, members=len(configs),
-                       backend=jax.default_backend())
+                       n_classes=int(ds.n_classes), backend=jax.default_backend())
     return table
 
 
@@ -570,9 +570,11 @@ def findings(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
         a50, a80 = (_at(t, "clean_accuracy", fraction=f) for f in (0.5, 0.8))
         add(f"E6 wrong label ({mode}) 50%", "nearly useless", float("nan"), a50, float("nan"),
             bool(a50 < 0.5), _wrong_label_note(t, 0.5, mode))
+        n_classes = int(t.attrs.get("n_classes", 10))
         add(f"E6 wrong label ({mode}) 80%", "about 0.10 (chance)", study.E6_WRONG_LABEL_80,
-            a80, float("nan"), bool(abs(a80 - study.E6_WRONG_LABEL_80) <= 0.05),
-            _wrong_label_note(t, 0.8, mode))
+            a80, float("nan"), bool(abs(a80 - 1 / n_classes) <= 0.05),
+            _wrong_label_note(t, 0.8, mode)
+            + f"; chance on {n_classes} classes: {1 / n_classes:.2f}")
     if "E7" in tables:
         t = tables["E7"]
         a80 = _at(t, "clean_accuracy", fraction=0.8)
@@ -605,13 +607,16 @@ def _wrong_label_note(t: pd.DataFrame, fraction: float, mode: str) -> str:
     note = f"top confusion {top['top_confusion']} ({top['top_confusion_share']:.0%} of errors)"
     if mode == "shift":
         note += f"; predicted y+1: {top['to_next']:.4f}"
+    n_classes = int(t.attrs.get("n_classes", 10))
     if mode == "target":
-        note += (f"; non-3 predicted 3: {top['to_target']:.4f} (all predicted 3 leaves the "
-                 f"share of 3s in the test set, 0.101)")
-    if mode == "uniform":
-        keep = 1 - fraction
-        note += (f"; the true label keeps {keep:.0%} vs {fraction / 9:.1%} for each other, "
-                 f"so it stays the most common below 90%")
+        target = min(study.E7_TARGET, n_classes - 1)
+        note += (f"; non-{target} predicted {target}: {top['to_target']:.4f} (all predicted "
+                 f"{target} leaves only the share of {target}s in the test set)")
+    if mode == "uniform" and n_classes > 1:
+        keep, each = 1 - fraction, fraction / (n_classes - 1)
+        edge = (n_classes - 1) / n_classes  # where the true label stops being the most common
+        note += (f"; the true label keeps {keep:.0%} vs {each:.1%} for each of the "
+                 f"{n_classes - 1} others, so it stays the most common below {edge:.0%}")
     return note
 
 
