@@ -24,7 +24,7 @@ A matrix file (see `bench/matrix.toml`) has these tables; every key not listed i
     [detect]      the detection benchmark: dataset, quick = false, seed; three cells, one per
                   part (detection_bench.PARTS: detectors, scan-model, categorizer-lofo)
     [defenses]    defense x attack (defenses.py, adaptive.py): dataset, models, defenses,
-                  attacks (columns: fgsm, pgd, adaptive, square, transfer), eps, seed,
+                  attacks (columns: fgsm, pgd, adaptive, square, transfer, autoattack), eps, seed,
                   n_train, n_test, steps, restarts, samples, queries, adv_eps, adv_steps,
                   probe_n (images the obfuscation probe uses)
 
@@ -334,7 +334,7 @@ class Detect:
     seed: int = 0
 
 
-DEFENSE_COLUMNS = ("fgsm", "pgd", "adaptive", "square", "transfer")
+DEFENSE_COLUMNS = ("fgsm", "pgd", "adaptive", "square", "transfer", "autoattack")
 
 
 @dataclass(frozen=True)
@@ -706,8 +706,11 @@ def train_spec(matrix: Matrix, dataset: str, model: str, seed: int, *, hidden: i
 
 
 def _attack_cell(matrix: Matrix, block: str, prefix: str, spec: TrainSpec, attack: str,
-                 eps: float, n_test: int | None) -> Cell:
+                 eps: float, n_test: int | None, *, study_loss: bool = False) -> Cell:
     options = dict(matrix.attack_options).get(attack, ())
+    if study_loss and "loss" in inspect.signature(get_attack(attack).fn).parameters:
+        # the study's FGSM climbs the model's own training loss (E3 reproduces it)
+        options = tuple(sorted({**dict(options), "loss": "train"}.items()))
     config = AttackConfig(train=spec, attack=attack, eps=float(eps), options=options,
                           n_test=n_test, rounds=matrix.timing.rounds,
                           max_seconds=matrix.timing.max_seconds)
@@ -751,7 +754,7 @@ def _e3_cells(matrix: Matrix, e3: E3) -> list[Cell]:
     n_train = e3.n_train if e3.n_train is not None else matrix.n_train
     spec = train_spec(matrix, e3.dataset, e3.model, e3.seed, hidden=e3.hidden, lr=e3.lr,
                       epochs=e3.epochs, n_train=n_train)
-    return [_attack_cell(matrix, "e3", f"e3/n{n}/", spec, attack, eps, n)
+    return [_attack_cell(matrix, "e3", f"e3/n{n}/", spec, attack, eps, n, study_loss=True)
             for n in e3.n_test for attack in e3.attacks for eps in e3.eps]
 
 
