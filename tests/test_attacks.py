@@ -257,17 +257,22 @@ def test_targeted_raises_share_of_target(trained, name):
 
 
 def counting_model() -> tuple[Model, list[int]]:
-    """SEED_MLP with a loss that counts how often it is traced (a fresh jit cache entry)."""
+    """SEED_MLP whose apply and loss count how often they are traced (a fresh jit cache
+    entry): the attacks' losses call apply, the training loss (`loss="train"`) loss."""
     count = [0]
 
     def loss(params, x, y):
         count[0] += 1
         return SEED_MLP.loss(params, x, y)
 
-    return SEED_MLP._replace(name="counted", loss=loss), count
+    def apply(params, x):
+        count[0] += 1
+        return SEED_MLP.apply(params, x)
+
+    return SEED_MLP._replace(name="counted", loss=loss, apply=apply), count
 
 
-@pytest.mark.parametrize("name", ["fgsm", "pgd", "pgd-targeted"])
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "pgd-targeted", "apgd-ce"])
 def test_eps_changes_never_retrace(trained, name):
     _, params, x, y = trained
     model, count = counting_model()

@@ -48,8 +48,6 @@ from mlshift_jax.models.zoo import Model, Params
 EOT_SAMPLES = 8
 SQUARE_QUERIES = 1000
 SQUARE_P_INIT = 0.3  # Andriushchenko et al.'s value for MNIST
-# AutoAttack's standard Square (Croce & Hein 2020): 5,000 queries, p_init 0.8, one restart
-SQUARE_STANDARD = {"queries": 5000, "p_init": 0.8}
 
 
 def _check_count(value: Any, name: str) -> int:
@@ -298,7 +296,7 @@ def square(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=Non
     rescaled to `queries` as the reference's `p_selection`) to a random ±eps per channel
     (the opposite sign where that would change nothing), and keeps the change where the
     margin on the logits (`losses.margin`) falls. The defaults are the matrix's cheap
-    setting; AutoAttack's standard one is queries=5000, p_init=0.8 (`SQUARE_STANDARD`).
+    setting; AutoAttack's standard one is queries=5000, p_init=0.8 (`autoattack.py`).
     Image shape from `model.input_shape`. Andriushchenko, Croce, Flammarion & Hein,
     "Square Attack: a query-efficient black-box adversarial attack via random search",
     ECCV 2020. x: [batch, D], y: [batch] -> [batch, D].

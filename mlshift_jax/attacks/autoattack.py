@@ -34,6 +34,7 @@ from mlshift_jax.attacks.evasion import Attack, _concrete, _prepare
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.models.zoo import Model, Params
 
+SQUARE_QUERIES, SQUARE_P_INIT = 5000, 0.8  # the standard Square: 5,000 queries, p_init 0.8
 VERSIONS = {"standard": ("apgd-ce", "apgd-t", "square"), "rand": ("apgd-ce", "apgd-dlr")}
 CLEAN, ROBUST = -1, -2  # broken_by codes: misclassified before any attack; never broken
 
@@ -83,7 +84,7 @@ def _wrong(model, params, x, y, key):
 
 def report(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=None,
            version: str = "standard", iterations: int = apgd.ITERATIONS,
-           targets: int = apgd.TARGETS, queries: int = adaptive.SQUARE_STANDARD["queries"],
+           targets: int = apgd.TARGETS, queries: int = SQUARE_QUERIES,
            eot: int | None = None) -> Report:
     """AutoAttack with a per-image record of which attack broke each image.
 
@@ -112,9 +113,8 @@ def report(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=Non
             def attack(xs, ys, kk, name=name):
                 if name == "square":
                     xa = adaptive._square_kernel(model, int(queries), 1, params, xs, ys, eps,
-                                                 kk, lo, hi, jnp.asarray(
-                                                     adaptive.SQUARE_STANDARD["p_init"],
-                                                     xs.dtype))
+                                                 kk, lo, hi,
+                                                 jnp.asarray(SQUARE_P_INIT, xs.dtype))
                     return xa, _wrong(model, params, xa, ys, jax.random.fold_in(kk, 5))
                 loss = "ce" if name == "apgd-ce" else "dlr"
                 return apgd.run(model, params, xs, ys, ys, loss=loss, eps=eps, key=kk,
@@ -137,7 +137,7 @@ def report(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=Non
 def autoattack(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=None,
                version: str = "standard", iterations: int = apgd.ITERATIONS,
                targets: int = apgd.TARGETS,
-               queries: int = adaptive.SQUARE_STANDARD["queries"],
+               queries: int = SQUARE_QUERIES,
                eot: int | None = None) -> jax.Array:
     """AutoAttack (Croce & Hein, ICML 2020), standard or rand version: x_adv [b, D], the
     first adversarial point each attack found, x (or the last attack's best point) where

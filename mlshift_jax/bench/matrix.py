@@ -70,8 +70,8 @@ from mlshift_jax.models.train import OPTIMIZERS
 
 MAX_MATRIX_BYTES = 1 << 20
 SCHEMA = 3  # bump when a record's meaning changes: every cached cell is then recomputed
-SPEED_WORKLOADS = ("fgsm", "pgd", "epoch-per-sample", "epoch-minibatch", "metrics",
-                   "population", "detection")
+SPEED_WORKLOADS = ("fgsm", "pgd", "autoattack", "epoch-per-sample", "epoch-minibatch",
+                   "metrics", "population", "detection")
 _ATTACK_FIXED_KW = {"eps", "key", "lo", "hi"}  # targeted attacks may set `target` (default 3)
 
 

@@ -377,6 +377,11 @@ def _speed(records: pd.DataFrame) -> str:
                          f"{extra.get('population_over_separate', float('nan')):.2f}× the time "
                          f"of {extra['models']} separate JAX trainings; all {extra['models']} "
                          f"in one vmap take {extra['vmap_over_separate']:.2f}×.")
+        if r["workload"] == "autoattack" and "torchattacks_robust_accuracy" in extra:
+            lines.append(f"- AutoAttack at eps {extra['eps']:g}: robust accuracy "
+                         f"{extra['robust_accuracy']:.3f} (JAX) vs "
+                         f"{extra['torchattacks_robust_accuracy']:.3f} (torchattacks), the same "
+                         f"verdict on {extra['agreement']:.1%} of images.")
         if r["workload"] == "metrics":
             lines.append(f"- Metrics: JAX and numpy scores agree within "
                          f"{extra['max_abs_diff']:.1e}.")

@@ -874,9 +874,59 @@ def _twice(impls: list[_Impl], n: int) -> list[dict]:
                  note=i.note, task=i.task) for i in impls]
 
 
+AUTOATTACK_IMAGES = 200  # the AutoAttack row: the first 200 test images (torchattacks is slow)
+
+
+def _speed_autoattack(ds: datasets.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
+    """AutoAttack (standard) on the study's MLP trained one epoch, first AUTOATTACK_IMAGES
+    test images at cfg.eps: the harness's beside torchattacks' at the reference's settings,
+    in the same interleaved rounds (one timed round: a torchattacks call takes minutes)."""
+    model = _seed_mlp(ds, cfg)
+    params = train_seed_sgd(model.init(jax.random.key(cfg.seed)), jax.device_put(ds.x_train),
+                            jax.device_put(ds.y_train), lr=cfg.lr, epochs=1)
+    params = jax.tree.map(np.asarray, params)
+    n = min(AUTOATTACK_IMAGES, len(ds.y_test))
+    x, y = jax.device_put(ds.x_test[:n]), jax.device_put(ds.y_test[:n])
+    key = evasion.attack_key(cfg.seed)
+
+    last: dict[str, Any] = {}  # each side's latest output, for the agreement
+
+    def ours():
+        last["ours"] = autoattack.report(model, params, x, y, eps=cfg.eps, key=key, lo=0.0,
+                                         hi=1.0)
+        return last["ours"].x_adv
+
+    impls = [_Impl("jax: AutoAttack (APGD-CE, APGD-T, Square 5000), vmap over images", ours,
+                   task="autoattack", note="box [0, 1] as torchattacks; no FAB-T")]
+    missing_name = "torchattacks: AutoAttack (APGD-CE, APGD-T, FAB-T, Square 5000)"
+    peers: list[_Impl] = []
+    missing: list[dict] = []
+    if torch_peer.torchattacks_available():
+        p = torch_peer.prepared_autoattack(params, "seed-mlp", ds.x_test[:n], ds.y_test[:n],
+                                           cfg.eps, model.input_shape, model.n_classes)
+        def theirs():
+            last["theirs"] = p.run()
+            return last["theirs"]
+
+        peers = [_Impl(p.name, theirs, peer=True, compiled=False, task="autoattack",
+                       note="the reference's settings (100 iterations)")]
+    else:
+        missing = [_missing_row(missing_name, n, task="autoattack")]
+    rows, facts = _compare(impls + peers, n, rounds=1, max_seconds=0.0, min_rounds=1)
+    robust = last["ours"].robust
+    extra = {**facts, **_torch_facts(), "eps": cfg.eps, "images": n,
+             "robust_accuracy": float(robust.mean())}
+    if peers:
+        ref = p.run.robust(last["theirs"])
+        extra.update(torchattacks_robust_accuracy=float(ref.mean()),
+                     agreement=float(np.mean(ref == robust)))
+    return rows + missing, extra
+
+
 SPEED_WORKLOADS: dict[str, Callable[[datasets.Dataset, SpeedConfig], tuple[list, dict]]] = {
     "fgsm": _speed_fgsm,
     "pgd": _speed_pgd,
+    "autoattack": _speed_autoattack,
     "epoch-per-sample": _speed_epoch_per_sample,
     "epoch-minibatch": _speed_epoch_minibatch,
     "metrics": _speed_metrics,
