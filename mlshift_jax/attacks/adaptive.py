@@ -268,7 +268,8 @@ def _square_kernel(model, queries, restarts, params, x, y, eps, key, lo, hi, p_i
             x_new = jnp.clip(x + jnp.where(mask, vals, delta).reshape(b, -1), lo, hi)
             # a square that changes nothing wastes the query: as the reference does
             # (resampling until the window changes), take the opposite sign there
-            same = ~jnp.any(mask.reshape(b, -1) & (jnp.abs(x_new - x_best) >= 1e-7), axis=1)
+            window = jnp.broadcast_to(mask, (b, h, w, c)).reshape(b, -1)
+            same = ~jnp.any(window & (jnp.abs(x_new - x_best) >= 1e-7), axis=1)
             x_new = jnp.where(same[:, None], jnp.clip(
                 x + jnp.where(mask, -vals, delta).reshape(b, -1), lo, hi), x_new)
             m_new = _margin(model, params, x_new, y, k_m)
