@@ -191,16 +191,21 @@ def _finite_or_fail(params: dict, args) -> None:
                           "nothing saved")
 
 
-def _save(args, params, model, ds: datasets.Dataset, poison_config=None) -> None:
+def _save(args, params, model, ds: datasets.Dataset, poison_config=None, *, defense=None,
+          train=None) -> None:
     """Write --save: safetensors (or .npz by its suffix) with the metadata readers need
     (model reference and hyper-parameters, input shape/range, classes, training config and
-    seed, dataset name and content hash, poisoning)."""
+    seed, dataset name and content hash, poisoning; a training defense: its name, eps, PGD
+    steps and the resolved epochs). train: the resolved TrainConfig (default: the options
+    given)."""
     from mlshift_jax.core.files import clean_stale_temps
     from mlshift_jax.models import weights
 
     save = Path(args.save)  # only its own file and its own temp files are touched
     clean_stale_temps(save.parent, recursive=False, names={save.name})
-    meta = weights.metadata(model, train=_train_config(args), dataset=ds, poison=poison_config)
+    meta = weights.metadata(model, train=_train_config(args) if train is None else train,
+                            dataset=ds, poison=poison_config,
+                            **({"defense": defense} if defense is not None else {}))
     weights.save(args.save, params, meta)
 
 
@@ -244,9 +249,16 @@ def cmd_train(args) -> None:
     x, y = _train_data(args, ds)
     _check_train_memory(x, cfg.hidden, "train")
     start = time.perf_counter()
+    defense_meta = None
     if args.defense == "adv-train":
-        from mlshift_jax.attacks.defenses import adv_fit
+        from dataclasses import replace
 
+        from mlshift_jax.attacks.defenses import ADV_EPOCH_FACTOR, adv_fit
+
+        if args.epochs is None:  # adversarial training takes twice the recipe's epochs
+            cfg = replace(cfg, epochs=ADV_EPOCH_FACTOR * int(cfg.epochs))
+        defense_meta = {"name": "adv-train", "eps": float(args.eps), "steps": int(args.steps),
+                        "warmup": float(args.warmup), "epochs": int(cfg.epochs)}
         model = model_for(args.model, ds.spec, cfg)
         params = jax.block_until_ready(adv_fit(args.model, cfg, x, y, eps=args.eps,
                                                steps=args.steps, warmup=args.warmup,
@@ -267,10 +279,11 @@ def cmd_train(args) -> None:
         x_adv = pgd(model, params, ds.x_test, ds.y_test, eps=args.eps, steps=40,
                     key=attack_key(args.seed))
         result.update({"defense": "adv-train", "eps": args.eps, "train_steps": args.steps,
-                       "warmup": args.warmup,
+                       "warmup": args.warmup, "epochs": int(cfg.epochs),
                        "pgd40_accuracy": evaluate(model, params, x_adv, ds.y_test)["accuracy"]})
     if args.save:
-        _save(args, params, model, ds)
+        _save(args, params, model, ds, defense=defense_meta,
+              train=cfg if defense_meta else None)
         result["saved"] = args.save
     _emit(args.format, result, [[k, v] for k, v in result.items()], headers=["", "value"])
 
@@ -391,15 +404,22 @@ def cmd_attack(args) -> None:
 
 
 def _iterative_kw(args, fn) -> dict:
-    """--steps / --restarts for the attacks that take them."""
+    """--steps (APGD's iterations) / --restarts / --queries / --loss for the attacks that
+    take them."""
     import inspect
 
     accepted = inspect.signature(fn).parameters
     kw = {}
     if args.steps is not None and "steps" in accepted:
         kw["steps"] = args.steps
+    if args.steps is not None and "iterations" in accepted:
+        kw["iterations"] = args.steps
     if args.restarts is not None and "restarts" in accepted:
         kw["restarts"] = args.restarts
+    if args.queries is not None and "queries" in accepted:
+        kw["queries"] = args.queries
+    if args.loss is not None and "loss" in accepted:
+        kw["loss"] = args.loss
     return kw
 
 
@@ -771,6 +791,7 @@ def _options():
     """Every option, defined once: flag -> add_argument keywords (shared by every command)."""
     from mlshift_jax.attacks.defenses import DEFENSES
     from mlshift_jax.attacks.evasion import ATTACKS
+    from mlshift_jax.attacks.losses import LOSSES
     from mlshift_jax.models.recipes import RECIPES
     from mlshift_jax.models.train import OPTIMIZERS
     from mlshift_jax.poisoning.poison import MODES, POISONINGS
@@ -817,6 +838,12 @@ def _options():
                      "bpda-pgd, transfer); default: each attack's own"),
         "restarts": num("restarts", None, "random restarts of the adaptive attacks; "
                         "default: each attack's own"),
+        "queries": num("queries", None, "model queries of Square Attack (square; "
+                       "autoattack's Square, default 5000); default: each attack's own"),
+        "loss": {"default": None, "choices": list(LOSSES),
+                 "help": "the gradient attacks' loss: ce (cross-entropy on the logits, the "
+                 "default), dlr (Difference of Logits Ratio) or train (the model's own "
+                 "training loss, as the study's FGSM)"},
         "warmup": num("warmup", 0.0, "adv-train: share of training over which eps ramps up "
                       "from 0 (0.5 lets the cnn train at eps 0.3)"),
         "kind": {"default": "mixture", "choices": list(POISONINGS),
@@ -913,7 +940,7 @@ def build_parser() -> argparse.ArgumentParser:
     none_default = {"default": None}
     command("attack", cmd_attack, "E3: attack a model at test time and score it at each eps",
             *DATA, "params", *TRAIN_OPTIONS, "attack", "eps", "target", "n", "rounds",
-            "defense", "steps", "restarts",
+            "defense", "steps", "restarts", "queries", "loss",
             model={"default": None, "metavar": "NAME|PKG.MOD:ATTR",
                    "help": "train this model first; with --params: the user model "
                    "(pkg.module:attr) the file names, which is never imported unless given "

@@ -314,7 +314,11 @@ def test_defense_cells_land_in_records_and_tables(tmp_path):
     q = records.set_index("defense").loc["quantize"]
     assert "zero-gradient" in q["flags"]
     cols = {r["column"] for r in q["detail"]["rows"]}
-    assert cols == set(matrix.DEFENSE_COLUMNS)
+    assert cols == set(matrix.DEFENSE_COLUMNS) | {"worst"}
+    for eps in (0.1, 0.3):  # the worst case per image: at most every column, AutoAttack too
+        acc = {r["column"]: r["accuracy"] for r in q["detail"]["rows"] if r["eps"] == eps}
+        assert acc["worst"] <= min(v for c, v in acc.items() if c != "worst")
+    assert set(q["detail"]["autoattack"]["0.1"]) >= {"apgd-ce", "apgd-t", "square", "robust"}
     text = report.tables_markdown(records)
     assert "## Defenses" in text and "bpda-pgd" in text and "### Verdicts" in text
 
@@ -347,3 +351,41 @@ def test_cli_train_adv_and_attack_defense_with_flags(capsys):
     assert code == 0 and "zero-gradient" in out and "flags (mlp-ce+quantize)" in out
     assert main(["train", "--defense", "quantize"]) == 2
     assert main(["attack", "--model", "mlp-ce", "--defense", "magic"]) == 2
+
+
+def test_cli_adv_train_records_defense_eps_and_resolved_epochs(tmp_path, capsys):
+    """train --defense adv-train without --epochs trains twice the recipe's epochs (the
+    README's rule) and writes the defense, its eps and the resolved epochs to the weights."""
+    import json
+
+    from mlshift_jax.attacks.defenses import ADV_EPOCH_FACTOR
+    from mlshift_jax.cli import main
+    from mlshift_jax.models import weights
+    from mlshift_jax.models.recipes import get_recipe
+
+    path = tmp_path / "adv.safetensors"
+    code = main(["train", "--model", "mlp-ce", "--hidden", "8", "--train-size", "200",
+                 "--defense", "adv-train", "--eps", "0.1", "--steps", "1", "--save",
+                 str(path), "--format", "json"])
+    assert code == 0
+    epochs = ADV_EPOCH_FACTOR * int(get_recipe("mlp-ce").defaults["epochs"])
+    assert json.loads(capsys.readouterr().out)["epochs"] == epochs
+    meta = weights.load_model(str(path))[2]
+    assert meta["defense"] == {"name": "adv-train", "eps": 0.1, "steps": 1, "warmup": 0.0,
+                               "epochs": epochs}
+    assert meta["train"]["epochs"] == epochs
+
+
+def test_cli_attack_queries_and_loss_options(capsys):
+    from mlshift_jax.cli import main
+
+    base = ["attack", "--model", "mlp-ce", "--hidden", "8", "--epochs", "1", "--train-size",
+            "200", "--n", "20", "--rounds", "1", "--eps", "0.1"]
+    assert main([*base, "--attack", "square", "--queries", "0"]) == 2
+    assert main([*base, "--attack", "fgsm", "--loss", "mse"]) == 2
+    assert main([*base, "--attack", "fgsm", "--eps", "nan"]) == 2
+    assert main([*base, "--attack", "fgsm-targeted", "--target", "10"]) == 2
+    capsys.readouterr()
+    assert main([*base, "--attack", "fgsm", "autoattack", "--queries", "20", "--steps", "5",
+                 "--loss", "train", "--format", "json"]) == 0
+    assert "autoattack" in capsys.readouterr().out

@@ -54,7 +54,8 @@ n_test = [200, 100]
 hidden = 16
 
 [speed]
-workloads = ["fgsm", "pgd", "epoch-per-sample", "epoch-minibatch", "metrics", "population"]
+workloads = ["fgsm", "pgd", "autoattack", "epoch-per-sample", "epoch-minibatch", "metrics",
+             "population"]
 hidden = 16
 numpy_loop_images = 20
 numpy_epoch_samples = 40
@@ -189,7 +190,7 @@ def test_every_block_runs_tiny(tmp_path):
         rows = [row for row in r["detail"]["rows"] if not row.get("missing")]
         assert all(row["median_s"] > 0 and row["rounds"] >= 1 for row in rows), workload
         assert sum(row["ref"] for row in rows) == (
-            0 if workload in ("epoch-minibatch", "detection") else 1)
+            0 if workload in ("epoch-minibatch", "detection", "autoattack") else 1)
         torch_rows = [row for row in r["detail"]["rows"] if row["impl"].startswith("torch")]
         if workload in ("fgsm", "pgd", "epoch-per-sample", "epoch-minibatch"):
             assert torch_rows and all(row["task"] for row in torch_rows), workload
@@ -205,6 +206,10 @@ def test_every_block_runs_tiny(tmp_path):
     loop = next(row for row in fgsm["rows"] if "loop" in row["impl"])
     assert (loop["n_timed"], loop["n"], loop["scale"]) == (20, 200, 10)
     assert speed.loc["metrics"]["detail"]["extra"]["max_abs_diff"] < 1e-5
+    aa = speed.loc["autoattack"]["detail"]["extra"]
+    assert 0.0 <= aa["robust_accuracy"] <= 1.0
+    if runner.torch_peer.torchattacks_available():
+        assert aa["agreement"] >= 0.9  # the close bound is test_autoattack's oracle test
 
     poison = records[records["kind"] == "poison"].set_index("id")
     assert list(poison.index) == ["poison/mnist/seed-mlp/E7/seed0",

@@ -35,7 +35,7 @@ def test_pgd_equals_jax_pgd_without_random_start(small):
     with jax.enable_x64(True):
         params = {"wih": jnp.asarray(wih), "who": jnp.asarray(who)}
         ours = np.asarray(evasion.pgd(SEED_MLP, params, x, y, eps=0.1, steps=5,
-                                      random_start=False))
+                                      random_start=False, loss="train"))  # the peer's loss
     theirs = torch_peer.pgd(wih, who, x, y, 0.1, steps=5)
     assert np.mean(ours == theirs) > 0.999
 

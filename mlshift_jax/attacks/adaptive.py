@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mlshift_jax.attacks import defenses, evasion
+from mlshift_jax.attacks import defenses, evasion, losses
 from mlshift_jax.attacks.evasion import (
     PGD_STEP_FACTOR,
     PGD_STEPS,
@@ -104,16 +104,16 @@ def _eot_grad(model, params, x, y, key, samples):
 
 
 def _expected_loss_and_error(model, params, x, y, key, samples):
-    """Per-example mean loss and error rate over `samples` draws. -> ([b], [b])."""
+    """Per-example mean attack loss (cross-entropy on the logits) and error rate over
+    `samples` draws. -> ([b], [b])."""
     def one(k):
         keys = jax.random.split(k, x.shape[0])
         if model.stochastic:
-            scores = jax.vmap(lambda xi, ki: model.apply(params, xi, key=ki))(x, keys)
-            loss = jax.vmap(lambda xi, yi, ki: model.loss(params, xi, yi, key=ki))(x, y, keys)
+            z = jax.vmap(lambda xi, ki: losses.logits(model, params, xi, ki))(x, keys)
         else:
-            scores = jax.vmap(model.apply, in_axes=(None, 0))(params, x)
-            loss = jax.vmap(model.loss, in_axes=(None, 0, 0))(params, x, y)
-        return loss, (jnp.argmax(scores, -1) != y).astype(x.dtype)
+            z = jax.vmap(lambda xi: losses.logits(model, params, xi))(x)
+        loss = jax.vmap(losses.ce)(z, y)
+        return loss, (jnp.argmax(z, -1) != y).astype(x.dtype)
 
     n = samples if model.stochastic else 1
     loss, err = jax.vmap(one)(jax.random.split(key, n))
@@ -225,16 +225,13 @@ def transfer(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=N
 
 
 def _margin(model, params, x, y, key):
-    """score_y - max_{j != y} score_j per example (< 0: misclassified). x: [b, D] -> [b]."""
+    """logit_y - max_{j != y} logit_j per example (< 0: misclassified). x: [b, D] -> [b]."""
     if model.stochastic:
         keys = jax.random.split(key, x.shape[0])
-        scores = jax.vmap(lambda xi, ki: model.apply(params, xi, key=ki))(x, keys)
+        z = jax.vmap(lambda xi, ki: losses.logits(model, params, xi, ki))(x, keys)
     else:
-        scores = jax.vmap(model.apply, in_axes=(None, 0))(params, x)
-    true = jnp.take_along_axis(scores, y[:, None], axis=1)[:, 0]
-    other = jnp.max(jnp.where(jax.nn.one_hot(y, scores.shape[-1], dtype=bool), -jnp.inf,
-                              scores), axis=1)
-    return true - other
+        z = jax.vmap(lambda xi: losses.logits(model, params, xi))(x)
+    return jax.vmap(losses.margin)(z, y)
 
 
 def _p_schedule(p_init, i, queries):
@@ -269,6 +266,12 @@ def _square_kernel(model, queries, restarts, params, x, y, eps, key, lo, hi, p_i
             vals = eps * jax.random.rademacher(k_v, (b, 1, 1, c), x.dtype)
             delta = (x_best - x).reshape(b, h, w, c)
             x_new = jnp.clip(x + jnp.where(mask, vals, delta).reshape(b, -1), lo, hi)
+            # a square that changes nothing wastes the query: as the reference does
+            # (resampling until the window changes), take the opposite sign there
+            window = jnp.broadcast_to(mask, (b, h, w, c)).reshape(b, -1)
+            same = ~jnp.any(window & (jnp.abs(x_new - x_best) >= 1e-7), axis=1)
+            x_new = jnp.where(same[:, None], jnp.clip(
+                x + jnp.where(mask, -vals, delta).reshape(b, -1), lo, hi), x_new)
             m_new = _margin(model, params, x_new, y, k_m)
             better = m_new < m_best
             return (jnp.where(better[:, None], x_new, x_best), jnp.where(better, m_new, m_best))
@@ -290,15 +293,22 @@ def square(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=Non
     """Square Attack in L∞ (score-based, gradient-free).
 
     Starts from vertical stripes of ±eps, then `queries` times changes one random square
-    (side sqrt(p * H * W), p halving on Andriushchenko et al.'s schedule from `p_init`) to
-    a random ±eps per channel, and keeps the change where the margin score_y - max_other
-    falls. Image shape from `model.input_shape`. Andriushchenko, Croce, Flammarion & Hein,
+    (side sqrt(p * H * W), p halving on Andriushchenko et al.'s schedule from `p_init`,
+    rescaled to `queries` as the reference's `p_selection`) to a random ±eps per channel
+    (the opposite sign where that would change nothing), and keeps the change where the
+    margin on the logits (`losses.margin`) falls. The defaults are the matrix's cheap
+    setting; AutoAttack's standard one is queries=5000, p_init=0.8 (`autoattack.py`).
+    Image shape from `model.input_shape`. Andriushchenko, Croce, Flammarion & Hein,
     "Square Attack: a query-efficient black-box adversarial attack via random search",
     ECCV 2020. x: [batch, D], y: [batch] -> [batch, D].
     """
     _check_key(key, "square")
     _check_count(queries, "queries")
     _check_count(restarts, "restarts")
+    p_value = evasion._concrete(p_init)
+    if p_value is not None and not (p_value.ndim == 0 and p_value.dtype.kind in "fiu"
+                                    and 0 < float(p_value) <= 1):
+        raise ConfigError(f"p_init: expected a number in (0, 1], found {p_init!r}")
     x, y, eps, lo, hi = _prepare(model, x, y, eps, lo, hi)
     return _square_kernel(model, int(queries), int(restarts), params, x, y, eps, key, lo, hi,
                           jnp.asarray(p_init, x.dtype))

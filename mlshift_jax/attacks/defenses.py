@@ -322,7 +322,8 @@ class PGDPerturb(NamedTuple):
             eps = eps * jnp.minimum(1.0, jnp.asarray(progress, dt) / self.warmup)
         return evasion._pgd_kernel(self.model, False, self.steps, True, params, xb, yb,
                                    eps, None, key,
-                                   jnp.asarray(self.lo, dt), jnp.asarray(self.hi, dt))
+                                   jnp.asarray(self.lo, dt), jnp.asarray(self.hi, dt),
+                                   "train")  # Madry et al.: the inner max of the training loss
 
 
 @functools.partial(jax.jit, static_argnames=("epochs", "steps", "eps", "lo", "hi"))

@@ -18,7 +18,11 @@ Every attack has one signature, so that the runner, the CLI and the tests drive 
     x_adv:  [batch, D], same dtype as x, clipped to [lo, hi]
 
 Each attack is one jitted call over the whole batch. Per-example input gradients are
-`jax.vmap(jax.grad(model.loss, argnums=1))`, the gradient of the model's own training loss.
+`jax.vmap(jax.grad(loss, argnums=1))` of the attack's loss (`losses.py`): by default the
+softmax cross-entropy on the model's logits (the logit of its outputs where they are
+probabilities, as the seed MLP's sigmoid outputs), whatever loss the model was trained with;
+`loss="train"` climbs the model's own training loss instead (the study's FGSM, E3), and
+`loss="dlr"` the Difference of Logits Ratio (Croce & Hein 2020).
 Arguments are checked in Python before jit (eps, lo, hi, step sizes and targets whenever they
 are concrete) and a bad one raises `ConfigError`.
 
@@ -36,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlshift_jax.attacks.losses import check_loss, example_loss
 from mlshift_jax.core.checks import finite_inputs, inputs_in_range
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.models.zoo import Model, Params
@@ -164,17 +169,19 @@ def _prepare(model, x, y, eps, lo, hi):
 
 
 def _input_grad(model: Model, params: Params, x: jax.Array, y: jax.Array,
-                key: jax.Array | None = None) -> jax.Array:
-    """Per-example gradient of the training loss w.r.t. the input. x: [batch, n_in] -> same.
+                key: jax.Array | None = None, loss: str = "ce") -> jax.Array:
+    """Per-example gradient of the attack loss `loss` (`losses.LOSSES`; "train": the model's
+    training loss) w.r.t. the input. x: [batch, n_in] -> same.
 
     A stochastic model (`Model.stochastic`) gets one fresh key per example, split from `key`.
     """
+    fn = example_loss(model, loss)
     if not model.stochastic:
-        return jax.vmap(jax.grad(model.loss, argnums=1), in_axes=(None, 0, 0))(params, x, y)
+        return jax.vmap(jax.grad(fn, argnums=1), in_axes=(None, 0, 0))(params, x, y)
     keys = jax.random.split(key, x.shape[0])
 
     def one(p, xi, yi, ki):
-        return jax.grad(lambda v: model.loss(p, v, yi, key=ki))(xi)
+        return jax.grad(lambda v: fn(p, v, yi, ki))(xi)
 
     return jax.vmap(one, in_axes=(None, 0, 0, 0))(params, x, y, keys)
 
@@ -186,15 +193,20 @@ def check_model_key(model: Model, key: Any, who: str) -> None:
                           "at every call); expected a jax.random key (key=...), found None")
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
 def input_grad(model: Model, params: Params, x: jax.Array, y: jax.Array,
-               key: jax.Array | None = None) -> jax.Array:
-    """grad_x model.loss(params, x_i, y_i) for every example. x: [batch, n_in], y: [batch].
+               key: jax.Array | None = None, *, loss: str = "ce") -> jax.Array:
+    """grad_x L(params, x_i, y_i) for every example. x: [batch, n_in], y: [batch].
 
+    L: the attack loss `loss` ("ce" on the logits, "dlr", or "train": `model.loss`).
     key: required when `model.stochastic` (split per example), ignored otherwise.
     """
     check_model_key(model, key, "input_grad")
-    return _input_grad(model, params, x, y, key)
+    return _input_grad_jit(model, check_loss(loss, model), params, x, y, key)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "loss"))
+def _input_grad_jit(model, loss, params, x, y, key):
+    return _input_grad(model, params, x, y, key, loss)
 
 
 @functools.partial(jax.jit, static_argnames=("kind",))
@@ -208,15 +220,17 @@ def _noise_kernel(kind: str, x, eps, key, lo, hi):
     return jnp.clip(x + eps * u, lo, hi)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "descend"))
-def _fgsm_kernel(model, descend: bool, params, x, labels, eps, lo, hi, key=None):
+@functools.partial(jax.jit, static_argnames=("model", "descend", "loss"))
+def _fgsm_kernel(model, descend: bool, params, x, labels, eps, lo, hi, key=None, loss="ce"):
     step = -eps if descend else eps
-    return jnp.clip(x + step * jnp.sign(_input_grad(model, params, x, labels, key)), lo, hi)
+    g = _input_grad(model, params, x, labels, key, loss)
+    return jnp.clip(x + step * jnp.sign(g), lo, hi)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "descend", "steps", "random_start"))
+@functools.partial(jax.jit, static_argnames=("model", "descend", "steps", "random_start",
+                                             "loss"))
 def _pgd_kernel(model, descend: bool, steps: int, random_start: bool, params, x, labels, eps,
-                step_size, key, lo, hi):
+                step_size, key, lo, hi, loss="ce"):
     if step_size is None:
         step_size = eps * (PGD_STEP_FACTOR / steps)
     step = -step_size if descend else step_size
@@ -232,7 +246,7 @@ def _pgd_kernel(model, descend: bool, steps: int, random_start: bool, params, x,
 
     def body(i, xa):
         k = None if model_key is None else jax.random.fold_in(model_key, i)
-        return project(xa + step * jnp.sign(_input_grad(model, params, xa, labels, k)))
+        return project(xa + step * jnp.sign(_input_grad(model, params, xa, labels, k, loss)))
 
     return jax.lax.fori_loop(0, steps, body, project(x0))
 
@@ -279,39 +293,44 @@ def noise_gauss(model: Model, params: Params, x, y, *, eps, key=None, lo=None,
 
 
 def fgsm(model: Model, params: Params, x, y, *, eps, key=None, lo=None,
-         hi=None) -> jax.Array:
+         hi=None, loss: str = "ce") -> jax.Array:
     """Fast Gradient Sign Method: clip(x + eps * sign(grad_x J(params, x, y)), lo, hi).
 
     Goodfellow, Shlens & Szegedy, "Explaining and Harnessing Adversarial Examples", ICLR 2015;
-    the study's input attack. J is `model.loss`, the model's own training loss (for the seed
-    MLP the squared error 0.5 * sum((t - out)^2) against 0.01/0.99 targets).
+    the study's input attack. J is the attack loss `loss`: "ce" (default) the cross-entropy
+    on the model's logits, "dlr", or "train" the model's own training loss (the study's: for
+    the seed MLP the squared error 0.5 * sum((t - out)^2) against 0.01/0.99 targets).
     x: [batch, n_in], y: [batch] -> [batch, n_in]. `key` serves only stochastic models.
     """
     check_model_key(model, key, "fgsm")
+    loss = check_loss(loss, model)
     x, y, eps, lo, hi = _prepare(model, x, y, eps, lo, hi)
     return _fgsm_kernel(model, False, params, x, y, eps, lo, hi,
-                        key if model.stochastic else None)
+                        key if model.stochastic else None, loss)
 
 
 def fgsm_targeted(model: Model, params: Params, x, y, *, eps, target=None, key=None,
-                  lo=None, hi=None) -> jax.Array:
+                  lo=None, hi=None, loss: str = "ce") -> jax.Array:
     """Targeted FGSM: clip(x - eps * sign(grad_x J(params, x, target)), lo, hi).
 
     One step down the loss toward `target` (an int class, or [batch] ints), as in Kurakin,
     Goodfellow & Bengio, "Adversarial Examples in the Physical World", ICLR workshop 2017
-    (after Goodfellow et al. 2015). y: [batch] only fixes the batch size. `key` is ignored.
+    (after Goodfellow et al. 2015). y: [batch] only fixes the batch size. J: the attack loss
+    `loss` as in `fgsm`. `key` serves only stochastic models.
     """
+    loss = check_loss(loss, model)
     x, y, eps, lo, hi = _prepare(model, x, y, eps, lo, hi)
     _check_target(model, params, x, target, "fgsm-targeted")
     check_model_key(model, key, "fgsm-targeted")
     labels = jnp.broadcast_to(jnp.asarray(target, y.dtype), y.shape)
     return _fgsm_kernel(model, True, params, x, labels, eps, lo, hi,
-                        key if model.stochastic else None)
+                        key if model.stochastic else None, loss)
 
 
 def _pgd(name, descend, model, params, x, labels_fn, *, eps, key, lo, hi, steps, step_size,
-         random_start, y):
+         random_start, y, loss):
     _check_steps(steps, step_size)
+    loss = check_loss(loss, model)
     check_model_key(model, key, name)
     if random_start:
         _check_key(key, name)
@@ -320,11 +339,13 @@ def _pgd(name, descend, model, params, x, labels_fn, *, eps, key, lo, hi, steps,
     if step_size is not None:
         step_size = jnp.asarray(step_size, x.dtype)
     return _pgd_kernel(model, descend, int(steps), bool(random_start), params, x, labels, eps,
-                       step_size, key if random_start or model.stochastic else None, lo, hi)
+                       step_size, key if random_start or model.stochastic else None, lo, hi,
+                       loss)
 
 
 def pgd(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=None,
-        steps: int = PGD_STEPS, step_size=None, random_start: bool = True) -> jax.Array:
+        steps: int = PGD_STEPS, step_size=None, random_start: bool = True,
+        loss: str = "ce") -> jax.Array:
     """Projected gradient descent in L∞ (here ascent on the loss), `steps` FGSM steps.
 
     Madry, Makelov, Schmidt, Tsipras & Vladu, "Towards Deep Learning Models Resistant to
@@ -332,15 +353,16 @@ def pgd(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=None,
     `key`; `random_start=False` starts at x and needs no key), then repeats
     x <- clip(x + step_size * sign(grad_x J), x - eps, x + eps) clipped to [lo, hi], in one
     `lax.fori_loop`. step_size defaults to 2.5 * eps / steps (eps / 4 at the default 10 steps).
+    J: the attack loss `loss` as in `fgsm` ("ce" on the logits by default).
     Returns the last iterate. x: [batch, n_in], y: [batch] -> [batch, n_in].
     """
     return _pgd("pgd", False, model, params, x, lambda x, y: y, eps=eps, key=key, lo=lo, hi=hi,
-                steps=steps, step_size=step_size, random_start=random_start, y=y)
+                steps=steps, step_size=step_size, random_start=random_start, y=y, loss=loss)
 
 
 def pgd_targeted(model: Model, params: Params, x, y, *, eps, target=None, key=None,
                  lo=None, hi=None, steps: int = PGD_STEPS, step_size=None,
-                 random_start: bool = True) -> jax.Array:
+                 random_start: bool = True, loss: str = "ce") -> jax.Array:
     """Targeted PGD-L∞: `pgd` descending the loss toward `target` (int or [batch] ints).
 
     Madry et al., ICLR 2018; the targeted iterative form of Kurakin et al., 2017.
@@ -351,7 +373,8 @@ def pgd_targeted(model: Model, params: Params, x, y, *, eps, target=None, key=No
         return jnp.broadcast_to(jnp.asarray(target, y.dtype), y.shape)
 
     return _pgd("pgd-targeted", True, model, params, x, labels_fn, eps=eps, key=key, lo=lo,
-                hi=hi, steps=steps, step_size=step_size, random_start=random_start, y=y)
+                hi=hi, steps=steps, step_size=step_size, random_start=random_start, y=y,
+                loss=loss)
 
 
 # --- the registry ------------------------------------------------------------------------------
@@ -396,7 +419,8 @@ def get_attack(name: str) -> Attack:
 
 # --- many eps values at once -------------------------------------------------------------------
 
-_STATIC_KW = frozenset({"steps", "random_start", "restarts", "samples", "queries"})
+_STATIC_KW = frozenset({"steps", "random_start", "restarts", "samples", "queries", "loss",
+                        "iterations", "version", "targets"})
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "model", "static_kw"))
@@ -437,7 +461,8 @@ def linf_bounded(name: str) -> bool:
 
 # --- is the gradient informative? --------------------------------------------------------------
 
-GRADIENT_ATTACKS = frozenset({"fgsm", "pgd", "fgsm-targeted", "pgd-targeted"})
+GRADIENT_ATTACKS = frozenset({"fgsm", "pgd", "fgsm-targeted", "pgd-targeted", "apgd-ce",
+                              "apgd-dlr", "apgd-t", "autoattack"})
 
 ZERO_GRAD_TOL = 1e-12  # |d loss / d pixel| at or below this counts as zero
 ZERO_GRAD_FLAG = 0.5  # flag when more than this share of pixels has a zero gradient
@@ -481,5 +506,7 @@ def gradient_report(model: Model, params: Params, x, y, *, tol: float = ZERO_GRA
     return {"zero_grad_frac": frac, "zero_grad_images": images, "gradient_flag": flag}
 
 
-# the adaptive attacks (eot-pgd, bpda-pgd, square, transfer) register themselves in ATTACKS
+# the adaptive attacks (eot-pgd, bpda-pgd, square, transfer), APGD and AutoAttack register
+# themselves in ATTACKS
 from mlshift_jax.attacks import adaptive as _adaptive  # noqa: E402,F401  (import for its side effect)
+from mlshift_jax.attacks import autoattack as _autoattack  # noqa: E402,F401  (the same)

@@ -6,7 +6,9 @@ After Athalye, Carlini & Wagner, "Obfuscated Gradients Give a False Sense of Sec
 `flags_doc.md`). `probe` measures what one defended model shows; `flags` turns a probe and
 a table of robust accuracies into one line per warning:
 
-- `black-box`: a black-box (gradient-free) or transfer attack beats white-box PGD;
+- `black-box`: a black-box (gradient-free) or transfer attack beats white-box PGD, or
+  AutoAttack's Square (5,000 queries) fools images its white-box APGD-CE and APGD-T left
+  standing (AutoAttack's own flag);
 - `not-monotone`: accuracy grows with eps (per attack) or with PGD's steps;
 - `randomized`: predictions change across calls on the same input;
 - `zero-gradient`: the input gradient is exactly 0, or vanishing (< 1e-10 in L∞), on most
@@ -95,16 +97,22 @@ def probe(model: Model, params: Params, x, y, *, key: jax.Array, eps: float = 0.
 
 
 def flags(accuracy: dict[tuple[str, float], float], probed: dict[str, Any] | None = None,
-          *, n: int) -> list[str]:
+          *, n: int, autoattack: dict[float, dict[str, int]] | None = None) -> list[str]:
     """The warnings raised by a table of robust accuracies and a `probe`.
 
     accuracy: {(attack, eps): robust accuracy} for any of fgsm, pgd, the adaptive attacks,
     square, transfer (missing entries skip their checks); probed: `probe(...)` or None;
-    n: test images behind each accuracy. Returns one line per warning, each starting with
-    its flag name (`FLAG_NAMES`); [] when nothing is suspicious.
+    n: test images behind each accuracy; autoattack: {eps: `autoattack.Report.counts()`}
+    (images each of its attacks fooled), or None. Returns one line per warning, each
+    starting with its flag name (`FLAG_NAMES`); [] when nothing is suspicious.
     """
     tol = tolerance(n)
     out = []
+    for eps, counts in sorted((autoattack or {}).items()):
+        k = int(counts.get("square", 0))
+        if k > tol * n:
+            out.append(f"black-box: AutoAttack's Square fooled {k} of {n} images that APGD-CE "
+                       f"and APGD-T left standing at eps {eps:g}")
     eps_values = sorted({e for _, e in accuracy})
     for eps in eps_values:
         white = [accuracy[(a, eps)] for a in WHITE_BOX if (a, eps) in accuracy]

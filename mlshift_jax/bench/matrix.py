@@ -24,7 +24,7 @@ A matrix file (see `bench/matrix.toml`) has these tables; every key not listed i
     [detect]      the detection benchmark: dataset, quick = false, seed; three cells, one per
                   part (detection_bench.PARTS: detectors, scan-model, categorizer-lofo)
     [defenses]    defense x attack (defenses.py, adaptive.py): dataset, models, defenses,
-                  attacks (columns: fgsm, pgd, adaptive, square, transfer), eps, seed,
+                  attacks (columns: fgsm, pgd, adaptive, square, transfer, autoattack), eps, seed,
                   n_train, n_test, steps, restarts, samples, queries, adv_eps, adv_steps,
                   probe_n (images the obfuscation probe uses)
 
@@ -76,8 +76,8 @@ from mlshift_jax.models.train import OPTIMIZERS
 
 MAX_MATRIX_BYTES = 1 << 20
 SCHEMA = 3  # bump when a record's meaning changes: every cached cell is then recomputed
-SPEED_WORKLOADS = ("fgsm", "pgd", "epoch-per-sample", "epoch-minibatch", "metrics",
-                   "population", "detection")
+SPEED_WORKLOADS = ("fgsm", "pgd", "autoattack", "epoch-per-sample", "epoch-minibatch",
+                   "metrics", "population", "detection")
 _ATTACK_FIXED_KW = {"eps", "key", "lo", "hi"}  # targeted attacks may set `target` (default 3)
 
 
@@ -340,7 +340,7 @@ class Detect:
     seed: int = 0
 
 
-DEFENSE_COLUMNS = ("fgsm", "pgd", "adaptive", "square", "transfer")
+DEFENSE_COLUMNS = ("fgsm", "pgd", "adaptive", "square", "transfer", "autoattack")
 
 
 @dataclass(frozen=True)
@@ -779,8 +779,11 @@ def train_spec(matrix: Matrix, dataset: str, model: str, seed: int, *, hidden: i
 
 
 def _attack_cell(matrix: Matrix, block: str, prefix: str, spec: TrainSpec, attack: str,
-                 eps: float, n_test: int | None) -> Cell:
+                 eps: float, n_test: int | None, *, study_loss: bool = False) -> Cell:
     options = dict(matrix.attack_options).get(attack, ())
+    if study_loss and "loss" in inspect.signature(get_attack(attack).fn).parameters:
+        # the study's FGSM climbs the model's own training loss (E3 reproduces it)
+        options = tuple(sorted({**dict(options), "loss": "train"}.items()))
     config = AttackConfig(train=spec, attack=attack, eps=float(eps), options=options,
                           n_test=n_test, rounds=matrix.timing.rounds,
                           max_seconds=matrix.timing.max_seconds)
@@ -824,7 +827,7 @@ def _e3_cells(matrix: Matrix, e3: E3) -> list[Cell]:
     n_train = e3.n_train if e3.n_train is not None else matrix.n_train
     spec = train_spec(matrix, e3.dataset, e3.model, e3.seed, hidden=e3.hidden, lr=e3.lr,
                       epochs=e3.epochs, n_train=n_train)
-    return [_attack_cell(matrix, "e3", f"e3/n{n}/", spec, attack, eps, n)
+    return [_attack_cell(matrix, "e3", f"e3/n{n}/", spec, attack, eps, n, study_loss=True)
             for n in e3.n_test for attack in e3.attacks for eps in e3.eps]
 
 

@@ -399,6 +399,11 @@ def _speed(records: pd.DataFrame) -> str:
                          f"{extra.get('population_over_separate', float('nan')):.2f}× the time "
                          f"of {extra['models']} separate JAX trainings; all {extra['models']} "
                          f"in one vmap take {extra['vmap_over_separate']:.2f}×.")
+        if r["workload"] == "autoattack" and "torchattacks_robust_accuracy" in extra:
+            lines.append(f"- AutoAttack at eps {extra['eps']:g}: robust accuracy "
+                         f"{extra['robust_accuracy']:.3f} (JAX) vs "
+                         f"{extra['torchattacks_robust_accuracy']:.3f} (torchattacks), the same "
+                         f"verdict on {extra['agreement']:.1%} of images.")
         if r["workload"] == "metrics":
             lines.append(f"- Metrics: JAX and numpy scores agree within "
                          f"{extra['max_abs_diff']:.1e}.")
@@ -630,7 +635,7 @@ def _detector_by_attack(t: dict[str, pd.DataFrame]) -> str:
 # --- defenses: the defense x attack table ---------------------------------------------------
 
 COLUMN_TITLES = {"fgsm": "FGSM", "pgd": "PGD", "adaptive": "adaptive", "square": "Square",
-                 "transfer": "transfer"}
+                 "transfer": "transfer", "autoattack": "AutoAttack", "worst": "worst"}
 
 
 def defense_table(records: pd.DataFrame) -> pd.DataFrame:
@@ -652,8 +657,12 @@ def _verdict(sub: pd.DataFrame, defense: str, none: pd.DataFrame | None) -> str:
     parts, judged, gap = [], None, (0.0, None, None, None, None)
     for eps in sorted(set(sub["eps"])):
         at = sub[sub["eps"] == eps].set_index("column")["accuracy"]
-        worst, col = at.min(), at.idxmin()
-        name = sub[(sub["column"] == col)]["attack"].iloc[0]
+        if "worst" in at.index:  # per image: robust only where every attack failed
+            worst, name = at["worst"], "every attack, per image"
+            at = at.drop("worst")
+        else:
+            worst, col = at.min(), at.idxmin()
+            name = sub[(sub["column"] == col)]["attack"].iloc[0]
         fgsm = at.get("fgsm", np.nan)
         undefended = np.nan
         if none is not None and len(none):
@@ -689,7 +698,9 @@ def _defenses(records: pd.DataFrame) -> str:
             row = {"model": model, "defense": defense,
                    "clean": f"{sub['clean_accuracy'].iloc[0]:.3f}"}
             for c in cols:
-                if c in by.index:
+                if c == "worst" and c in by.index:
+                    row["worst"] = f"{by.loc[c, 'accuracy']:.3f}"
+                elif c in by.index:
                     label = COLUMN_TITLES[c] if c != "adaptive" else "adaptive"
                     name = f" {by.loc[c, 'attack']}" if c == "adaptive" else ""
                     row[label] = (f"{by.loc[c, 'accuracy']:.3f}{name} "
@@ -704,7 +715,11 @@ def _defenses(records: pd.DataFrame) -> str:
                        "whole eps sweep, one compiled call, median of the timed rounds). "
                        "adaptive: the defense's own adaptive attack (eot-pgd: EOT over the "
                        "randomness; bpda-pgd: BPDA through the preprocessing); Square: "
-                       "gradient-free; transfer: PGD on the undefended model.", index=False))
+                       "gradient-free; transfer: PGD on the undefended model; AutoAttack: "
+                       "APGD-CE, APGD-T and Square (5,000 queries) on the images still "
+                       "standing (Croce & Hein 2020; the rand version, APGD-CE and APGD-DLR "
+                       "with EOT, on a randomized defense); worst: the images that survived "
+                       "every column, counted per image.", index=False))
     times = table.drop_duplicates(["model", "defense"])[["model", "defense", "defense_s"]]
     times = times.assign(defense_s=[fmt_time(v) for v in times["defense_s"]])
     adv = _rows(records, kind="defense")

@@ -52,7 +52,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from mlshift_jax.attacks import defenses, evasion, obfuscation
+from mlshift_jax.attacks import autoattack, defenses, evasion, obfuscation
 from mlshift_jax.bench import detection_bench, stability, sweeps, torch_peer
 from mlshift_jax.bench.matrix import (
     AttackConfig,
@@ -86,7 +86,7 @@ from mlshift_jax.core.timing import (
 )
 from mlshift_jax.data import datasets
 from mlshift_jax.models import baseline, population, zoo
-from mlshift_jax.models.metrics import SCORE_NAMES, evaluate, evaluate_arrays
+from mlshift_jax.models.metrics import SCORE_NAMES, evaluate, evaluate_arrays, predict_keyed
 from mlshift_jax.models.recipes import TrainConfig, fit, get_recipe, model_for, resolve
 from mlshift_jax.models.train import (
     SEED_SGD_BLOCK,
@@ -535,8 +535,9 @@ def _speed_fgsm(ds: datasets.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
     ad, bd = jax.device_put((a, b))
     flops = fgsm_flops(n, cfg.hidden, d, n_out)
     impls = [
+        # the study's FGSM on its own loss (the numpy and torch rows compute that one)
         _Impl("jax: jit(vmap(grad)), float32", partial(evasion.fgsm, model, params, x, y,
-                                                       eps=cfg.eps)),
+                                                       eps=cfg.eps, loss="train")),
         _Impl("numpy: batched matrix form, float32",
               partial(baseline.fgsm_batched, wih, who, xn, yn, cfg.eps, lo, hi), ref=True,
               compiled=False),
@@ -565,7 +566,7 @@ def _speed_fgsm(ds: datasets.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
     rows += missing
     t = {r["impl"]: r["median_s"] for r in rows}
     t_jax, t_floor = t[impls[0].impl], t["numpy: GEMM floor, float32"]
-    x_adv = evasion.fgsm(model, params, x, y, eps=cfg.eps)
+    x_adv = evasion.fgsm(model, params, x, y, eps=cfg.eps, loss="train")
     x_np = baseline.fgsm_batched(wih, who, xn, yn, cfg.eps, lo, hi)
     jax_per_image = t_jax / n
     extra = {
@@ -602,7 +603,7 @@ def _speed_pgd(ds: datasets.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
     lo, hi = model.input_range
     n = len(yn)
     jax_pgd = partial(evasion.pgd, model, params, x, y, eps=cfg.eps, steps=steps,
-                      random_start=False)
+                      random_start=False, loss="train")  # the peers' loss: the study's
     impls = [
         _Impl(f"jax: PGD-{steps}, one fori_loop, float32", jax_pgd, task="pgd",
               note="no random start (as the peers)"),
@@ -878,9 +879,59 @@ def _twice(impls: list[_Impl], n: int) -> list[dict]:
                  note=i.note, task=i.task) for i in impls]
 
 
+AUTOATTACK_IMAGES = 200  # the AutoAttack row: the first 200 test images (torchattacks is slow)
+
+
+def _speed_autoattack(ds: datasets.Dataset, cfg: SpeedConfig) -> tuple[list, dict]:
+    """AutoAttack (standard) on the study's MLP trained one epoch, first AUTOATTACK_IMAGES
+    test images at cfg.eps: the harness's beside torchattacks' at the reference's settings,
+    in the same interleaved rounds (one timed round: a torchattacks call takes minutes)."""
+    model = _seed_mlp(ds, cfg)
+    params = train_seed_sgd(model.init(jax.random.key(cfg.seed)), jax.device_put(ds.x_train),
+                            jax.device_put(ds.y_train), lr=cfg.lr, epochs=1)
+    params = jax.tree.map(np.asarray, params)
+    n = min(AUTOATTACK_IMAGES, len(ds.y_test))
+    x, y = jax.device_put(ds.x_test[:n]), jax.device_put(ds.y_test[:n])
+    key = evasion.attack_key(cfg.seed)
+
+    last: dict[str, Any] = {}  # each side's latest output, for the agreement
+
+    def ours():
+        last["ours"] = autoattack.report(model, params, x, y, eps=cfg.eps, key=key, lo=0.0,
+                                         hi=1.0)
+        return last["ours"].x_adv
+
+    impls = [_Impl("jax: AutoAttack (APGD-CE, APGD-T, Square 5000), vmap over images", ours,
+                   task="autoattack", note="box [0, 1] as torchattacks; no FAB-T")]
+    missing_name = "torchattacks: AutoAttack (APGD-CE, APGD-T, FAB-T, Square 5000)"
+    peers: list[_Impl] = []
+    missing: list[dict] = []
+    if torch_peer.torchattacks_available():
+        p = torch_peer.prepared_autoattack(params, "seed-mlp", ds.x_test[:n], ds.y_test[:n],
+                                           cfg.eps, model.input_shape, model.n_classes)
+        def theirs():
+            last["theirs"] = p.run()
+            return last["theirs"]
+
+        peers = [_Impl(p.name, theirs, peer=True, compiled=False, task="autoattack",
+                       note="the reference's settings (100 iterations)")]
+    else:
+        missing = [_missing_row(missing_name, n, task="autoattack")]
+    rows, facts = _compare(impls + peers, n, rounds=1, max_seconds=0.0, min_rounds=1)
+    robust = last["ours"].robust
+    extra = {**facts, **_torch_facts(), "eps": cfg.eps, "images": n,
+             "robust_accuracy": float(robust.mean())}
+    if peers:
+        ref = p.run.robust(last["theirs"])
+        extra.update(torchattacks_robust_accuracy=float(ref.mean()),
+                     agreement=float(np.mean(ref == robust)))
+    return rows + missing, extra
+
+
 SPEED_WORKLOADS: dict[str, Callable[[datasets.Dataset, SpeedConfig], tuple[list, dict]]] = {
     "fgsm": _speed_fgsm,
     "pgd": _speed_pgd,
+    "autoattack": _speed_autoattack,
     "epoch-per-sample": _speed_epoch_per_sample,
     "epoch-minibatch": _speed_epoch_minibatch,
     "metrics": _speed_metrics,
@@ -969,9 +1020,32 @@ def _defended(cfg: DefenseConfig, loaded: Loaded, base: _Trained) -> tuple[Model
     return defenses.build(cfg.defense, base.arch, **opts), base.params, 0.0
 
 
+def _correct(model: Model, params, x_adv, y, key) -> np.ndarray:
+    """[b] bool: which images the model still classifies correctly (one draw of a stochastic
+    model's randomness from key, as `evaluate` takes it)."""
+    return np.asarray(jnp.argmax(predict_keyed(model, params, x_adv, key), -1) == y)
+
+
+def _autoattack_sweep(model: Model, params, x, y, eps_values, *, key, lo, hi, queries=None):
+    """AutoAttack at every eps (standard; `rand` for a stochastic model), each call picking
+    the images still standing on the host. -> (x_adv [n_eps, b, D], per-eps counts)."""
+    version = "rand" if model.stochastic else "standard"
+    out, counts = [], []
+    for eps in eps_values:
+        kw = {} if queries is None else {"queries": queries}
+        r = autoattack.report(model, params, x, y, eps=float(eps), key=key, lo=lo, hi=hi,
+                              version=version, **kw)
+        out.append(r.x_adv)
+        counts.append({"version": version, **r.counts()})
+    return jnp.stack(out), counts
+
+
 def _defense_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bool) -> dict:
     """One row of the defense x attack table: every column at every eps (one compiled eps
-    sweep per column, timed), the clean accuracy, the obfuscation probe and its flags."""
+    sweep per column, timed; AutoAttack one call per eps, timed once with its compiles), the
+    clean
+    accuracy, the worst case per image over every column, the obfuscation probe and its
+    flags."""
     cfg: DefenseConfig = cell.config
     spec = cfg.train
     _, base = _trained(spec, loaded, memo, cache, force)
@@ -983,9 +1057,16 @@ def _defense_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: b
     clean = evaluate(model, params, x, y, key=eval_key)["accuracy"]
     adaptive_name = defenses.get_defense(cfg.defense).adaptive
     eps_values = jnp.asarray(cfg.eps, x.dtype)
-    rows, accuracy = [], {}
+    rows, accuracy, correct, aa_counts = [], {}, {}, None
     for column in cfg.attacks:
         name = adaptive_name if column == "adaptive" else column
+        if column == "autoattack":
+            fn = partial(_autoattack_sweep, model, params, key=key, lo=lo, hi=hi)
+            # one call (minutes on a robust model), its time including the compiles
+            timing, (x_adv, aa_counts) = _once(fn, x, y, cfg.eps)
+            _column_rows(model, params, x_adv, y, cfg.eps, column, name, timing, eval_key,
+                         rows, accuracy, correct)
+            continue
         kw: dict[str, Any] = {"key": key, "lo": lo, "hi": hi}
         if name in ("pgd", "eot-pgd", "bpda-pgd", "transfer"):
             kw["steps"] = cfg.steps
@@ -1000,18 +1081,23 @@ def _defense_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: b
         fn = partial(evasion.sweep, evasion.get_attack(name), model, params, **kw)
         timing, x_adv = measure(fn, x, y, eps_values, rounds=cfg.rounds,
                                 max_seconds=cfg.max_seconds)
-        for i, eps in enumerate(cfg.eps):
-            acc = evaluate(model, params, x_adv[i], y,
-                           key=jax.random.fold_in(eval_key, 1 + i))["accuracy"]
-            accuracy[(column, eps)] = acc
-            rows.append({"column": column, "attack": name, "eps": eps, "accuracy": acc,
-                         "median_s": timing.median_s, "compile_s": timing.compile_s,
-                         "rounds": timing.rounds})
+        _column_rows(model, params, x_adv, y, cfg.eps, column, name, timing, eval_key, rows,
+                     accuracy, correct)
+    if correct:  # an image is robust only if it survived every column (never min of accuracies)
+        for eps in cfg.eps:
+            robust = autoattack.robust_per_image(
+                {c: v for (c, e), v in correct.items() if e == eps})
+            accuracy[("worst", eps)] = float(np.mean(robust))
+            rows.append({"column": "worst", "attack": "per image", "eps": eps,
+                         "accuracy": float(np.mean(robust)), "median_s": float("nan"),
+                         "compile_s": float("nan"), "rounds": 0})
     n_probe = min(cfg.probe_n, int(x.shape[0]))
     probed = obfuscation.probe(model, params, x[:n_probe], y[:n_probe],
                                key=jax.random.fold_in(key, 11), eps=max(cfg.eps),
                                steps=cfg.steps)
-    raised = obfuscation.flags(accuracy, probed, n=int(x.shape[0]))
+    raised = obfuscation.flags({k: v for k, v in accuracy.items() if k[0] != "worst"}, probed,
+                               n=int(x.shape[0]), autoattack=None if aa_counts is None else
+                               dict(zip(cfg.eps, aa_counts, strict=True)))
     pgd40 = {}
     if cfg.defense == "adv-train":  # Madry et al.'s yardstick: PGD-40 at the training eps
         adv_eps = float(dict(cfg.options)["eps"])
@@ -1030,8 +1116,24 @@ def _defense_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: b
         "detail": {"rows": rows, "probe": {k: v for k, v in probed.items()
                                            if k != "pgd_steps"},
                    "pgd_steps": {str(k): v for k, v in probed["pgd_steps"].items()},
-                   "flags": raised},
+                   "flags": raised,
+                   **({"autoattack": {str(e): c for e, c in zip(cfg.eps, aa_counts,
+                                                                 strict=True)}}
+                      if aa_counts is not None else {})},
     }
+
+
+def _column_rows(model, params, x_adv, y, eps_list, column, name, timing, eval_key, rows,
+                 accuracy, correct) -> None:
+    """Score one column's x_adv [n_eps, b, D]: per-image correctness and accuracy per eps,
+    appended to rows / accuracy / correct (keyed (column, eps))."""
+    for i, eps in enumerate(eps_list):
+        ok = _correct(model, params, x_adv[i], y, jax.random.fold_in(eval_key, 1 + i))
+        correct[(column, eps)] = ok
+        accuracy[(column, eps)] = float(np.mean(ok))
+        rows.append({"column": column, "attack": name, "eps": eps, "accuracy": float(np.mean(ok)),
+                     "median_s": timing.median_s, "compile_s": timing.compile_s,
+                     "rounds": timing.rounds})
 
 
 COMPUTE = {"attack": _attack_cell, "stability": _stability_cell, "speed": _speed_cell,

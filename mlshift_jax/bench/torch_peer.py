@@ -284,3 +284,69 @@ def prepared_minibatch(recipe: str, params: dict, x, y, order, *, lr: float, bat
 def threads() -> int:
     """torch's intra-op thread count (it uses every core by default, as XLA does)."""
     return int(_torch().get_num_threads())
+
+
+# --- AutoAttack: torchattacks at the reference's standard settings -----------------------------
+
+
+def torchattacks_available() -> bool:
+    """Whether torch and torchattacks (the `peers` extra) can be imported."""
+    if not available():
+        return False
+    try:
+        import torchattacks  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _logits_module(torch, params: dict, model: str, input_shape):
+    """The harness's `seed-mlp` (its pre-sigmoid logits) or `mlp-ce` as a torch Module on
+    images [n, C, H, W] (what torchattacks feeds), weights copied from params."""
+    p = {k: _as(torch, np.asarray(v, np.float32)) for k, v in params.items()}
+
+    class Net(torch.nn.Module):
+        def forward(self, v):
+            v = v.permute(0, 2, 3, 1).reshape(v.shape[0], -1)  # (H, W, C) flattening
+            if model == "seed-mlp":
+                return torch.sigmoid(v @ p["wih"].T) @ p["who"].T
+            return torch.relu(v @ p["w1"].T + p["b1"]) @ p["w2"].T + p["b2"]
+
+    if model not in ("seed-mlp", "mlp-ce"):
+        raise PeerMissing(f"no torch port of {model!r}; expected seed-mlp or mlp-ce")
+    return Net().eval()
+
+
+def prepared_autoattack(params: dict, model: str, x, y, eps: float, input_shape,
+                        n_classes: int = 10) -> Prepared:
+    """torchattacks' ensemble at AutoAttack's standard settings (Croce & Hein 2020: APGD-CE
+    and APGD-T at 100 iterations, FAB-T at 100, Square at 5,000 queries; torchattacks' own
+    `AutoAttack` class runs 10 iterations) on the harness model `model` (seed-mlp or mlp-ce)
+    with weights `params`. x: [n, D] flat in (H, W, C) order; run() -> adversarial images
+    [n, C, H, W]; torchattacks searches the box [0, 1]."""
+    torch = _torch()
+    import torchattacks
+
+    h, w, c = input_shape
+    net = _logits_module(torch, params, model, input_shape)
+    tx = _as(torch, np.asarray(x, np.float32)).reshape(-1, h, w, c).permute(0, 3, 1, 2)
+    tx = tx.contiguous()
+    ty = _as(torch, np.asarray(y, np.int64))
+    ta = torchattacks
+    attack = ta.MultiAttack([
+        ta.APGD(net, norm="Linf", eps=eps, steps=100, n_restarts=1, loss="ce", seed=0),
+        ta.APGDT(net, norm="Linf", eps=eps, steps=100, n_restarts=1, n_classes=n_classes,
+                 seed=0),
+        ta.FAB(net, norm="Linf", eps=eps, steps=100, n_restarts=1, multi_targeted=True,
+               n_classes=n_classes, seed=0),
+        ta.Square(net, norm="Linf", eps=eps, n_queries=5000, n_restarts=1, seed=0)])
+
+    def run():
+        return attack(tx, ty)
+
+    def robust(adv) -> np.ndarray:
+        with torch.no_grad():
+            return (net(adv).argmax(1) == ty).numpy()
+
+    run.robust = robust
+    return Prepared("torchattacks: AutoAttack (APGD-CE, APGD-T, FAB-T, Square 5000)", run)

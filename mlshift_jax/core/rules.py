@@ -77,6 +77,7 @@ RULES: dict[str, Rule] = {
     "eps": Rule(float, 0.0, 1e6, "input units (L-inf)"),
     "steps": Rule(int, 1, 100_000, "iterations"),
     "restarts": Rule(int, 1, 10_000, "random restarts"),
+    "queries": Rule(int, 1, 10_000_000, "model queries"),
     "warmup": Rule(float, 0.0, 1.0, "share of training"),
     "fraction": Rule(float, 0.0, 1.0, "share of eligible images"),
     "alpha": Rule(float, 0.0, 1.0, "false-positive rate", lo_open=True),

@@ -207,6 +207,13 @@ def _identity(scores: jax.Array) -> jax.Array:
     return scores
 
 
+def outputs_are_probabilities(model: Model) -> bool:
+    """Whether `model.apply` gives probabilities (the seed MLP's sigmoid outputs: its `probs`
+    is the identity) rather than logits (`probs` a softmax). The attacks' losses take the
+    logit of probabilities (`attacks.losses.to_logits`)."""
+    return model.probs is _identity
+
+
 # --- building models for a spec ---------------------------------------------------------------
 
 
