@@ -47,7 +47,7 @@ def small(mnist):
                    "its target's mask norm is the smallest (passes on the bundled sample)")
 def test_planted_backdoor_is_found_with_its_target_and_a_clean_model_is_not(small, tmp_path):
     ds, model, clean, backdoor = small
-    cfg = NullConfig(n_null=5, images=200, seed=0)
+    cfg = NullConfig(n_null=5, images=200, alpha=0.2, seed=0)
     null = calibrate_null("seed-mlp", 32, ds, cfg, scan=FAST, cache_path=tmp_path)
     assert null.indices.shape == (5,) and null.norms.shape == (5, 10)
     t = null.threshold
@@ -91,7 +91,8 @@ def test_cli_scan_model_json_and_trigger_files(capsys, saved, tmp_path, monkeypa
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # its own null
     capsys.readouterr()
     out_dir = tmp_path / "out"
-    argv = ["scan-model", "--params", str(saved), "--null-models", "3", "--sample-size",
+    argv = ["scan-model", "--params", str(saved), "--null-models", "3", "--alpha", "0.34",
+            "--sample-size",
             "1000", "--n", "60", "--steps", "20", "--out", str(out_dir), "--format", "json"]
     code, out, err = run_cli(capsys, *argv)
     assert code == 0, err
