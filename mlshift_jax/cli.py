@@ -973,7 +973,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "metadata names, else mnist"},
             out={"metavar": "DIR", "help": "write the reversed triggers here (triggers.npz; "
                  "the target's .npy; PNGs with the plots extra); default: no files"},
-            null_models={"default": 20, "help": "clean models of the recipe the threshold is "
+            null_models={"default": 104, "help": "benign models of the recipe the threshold is "
                          f"calibrated on (cached): {rules.describe('null_models')}"},
             alpha={"default": 0.05, "help": "share of the clean null allowed above the "
                    f"threshold: {rules.describe('alpha')}"},

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -55,20 +55,19 @@ import numpy as np
 from mlshift_jax.core.errors import ConfigError, DataError
 from mlshift_jax.core.files import atomic_path, config_hash, read_npz
 from mlshift_jax.data.datasets import Dataset, cache_dir, content_hash, subsample
+from mlshift_jax.detection import benign
 from mlshift_jax.detection import neural_cleanse as nc
 from mlshift_jax.detection.change import RECIPE_OF, hidden_size
 from mlshift_jax.models.population import plan_for
 from mlshift_jax.models.recipes import TrainConfig
-from mlshift_jax.models.retrain import train_sampled
 from mlshift_jax.models.zoo import Model, Params
-from mlshift_jax.poisoning.poison import make_config
 
-CACHE_VERSION = 1  # bump when the null's meaning changes: old caches are ignored
+CACHE_VERSION = 2  # bump when the null's meaning changes: old caches are ignored
 NULL_STREAM = 0x5CA7  # member seeds of a null start here (+ seed * 10,000)
 SCAN_STREAM = 0x5CA8  # fold_in(key(seed), SCAN_STREAM): the trigger search's key
 TRAIN_BUDGET = 800 * 2**20  # bytes one group of null models may train on (`train_chunk`)
 SCAN_GROUP = 4  # null models per compiled scan call (a progress line after each group)
-MIN_TAIL = 1  # null models allowed above the threshold at the least (`min_null`)
+MIN_TAIL = 5  # null models allowed above the threshold at the least (`min_null`)
 MIN_CLASSES = 6  # below this the anomaly index has too few other classes: "inconclusive"
 
 
@@ -85,17 +84,21 @@ class NullConfig:
     n_null: clean models (>= 2; the threshold's false-positive rate moves in steps of
     1/n_null); sample_size: training images of each (None: all, each model in its own random
     order); images: clean test images the triggers are searched on (a fixed random subset);
-    alpha: the share of the null allowed above the threshold; epochs: of every null model
-    (None: the suspect's training settings, else the recipe's default); seed: of the null's
-    members, the images and the search.
+    alpha: the share of the null allowed above the threshold (the null must hold at least
+    `min_null(alpha)` models); epochs: of every null model (None: the suspect's training
+    settings, else the recipe's default); seed: of the null's members, the images and the
+    search; benign: members are the benign variants of `benign.VARIANTS` in turn (False:
+    clean retrains only); folds: of the held-out false-positive rate (`heldout_fpr`).
     """
 
-    n_null: int = 20
+    n_null: int = 104
     sample_size: int | None = None
     images: int = 300
     alpha: float = 0.05
     epochs: int | None = None
     seed: int = 0
+    benign: bool = True
+    folds: int = 5
 
     def validate(self) -> NullConfig:
         """Raise ConfigError for settings that cannot work; return self."""
@@ -109,6 +112,10 @@ class NullConfig:
                               f"{self.sample_size!r}")
         if not 0.0 < self.alpha < 1.0:
             raise ConfigError(f"scan: expected alpha in (0, 1), found {self.alpha!r}")
+        if isinstance(self.folds, bool) or not isinstance(self.folds, int) or not (
+                2 <= self.folds <= self.n_null):
+            raise ConfigError(f"scan: expected folds an integer in 2..n_null, found "
+                              f"{self.folds!r}")
         need = min_null(self.alpha)
         if self.n_null < need:
             raise ConfigError(f"scan: alpha {self.alpha:g} needs a null of at least {need} "
@@ -133,12 +140,17 @@ class Null:
     config: NullConfig
     scan: nc.ScanConfig
     seconds: dict
+    variants: tuple = ()
+    heldout: dict = field(default_factory=dict)
 
     def describe(self) -> dict:
         """JSON-able summary, for the report of a verdict."""
+        counts = {v: self.variants.count(v) for v in dict.fromkeys(self.variants)}
         return {"n_null": int(self.indices.size), "recipe": self.recipe, "hidden": self.hidden,
                 "sample_size": self.config.sample_size, "images": self.config.images,
-                "alpha": self.config.alpha, "anomaly_indices": self.indices.tolist(),
+                "alpha": self.config.alpha, "variants": counts,
+                "heldout_fpr_by_variant": self.heldout.get("by_variant", {}),
+                "anomaly_indices": self.indices.tolist(),
                 "smallest_class": np.argmin(self.norms, -1).tolist(), **self.seconds}
 
 
@@ -194,14 +206,48 @@ def log_norms(norms) -> np.ndarray:
     return np.log(np.maximum(np.asarray(norms, np.float64), 1e-6))
 
 
-def _null(norms, rates, recipe, hidden, cfg, scan, seconds) -> Null:
+def folds_of(n: int, period: int, folds: int) -> np.ndarray:
+    """The held-out fold of each of n null members: whole cycles of `period` members (one of
+    each benign variant) go to one fold, so every fold holds every variant."""
+    if n < period * folds:  # too few for whole cycles in every fold: deal members round
+        return np.arange(n) % folds
+    return (np.arange(n) // max(1, period)) % folds
+
+
+def heldout_fpr(scores, variants: Sequence[str], *, alpha: float, folds: int,
+                floor: float = nc.TEXTBOOK_THRESHOLD, period: int | None = None) -> dict:
+    """The false-positive rate on held-out benign models: the null's members are split
+    into `folds` folds (`folds_of`); each fold is judged by the threshold set at alpha on
+    the other folds, as the verdict's is on the whole null. scores: [n] (higher = more
+    suspicious). -> {"fpr": share of held-out members flagged, "by_variant": {variant:
+    share}, "folds": folds}. The members are independent (each its own parent), so this
+    estimates the rate at which a fresh benign model is called a backdoor."""
+    scores = np.asarray(scores, np.float64)
+    period = len(dict.fromkeys(variants)) if period is None else period
+    fold = folds_of(len(scores), period, folds)
+    flagged = np.zeros(len(scores), bool)
+    for f in range(folds):
+        held = fold == f
+        if held.all() or not held.any():
+            continue
+        cut = nc._threshold(scores[~held], alpha, floor)
+        flagged[held] = scores[held] > cut
+    names = np.asarray(list(variants))
+    by = {v: float(flagged[names == v].mean()) for v in dict.fromkeys(variants)}
+    return {"fpr": float(flagged.mean()), "by_variant": by, "folds": folds}
+
+
+def _null(norms, rates, recipe, hidden, cfg, scan, seconds, variants) -> Null:
     norms, rates = np.asarray(norms, np.float64), np.asarray(rates, np.float64)
     indices = nc.anomaly_index(norms)[0]
     threshold = nc.calibrate_threshold(indices, alpha=cfg.alpha)
     log_threshold = nc.calibrate_threshold(nc.anomaly_index(log_norms(norms))[0],
                                            alpha=cfg.alpha)
+    variants = tuple(variants)
+    held = heldout_fpr(indices, variants, alpha=cfg.alpha, folds=cfg.folds)
+    threshold = threshold._replace(fpr_loo=held["fpr"])
     return Null(norms, rates, indices, threshold, log_threshold, recipe, hidden, cfg, scan,
-                seconds)
+                seconds, variants, held)
 
 
 def calibrate_null(recipe: str | None, hidden: int, ds: Dataset,
@@ -236,7 +282,8 @@ def calibrate_null(recipe: str | None, hidden: int, ds: Dataset,
         try:
             f = read_npz(path, what="a cached scan null")
             return _null(f["norms"], f["rates"], name, hidden, cfg, scan,
-                         {"train_s": 0.0, "scan_s": 0.0, "cached": True})
+                         {"train_s": 0.0, "scan_s": 0.0, "cached": True},
+                         [benign.VARIANTS[int(i)] for i in f["variants"]])
         except (DataError, KeyError, TypeError, ConfigError):  # rebuilt below
             warnings.warn(f"damaged cache entry {path} treated as missing and rebuilt",
                           stacklevel=2)
@@ -245,28 +292,33 @@ def calibrate_null(recipe: str | None, hidden: int, ds: Dataset,
     plan = plan_for(recipe, replace(base, hidden=hidden, epochs=epochs, seed=0), ds.spec,
                     model=model)
     seeds = NULL_STREAM + cfg.seed * 10_000 + np.arange(cfg.n_null)
+    variants = benign.VARIANTS if cfg.benign else ("retrain",)
     if log is not None:
         log(f"calibrating: training and scanning {cfg.n_null} clean models on {size:,} images "
-            f"each, once for this recipe and data (cached in {folder})")
+            f"each ({len(variants)} benign variants in turn), once for this recipe and data "
+            f"(cached in {folder})")
     start = time.perf_counter()
     chunk = train_chunk(cfg.n_null, size, ds.spec.n_inputs)
-    pop, _ = train_sampled(plan, [make_config("clean")] * cfg.n_null, ds.x_train, ds.y_train,
-                           seeds=seeds.tolist(), size=size, chunk=chunk,
-                           progress=_progress(log, "trained"))
+    params, names = benign.benign_null(plan, ds.x_train, ds.y_train, seeds=seeds.tolist(),
+                                       size=size, chunk=chunk, variants=variants, log=log)
     train_s = time.perf_counter() - start
     start = time.perf_counter()
-    found = nc.scan_in_groups(plan.arch, pop.params, x, y, key=scan_key(cfg.seed),
+    found = nc.scan_in_groups(plan.arch, params, x, y, key=scan_key(cfg.seed),
                               config=scan, group=SCAN_GROUP, progress=_progress(log, "scanned"))
     scan_s = time.perf_counter() - start
     norms, rates = np.asarray(found.norms), np.asarray(found.rates)
     if cache:
         try:
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                np.savez(f, norms=norms, rates=rates)
+                np.savez(f, norms=norms, rates=rates, variants=np.asarray(
+                    [benign.VARIANTS.index(v) for v in names], np.int64))
         except OSError:
             pass  # an unwritable cache costs time, not correctness
+    if log is not None:
+        log(f"null: {cfg.n_null} models trained in {train_s:.0f} s and scanned in "
+            f"{scan_s:.0f} s")
     return _null(norms, rates, name, hidden, cfg, scan,
-                 {"train_s": train_s, "scan_s": scan_s, "cached": False})
+                 {"train_s": train_s, "scan_s": scan_s, "cached": False}, names)
 
 
 def recipe_of(model: Model, params: Params,
@@ -340,6 +392,7 @@ def scan_model(model: Model, params: Params, ds: Dataset, *, null: Null | None =
     result.update(weak_classes(result, model.n_classes))
     result.update({
         "threshold_fpr": null.threshold.fpr_loo,
+        "threshold_fpr_by_variant": null.heldout.get("by_variant", {}),
         "alpha": null.threshold.alpha,
         "n_null": null.threshold.n_null,
         "textbook_threshold": nc.TEXTBOOK_THRESHOLD,
