@@ -604,9 +604,13 @@ def cmd_scan_model(args) -> None:
     if args.format == "json":
         print(strict_json(result))
         return
-    rows = [[k, result[k]] for k in ("verdict", "target", "anomaly_index", "threshold",
-                                     "threshold_fpr", "n_null", "alpha", "smallest_class",
-                                     "scan_seconds", "compile_seconds", "architecture")]
+    rows = [[k, result[k]] for k in ("verdict", "target", "combined_p", "combined_threshold",
+                                     "flagged_by", "threshold_fpr", "n_null", "alpha")]
+    rows += [[f"{name} {k}", v] for name, d in result["detectors"].items()
+             for k, v in d.items() if k in ("score", "p_value", "target")]
+    rows += [[k, result[k]] for k in ("anomaly_index", "threshold", "smallest_class",
+                                      "scan_seconds", "compile_seconds", "architecture")]
+    rows += [[f"held-out FPR {k}", v] for k, v in result["threshold_fpr_by_variant"].items()]
     rows += [[f"class {k} mask norm / attack rate", f"{n:.2f} / {r:.3f}"] for k, (n, r) in
              enumerate(zip(result["mask_norms"], result["attack_rates"], strict=True))]
     rows += [["file", f] for f in result["files"]] + (
@@ -963,7 +967,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "help": "the dataset the models were trained on; default: the one the "
                      "reference's metadata names, else mnist"})
     command("scan-model", cmd_scan_model, "is there a backdoor in this model? Neural Cleanse "
-            "(Wang et al. 2019) with a threshold calibrated on clean models of its recipe",
+            "(Wang et al. 2019) and MM-BD (Wang et al. 2024) in one verdict, calibrated on "
+            "benign models of its recipe (retrains, pruned, quantized, fine-tuned, distilled)",
             *DATA, "params", "out", "null_models", "alpha", "sample_size", "n", "steps",
             "seed",
             params={"required": True, "metavar": "FILE",
@@ -975,8 +980,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "the target's .npy; PNGs with the plots extra); default: no files"},
             null_models={"default": 104, "help": "benign models of the recipe the threshold is "
                          f"calibrated on (cached): {rules.describe('null_models')}"},
-            alpha={"default": 0.05, "help": "share of the clean null allowed above the "
-                   f"threshold: {rules.describe('alpha')}"},
+            alpha={"default": 0.05, "help": "share of the benign null allowed above the "
+                   "threshold (the null needs ceil(5 / alpha) models): "
+                   f"{rules.describe('alpha')}"},
             sample_size={"help": "training images of each clean null model (match how the "
                          "model was trained); default: all, each model in its own order. "
                          f"{rules.describe('sample_size')}"},
