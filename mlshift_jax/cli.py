@@ -133,9 +133,10 @@ def _dataset_of(meta: dict) -> str | None:
     return None
 
 
-def _load(args, meta: dict | None = None) -> datasets.Dataset:
+def _load(args, meta: dict | None = None, scale=None) -> datasets.Dataset:
     """The dataset the arguments name (without --dataset: the one the weights' metadata
-    `meta` names, else mnist); then one stderr line saying where the work runs."""
+    `meta` names, else mnist), a path's images scaled to `scale` (None: 0..1); then one
+    stderr line saying where the work runs."""
     from mlshift_jax.core.sharding import describe_devices
 
     if args.dataset is None:
@@ -143,7 +144,7 @@ def _load(args, meta: dict | None = None) -> datasets.Dataset:
         if meta and args.dataset != "mnist":
             print(f"mlshift: dataset {args.dataset} (from the weights' metadata)",
                   file=sys.stderr)
-    ds = datasets.load(args.dataset, args.data_dir)
+    ds = datasets.load(args.dataset, args.data_dir, scale=scale)
     print(f"mlshift: {ds.name} from {ds.source}; {describe_devices()}", file=sys.stderr)
     return ds
 
@@ -192,12 +193,12 @@ def _finite_or_fail(params: dict, args) -> None:
 
 
 def _save(args, params, model, ds: datasets.Dataset, poison_config=None, *, defense=None,
-          train=None) -> None:
+          train=None, **extra) -> None:
     """Write --save: safetensors (or .npz by its suffix) with the metadata readers need
     (model reference and hyper-parameters, input shape/range, classes, training config and
     seed, dataset name and content hash, poisoning; a training defense: its name, eps, PGD
-    steps and the resolved epochs). train: the resolved TrainConfig (default: the options
-    given)."""
+    steps and the resolved epochs; and `extra` keys). train: the resolved TrainConfig
+    (default: the options given)."""
     from mlshift_jax.core.files import clean_stale_temps
     from mlshift_jax.models import weights
 
@@ -205,8 +206,34 @@ def _save(args, params, model, ds: datasets.Dataset, poison_config=None, *, defe
     clean_stale_temps(save.parent, recursive=False, names={save.name})
     meta = weights.metadata(model, train=_train_config(args) if train is None else train,
                             dataset=ds, poison=poison_config,
-                            **({"defense": defense} if defense is not None else {}))
+                            **({"defense": defense} if defense is not None else {}), **extra)
     weights.save(args.save, params, meta)
+
+
+def poisoned_data_path(save: str) -> Path:
+    """Where `poison --save FILE` writes the poisoned training set: FILE's stem + .train.npz
+    beside it (poisoned.safetensors -> poisoned.train.npz)."""
+    path = Path(save)
+    return path.with_name(f"{path.stem}.train.npz")
+
+
+def _save_poisoned_data(path: Path, x, y, ds: datasets.Dataset) -> None:
+    """Write the training set a poisoned model was trained on as a keras-style .npz
+    (x_train, y_train: the poisoned images and labels; x_test, y_test: the clean test set),
+    images as uint8 on 0..255 over the input range (a blended trigger's values round to
+    1/255 of the range), atomically; `--dataset FILE` reads it back."""
+    from mlshift_jax.core.files import atomic_path
+
+    lo, hi = (float(v) for v in ds.input_range)
+    shape = tuple(ds.image_shape) if ds.image_shape[-1] != 1 else tuple(ds.image_shape[:2])
+
+    def u8(a):
+        a = np.clip(np.rint((np.asarray(a, np.float64) - lo) / (hi - lo) * 255.0), 0, 255)
+        return a.astype(np.uint8).reshape(len(a), *shape)
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, x_train=u8(x), y_train=np.asarray(y, np.int64),
+                            x_test=u8(ds.x_test), y_test=np.asarray(ds.y_test, np.int64))
 
 
 def _check_fits(model, ds: datasets.Dataset) -> None:
@@ -475,7 +502,7 @@ def cmd_poison(args) -> None:
         raise ConfigError("--lr/--batch-size/--optimizer: the sweeps train with each "
                           "model's recipe defaults; drop them with --sweep")
     ds = _load(args)
-    x, _ = _train_data(args, ds)
+    x, y = _train_data(args, ds)
     _check_train_memory(x, args.hidden, "poison")
     common = dict(model=args.model, seed=args.seed, hidden=args.hidden, epochs=args.epochs,
                   n_train=args.train_size)
@@ -488,11 +515,18 @@ def cmd_poison(args) -> None:
         params = result.pop("params")
         _finite_or_fail(params, args)
         if args.save:
+            from mlshift_jax.models.population import poison_key
             from mlshift_jax.models.recipes import model_for
 
+            # the member's poisoning, redrawn exactly as the population drew it
+            xp, yp, _ = poison.apply(poison_key(args.seed), x, y, config, ds.spec)
+            data = poisoned_data_path(args.save)
+            _save_poisoned_data(data, xp, yp, ds)
             _save(args, params, model_for(args.model, ds.spec, _train_config(args)), ds,
-                  poison_config=config)
+                  poison_config=config, poisoned_data={"path": str(data.absolute()),
+                                                       "kind": args.kind})
             result["saved"] = args.save
+            result["saved_training_set"] = str(data)
         _emit(args.format, result, [[k, v] for k, v in result.items()], headers=["", "value"])
         return
 
@@ -599,16 +633,21 @@ def cmd_scan_model(args) -> None:
         result["files"], note = save_triggers(trigger, args.out, target=result["target"],
                                               input_range=model.input_range)
     if note:
-        result["note"] = note
+        result["note"] = "; ".join(n for n in (result.get("note"), note) if n)
     if args.format == "json":
         print(strict_json(result))
         return
-    rows = [[k, result[k]] for k in ("verdict", "target", "anomaly_index", "threshold",
-                                     "threshold_fpr", "n_null", "alpha", "smallest_class",
-                                     "scan_seconds", "compile_seconds", "architecture")]
+    rows = [[k, result[k]] for k in ("verdict", "target", "combined_p", "combined_threshold",
+                                     "flagged_by", "threshold_fpr", "n_null", "alpha")]
+    rows += [[f"{name} {k}", v] for name, d in result["detectors"].items()
+             for k, v in d.items() if k in ("score", "p_value", "target")]
+    rows += [[k, result[k]] for k in ("anomaly_index", "threshold", "smallest_class",
+                                      "scan_seconds", "compile_seconds", "architecture")]
+    rows += [[f"held-out FPR {k}", v] for k, v in result["threshold_fpr_by_variant"].items()]
     rows += [[f"class {k} mask norm / attack rate", f"{n:.2f} / {r:.3f}"] for k, (n, r) in
              enumerate(zip(result["mask_norms"], result["attack_rates"], strict=True))]
-    rows += [["file", f] for f in result["files"]] + ([["note", note]] if note else [])
+    rows += [["file", f] for f in result["files"]] + (
+        [["note", result["note"]]] if result.get("note") else [])
     _emit("table", None, rows, headers=["", "value"])
 # --- scan-data ----------------------------------------------------------------------------
 
@@ -644,6 +683,31 @@ def _count(flag: str, unit: str):
     return parse
 
 
+def _scan_data_dataset(args, meta: dict) -> bool:
+    """Which data scan-data scans, never a silent guess: --dataset when given; else the
+    poisoned training set `poison --save` wrote (its metadata's poisoned_data); else, for a
+    model whose metadata says it was trained on poisoned data, a ConfigError naming the data
+    it needs (the clean set would scan the wrong images); else the dataset its metadata names.
+    -> True when the poisoned set was chosen (its images load on the model's input range)."""
+    if args.dataset is not None:
+        return False
+    found = meta.get("poisoned_data") or {}
+    path = found.get("path") if isinstance(found, dict) else None
+    if path and Path(path).is_file():
+        args.dataset = path
+        _log(f"dataset: the poisoned training set poison --save wrote, {path}")
+        return True
+    poisoned = meta.get("poison")
+    if poisoned:  # a non-clean poisoning (a clean one is stored as {})
+        where = (f"its file {path} is missing" if path else
+                 "its metadata does not say where that set is")
+        raise ConfigError(f"scan-data: the model was trained on poisoned data ({where}); "
+                          "scanning the clean training set would flag the wrong images: pass "
+                          "--dataset FILE.npz, the training set it was trained on (poison "
+                          "--save writes it beside the weights as NAME.train.npz)")
+    return False
+
+
 def cmd_scan_data(args) -> None:
     """Which training samples look poisoned? Every --method's scores on the training set."""
     from mlshift_jax.attacks.evasion import attack_key
@@ -656,9 +720,11 @@ def cmd_scan_data(args) -> None:
     if model.stochastic:
         raise ConfigError(f"scan-data: expected a deterministic model, found {model.name} "
                           "(stochastic): its activations differ per call")
-    ds = _load(args, meta)
+    saved = _scan_data_dataset(args, meta)
+    ds = _load(args, meta, scale=tuple(model.input_range) if saved else None)
     _check_fits(model, ds)
     x, y = _train_data(args, ds)
+    _log(f"scanning the first {len(y):,} training images of {ds.name} ({ds.source})")
     rules.check_memory(2 * x.shape[0] * (x.shape[1] + 4 * 1024) * 4,
                        f"scanning {x.shape[0]} training images", "lower --train-size")
     methods = list(dict.fromkeys(args.method))
@@ -674,7 +740,8 @@ def cmd_scan_data(args) -> None:
             for i in range(len(y)):
                 f.write(",".join([str(i), str(int(y[i])), *(
                     f"{scores[m][i]:.6g},{int(flags[m][i])}" for m in methods)]) + "\n")
-    result = {"dataset": ds.name, "n": int(len(y)), "eps": args.eps, "methods": {}}
+    result = {"dataset": ds.name, "dataset_source": ds.source, "n": int(len(y)),
+              "eps": args.eps, "methods": {}}
     rows = []
     for m in methods:
         top = np.argsort(-scores[m], kind="stable")[:args.top]
@@ -694,6 +761,7 @@ def cmd_scan_data(args) -> None:
         return
     _emit("table", None, rows, headers=["method", "rank", "index", "label", "score",
                                          "flagged"])
+    print(f"scanned: the first {len(y):,} training images of {ds.name} ({ds.source})")
     for m in methods:
         extra = result["methods"][m].get("suspect_classes")
         print(f"{m}: {result['methods'][m]['flagged']} of {len(y)} flagged"
@@ -965,7 +1033,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "help": "the dataset the models were trained on; default: the one the "
                      "reference's metadata names, else mnist"})
     command("scan-model", cmd_scan_model, "is there a backdoor in this model? Neural Cleanse "
-            "(Wang et al. 2019) with a threshold calibrated on clean models of its recipe",
+            "(Wang et al. 2019) and MM-BD (Wang et al. 2024) in one verdict, calibrated on "
+            "benign models of its recipe (retrains, pruned, quantized, fine-tuned, distilled)",
             *DATA, "params", "model", "out", "null_models", "alpha", "sample_size", "n",
             "steps", "seed",
             model={"default": None, "metavar": "PKG.MOD:ATTR",
@@ -978,10 +1047,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "metadata names, else mnist"},
             out={"metavar": "DIR", "help": "write the reversed triggers here (triggers.npz; "
                  "the target's .npy; PNGs with the plots extra); default: no files"},
-            null_models={"default": 20, "help": "clean models of the recipe the threshold is "
+            null_models={"default": 104, "help": "benign models of the recipe the threshold is "
                          f"calibrated on (cached): {rules.describe('null_models')}"},
-            alpha={"default": 0.05, "help": "share of the clean null allowed above the "
-                   f"threshold: {rules.describe('alpha')}"},
+            alpha={"default": 0.05, "help": "share of the benign null allowed above the "
+                   "threshold (the null needs ceil(5 / alpha) models): "
+                   f"{rules.describe('alpha')}"},
             sample_size={"help": "training images of each clean null model (match how the "
                          "model was trained); default: all, each model in its own order. "
                          f"{rules.describe('sample_size')}"},

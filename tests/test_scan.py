@@ -11,6 +11,7 @@ import pytest
 
 from mlshift_jax.cli import main
 from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.detection import benign
 from mlshift_jax.detection.neural_cleanse import ScanConfig
 from mlshift_jax.detection.scan import NullConfig, calibrate_null, scan_model
 from mlshift_jax.models.population import fit_group, init_members, member, plan_for
@@ -47,12 +48,12 @@ def small(mnist):
                    "its target's mask norm is the smallest (passes on the bundled sample)")
 def test_planted_backdoor_is_found_with_its_target_and_a_clean_model_is_not(small, tmp_path):
     ds, model, clean, backdoor = small
-    cfg = NullConfig(n_null=5, images=200, seed=0)
+    cfg = NullConfig(n_null=10, images=200, alpha=0.5, seed=0, benign=False, folds=2)
     null = calibrate_null("seed-mlp", 32, ds, cfg, scan=FAST, cache_path=tmp_path)
-    assert null.indices.shape == (5,) and null.norms.shape == (5, 10)
+    assert null.indices.shape == (10,) and null.norms.shape == (10, 10)
     t = null.threshold
-    assert t.value >= 2.0 and t.value >= np.sort(null.indices)[-1] and t.n_null == 5
-    assert 0.0 <= t.fpr_loo <= 0.2 + 1e-9  # only the null's largest can be flagged
+    assert t.value >= 2.0 and t.value >= np.sort(null.indices)[-6] and t.n_null == 10
+    assert 0.0 <= t.fpr_loo <= 1.0
     found = scan_model(model, backdoor, ds, null=null)
     assert found["verdict"] == "backdoor" and found["target"] == 3, found["mask_norms"]
     assert found["attack_rates"][3] > 0.9
@@ -91,15 +92,17 @@ def test_cli_scan_model_json_and_trigger_files(capsys, saved, tmp_path, monkeypa
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # its own null
     capsys.readouterr()
     out_dir = tmp_path / "out"
-    argv = ["scan-model", "--params", str(saved), "--null-models", "3", "--sample-size",
+    argv = ["scan-model", "--params", str(saved), "--null-models", "13", "--alpha", "0.4",
+            "--sample-size",
             "1000", "--n", "60", "--steps", "20", "--out", str(out_dir), "--format", "json"]
     code, out, err = run_cli(capsys, *argv)
     assert code == 0, err
-    assert "mlshift: calibrating: training and scanning 3 clean models" in err
+    assert "mlshift: calibrating: training and scanning 13 clean models" in err
     result = json.loads(out)
     assert KEYS <= set(result) and result["verdict"] in ("backdoor", "clean")
     assert len(result["mask_norms"]) == 10 and len(result["attack_rates"]) == 10
-    assert result["n_null"] == 3 and result["threshold"] >= 2.0
+    assert result["n_null"] == 13 and result["threshold"] >= 2.0
+    assert set(result["threshold_fpr_by_variant"]) == set(benign.VARIANTS)
     assert (result["target"] is None) == (result["verdict"] == "clean")
     names = sorted(p.name for p in out_dir.iterdir())  # no temporary files left
     assert "triggers.npz" in names and all(not n.startswith(".") for n in names)

@@ -240,6 +240,27 @@ def scan_population(model: Model, stacked_params: Params, x, y, *, key: jax.Arra
     return _scan_models(model, config.validate(), stacked_params, x, y, key, int(chunk))
 
 
+def scan_in_groups(model: Model, stacked_params: Params, x, y, *, key: jax.Array,
+                   config: ScanConfig = DEFAULT, group: int = 4,
+                   progress=None) -> Triggers:
+    """`scan_population`, `group` models per compiled call, one call after another
+    (`retrain.run_in_groups`): the same result, with progress(done, M, seconds) after each
+    group so a long null reports as it goes. -> Triggers [M, K, ...] as numpy arrays."""
+    from mlshift_jax.models.retrain import run_in_groups
+
+    x, y = _check(model, x, y)
+    m = jax.tree.leaves(stacked_params)[0].shape[0]
+    if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 1:
+        raise ConfigError(f"scan: expected group an integer >= 1, found {group!r}")
+    group = int(min(group, m))
+    chunk = 1 if jax.default_backend() == "cpu" else group
+    first = jax.tree.map(lambda a: jnp.asarray(a[:group]), stacked_params)
+    compiled = _scan_models.lower(model, config.validate(), first, x, y, key,
+                                  chunk=chunk).compile()
+    return Triggers(*run_in_groups(compiled, stacked_params, m, group, x, y, key,
+                                   progress=progress))
+
+
 def compile_triggers(model: Model, params: Params, x, y, *, key: jax.Array,
                      config: ScanConfig = DEFAULT):
     """`reverse_triggers`'s compiled call, for timing: -> a function of no arguments that

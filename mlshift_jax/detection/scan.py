@@ -1,50 +1,49 @@
-"""Is there a backdoor in this model? A reference-free scan with a calibrated threshold.
+"""Is there a backdoor in this model? A reference-free scan with a calibrated verdict.
 
-    scan_model(model, params, ds) -> {"verdict", "target", "anomaly_index", "threshold", ...}
+    scan_model(model, params, ds) -> {"verdict", "target", "combined_p", "detectors", ...}
 
-1. **The scan** (`neural_cleanse.reverse_triggers`; Wang et al., "Neural Cleanse", IEEE S&P
-   2019): the smallest mask and pattern that send clean images to each class, every class
-   at once (one jitted `vmap` over classes), on `NullConfig.images` clean test images (a
-   fixed random subset, the same for the suspect and the null). The anomaly index is the
-   robust z-score of the smallest mask norm, (median - norm) / (1.4826 * MAD).
-2. **The null** (`calibrate_null`): `n_null` clean models of the suspect's recipe (its
-   trainer, hidden size and training settings), each with its own seed and its own random
-   order (or sample, with `sample_size`) of the training set, trained as one population
-   (`retrain.train_sampled`, one jit), then scanned as one population
-   (`neural_cleanse.scan_population`, the same images and key as the suspect). Their mask
-   norms are cached on disk (`data.cache_dir("scan")`), named by the hash of everything they
-   depend on (recipe, hidden size, training settings, the data's content, both configs); a
-   second scan of a model of the same recipe loads them.
-3. **The threshold** (`neural_cleanse.calibrate_threshold`): the smallest value, at least
-   Wang et al.'s 2, that at most a share `alpha` of the null's anomaly indices exceed. A
-   clean study MLP has a naturally small-norm class (digit 1), so the textbook 2 alone
-   would flag clean models; the null raises the threshold above them.
+1. **Two scans, two trigger assumptions.** Neural Cleanse (`neural_cleanse.reverse_triggers`;
+   Wang et al., IEEE S&P 2019) finds the smallest mask and pattern that send clean images to
+   each class (one jitted `vmap` over classes) on `NullConfig.images` clean test images; its
+   score is the anomaly index, the robust z-score of the smallest mask norm. It assumes a
+   small trigger. MM-BD (`mm_bd.max_margins`; Wang et al., IEEE S&P 2024) assumes no trigger
+   shape and needs no data: per class, the largest margin any input in the valid range
+   reaches (gradient ascent from random starts, vmapped); its score is -log10 of the
+   p-value of the largest margin against a Gamma fitted to the others.
+2. **The null knows benign change** (`calibrate_null`, `benign.benign_null`): `n_null`
+   (default 104) models of the suspect's recipe (its trainer, hidden size and training
+   settings), each one of 13 benign variants in turn, each with a fresh parent of its own:
+   retrains (other seeds and data orders, half samples, one epoch more, half and twice the
+   learning rate), magnitude pruning 10/30/50%, weight quantization to 8 and 4 bits,
+   float16, one epoch of fine-tuning on clean data, hard-label distillation. They train
+   group by group (`train_chunk`: one group's data within TRAIN_BUDGET, so the first scan
+   of full MNIST stays under 3 GB) and are scanned group by group, each group a progress
+   line on stderr. Both scores of every member are cached on disk (`data.cache_dir("scan")`,
+   named by the hash of everything they depend on).
+3. **One calibrated verdict** (`min_p_threshold`): each detector's score becomes an
+   empirical tail p-value against the null (`tail_p`), and the verdict is "backdoor" when
+   the smaller of the two is at most a cut-off calibrated on the null itself (each member's
+   min-p against the others), so that at most alpha of the null is flagged whatever the
+   detectors' dependence. The target is the class named by the detector with the smaller
+   p-value. The null must hold `min_null(alpha)` = ceil(5 / alpha) models (100 at alpha
+   0.05): an alpha it cannot resolve is refused, naming that size. With fewer than
+   MIN_CLASSES classes the verdict is "inconclusive" (`weak_classes`).
 
-**How the false-positive rate is measured** (`threshold_fpr`): leave-one-out over the null.
-Each clean null model in turn is held out, the threshold is set on the other n_null - 1
-exactly as above, and the held-out model counts as a false positive when its anomaly index
-exceeds that threshold. The share flagged estimates the rate at which a fresh clean model of
-this recipe would be called "backdoor"; it is at most about alpha by construction, and
-coarse for a small null (steps of 1/n_null). A clean model trained differently from the
-recipe (other epochs or learning rate) is not covered by this estimate: the benchmark's
-"benign" rows (`bench/scan_bench.py`) measure that.
-
-Measured once with the CLI (full MNIST, study seed-mlps of hidden 200 on all 60,000 images,
-default search, `--null-models 10`, on this project's 2-core CPU under a load of ~15): the
-null's anomaly indices 0.83-1.76, threshold 2.00 (the floor), its leave-one-out FPR 0.00;
-a clean model: index 1.53, "clean" (its smallest norm is digit 8's; digit 1's mask is the
-LARGEST, 168 against a median ~100); 5%-poisoned models: checkerboard -> target 7 index 4.22,
-sparse (10 pixels) -> 2 index 3.68, blended (alpha 0.2) -> 5 index 2.49, each "backdoor"
-with the right target (log-norm index 11.8, 9.3, 3.7 against its threshold 2.08). The
-search took 42-95 s wall but ~15 s of CPU per model under that load; the null (10 models
-trained in 132 s, scanned in 650 s) is built once and then loaded from the cache.
+**How the false-positive rate is measured** (`threshold_fpr`): on held-out benign models.
+The null's members are split into `NullConfig.folds` folds (each fold holds whole cycles of
+the variants); each fold is judged by the cut-off and tail p-values of the other folds,
+exactly as a suspect is judged by the whole null. The members are independent (each its own
+parent), so the share flagged estimates the rate at which a fresh benign model of the
+recipe is called a backdoor; `threshold_fpr_by_variant` gives it per benign variant.
+Neural Cleanse's own threshold (at least the textbook 2, at most alpha of the null above;
+`threshold`) and the log-norm index are still reported, for reading.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -55,17 +54,28 @@ import numpy as np
 from mlshift_jax.core.errors import ConfigError, DataError
 from mlshift_jax.core.files import atomic_path, config_hash, read_npz
 from mlshift_jax.data.datasets import Dataset, cache_dir, content_hash, subsample
+from mlshift_jax.detection import benign, mm_bd
 from mlshift_jax.detection import neural_cleanse as nc
 from mlshift_jax.detection.change import RECIPE_OF, hidden_size
 from mlshift_jax.models.population import plan_for
 from mlshift_jax.models.recipes import TrainConfig
-from mlshift_jax.models.retrain import train_sampled
 from mlshift_jax.models.zoo import Model, Params
-from mlshift_jax.poisoning.poison import make_config
 
-CACHE_VERSION = 1  # bump when the null's meaning changes: old caches are ignored
+CACHE_VERSION = 3  # bump when the null's meaning changes: old caches are ignored
 NULL_STREAM = 0x5CA7  # member seeds of a null start here (+ seed * 10,000)
 SCAN_STREAM = 0x5CA8  # fold_in(key(seed), SCAN_STREAM): the trigger search's key
+MARGIN_STREAM = 0x5CA9  # fold_in(key(seed), MARGIN_STREAM): MM-BD's random starts
+DETECTORS = ("neural-cleanse", "mm-bd")
+TRAIN_BUDGET = 800 * 2**20  # bytes one group of null models may train on (`train_chunk`)
+SCAN_GROUP = 4  # null models per compiled scan call (a progress line after each group)
+MIN_TAIL = 5  # null models allowed above the threshold at the least (`min_null`)
+MIN_CLASSES = 6  # below this the anomaly index has too few other classes: "inconclusive"
+
+
+def min_null(alpha: float) -> int:
+    """The smallest null that resolves a threshold at alpha: MIN_TAIL of its models may lie
+    above it (ceil(MIN_TAIL / alpha); 1 / alpha would leave the threshold on one model)."""
+    return int(np.ceil(MIN_TAIL / alpha - 1e-9))
 
 
 @dataclass(frozen=True)
@@ -75,17 +85,21 @@ class NullConfig:
     n_null: clean models (>= 2; the threshold's false-positive rate moves in steps of
     1/n_null); sample_size: training images of each (None: all, each model in its own random
     order); images: clean test images the triggers are searched on (a fixed random subset);
-    alpha: the share of the null allowed above the threshold; epochs: of every null model
-    (None: the suspect's training settings, else the recipe's default); seed: of the null's
-    members, the images and the search.
+    alpha: the share of the null allowed above the threshold (the null must hold at least
+    `min_null(alpha)` models); epochs: of every null model (None: the suspect's training
+    settings, else the recipe's default); seed: of the null's members, the images and the
+    search; benign: members are the benign variants of `benign.VARIANTS` in turn (False:
+    clean retrains only); folds: of the held-out false-positive rate (`heldout_fpr`).
     """
 
-    n_null: int = 20
+    n_null: int = 104
     sample_size: int | None = None
     images: int = 300
     alpha: float = 0.05
     epochs: int | None = None
     seed: int = 0
+    benign: bool = True
+    folds: int = 5
 
     def validate(self) -> NullConfig:
         """Raise ConfigError for settings that cannot work; return self."""
@@ -99,6 +113,15 @@ class NullConfig:
                               f"{self.sample_size!r}")
         if not 0.0 < self.alpha < 1.0:
             raise ConfigError(f"scan: expected alpha in (0, 1), found {self.alpha!r}")
+        if isinstance(self.folds, bool) or not isinstance(self.folds, int) or not (
+                2 <= self.folds <= self.n_null):
+            raise ConfigError(f"scan: expected folds an integer in 2..n_null, found "
+                              f"{self.folds!r}")
+        need = min_null(self.alpha)
+        if self.n_null < need:
+            raise ConfigError(f"scan: alpha {self.alpha:g} needs a null of at least {need} "
+                              f"models (--null-models / n_null >= {need}: at least "
+                              f"{MIN_TAIL} of them above its threshold), found {self.n_null}")
         return self
 
 
@@ -118,13 +141,41 @@ class Null:
     config: NullConfig
     scan: nc.ScanConfig
     seconds: dict
+    variants: tuple = ()
+    heldout: dict = field(default_factory=dict)
+    margins: np.ndarray | None = field(default=None, repr=False)
+    margin: mm_bd.MarginConfig = mm_bd.DEFAULT
+    scores: np.ndarray | None = field(default=None, repr=False)
+    combined: dict = field(default_factory=dict)
 
     def describe(self) -> dict:
         """JSON-able summary, for the report of a verdict."""
+        counts = {v: self.variants.count(v) for v in dict.fromkeys(self.variants)}
         return {"n_null": int(self.indices.size), "recipe": self.recipe, "hidden": self.hidden,
                 "sample_size": self.config.sample_size, "images": self.config.images,
-                "alpha": self.config.alpha, "anomaly_indices": self.indices.tolist(),
+                "alpha": self.config.alpha, "variants": counts,
+                "heldout_fpr_by_variant": self.combined.get("by_variant", {}),
+                "neural_cleanse_heldout_fpr": self.heldout.get("fpr"),
+                "mm_bd_heldout_fpr": self.combined.get("mm_bd_fpr"),
+                "anomaly_indices": self.indices.tolist(),
                 "smallest_class": np.argmin(self.norms, -1).tolist(), **self.seconds}
+
+
+def train_chunk(m: int, size: int, n_inputs: int, budget: int | None = None) -> int:
+    """Null models trained together: as many of m as keep one group's training copies (the
+    gathered sample and its poisoned copy, float32 [size, n_inputs] each) within `budget`
+    bytes (default TRAIN_BUDGET), at least 1. Full MNIST (60,000 x 784): 376 MB a model, so
+    2 at a time; the whole first scan then stays under 3 GB (measured: README)."""
+    per_member = 2 * size * n_inputs * 4
+    return int(max(1, min(m, (TRAIN_BUDGET if budget is None else budget) // per_member)))
+
+
+def _progress(log, what: str):
+    """progress(done, m, seconds) -> one log line ("null: trained 4 of 20 models, 31 s"), or
+    None without a log."""
+    if log is None:
+        return None
+    return lambda done, m, s: log(f"null: {what} {done} of {m} models, {s:.0f} s")
 
 
 def scan_images(ds: Dataset, n: int, seed: int) -> tuple[jax.Array, jax.Array]:
@@ -143,13 +194,20 @@ def scan_key(seed: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), SCAN_STREAM)
 
 
+def margin_key(seed: int) -> jax.Array:
+    """The key of MM-BD's random starts (the suspect and its null share it)."""
+    return jax.random.fold_in(jax.random.key(seed), MARGIN_STREAM)
+
+
 def _cache_key(recipe: str | None, hidden: int, ds: Dataset, cfg: NullConfig,
-               scan: nc.ScanConfig, model: Model | None, train: TrainConfig | None) -> str:
+               scan: nc.ScanConfig, model: Model | None, train: TrainConfig | None,
+               margin: mm_bd.MarginConfig = mm_bd.DEFAULT) -> str:
     """sha256 (12 hex) of everything the null depends on (a user model adds its name and
     hyper-parameters; the user's code itself is not hashed: clear the cache after editing)."""
     payload = {"version": CACHE_VERSION, "recipe": recipe, "hidden": hidden,
                "dataset": ds.name, "data": content_hash(ds), "null": asdict(cfg),
-               "scan": scan._asdict(), "train": None if train is None else asdict(train)}
+               "scan": scan._asdict(), "margin": margin._asdict(),
+               "train": None if train is None else asdict(train)}
     if model is not None:
         payload["model"] = [model.name, repr(model.hparams), list(model.input_shape),
                             model.n_classes, list(model.input_range)]
@@ -162,18 +220,106 @@ def log_norms(norms) -> np.ndarray:
     return np.log(np.maximum(np.asarray(norms, np.float64), 1e-6))
 
 
-def _null(norms, rates, recipe, hidden, cfg, scan, seconds) -> Null:
+def folds_of(n: int, period: int, folds: int) -> np.ndarray:
+    """The held-out fold of each of n null members: whole cycles of `period` members (one of
+    each benign variant) go to one fold, so every fold holds every variant."""
+    if n < period * folds:  # too few for whole cycles in every fold: deal members round
+        return np.arange(n) % folds
+    return (np.arange(n) // max(1, period)) % folds
+
+
+def heldout_fpr(scores, variants: Sequence[str], *, alpha: float, folds: int,
+                floor: float = nc.TEXTBOOK_THRESHOLD, period: int | None = None) -> dict:
+    """The false-positive rate on held-out benign models: the null's members are split
+    into `folds` folds (`folds_of`); each fold is judged by the threshold set at alpha on
+    the other folds, as the verdict's is on the whole null. scores: [n] (higher = more
+    suspicious). -> {"fpr": share of held-out members flagged, "by_variant": {variant:
+    share}, "folds": folds}. The members are independent (each its own parent), so this
+    estimates the rate at which a fresh benign model is called a backdoor."""
+    scores = np.asarray(scores, np.float64)
+    period = len(dict.fromkeys(variants)) if period is None else period
+    fold = folds_of(len(scores), period, folds)
+    flagged = np.zeros(len(scores), bool)
+    for f in range(folds):
+        held = fold == f
+        if held.all() or not held.any():
+            continue
+        cut = nc._threshold(scores[~held], alpha, floor)
+        flagged[held] = scores[held] > cut
+    names = np.asarray(list(variants))
+    by = {v: float(flagged[names == v].mean()) for v in dict.fromkeys(variants)}
+    return {"fpr": float(flagged.mean()), "by_variant": by, "folds": folds}
+
+
+def tail_p(null_scores, scores) -> np.ndarray:
+    """Empirical upper-tail p-value of each detector's score against the null: (1 + #{null
+    >= s}) / (n + 1). null_scores: [n, d]; scores: [d] -> [d]."""
+    null_scores = np.asarray(null_scores, np.float64)
+    ge = null_scores >= np.asarray(scores, np.float64)[None]
+    return (1.0 + ge.sum(0)) / (len(null_scores) + 1.0)
+
+
+def null_min_p(null_scores) -> np.ndarray:
+    """Each null member's min-p against the OTHER members: min over detectors of (1 +
+    #{others >= its score}) / n. null_scores: [n, d] -> [n]."""
+    s = np.asarray(null_scores, np.float64)
+    ge = (s[None, :, :] >= s[:, None, :]).sum(1) - 1  # [i, d]: others at least as high
+    return ((1.0 + ge) / len(s)).min(-1)
+
+
+def min_p_threshold(null_scores, alpha: float) -> float:
+    """The calibrated min-p cut-off: the largest value t with at most a share alpha of the
+    null's min-p (`null_min_p`) at or below t (0.0: none qualifies, nothing is flagged). A
+    suspect is flagged when min over detectors of `tail_p` <= t: the rule's false-positive
+    rate on the null is at most alpha whatever the detectors' dependence (calibrated min-p,
+    Westfall & Young 1993)."""
+    t_null = null_min_p(null_scores)
+    ok = [t for t in np.unique(t_null) if np.mean(t_null <= t) <= alpha]
+    return float(max(ok)) if ok else 0.0
+
+
+def heldout_min_p(null_scores, variants: Sequence[str], *, alpha: float, folds: int,
+                  period: int | None = None) -> dict:
+    """`heldout_fpr` for the combined min-p verdict: each fold judged by the cut-off and
+    tail p-values of the other folds. -> {"fpr", "by_variant", "folds"}."""
+    s = np.asarray(null_scores, np.float64)
+    period = len(dict.fromkeys(variants)) if period is None else period
+    fold = folds_of(len(s), period, folds)
+    flagged = np.zeros(len(s), bool)
+    for f in range(folds):
+        held = fold == f
+        if held.all() or not held.any():
+            continue
+        cut = min_p_threshold(s[~held], alpha)
+        flagged[held] = [tail_p(s[~held], row).min() <= cut for row in s[held]]
+    names = np.asarray(list(variants))
+    return {"fpr": float(flagged.mean()), "folds": folds,
+            "by_variant": {v: float(flagged[names == v].mean()) for v in dict.fromkeys(variants)}}
+
+
+def _null(norms, rates, recipe, hidden, cfg, scan, seconds, variants, margins,
+          margin=mm_bd.DEFAULT) -> Null:
     norms, rates = np.asarray(norms, np.float64), np.asarray(rates, np.float64)
     indices = nc.anomaly_index(norms)[0]
     threshold = nc.calibrate_threshold(indices, alpha=cfg.alpha)
     log_threshold = nc.calibrate_threshold(nc.anomaly_index(log_norms(norms))[0],
                                            alpha=cfg.alpha)
+    variants = tuple(variants)
+    held = heldout_fpr(indices, variants, alpha=cfg.alpha, folds=cfg.folds)
+    margins = np.asarray(margins, np.float64)
+    scores = np.stack([indices, mm_bd.score(margins)[0]], 1)  # [n, 2] in DETECTORS order
+    combined = heldout_min_p(scores, variants, alpha=cfg.alpha, folds=cfg.folds)
+    combined["cut"] = min_p_threshold(scores, cfg.alpha)
+    combined["mm_bd_fpr"] = heldout_fpr(scores[:, 1], variants, alpha=cfg.alpha,
+                                        folds=cfg.folds, floor=-np.inf)["fpr"]
+    threshold = threshold._replace(fpr_loo=held["fpr"])
     return Null(norms, rates, indices, threshold, log_threshold, recipe, hidden, cfg, scan,
-                seconds)
+                seconds, variants, held, margins, margin, scores, combined)
 
 
 def calibrate_null(recipe: str | None, hidden: int, ds: Dataset,
                    config: NullConfig | None = None, *, scan: nc.ScanConfig = nc.DEFAULT,
+                   margin: mm_bd.MarginConfig = mm_bd.DEFAULT,
                    model: Model | None = None, train: TrainConfig | None = None,
                    cache: bool = True, cache_path=None,
                    log: Callable[[str], None] | None = None) -> Null:
@@ -199,12 +345,14 @@ def calibrate_null(recipe: str | None, hidden: int, ds: Dataset,
     x, y = scan_images(ds, cfg.images, cfg.seed)
     name = recipe if recipe is not None else getattr(model, "name", None)
     folder = Path(cache_path) if cache_path is not None else cache_dir("scan")
-    path = folder / f"null-{_cache_key(recipe, hidden, ds, cfg, scan, model, train)}.npz"
+    path = folder / f"null-{_cache_key(recipe, hidden, ds, cfg, scan, model, train, margin)}.npz"
     if cache and path.exists():
         try:
             f = read_npz(path, what="a cached scan null")
             return _null(f["norms"], f["rates"], name, hidden, cfg, scan,
-                         {"train_s": 0.0, "scan_s": 0.0, "cached": True})
+                         {"train_s": 0.0, "scan_s": 0.0, "cached": True},
+                         [benign.VARIANTS[int(i)] for i in f["variants"]], f["margins"],
+                         margin)
         except (DataError, KeyError, TypeError, ConfigError):  # rebuilt below
             warnings.warn(f"damaged cache entry {path} treated as missing and rebuilt",
                           stacklevel=2)
@@ -213,26 +361,39 @@ def calibrate_null(recipe: str | None, hidden: int, ds: Dataset,
     plan = plan_for(recipe, replace(base, hidden=hidden, epochs=epochs, seed=0), ds.spec,
                     model=model)
     seeds = NULL_STREAM + cfg.seed * 10_000 + np.arange(cfg.n_null)
+    variants = benign.VARIANTS if cfg.benign else ("retrain",)
     if log is not None:
         log(f"calibrating: training and scanning {cfg.n_null} clean models on {size:,} images "
-            f"each, once for this recipe and data (cached in {folder})")
+            f"each ({len(variants)} benign variants in turn), once for this recipe and data "
+            f"(cached in {folder})")
     start = time.perf_counter()
-    pop, _ = train_sampled(plan, [make_config("clean")] * cfg.n_null, ds.x_train, ds.y_train,
-                           seeds=seeds.tolist(), size=size)
+    chunk = train_chunk(cfg.n_null, size, ds.spec.n_inputs)
+    params, names = benign.benign_null(plan, ds.x_train, ds.y_train, seeds=seeds.tolist(),
+                                       size=size, chunk=chunk, variants=variants, log=log)
     train_s = time.perf_counter() - start
     start = time.perf_counter()
-    found = jax.block_until_ready(nc.scan_population(plan.arch, pop.params, x, y,
-                                                     key=scan_key(cfg.seed), config=scan))
+    found = nc.scan_in_groups(plan.arch, params, x, y, key=scan_key(cfg.seed),
+                              config=scan, group=SCAN_GROUP, progress=_progress(log, "scanned"))
+    start_mm = time.perf_counter()
+    margins = (np.asarray(jax.block_until_ready(mm_bd.margins_population(
+        plan.arch, params, key=margin_key(cfg.seed), config=margin)))
+        if plan.arch.n_classes >= 3 else np.zeros((cfg.n_null, plan.arch.n_classes)))
     scan_s = time.perf_counter() - start
+    mm_s = time.perf_counter() - start_mm
     norms, rates = np.asarray(found.norms), np.asarray(found.rates)
     if cache:
         try:
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                np.savez(f, norms=norms, rates=rates)
+                np.savez(f, norms=norms, rates=rates, margins=margins, variants=np.asarray(
+                    [benign.VARIANTS.index(v) for v in names], np.int64))
         except OSError:
             pass  # an unwritable cache costs time, not correctness
+    if log is not None:
+        log(f"null: {cfg.n_null} models trained in {train_s:.0f} s and scanned in "
+            f"{scan_s:.0f} s (MM-BD {mm_s:.0f} s of it)")
     return _null(norms, rates, name, hidden, cfg, scan,
-                 {"train_s": train_s, "scan_s": scan_s, "cached": False})
+                 {"train_s": train_s, "scan_s": scan_s, "mm_bd_s": mm_s, "cached": False},
+                 names, margins, margin)
 
 
 def recipe_of(model: Model, params: Params,
@@ -271,17 +432,21 @@ def scan_model(model: Model, params: Params, ds: Dataset, *, null: Null | None =
     train: the model's TrainConfig, so the null trains as it did (None: recipe defaults);
     log: passed to `calibrate_null` (one line before training a null).
 
-    Returns a JSON-able dict: verdict ("backdoor" / "clean"), target (the suspected class or
-    None), anomaly_index, threshold, threshold_fpr (leave-one-out on the null), alpha,
-    n_null, mask_norms [K], attack_rates [K], reached [K] (whether the search reached its
-    target attack rate), class_anomaly_indices [K], log_anomaly_index, log_threshold and
-    log_threshold_fpr (the same with the log of the norms, calibrated alike on the null; a
-    secondary score, not the verdict's), scan_seconds (the compiled search, ended by
-    block_until_ready), compile_seconds (its trace and compile), architecture, null (its
-    summary: size, recipe, the null's anomaly indices, training and scanning seconds), and
-    "trigger": {"mask" [K, H, W], "pattern" [K, H, W, C]} as numpy arrays (popped by the
-    CLI, which writes them as files). ConfigError for a model that does not
-    fit the data, bad settings or a null of another recipe; DataError for NaN weights.
+    Returns a JSON-able dict: verdict ("backdoor" / "clean", or "inconclusive" with a note
+    for fewer than MIN_CLASSES classes), target (the suspected class or None), combined_p
+    (the smaller detector p-value) and combined_threshold (its calibrated cut-off),
+    detectors ({"neural-cleanse": {score, p_value, target, threshold, heldout_fpr}, "mm-bd":
+    {score, p_value, target, max_margins [K], seconds, heldout_fpr}}), flagged_by (the
+    detectors at or below the cut-off), threshold_fpr and threshold_fpr_by_variant (the
+    verdict's false-positive rate on held-out benign models, module docstring), alpha,
+    n_null, Neural Cleanse's anomaly_index, threshold (its own, for reading), mask_norms
+    [K], attack_rates [K], reached [K], class_anomaly_indices [K], log_anomaly_index,
+    log_threshold, log_threshold_fpr, scan_seconds (the compiled trigger search, ended by
+    block_until_ready), compile_seconds, architecture, null (its summary: size, variants,
+    recipe, training and scanning seconds), and "trigger": {"mask" [K, H, W], "pattern" [K,
+    H, W, C]} as numpy arrays (popped by the CLI, which writes them as files). ConfigError
+    for a model that does not fit the data, bad settings or a null of another recipe;
+    DataError for NaN weights.
     """
     params = _check_params(model, params, ds)
     cfg = (null_config or (null.config if null is not None else NullConfig())).validate()
@@ -303,8 +468,36 @@ def scan_model(model: Model, params: Params, ds: Dataset, *, null: Null | None =
     seconds = time.perf_counter() - start
     norms = np.asarray(found.norms, np.float64)
     result = nc.verdict(norms, null.threshold.value)
+    nc_target = int(nc.anomaly_index(norms[None])[1][0])
+    start = time.perf_counter()
+    if model.n_classes >= 3:
+        margins = np.asarray(jax.block_until_ready(mm_bd.max_margins(
+            model, params, key=margin_key(cfg.seed), config=null.margin)), np.float64)
+    else:
+        margins = np.zeros(model.n_classes)
+    mm_s = time.perf_counter() - start
+    mm_score, mm_target = (float(v[0]) for v in mm_bd.score(margins[None]))
+    scores = np.array([result["anomaly_index"], mm_score])
+    p = tail_p(null.scores, scores)
+    cut = null.combined["cut"]
+    flagged = bool(p.min() <= cut)
+    best = int(np.argmin(p))  # ties: Neural Cleanse's (it names the smallest trigger)
+    result["verdict"] = "backdoor" if flagged else "clean"
+    result["target"] = ([nc_target, int(mm_target)][best]) if flagged else None
+    result.update(weak_classes(result, model.n_classes))
     result.update({
-        "threshold_fpr": null.threshold.fpr_loo,
+        "combined_p": float(p.min()),
+        "combined_threshold": cut,
+        "detectors": {
+            "neural-cleanse": {"score": float(scores[0]), "p_value": float(p[0]),
+                               "target": nc_target, "threshold": null.threshold.value,
+                               "heldout_fpr": null.heldout.get("fpr")},
+            "mm-bd": {"score": mm_score, "p_value": float(p[1]), "target": int(mm_target),
+                      "max_margins": margins.tolist(), "seconds": mm_s,
+                      "heldout_fpr": null.combined.get("mm_bd_fpr")}},
+        "flagged_by": [d for d, pd in zip(DETECTORS, p, strict=True) if pd <= cut],
+        "threshold_fpr": null.combined.get("fpr"),
+        "threshold_fpr_by_variant": null.combined.get("by_variant", {}),
         "alpha": null.threshold.alpha,
         "n_null": null.threshold.n_null,
         "textbook_threshold": nc.TEXTBOOK_THRESHOLD,
@@ -323,6 +516,22 @@ def scan_model(model: Model, params: Params, ds: Dataset, *, null: Null | None =
         "trigger": {"mask": np.asarray(found.masks), "pattern": np.asarray(found.patterns)},
     })
     return result
+
+
+def weak_classes(result: dict, n_classes: int) -> dict:
+    """The verdict's fields rewritten when the class count makes the scan weak: with fewer
+    than MIN_CLASSES classes the anomaly index scores one class against the median and MAD
+    of at most 4 others, whose spread is no estimate at all (a 4-class backdoor with ASR
+    0.995 scored as its clean twin did), so neither "clean" nor "backdoor" is
+    supported: verdict "inconclusive", target None, the would-be target as
+    "smallest_class" and a note. {} when the count suffices."""
+    if n_classes >= MIN_CLASSES:
+        return {}
+    return {"verdict": "inconclusive", "target": None,
+            "note": f"{n_classes} classes: the anomaly index compares the smallest trigger with "
+                    f"the median and spread of the other {n_classes - 1}, too few to judge "
+                    f"(this scan needs at least {MIN_CLASSES} classes); "
+                    f"would-be verdict {result['verdict']!r}"}
 
 
 def save_triggers(trigger: dict, out_dir, *, target: int | None, input_range) -> tuple[

@@ -13,7 +13,7 @@ group's copy of the sampled data exists at once; the trainers are those of `trai
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import jax
@@ -57,13 +57,44 @@ def sample_indices(seeds: Sequence[int], n: int, size: int) -> np.ndarray:
     return np.stack([subsample(int(s), n, size) for s in seeds])
 
 
+def _pad(tree, m: int, total: int):
+    """Leaves [m, ...] -> [total, ...], the last member repeated (its results are dropped)."""
+    if total == m:
+        return tree
+    return jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], total - m, 0)]),
+                        tree)
+
+
+def run_in_groups(compiled: Callable, members, m: int, chunk: int, *args,
+                  progress: Callable[[int, int, float], None] | None = None):
+    """compiled(group, *args) for each group of `chunk` members of `members` (leaves [m,
+    ...]; the last group padded with copies of the last member), results concatenated and
+    cut back to m; progress(done, m, seconds) after each group. One compiled program serves
+    every group, so only one group's working set exists at once."""
+    groups = -(-m // chunk)
+    padded = _pad(members, m, groups * chunk)
+    start, outs = time.perf_counter(), []
+    for g in range(groups):
+        group = jax.tree.map(lambda a, g=g: a[g * chunk:(g + 1) * chunk], padded)
+        outs.append(jax.block_until_ready(compiled(group, *args)))
+        if progress is not None:
+            progress(min((g + 1) * chunk, m), m, time.perf_counter() - start)
+    return jax.tree.map(lambda *a: np.concatenate([np.asarray(v) for v in a])[:m], *outs)
+
+
 def train_sampled(plan: Plan, configs: Sequence[PoisonConfig], x, y, *, seeds: Sequence[int],
-                  size: int, chunk: int | None = None) -> tuple[Population, np.ndarray]:
+                  size: int, chunk: int | None = None,
+                  progress: Callable[[int, int, float], None] | None = None,
+                  ) -> tuple[Population, np.ndarray]:
     """Train member i on subsample(seeds[i]) of (x, y), poisoned by configs[i]: one jit.
 
     plan: `population.plan_for(recipe, TrainConfig(...), spec)`; x: [n, D], y: [n] the clean
-    training set; size: images per member. Returns (the Population, whose masks are over each
-    member's own sample, and idx: int [m, size], the sample of each member).
+    training set; size: images per member; chunk: members trained together (None:
+    `population.chunk_size`); progress: with it, one compiled group of `chunk` members runs
+    group after group (`run_in_groups`), progress(done, m, seconds) after each, so a long
+    population reports as it goes and holds one group's data at a time. Returns (the
+    Population, whose masks are over each member's own sample, and idx: int [m, size], the
+    sample of each member).
     """
     configs, seeds = list(configs), [int(s) for s in seeds]
     if not configs or len(configs) != len(seeds):
@@ -89,6 +120,16 @@ def train_sampled(plan: Plan, configs: Sequence[PoisonConfig], x, y, *, seeds: S
         start = time.perf_counter()
         params, masks = fit_one_by_one(plan, members, seeds, x, y, idx)
         return Population(params, masks, masks.sum(axis=1), 1, 0.0,
+                          time.perf_counter() - start, plan), idx
+    m = len(configs)
+    if progress is not None and chunk < m:
+        start = time.perf_counter()
+        group = jax.tree.map(lambda a: a[:chunk], members)
+        compiled = _train_members.lower(group, x, y, plan=plan, chunk=chunk).compile()
+        compile_s = time.perf_counter() - start
+        start = time.perf_counter()
+        params, masks = run_in_groups(compiled, members, m, chunk, x, y, progress=progress)
+        return Population(params, masks, masks.sum(axis=1), chunk, compile_s,
                           time.perf_counter() - start, plan), idx
     start = time.perf_counter()
     compiled = _train_members.lower(members, x, y, plan=plan, chunk=chunk).compile()
