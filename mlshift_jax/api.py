@@ -102,11 +102,13 @@ def attack(name: str, model: Model, params: Params, x, y, *, eps: float, seed: i
     return fn.fn(model, params, x, y, eps=eps, **kw)
 
 
-def evaluate(model: Model, params: Params, x, y) -> dict[str, float]:
-    """accuracy, precision, recall, f1 (macro over the model's classes) and confidence."""
+def evaluate(model: Model, params: Params, x, y, *, clip: bool = False) -> dict[str, float]:
+    """accuracy, precision, recall, f1 (macro over the model's classes) and confidence.
+    Inputs outside the model's input range are a ConfigError; clip=True clips and counts
+    them."""
     from mlshift_jax.models.metrics import evaluate as _evaluate
 
-    return _evaluate(model, params, x, y, n_classes=model.n_classes)
+    return _evaluate(model, params, x, y, n_classes=model.n_classes, clip=clip)
 
 
 def poison_dataset(ds, kind: str, *, seed: int = 0, **settings):

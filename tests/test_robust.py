@@ -843,3 +843,25 @@ def test_absurd_matrices_are_one_line(capsys, tmp_path, kind):
                         tmp_path / "o")
     assert words in line, line
     assert not (tmp_path / "o").exists()
+
+
+def test_a_results_folder_of_an_earlier_version_is_adopted(tmp_path):
+    """Before manifests: tables.md, records.csv, run.json, figures/, .cache/ only, run.json a
+    run record; the figures tables.md links are listed, any other file stays unlisted."""
+    from mlshift_jax.core import outdir
+
+    d = tmp_path / "old"
+    (d / "figures").mkdir(parents=True)
+    (d / ".cache").mkdir()
+    (d / "run.json").write_text(json.dumps({"determinism": "x", "out_dir": str(d)}))
+    (d / "tables.md").write_text("- [a.png](figures/a.png)\n")
+    (d / "records.csv").write_text("id\n")
+    (d / "figures" / "a.png").write_bytes(b"a")
+    (d / "figures" / "b.png").write_bytes(b"b")  # not linked: never listed
+    assert outdir.claim(d) == d
+    manifest = outdir.read(d)
+    assert manifest["files"] == {"tables.md", "records.csv", "run.json", "figures/a.png"}
+    (d / "run.json").write_text("{}")  # no run record: not provably ours
+    (d / ".mlshift-manifest.json").unlink()
+    with pytest.raises(ConfigError, match="did not write"):
+        outdir.claim(d)

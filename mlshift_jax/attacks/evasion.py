@@ -71,24 +71,21 @@ def _concrete(value: Any) -> np.ndarray | None:
     return np.asarray(value)
 
 
-def _check_inputs(model: Model, x: Any, y: Any, *, lo: Any = None, hi: Any = None,
+def _check_inputs(model: Model, x: Any, y: Any, *,
                   clip: bool = False) -> tuple[jax.Array, jax.Array]:
     """x: [batch, n_in] float, y: [batch] int. Returns both as jax arrays.
 
-    The checks every attack shares: x finite and inside [lo, hi] (None: the model's
-    input_range; `core.checks.inputs_in_range`: one ConfigError naming the range and the
-    values found, or, with clip, clipped and counted in a warning)."""
+    The checks every attack shares: x finite and inside the model's input_range
+    (`core.checks.inputs_in_range`: one ConfigError naming the range and the values found,
+    or, with clip, clipped and counted in a warning). An attack's own lo / hi only narrow
+    where it clips its output."""
     if not isinstance(model, Model):
         raise ConfigError(f"model: expected a models.Model, found {type(model).__name__}")
     x, y = jnp.asarray(x), jnp.asarray(y)
     if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
         raise ConfigError(f"x: expected a float array [batch, n_in], found {x.dtype}{x.shape}")
     finite_inputs("x", x)
-    b_lo, b_hi = (_concrete(v) for v in _bounds(model, lo, hi))
-    usable = all(b is not None and b.ndim == 0 and b.dtype.kind in "fiu" and np.isfinite(b)
-                 for b in (b_lo, b_hi))
-    if usable and b_lo < b_hi:  # a bad range is _check_range's to name
-        x = inputs_in_range("x", x, float(b_lo), float(b_hi), clip=clip)
+    x = inputs_in_range("x", x, *model.input_range, clip=clip)
     if y.shape != x.shape[:1] or not jnp.issubdtype(y.dtype, jnp.integer):
         raise ConfigError(
             f"y: expected int labels of shape ({x.shape[0]},), found {y.dtype}{y.shape}")
@@ -157,7 +154,7 @@ def _bounds(model: Model, lo: Any, hi: Any) -> tuple[Any, Any]:
 def _prepare(model, x, y, eps, lo, hi):
     """The checks every attack shares; eps, lo, hi cast to x's dtype (one trace per dtype);
     lo / hi None take the model's input_range."""
-    x, y = _check_inputs(model, x, y, lo=lo, hi=hi)
+    x, y = _check_inputs(model, x, y)
     lo, hi = _bounds(model, lo, hi)
     _check_eps(eps)
     _check_range(lo, hi)
@@ -442,7 +439,7 @@ def sweep(attack_fn: Attack | Callable[..., jax.Array], model: Model, params: Pa
     if not callable(fn):
         raise ConfigError(f"attack_fn: expected an Attack or an attack function, found {fn!r}")
     _check_eps(eps_values, ndim=1, name="eps_values")
-    x, y = _check_inputs(model, x, y, lo=kw.get("lo"), hi=kw.get("hi"))
+    x, y = _check_inputs(model, x, y)
     _check_range(*_bounds(model, kw.get("lo"), kw.get("hi")))
     if "steps" in kw or "step_size" in kw:
         _check_steps(kw.get("steps", PGD_STEPS), kw.get("step_size"))

@@ -7,7 +7,8 @@ files the tool wrote there (paths relative to the folder) and the subfolders it 
 - `claim(folder)` before anything is written: refused in one `ConfigError` when the folder is
   the filesystem root, the home folder, a folder above either, or one of `protected` (the
   repository root); when it is a file, FIFO or device; or when it holds an entry that its
-  manifest does not list (a non-empty folder without a manifest holds only foreign files).
+  manifest does not list (a non-empty folder without a manifest holds only foreign files,
+  unless it is provably a results folder of an earlier version: `adopt_legacy`).
 - `record(folder, files, folders)` adds to the manifest, atomically, before or right after
   the files are written.
 - `remove_listed(folder, keep, under)` removes files the manifest lists (under one listed
@@ -133,6 +134,8 @@ def claim(folder: str | os.PathLike, *, flag: str = "--out",
     except DataError as e:
         raise ConfigError(f"{flag} {folder}: {e}") from None
     if manifest is None:
+        manifest = adopt_legacy(folder, names)
+    if manifest is None:
         raise ConfigError(f"{flag} {folder}: expected a new, empty or mlshift-written folder, "
                           f"found {len(names)} entries it did not write (no {MANIFEST}), "
                           f"e.g. {names[0]!r}; choose another folder")
@@ -152,6 +155,40 @@ def claim(folder: str | os.PathLike, *, flag: str = "--out",
                           f"write (not in {MANIFEST}), e.g. {foreign[0]!r}; move them or "
                           "choose another folder")
     return folder
+
+
+LEGACY_FILES = ("tables.md", "records.csv", "run.json")
+LEGACY_FOLDERS = ("figures", ".cache")
+
+
+def adopt_legacy(folder: Path, names: list[str]) -> dict | None:
+    """A results folder an earlier version wrote (before manifests) as its manifest, written
+    now; None unless it provably is one: only tables.md, records.csv, run.json, figures/ and
+    .cache/ at the top, run.json a run record (its "determinism" and "out_dir" keys), and
+    the figures listed only where tables.md links them (others stay, unlisted, untouched)."""
+    if not set(names) <= {*LEGACY_FILES, *LEGACY_FOLDERS} or "run.json" not in names:
+        return None
+    if any((folder / n).is_symlink() or (folder / n).is_dir() != (n in LEGACY_FOLDERS)
+           for n in names):
+        return None
+    try:
+        if (folder / "run.json").stat().st_size > MAX_BYTES:
+            return None
+        info = json.loads((folder / "run.json").read_text())
+        tables = (folder / "tables.md").read_text() if "tables.md" in names else ""
+    except (OSError, ValueError, RecursionError, UnicodeDecodeError):
+        return None
+    if not (isinstance(info, dict) and "determinism" in info and "out_dir" in info):
+        return None
+    files = {n for n in names if n in LEGACY_FILES}
+    figures = folder / "figures"
+    if figures.is_dir():
+        files |= {f"figures/{p.name}" for p in figures.iterdir()
+                  if p.suffix == ".png" and p.is_file() and not p.is_symlink()
+                  and f"(figures/{p.name})" in tables}
+    manifest = {"files": files, "folders": {n for n in names if n in LEGACY_FOLDERS}}
+    _write(folder, manifest)
+    return manifest
 
 
 def record(folder: str | os.PathLike, files: Iterable[str | os.PathLike] = (),

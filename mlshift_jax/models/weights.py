@@ -439,7 +439,6 @@ def check_hparams(ref: str, hparams: Any, where: str) -> dict:
     in rules' range); a user reference takes at most 64 identifier keys with bool, finite
     number, short string or short list values. DataError naming the field otherwise."""
     from mlshift_jax.core import rules
-    from mlshift_jax.core.errors import ConfigError as _CE
 
     field = "model.hparams"
     if hparams is None:
@@ -455,7 +454,7 @@ def check_hparams(ref: str, hparams: Any, where: str) -> dict:
             try:
                 rules.check("hidden", hparams["hidden"], f"{where}: metadata "
                             f"'{field}.hidden'")
-            except _CE as e:
+            except ConfigError as e:
                 raise DataError(str(e)) from None
         return dict(hparams)
     if len(hparams) > MAX_HPARAMS:
@@ -484,7 +483,6 @@ def check_metadata(meta: dict, shown: str) -> dict:
     seed: an integer seed; dataset, poison: objects; widened: names of widened dtypes.
     """
     from mlshift_jax.core import rules
-    from mlshift_jax.core.errors import ConfigError as _CE
 
     if not _depth(meta, MAX_META_DEPTH):
         raise _bad(shown, "(whole)", f"at most {MAX_META_DEPTH} levels of nesting", "deeper")
@@ -520,7 +518,7 @@ def check_metadata(meta: dict, shown: str) -> dict:
             if train.get(key) is not None:
                 try:
                     rules.check(rule, train[key], f"{shown}: metadata 'train.{key}'")
-                except _CE as e:
+                except ConfigError as e:
                     raise DataError(str(e)) from None
         opt = train.get("optimizer")
         if opt is not None:
@@ -531,7 +529,7 @@ def check_metadata(meta: dict, shown: str) -> dict:
     if meta.get("seed") is not None:
         try:
             rules.check("seed", meta["seed"], f"{shown}: metadata 'seed'")
-        except _CE as e:
+        except ConfigError as e:
             raise DataError(str(e)) from None
     for field in ("dataset", "poison"):
         if meta.get(field) is not None and not isinstance(meta[field], dict):
