@@ -279,3 +279,15 @@ def test_tiny_keeps_every_cell_of_the_full_matrix_at_a_smoke_tests_size():
             assert spec.n_train <= matrix.TINY_TRAIN
     assert small.timing.rounds == 1 and small.detect.quick
     assert small.defenses.n_test <= 50 and small.speed.population == 2
+
+
+def test_with_dataset_moves_every_block_the_defenses_included():
+    """`bench --dataset X`: no block stays on the matrix's own dataset (the defense cells
+    once ran on the MNIST sample and landed, unlabelled, in X's report)."""
+    from pathlib import Path
+
+    full = matrix.load(Path(__file__).resolve().parents[1] / "bench" / "matrix.toml")
+    moved = matrix.with_dataset(full, "tiny.npz")
+    kinds = {c.kind for c in matrix.cells(moved)}
+    assert {"attack", "stability", "speed", "poison", "detect", "defense"} <= kinds
+    assert {c.config.dataset for c in matrix.cells(moved)} == {"tiny.npz"}

@@ -376,9 +376,14 @@ def test_measure_keeps_output_and_bounds_rounds():
         return a * 2
 
     timing, out = runner.measure(fn, 3, rounds=4, max_seconds=1e-12)
-    assert out == 6 and timing.rounds == 1 and len(calls) == 3  # first, warm, one round
+    # first and warm; the warm call is the one round (a third call would time the same thing)
+    assert out == 6 and timing.rounds == 1 and len(calls) == 2
+    assert timing.compile_s is not None and timing.median_s >= 0
     timing, _ = runner.measure(fn, 3, rounds=4, max_seconds=60, compiled=False)
     assert timing.rounds == 4 and timing.compile_s is None
+    calls.clear()
+    timing, _ = runner.measure(fn, 3, rounds=4, max_seconds=1e-12, compiled=False)
+    assert len(calls) == 1 and timing.rounds == 1 and timing.compile_s is None
 
 
 def test_images_round_trip():

@@ -123,12 +123,16 @@ def measure(fn: Callable[..., Any], *args: Any, rounds: int, max_seconds: float,
     """Time fn(*args) as timing.py says; return (Timing, output of the first call).
 
     The first call is `compile_s` (None when `compiled=False`, for numpy); then up to `rounds`
-    timed calls, fewer where one warm call shows they would take more than `max_seconds`.
+    timed calls, fewer where one warm call shows they would take more than `max_seconds`; a
+    warm call over `max_seconds` is itself the one round (two calls in all, not three; one
+    for numpy).
     """
     first, out = _once(fn, *args)
     warm = _once(fn, *args)[0] if compiled else first
     n = max(1, min(rounds, int(max_seconds / max(warm.median_s, 1e-9))))
-    timing = time_call(fn, *args, rounds=n, warmup=0)
+    # a call slower than max_seconds gets one round: the warm call already is that round
+    # (compiled, ended by block_until_ready; numpy's first call), so it is not run again
+    timing = warm if n == 1 else time_call(fn, *args, rounds=n, warmup=0)
     return timing._replace(compile_s=first.median_s if compiled else None), out
 
 
