@@ -36,14 +36,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlshift_jax.attacks import losses
-from mlshift_jax.attacks.evasion import (
-    _check_key,
-    _concrete,
-    _prepare,
-    check_model_key,
-)
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.models.zoo import Model, Params
+
+
+def _evasion():
+    """evasion.py, imported when first needed: it imports this module's registry entries
+    (through autoattack.py) at its end, so importing it here at the top would be circular."""
+    from mlshift_jax.attacks import evasion
+
+    return evasion
+
 
 ITERATIONS = 100  # Croce & Hein's n_iter
 TARGETS = 9  # APGD-T's target classes (AutoAttack standard)
@@ -180,8 +183,8 @@ def ranked_targets(model: Model, params: Params, x, key, n: int) -> jax.Array:
 
 def check_common(name: str, model: Model, key: Any, iterations: Any, eot: Any) -> None:
     """The checks every APGD variant shares (key, iterations >= 1, eot >= 1)."""
-    _check_key(key, name)
-    check_model_key(model, key, name)
+    _evasion()._check_key(key, name)
+    _evasion().check_model_key(model, key, name)
     _check_int(iterations, "iterations")
     _check_int(eot, "eot")
 
@@ -198,7 +201,7 @@ def _apgd(name, loss, model, params, x, y, *, eps, key, lo, hi, iterations, eot,
     if model.n_classes < 3 and loss == "dlr":
         raise ConfigError(f"{name}: expected a model with at least 3 classes (DLR), found "
                           f"{model.n_classes}")
-    x, y, eps, lo, hi = _prepare(model, x, y, eps, lo, hi)
+    x, y, eps, lo, hi = _evasion()._prepare(model, x, y, eps, lo, hi)
     best, fooled = run(model, params, x, y, y, loss=loss, eps=eps, key=key, lo=lo, hi=hi,
                        iterations=iterations, eot=eot)
     for r in range(1, restarts):
@@ -243,7 +246,7 @@ def apgd_t(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=Non
         raise ConfigError(f"apgd-t: expected a model with at least 4 classes (targeted DLR), "
                           f"found {model.n_classes}")
     targets = _check_int(targets, "targets", 1, model.n_classes - 1)
-    x, y, eps, lo, hi = _prepare(model, x, y, eps, lo, hi)
+    x, y, eps, lo, hi = _evasion()._prepare(model, x, y, eps, lo, hi)
     best, _ = targeted(model, params, x, y, eps=eps, key=key, lo=lo, hi=hi,
                        iterations=iterations, targets=targets, eot=eot)
     return best
@@ -257,7 +260,7 @@ def targeted(model, params, x, y, *, eps, key, lo, hi, iterations, targets, eot,
     best = x
     fooled = jnp.zeros(x.shape[0], bool)
     active = jnp.ones(x.shape[0], bool) if active is None else active
-    concrete = _concrete(eps) is not None and _concrete(x) is not None
+    concrete = _evasion()._concrete(eps) is not None and _evasion()._concrete(x) is not None
     for r in range(targets):
         k = jax.random.fold_in(key, r)
         if concrete:
@@ -278,14 +281,16 @@ def targeted(model, params, x, y, *, eps, key, lo, hi, iterations, targets, eot,
     return best, fooled
 
 
-BUCKET = 16  # subsets are padded to BUCKET * 2^k images, so few shapes are compiled
+BUCKET = 16  # subsets are padded to 16 * 2^k or 24 * 2^k images: few shapes to compile, at
+# most a third of the padded batch wasted
 
 
 def bucket_size(m: int, n: int) -> int:
-    """The padded size of a subset of m images out of n: BUCKET * 2^k >= m, at most n."""
+    """The padded size of a subset of m images out of n: the smallest of 16, 24, 32, 48, 64,
+    96, ... (16 * 2^k and 24 * 2^k) that is >= m, at most n."""
     size = BUCKET
     while size < m:
-        size *= 2
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
     return min(size, n)
 
 

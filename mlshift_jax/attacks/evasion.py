@@ -417,7 +417,7 @@ def get_attack(name: str) -> Attack:
 # --- many eps values at once -------------------------------------------------------------------
 
 _STATIC_KW = frozenset({"steps", "random_start", "restarts", "samples", "queries", "loss",
-                        "iterations", "version", "targets"})
+                        "iterations", "version", "targets", "eot"})
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "model", "static_kw"))
