@@ -37,6 +37,13 @@ parent), so the share flagged estimates the rate at which a fresh benign model o
 recipe is called a backdoor; `threshold_fpr_by_variant` gives it per benign variant.
 Neural Cleanse's own threshold (at least the textbook 2, at most alpha of the null above;
 `threshold`) and the log-norm index are still reported, for reading.
+
+Measured once with the CLI (full MNIST, a study seed-mlp of hidden 200, defaults: 104-model
+null, alpha 0.05, on this project's 2-core CPU under a load of ~10): the null trained in
+308 s and scanned in 1,781 s, peak RSS 1.85 GB (was 7.6 GB with the one-jit null); held-out
+FPR of the verdict 0.038 (Neural Cleanse alone 0.058, MM-BD alone 0.048). On 40 models
+trained apart from the null: 0 of 28 clean and benign flagged; 1% backdoors found with
+their target: patch, checkerboard and sparse 3 of 3 each, blended 0 of 3.
 """
 
 from __future__ import annotations
