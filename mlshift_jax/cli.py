@@ -523,7 +523,7 @@ def cmd_poison(args) -> None:
             data = poisoned_data_path(args.save)
             _save_poisoned_data(data, xp, yp, ds)
             _save(args, params, model_for(args.model, ds.spec, _train_config(args)), ds,
-                  poison_config=config, poisoned_data={"path": str(data.absolute()),
+                  poison_config=config, poisoned_data={"file": data.name,
                                                        "kind": args.kind})
             result["saved"] = args.save
             result["saved_training_set"] = str(data)
@@ -685,26 +685,24 @@ def _count(flag: str, unit: str):
 
 def _scan_data_dataset(args, meta: dict) -> bool:
     """Which data scan-data scans, never a silent guess: --dataset when given; else the
-    poisoned training set `poison --save` wrote (its metadata's poisoned_data); else, for a
-    model whose metadata says it was trained on poisoned data, a ConfigError naming the data
-    it needs (the clean set would scan the wrong images); else the dataset its metadata names.
-    -> True when the poisoned set was chosen (its images load on the model's input range)."""
+    poisoned training set `poison --save` wrote beside the weights (`poisoned_data_path`:
+    the only place looked at; a path written in the file's metadata is never followed);
+    else, for a model whose metadata says it was trained on poisoned data, a ConfigError
+    naming the data it needs (the clean set would scan the wrong images); else the dataset
+    its metadata names. -> True when the poisoned set was chosen (its images load on the
+    model's input range)."""
     if args.dataset is not None:
         return False
-    found = meta.get("poisoned_data") or {}
-    path = found.get("path") if isinstance(found, dict) else None
-    if path and Path(path).is_file():
-        args.dataset = path
-        _log(f"dataset: the poisoned training set poison --save wrote, {path}")
+    beside = poisoned_data_path(args.params)
+    if meta.get("poisoned_data") and beside.is_file():
+        args.dataset = str(beside)
+        _log(f"dataset: the poisoned training set poison --save wrote, {beside}")
         return True
-    poisoned = meta.get("poison")
-    if poisoned:  # a non-clean poisoning (a clean one is stored as {})
-        where = (f"its file {path} is missing" if path else
-                 "its metadata does not say where that set is")
-        raise ConfigError(f"scan-data: the model was trained on poisoned data ({where}); "
-                          "scanning the clean training set would flag the wrong images: pass "
-                          "--dataset FILE.npz, the training set it was trained on (poison "
-                          "--save writes it beside the weights as NAME.train.npz)")
+    if meta.get("poison"):  # a non-clean poisoning (a clean one is stored as {})
+        raise ConfigError(f"scan-data: the model was trained on poisoned data and {beside} "
+                          "(where poison --save writes that set) is missing; scanning the "
+                          "clean training set would flag the wrong images: pass --dataset "
+                          "FILE.npz, the training set it was trained on")
     return False
 
 
