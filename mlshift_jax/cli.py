@@ -808,7 +808,8 @@ def cmd_bench(args) -> None:
         found = "a folder" if matrix.is_dir() else "nothing"
         raise ConfigError(f"{matrix}: expected a matrix TOML file, found {found}; pass "
                           "--matrix PATH")
-    mx = load_matrix(matrix)  # every key checked before anything runs or prints
+    allow = tuple(args.model or ())  # the user code the user names, never the matrix
+    mx = load_matrix(matrix, allow_code=allow)  # every key checked before anything runs
     if args.dataset is not None:
         with_dataset(mx, args.dataset)
     out, sample_out, why = _bench_out(args, matrix)
@@ -825,7 +826,7 @@ def cmd_bench(args) -> None:
     records = runner.run(matrix, out_dir=out, only=args.only, force=args.force,
                          data_dir=args.data_dir, dataset=args.dataset,
                          sample_out_dir=sample_out, reuse_stale=args.reuse_stale,
-                         tiny=args.tiny)
+                         tiny=args.tiny, allow_code=allow)
     out = Path(records.attrs["run"]["out_dir"])
     seconds = time.perf_counter() - start
     if args.only:  # a partial run: show its cells, leave the full tables as they are
@@ -1080,8 +1081,12 @@ def build_parser() -> argparse.ArgumentParser:
                  "and flag per method here (atomically)"})
     command("bench", cmd_bench, "run the experiment matrix and write results/<platform>/",
             "quick", "matrix", "only", "out", "force", "reuse_stale", "tiny", "distributed",
-            "data_dir", "dataset", dataset={"default": None, "metavar": "NAME|PATH",
-                     "help": "run the matrix on this dataset instead of its own"})
+            "data_dir", "dataset", "model",
+            dataset={"default": None, "metavar": "NAME|PATH",
+                     "help": "run the matrix on this dataset instead of its own"},
+            model={"default": None, "action": "append", "metavar": "PKG.MOD:ATTR",
+                   "help": "a user model the matrix names (repeat for each): a matrix's "
+                   "pkg.module:attr is never imported unless it is passed here too"})
     return parser
 
 

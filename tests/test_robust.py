@@ -561,6 +561,35 @@ def test_a_file_naming_code_never_imports_it(capsys, tmp_path, monkeypatch, kind
     assert "Beautiful is better than ugly" not in capsys.readouterr().out
 
 
+MATRIX_CODE = {  # where a matrix names code -> its TOML (ref: the reference)
+    "models": '[matrix]\ndatasets = ["mnist"]\nmodels = ["{ref}"]\nattacks = ["none"]\n'
+              'eps = [0.1]\n',
+    "a [train] table": '[matrix]\ndatasets = ["mnist"]\nmodels = ["seed-mlp"]\n'
+                       'attacks = ["none"]\neps = [0.1]\n\n[train."{ref}"]\nlr = 0.1\n',
+}
+
+
+@pytest.mark.parametrize("where", MATRIX_CODE)
+@pytest.mark.parametrize("kind", ["a module in the working folder", "a submodule of a package",
+                                  "os:system"])
+def test_a_matrix_naming_code_never_imports_it(capsys, tmp_path, monkeypatch, where, kind):
+    """A matrix is data too: the code it names is imported only when the user names it
+    (`bench --model REF`); refused in one line before anything is imported otherwise."""
+    from mlshift_jax.bench import matrix
+
+    marker, mod = _marker_package(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    ref = CODE_REFS[kind][0].format(mod=mod)
+    path = tmp_path / "m.toml"
+    path.write_text(MATRIX_CODE[where].format(ref=ref))
+    before = sorted(os.listdir(tmp_path))
+    line = one_line_rc2(capsys, "bench", "--matrix", path, "--out", tmp_path / "out")
+    assert "never imported" in line and ref in line and f"--model {ref}" in line, line
+    with pytest.raises(ConfigError, match="never imported"):
+        matrix.load(path, allow_code=("other_pkg:net",))
+    assert not marker.exists() and sorted(os.listdir(tmp_path)) == before
+
+
 def test_a_module_in_the_working_folder_is_not_on_the_path(capsys, tmp_path, monkeypatch):
     """Even named by the user, a module in the working folder is not imported: the working
     folder is never added to sys.path (PYTHONPATH or an install puts it there)."""

@@ -49,6 +49,7 @@ import inspect
 import math
 import stat
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -512,8 +513,27 @@ def _parse_block(chk: _Checker, raw: dict, where: str, cls, schema: dict) -> Any
     return cls(**{k: schema[k](v, f"{where}.{k}") for k, v in raw.items()})
 
 
-def parse(text: str, path: str = "<matrix>") -> Matrix:
-    """Parse matrix TOML `text`; `path` names the file in errors."""
+def _code_refs(raw: Any) -> list[str]:
+    """Every key and string value of the parsed TOML spelled as "pkg.module:attr"."""
+    found, stack = [], [raw]
+    while stack:  # iterative: nesting depth is bounded by the parser, not by recursion here
+        item = stack.pop()
+        if isinstance(item, dict):
+            found += [k for k in item if is_model_ref(k)]
+            stack += list(item.values())
+        elif isinstance(item, list):
+            stack += item
+        elif is_model_ref(item):
+            found.append(item)
+    return found
+
+
+def parse(text: str, path: str = "<matrix>", *, allow_code: Iterable[str] = ()) -> Matrix:
+    """Parse matrix TOML `text`; `path` names the file in errors.
+
+    allow_code: the user model references ("pkg.module:attr") the caller names itself
+    (`bench --model REF`). A matrix is data: a reference it names that is not in
+    `allow_code` is refused (ConfigError) before anything is imported."""
     chk = _Checker(path)
     try:
         raw = tomllib.loads(text)
@@ -522,6 +542,11 @@ def parse(text: str, path: str = "<matrix>") -> Matrix:
     except RecursionError:  # arrays or tables nested tens of thousands deep
         raise ConfigError(f"{path}: expected a matrix TOML file, found values nested too "
                           "deeply to read") from None
+    unnamed = sorted(set(_code_refs(raw)) - set(allow_code))
+    if unnamed:
+        raise ConfigError(f"{path}: names the user model {unnamed[0]!r}, code that is never "
+                          "imported because a file names it; to run it, name it yourself: "
+                          f"bench --model {unnamed[0]}")
     chk.table(raw, "top level", {"matrix", "datasets", "timing", "train", "attack_options",
                                  "e1", "e2", "e3", "speed", "poison", "detect", "defenses"},
               {"matrix"})
@@ -728,8 +753,9 @@ def tiny(matrix: Matrix) -> Matrix:
                    timing=replace(matrix.timing, rounds=1, max_seconds=0.5), **blocks)
 
 
-def load(path: str | Path) -> Matrix:
-    """Read and check the matrix file at `path`; ConfigError naming the file and key if bad."""
+def load(path: str | Path, *, allow_code: Iterable[str] = ()) -> Matrix:
+    """Read and check the matrix file at `path`; ConfigError naming the file and key if bad.
+    allow_code: the user model references the caller names (see `parse`)."""
     path = Path(path)
     shown = str(path) if str(path) not in ("", ".") else repr(str(path))
     try:
@@ -753,7 +779,7 @@ def load(path: str | Path) -> Matrix:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{shown}: expected a UTF-8 TOML file, found byte "
                           f"0x{raw[e.start]:02x} at offset {e.start} that is not UTF-8") from None
-    return parse(text, str(path))
+    return parse(text, str(path), allow_code=allow_code)
 
 
 # --- expansion ---------------------------------------------------------------------------------

@@ -1286,7 +1286,7 @@ def _without_paths(text: str) -> str:
 def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None,
         force: bool = False, data_dir: str | None = None, dataset: str | None = None,
         sample_out_dir: str | Path | None = None, reuse_stale: bool = False,
-        tiny: bool = False) -> pd.DataFrame:
+        tiny: bool = False, allow_code: tuple[str, ...] = ()) -> pd.DataFrame:
     """Run the cells of the matrix at `matrix_path` whose id matches `only` (fnmatch pattern
     or substring; None: all); reuse cached cells unless `force`. Returns their records.
 
@@ -1298,6 +1298,8 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
     cached cells computed by other code (another `code_digest`) instead of recomputing them;
     their records get status "stale" and keep the digest and commit of the code that made
     them (the report marks them). tiny: every cell at a smoke test's size (`matrix.tiny`).
+    allow_code: the user model references ("pkg.module:attr") the caller names; the matrix
+    may name no other (`matrix.parse`).
 
     Each record is one row: id, kind, block, dataset, model, attack, eps, seed, n_train,
     n_test, accuracy, precision, recall, f1, confidence, clean_accuracy, compile_s, median_s,
@@ -1308,7 +1310,7 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
     implementations).
     """
     start, started = time.perf_counter(), datetime.now(timezone.utc)
-    mx = load(matrix_path)
+    mx = load(matrix_path, allow_code=allow_code)
     if dataset is not None:
         mx = with_dataset(mx, dataset)
     if tiny:
