@@ -198,6 +198,7 @@ def test_a_population_of_user_models_is_one_vmap_of_the_user_trainer(user_module
 
 def test_two_cell_bench_matrix_with_a_flax_model(user_module, tmp_path):
     from mlshift_jax.bench import matrix, report, runner
+    from mlshift_jax.core.errors import ConfigError
 
     write_npz(tmp_path / "tiny-rgb.npz", SHAPES["rgb"])
     ref = f"{user_module}:net"
@@ -205,13 +206,17 @@ def test_two_cell_bench_matrix_with_a_flax_model(user_module, tmp_path):
         f'[matrix]\ndatasets = ["rgb"]\nmodels = ["{ref}"]\nattacks = ["none", "fgsm"]\n'
         f'eps = [0.1]\n\n[datasets.rgb]\npath = "tiny-rgb.npz"\n\n[train."{ref}"]\n'
         'epochs = 2\n\n[timing]\nrounds = 1\nmax_seconds = 1.0\n')
-    assert len(matrix.cells(matrix.load(tmp_path / "m.toml"))) == 2
-    records = runner.run(tmp_path / "m.toml", out_dir=tmp_path / "out")
+    with pytest.raises(ConfigError, match="never imported"):  # the matrix alone: refused
+        matrix.load(tmp_path / "m.toml")
+    allow = (ref,)  # named by the user (bench --model REF)
+    assert len(matrix.cells(matrix.load(tmp_path / "m.toml", allow_code=allow))) == 2
+    records = runner.run(tmp_path / "m.toml", out_dir=tmp_path / "out", allow_code=allow)
     assert len(records) == 2 and set(records["model"]) == {ref}
     assert set(records["dataset"]) == {"rgb"} and (records["accuracy"] >= 0).all()
     paths = report.write(records, tmp_path / "out")
     assert paths and ref in (tmp_path / "out" / "tables.md").read_text()
-    again = runner.run(tmp_path / "m.toml", out_dir=tmp_path / "out")  # params from cache
+    again = runner.run(tmp_path / "m.toml", out_dir=tmp_path / "out",  # params from cache
+                       allow_code=allow)
     assert set(again["status"]) == {"reused"}
 
 
@@ -221,9 +226,11 @@ def test_matrix_models_take_refs_and_name_bad_ones(user_module):
 
     base = '[matrix]\ndatasets = ["mnist"]\nattacks = ["none"]\neps = [0.1]\nmodels = '
     ref = f"{user_module}:net"
-    assert matrix.parse(base + f'["{ref}", "cnn"]').models == (ref, "cnn")
+    allow = (ref, "no_such_pkg_xyz:net")  # the references the user names (bench --model)
+    assert matrix.parse(base + f'["{ref}", "cnn"]', allow_code=allow).models == (ref, "cnn")
     for bad, match in (('["pkg.mod:"]', "unknown model"), ('["no-such"]', "unknown model"),
                        ('["a b:c"]', "unknown model"),
-                       ('["no_such_pkg_xyz:net"]', "no module named")):
+                       ('["no_such_pkg_xyz:net"]', "no module named"),
+                       (f'["{ref}"]', "never imported")):
         with pytest.raises(ConfigError, match=match):
-            matrix.parse(base + bad)
+            matrix.parse(base + bad, allow_code=allow if "never" not in match else ())
