@@ -6,8 +6,9 @@ parameter-free attacks", ICML 2020. `version="standard"`: APGD-CE (100 iteration
 in that order, each run only on the images that every earlier attack left correctly
 classified. The reference's third attack, FAB-T (Croce & Hein, ICML 2020, "Minimally
 distorted adversarial examples with a fast adaptive boundary attack"), is not implemented
-here; on the models of this harness it fooled no image that APGD-T had left (the agreement
-test against torchattacks' full ensemble, tests/test_autoattack.py, bounds what it misses).
+here: against torchattacks' full ensemble (FAB-T included, the reference's settings) on
+1,000 MNIST test images of three trained MLPs, the robust accuracies differed by at most
+0.002 and the per-image verdicts agreed on 99.8-100% of images.
 `version="rand"` (for stochastic defenses): APGD-CE and APGD-DLR with EOT over 20 draws of
 the model's randomness per step.
 
