@@ -108,7 +108,7 @@ def test_targeted_apgd_moves_toward_its_target(small_ce):
     x, y = jnp.asarray(x[:100]), jnp.asarray(y[:100])
     t = (y + 1) % 10
     lo, hi = (jnp.float32(v) for v in model.input_range)
-    x_adv, _ = apgd.run(model, params, x, y, t, loss="dlr-t", eps=jnp.float32(0.1), key=KEY,
+    x_adv, _ = apgd.run(model, params, x, y, t, loss="dlr-t", eps=jnp.float32(0.2), key=KEY,
                         lo=lo, hi=hi, iterations=20)
 
     def gap(v):  # z_t - z_y per image

@@ -149,9 +149,9 @@ def autoattack(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi
 
 def _register(attacks: dict[str, Attack]) -> None:
     for a in (Attack("apgd-ce", apgd.apgd_ce, True, False),
-              Attack("apgd-dlr", apgd.apgd_dlr, True, False),
-              Attack("apgd-t", apgd.apgd_t, True, False),
-              Attack("autoattack", autoattack, True, False)):
+              Attack("apgd-dlr", apgd.apgd_dlr, True, False, min_classes=3),
+              Attack("apgd-t", apgd.apgd_t, True, False, min_classes=4),
+              Attack("autoattack", autoattack, True, False, min_classes=4)):
         attacks[a.name] = a
 
 

@@ -383,12 +383,15 @@ class Attack(NamedTuple):
     fn(model, params, x, y, *, eps, key=None, lo, hi, ...) -> x_adv: [batch, n_in]
     needs_key: fn raises ConfigError without `key`.
     targeted: fn takes `target=` (an int class or [batch] ints) and aims at it.
+    min_classes: the fewest classes a model may have (fn raises ConfigError below it: the
+    DLR loss reads the 3rd largest logit, its targeted form the 4th).
     """
 
     name: str
     fn: Callable[..., jax.Array]
     needs_key: bool
     targeted: bool
+    min_classes: int = 2
 
 
 ATTACKS: dict[str, Attack] = {

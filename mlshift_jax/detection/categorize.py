@@ -67,6 +67,9 @@ CATEGORY_OF = {
     "fgsm-targeted": "adversarial-input", "pgd-targeted": "adversarial-input",
     "eot-pgd": "adversarial-input", "bpda-pgd": "adversarial-input",
     "square": "adversarial-input", "transfer": "adversarial-input",
+    "apgd-ce": "adversarial-input", "apgd-dlr": "adversarial-input",
+    "apgd-t": "adversarial-input",
+    "autoattack": "adversarial-input",
     "wrong-label": "wrong-label", "trigger": "trigger-only", "mixture": "backdoor",
     "blended": "backdoor", "sparse": "backdoor", "sig": "backdoor", "warp": "backdoor",
 }
