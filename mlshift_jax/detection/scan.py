@@ -235,6 +235,24 @@ def folds_of(n: int, period: int, folds: int) -> np.ndarray:
     return (np.arange(n) // max(1, period)) % folds
 
 
+def _heldout(n: int, variants: Sequence[str], folds: int, period: int | None,
+             judge) -> dict:
+    """Each fold of the null's n members judged by `judge(others, held) -> [held] bool` (index
+    masks), a rule calibrated on the other folds only. -> {"fpr": share flagged, "by_variant":
+    {variant: share}, "folds": folds}."""
+    period = len(dict.fromkeys(variants)) if period is None else period
+    fold = folds_of(n, period, folds)
+    flagged = np.zeros(n, bool)
+    for f in range(folds):
+        held = fold == f
+        if held.all() or not held.any():
+            continue
+        flagged[held] = judge(~held, held)
+    names = np.asarray(list(variants))
+    return {"fpr": float(flagged.mean()), "folds": folds,
+            "by_variant": {v: float(flagged[names == v].mean()) for v in dict.fromkeys(variants)}}
+
+
 def heldout_fpr(scores, variants: Sequence[str], *, alpha: float, folds: int,
                 floor: float = nc.TEXTBOOK_THRESHOLD, period: int | None = None) -> dict:
     """The false-positive rate on held-out benign models: the null's members are split
@@ -244,18 +262,8 @@ def heldout_fpr(scores, variants: Sequence[str], *, alpha: float, folds: int,
     share}, "folds": folds}. The members are independent (each its own parent), so this
     estimates the rate at which a fresh benign model is called a backdoor."""
     scores = np.asarray(scores, np.float64)
-    period = len(dict.fromkeys(variants)) if period is None else period
-    fold = folds_of(len(scores), period, folds)
-    flagged = np.zeros(len(scores), bool)
-    for f in range(folds):
-        held = fold == f
-        if held.all() or not held.any():
-            continue
-        cut = nc._threshold(scores[~held], alpha, floor)
-        flagged[held] = scores[held] > cut
-    names = np.asarray(list(variants))
-    by = {v: float(flagged[names == v].mean()) for v in dict.fromkeys(variants)}
-    return {"fpr": float(flagged.mean()), "by_variant": by, "folds": folds}
+    return _heldout(len(scores), variants, folds, period, lambda others, held:
+                    scores[held] > nc._threshold(scores[others], alpha, floor))
 
 
 def tail_p(null_scores, scores) -> np.ndarray:
@@ -290,18 +298,12 @@ def heldout_min_p(null_scores, variants: Sequence[str], *, alpha: float, folds: 
     """`heldout_fpr` for the combined min-p verdict: each fold judged by the cut-off and
     tail p-values of the other folds. -> {"fpr", "by_variant", "folds"}."""
     s = np.asarray(null_scores, np.float64)
-    period = len(dict.fromkeys(variants)) if period is None else period
-    fold = folds_of(len(s), period, folds)
-    flagged = np.zeros(len(s), bool)
-    for f in range(folds):
-        held = fold == f
-        if held.all() or not held.any():
-            continue
-        cut = min_p_threshold(s[~held], alpha)
-        flagged[held] = [tail_p(s[~held], row).min() <= cut for row in s[held]]
-    names = np.asarray(list(variants))
-    return {"fpr": float(flagged.mean()), "folds": folds,
-            "by_variant": {v: float(flagged[names == v].mean()) for v in dict.fromkeys(variants)}}
+
+    def judge(others, held):
+        cut = min_p_threshold(s[others], alpha)
+        return np.array([tail_p(s[others], row).min() <= cut for row in s[held]], bool)
+
+    return _heldout(len(s), variants, folds, period, judge)
 
 
 def _null(norms, rates, recipe, hidden, cfg, scan, seconds, variants, margins,
