@@ -28,6 +28,7 @@ import numpy as np
 from mlshift_jax.attacks import evasion
 from mlshift_jax.bench.report import platform_name
 from mlshift_jax.bench.runner import fgsm_flops
+from mlshift_jax.core import outdir
 from mlshift_jax.core.files import write_text
 from mlshift_jax.core.sharding import describe_devices
 from mlshift_jax.core.timing import time_call
@@ -112,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         "population_wall_s": wall, "chunk_memory_bytes": memory,
         "population_chunk": chunk, "population_chunk_60000": chunk_full,
     }
-    out.mkdir(parents=True, exist_ok=True)
+    # a results folder of its own, like bench --out: floor's two files are listed in its
+    # manifest before they are written, so the bench run that follows may write there too
+    out = outdir.claim(out, protected=[Path(__file__).resolve().parents[1]])
+    outdir.record(out, files=[out / "floor.json", out / "floor.md"])
     write_text(out / "floor.json", json.dumps(result, indent=2) + "\n")
     write_text(out / "floor.md", "\n".join([
         f"# Floor check on {result['platform']} ({result['devices']})", "",

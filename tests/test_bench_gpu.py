@@ -98,3 +98,23 @@ def test_dry_run_fails_when_a_step_leaves_a_file_out(tmp_path):
     done = _run("--dry-run", str(fake), JAX_PLATFORMS="cpu",
                 MLSHIFT_DRY_RUN_OUT=str(tmp_path / "dry"))
     assert done.returncode == 1 and "lacks floor.json" in done.stderr
+
+
+def test_floor_lists_its_files_so_the_bench_may_write_beside_them(tmp_path):
+    """bench-gpu writes floor.py's files, then the bench's, into one results folder: floor
+    must list its two files in the folder's manifest, or the bench refuses the folder as
+    holding files mlshift did not write (the CI dry run failed so)."""
+    from mlshift_jax.core import outdir
+
+    out = tmp_path / "results" / "gpu-test"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "floor.py"), "--images", "200",
+                           "--population", "2", "--population-size", "100", "--gemm", "64",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert {p.name for p in out.iterdir()} == {"floor.json", "floor.md",
+                                               ".mlshift-manifest.json"}
+    assert outdir.claim(out) == out  # the bench accepts the folder
+    (out / "notes.txt").write_text("mine")  # a file floor did not write: refused as before
+    with pytest.raises(Exception, match="did not write"):
+        outdir.claim(out)
