@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlshift_jax.attacks import evasion
+from mlshift_jax.bench.experiments.speed import fgsm_flops
 from mlshift_jax.bench.report import platform_name
-from mlshift_jax.bench.runner import fgsm_flops
 from mlshift_jax.core import outdir
 from mlshift_jax.core.files import write_text
 from mlshift_jax.core.sharding import describe_devices

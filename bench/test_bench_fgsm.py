@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from mlshift_jax.attacks import evasion
-from mlshift_jax.bench.runner import fgsm_flops
+from mlshift_jax.bench.experiments.speed import fgsm_flops
 from mlshift_jax.data import datasets
 from mlshift_jax.models import baseline
 from mlshift_jax.models.zoo import SEED_MLP

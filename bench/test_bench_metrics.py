@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from mlshift_jax.bench.runner import numpy_evaluate
+from mlshift_jax.bench.experiments.speed import numpy_evaluate
 from mlshift_jax.data import datasets
 from mlshift_jax.models.metrics import SCORE_NAMES, evaluate_arrays
 from mlshift_jax.models.zoo import SEED_MLP

@@ -191,7 +191,7 @@ def test_detector_by_attack_table(mnist):
 
 
 def test_report_renders_the_detector_by_attack_table():
-    from mlshift_jax.bench import report
+    from mlshift_jax.bench.experiments import detect as report
 
     t = pd.DataFrame({"detector": ["strip", "strip", "margin", "margin"],
                       "metric": ["auc", "tpr@0.05fpr"] * 2,

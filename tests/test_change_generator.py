@@ -271,7 +271,7 @@ def test_unseen_trigger_families_are_detected_and_abstained_on_or_named_right(fu
 def test_lofo_table_and_its_report_section():
     import pandas as pd
 
-    from mlshift_jax.bench import report
+    from mlshift_jax.bench.experiments import detect as report
 
     cells = pd.DataFrame({"family": ["sparse", "sparse", "sparse", "prune", "prune"],
                           "category": ["backdoor"] * 3 + ["none"] * 2,

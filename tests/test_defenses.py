@@ -13,6 +13,7 @@ import pytest
 
 from mlshift_jax.attacks import adaptive, defenses, evasion, obfuscation
 from mlshift_jax.bench import matrix, report, runner
+from mlshift_jax.bench.experiments import defenses as defenses_exp
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.models import metrics
 from mlshift_jax.models.recipes import TrainConfig, fit
@@ -314,7 +315,7 @@ def test_defense_cells_land_in_records_and_tables(tmp_path):
     q = records.set_index("defense").loc["quantize"]
     assert "zero-gradient" in q["flags"]
     cols = {r["column"] for r in q["detail"]["rows"]}
-    assert cols == set(matrix.DEFENSE_COLUMNS) | {"worst"}
+    assert cols == set(defenses_exp.DEFENSE_COLUMNS) | {"worst"}
     for eps in (0.1, 0.3):  # the worst case per image: at most every column, AutoAttack too
         acc = {r["column"]: r["accuracy"] for r in q["detail"]["rows"] if r["eps"] == eps}
         assert acc["worst"] <= min(v for c, v in acc.items() if c != "worst")

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from mlshift_jax.bench import matrix
+from mlshift_jax.bench.cells import TINY_TRAIN
 from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.core.files import HASH_LEN, config_hash
 from tests.test_runner import TINY
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -38,8 +40,8 @@ def test_full_matrix_has_the_issue_grid():
     assert set(m.models) == {"seed-mlp-numpy", "seed-mlp", "mlp-sgd", "mlp-ce", "cnn"}
     assert m.attacks == ("none", "noise-sign", "fgsm", "pgd")
     assert m.eps == (0.1, 0.2, 0.3) and m.seeds == (0,)
-    assert m.e3.n_test == (10_000, 6_000) and m.e3.eps == (0.0, 0.1, 0.2, 0.3)
-    assert (m.e2.samples, m.e2.size) == (10, 10_000)
+    assert m.block("e3").n_test == (10_000, 6_000) and m.block("e3").eps == (0.0, 0.1, 0.2, 0.3)
+    assert (m.block("e2").samples, m.block("e2").size) == (10, 10_000)
     e1 = [c for c in matrix.cells(m) if c.block == "e1"]
     assert {c.config.train.model for c in e1} == {"seed-mlp", "seed-mlp-numpy"}
     assert all((c.config.train.hidden, c.config.train.lr, c.config.train.epochs) == (200, 0.1, 1)
@@ -148,7 +150,7 @@ def test_same_config_same_hash():
     a, b = matrix.cells(_parse()), matrix.cells(_parse())
     assert [c.hash for c in a] == [c.hash for c in b]
     assert len({c.hash for c in a}) == len(a)
-    assert all(len(c.hash) == matrix.HASH_LEN for c in a)
+    assert all(len(c.hash) == HASH_LEN for c in a)
     # the hash is of the config, not of the block or id: equal work shares one cache entry
     cell = a[0]
     assert dataclasses.replace(cell, id="other", block="e1").hash == cell.hash
@@ -184,8 +186,8 @@ def test_any_field_change_changes_the_hash():
 
 
 def test_config_hash_is_canonical():
-    assert matrix.config_hash({"a": 1, "b": [1, 2]}) == matrix.config_hash({"b": [1, 2], "a": 1})
-    assert matrix.config_hash({"a": 1}) != matrix.config_hash({"a": 2})
+    assert config_hash({"a": 1, "b": [1, 2]}) == config_hash({"b": [1, 2], "a": 1})
+    assert config_hash({"a": 1}) != config_hash({"a": 2})
 
 
 def test_select_by_pattern_or_substring():
@@ -273,12 +275,12 @@ def test_tiny_keeps_every_cell_of_the_full_matrix_at_a_smoke_tests_size():
         for name in ("n_train", "n_test"):
             value = getattr(cfg, name, None)
             if isinstance(value, int):
-                assert value <= matrix.TINY_TRAIN, (cell.id, name, value)
+                assert value <= TINY_TRAIN, (cell.id, name, value)
         spec = getattr(cfg, "train", None)
         if spec is not None and spec.n_train is not None:
-            assert spec.n_train <= matrix.TINY_TRAIN
-    assert small.timing.rounds == 1 and small.detect.quick
-    assert small.defenses.n_test <= 50 and small.speed.population == 2
+            assert spec.n_train <= TINY_TRAIN
+    assert small.timing.rounds == 1 and small.block("detect").quick
+    assert small.block("defenses").n_test <= 50 and small.block("speed").population == 2
 
 
 def test_with_dataset_moves_every_block_the_defenses_included():

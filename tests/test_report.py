@@ -12,7 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlshift_jax.bench import report, runner
+from mlshift_jax.bench import report
+from mlshift_jax.bench.experiments import grid
+from mlshift_jax.bench.experiments import speed as speed_exp
 from mlshift_jax.core import fmt
 
 
@@ -135,7 +137,7 @@ def _peer_record(*, torch: bool, noisy: bool = False) -> dict:
 
 
 def _speed_lines(records) -> list[str]:
-    return report._speed(pd.concat([_records(), pd.DataFrame(records)],
+    return speed_exp._table(pd.concat([_records(), pd.DataFrame(records)],
                                    ignore_index=True)).splitlines()
 
 
@@ -254,7 +256,7 @@ def test_figures_are_skipped_without_matplotlib(tmp_path, monkeypatch):
 def test_figures_are_drawn(tmp_path):
     pytest.importorskip("matplotlib")
     x = np.full((2, 784), 0.5)
-    ex = {"images": runner.encode_images(x), "labels": [1, 2], "preds": [1, 3]}
+    ex = {"images": grid.encode_images(x), "labels": [1, 2], "preds": [1, 3]}
     records = _records(_cell("none", 0.0, 0.9, detail={"examples": ex}),
                        _cell("fgsm", 0.1, 0.4, detail={"examples": ex}))
     paths, note = report.write_figures(records, tmp_path)

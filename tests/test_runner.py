@@ -15,7 +15,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mlshift_jax.bench import context as bench_context
 from mlshift_jax.bench import matrix, report, runner
+from mlshift_jax.bench.experiments import detect as detect_exp
+from mlshift_jax.bench.experiments import grid
+from mlshift_jax.bench.experiments import poison as poison_exp
+from mlshift_jax.bench.experiments import speed as speed_exp
 from mlshift_jax.core.errors import ConfigError, DataError
 from mlshift_jax.data import datasets
 from mlshift_jax.models.metrics import SCORE_NAMES, scores_from_outputs
@@ -185,7 +190,7 @@ def test_every_block_runs_tiny(tmp_path):
     e2 = records[records["block"] == "e2"].iloc[0]
     assert e2["detail"]["table"]["index"][:2] == ["sample 1", "sample 2"]
     speed = records[records["kind"] == "speed"].set_index("workload")
-    assert set(speed.index) == set(matrix.SPEED_WORKLOADS) - {"detection"}  # its own test
+    assert set(speed.index) == set(speed_exp.WORKLOADS) - {"detection"}  # its own test
     for workload, r in speed.iterrows():
         rows = [row for row in r["detail"]["rows"] if not row.get("missing")]
         assert all(row["median_s"] > 0 and row["rounds"] >= 1 for row in rows), workload
@@ -194,7 +199,7 @@ def test_every_block_runs_tiny(tmp_path):
         torch_rows = [row for row in r["detail"]["rows"] if row["impl"].startswith("torch")]
         if workload in ("fgsm", "pgd", "epoch-per-sample", "epoch-minibatch"):
             assert torch_rows and all(row["task"] for row in torch_rows), workload
-            assert all(row.get("missing") for row in torch_rows) != runner.torch_peer.available()
+            assert all(row.get("missing") for row in torch_rows) != speed_exp.torch_peer.available()
     minibatch = speed.loc["epoch-minibatch"]["detail"]
     assert minibatch["extra"]["gemm_gflop_per_s"] > 0
     epochs = [row for row in minibatch["rows"] if "over_floor" in row]
@@ -208,13 +213,13 @@ def test_every_block_runs_tiny(tmp_path):
     assert speed.loc["metrics"]["detail"]["extra"]["max_abs_diff"] < 1e-5
     aa = speed.loc["autoattack"]["detail"]["extra"]
     assert 0.0 <= aa["robust_accuracy"] <= 1.0
-    if runner.torch_peer.torchattacks_available():
+    if speed_exp.torch_peer.torchattacks_available():
         assert aa["agreement"] >= 0.9  # the close bound is test_autoattack's oracle test
 
     poison = records[records["kind"] == "poison"].set_index("id")
     assert list(poison.index) == ["poison/mnist/seed-mlp/E7/seed0",
                                   "poison/mnist/seed-mlp/badnets/seed0"]
-    e7 = report.poison_tables(records)["E7"]
+    e7 = poison_exp.poison_tables(records)["E7"]
     assert list(e7["fraction"]) == [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8]
     assert e7["poisoned_count"].iloc[-1] > 0 and e7["asr"].notna().all()
 
@@ -230,27 +235,23 @@ def test_every_block_runs_tiny(tmp_path):
 # --- pieces ------------------------------------------------------------------------------------
 
 
-def test_speed_workloads_match_the_matrix_grammar():
-    assert set(runner.SPEED_WORKLOADS) == set(matrix.SPEED_WORKLOADS)
-
-
 def test_numpy_scores_match_jax():
     rng = np.random.default_rng(0)
     outputs = rng.random((300, 10)).astype(np.float32)
     y = rng.integers(0, 10, 300)
     y[y == 7] = 3  # a class absent from y_true: zero_division=0
-    ours = runner.numpy_scores(outputs, y)
+    ours = speed_exp.numpy_scores(outputs, y)
     theirs = scores_from_outputs(jnp.asarray(outputs), jnp.asarray(y))
     for name in SCORE_NAMES:
         assert ours[name] == pytest.approx(float(theirs[name]), abs=1e-6), name
 
 
 def test_gemm_floor_has_fgsm_flops():
-    a, b = runner.gemm_floor_operands(5, 16, 784, 10)
+    a, b = speed_exp.gemm_floor_operands(5, 16, 784, 10)
     assert a.dtype == b.dtype == np.float32
-    assert 2 * a.shape[0] * a.shape[1] * b.shape[1] == runner.fgsm_flops(5, 16, 784, 10)
-    assert runner.fgsm_flops(5, 16, 784, 10) == 2 * 5 * (784 * 16 + 16 * 10) * 2
-    assert runner.fgsm_flops(5, 16, 192, 5) == 2 * 5 * (192 * 16 + 16 * 5) * 2
+    assert 2 * a.shape[0] * a.shape[1] * b.shape[1] == speed_exp.fgsm_flops(5, 16, 784, 10)
+    assert speed_exp.fgsm_flops(5, 16, 784, 10) == 2 * 5 * (784 * 16 + 16 * 10) * 2
+    assert speed_exp.fgsm_flops(5, 16, 192, 5) == 2 * 5 * (192 * 16 + 16 * 5) * 2
 
 
 def _fake_interleaved(spreads):
@@ -276,9 +277,9 @@ def _fake_interleaved(spreads):
 def test_compare_reruns_a_noisy_comparison(monkeypatch, spreads, attempts, noisy):
     fake, calls = _fake_interleaved(spreads)
     monkeypatch.setattr(runner, "interleaved", fake)
-    impls = [runner._Impl("jax", lambda: 1, task="t"),
-             runner._Impl("numpy", lambda: 1, ref=True, compiled=False, task="t")]
-    rows, facts = runner._compare(impls, 10, rounds=3, max_seconds=60.0)
+    impls = [speed_exp._Impl("jax", lambda: 1, task="t"),
+             speed_exp._Impl("numpy", lambda: 1, ref=True, compiled=False, task="t")]
+    rows, facts = speed_exp._compare(impls, 10, rounds=3, max_seconds=60.0)
     assert (facts["attempts"], facts["noisy"]) == (attempts, noisy)
     assert facts["worst_spread"] == pytest.approx(min(spreads[:attempts]))
     assert calls == [1] + [3] * attempts  # the warm pass, then the timed attempts
@@ -289,22 +290,22 @@ def test_compare_reruns_a_noisy_comparison(monkeypatch, spreads, attempts, noisy
 def test_compare_bounds_rounds_by_the_slowest_call(monkeypatch):
     fake, calls = _fake_interleaved([0.0])
     monkeypatch.setattr(runner, "interleaved", fake)
-    impls = [runner._Impl("a", lambda: 1)]
-    runner._compare(impls, 1, rounds=10, max_seconds=1e-9)
-    assert calls[-1] == runner.MIN_ROUNDS
-    runner._compare(impls, 1, rounds=10, max_seconds=1e-9, min_rounds=1)
+    impls = [speed_exp._Impl("a", lambda: 1)]
+    speed_exp._compare(impls, 1, rounds=10, max_seconds=1e-9)
+    assert calls[-1] == speed_exp.MIN_ROUNDS
+    speed_exp._compare(impls, 1, rounds=10, max_seconds=1e-9, min_rounds=1)
     assert calls[-1] == 1
 
 
 def test_without_torch_the_peer_rows_say_not_installed(mnist, monkeypatch):
-    from mlshift_jax.bench.matrix import SpeedConfig
+    from mlshift_jax.bench.experiments.speed import SpeedConfig
 
-    monkeypatch.setattr(runner.torch_peer, "available", lambda: False)
-    ds = runner.capped(mnist, 100, 50)
+    monkeypatch.setattr(speed_exp.torch_peer, "available", lambda: False)
+    ds = bench_context.capped(mnist, 100, 50)
     cfg = SpeedConfig(dataset="mnist", workload="pgd", hidden=8, lr=0.1, eps=0.1, seed=0,
                       n_train=100, n_test=50, numpy_loop_images=10, numpy_epoch_samples=10,
                       population=2, population_size=50, rounds=1, max_seconds=1.0)
-    rows, extra = runner._speed_pgd(ds, cfg)
+    rows, extra = speed_exp._speed_pgd(ds, cfg)
     torch_row = next(r for r in rows if r["impl"].startswith("torch"))
     assert torch_row["missing"] and torch_row["note"] == "not installed"
     assert torch_row["median_s"] is None and extra["torch"] is None
@@ -314,7 +315,7 @@ def test_without_torch_the_peer_rows_say_not_installed(mnist, monkeypatch):
 def test_detection_workload_times_calibration_detect_and_scans(mnist, monkeypatch):
     """The plumbing of the detection rows, with the heavy calls replaced by stand-ins (the
     real ones run in `make bench`; detect and scan have their own tests)."""
-    from mlshift_jax.bench.matrix import SpeedConfig
+    from mlshift_jax.bench.experiments.speed import SpeedConfig
     from mlshift_jax.detection import change, neural_cleanse
 
     seen = {}
@@ -336,12 +337,12 @@ def test_detection_workload_times_calibration_detect_and_scans(mnist, monkeypatc
         "single", k["config"].steps))
     monkeypatch.setattr(neural_cleanse, "scan_population", lambda m, p, *a, **k: seen.setdefault(
         "population", jax.tree.leaves(p)[0].shape[0]))
-    ds = runner.capped(mnist, 100, 50)
+    ds = bench_context.capped(mnist, 100, 50)
     cfg = SpeedConfig(dataset="mnist", workload="detection", hidden=8, lr=0.1, eps=0.1, seed=0,
                       n_train=100, n_test=50, numpy_loop_images=10, numpy_epoch_samples=10,
                       population=2, population_size=50, rounds=2, max_seconds=1.0,
                       detect_null=3, scan_models=3, scan_steps=7)
-    rows, extra = runner._speed_detection(ds, cfg)
+    rows, extra = speed_exp._speed_detection(ds, cfg)
     assert [r["task"] for r in rows] == ["calibration", "detect", "detect", "scan", "scan"]
     assert seen["calibrate"][:4] == ("seed-mlp", 8, 3, 100)
     assert seen["detect"] == seen["calibrate"][4]  # the detect call finds the cached one
@@ -357,14 +358,14 @@ def test_numpy_pgd_stays_in_the_ball_and_range(mnist):
     wih, who = rng.normal(0, 0.1, (8, 784)), rng.normal(0, 0.3, (10, 8))
     x = np.clip(np.asarray(mnist.x_test[:20], np.float64), 0.01, 1.0)  # float32's 0.01 < 0.01
     y = np.asarray(mnist.y_test[:20])
-    xa = runner.numpy_pgd(wih, who, x, y, 0.1, 0.01, 1.0, steps=3)
+    xa = speed_exp.numpy_pgd(wih, who, x, y, 0.1, 0.01, 1.0, steps=3)
     assert np.all(np.abs(xa - x) <= 0.1 + 1e-12) and xa.min() >= 0.01 and xa.max() <= 1.0
-    assert np.array_equal(runner.numpy_pgd(wih, who, x, y, 0.0, 0.01, 1.0, steps=3), x)
+    assert np.array_equal(speed_exp.numpy_pgd(wih, who, x, y, 0.0, 0.01, 1.0, steps=3), x)
 
 
 def test_minibatch_flops_count_the_five_matmuls():
     # forward 784x16 and 16x10, weight gradients the same, the hidden error 10x16
-    assert runner.minibatch_flops(3, 4, 784, 16, 10) == 2 * 3 * 4 * (2 * 784 * 16
+    assert speed_exp.minibatch_flops(3, 4, 784, 16, 10) == 2 * 3 * 4 * (2 * 784 * 16
                                                                      + 3 * 16 * 10)
 
 
@@ -375,24 +376,24 @@ def test_measure_keeps_output_and_bounds_rounds():
         calls.append(a)
         return a * 2
 
-    timing, out = runner.measure(fn, 3, rounds=4, max_seconds=1e-12)
+    timing, out = bench_context.measure(fn, 3, rounds=4, max_seconds=1e-12)
     # first and warm; the warm call is the one round (a third call would time the same thing)
     assert out == 6 and timing.rounds == 1 and len(calls) == 2
     assert timing.compile_s is not None and timing.median_s >= 0
-    timing, _ = runner.measure(fn, 3, rounds=4, max_seconds=60, compiled=False)
+    timing, _ = bench_context.measure(fn, 3, rounds=4, max_seconds=60, compiled=False)
     assert timing.rounds == 4 and timing.compile_s is None
     calls.clear()
-    timing, _ = runner.measure(fn, 3, rounds=4, max_seconds=1e-12, compiled=False)
+    timing, _ = bench_context.measure(fn, 3, rounds=4, max_seconds=1e-12, compiled=False)
     assert len(calls) == 1 and timing.rounds == 1 and timing.compile_s is None
 
 
 def test_images_round_trip():
     x = np.linspace(0.01, 1.0, 2 * 784).reshape(2, 784)
-    back = runner.decode_images(runner.encode_images(x))
+    back = grid.decode_images(grid.encode_images(x))
     assert back.shape == (2, 28, 28, 1)  # records without a shape: the study's
     assert np.allclose(back.reshape(2, 784), (x - 0.01) / 0.99, atol=1 / 255)
     rgb = np.linspace(-1.0, 1.0, 2 * 192).reshape(2, 192)  # 8x8x3 in [-1, 1]
-    back = runner.decode_images(runner.encode_images(rgb, (-1.0, 1.0)), (8, 8, 3))
+    back = grid.decode_images(grid.encode_images(rgb, (-1.0, 1.0)), (8, 8, 3))
     assert back.shape == (2, 8, 8, 3)
     assert np.allclose(back.reshape(2, 192), (rgb + 1) / 2, atol=1 / 255)
 
@@ -450,7 +451,7 @@ def test_detect_cell_lands_in_the_report(tmp_path, monkeypatch):
     records = runner.run(path, out_dir=tmp_path / "out", only="detect")
     assert list(records["id"]) == [f"detect/mnist/seed1/{part}"
                                    for part in detection_bench.PARTS]
-    tables = report.detection_tables(records)  # the three cells' tables together
+    tables = detect_exp.detection_tables(records)  # the three cells' tables together
     assert {"auc", "change_test", "confusion", "training_data", "categorizer_lofo",
             "scan_model"} <= set(tables)
     stages = set(tables["timing"].index)
@@ -461,7 +462,7 @@ def test_detect_cell_lands_in_the_report(tmp_path, monkeypatch):
     for title in ("## Detection", "ROC-AUC", "fingerprint test", "categorizer",
                   "categorizer-lofo"):
         assert title in text, title
-    speed = [row["implementation"] for row in report._detect_cell_rows(records)]
+    speed = [row["implementation"] for row in speed_exp._detect_cell_rows(records)]
     assert speed == [f"the detection benchmark cell {part} (mnist)"
                      for part in detection_bench.PARTS]
 
@@ -469,16 +470,16 @@ def test_detect_cell_lands_in_the_report(tmp_path, monkeypatch):
 def test_a_speed_record_without_torch_is_recomputed_once_torch_is_there(monkeypatch):
     missing = {"kind": "speed", "detail": {"rows": [{"impl": "torch: x", "missing": True}]}}
     timed = {"kind": "speed", "detail": {"rows": [{"impl": "torch: x", "median_s": 1.0}]}}
-    monkeypatch.setattr(runner.torch_peer, "available", lambda: True)
-    assert runner._lacks_peer(missing) and not runner._lacks_peer(timed)
-    assert not runner._lacks_peer({"kind": "attack"})
-    monkeypatch.setattr(runner.torch_peer, "available", lambda: False)
-    assert not runner._lacks_peer(missing)
+    monkeypatch.setattr(speed_exp.torch_peer, "available", lambda: True)
+    assert speed_exp.lacks_peer(missing) and not speed_exp.lacks_peer(timed)
+    assert not speed_exp.lacks_peer({"kind": "attack"})
+    monkeypatch.setattr(speed_exp.torch_peer, "available", lambda: False)
+    assert not speed_exp.lacks_peer(missing)
 
 
 def test_matmul_steps_does_the_counted_matmuls():
     w1, w2 = jnp.ones((4, 6)), jnp.ones((3, 4))
     x = jnp.ones((10, 6))
-    a, b = runner.matmul_steps(w1, w2, x, batch=4)  # two batches; the last 2 rows dropped
+    a, b = speed_exp.matmul_steps(w1, w2, x, batch=4)  # two batches; the last 2 rows dropped
     assert a.shape == (4, 6) and b.shape == (3, 4)
     assert float(jnp.max(jnp.abs(a - w1))) > 0 and float(jnp.max(jnp.abs(a - w1))) < 1e-3

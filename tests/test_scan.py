@@ -143,7 +143,8 @@ def test_cli_scan_model_refuses_a_missing_file_and_an_out_that_is_a_file(capsys,
 
 
 def test_scan_table_rows_columns_and_report(mnist):
-    from mlshift_jax.bench import report, scan_bench
+    from mlshift_jax.bench import scan_bench
+    from mlshift_jax.bench.experiments import detect as report
 
     tiny = scan_bench.ScanBenchConfig(hidden=8, sample_size=400, kinds=("patch", "sparse"),
                                       rates=(0.1,), per_cell=1, n_null=2, n_clean=1,

@@ -1,0 +1,467 @@
+"""Defenses ([defenses]): each defense on each model, attacked by every column (FGSM, PGD,
+the defense's adaptive attack, Square, transfer, AutoAttack) at every eps, with the
+worst case per image, the obfuscated-gradient probe and flags (Athalye et al. 2018) and a
+verdict per defense.
+
+One `DefenseConfig` cell per (model, defense), a row of the defense x attack table; the
+section is that table per eps, the defenses' fit times, the flags and the verdicts, the
+figure robust accuracy vs eps per defense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from mlshift_jax.attacks import autoattack, defenses, evasion, obfuscation
+from mlshift_jax.attacks.defenses import DEFENSES, resolve_options
+from mlshift_jax.bench.cells import (
+    TINY_TRAIN,
+    Cell,
+    Experiment,
+    Parsers,
+    ReportContext,
+    TrainSpec,
+    cap,
+    inherit,
+    train_spec,
+)
+from mlshift_jax.bench.context import (
+    Loaded,
+    Memo,
+    Trained,
+    base_record,
+    capped,
+    measure,
+    on_device,
+    once,
+    trained,
+)
+from mlshift_jax.bench.experiments.grid import save_figure
+from mlshift_jax.bench.markdown import finite, fmt_time, md, records_of
+from mlshift_jax.models.metrics import evaluate, predict_keyed
+from mlshift_jax.models.zoo import Model
+
+if TYPE_CHECKING:
+    from mlshift_jax.bench.matrix import Matrix
+
+DEFENSE_COLUMNS = ("fgsm", "pgd", "adaptive", "square", "transfer", "autoattack")
+
+
+
+@dataclass(frozen=True)
+class DefenseConfig:
+    """One defended model (a row of the defense x attack table): every attack column at
+    every eps, the clean accuracy, the obfuscation probe and flags, and their times."""
+
+    kind: ClassVar[str] = "defense"
+    train: TrainSpec
+    defense: str
+    options: tuple[tuple[str, Any], ...]
+    attacks: tuple[str, ...]
+    eps: tuple[float, ...]
+    n_test: int | None
+    steps: int
+    restarts: int
+    samples: int
+    queries: int
+    probe_n: int
+    rounds: int
+    max_seconds: float
+
+    @property
+    def dataset(self) -> str:
+        return self.train.dataset
+
+
+
+@dataclass(frozen=True)
+class Defenses:
+    """The defense x attack table: each defense on each model, every column at every eps.
+    "adaptive" is the defense's own adaptive attack (`defenses.Defense.adaptive`)."""
+
+    dataset: str = "mnist"
+    models: tuple[str, ...] = ("seed-mlp", "mlp-ce")
+    defenses: tuple[str, ...] = ("none", "randomize", "quantize", "median", "denoise-ae",
+                                 "adv-train")
+    attacks: tuple[str, ...] = DEFENSE_COLUMNS
+    eps: tuple[float, ...] = (0.1, 0.2, 0.3)
+    seed: int = 0
+    n_train: int | None = None
+    n_test: int | None = 1000
+    steps: int = 10
+    restarts: int = 2
+    samples: int = 8
+    queries: int = 1000
+    adv_eps: float = 0.1
+    adv_steps: int = 7
+    probe_n: int = 200
+
+
+
+def schema(p: Parsers) -> dict:
+    """The [defenses] keys."""
+    chk = p.chk
+    return {
+        **{k: p.common[k] for k in ("seed", "n_train", "n_test")}, "dataset": p.dataset,
+        "models": p.models,
+        "defenses": lambda v, w: chk.names(v, w, set(DEFENSES), "defense"),
+        "attacks": lambda v, w: chk.names(v, w, set(DEFENSE_COLUMNS), "attack column"),
+        "eps": chk.eps_list, "steps": chk.int_, "restarts": chk.int_,
+        "samples": chk.int_, "queries": chk.int_,
+        "adv_eps": lambda v, w: chk.float_(v, w, positive=True),
+        "adv_steps": chk.int_, "probe_n": chk.int_}
+
+
+def cells(matrix: Matrix, d: Defenses) -> list[Cell]:
+    """One cell per (model, defense)."""
+    n_train = inherit(d.n_train, matrix.n_train)
+    out = []
+    for model in d.models:
+        spec = train_spec(matrix, d.dataset, model, d.seed, n_train=n_train)
+        for name in d.defenses:
+            options = (("eps", d.adv_eps), ("steps", d.adv_steps)) if name == "adv-train" \
+                else ()
+            config = DefenseConfig(
+                train=spec, defense=name, options=resolve_options(name, dict(options)),
+                attacks=d.attacks, eps=d.eps, n_test=d.n_test, steps=d.steps,
+                restarts=d.restarts, samples=d.samples, queries=d.queries,
+                probe_n=d.probe_n, rounds=matrix.timing.rounds,
+                max_seconds=matrix.timing.max_seconds)
+            out.append(Cell(f"defense/{d.dataset}/{model}/{name}/seed{d.seed}", "defenses",
+                            config))
+    return out
+
+
+
+def tiny(d: Defenses) -> Defenses:
+    """[defenses] on at most TINY_TRAIN / 50 images, with the shortest attacks."""
+    return replace(d, n_train=cap(d.n_train, TINY_TRAIN), n_test=cap(d.n_test, 50), steps=2,
+                   restarts=1, samples=2, queries=10, adv_steps=2, probe_n=20)
+
+
+# --- computing a row ---------------------------------------------------------------------------
+
+
+def _defended(cfg: DefenseConfig, loaded: Loaded, base: Trained) -> tuple[Model, Any, float]:
+    """(defended model, its params, seconds to fit the defense: adversarial training or the
+    denoiser; 0 for a pure wrapper)."""
+    opts = dict(cfg.options)
+    spec = cfg.train
+    if cfg.defense == "adv-train":
+        ds = capped(loaded.ds, spec.n_train, None)
+        adv_cfg = replace(spec.train_config(),
+                          epochs=spec.epochs * defenses.ADV_EPOCH_FACTOR)
+        timing, params = once(partial(defenses.adv_fit, spec.model, adv_cfg,
+                                       eps=float(opts["eps"]), steps=int(opts["steps"]),
+                                       warmup=float(opts.get("warmup", 0.0)), spec=ds.spec),
+                               ds.x_train, ds.y_train)
+        return defenses.build("adv-train", base.arch, **opts), params, timing.median_s
+    if defenses.get_defense(cfg.defense).needs_state:
+        ds = capped(loaded.ds, spec.n_train, None)
+        key = jax.random.fold_in(jax.random.key(spec.seed), 0xDAE)
+        timing, state = once(partial(defenses.fit_state, cfg.defense, base.arch, key=key,
+                                      **opts), ds.x_train)
+        return (defenses.build(cfg.defense, base.arch, state=state, **opts), base.params,
+                timing.median_s)
+    return defenses.build(cfg.defense, base.arch, **opts), base.params, 0.0
+
+
+def _correct(model: Model, params, x_adv, y, key) -> np.ndarray:
+    """[b] bool: which images the model still classifies correctly (one draw of a stochastic
+    model's randomness from key, as `evaluate` takes it)."""
+    return np.asarray(jnp.argmax(predict_keyed(model, params, x_adv, key), -1) == y)
+
+
+def _autoattack_sweep(model: Model, params, x, y, eps_values, *, key, lo, hi, queries=None):
+    """AutoAttack at every eps (standard; `rand` for a stochastic model), each call picking
+    the images still standing on the host. -> (x_adv [n_eps, b, D], per-eps counts)."""
+    version = "rand" if model.stochastic else "standard"
+    out, counts = [], []
+    for eps in eps_values:
+        kw = {} if queries is None else {"queries": queries}
+        r = autoattack.report(model, params, x, y, eps=float(eps), key=key, lo=lo, hi=hi,
+                              version=version, **kw)
+        out.append(r.x_adv)
+        counts.append({"version": version, **r.counts()})
+    return jnp.stack(out), counts
+
+
+def compute(cell: Cell, loaded: Loaded, memo: Memo, cache: Path, force: bool) -> dict:
+    """One row of the defense x attack table: every column at every eps (one compiled eps
+    sweep per column, timed; AutoAttack one call per eps, timed once with its compiles), the
+    clean
+    accuracy, the worst case per image over every column, the obfuscation probe and its
+    flags."""
+    cfg: DefenseConfig = cell.config
+    spec = cfg.train
+    _, base = trained(spec, loaded, memo, cache, force)
+    model, params, defense_s = _defended(cfg, loaded, base)
+    x, y = on_device(memo, loaded, "test", cfg.n_test)
+    lo, hi = (float(v) for v in model.input_range)
+    key = evasion.attack_key(spec.seed)
+    eval_key = jax.random.fold_in(key, 7)
+    clean = evaluate(model, params, x, y, key=eval_key)["accuracy"]
+    adaptive_name = defenses.get_defense(cfg.defense).adaptive
+    eps_values = jnp.asarray(cfg.eps, x.dtype)
+    rows, accuracy, correct, aa_counts = [], {}, {}, None
+    for column in cfg.attacks:
+        name = adaptive_name if column == "adaptive" else column
+        if column == "autoattack":
+            fn = partial(_autoattack_sweep, model, params, key=key, lo=lo, hi=hi)
+            # one call (minutes on a robust model), its time including the compiles
+            timing, (x_adv, aa_counts) = once(fn, x, y, cfg.eps)
+            _column_rows(model, params, x_adv, y, cfg.eps, column, name, timing, eval_key,
+                         rows, accuracy, correct)
+            continue
+        kw: dict[str, Any] = {"key": key, "lo": lo, "hi": hi}
+        if name in ("pgd", "eot-pgd", "bpda-pgd", "transfer"):
+            kw["steps"] = cfg.steps
+        if column in ("adaptive", "transfer"):
+            kw["restarts"] = cfg.restarts
+        if name in ("eot-pgd", "bpda-pgd"):
+            kw["samples"] = cfg.samples
+        if name == "square":
+            kw["queries"] = cfg.queries
+        if name == "transfer" and cfg.defense == "adv-train":
+            kw["source_params"] = base.params  # crafted on the undefended weights
+        fn = partial(evasion.sweep, evasion.get_attack(name), model, params, **kw)
+        timing, x_adv = measure(fn, x, y, eps_values, rounds=cfg.rounds,
+                                max_seconds=cfg.max_seconds)
+        _column_rows(model, params, x_adv, y, cfg.eps, column, name, timing, eval_key, rows,
+                     accuracy, correct)
+    if correct:  # an image is robust only if it survived every column (never min of accuracies)
+        for eps in cfg.eps:
+            robust = autoattack.robust_per_image(
+                {c: v for (c, e), v in correct.items() if e == eps})
+            accuracy[("worst", eps)] = float(np.mean(robust))
+            rows.append({"column": "worst", "attack": "per image", "eps": eps,
+                         "accuracy": float(np.mean(robust)), "median_s": float("nan"),
+                         "compile_s": float("nan"), "rounds": 0})
+    n_probe = min(cfg.probe_n, int(x.shape[0]))
+    probed = obfuscation.probe(model, params, x[:n_probe], y[:n_probe],
+                               key=jax.random.fold_in(key, 11), eps=max(cfg.eps),
+                               steps=cfg.steps)
+    raised = obfuscation.flags({k: v for k, v in accuracy.items() if k[0] != "worst"}, probed,
+                               n=int(x.shape[0]), autoattack=None if aa_counts is None else
+                               dict(zip(cfg.eps, aa_counts, strict=True)))
+    pgd40 = {}
+    if cfg.defense == "adv-train":  # Madry et al.'s yardstick: PGD-40 at the training eps
+        adv_eps = float(dict(cfg.options)["eps"])
+        x_adv = evasion.pgd(model, params, x, y, eps=adv_eps, steps=40,
+                            key=jax.random.fold_in(key, 40), lo=lo, hi=hi)
+        pgd40 = {"pgd40_eps": adv_eps, "adv_steps": int(dict(cfg.options).get("steps", 7)),
+                 "pgd40_accuracy": evaluate(model, params, x_adv, y, key=eval_key)["accuracy"]}
+    return {
+        **base_record(cell, loaded), "model": spec.model, "arch": model.name, "seed": spec.seed,
+        **pgd40,
+        "defense": cfg.defense, "adaptive": adaptive_name, "n_train": base.n_train,
+        "n_test": int(x.shape[0]), "hidden": spec.hidden, "lr": spec.lr,
+        "epochs": spec.epochs, "clean_accuracy": clean, "train_s": base.train_s,
+        "defense_s": defense_s, "stochastic": bool(model.stochastic),
+        "flags": "; ".join(raised),
+        "detail": {"rows": rows, "probe": {k: v for k, v in probed.items()
+                                           if k != "pgd_steps"},
+                   "pgd_steps": {str(k): v for k, v in probed["pgd_steps"].items()},
+                   "flags": raised,
+                   **({"autoattack": {str(e): c for e, c in zip(cfg.eps, aa_counts,
+                                                                 strict=True)}}
+                      if aa_counts is not None else {})},
+    }
+
+
+def _column_rows(model, params, x_adv, y, eps_list, column, name, timing, eval_key, rows,
+                 accuracy, correct) -> None:
+    """Score one column's x_adv [n_eps, b, D]: per-image correctness and accuracy per eps,
+    appended to rows / accuracy / correct (keyed (column, eps))."""
+    for i, eps in enumerate(eps_list):
+        ok = _correct(model, params, x_adv[i], y, jax.random.fold_in(eval_key, 1 + i))
+        correct[(column, eps)] = ok
+        accuracy[(column, eps)] = float(np.mean(ok))
+        rows.append({"column": column, "attack": name, "eps": eps, "accuracy": float(np.mean(ok)),
+                     "median_s": timing.median_s, "compile_s": timing.compile_s,
+                     "rounds": timing.rounds})
+
+
+# --- tables.md and the figure ----------------------------------------------------------------
+
+
+COLUMN_TITLES = {"fgsm": "FGSM", "pgd": "PGD", "adaptive": "adaptive", "square": "Square",
+                 "transfer": "transfer", "autoattack": "AutoAttack", "worst": "worst"}
+
+
+def defense_table(records: pd.DataFrame) -> pd.DataFrame:
+    """The defense cells as one tidy frame: model, defense, column, attack, eps, accuracy,
+    median_s (the column's whole eps sweep), clean_accuracy, defense_s, flags."""
+    rows = []
+    for _, r in records_of(records, kind="defense").iterrows():
+        for row in r["detail"]["rows"]:
+            rows.append({"model": r["model"], "defense": r["defense"], **row,
+                         "clean_accuracy": r["clean_accuracy"], "defense_s": r["defense_s"],
+                         "n_test": r["n_test"], "flags": r["flags"]})
+    return pd.DataFrame(rows)
+
+
+def _verdict(sub: pd.DataFrame, defense: str, none: pd.DataFrame | None) -> str:
+    """One sentence: what the defense seems to buy against FGSM (the study's attack), and
+    what is left against the strongest attack, per eps; judged at the smallest eps."""
+    clean = sub["clean_accuracy"].iloc[0]
+    parts, judged, gap = [], None, (0.0, None, None, None, None)
+    for eps in sorted(set(sub["eps"])):
+        at = sub[sub["eps"] == eps].set_index("column")["accuracy"]
+        if "worst" in at.index:  # per image: robust only where every attack failed
+            worst, name = at["worst"], "every attack, per image"
+            at = at.drop("worst")
+        else:
+            worst, col = at.min(), at.idxmin()
+            name = sub[(sub["column"] == col)]["attack"].iloc[0]
+        fgsm = at.get("fgsm", np.nan)
+        undefended = np.nan
+        if none is not None and len(none):
+            undefended = none[none["eps"] == eps]["accuracy"].min()
+        parts.append(f"eps {eps:g}: FGSM {fgsm:.3f}, worst {worst:.3f} ({name})")
+        if judged is None:
+            judged = (eps, fgsm, worst, name, undefended)
+        if np.isfinite(fgsm) and fgsm - worst > gap[0]:
+            gap = (fgsm - worst, eps, fgsm, worst, name)
+    eps, fgsm, worst, name, undefended = judged
+    if np.isfinite(undefended) and worst - undefended > 0.1:
+        what = (f"something survives at eps {eps:g}: worst case {worst:.3f} vs "
+                f"{undefended:.3f} undefended")
+    else:
+        what = f"buys little: worst case {worst:.3f} at eps {eps:g}"
+    if gap[0] > 0.2:
+        what += (f"; FGSM overstates it: {gap[4]} takes eps {gap[1]:g} from {gap[2]:.3f} to "
+                 f"{gap[3]:.3f}")
+    return f"clean {clean:.3f}; " + "; ".join(parts) + f". **{what}**."
+
+
+def _markdown(records: pd.DataFrame) -> str:
+    table = defense_table(records)
+    if not len(table):
+        return "Not in this run (add a `[defenses]` block to the matrix).\n"
+    out = []
+    cols = [c for c in COLUMN_TITLES if c in set(table["column"])]
+    for eps in sorted(set(table["eps"])):
+        rows = []
+        for (model, defense), sub in table[table["eps"] == eps].groupby(
+                ["model", "defense"], sort=False):
+            by = sub.set_index("column")
+            row = {"model": model, "defense": defense,
+                   "clean": f"{sub['clean_accuracy'].iloc[0]:.3f}"}
+            for c in cols:
+                if c == "worst" and c in by.index:
+                    row["worst"] = f"{by.loc[c, 'accuracy']:.3f}"
+                elif c in by.index:
+                    label = COLUMN_TITLES[c] if c != "adaptive" else "adaptive"
+                    name = f" {by.loc[c, 'attack']}" if c == "adaptive" else ""
+                    row[label] = (f"{by.loc[c, 'accuracy']:.3f}{name} "
+                                  f"({fmt_time(by.loc[c, 'median_s'])})")
+            flags = sub["flags"].iloc[0]
+            row["flags"] = ", ".join(sorted({f.split(":")[0] for f in flags.split("; ")
+                                             if f})) or "—"
+            rows.append(row)
+        out.append(f"### eps {eps:g}\n")
+        out.append(md(pd.DataFrame(rows), "Robust accuracy on the first "
+                       f"{int(table['n_test'].iloc[0]):,} test images (time: the column's "
+                       "whole eps sweep, one compiled call, median of the timed rounds). "
+                       "adaptive: the defense's own adaptive attack (eot-pgd: EOT over the "
+                       "randomness; bpda-pgd: BPDA through the preprocessing); Square: "
+                       "gradient-free; transfer: PGD on the undefended model; AutoAttack: "
+                       "APGD-CE, APGD-T and Square (5,000 queries) on the images still "
+                       "standing (Croce & Hein 2020; the rand version, APGD-CE and APGD-DLR "
+                       "with EOT, on a randomized defense); worst: the images that survived "
+                       "every column, counted per image.", index=False))
+    times = table.drop_duplicates(["model", "defense"])[["model", "defense", "defense_s"]]
+    times = times.assign(defense_s=[fmt_time(v) for v in times["defense_s"]])
+    adv = records_of(records, kind="defense")
+    adv = adv[adv["defense"] == "adv-train"] if "defense" in adv else adv
+    if len(adv) and "pgd40_accuracy" in adv:
+        lines = [f"- `{r['model']}` + adv-train (PGD-{int(r['adv_steps'])} training at eps "
+                 f"{r['pgd40_eps']:g}): clean {r['clean_accuracy']:.4f}, PGD-40 at eps "
+                 f"{r['pgd40_eps']:g} {r['pgd40_accuracy']:.4f}"
+                 for _, r in adv.iterrows() if finite(r.get("pgd40_accuracy"))]
+        if lines:
+            out.append("### Adversarial training against PGD-40\n")
+            out.append("\n".join(lines) + f"\n\n*On the first {int(adv['n_test'].iloc[0]):,} "
+                       "test images; PGD-40 with a random start and Madry et al.'s step size "
+                       "2.5 eps / 40.*\n")
+    out.append("### Time to build each defense\n")
+    out.append(md(times.rename(columns={"defense_s": "fit"}), "Adversarial training or the "
+                   "denoiser's training, compile included; 0 for a pure wrapper.",
+                   index=False))
+    out.append("### Obfuscated-gradient flags\n")
+    lines = []
+    for _, r in records_of(records, kind="defense").iterrows():
+        for f in r["detail"].get("flags", []):
+            lines.append(f"- `{r['model']}` + {r['defense']}: {f}")
+    out.append(("\n".join(lines) if lines else "None raised.") + "\n\n*After Athalye et al. "
+               "2018 and AutoAttack: black-box/transfer beating white-box, accuracy growing "
+               "with eps or steps, randomized outputs, zero or vanishing gradients, eps of "
+               "half the input range not reaching chance.*\n")
+    out.append("### Verdicts\n")
+    verdicts = []
+    for model in dict.fromkeys(table["model"]):
+        sub_m = table[table["model"] == model]
+        none = sub_m[sub_m["defense"] == "none"]
+        for defense in dict.fromkeys(sub_m["defense"]):
+            if defense == "none":
+                continue
+            sub = sub_m[sub_m["defense"] == defense]
+            verdicts.append(f"- `{model}` + **{defense}**: {_verdict(sub, defense, none)}")
+    out.append("\n".join(verdicts) + "\n")
+    return "\n".join(out)
+
+
+def _defense_figure(table: pd.DataFrame):
+    from matplotlib.figure import Figure
+
+    defs = list(dict.fromkeys(table["defense"]))
+    models = list(dict.fromkeys(table["model"]))
+    fig = Figure(figsize=(2.8 * len(defs), 2.9 * len(models)), layout="constrained")
+    axes = fig.subplots(len(models), len(defs), sharey=True, squeeze=False)
+    for i, model in enumerate(models):
+        for j, defense in enumerate(defs):
+            ax = axes[i][j]
+            sub = table[(table["model"] == model) & (table["defense"] == defense)]
+            if not len(sub):
+                continue
+            clean = sub["clean_accuracy"].iloc[0]
+            for column in dict.fromkeys(sub["column"]):
+                a = sub[sub["column"] == column].sort_values("eps")
+                label = a["attack"].iloc[0] if column == "adaptive" else column
+                ax.plot(np.concatenate([[0.0], a["eps"]]),
+                        np.concatenate([[clean], a["accuracy"]]), marker="o", label=label)
+            ax.set_title(f"{model} + {defense}", fontsize=9)
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+            ax.set_xlabel("eps (L∞)")
+            ax.legend(fontsize=6)
+        axes[i][0].set_ylabel("robust accuracy")
+    return fig
+
+
+
+def section(records: pd.DataFrame, ctx: ReportContext) -> list[tuple[str, str]]:
+    """The defense x attack tables, fit times, flags and verdicts."""
+    return [("Defenses: defense × attack, with adaptive attacks", _markdown(records))]
+
+
+def figures(records: pd.DataFrame, figures_dir: Path, info: dict[str, Any]) -> list[Path]:
+    """Robust accuracy vs eps, one panel per model and defense."""
+    table = defense_table(records)
+    if not len(table):
+        return []
+    return [save_figure(_defense_figure(table), figures_dir / "defenses-accuracy-vs-eps.png")]
+
+
+EXPERIMENT = Experiment(
+    block="defenses", Block=Defenses, Config=DefenseConfig, schema=schema, cells=cells,
+    tiny=tiny, compute=compute, section=section, place=60, figures=figures)
