@@ -75,7 +75,8 @@ class Poison:
 
 def schema(p: Parsers) -> dict:
     """The [poison] keys."""
-    return {**p.common, "dataset": p.dataset, "model": p.model,
+    common = {k: v for k, v in p.common.items() if k != "lr"}  # each sweep's own
+    return {**common, "dataset": p.dataset, "model": p.model,
             "sweeps": lambda v, w: p.chk.names(v, w, {*STUDY_SWEEPS, *EXTRA_SWEEPS}, "sweep"),
             "badnets_models": p.models, "badnets_n_train": p.chk.opt_rule("n_train"),
             "epochs": p.chk.opt_rule("epochs")}

@@ -682,7 +682,8 @@ class Speed:
 
 def schema(p: Parsers) -> dict:
     """The [speed] keys."""
-    return {**p.common, "dataset": p.dataset,
+    common = {k: v for k, v in p.common.items() if k != "epochs"}  # one epoch, always
+    return {**common, "dataset": p.dataset,
             "workloads": lambda v, w: p.chk.names(v, w, set(WORKLOADS), "workload"),
             "eps": p.chk.float_, "numpy_loop_images": p.chk.int_,
             "numpy_epoch_samples": p.chk.int_, "population": p.chk.int_,
