@@ -31,8 +31,6 @@ if TYPE_CHECKING:
     from mlshift_jax.bench.matrix import Matrix
 
 SCHEMA = 3  # bump when a record's meaning changes: every cached cell is then recomputed
-
-
 ATTACK_FIXED_KW = {"eps", "key", "lo", "hi"}  # targeted attacks may set `target` (default 3)
 
 
@@ -72,14 +70,11 @@ class TrainSpec:
 
 
 @dataclass(frozen=True)
-class AttackConfig:
-    """Attack a trained model on the first n_test test images at one eps, score and time it."""
+class ModelCell:
+    """A cell that attacks one trained model (`train`) on its first n_test test images,
+    timing each attack with `rounds` rounds of at most `max_seconds`."""
 
-    kind: ClassVar[str] = "attack"
     train: TrainSpec
-    attack: str
-    eps: float
-    options: tuple[tuple[str, Any], ...]
     n_test: int | None
     rounds: int
     max_seconds: float
@@ -87,6 +82,39 @@ class AttackConfig:
     @property
     def dataset(self) -> str:
         return self.train.dataset
+
+
+@dataclass(frozen=True)
+class AttackConfig(ModelCell):
+    """Attack a trained model on the first n_test test images at one eps, score and time it."""
+
+    kind: ClassVar[str] = "attack"
+    attack: str
+    eps: float
+    options: tuple[tuple[str, Any], ...]
+
+
+# --- the blocks' common keys ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockData:
+    """The keys of a block that trains: its dataset and seed, and the caps on the training
+    and test images (None: the [matrix] table's)."""
+
+    dataset: str = "mnist"
+    seed: int = 0
+    n_train: int | None = None
+    n_test: int | None = None
+
+
+@dataclass(frozen=True)
+class StudyTraining(BlockData):
+    """A block that trains the study's way: hidden units, learning rate, epochs."""
+
+    hidden: int = 200
+    lr: float = 0.1
+    epochs: int = 1
 
 
 @dataclass(frozen=True)
@@ -104,7 +132,6 @@ class Cell:
     @property
     def hash(self) -> str:
         return config_hash({"schema": SCHEMA, "kind": self.kind, **asdict(self.config)})
-
 
 
 # `bench --tiny` (`matrix.tiny`): every cell at a smoke test's size
@@ -140,9 +167,11 @@ def train_spec(matrix: Matrix, dataset: str, model: str, seed: int, *, hidden: i
                      seed=seed, n_train=n_train)
 
 
-
 def attack_cell(matrix: Matrix, block: str, prefix: str, spec: TrainSpec, attack: str,
-                 eps: float, n_test: int | None, *, study_loss: bool = False) -> Cell:
+                eps: float, n_test: int | None, *, study_loss: bool = False) -> Cell:
+    """The AttackConfig cell of `attack` at eps on spec's model, its id `prefix` + dataset /
+    model / attack / eps / seed; study_loss: an attack with a `loss` option climbs the
+    model's own training loss (the study's FGSM, E3)."""
     options = dict(matrix.attack_options).get(attack, ())
     if study_loss and "loss" in inspect.signature(get_attack(attack).fn).parameters:
         # the study's FGSM climbs the model's own training loss (E3 reproduces it)
@@ -152,7 +181,6 @@ def attack_cell(matrix: Matrix, block: str, prefix: str, spec: TrainSpec, attack
                           max_seconds=matrix.timing.max_seconds)
     cell_id = f"{prefix}{spec.dataset}/{spec.model}/{attack}/{eps_label(eps)}/seed{spec.seed}"
     return Cell(cell_id, block, config)
-
 
 
 # --- checking a block ---------------------------------------------------------------------------
@@ -237,7 +265,6 @@ class Checker:
         return out
 
 
-
 def is_model_ref(value: Any) -> bool:
     """Whether value is spelled as a user model reference "pkg.module:attr" (identifiers;
     the module is imported only when the matrix expands, by `recipes.get_recipe`)."""
@@ -258,7 +285,6 @@ def attack_option_keys(name: str) -> set[str]:
     """The keyword-only options of attack `name` a matrix may set (steps, step_size, ...)."""
     params = inspect.signature(get_attack(name).fn).parameters.values()
     return {p.name for p in params if p.kind is p.KEYWORD_ONLY} - ATTACK_FIXED_KW
-
 
 
 def common_schema(chk: Checker) -> dict[str, Callable[[Any, str], Any]]:

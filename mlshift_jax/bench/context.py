@@ -38,7 +38,6 @@ from mlshift_jax.models.zoo import Model
 TIMING_FIELDS = ("compile_s", "median_s", "min_s", "max_s", "iqr_s", "rounds")
 
 
-
 # --- timing with the output kept -----------------------------------------------------------
 
 
@@ -78,7 +77,6 @@ def timing_fields(t: Timing, scale: float = 1.0) -> dict[str, Any]:
     return out
 
 
-
 # --- data --------------------------------------------------------------------------------------
 
 
@@ -98,7 +96,6 @@ def capped(ds: datasets.Dataset, n_train: int | None, n_test: int | None) -> dat
     """ds cut to its first n_train training and n_test test images (None: all)."""
     return replace(ds, x_train=ds.x_train[:n_train], y_train=ds.y_train[:n_train],
                    x_test=ds.x_test[:n_test], y_test=ds.y_test[:n_test])
-
 
 
 # --- one run's memory: data on the device, trained params, clean scores --------------------

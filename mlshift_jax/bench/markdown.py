@@ -17,7 +17,6 @@ MEASURES = ("accuracy", "precision", "recall", "f1", "confidence")
 PRF = ("precision", "recall", "f1", "confidence")
 
 
-
 def records_of(records: pd.DataFrame, *, kind: str | None = None,
                block: str | None = None) -> pd.DataFrame:
     """The records of one kind and/or block (an empty frame when there are none)."""

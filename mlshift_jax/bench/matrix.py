@@ -82,7 +82,6 @@ class Timing:
     max_seconds: float = 10.0
 
 
-
 @dataclass(frozen=True)
 class Matrix:
     """A parsed matrix file. train / attack_options: ((name, ((key, value), ...)), ...);

@@ -302,15 +302,15 @@ def _warning_list(warnings: pd.DataFrame) -> str:
 
 
 def write_figures(records: pd.DataFrame, out_dir: str | Path) -> tuple[list[Path], str]:
-    """PNG figures into out_dir/figures, each experiment's in run order; (paths, a note: ""
-    or why none were drawn)."""
+    """PNG figures into out_dir/figures, each experiment's in the order of its sections;
+    (paths, a note: "" or why none were drawn)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         return [], "matplotlib is not installed: no figures (pip install '.[plots]')."
     info = records.attrs.get("run", {})  # the run's facts: how it loaded each dataset
     folder = Path(out_dir) / "figures"
-    return [path for e in EXPERIMENTS for path in e.figures(records, folder, info)], ""
+    return [path for e in PLACED for path in e.figures(records, folder, info)], ""
 
 
 # --- writing it all ------------------------------------------------------------------------

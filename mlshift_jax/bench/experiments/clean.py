@@ -21,6 +21,7 @@ from mlshift_jax.bench.cells import (
     Experiment,
     Parsers,
     ReportContext,
+    StudyTraining,
     attack_cell,
     cap,
     inherit,
@@ -37,17 +38,10 @@ BLOCK = "e1"  # the study's experiment number, as committed matrices spell it
 
 
 @dataclass(frozen=True)
-class Clean:
+class Clean(StudyTraining):
     """The [e1] table: the study's clean model for each of `models`."""
 
-    dataset: str = "mnist"
     models: tuple[str, ...] = ("seed-mlp", "seed-mlp-numpy")
-    hidden: int = 200
-    lr: float = 0.1
-    epochs: int = 1
-    seed: int = 0
-    n_train: int | None = None
-    n_test: int | None = None
 
 
 def schema(p: Parsers) -> dict:
@@ -59,9 +53,9 @@ def cells(matrix: Matrix, e1: Clean) -> list[Cell]:
     """One clean ("none" at eps 0) cell per model."""
     n_train, n_test = inherit(e1.n_train, matrix.n_train), inherit(e1.n_test, matrix.n_test)
     return [attack_cell(matrix, BLOCK, "e1/",
-                         train_spec(matrix, e1.dataset, model, e1.seed, hidden=e1.hidden,
-                                    lr=e1.lr, epochs=e1.epochs, n_train=n_train),
-                         "none", 0.0, n_test)
+                        train_spec(matrix, e1.dataset, model, e1.seed, hidden=e1.hidden,
+                                   lr=e1.lr, epochs=e1.epochs, n_train=n_train),
+                        "none", 0.0, n_test)
             for model in e1.models]
 
 
@@ -99,7 +93,6 @@ def finding(records: pd.DataFrame) -> str | None:
     return (f"**E1, the study's clean model**: {model} accuracy {r['accuracy']:.4f} vs the "
             f"study's {study.E1['accuracy']:.3f} (Δ {delta(r['accuracy'], study.E1['accuracy'])}"
             f"); F1 {r['f1']:.4f} vs {study.E1['f1']:.4f}.")
-
 
 
 def section(records: pd.DataFrame, ctx: ReportContext) -> list[tuple[str, str]]:

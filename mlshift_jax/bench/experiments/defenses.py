@@ -24,11 +24,12 @@ from mlshift_jax.attacks import autoattack, defenses, evasion, obfuscation
 from mlshift_jax.attacks.defenses import DEFENSES, resolve_options
 from mlshift_jax.bench.cells import (
     TINY_TRAIN,
+    BlockData,
     Cell,
     Experiment,
+    ModelCell,
     Parsers,
     ReportContext,
-    TrainSpec,
     cap,
     inherit,
     train_spec,
@@ -55,47 +56,34 @@ if TYPE_CHECKING:
 DEFENSE_COLUMNS = ("fgsm", "pgd", "adaptive", "square", "transfer", "autoattack")
 
 
-
 @dataclass(frozen=True)
-class DefenseConfig:
+class DefenseConfig(ModelCell):
     """One defended model (a row of the defense x attack table): every attack column at
     every eps, the clean accuracy, the obfuscation probe and flags, and their times."""
 
     kind: ClassVar[str] = "defense"
-    train: TrainSpec
     defense: str
     options: tuple[tuple[str, Any], ...]
     attacks: tuple[str, ...]
     eps: tuple[float, ...]
-    n_test: int | None
     steps: int
     restarts: int
     samples: int
     queries: int
     probe_n: int
-    rounds: int
-    max_seconds: float
-
-    @property
-    def dataset(self) -> str:
-        return self.train.dataset
-
 
 
 @dataclass(frozen=True)
-class Defenses:
+class Defenses(BlockData):
     """The defense x attack table: each defense on each model, every column at every eps.
     "adaptive" is the defense's own adaptive attack (`defenses.Defense.adaptive`)."""
 
-    dataset: str = "mnist"
+    n_test: int | None = 1000
     models: tuple[str, ...] = ("seed-mlp", "mlp-ce")
     defenses: tuple[str, ...] = ("none", "randomize", "quantize", "median", "denoise-ae",
                                  "adv-train")
     attacks: tuple[str, ...] = DEFENSE_COLUMNS
     eps: tuple[float, ...] = (0.1, 0.2, 0.3)
-    seed: int = 0
-    n_train: int | None = None
-    n_test: int | None = 1000
     steps: int = 10
     restarts: int = 2
     samples: int = 8
@@ -103,7 +91,6 @@ class Defenses:
     adv_eps: float = 0.1
     adv_steps: int = 7
     probe_n: int = 200
-
 
 
 def schema(p: Parsers) -> dict:
@@ -140,7 +127,6 @@ def cells(matrix: Matrix, d: Defenses) -> list[Cell]:
     return out
 
 
-
 def tiny(d: Defenses) -> Defenses:
     """[defenses] on at most TINY_TRAIN / 50 images, with the shortest attacks."""
     return replace(d, n_train=cap(d.n_train, TINY_TRAIN), n_test=cap(d.n_test, 50), steps=2,
@@ -160,15 +146,15 @@ def _defended(cfg: DefenseConfig, loaded: Loaded, base: Trained) -> tuple[Model,
         adv_cfg = replace(spec.train_config(),
                           epochs=spec.epochs * defenses.ADV_EPOCH_FACTOR)
         timing, params = once(partial(defenses.adv_fit, spec.model, adv_cfg,
-                                       eps=float(opts["eps"]), steps=int(opts["steps"]),
-                                       warmup=float(opts.get("warmup", 0.0)), spec=ds.spec),
-                               ds.x_train, ds.y_train)
+                                      eps=float(opts["eps"]), steps=int(opts["steps"]),
+                                      warmup=float(opts.get("warmup", 0.0)), spec=ds.spec),
+                              ds.x_train, ds.y_train)
         return defenses.build("adv-train", base.arch, **opts), params, timing.median_s
     if defenses.get_defense(cfg.defense).needs_state:
         ds = capped(loaded.ds, spec.n_train, None)
         key = jax.random.fold_in(jax.random.key(spec.seed), 0xDAE)
         timing, state = once(partial(defenses.fit_state, cfg.defense, base.arch, key=key,
-                                      **opts), ds.x_train)
+                                     **opts), ds.x_train)
         return (defenses.build(cfg.defense, base.arch, state=state, **opts), base.params,
                 timing.median_s)
     return defenses.build(cfg.defense, base.arch, **opts), base.params, 0.0
@@ -272,7 +258,7 @@ def compute(cell: Cell, loaded: Loaded, memo: Memo, cache: Path, force: bool) ->
                    "pgd_steps": {str(k): v for k, v in probed["pgd_steps"].items()},
                    "flags": raised,
                    **({"autoattack": {str(e): c for e, c in zip(cfg.eps, aa_counts,
-                                                                 strict=True)}}
+                                                                strict=True)}}
                       if aa_counts is not None else {})},
     }
 
@@ -370,15 +356,15 @@ def _markdown(records: pd.DataFrame) -> str:
             rows.append(row)
         out.append(f"### eps {eps:g}\n")
         out.append(md(pd.DataFrame(rows), "Robust accuracy on the first "
-                       f"{int(table['n_test'].iloc[0]):,} test images (time: the column's "
-                       "whole eps sweep, one compiled call, median of the timed rounds). "
-                       "adaptive: the defense's own adaptive attack (eot-pgd: EOT over the "
-                       "randomness; bpda-pgd: BPDA through the preprocessing); Square: "
-                       "gradient-free; transfer: PGD on the undefended model; AutoAttack: "
-                       "APGD-CE, APGD-T and Square (5,000 queries) on the images still "
-                       "standing (Croce & Hein 2020; the rand version, APGD-CE and APGD-DLR "
-                       "with EOT, on a randomized defense); worst: the images that survived "
-                       "every column, counted per image.", index=False))
+                      f"{int(table['n_test'].iloc[0]):,} test images (time: the column's "
+                      "whole eps sweep, one compiled call, median of the timed rounds). "
+                      "adaptive: the defense's own adaptive attack (eot-pgd: EOT over the "
+                      "randomness; bpda-pgd: BPDA through the preprocessing); Square: "
+                      "gradient-free; transfer: PGD on the undefended model; AutoAttack: "
+                      "APGD-CE, APGD-T and Square (5,000 queries) on the images still "
+                      "standing (Croce & Hein 2020; the rand version, APGD-CE and APGD-DLR "
+                      "with EOT, on a randomized defense); worst: the images that survived "
+                      "every column, counted per image.", index=False))
     times = table.drop_duplicates(["model", "defense"])[["model", "defense", "defense_s"]]
     times = times.assign(defense_s=[fmt_time(v) for v in times["defense_s"]])
     adv = records_of(records, kind="defense")
@@ -395,8 +381,8 @@ def _markdown(records: pd.DataFrame) -> str:
                        "2.5 eps / 40.*\n")
     out.append("### Time to build each defense\n")
     out.append(md(times.rename(columns={"defense_s": "fit"}), "Adversarial training or the "
-                   "denoiser's training, compile included; 0 for a pure wrapper.",
-                   index=False))
+                  "denoiser's training, compile included; 0 for a pure wrapper.",
+                  index=False))
     out.append("### Obfuscated-gradient flags\n")
     lines = []
     for _, r in records_of(records, kind="defense").iterrows():
@@ -446,7 +432,6 @@ def _defense_figure(table: pd.DataFrame):
             ax.legend(fontsize=6)
         axes[i][0].set_ylabel("robust accuracy")
     return fig
-
 
 
 def section(records: pd.DataFrame, ctx: ReportContext) -> list[tuple[str, str]]:

@@ -39,7 +39,6 @@ class DetectConfig:
     part: str = "detectors"  # one of detection_bench.PARTS
 
 
-
 @dataclass(frozen=True)
 class Detect:
     """The detection benchmark: `quick` picks detection_bench.QUICK over FULL."""
@@ -47,7 +46,6 @@ class Detect:
     dataset: str = "mnist"
     quick: bool = False
     seed: int = 0
-
 
 
 def schema(p: Parsers) -> dict:
@@ -83,7 +81,6 @@ def compute(cell: Cell, loaded: Loaded, memo: Memo, cache: Path, force: bool) ->
         "median_s": time.perf_counter() - start, "peak_rss_bytes": mem.peak_bytes,
         "detail": {name: json.loads(t.to_json(orient="split")) for name, t in tables.items()},
     }
-
 
 
 def part_of(record) -> str:
@@ -129,29 +126,29 @@ def _markdown(records: pd.DataFrame) -> str:
             f"its own random sample of {int(r['n_train']):,} training images) trained as one "
             f"population in {fmt_time(r['train_s'])}. The benchmark's cells took: {cells}.\n\n")
     auc = md(t["auc"], "ROC-AUC of each detector (rows) on each change kind (columns); blank "
-              "where the detector does not apply. Input detectors score attacked vs clean test "
-              "images; the fingerprint test scores changed systems vs clean retrains; "
-              "activation clustering (Chen et al. 2018), spectral signatures (Tran et al. "
-              "2018) and SPECTRE (Hayase et al. 2021) score poisoned vs clean training "
-              "samples.", floatfmt=".3f")
+             "where the detector does not apply. Input detectors score attacked vs clean test "
+             "images; the fingerprint test scores changed systems vs clean retrains; "
+             "activation clustering (Chen et al. 2018), spectral signatures (Tran et al. "
+             "2018) and SPECTRE (Hayase et al. 2021) score poisoned vs clean training "
+             "samples.", floatfmt=".3f")
     change = md(t["change_test"].astype({"n": int}), "The model-level change test per "
-                 "change kind, as NIST TrojAI scores its rounds: ROC-AUC against clean "
-                 "retrains, detection rate at alpha, mean p-value, cross-entropy of the "
-                 "'changed' probability. The 'clean' row is the false-positive rate on "
-                 "clean retrains.", floatfmt=".3f")
+                "change kind, as NIST TrojAI scores its rounds: ROC-AUC against clean "
+                "retrains, detection rate at alpha, mean p-value, cross-entropy of the "
+                "'changed' probability. The 'clean' row is the false-positive rate on "
+                "clean retrains.", floatfmt=".3f")
     confusion = md(t["confusion"], "The categorizer's confusion matrix (rows: the true "
-                    "change, columns: its verdict), every cell predicted by a categorizer "
-                    "trained without that cell's seed.")
+                   "change, columns: its verdict), every cell predicted by a categorizer "
+                   "trained without that cell's seed.")
     data_tab = md(t["training_data"], "Training-data detectors against the poison mask "
-                   "(means over the seeds scanned, the first data_seeds). auc: ROC-AUC over all "
-                   "training samples; auc_in_class: within the label holding the poison (the "
-                   "detectors rank within a class); "
-                   "precision / recall of the samples each would remove (spectral methods: "
-                   "1.5 * eps of each class, eps the true poisoned fraction; activation "
-                   "clustering: the smaller cluster of a class judged poisoned). All three "
-                   "assume the poison is a minority of its class: a BadNets mixture at 10% / "
-                   "20% puts about 47% / 65% poison in the target class.",
-                   index=False, floatfmt=".3f")
+                  "(means over the seeds scanned, the first data_seeds). auc: ROC-AUC over all "
+                  "training samples; auc_in_class: within the label holding the poison (the "
+                  "detectors rank within a class); "
+                  "precision / recall of the samples each would remove (spectral methods: "
+                  "1.5 * eps of each class, eps the true poisoned fraction; activation "
+                  "clustering: the smaller cluster of a class judged poisoned). All three "
+                  "assume the poison is a minority of its class: a BadNets mixture at 10% / "
+                  "20% puts about 47% / 65% poison in the target class.",
+                  index=False, floatfmt=".3f")
     return (head + "### Detector × change kind: ROC-AUC\n\n" + auc
             + _detector_by_attack(t)
             + "\n### Has the model changed? (fingerprint test)\n\n" + change
@@ -268,7 +265,6 @@ def finding(records: pd.DataFrame) -> str | None:
         parts.append(f"the categorizer names {int(np.trace(cm))} of {int(cm.sum())} changes "
                      "right (held out by seed)")
     return "**Detection**: " + "; ".join(parts) + "." if parts else None
-
 
 
 def section(records: pd.DataFrame, ctx: ReportContext) -> list[tuple[str, str]]:

@@ -55,7 +55,6 @@ N_EXAMPLES = 6  # images kept per clean / FGSM cell for the report's digit grid
 GRADIENT_ATTACKS = frozenset({"fgsm", "pgd", "fgsm-targeted", "pgd-targeted"})
 
 
-
 def encode_images(x: np.ndarray, input_range: tuple[float, float] = (0.01, 1.0)) -> str:
     """Flat images [k, D] in input_range (lo, hi) -> base64 of uint8 pixels (the report's
     example grid; the record carries the image shape beside them)."""
@@ -230,7 +229,6 @@ def _digits_figure(rows: pd.DataFrame, dataset: str):
         row_axes[0].set_ylabel(label, fontsize=8)
     fig.suptitle(f"{model} on {dataset}: label → prediction", fontsize=9)
     return fig
-
 
 
 def save_figure(fig, path: Path) -> Path:

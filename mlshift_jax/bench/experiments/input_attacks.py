@@ -23,6 +23,7 @@ from mlshift_jax.bench.cells import (
     Experiment,
     Parsers,
     ReportContext,
+    StudyTraining,
     attack_cell,
     cap,
     inherit,
@@ -39,20 +40,14 @@ BLOCK = "e3"  # the study's experiment number, as committed matrices spell it
 
 
 @dataclass(frozen=True)
-class InputAttacks:
-    """The [e3] table: n_test lists the test-set sizes, each its own table."""
+class InputAttacks(StudyTraining):
+    """The [e3] table: each of `attacks` at each eps on `model`; n_test lists the test-set
+    sizes, each its own table."""
 
-    dataset: str = "mnist"
+    n_test: tuple[int, ...] = (10_000, 6_000)
     model: str = "seed-mlp"
     attacks: tuple[str, ...] = ("fgsm", "noise-sign", "pgd")
     eps: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)
-    n_test: tuple[int, ...] = (10_000, 6_000)
-    hidden: int = 200
-    lr: float = 0.1
-    epochs: int = 1
-    seed: int = 0
-    n_train: int | None = None
-
 
 
 def schema(p: Parsers) -> dict:
@@ -134,7 +129,6 @@ def finding(records: pd.DataFrame) -> str | None:
         return None
     return (f"**E3, FGSM** on {int(rows['n_test'].iloc[0]):,} test images: "
             + "; ".join(parts) + ".")
-
 
 
 def section(records: pd.DataFrame, ctx: ReportContext) -> list[tuple[str, str]]:

@@ -22,6 +22,7 @@ from mlshift_jax.bench import sweeps
 from mlshift_jax.bench.cells import (
     TINY_TEST,
     TINY_TRAIN,
+    BlockData,
     Cell,
     Experiment,
     Parsers,
@@ -54,23 +55,17 @@ class PoisonSweepConfig:
     n_test: int | None
 
 
-
 @dataclass(frozen=True)
-class Poison:
+class Poison(BlockData):
     """E4-E7 for `model`, then the BadNets reference cells for each of `badnets_models`
     (trained on `badnets_n_train` images when set)."""
 
-    dataset: str = "mnist"
     model: str = "seed-mlp"
     sweeps: tuple[str, ...] = STUDY_SWEEPS
     badnets_models: tuple[str, ...] = ("seed-mlp", "cnn")
     badnets_n_train: int | None = None
     hidden: int = 200
     epochs: int | None = None
-    seed: int = 0
-    n_train: int | None = None
-    n_test: int | None = None
-
 
 
 def schema(p: Parsers) -> dict:
@@ -95,7 +90,6 @@ def cells(matrix: Matrix, po: Poison) -> list[Cell]:
             for sweep, model, epochs, n in runs]
 
 
-
 def tiny(po: Poison) -> Poison:
     """[poison] with hidden 8 and at most TINY_TRAIN / TINY_TEST images."""
     return replace(po, hidden=8, n_train=cap(po.n_train, TINY_TRAIN),
@@ -118,10 +112,9 @@ def compute(cell: Cell, loaded: Loaded, memo: Memo, cache: Path, force: bool) ->
         "epochs": a["epochs"], "train_s": a["train_s"], "compile_s": a["compile_s"],
         "params_finite": bool(np.all(np.isfinite(table["clean_accuracy"]))),
         "detail": {"sweep": cfg.sweep, "attrs": {k: v for k, v in a.items()
-                                                  if isinstance(v, (int, float, str))},
+                                                 if isinstance(v, (int, float, str))},
                    "table": json.loads(table.to_json(orient="split"))},
     }
-
 
 
 def poison_tables(records: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -166,7 +159,6 @@ def finding(records: pd.DataFrame) -> str | None:
                     f"(Δ {delta(r['clean_accuracy'], clean.iloc[0])})" if len(clean) else "")
             parts.append(f"{model}{size} at {r['fraction']:.0%}: ASR {r['asr']:.4f}{cost}")
     return "**BadNets**: " + "; ".join(parts) + "." if parts else None
-
 
 
 def section(records: pd.DataFrame, ctx: ReportContext) -> list[tuple[str, str]]:

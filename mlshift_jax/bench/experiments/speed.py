@@ -28,6 +28,7 @@ from mlshift_jax.bench.cells import (
     TINY_HIDDEN,
     TINY_TEST,
     TINY_TRAIN,
+    BlockData,
     Cell,
     Experiment,
     Parsers,
@@ -525,7 +526,7 @@ def _speed_detection(ds: datasets.Dataset, cfg: SpeedConfig) -> tuple[list, dict
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         t_cal, null = once(lambda: change.calibrate("seed-mlp", cfg.hidden, ds, calib,
-                                                     cache_path=tmp))
+                                                    cache_path=tmp))
         members = cfg.detect_null + len(null.changed_kinds)
         rows.append(_row(f"calibrate: {members} retrains on {size:,} images (one population), "
                          "probes answered, cached", t_cal._replace(compile_s=None), members,
@@ -565,7 +566,7 @@ def _twice(impls: list[_Impl], n: int) -> list[dict]:
     twice, the first call its compile_s (when compiled), the second its one timed round."""
     got = interleaved({i.impl: i.fn for i in impls}, rounds=1, warmup=1)
     return [_row(i.impl, got[i.impl]._replace(compile_s=got[i.impl].compile_s if i.compiled
-                                               else None), n, n_timed=i.n_timed,
+                                              else None), n, n_timed=i.n_timed,
                  note=i.note, task=i.task) for i in impls]
 
 
@@ -657,19 +658,14 @@ class SpeedConfig:
     scan_steps: int = 300
 
 
-
 @dataclass(frozen=True)
-class Speed:
-    """The [speed] table."""
+class Speed(BlockData):
+    """The [speed] table: each of `workloads` on the study's MLP (one epoch where it trains)."""
 
-    dataset: str = "mnist"
     workloads: tuple[str, ...] = tuple(WORKLOADS)
     hidden: int = 200
     lr: float = 0.1
     eps: float = 0.1
-    seed: int = 0
-    n_train: int | None = None
-    n_test: int | None = None
     numpy_loop_images: int = 500
     numpy_epoch_samples: int = 2000
     population: int = 10
@@ -677,7 +673,6 @@ class Speed:
     detect_null: int = 24        # clean retrains in the detection workload's calibration
     scan_models: int = 2         # models in the detection workload's vmapped scan
     scan_steps: int = 300        # Adam steps per class of each scan (neural_cleanse default)
-
 
 
 def schema(p: Parsers) -> dict:
@@ -705,7 +700,6 @@ def cells(matrix: Matrix, sp: Speed) -> list[Cell]:
             detect_null=sp.detect_null, scan_models=sp.scan_models, scan_steps=sp.scan_steps)
         out.append(Cell(f"speed/{sp.dataset}/{workload}", "speed", config))
     return out
-
 
 
 def tiny(sp: Speed) -> Speed:
@@ -864,7 +858,6 @@ def finding(records: pd.DataFrame) -> str | None:
             parts.append(f"{r['workload']} {ref / mine['median_s']:.3g}×")
     return ("**Speed-ups of JAX over numpy** (same run): " + ", ".join(parts) + "."
             if parts else None)
-
 
 
 def section(records: pd.DataFrame, ctx: ReportContext) -> list[tuple[str, str]]:

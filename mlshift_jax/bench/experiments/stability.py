@@ -25,6 +25,7 @@ from mlshift_jax.bench.cells import (
     Experiment,
     Parsers,
     ReportContext,
+    StudyTraining,
     cap,
     inherit,
 )
@@ -54,21 +55,12 @@ class StabilityConfig:
     n_test: int | None
 
 
-
 @dataclass(frozen=True)
-class Stability:
-    """The [e2] table."""
+class Stability(StudyTraining):
+    """The [e2] table: `samples` random samples of `size` training images."""
 
-    dataset: str = "mnist"
     samples: int = 10
     size: int = 10_000
-    hidden: int = 200
-    lr: float = 0.1
-    epochs: int = 1
-    seed: int = 0
-    n_train: int | None = None
-    n_test: int | None = None
-
 
 
 def schema(p: Parsers) -> dict:
@@ -109,7 +101,6 @@ def compute(cell: Cell, loaded: Loaded, memo: Memo, cache: Path, force: bool) ->
     }
 
 
-
 def _table(records: pd.DataFrame) -> str:
     rows = records_of(records, kind="stability")
     if not len(rows):
@@ -131,7 +122,6 @@ def _table(records: pd.DataFrame) -> str:
             f"a {int(r['detail']['size']):,}-image sample instead of the whole training set "
             "costs the difference.")
     return head + md(table, note)
-
 
 
 def section(records: pd.DataFrame, ctx: ReportContext) -> list[tuple[str, str]]:
