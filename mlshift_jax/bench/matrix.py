@@ -12,16 +12,11 @@ A matrix file (see `bench/matrix.toml`) has these tables; every key not listed i
                               batch_size, optimizer (the rest take the recipe's defaults)
     [attack_options.<attack>] keyword options of one attack (e.g. pgd: steps, step_size)
 
-and one optional table per experiment (`experiments.EXPERIMENTS`: each record's `block`, its
-keys its `schema`, its defaults its `Block` dataclass):
-
-    [e1]          the study's clean model (`experiments.clean`)
-    [e2]          stability over random training samples (`experiments.stability`)
-    [e3]          input attacks on the study's MLP (`experiments.input_attacks`)
-    [speed]       workload x implementation timings (`experiments.speed`)
-    [poison]      the poisoning sweeps and BadNets (`experiments.poison`)
-    [detect]      the detection benchmark (`experiments.detect`)
-    [defenses]    defense x attack (`experiments.defenses`)
+and one optional table per experiment of `experiments.EXPERIMENTS`: its `block` names the
+table ([e1], [e2], [e3]: the study's E1-E3, as committed matrices spell them; [speed],
+[poison], [detect], [defenses]), its `schema` the keys the table accepts, its `Block`
+dataclass their defaults. The docstring of each module of `bench/experiments/` says what its
+table runs.
 
 n_train / n_test cap the data to its first n images (file order); absent means all of it (a
 block's own, else the [matrix] table's). A model is a built-in recipe name or a user model

@@ -49,8 +49,6 @@ PLACED = tuple(sorted(EXPERIMENTS, key=lambda e: e.place))  # tables.md's order
 
 
 _VENDOR = frozenset({"nvidia", "amd", "tesla", "geforce", "radeon", "tpu", "instinct"})
-
-
 # where a GPU's model name ends: its memory size, form factor or memory type
 _GPU_SUFFIX = re.compile(r"^(\d+gb|sxm\d*|pcie|hbm\d*e?|nvl|mig)$")
 

@@ -27,7 +27,7 @@ from mlshift_jax.bench.cells import (
     inherit,
     train_spec,
 )
-from mlshift_jax.bench.experiments import grid
+from mlshift_jax.bench.experiments.grid import compute as attack_compute
 from mlshift_jax.bench.markdown import MEASURES, delta, md, records_of
 from mlshift_jax.core import study
 
@@ -102,4 +102,4 @@ def section(records: pd.DataFrame, ctx: ReportContext) -> list[tuple[str, str]]:
 
 EXPERIMENT = Experiment(
     block=BLOCK, Block=Clean, Config=AttackConfig, schema=schema, cells=cells, tiny=tiny,
-    compute=grid.compute, section=section, place=10, finding=finding)
+    compute=attack_compute, section=section, place=10, finding=finding)

@@ -29,7 +29,7 @@ from mlshift_jax.bench.cells import (
     inherit,
     train_spec,
 )
-from mlshift_jax.bench.experiments import grid
+from mlshift_jax.bench.experiments.grid import compute as attack_compute
 from mlshift_jax.bench.markdown import PRF, delta, fmt_time, md, records_of
 from mlshift_jax.core import study
 
@@ -139,4 +139,4 @@ def section(records: pd.DataFrame, ctx: ReportContext) -> list[tuple[str, str]]:
 
 EXPERIMENT = Experiment(
     block=BLOCK, Block=InputAttacks, Config=AttackConfig, schema=schema, cells=cells,
-    tiny=tiny, compute=grid.compute, section=section, place=30, finding=finding)
+    tiny=tiny, compute=attack_compute, section=section, place=30, finding=finding)
