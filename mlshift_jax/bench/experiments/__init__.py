@@ -8,6 +8,7 @@ only iterate over it. Adding an experiment: a module exporting `EXPERIMENT`, and
 here.
 """
 
+from mlshift_jax.bench.cells import Experiment
 from mlshift_jax.bench.experiments import (
     clean,
     defenses,
@@ -24,4 +25,4 @@ EXPERIMENTS = (grid.EXPERIMENT, clean.EXPERIMENT, stability.EXPERIMENT,
                defenses.EXPERIMENT)
 BY_BLOCK = {e.block: e for e in EXPERIMENTS}
 
-__all__ = ["BY_BLOCK", "EXPERIMENTS"]
+__all__ = ["BY_BLOCK", "EXPERIMENTS", "Experiment"]
