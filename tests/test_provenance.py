@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from mlshift_jax.bench import report, runner
+from mlshift_jax.bench import context, report, runner
 from mlshift_jax.core import provenance
 
 TINY = """
@@ -100,6 +100,7 @@ def test_a_changed_trainer_recomputes_the_cached_cell(first_run, package_copy, t
     finally:
         train.write_text(source)
     monkeypatch.setattr(runner, "code_digest", lambda: changed)
+    monkeypatch.setattr(context, "code_digest", lambda: changed)  # what records carry
     rerun = runner.run(path, out_dir=copied)
     assert set(rerun["status"]) == {"computed"}, "a cell of the old trainer was reused"
     assert set(rerun["code_digest"]) == {changed}

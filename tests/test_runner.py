@@ -276,7 +276,7 @@ def _fake_interleaved(spreads):
 ])
 def test_compare_reruns_a_noisy_comparison(monkeypatch, spreads, attempts, noisy):
     fake, calls = _fake_interleaved(spreads)
-    monkeypatch.setattr(runner, "interleaved", fake)
+    monkeypatch.setattr(speed_exp, "interleaved", fake)
     impls = [speed_exp._Impl("jax", lambda: 1, task="t"),
              speed_exp._Impl("numpy", lambda: 1, ref=True, compiled=False, task="t")]
     rows, facts = speed_exp._compare(impls, 10, rounds=3, max_seconds=60.0)
@@ -289,7 +289,7 @@ def test_compare_reruns_a_noisy_comparison(monkeypatch, spreads, attempts, noisy
 
 def test_compare_bounds_rounds_by_the_slowest_call(monkeypatch):
     fake, calls = _fake_interleaved([0.0])
-    monkeypatch.setattr(runner, "interleaved", fake)
+    monkeypatch.setattr(speed_exp, "interleaved", fake)
     impls = [speed_exp._Impl("a", lambda: 1)]
     speed_exp._compare(impls, 1, rounds=10, max_seconds=1e-9)
     assert calls[-1] == speed_exp.MIN_ROUNDS
