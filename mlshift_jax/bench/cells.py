@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -141,6 +141,16 @@ TINY_TRAIN, TINY_TEST, TINY_HIDDEN = 600, 100, 16
 def cap(n: int | None, k: int) -> int:
     """n capped at k (None, all the data, becomes k)."""
     return k if n is None else min(n, k)
+
+
+def shrink(block: Any, **changes: Any) -> Any:
+    """`block` (a Block dataclass) at a smoke test's size: hidden TINY_HIDDEN, at most
+    TINY_TRAIN training and TINY_TEST test images (each where the block has the key and
+    `changes` does not set it), then `changes`."""
+    keys = {f.name for f in fields(block)} - set(changes)
+    caps = {"hidden": lambda: TINY_HIDDEN, "n_train": lambda: cap(block.n_train, TINY_TRAIN),
+            "n_test": lambda: cap(block.n_test, TINY_TEST)}
+    return replace(block, **{k: f() for k, f in caps.items() if k in keys}, **changes)
 
 
 def inherit(value: Any, default: Any) -> Any:

@@ -7,15 +7,12 @@ measures with ours and the deltas, its finding the accuracy and F1 against the s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from mlshift_jax.bench.cells import (
-    TINY_HIDDEN,
-    TINY_TEST,
-    TINY_TRAIN,
     AttackConfig,
     Cell,
     Experiment,
@@ -23,8 +20,8 @@ from mlshift_jax.bench.cells import (
     ReportContext,
     StudyTraining,
     attack_cell,
-    cap,
     inherit,
+    shrink,
     train_spec,
 )
 from mlshift_jax.bench.experiments.grid import compute as attack_compute
@@ -61,8 +58,7 @@ def cells(matrix: Matrix, e1: Clean) -> list[Cell]:
 
 def tiny(e1: Clean) -> Clean:
     """[e1] at a smoke test's size."""
-    return replace(e1, hidden=TINY_HIDDEN, n_train=cap(e1.n_train, TINY_TRAIN),
-                   n_test=cap(e1.n_test, TINY_TEST))
+    return shrink(e1)
 
 
 def _table(records: pd.DataFrame) -> str:

@@ -23,7 +23,6 @@ import pandas as pd
 from mlshift_jax.attacks import autoattack, defenses, evasion, obfuscation
 from mlshift_jax.attacks.defenses import DEFENSES, resolve_options
 from mlshift_jax.bench.cells import (
-    TINY_TRAIN,
     BlockData,
     Cell,
     Experiment,
@@ -32,6 +31,7 @@ from mlshift_jax.bench.cells import (
     ReportContext,
     cap,
     inherit,
+    shrink,
     train_spec,
 )
 from mlshift_jax.bench.context import (
@@ -129,8 +129,8 @@ def cells(matrix: Matrix, d: Defenses) -> list[Cell]:
 
 def tiny(d: Defenses) -> Defenses:
     """[defenses] on at most TINY_TRAIN / 50 images, with the shortest attacks."""
-    return replace(d, n_train=cap(d.n_train, TINY_TRAIN), n_test=cap(d.n_test, 50), steps=2,
-                   restarts=1, samples=2, queries=10, adv_steps=2, probe_n=20)
+    return shrink(d, n_test=cap(d.n_test, 50), steps=2, restarts=1, samples=2, queries=10,
+                  adv_steps=2, probe_n=20)
 
 
 # --- computing a row ---------------------------------------------------------------------------

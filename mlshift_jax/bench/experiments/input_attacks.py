@@ -8,16 +8,14 @@ and 0.3 against the study's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from mlshift_jax.bench.cells import (
-    TINY_HIDDEN,
     TINY_TEST,
-    TINY_TRAIN,
     AttackConfig,
     Cell,
     Experiment,
@@ -25,8 +23,8 @@ from mlshift_jax.bench.cells import (
     ReportContext,
     StudyTraining,
     attack_cell,
-    cap,
     inherit,
+    shrink,
     train_spec,
 )
 from mlshift_jax.bench.experiments.grid import compute as attack_compute
@@ -68,8 +66,7 @@ def cells(matrix: Matrix, e3: InputAttacks) -> list[Cell]:
 def tiny(e3: InputAttacks) -> InputAttacks:
     """[e3] with its test-set sizes scaled down to at most TINY_TEST."""
     top = max(e3.n_test)
-    return replace(e3, hidden=TINY_HIDDEN, n_train=cap(e3.n_train, TINY_TRAIN),
-                   n_test=tuple(max(1, n * TINY_TEST // top) for n in e3.n_test))
+    return shrink(e3, n_test=tuple(max(1, n * TINY_TEST // top) for n in e3.n_test))
 
 
 def _tables(records: pd.DataFrame, warns: dict[str, str], test_sizes: dict[str, int]) -> str:

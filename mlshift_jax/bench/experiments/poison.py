@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -20,7 +20,6 @@ import pandas as pd
 
 from mlshift_jax.bench import sweeps
 from mlshift_jax.bench.cells import (
-    TINY_TEST,
     TINY_TRAIN,
     BlockData,
     Cell,
@@ -29,6 +28,7 @@ from mlshift_jax.bench.cells import (
     ReportContext,
     cap,
     inherit,
+    shrink,
 )
 from mlshift_jax.bench.context import Loaded, Memo, base_record, capped
 from mlshift_jax.bench.markdown import delta, records_of
@@ -92,9 +92,7 @@ def cells(matrix: Matrix, po: Poison) -> list[Cell]:
 
 def tiny(po: Poison) -> Poison:
     """[poison] with hidden 8 and at most TINY_TRAIN / TINY_TEST images."""
-    return replace(po, hidden=8, n_train=cap(po.n_train, TINY_TRAIN),
-                   n_test=cap(po.n_test, TINY_TEST),
-                   badnets_n_train=cap(po.badnets_n_train, TINY_TRAIN))
+    return shrink(po, hidden=8, badnets_n_train=cap(po.badnets_n_train, TINY_TRAIN))
 
 
 def compute(cell: Cell, loaded: Loaded, memo: Memo, cache: Path, force: bool) -> dict:

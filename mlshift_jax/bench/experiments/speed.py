@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
@@ -25,16 +25,13 @@ import pandas as pd
 from mlshift_jax.attacks import autoattack, evasion
 from mlshift_jax.bench import torch_peer
 from mlshift_jax.bench.cells import (
-    TINY_HIDDEN,
-    TINY_TEST,
-    TINY_TRAIN,
     BlockData,
     Cell,
     Experiment,
     Parsers,
     ReportContext,
-    cap,
     inherit,
+    shrink,
 )
 from mlshift_jax.bench.context import (
     TIMING_FIELDS,
@@ -704,10 +701,8 @@ def cells(matrix: Matrix, sp: Speed) -> list[Cell]:
 
 def tiny(sp: Speed) -> Speed:
     """[speed] with a handful of images, models and steps per workload."""
-    return replace(sp, hidden=TINY_HIDDEN, n_train=cap(sp.n_train, TINY_TRAIN),
-                   n_test=cap(sp.n_test, TINY_TEST), numpy_loop_images=10,
-                   numpy_epoch_samples=20, population=2, population_size=200, detect_null=2,
-                   scan_models=2, scan_steps=5)
+    return shrink(sp, numpy_loop_images=10, numpy_epoch_samples=20, population=2,
+                  population_size=200, detect_null=2, scan_models=2, scan_steps=5)
 
 
 def compute(cell: Cell, loaded: Loaded, memo: Memo, cache: Path, force: bool) -> dict:

@@ -9,7 +9,7 @@ and the accuracy's distance from the study's full-data E1.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -18,16 +18,13 @@ import pandas as pd
 
 from mlshift_jax.bench import stability
 from mlshift_jax.bench.cells import (
-    TINY_HIDDEN,
-    TINY_TEST,
-    TINY_TRAIN,
     Cell,
     Experiment,
     Parsers,
     ReportContext,
     StudyTraining,
-    cap,
     inherit,
+    shrink,
 )
 from mlshift_jax.bench.context import Loaded, Memo, base_record, capped
 from mlshift_jax.bench.markdown import delta, fmt_time, md, records_of
@@ -80,8 +77,7 @@ def cells(matrix: Matrix, e2: Stability) -> list[Cell]:
 
 def tiny(e2: Stability) -> Stability:
     """[e2] with 2 samples of at most 300 images."""
-    return replace(e2, samples=min(e2.samples, 2), size=min(e2.size, 300), hidden=TINY_HIDDEN,
-                   n_train=cap(e2.n_train, TINY_TRAIN), n_test=cap(e2.n_test, TINY_TEST))
+    return shrink(e2, samples=min(e2.samples, 2), size=min(e2.size, 300))
 
 
 def compute(cell: Cell, loaded: Loaded, memo: Memo, cache: Path, force: bool) -> dict:
