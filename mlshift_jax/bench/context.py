@@ -71,6 +71,7 @@ def measure(fn: Callable[..., Any], *args: Any, rounds: int, max_seconds: float,
 
 
 def timing_fields(t: Timing, scale: float = 1.0) -> dict[str, Any]:
+    """A Timing as record fields (TIMING_FIELDS), the times scaled by `scale`."""
     out = {k: getattr(t, k) for k in TIMING_FIELDS}
     for k in ("median_s", "min_s", "max_s", "iqr_s"):
         out[k] *= scale

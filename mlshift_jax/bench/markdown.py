@@ -31,6 +31,7 @@ def records_of(records: pd.DataFrame, *, kind: str | None = None,
 
 
 def finite(value: Any) -> bool:
+    """Whether value is a finite number (None, NaN, inf and text are not)."""
     try:
         return value is not None and math.isfinite(float(value))
     except (TypeError, ValueError):

@@ -66,6 +66,8 @@ def tiny(d: Detect) -> Detect:
 
 
 def compute(cell: Cell, loaded: Loaded, memo: Memo, cache: Path, force: bool) -> dict:
+    """Run one part of the detection benchmark (`detection_bench.run`), timed whole and with
+    the process's peak memory; its tables go in the record's detail."""
     cfg: DetectConfig = cell.config
     start = time.perf_counter()
     with PeakMemory() as mem:  # the speed table's detection row: the cell's time and memory
@@ -233,6 +235,8 @@ def _detector_by_attack(t: dict[str, pd.DataFrame]) -> str:
 
 
 def finding(records: pd.DataFrame) -> str | None:
+    """The best detector of each kind (per input, model-level, training data) by mean
+    ROC-AUC, and how many changes the categorizer names right."""
     t = detection_tables(records)
     if "auc" not in t:
         return None

@@ -109,6 +109,8 @@ def _tables(records: pd.DataFrame, warns: dict[str, str], test_sizes: dict[str, 
 
 
 def finding(records: pd.DataFrame) -> str | None:
+    """E3's headline: FGSM at eps 0.1 and 0.3 on the most test images, against the
+    study's F1."""
     rows = records_of(records, kind="attack", block=BLOCK)
     rows = rows[rows["attack"] == "fgsm"] if len(rows) else rows
     if not len(rows):

@@ -96,6 +96,8 @@ def tiny(po: Poison) -> Poison:
 
 
 def compute(cell: Cell, loaded: Loaded, memo: Memo, cache: Path, force: bool) -> dict:
+    """Train the cell's sweep as one population (`sweeps.run_sweep`); its table goes in the
+    record's detail."""
     cfg: PoisonSweepConfig = cell.config
     ds = capped(loaded.ds, None, cfg.n_test)
     table = sweeps.run_sweep(ds, sweeps.sweep_configs(cfg.sweep), model=cfg.model,
@@ -145,6 +147,7 @@ def _markdown(records: pd.DataFrame) -> str:
 
 
 def finding(records: pd.DataFrame) -> str | None:
+    """The BadNets headline: each model's ASR and its cost in clean accuracy."""
     table = poison_tables(records).get("badnets")
     if table is None or not {"model", "fraction", "asr", "clean_accuracy"} <= set(table):
         return None

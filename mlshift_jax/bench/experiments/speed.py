@@ -706,6 +706,8 @@ def tiny(sp: Speed) -> Speed:
 
 
 def compute(cell: Cell, loaded: Loaded, memo: Memo, cache: Path, force: bool) -> dict:
+    """Time every implementation of the cell's workload (`WORKLOADS`); the first row's
+    timing is the record's, every row and the workload's facts its detail."""
     cfg: SpeedConfig = cell.config
     ds = capped(loaded.ds, cfg.n_train, cfg.n_test)
     rows, extra = WORKLOADS[cfg.workload](ds, cfg)
@@ -844,6 +846,7 @@ def _table(records: pd.DataFrame) -> str:
 
 
 def finding(records: pd.DataFrame) -> str | None:
+    """The speed-up of the first JAX row over the numpy reference, per workload."""
     parts = []
     for _, r in records_of(records, kind="speed").iterrows():
         impls = r["detail"]["rows"]

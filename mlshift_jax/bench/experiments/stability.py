@@ -81,6 +81,8 @@ def tiny(e2: Stability) -> Stability:
 
 
 def compute(cell: Cell, loaded: Loaded, memo: Memo, cache: Path, force: bool) -> dict:
+    """Train `samples` seed-mlp models on random subsets as one population
+    (`stability.stability`); the per-sample table goes in the record's detail."""
     cfg: StabilityConfig = cell.config
     ds = capped(loaded.ds, cfg.n_train, cfg.n_test)
     size = min(cfg.size, len(ds.y_train))
