@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -28,8 +28,6 @@ from mlshift_jax.models.recipes import TrainConfig, get_recipe, resolve
 if TYPE_CHECKING:
     import pandas as pd
 
-    from mlshift_jax.bench.matrix import Matrix
-
 SCHEMA = 3  # bump when a record's meaning changes: every cached cell is then recomputed
 ATTACK_FIXED_KW = {"eps", "key", "lo", "hi"}  # targeted attacks may set `target` (default 3)
 
@@ -37,6 +35,51 @@ ATTACK_FIXED_KW = {"eps", "key", "lo", "hi"}  # targeted attacks may set `target
 def eps_label(eps: float) -> str:
     """eps as it appears in cell ids: 0.1 -> "0.1", 0.0 -> "0"."""
     return f"{eps:g}"
+
+
+# --- the matrix --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timing:
+    rounds: int = 3
+    max_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """A parsed matrix file. train / attack_options: ((name, ((key, value), ...)), ...);
+    blocks: ((block name, its parsed table), ...) for each experiment's table the file has,
+    in `EXPERIMENTS` order (`block(name)` reads one)."""
+
+    path: str
+    datasets: tuple[str, ...]
+    models: tuple[str, ...]
+    attacks: tuple[str, ...]
+    eps: tuple[float, ...]
+    seeds: tuple[int, ...] = (0,)
+    hidden: int = 200
+    n_train: int | None = None
+    n_test: int | None = None
+    timing: Timing = field(default_factory=Timing)
+    train: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    attack_options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    # [datasets.<name>]: ((name, ((key, value), ...)), ...), path made absolute
+    sources: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    blocks: tuple[tuple[str, Any], ...] = ()
+
+    def block(self, name: str) -> Any | None:
+        """The parsed [name] table (an experiment's `Block`), None when the file has none."""
+        return dict(self.blocks).get(name)
+
+    def load_kwargs(self, name: str) -> dict[str, Any]:
+        """`data.load` arguments for dataset `name`: {"name": name} for a built-in, else the
+        path and options of its [datasets.<name>] table."""
+        table = dict(self.sources).get(name)
+        if table is None:
+            return {"name": name}
+        kw = dict(table)
+        return {"name": kw.pop("path"), **kw}
 
 
 # --- cell configs ------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import math
 import stat
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +51,10 @@ from mlshift_jax.bench.cells import (
     TINY_TRAIN,
     Cell,
     Checker,
+    Matrix,
     Models,
     Parsers,
+    Timing,
     attack_option_keys,
     cap,
     common_schema,
@@ -66,51 +68,6 @@ from mlshift_jax.models.recipes import RECIPES
 from mlshift_jax.models.train import OPTIMIZERS
 
 MAX_MATRIX_BYTES = 1 << 20
-
-
-# --- the matrix --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Timing:
-    rounds: int = 3
-    max_seconds: float = 10.0
-
-
-@dataclass(frozen=True)
-class Matrix:
-    """A parsed matrix file. train / attack_options: ((name, ((key, value), ...)), ...);
-    blocks: ((block name, its parsed table), ...) for each experiment's table the file has,
-    in `EXPERIMENTS` order (`block(name)` reads one)."""
-
-    path: str
-    datasets: tuple[str, ...]
-    models: tuple[str, ...]
-    attacks: tuple[str, ...]
-    eps: tuple[float, ...]
-    seeds: tuple[int, ...] = (0,)
-    hidden: int = 200
-    n_train: int | None = None
-    n_test: int | None = None
-    timing: Timing = field(default_factory=Timing)
-    train: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
-    attack_options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
-    # [datasets.<name>]: ((name, ((key, value), ...)), ...), path made absolute
-    sources: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
-    blocks: tuple[tuple[str, Any], ...] = ()
-
-    def block(self, name: str) -> Any | None:
-        """The parsed [name] table (an experiment's `Block`), None when the file has none."""
-        return dict(self.blocks).get(name)
-
-    def load_kwargs(self, name: str) -> dict[str, Any]:
-        """`data.load` arguments for dataset `name`: {"name": name} for a built-in, else the
-        path and options of its [datasets.<name>] table."""
-        table = dict(self.sources).get(name)
-        if table is None:
-            return {"name": name}
-        kw = dict(table)
-        return {"name": kw.pop("path"), **kw}
 
 
 # --- parsing and checking ----------------------------------------------------------------------

@@ -8,7 +8,6 @@ measures with ours and the deltas, its finding the accuracy and F1 against the s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -16,6 +15,7 @@ from mlshift_jax.bench.cells import (
     AttackConfig,
     Cell,
     Experiment,
+    Matrix,
     Parsers,
     ReportContext,
     StudyTraining,
@@ -27,9 +27,6 @@ from mlshift_jax.bench.cells import (
 from mlshift_jax.bench.experiments.grid import compute as attack_compute
 from mlshift_jax.bench.markdown import MEASURES, delta, md, records_of
 from mlshift_jax.core import study
-
-if TYPE_CHECKING:
-    from mlshift_jax.bench.matrix import Matrix
 
 BLOCK = "e1"  # the study's experiment number, as committed matrices spell it
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ from mlshift_jax.bench.cells import (
     BlockData,
     Cell,
     Experiment,
+    Matrix,
     ModelCell,
     Parsers,
     ReportContext,
@@ -49,9 +50,6 @@ from mlshift_jax.bench.experiments.grid import save_figure
 from mlshift_jax.bench.markdown import finite, fmt_time, md, records_of
 from mlshift_jax.models.metrics import evaluate, predict_keyed
 from mlshift_jax.models.zoo import Model
-
-if TYPE_CHECKING:
-    from mlshift_jax.bench.matrix import Matrix
 
 DEFENSE_COLUMNS = ("fgsm", "pgd", "adaptive", "square", "transfer", "autoattack")
 

@@ -12,20 +12,17 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 
 from mlshift_jax.bench import detection_bench
-from mlshift_jax.bench.cells import Cell, Experiment, Parsers, ReportContext
+from mlshift_jax.bench.cells import Cell, Experiment, Matrix, Parsers, ReportContext
 from mlshift_jax.bench.context import Loaded, Memo, base_record
 from mlshift_jax.bench.markdown import fmt_time, md, records_of
 from mlshift_jax.core.timing import PeakMemory
 from mlshift_jax.detection import categorize
-
-if TYPE_CHECKING:
-    from mlshift_jax.bench.matrix import Matrix
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,7 @@ from mlshift_jax.bench.cells import (
     AttackConfig,
     Cell,
     Experiment,
+    Matrix,
     ReportContext,
     attack_cell,
     train_spec,
@@ -45,9 +46,6 @@ from mlshift_jax.core.files import atomic_path
 from mlshift_jax.models import zoo
 from mlshift_jax.models.metrics import evaluate
 from mlshift_jax.models.zoo import Model, predict
-
-if TYPE_CHECKING:
-    from mlshift_jax.bench.matrix import Matrix
 
 N_EXAMPLES = 6  # images kept per clean / FGSM cell for the report's digit grid
 

@@ -9,7 +9,6 @@ and 0.3 against the study's.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -19,6 +18,7 @@ from mlshift_jax.bench.cells import (
     AttackConfig,
     Cell,
     Experiment,
+    Matrix,
     Parsers,
     ReportContext,
     StudyTraining,
@@ -30,9 +30,6 @@ from mlshift_jax.bench.cells import (
 from mlshift_jax.bench.experiments.grid import compute as attack_compute
 from mlshift_jax.bench.markdown import PRF, delta, fmt_time, md, records_of
 from mlshift_jax.core import study
-
-if TYPE_CHECKING:
-    from mlshift_jax.bench.matrix import Matrix
 
 BLOCK = "e3"  # the study's experiment number, as committed matrices spell it
 

@@ -13,7 +13,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -24,6 +24,7 @@ from mlshift_jax.bench.cells import (
     BlockData,
     Cell,
     Experiment,
+    Matrix,
     Parsers,
     ReportContext,
     cap,
@@ -35,9 +36,6 @@ from mlshift_jax.bench.markdown import delta, records_of
 from mlshift_jax.bench.sweeps import EXTRA_SWEEPS, STUDY_SWEEPS
 from mlshift_jax.data import datasets
 from mlshift_jax.models.recipes import TrainConfig, model_for
-
-if TYPE_CHECKING:
-    from mlshift_jax.bench.matrix import Matrix
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,7 @@ from mlshift_jax.bench.cells import (
     BlockData,
     Cell,
     Experiment,
+    Matrix,
     Parsers,
     ReportContext,
     inherit,
@@ -58,10 +59,6 @@ from mlshift_jax.models.train import (
     train_seed_sgd_population,
 )
 from mlshift_jax.models.zoo import Model
-
-if TYPE_CHECKING:
-    from mlshift_jax.bench.matrix import Matrix
-
 
 # --- numpy yardsticks ------------------------------------------------------------------------
 

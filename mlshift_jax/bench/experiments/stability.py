@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -20,6 +20,7 @@ from mlshift_jax.bench import stability
 from mlshift_jax.bench.cells import (
     Cell,
     Experiment,
+    Matrix,
     Parsers,
     ReportContext,
     StudyTraining,
@@ -29,9 +30,6 @@ from mlshift_jax.bench.cells import (
 from mlshift_jax.bench.context import Loaded, Memo, base_record, capped
 from mlshift_jax.bench.markdown import delta, fmt_time, md, records_of
 from mlshift_jax.core import study
-
-if TYPE_CHECKING:
-    from mlshift_jax.bench.matrix import Matrix
 
 BLOCK = "e2"  # the study's experiment number, as committed matrices spell it
 
