@@ -31,8 +31,6 @@ from mlshift_jax.data import datasets
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
-DATA_METHODS = ("activation-clustering", "spectral-signatures", "spectre",  # detect_data.METHODS
-                "mahalanobis")
 TRAIN_OPTIONS = ("model", "hidden", "lr", "epochs", "batch_size", "optimizer", "seed",
                  "train_size", "save")
 
@@ -859,9 +857,12 @@ def _options():
     from mlshift_jax.attacks.defenses import DEFENSES
     from mlshift_jax.attacks.evasion import ATTACKS
     from mlshift_jax.attacks.losses import LOSSES
+    from mlshift_jax.detection import of_unit
     from mlshift_jax.models.recipes import RECIPES
     from mlshift_jax.models.train import OPTIMIZERS
     from mlshift_jax.poisoning.poison import MODES, POISONINGS
+
+    data_methods = [d.name for d in of_unit("sample")]
 
     def num(name, default, text):
         return {"type": rules.argtype(name), "default": default, "metavar": name.upper(),
@@ -934,8 +935,8 @@ def _options():
         "null_models": num("null_models", 24, "clean retrains in the null: the smallest "
                            "p-value is 1/(N+1): N >= 19 for alpha 0.05, 99 for 0.01; fewer "
                            "is faster"),
-        "method": {"nargs": "+", "default": list(DATA_METHODS), "choices": DATA_METHODS,
-                   "metavar": "METHOD", "help": f"one or more of: {', '.join(DATA_METHODS)}"},
+        "method": {"nargs": "+", "default": data_methods, "choices": data_methods,
+                   "metavar": "METHOD", "help": f"one or more of: {', '.join(data_methods)}"},
         "top": {"type": _count("--top", "samples listed per method"), "default": 20,
                 "metavar": "N", "help": "list the N highest-scoring samples of each method"},
         "quick": {"action": "store_true", "help": "the CI-sized matrix"},
@@ -976,6 +977,8 @@ PATH_OPTIONS = ("data_dir", "dataset", "save", "params", "reference", "suspect",
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mlshift_jax.detection import FINGERPRINT, of_unit
+
     options = _options()
     parser = _Parser(prog="mlshift", description=__doc__.splitlines()[0],
                      formatter_class=_Help)
@@ -1022,7 +1025,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("poison", cmd_poison, "E4-E7: poison the training data, train, score clean and "
             "triggered", *DATA, *TRAIN_OPTIONS, "kind", "fraction", "patch", "target", "mode",
             "source", "sweep")
-    command("detect", cmd_detect, "has the suspect model changed from the reference, and how?",
+    command("detect", cmd_detect, "has the suspect model changed from the reference, and how? "
+            f"({FINGERPRINT.label} and categorizer)",
             *DATA, "reference", "suspect", "model", "alpha", "sample_size", "null_models",
             "seed",
             model={"default": None, "metavar": "PKG.MOD:ATTR",
@@ -1061,7 +1065,7 @@ def build_parser() -> argparse.ArgumentParser:
             seed={"help": "seed of the null's models, the images and the search: "
                   f"{rules.describe('seed')}"})
     command("scan-data", cmd_scan_data, "which training samples look poisoned? "
-            "activation clustering, spectral signatures and SPECTRE on the training set of a "
+            f"{', '.join(d.label for d in of_unit('sample'))} on the training set of a "
             "trained model", *DATA, "params", "model", "train_size", "seed", "eps", "method",
             "top", "out",
             model={"default": None, "metavar": "PKG.MOD:ATTR",

@@ -93,7 +93,7 @@ def test_detection_bench_tables(mnist):
     attack_cols = [detection_bench.attack_label(k, e) for k, e in TINY.attacks]
     poison_cols = [detection_bench.poison_label(k, f) for k, f in TINY.poisonings]
     assert list(auc.columns) == attack_cols + poison_cols
-    image_rows = list(detection_bench.INPUT_ROWS)
+    image_rows = [d.label for d in detection_bench.INPUT]
     assert auc.loc[image_rows, poison_cols].isna().all().all()
     assert auc.loc[image_rows, attack_cols].notna().all().all()
     assert auc.loc["fingerprint test"].notna().all()

@@ -46,7 +46,7 @@ from mlshift_jax.core.files import atomic_path, write_text
 from mlshift_jax.core.provenance import code_digest, git_commit, relative_source
 from mlshift_jax.core.timing import NOISY, RERUNS
 from mlshift_jax.data import datasets
-from mlshift_jax.detection import categorize
+from mlshift_jax.detection import FINGERPRINT, categorize, of_unit
 
 MEASURES = ("accuracy", "precision", "recall", "f1", "confidence")
 PRF = ("precision", "recall", "f1", "confidence")
@@ -859,13 +859,14 @@ def _detect_finding(records: pd.DataFrame) -> str | None:
             parts.append(f"{what}: {name} (mean ROC-AUC {means[name]:.3f} over "
                          f"{len(columns)} change kinds)")
 
-    per_input = [r for r in auc.index if r in ("confidence", "margin", "entropy", "squeezing")]
-    per_data = [r for r in auc.index
-                if r in ("activation clustering", "spectral signatures", "SPECTRE")]
+    def rows(unit):  # the rows of the registry's detectors of one unit
+        return [d.label for d in of_unit(unit) if d.label in auc.index]
+
+    per_input, per_data = rows("input"), rows("sample")
     if inputs:
         best(per_input, inputs, "best per-input detector")
-    if "fingerprint test" in auc.index:
-        best(["fingerprint test"], list(auc.columns), "model-level change test")
+    if FINGERPRINT.label in auc.index:
+        best([FINGERPRINT.label], list(auc.columns), "model-level change test")
     if poisons:
         best(per_data, poisons, "best training-data detector")
     if "confusion" in t:

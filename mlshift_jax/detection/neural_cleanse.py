@@ -40,6 +40,7 @@ import optax
 
 from mlshift_jax.core.checks import count_nonfinite
 from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.detection.detector import Detector
 from mlshift_jax.models.train import map_chunks
 from mlshift_jax.models.zoo import Model, Params
 
@@ -347,3 +348,11 @@ def verdict(norms, threshold: float) -> dict:
     flagged = index > threshold
     return {"verdict": "backdoor" if flagged else "clean", "target": cls if flagged else None,
             "anomaly_index": index, "threshold": float(threshold)}
+
+
+DETECTORS: tuple[Detector, ...] = (
+    Detector("neural-cleanse", "model", anomaly_index, "Neural Cleanse",
+             "Wang et al., IEEE S&P 2019",
+             "anomaly index (robust z-score) of the smallest per-class reversed-trigger "
+             "mask norm"),
+)
