@@ -56,24 +56,20 @@ Tables (`run` returns them by name):
 
 `run` has three parts (`PARTS`), each with its own population, and the bench runs each as its
 own cell: "scan-model" ("scan_model", "scan_model_summary"), "categorizer-lofo"
-("categorizer_lofo") and "detectors" (every other table above). FULL's sizes (6 seeds, a null
-of 24 clean retrains, the training-data detectors on 3 seeds) keep the "detectors" cell near
-two minutes on 2 CPU cores; the timing table of each cell says where its time went.
+("categorizer_lofo") and "detectors" (every other table above). The timing table of each
+cell says where its time went.
 
 Memory: the population trains `population_chunk` members per vmap, so that their training
 data (the shared training set, and each member's gathered sample and poisoned copy, float32)
-fits in `memory_cap` bytes (default 1 GiB). Measured with `/usr/bin/time -v` on this
-project's 2-core CPU (bundled sample, a loaded machine): peak 7.8 GB before the cap, when
-`population.chunk_size` let 94 of the 129 members (a quarter of the machine's RAM) train in
-one vmap, 188 MB of copies each. The cap changes how many members train at once, not what
-they train on or what is measured.
+fits in `memory_cap` bytes (default 1 GiB): without it, `population.chunk_size` would size
+the vmap by the machine's RAM alone, and each member's copies of its sample come on top. The
+cap changes how many members train at once, not what they train on or what is measured.
 
 Time: `run` holds the BLAS libraries (OpenBLAS, which jaxlib's CPU `eigh` calls through
 scipy's LAPACK) to one thread (threadpoolctl). Their worker threads otherwise compete with
-XLA's own thread pool for the cores: on this project's 2-core CPU (loaded), ten 200 x 200
-`jnp.linalg.eigh` took 1.4-7 s with the default two BLAS threads and 0.06-0.13 s with one,
-and activation clustering and spectral signatures each take one such batch per poisoned
-member (30 of them in FULL). XLA's own kernels do not use these libraries.
+XLA's own thread pool for the cores, which slows the batched `jnp.linalg.eigh` that activation
+clustering and spectral signatures each take per poisoned member by an order of magnitude
+on a busy 2-core machine. XLA's own kernels do not use these libraries.
 """
 
 from __future__ import annotations
