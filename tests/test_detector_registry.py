@@ -31,6 +31,7 @@ def test_every_detector_has_every_fact(d):
 def test_names_and_labels_are_unique():
     assert len({d.label for d in ALL}) == len(ALL)
     assert sorted(of_unit("input") + of_unit("sample") + of_unit("model")) == sorted(ALL)
+    assert {DETECTORS[n].unit for n in scan.DETECTORS} == {"model"}  # scan-model's verdicts
 
 
 def _help(capsys, monkeypatch, command: str) -> str:
