@@ -295,3 +295,13 @@ def test_every_docs_page_is_linked_from_the_readme():
     missing = [p.name for p in PAGES[1:] if p.resolve() not in linked]
     assert not missing, f"docs pages the README does not link: {missing}"
 
+
+def test_docs_api_lists_every_public_name():
+    """docs/api.md's table names exactly what `mlshift_jax` exports (`__all__`)."""
+    text = (ROOT / "docs" / "api.md").read_text()
+    listed = re.findall(r"^\| `(\w+)` \|", text, re.M)
+    exported = [name for name in mlshift_jax.__all__ if name != "__version__"]
+    assert sorted(listed) == sorted(exported)
+    for name in listed:
+        getattr(mlshift_jax, name)  # each imports
+
