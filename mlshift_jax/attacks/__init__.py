@@ -6,7 +6,7 @@ obfuscated-gradient flags. Imports `core`, `data`, `poisoning`, `models`.
 adding an attack is one module with a `RECORDS` tuple, imported and listed below.
 """
 
-from mlshift_jax.attacks import adaptive, apgd, autoattack, evasion
+from mlshift_jax.attacks import adaptive, apgd, autoattack, evasion, mifgsm
 from mlshift_jax.attacks._common import Attack
 from mlshift_jax.attacks.adaptive import bpda_pgd, eot_pgd, square, transfer
 from mlshift_jax.attacks.apgd import apgd_ce, apgd_dlr, apgd_t
@@ -31,6 +31,7 @@ ATTACKS: dict[str, Attack] = {a.name: a for a in (
     *adaptive.RECORDS,
     *apgd.RECORDS,
     *autoattack.RECORDS,
+    *mifgsm.RECORDS,
 )}
 
 
