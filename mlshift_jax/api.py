@@ -91,7 +91,7 @@ def attack(name: str, model: Model, params: Params, x, y, *, eps: float, seed: i
     """Attack `name` ("fgsm", "pgd", "noise-sign", ...; `attacks.ATTACKS`) at L∞ budget eps,
     clipped to the model's input range; random attacks draw from `attacks.attack_key(seed)`.
     x: [n, D], y: [n] -> x_adv: [n, D]."""
-    from mlshift_jax.attacks.evasion import attack_key, get_attack
+    from mlshift_jax.attacks import attack_key, get_attack
 
     lo, hi = model.input_range
     kw.setdefault("lo", lo)

@@ -343,12 +343,7 @@ def _check_attack_memory(n: int, d: int, hidden: int, attacks) -> None:
 
 
 def cmd_attack(args) -> None:
-    from mlshift_jax.attacks.evasion import (
-        GRADIENT_ATTACKS,
-        attack_key,
-        get_attack,
-        gradient_report,
-    )
+    from mlshift_jax.attacks import attack_key, get_attack, get_defense, gradient_report
     from mlshift_jax.core.timing import time_call
     from mlshift_jax.models.metrics import evaluate
     from mlshift_jax.models.recipes import fit_model
@@ -356,8 +351,6 @@ def cmd_attack(args) -> None:
 
     attacks = [get_attack(name) for name in args.attack]
     if args.defense is not None:
-        from mlshift_jax.attacks.defenses import get_defense
-
         get_defense(args.defense)  # a bad name fails before the data loads
     if args.params is None and args.model is None:
         raise ConfigError("give --params FILE (with --model PKG.MOD:ATTR when the file names "
@@ -397,13 +390,13 @@ def cmd_attack(args) -> None:
     if args.defense:
         model, params = _defend(args, model, params, ds, key)
     grads = None
-    if any(a.name in GRADIENT_ATTACKS for a in attacks):  # warns in one line when flagged
+    if any(a.uses_gradient for a in attacks):  # warns in one line when flagged
         grads = gradient_report(model, params, x, y, key=jax.random.fold_in(key, 5))
     rows = []
     for attack in attacks:
         kw = {"key": key, **({"target": args.target} if attack.targeted else {}),
               **_iterative_kw(args, attack.fn)}
-        if attack.name == "transfer" and args.defense == "adv-train":
+        if attack.surrogate and args.defense and get_defense(args.defense).kind == "training":
             kw["source_params"] = undefended
         for eps in args.eps:  # eps is traced: one compile per attack, not per eps
             run = partial(attack.fn, model, params, x, y, eps=eps, **kw)
@@ -412,7 +405,7 @@ def cmd_attack(args) -> None:
             row = {"attack": attack.name, "eps": eps, **scores,
                    "attack_seconds": timing.median_s, "compile_seconds": timing.compile_s,
                    "n_images": n}
-            if grads is not None and attack.name in GRADIENT_ATTACKS:
+            if grads is not None and attack.uses_gradient:
                 row.update(zero_grad_frac=grads["zero_grad_frac"],
                            gradient_flag=grads["gradient_flag"])
             rows.append(row)
@@ -854,8 +847,7 @@ def _names(mapping) -> str:
 
 def _options():
     """Every option, defined once: flag -> add_argument keywords (shared by every command)."""
-    from mlshift_jax.attacks.defenses import DEFENSES
-    from mlshift_jax.attacks.evasion import ATTACKS
+    from mlshift_jax.attacks import ATTACKS, DEFENSES
     from mlshift_jax.attacks.losses import LOSSES
     from mlshift_jax.detection import of_unit
     from mlshift_jax.models.recipes import RECIPES

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from mlshift_jax.attacks.evasion import ATTACKS
+from mlshift_jax.attacks import ATTACKS
 from mlshift_jax.bench import detection_bench
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.detection import categorize, change_generator

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlshift_jax.attacks import adaptive, defenses, evasion, obfuscation
+from mlshift_jax.attacks import adaptive, defenses, evasion, get_attack, obfuscation
 from mlshift_jax.bench import matrix, report, runner
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.models import metrics
@@ -166,7 +166,7 @@ def test_adaptive_attacks_stay_in_the_ball_and_are_deterministic(name, trained):
     params, x, y, _ = trained
     model = defenses.build("quantize", MLP_CE)
     kw = {"queries": 20} if name == "square" else {"steps": 3}
-    fn = evasion.get_attack(name).fn
+    fn = get_attack(name).fn
     a = fn(model, params, x, y, eps=0.2, key=KEY, **kw)
     b = fn(model, params, x, y, eps=0.2, key=KEY, **kw)
     np.testing.assert_array_equal(a, b)
@@ -188,17 +188,17 @@ def test_adaptive_attacks_are_at_least_as_strong_as_the_naive_ones(trained, dae)
         model = _built(name, dae)
         adaptive_name = defenses.get_defense(name).adaptive
         xs, ys = x[:100], y[:100]
-        naive = min(_acc(model, params, evasion.get_attack(a).fn(
+        naive = min(_acc(model, params, get_attack(a).fn(
             model, params, xs, ys, eps=0.15, key=KEY, **({"steps": 5} if a == "pgd" else {})),
             ys) for a in ("fgsm", "pgd"))
-        strong = _acc(model, params, evasion.get_attack(adaptive_name).fn(
+        strong = _acc(model, params, get_attack(adaptive_name).fn(
             model, params, xs, ys, eps=0.15, key=KEY, steps=5, restarts=2, samples=2), ys)
         assert strong <= naive + 0.05, (name, adaptive_name, strong, naive)
 
 
 def test_square_attack_runs_in_a_sweep(trained):
     params, x, y, _ = trained
-    out = evasion.sweep(evasion.get_attack("square"), MLP_CE, params, x[:50], y[:50],
+    out = evasion.sweep(get_attack("square"), MLP_CE, params, x[:50], y[:50],
                         [0.0, 0.3], key=KEY, queries=30)
     np.testing.assert_array_equal(out[0], x[:50])
     assert _acc(MLP_CE, params, out[1], y[:50]) < _acc(MLP_CE, params, x[:50], y[:50])
@@ -212,7 +212,7 @@ def _table(model, params, x, y, eps_values=(0.1, 0.3)):
     for name, kw in (("fgsm", {}), ("pgd", {"steps": 10}), ("square", {"queries": 60}),
                      ("transfer", {"steps": 10})):
         for eps in eps_values:
-            x_adv = evasion.get_attack(name).fn(model, params, x, y, eps=eps, key=KEY, **kw)
+            x_adv = get_attack(name).fn(model, params, x, y, eps=eps, key=KEY, **kw)
             acc[(name, eps)] = _acc(model, params, x_adv, y)
     return acc
 

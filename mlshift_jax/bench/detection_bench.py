@@ -84,7 +84,7 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
-from mlshift_jax.attacks.evasion import attack_key, get_attack
+from mlshift_jax.attacks import attack_key, get_attack
 from mlshift_jax.bench import scan_bench
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.data.datasets import Dataset

@@ -39,6 +39,7 @@ import jax
 import numpy as np
 import pandas as pd
 
+from mlshift_jax.attacks import ATTACKS
 from mlshift_jax.bench import detection_bench, sweeps
 from mlshift_jax.bench.torch_peer import NOT_INSTALLED
 from mlshift_jax.core import fmt, outdir, study
@@ -635,8 +636,10 @@ def _detector_by_attack(t: dict[str, pd.DataFrame]) -> str:
 
 # --- defenses: the defense x attack table ---------------------------------------------------
 
-COLUMN_TITLES = {"fgsm": "FGSM", "pgd": "PGD", "adaptive": "adaptive", "square": "Square",
-                 "transfer": "transfer", "autoattack": "AutoAttack", "worst": "worst"}
+def column_title(column: str) -> str:
+    """A defense-table column's title: the attack's `Attack.label`; "adaptive" and "worst"
+    as they are."""
+    return ATTACKS[column].label if column in ATTACKS else column
 
 
 def defense_table(records: pd.DataFrame) -> pd.DataFrame:
@@ -690,7 +693,7 @@ def _defenses(records: pd.DataFrame) -> str:
     if not len(table):
         return "Not in this run (add a `[defenses]` block to the matrix).\n"
     out = []
-    cols = [c for c in COLUMN_TITLES if c in set(table["column"])]
+    cols = list(dict.fromkeys(table["column"]))  # the matrix's order, "worst" last
     for eps in sorted(set(table["eps"])):
         rows = []
         for (model, defense), sub in table[table["eps"] == eps].groupby(
@@ -702,7 +705,7 @@ def _defenses(records: pd.DataFrame) -> str:
                 if c == "worst" and c in by.index:
                     row["worst"] = f"{by.loc[c, 'accuracy']:.3f}"
                 elif c in by.index:
-                    label = COLUMN_TITLES[c] if c != "adaptive" else "adaptive"
+                    label = column_title(c)
                     name = f" {by.loc[c, 'attack']}" if c == "adaptive" else ""
                     row[label] = (f"{by.loc[c, 'accuracy']:.3f}{name} "
                                   f"({fmt_time(by.loc[c, 'median_s'])})")

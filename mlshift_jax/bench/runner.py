@@ -52,7 +52,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from mlshift_jax.attacks import autoattack, defenses, evasion, obfuscation
+from mlshift_jax.attacks import autoattack, defenses, evasion, get_attack, obfuscation
 from mlshift_jax.bench import detection_bench, stability, sweeps, torch_peer
 from mlshift_jax.bench.matrix import (
     AttackConfig,
@@ -100,7 +100,6 @@ from mlshift_jax.models.zoo import Model, predict
 
 CACHE_DIR = ".cache"
 N_EXAMPLES = 6  # images kept per clean / FGSM cell for the report's digit grid
-GRADIENT_ATTACKS = frozenset({"fgsm", "pgd", "fgsm-targeted", "pgd-targeted"})
 TIMING_FIELDS = ("compile_s", "median_s", "min_s", "max_s", "iqr_s", "rounds")
 
 
@@ -351,7 +350,7 @@ def _per_test(key: str, trained: _Trained, x, y, attack: str, memo: _Memo) -> di
     slot = memo.per_test.setdefault((key, x.shape[0]), {})
     if "clean" not in slot:
         slot["clean"] = evaluate(trained.arch, trained.params, x, y)
-    if attack in GRADIENT_ATTACKS and "zero_grad_frac" not in slot:
+    if get_attack(attack).uses_gradient and "zero_grad_frac" not in slot:
         slot["zero_grad_frac"] = float(_zero_grad_frac(trained.arch, trained.params, x, y))
     return slot
 
@@ -381,7 +380,7 @@ def _attack_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bo
     key, trained = _trained(spec, loaded, memo, cache, force)
     x, y = _device(memo, loaded, "test", cfg.n_test)
     per_test = _per_test(key, trained, x, y, cfg.attack, memo)
-    attack = evasion.get_attack(cfg.attack)
+    attack = get_attack(cfg.attack)
     options = dict(cfg.options)
     if attack.targeted:
         # the study's target class 3, or the last class of data with fewer classes
@@ -409,7 +408,7 @@ def _attack_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bo
         "n_test": int(x.shape[0]), "hidden": spec.hidden, "lr": spec.lr,
         "epochs": spec.epochs, **scores, "clean_accuracy": per_test["clean"]["accuracy"],
         **_timing_fields(timing), "train_s": trained.train_s, "params_finite": trained.finite,
-        "zero_grad_frac": per_test.get("zero_grad_frac") if cfg.attack in GRADIENT_ATTACKS
+        "zero_grad_frac": per_test.get("zero_grad_frac") if attack.uses_gradient
         else None, **{k: float(v) for k, v in _perturbation(x, x_adv).items()},
         "detail": detail,
     }
@@ -1071,18 +1070,15 @@ def _defense_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: b
             _column_rows(model, params, x_adv, y, cfg.eps, column, name, timing, eval_key,
                          rows, accuracy, correct)
             continue
+        attack = get_attack(name)
         kw: dict[str, Any] = {"key": key, "lo": lo, "hi": hi}
-        if name in ("pgd", "eot-pgd", "bpda-pgd", "transfer"):
-            kw["steps"] = cfg.steps
-        if column in ("adaptive", "transfer"):
+        kw.update({k: v for k, v in (("steps", cfg.steps), ("samples", cfg.samples),
+                                     ("queries", cfg.queries)) if attack.accepts(k)})
+        if attack.accepts("steps") and attack.accepts("restarts"):  # the PGD attacks' restarts
             kw["restarts"] = cfg.restarts
-        if name in ("eot-pgd", "bpda-pgd"):
-            kw["samples"] = cfg.samples
-        if name == "square":
-            kw["queries"] = cfg.queries
-        if name == "transfer" and cfg.defense == "adv-train":
+        if attack.surrogate and defenses.get_defense(cfg.defense).kind == "training":
             kw["source_params"] = base.params  # crafted on the undefended weights
-        fn = partial(evasion.sweep, evasion.get_attack(name), model, params, **kw)
+        fn = partial(evasion.sweep, attack, model, params, **kw)
         timing, x_adv = measure(fn, x, y, eps_values, rounds=cfg.rounds,
                                 max_seconds=cfg.max_seconds)
         _column_rows(model, params, x_adv, y, cfg.eps, column, name, timing, eval_key, rows,

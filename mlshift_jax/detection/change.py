@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlshift_jax.attacks.evasion import attack_key, get_attack
+from mlshift_jax.attacks import attack_key, get_attack
 from mlshift_jax.core.errors import ConfigError, DataError
 from mlshift_jax.core.files import atomic_path, config_hash, read_npz
 from mlshift_jax.data.datasets import Dataset, cache_dir, content_hash
