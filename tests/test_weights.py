@@ -13,7 +13,7 @@ import pytest
 
 from mlshift_jax.core.errors import ConfigError, DataError
 from mlshift_jax.core.files import save_params
-from mlshift_jax.models import weights
+from mlshift_jax.models import registry, weights
 from mlshift_jax.models.zoo import MODELS, STUDY_SPEC, build
 
 SUFFIXES = ("w.safetensors", "w.npz")
@@ -41,7 +41,7 @@ def test_builtin_params_round_trip_with_metadata(tmp_path, suffix, name):
     assert got["input_range"] == [0.01, 1.0] and got["seed"] == 3
     assert got["poison"]["kind"] == "mixture" and got["finite"] is True
     assert got["format"] == weights.FORMAT and "mlshift_version" in got
-    m2, p2, _ = weights.load_model(path)
+    m2, p2, _ = registry.load_model(path)
     assert m2 is model
     _same(p2, loaded)
 
@@ -97,12 +97,12 @@ def test_non_finite_weights_are_refused_unless_asked_for(tmp_path):
 def test_metadata_free_npz_falls_back_to_the_builtin_layouts(tmp_path):
     params = MODELS["mlp-ce"].init(jax.random.key(0), n_hidden=8)
     save_params(tmp_path / "old.npz", {k: np.asarray(v) for k, v in params.items()})
-    model, loaded, meta = weights.load_model(tmp_path / "old.npz")
+    model, loaded, meta = registry.load_model(tmp_path / "old.npz")
     assert model.name == "mlp-ce" and meta == {"finite": True}
     from safetensors.numpy import save_file
 
     save_file({k: np.asarray(v) for k, v in params.items()}, str(tmp_path / "bare.st"))
-    model, _, meta = weights.load_model(tmp_path / "bare.st")
+    model, _, meta = registry.load_model(tmp_path / "bare.st")
     assert model.name == "mlp-ce" and meta == {"finite": True}
 
 
@@ -160,7 +160,7 @@ def test_weights_that_do_not_fit_their_model_are_a_data_error(tmp_path):
     params["w2"] = params["w2"][:, :3]
     weights.save(tmp_path / "w.safetensors", params, weights.metadata(MODELS["mlp-ce"]))
     with pytest.raises(DataError, match="do not fit"):
-        weights.load_model(tmp_path / "w.safetensors")
+        registry.load_model(tmp_path / "w.safetensors")
 
 
 def test_a_reference_that_cannot_be_built_asks_for_the_model(tmp_path):
@@ -168,6 +168,6 @@ def test_a_reference_that_cannot_be_built_asks_for_the_model(tmp_path):
     params = model.init(jax.random.key(0), n_hidden=8)
     weights.save(tmp_path / "w.safetensors", params, weights.metadata(model))
     with pytest.raises(ConfigError, match=r"'MyNet' is neither .*load_model\(path, model="):
-        weights.load_model(tmp_path / "w.safetensors")
-    got, _, meta = weights.load_model(tmp_path / "w.safetensors", model=model)
+        registry.load_model(tmp_path / "w.safetensors")
+    got, _, meta = registry.load_model(tmp_path / "w.safetensors", model=model)
     assert got is model and meta["model"]["ref"] == "MyNet"

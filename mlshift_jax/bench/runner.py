@@ -87,7 +87,8 @@ from mlshift_jax.core.timing import (
 from mlshift_jax.data import datasets
 from mlshift_jax.models import baseline, population, zoo
 from mlshift_jax.models.metrics import SCORE_NAMES, evaluate, evaluate_arrays, predict_keyed
-from mlshift_jax.models.recipes import TrainConfig, fit, get_recipe, model_for, resolve
+from mlshift_jax.models.recipes import TrainConfig, resolve
+from mlshift_jax.models.registry import fit, get_recipe, model_for
 from mlshift_jax.models.train import (
     SEED_SGD_BLOCK,
     init_population,

@@ -397,3 +397,17 @@ def config_hash(payload) -> str:
     """sha256 of the canonical JSON of `payload` (sorted keys, no spaces), short hex."""
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()[:HASH_LEN]
+
+
+def tree_digest(tree, *, length: int = 16, tail: bytes = b"") -> str:
+    """sha256 (`length` hex digits) of a pytree's array leaves (dtypes, shapes and bytes, in
+    leaf order), then `tail`. The same arrays give the same digest on every machine."""
+    import jax
+
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    h.update(tail)
+    return h.hexdigest()[:length]

@@ -52,11 +52,11 @@ from mlshift_jax.data.datasets import Dataset, cache_dir, content_hash
 from mlshift_jax.detection import categorize, fingerprint
 from mlshift_jax.models.population import plan_for
 from mlshift_jax.models.recipes import TrainConfig
+from mlshift_jax.models.registry import recipe_of
 from mlshift_jax.models.retrain import train_sampled
-from mlshift_jax.models.zoo import STUDY_SPEC, Model, Params, build, check_spec, infer_model
+from mlshift_jax.models.zoo import STUDY_SPEC, Model, Params, arch_of, check_spec, infer_model
 from mlshift_jax.poisoning.poison import make_config
 
-RECIPE_OF = {"seed-mlp": "seed-mlp", "mlp-ce": "mlp-ce", "cnn": "cnn"}  # arch -> trainer
 CACHE_VERSION = 2  # bump when the calibration's meaning changes: old caches are ignored
 NULL_STREAM = 0xC0FFEE  # member seeds of a calibration start here (+ seed * 10,000)
 TRIGGER_STREAM = 0x7217  # the trigger search's key: fold_in(key(seed), this)
@@ -129,14 +129,6 @@ class Calibration:
         return {"n_null": int(self.null.probs.shape[0]), "recipe": self.recipe,
                 "hidden": self.hidden, "sample_size": self.config.sample_size,
                 "probes": self.probes.size, "n_changed_models": len(self.changed_kinds)}
-
-
-def hidden_size(model: Model, params: Params) -> int:
-    """The width of the penultimate layer of `params` (what `model.features` returns)."""
-    if model.features is None:
-        raise ConfigError(f"detect: expected a model with features, found {model.name}")
-    x = jax.ShapeDtypeStruct((model.n_inputs,), jnp.float32)
-    return int(jax.eval_shape(model.features, params, x).shape[-1])
 
 
 def changed_inputs(model: Model, params: Params, probes: fingerprint.ProbeSet,
@@ -429,17 +421,18 @@ def _shapes(params: Params) -> dict:
 
 
 def _arch(params: Params, spec) -> str:
-    """The built-in architecture of params; without a spec, by array names alone."""
+    """The built-in architecture of params; without a spec, by array names alone (shapes
+    the params alone cannot place, e.g. a CNN's image size, are checked once data is
+    given)."""
     if spec is not None:
         return infer_model(params, spec).name
     try:
         return infer_model(params).name
     except ConfigError:
-        for name in RECIPE_OF:  # shapes the params alone cannot place (a CNN's image size)
-            probe = build(name, STUDY_SPEC, 8)
-            if set(jax.eval_shape(lambda m=probe: m.init(jax.random.key(0)))) == set(params):
-                return name
-        raise
+        name = arch_of(params)
+        if name is None:
+            raise
+        return name
 
 
 def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *,
@@ -483,12 +476,8 @@ def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *
     check_pair(reference, suspect, ds.spec, model=model, suspect_model=suspect_model)
     if model is None:
         model = infer_model(reference, ds.spec)
-    user = model.name not in RECIPE_OF  # a user's model: retrain the Model itself
-    if recipe is None and not user:
-        recipe = RECIPE_OF[model.name]
-    elif recipe is None and ":" in model.name:
-        recipe = model.name
-    hidden = (hidden_size(model, reference) if not user else (train or TrainConfig()).hidden)
+    own, hidden, user = recipe_of(model, reference, train)  # a user's: retrain the Model
+    recipe = own if recipe is None else recipe
     if null is None:
         cfg = config or CalibrationConfig(seed=seed)
         null = calibrate(recipe, hidden, ds, cfg, cache=cache, cache_path=cache_path,

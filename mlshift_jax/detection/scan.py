@@ -63,9 +63,9 @@ from mlshift_jax.core.files import atomic_path, config_hash, read_npz
 from mlshift_jax.data.datasets import Dataset, cache_dir, content_hash, subsample
 from mlshift_jax.detection import benign, mm_bd
 from mlshift_jax.detection import neural_cleanse as nc
-from mlshift_jax.detection.change import RECIPE_OF, hidden_size
 from mlshift_jax.models.population import plan_for
 from mlshift_jax.models.recipes import TrainConfig
+from mlshift_jax.models.registry import recipe_of
 from mlshift_jax.models.zoo import Model, Params
 
 CACHE_VERSION = 3  # bump when the null's meaning changes: old caches are ignored
@@ -403,18 +403,6 @@ def calibrate_null(recipe: str | None, hidden: int, ds: Dataset,
     return _null(norms, rates, name, hidden, cfg, scan,
                  {"train_s": train_s, "scan_s": scan_s, "mm_bd_s": mm_s, "cached": False},
                  names, margins, margin)
-
-
-def recipe_of(model: Model, params: Params,
-              train: TrainConfig | None = None) -> tuple[str | None, int, bool]:
-    """(recipe, hidden, user) of a model as `calibrate_null` retrains it: a built-in
-    architecture's own trainer and penultimate width; a user model "pkg.module:attr" its
-    ref and the TrainConfig's hidden (unused by the model); user True for a user's model."""
-    user = model.name not in RECIPE_OF
-    if not user:
-        return RECIPE_OF[model.name], hidden_size(model, params), False
-    recipe = model.name if ":" in model.name else None
-    return recipe, (train or TrainConfig()).hidden, True
 
 
 def _check_params(model: Model, params: Params, ds: Dataset) -> Params:
