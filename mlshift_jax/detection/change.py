@@ -5,7 +5,7 @@
 
 1. The **calibration set** (`calibrate`): one population (`retrain.train_sampled`, one jit) of
    `n_null` clean retrains of the reference's architecture (its recipe's trainer, its hidden
-   size; a user model "pkg.module:attr" retrains its own Model, the one `weights.load_model`
+   size; a user model "pkg.module:attr" retrains its own Model, the one `registry.load_model`
    rebuilt, with the harness's minibatch trainer and the reference's training settings),
    each on its own random sample of `sample_size` training images with its own seed, plus
    a few models trained on poisoned data (`poisonings` x `poison_seeds`), all answering
@@ -265,7 +265,7 @@ def calibrate(recipe: str | None, hidden: int, ds: Dataset,
     None for a user's Model without a ref (then `model` is required and the calibration's
     recipe is its name); model: the Model to retrain (None: the one the recipe builds for
     `ds`), e.g. the
-    reference's from `weights.load_model`, so its hyper-parameters carry over; train: the
+    reference's from `registry.load_model`, so its hyper-parameters carry over; train: the
     TrainConfig the retrains use (lr, batch size, optimizer, epochs; None: the recipe's
     defaults; `config.epochs`, when set, wins). cache: read and write the cache; cache_path:
     its folder (default `data.cache_dir("detect")`); log: called with one line before a
@@ -326,7 +326,7 @@ def check_pair(reference: Params, suspect: Params, spec=None, *, model: Model | 
     same model. spec (a models.Spec or Dataset): the data's, checked against the params'
     shapes; None checks the params alone (before the data is loaded).
 
-    model, suspect_model: the Models the files name (`weights.load_model`; suspect_model
+    model, suspect_model: the Models the files name (`registry.load_model`; suspect_model
     defaults to model). Given, params of any pytree (flax, equinox) are compared by their
     structure and shapes, and the models by name and input spec; None infers a built-in
     architecture from the arrays' names (`models.infer_model`).
@@ -408,14 +408,14 @@ def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *
     """Test whether `suspect_params` behaves as a changed version of `reference_params`.
 
     reference_params, suspect_params: params of the same architecture (e.g. from
-    `weights.load_model`); ds: the dataset they were trained on (training images for the
+    `registry.load_model`); ds: the dataset they were trained on (training images for the
     clean retrains, test images for the probes); null: a `Calibration` (None: `calibrate`
     one, cached); seed: of the calibration set and of the random input changes; alpha: the
     test's level, its false-positive rate on clean retrains (None: `fingerprint.ALPHA`,
     0.05); ConfigError when the null is too small for it (alpha < 1 / (n_null + 1),
     `fingerprint.check_alpha`), before any training.
 
-    model: the reference's Model (`weights.load_model`); None infers a built-in from the
+    model: the reference's Model (`registry.load_model`); None infers a built-in from the
     arrays' names. recipe: the recipe its retrains use (default: the model's name for a user
     model "pkg.module:attr", the built-in trainer of its architecture otherwise); train: the
     reference's TrainConfig, for the retrains (see `calibrate`); suspect_model: the suspect's

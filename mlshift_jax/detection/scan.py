@@ -419,7 +419,7 @@ def scan_model(model: Model, params: Params, ds: Dataset, *, null: Null | None =
                cache_path=None, log: Callable[[str], None] | None = None) -> dict:
     """Scan one model for a backdoor, with no reference model (module docstring).
 
-    model: its `models.Model` (e.g. from `weights.load_model`); params: its weights; ds: the
+    model: its `models.Model` (e.g. from `registry.load_model`); params: its weights; ds: the
     dataset it was trained on (test images for the search, training images for the null);
     null: a `Null` (None: `calibrate_null` for the model's recipe, cached); config: the
     trigger search's settings; null_config: the null's (n_null, images, alpha, seed, ...);

@@ -104,7 +104,7 @@ def plan_for(recipe: str | None, train: TrainConfig | None = None, spec=None, *,
     "pkg.module:attr" that the harness trains (a flax / nnx / equinox module or a
     models.Model record: `train.train_minibatch` on its Model, so a population is a vmap of
     that over members, each initialised by the Model's `init(key)`). model: the Model to
-    train (e.g. the one `weights.load_model` rebuilt, with its hyper-parameters) instead of
+    train (e.g. the one `registry.load_model` rebuilt, with its hyper-parameters) instead of
     the one the recipe builds; it must take the spec's images and classes. recipe None: a
     user's Model with no ref (`usermodels.wrap` of a Python object), trained as user models
     are (`usermodels.DEFAULTS`); model is then required. ConfigError for the numpy baseline
