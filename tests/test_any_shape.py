@@ -17,7 +17,8 @@ from mlshift_jax.core.errors import ConfigError, DataError
 from mlshift_jax.data import datasets
 from mlshift_jax.models import zoo
 from mlshift_jax.models.metrics import evaluate
-from mlshift_jax.models.recipes import TrainConfig, fit_model, model_for
+from mlshift_jax.models.recipes import TrainConfig
+from mlshift_jax.models.registry import fit_model, model_for
 from mlshift_jax.poisoning import poison
 
 KEY = jax.random.key(0)

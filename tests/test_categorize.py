@@ -13,7 +13,7 @@ from mlshift_jax.bench import detection_bench
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.detection import categorize, change_generator
 from mlshift_jax.detection.categorize import CATEGORIES
-from mlshift_jax.detection.fingerprint import FEATURES, Null
+from mlshift_jax.detection.fingerprint import FEATURES, FeatureNull
 from mlshift_jax.poisoning.poison import POISONINGS
 
 
@@ -71,7 +71,7 @@ def test_confusion_table_matches_sklearn():
 
 def test_categorizer_inputs_are_null_zscores():
     rng = np.random.default_rng(3)
-    null = Null(rng.normal(2.0, 0.5, size=(30, len(FEATURES))))
+    null = FeatureNull(rng.normal(2.0, 0.5, size=(30, len(FEATURES))))
     z = null.zscores(null.features)
     np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-12)
     x = categorize.categorizer_inputs(null.features, null)

@@ -15,7 +15,8 @@ from mlshift_jax.attacks import adaptive, defenses, evasion, get_attack, obfusca
 from mlshift_jax.bench import matrix, report, runner
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.models import metrics
-from mlshift_jax.models.recipes import TrainConfig, fit
+from mlshift_jax.models.recipes import TrainConfig
+from mlshift_jax.models.registry import fit
 from mlshift_jax.models.zoo import MLP_CE, Model
 
 N_TRAIN, N_TEST, HIDDEN = 2000, 200, 64
@@ -360,8 +361,7 @@ def test_cli_adv_train_records_defense_eps_and_resolved_epochs(tmp_path, capsys)
 
     from mlshift_jax.attacks.defenses import ADV_EPOCH_FACTOR
     from mlshift_jax.cli import main
-    from mlshift_jax.models import weights
-    from mlshift_jax.models.recipes import get_recipe
+    from mlshift_jax.models.registry import get_recipe, load_model
 
     path = tmp_path / "adv.safetensors"
     code = main(["train", "--model", "mlp-ce", "--hidden", "8", "--train-size", "200",
@@ -370,7 +370,7 @@ def test_cli_adv_train_records_defense_eps_and_resolved_epochs(tmp_path, capsys)
     assert code == 0
     epochs = ADV_EPOCH_FACTOR * int(get_recipe("mlp-ce").defaults["epochs"])
     assert json.loads(capsys.readouterr().out)["epochs"] == epochs
-    meta = weights.load_model(str(path))[2]
+    meta = load_model(str(path))[2]
     assert meta["defense"] == {"name": "adv-train", "eps": 0.1, "steps": 1, "warmup": 0.0,
                                "epochs": epochs}
     assert meta["train"]["epochs"] == epochs

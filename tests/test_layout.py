@@ -68,3 +68,57 @@ def test_paths_relative_to_the_package_still_point_at_the_repository():
     assert (report.REPO_ROOT / "pyproject.toml").exists()
     assert report.default_out_dir().parent == report.REPO_ROOT / "results"
     assert (cli.BENCH_DIR / "matrix.toml").exists()
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PKG).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(("mlshift_jax", *parts))
+
+
+def edges(path: Path) -> set[str]:
+    """The modules of its own subpackage that the module at `path` imports.
+
+    Every import counts, at module level or deferred inside a function: a deferred import
+    is still a dependency (it runs as soon as the function does), and hiding a cycle in a
+    function is what made `recipes` <-> `usermodels` <-> `weights` one knot. `from
+    mlshift_jax.models import zoo` is an edge to `models.zoo`, not to the package's
+    `__init__` (Python imports the submodule itself); a subpackage's `__init__` may
+    re-export its modules, so edges into an `__init__` (a name imported from the package)
+    are kept, and a module that does so while the `__init__` imports it is a cycle."""
+    name = module_name(path)
+    sub = name.split(".")[:2]
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            subs = [f"{node.module}.{a.name}" for a in node.names
+                    if is_module(f"{node.module}.{a.name}")]
+            out |= set(subs)
+            if len(subs) < len(node.names):  # a name, not only submodules
+                out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module":
+            if node.args and isinstance(node.args[0], ast.Constant):
+                out.add(node.args[0].value)
+    return {m for m in out if m.split(".")[:2] == sub and len(sub) == 2 and m != name}
+
+
+def test_no_import_cycle_inside_a_subpackage():
+    graph = {module_name(p): edges(p) for p in MODULES}
+    cycles, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, set())):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, [*stack, nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)

@@ -36,7 +36,6 @@ base model, and the preprocessing `pre(x: [D], key) -> [D]` on one flat example,
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, NamedTuple
@@ -48,6 +47,7 @@ import optax
 
 from mlshift_jax.attacks._common import pgd_kernel
 from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.core.files import tree_digest
 from mlshift_jax.models.zoo import Model, Params
 
 Preprocess = Callable[[jax.Array, Any], jax.Array]  # pre(x: [D], key or None) -> [D]
@@ -373,7 +373,8 @@ def adv_fit(recipe_name: str, cfg: Any, x: Any, y: Any, *, eps: float = ADV_EPS,
     Dataset's `.spec`), guessed from x and y when None (`models.guess_spec`); PGD clips to its
     input range. Madry et al., ICLR 2018.
     """
-    from mlshift_jax.models.recipes import get_recipe, resolve
+    from mlshift_jax.models.recipes import resolve
+    from mlshift_jax.models.registry import get_recipe
     from mlshift_jax.models.train import train_minibatch
     from mlshift_jax.models.zoo import guess_spec
 
@@ -508,17 +509,6 @@ def resolve_options(name: str, options: dict | None = None) -> tuple:
     return tuple(sorted(out.items()))
 
 
-def _digest(state: Any) -> str | None:
-    if state is None:
-        return None
-    h = hashlib.sha256()
-    for leaf in jax.tree.leaves(state):
-        a = np.ascontiguousarray(np.asarray(leaf))
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
-
-
 def build(name: str, model: Model, *, state: Any = None, **options) -> Model:
     """`model` behind defense `name` (see the module table); cached, so the same arguments
     give the same Model (jit then reuses its compiled code).
@@ -535,7 +525,7 @@ def build(name: str, model: Model, *, state: Any = None, **options) -> Model:
                           " found None")
     if d.make_pre is None and d.kind != "training":
         return model
-    key = (name, model, opts, _digest(state))
+    key = (name, model, opts, None if state is None else tree_digest(state))
     if key in _BUILT:
         return _BUILT[key]
     if d.make_pre is not None:

@@ -485,7 +485,7 @@ def _detectors(cfg: BenchConfig, ds: Dataset, seed: int,
     for s in range(cfg.seeds):
         ref_i = int(members.rows("reference", s)[0])
         ref, ref_p, ref_t = _take(resp, ref_i), member(pop.params, ref_i), _take(found, ref_i)
-        null = fingerprint.Null(fingerprint.feature_matrix({
+        null = fingerprint.FeatureNull(fingerprint.feature_matrix({
             **fingerprint.fingerprints(ref, null_resp, probes.y),
             **fingerprint.trigger_features(model, ref_p, ref_t,
                                            _take(found, members.rows("null")), probes)}))

@@ -73,7 +73,8 @@ from mlshift_jax.core.files import (  # noqa: F401  (HASH_LEN: cell ids)
     file_kind,
 )
 from mlshift_jax.data.datasets import DATASETS
-from mlshift_jax.models.recipes import RECIPES, TrainConfig, get_recipe, resolve
+from mlshift_jax.models.recipes import RECIPES, TrainConfig, resolve
+from mlshift_jax.models.registry import get_recipe
 from mlshift_jax.models.train import OPTIMIZERS
 
 MAX_MATRIX_BYTES = 1 << 20
@@ -494,7 +495,7 @@ class _Checker:
 
 def is_model_ref(value: Any) -> bool:
     """Whether value is spelled as a user model reference "pkg.module:attr" (identifiers;
-    the module is imported only when the matrix expands, by `recipes.get_recipe`)."""
+    the module is imported only when the matrix expands, by `registry.get_recipe`)."""
     if not isinstance(value, str):
         return False
     module, sep, attr = value.partition(":")

@@ -51,7 +51,8 @@ from mlshift_jax.data.datasets import Dataset, subsample
 from mlshift_jax.detection import neural_cleanse as nc
 from mlshift_jax.detection.scan import log_norms, scan_images, scan_key
 from mlshift_jax.models.population import fit_group, init_members, member, plan_for
-from mlshift_jax.models.recipes import TrainConfig, get_recipe, resolve
+from mlshift_jax.models.recipes import TrainConfig, resolve
+from mlshift_jax.models.registry import get_recipe
 from mlshift_jax.models.train import map_chunks
 from mlshift_jax.poisoning import triggers
 

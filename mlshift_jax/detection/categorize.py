@@ -54,7 +54,7 @@ import pandas as pd
 
 from mlshift_jax.attacks import ATTACKS
 from mlshift_jax.core.errors import ConfigError
-from mlshift_jax.detection.fingerprint import FEATURES, Null
+from mlshift_jax.detection.fingerprint import FEATURES, FeatureNull
 
 CATEGORIES = ("none", "input-noise", "adversarial-input", "wrong-label", "trigger-only",
               "backdoor")
@@ -84,7 +84,7 @@ def category_of(kind: str) -> str:
                           f"found {kind!r}") from None
 
 
-def categorizer_inputs(features, null: Null) -> np.ndarray:
+def categorizer_inputs(features, null: FeatureNull) -> np.ndarray:
     """sign(z) log(1 + |z|) of the null z-scores. features: [m, F] in `null.names` order."""
     z = null.zscores(features)
     return np.sign(z) * np.log1p(np.abs(z))
