@@ -164,7 +164,8 @@ def _train_config(args):
 
 def _check_recipe(args):
     """The recipe --model names and the resolved TrainConfig: checked before data loads."""
-    from mlshift_jax.models.recipes import get_recipe, resolve
+    from mlshift_jax.models.recipes import resolve
+    from mlshift_jax.models.registry import get_recipe
 
     recipe = get_recipe(args.model)
     return recipe, resolve(recipe, _train_config(args))
@@ -253,9 +254,9 @@ def _load_weights(path: str, model: str | None = None):
     the arrays' layout (before the data loads: a bad file is one line). model: --model, the
     user's own "pkg.module:attr" the file must name (a file's reference alone is never
     imported)."""
-    from mlshift_jax.models import weights
+    from mlshift_jax.models.registry import load_model
 
-    model, params, meta = weights.load_model(path, model=model)
+    model, params, meta = load_model(path, model=model)
     return model, params, meta or {}
 
 
@@ -264,7 +265,7 @@ def _load_weights(path: str, model: str | None = None):
 
 def cmd_train(args) -> None:
     from mlshift_jax.models.metrics import evaluate
-    from mlshift_jax.models.recipes import fit_model, model_for
+    from mlshift_jax.models.registry import fit_model, model_for
 
     _, cfg = _check_recipe(args)
     if args.defense not in (None, "adv-train"):
@@ -346,7 +347,7 @@ def cmd_attack(args) -> None:
     from mlshift_jax.attacks import attack_key, get_attack, get_defense, gradient_report
     from mlshift_jax.core.timing import time_call
     from mlshift_jax.models.metrics import evaluate
-    from mlshift_jax.models.recipes import fit_model
+    from mlshift_jax.models.registry import fit_model
     from mlshift_jax.models.zoo import infer_model
 
     attacks = [get_attack(name) for name in args.attack]
@@ -507,7 +508,7 @@ def cmd_poison(args) -> None:
         _finite_or_fail(params, args)
         if args.save:
             from mlshift_jax.models.population import poison_key
-            from mlshift_jax.models.recipes import model_for
+            from mlshift_jax.models.registry import model_for
 
             # the member's poisoning, redrawn exactly as the population drew it
             xp, yp, _ = poison.apply(poison_key(args.seed), x, y, config, ds.spec)
