@@ -100,6 +100,7 @@ def test_dry_run_fails_when_a_step_leaves_a_file_out(tmp_path):
     assert done.returncode == 1 and "lacks floor.json" in done.stderr
 
 
+@pytest.mark.slow
 def test_floor_lists_its_files_so_the_bench_may_write_beside_them(tmp_path):
     """bench-gpu writes floor.py's files, then the bench's, into one results folder: floor
     must list its two files in the folder's manifest, or the bench refuses the folder as
