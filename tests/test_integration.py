@@ -198,7 +198,6 @@ def test_a_population_of_user_models_is_one_vmap_of_the_user_trainer(user_module
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
-@pytest.mark.slow
 def test_two_cell_bench_matrix_with_a_flax_model(user_module, tmp_path):
     from mlshift_jax.bench import matrix, report, runner
     from mlshift_jax.core.errors import ConfigError
