@@ -11,8 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 try:
     import tomllib
 except ImportError:  # Python 3.10
@@ -42,7 +40,6 @@ def _entries(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
 
 
-@pytest.mark.slow
 def test_a_second_process_loads_the_compiled_programs(tmp_path):
     folder = tmp_path / "cache" / "mlshift_jax" / "jax"
     first = _run(tmp_path)
