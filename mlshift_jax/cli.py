@@ -30,7 +30,6 @@ from mlshift_jax.data import datasets
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 TRAIN_OPTIONS = ("model", "hidden", "lr", "epochs", "batch_size", "optimizer", "seed",
                  "train_size", "save")
 
@@ -591,10 +590,9 @@ def cmd_scan_model(args) -> None:
     scan_cfg = ScanConfig(**({"steps": args.steps} if args.steps is not None else {}))
     scan_cfg.validate()
     if args.out is not None:
-        from mlshift_jax.bench.report import REPO_ROOT
         from mlshift_jax.core import outdir
 
-        outdir.claim(args.out, protected=[REPO_ROOT])
+        outdir.claim(args.out)
     model, params, meta = _load_weights(args.params, args.model)  # before the data loads
     if ":" in model.name:  # a user model: its null retrains as it was trained
         trained = meta.get("train") or {}
@@ -794,8 +792,8 @@ def cmd_bench(args) -> None:
 
     if args.distributed:  # before any other JAX call (platform names, devices)
         initialize_distributed()
-    matrix = Path(args.matrix) if args.matrix else BENCH_DIR / (
-        "matrix-quick.toml" if args.quick else "matrix.toml")
+    matrix = Path(args.matrix) if args.matrix else (
+        runner.QUICK_MATRIX if args.quick else runner.DEFAULT_MATRIX)
     if not matrix.is_file():
         found = "a folder" if matrix.is_dir() else "nothing"
         raise ConfigError(f"{matrix}: expected a matrix TOML file, found {found}; pass "
@@ -807,7 +805,7 @@ def cmd_bench(args) -> None:
     out, sample_out, why = _bench_out(args, matrix)
     from mlshift_jax.core import outdir  # refused before any data loads (runner.run again)
 
-    outdir.claim(out, protected=[report.REPO_ROOT])
+    outdir.claim(out)
     runner._check_committed(out, matrix, args.dataset, sample=False)
     if why:
         print(f"mlshift: {why}: results go to {out}, not {report.default_out_dir()} "
@@ -934,7 +932,7 @@ def _options():
                 "metavar": "N", "help": "list the N highest-scoring samples of each method"},
         "quick": {"action": "store_true", "help": "the CI-sized matrix"},
         "matrix": {"metavar": "FILE.toml",
-                   "help": "a matrix TOML file; default bench/matrix.toml (a custom matrix "
+                   "help": "a matrix TOML file; default the packaged full.toml (a custom matrix "
                    "writes to results/<platform>-<name>/ unless --out)"},
         "only": {"metavar": "PATTERN",
                  "help": "run only the cells whose id matches (glob or substring) and cache "

@@ -96,6 +96,7 @@ def run_cli(capsys, *argv) -> dict | list:
 CASES = [("net", "rgb"), ("mlp", "digits")]  # the API test takes the other two pairs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attr,data", CASES)
 def test_shell_chain_train_attack_poison_detect(user_module, tmp_path, capsys, attr, data):
     write_npz(tmp_path / f"{data}.npz", SHAPES[data])
@@ -146,6 +147,7 @@ def test_detect_refuses_models_of_different_kinds(user_module, tmp_path, capsys)
     assert code == 2 and f"its model is '{user_module}:mlp', not" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attr,data", [("net", "digits"), ("mlp", "rgb")])
 def test_python_api_chain(user_module, tmp_path, attr, data):
     from mlshift_jax.bench.sweeps import poison_one

@@ -87,6 +87,7 @@ def readme_shell() -> list[list[str]]:
     return [line.split()[1:] for line in lines if line.startswith("mlshift ")]
 
 
+@pytest.mark.slow
 def test_readme_shell_block_runs(tmp_path):
     """Each command of the README's shell block, as written, as its own `python -m
     mlshift_jax` process (as a shell runs it), with `Net` from the Python example saved in
