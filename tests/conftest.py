@@ -62,7 +62,8 @@ def trained_mlp_ce(mnist):
     (params, the first 200 test images and labels as JAX arrays, the 2,000 training images)."""
     import jax.numpy as jnp
 
-    from mlshift_jax.models.recipes import TrainConfig, fit
+    from mlshift_jax.models.recipes import TrainConfig
+    from mlshift_jax.models.registry import fit
 
     x, y = mnist.x_train[:2000], mnist.y_train[:2000]
     params = fit("mlp-ce", TrainConfig(hidden=64, epochs=3), x, y)
