@@ -18,14 +18,12 @@ assumes MNIST. Errors are `ConfigError` / `DataError` in one line.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any
 
 import jax
 import numpy as np
 
-from mlshift_jax.core.errors import ConfigError
-from mlshift_jax.models import recipes, usermodels
+from mlshift_jax.models import recipes, registry, usermodels
 from mlshift_jax.models.zoo import Model, Params
 
 # the recipe each Model built here came from, so fit(model, ...) retrains it the same way
@@ -43,11 +41,11 @@ def load_dataset(name: str = "mnist", data_dir=None, **kw):
 def _recipe_of(model) -> tuple[Any, Model | None]:
     """(recipe, built Model or None) for anything `fit` accepts."""
     if isinstance(model, str):
-        return usermodels.get_recipe(model), None
+        return registry.get_recipe(model), None
     if isinstance(model, Model) and model in _RECIPE_OF:
         return _RECIPE_OF[model], model
     if isinstance(model, Model) and ":" not in model.name and model.name in recipes.RECIPES:
-        return recipes.get_recipe(model.name), model
+        return registry.get_recipe(model.name), model
     return (model if isinstance(model, tuple) and hasattr(model, "build")
             else usermodels.wrap(model)), None
 
@@ -57,10 +55,7 @@ def build(model, ds) -> Model:
     recipe, built = _recipe_of(model)
     if built is not None:
         return built
-    if hasattr(recipe, "build"):
-        built = recipe.build(usermodels.spec_of(ds), recipes.TrainConfig())
-    else:  # a built-in recipe before the contract's build(spec, cfg): MNIST-shaped
-        built = recipe.arch
+    built = recipe.build(usermodels.spec_of(ds), recipes.TrainConfig())
     _RECIPE_OF[built] = recipe
     return built
 
@@ -77,12 +72,7 @@ def fit(model, ds, cfg: recipes.TrainConfig | None = None, **settings) -> tuple[
     recipe, _ = _recipe_of(model)
     built = build(model, ds)
     x, y = ds.x_train, ds.y_train
-    if hasattr(recipe, "build"):
-        defaults = getattr(recipe, "defaults", {}) or {}
-        filled = {k: v for k, v in defaults.items() if getattr(cfg, k, 0) is None}
-        params = recipe.fit(built, dataclasses.replace(cfg, **filled).validate(), x, y)
-    else:
-        params = recipes.fit(recipe.name, cfg, x, y)
+    params = recipe.fit(built, recipes.fill(getattr(recipe, "defaults", {}) or {}, cfg), x, y)
     return built, jax.block_until_ready(params)
 
 
@@ -91,7 +81,7 @@ def attack(name: str, model: Model, params: Params, x, y, *, eps: float, seed: i
     """Attack `name` ("fgsm", "pgd", "noise-sign", ...; `attacks.ATTACKS`) at L∞ budget eps,
     clipped to the model's input range; random attacks draw from `attacks.attack_key(seed)`.
     x: [n, D], y: [n] -> x_adv: [n, D]."""
-    from mlshift_jax.attacks.evasion import attack_key, get_attack
+    from mlshift_jax.attacks import attack_key, get_attack
 
     lo, hi = model.input_range
     kw.setdefault("lo", lo)
@@ -138,13 +128,7 @@ def detect_change(model: Model, reference: Params, suspect: Params, ds, **kw) ->
     against a null of clean retrains on ds: verdict, p_value, category, fingerprint."""
     from mlshift_jax.detection.change import detect_pair
 
-    if "model" in inspect.signature(detect_pair).parameters:
-        return detect_pair(reference, suspect, ds, model=model, **kw)
-    if ":" in model.name or model.name not in recipes.RECIPES:
-        raise ConfigError(f"detect: model-level change detection takes the built-in models "
-                          f"only here (this build's change.detect_pair has no model=); found "
-                          f"{model.name!r}")
-    return detect_pair(reference, suspect, ds, **kw)
+    return detect_pair(reference, suspect, ds, model=model, **kw)
 
 
 def roc_auc(scores, labels) -> float:

@@ -30,9 +30,6 @@ from mlshift_jax.data import datasets
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
-DATA_METHODS = ("activation-clustering", "spectral-signatures", "spectre",  # detect_data.METHODS
-                "mahalanobis")
 TRAIN_OPTIONS = ("model", "hidden", "lr", "epochs", "batch_size", "optimizer", "seed",
                  "train_size", "save")
 
@@ -166,7 +163,8 @@ def _train_config(args):
 
 def _check_recipe(args):
     """The recipe --model names and the resolved TrainConfig: checked before data loads."""
-    from mlshift_jax.models.recipes import get_recipe, resolve
+    from mlshift_jax.models.recipes import resolve
+    from mlshift_jax.models.registry import get_recipe
 
     recipe = get_recipe(args.model)
     return recipe, resolve(recipe, _train_config(args))
@@ -255,9 +253,9 @@ def _load_weights(path: str, model: str | None = None):
     the arrays' layout (before the data loads: a bad file is one line). model: --model, the
     user's own "pkg.module:attr" the file must name (a file's reference alone is never
     imported)."""
-    from mlshift_jax.models import weights
+    from mlshift_jax.models.registry import load_model
 
-    model, params, meta = weights.load_model(path, model=model)
+    model, params, meta = load_model(path, model=model)
     return model, params, meta or {}
 
 
@@ -266,7 +264,7 @@ def _load_weights(path: str, model: str | None = None):
 
 def cmd_train(args) -> None:
     from mlshift_jax.models.metrics import evaluate
-    from mlshift_jax.models.recipes import fit_model, model_for
+    from mlshift_jax.models.registry import fit_model, model_for
 
     _, cfg = _check_recipe(args)
     if args.defense not in (None, "adv-train"):
@@ -345,21 +343,14 @@ def _check_attack_memory(n: int, d: int, hidden: int, attacks) -> None:
 
 
 def cmd_attack(args) -> None:
-    from mlshift_jax.attacks.evasion import (
-        GRADIENT_ATTACKS,
-        attack_key,
-        get_attack,
-        gradient_report,
-    )
+    from mlshift_jax.attacks import attack_key, get_attack, get_defense, gradient_report
     from mlshift_jax.core.timing import time_call
     from mlshift_jax.models.metrics import evaluate
-    from mlshift_jax.models.recipes import fit_model
+    from mlshift_jax.models.registry import fit_model
     from mlshift_jax.models.zoo import infer_model
 
     attacks = [get_attack(name) for name in args.attack]
     if args.defense is not None:
-        from mlshift_jax.attacks.defenses import get_defense
-
         get_defense(args.defense)  # a bad name fails before the data loads
     if args.params is None and args.model is None:
         raise ConfigError("give --params FILE (with --model PKG.MOD:ATTR when the file names "
@@ -399,13 +390,13 @@ def cmd_attack(args) -> None:
     if args.defense:
         model, params = _defend(args, model, params, ds, key)
     grads = None
-    if any(a.name in GRADIENT_ATTACKS for a in attacks):  # warns in one line when flagged
+    if any(a.uses_gradient for a in attacks):  # warns in one line when flagged
         grads = gradient_report(model, params, x, y, key=jax.random.fold_in(key, 5))
     rows = []
     for attack in attacks:
         kw = {"key": key, **({"target": args.target} if attack.targeted else {}),
               **_iterative_kw(args, attack.fn)}
-        if attack.name == "transfer" and args.defense == "adv-train":
+        if attack.surrogate and args.defense and get_defense(args.defense).kind == "training":
             kw["source_params"] = undefended
         for eps in args.eps:  # eps is traced: one compile per attack, not per eps
             run = partial(attack.fn, model, params, x, y, eps=eps, **kw)
@@ -414,7 +405,7 @@ def cmd_attack(args) -> None:
             row = {"attack": attack.name, "eps": eps, **scores,
                    "attack_seconds": timing.median_s, "compile_seconds": timing.compile_s,
                    "n_images": n}
-            if grads is not None and attack.name in GRADIENT_ATTACKS:
+            if grads is not None and attack.uses_gradient:
                 row.update(zero_grad_frac=grads["zero_grad_frac"],
                            gradient_flag=grads["gradient_flag"])
             rows.append(row)
@@ -516,7 +507,7 @@ def cmd_poison(args) -> None:
         _finite_or_fail(params, args)
         if args.save:
             from mlshift_jax.models.population import poison_key
-            from mlshift_jax.models.recipes import model_for
+            from mlshift_jax.models.registry import model_for
 
             # the member's poisoning, redrawn exactly as the population drew it
             xp, yp, _ = poison.apply(poison_key(args.seed), x, y, config, ds.spec)
@@ -599,10 +590,9 @@ def cmd_scan_model(args) -> None:
     scan_cfg = ScanConfig(**({"steps": args.steps} if args.steps is not None else {}))
     scan_cfg.validate()
     if args.out is not None:
-        from mlshift_jax.bench.report import REPO_ROOT
         from mlshift_jax.core import outdir
 
-        outdir.claim(args.out, protected=[REPO_ROOT])
+        outdir.claim(args.out)
     model, params, meta = _load_weights(args.params, args.model)  # before the data loads
     if ":" in model.name:  # a user model: its null retrains as it was trained
         trained = meta.get("train") or {}
@@ -802,8 +792,8 @@ def cmd_bench(args) -> None:
 
     if args.distributed:  # before any other JAX call (platform names, devices)
         initialize_distributed()
-    matrix = Path(args.matrix) if args.matrix else BENCH_DIR / (
-        "matrix-quick.toml" if args.quick else "matrix.toml")
+    matrix = Path(args.matrix) if args.matrix else (
+        runner.QUICK_MATRIX if args.quick else runner.DEFAULT_MATRIX)
     if not matrix.is_file():
         found = "a folder" if matrix.is_dir() else "nothing"
         raise ConfigError(f"{matrix}: expected a matrix TOML file, found {found}; pass "
@@ -815,7 +805,7 @@ def cmd_bench(args) -> None:
     out, sample_out, why = _bench_out(args, matrix)
     from mlshift_jax.core import outdir  # refused before any data loads (runner.run again)
 
-    outdir.claim(out, protected=[report.REPO_ROOT])
+    outdir.claim(out)
     runner._check_committed(out, matrix, args.dataset, sample=False)
     if why:
         print(f"mlshift: {why}: results go to {out}, not {report.default_out_dir()} "
@@ -856,12 +846,14 @@ def _names(mapping) -> str:
 
 def _options():
     """Every option, defined once: flag -> add_argument keywords (shared by every command)."""
-    from mlshift_jax.attacks.defenses import DEFENSES
-    from mlshift_jax.attacks.evasion import ATTACKS
+    from mlshift_jax.attacks import ATTACKS, DEFENSES
     from mlshift_jax.attacks.losses import LOSSES
+    from mlshift_jax.detection import of_unit
     from mlshift_jax.models.recipes import RECIPES
     from mlshift_jax.models.train import OPTIMIZERS
     from mlshift_jax.poisoning.poison import MODES, POISONINGS
+
+    data_methods = [d.name for d in of_unit("sample")]
 
     def num(name, default, text):
         return {"type": rules.argtype(name), "default": default, "metavar": name.upper(),
@@ -934,13 +926,13 @@ def _options():
         "null_models": num("null_models", 24, "clean retrains in the null: the smallest "
                            "p-value is 1/(N+1): N >= 19 for alpha 0.05, 99 for 0.01; fewer "
                            "is faster"),
-        "method": {"nargs": "+", "default": list(DATA_METHODS), "choices": DATA_METHODS,
-                   "metavar": "METHOD", "help": f"one or more of: {', '.join(DATA_METHODS)}"},
+        "method": {"nargs": "+", "default": data_methods, "choices": data_methods,
+                   "metavar": "METHOD", "help": f"one or more of: {', '.join(data_methods)}"},
         "top": {"type": _count("--top", "samples listed per method"), "default": 20,
                 "metavar": "N", "help": "list the N highest-scoring samples of each method"},
         "quick": {"action": "store_true", "help": "the CI-sized matrix"},
         "matrix": {"metavar": "FILE.toml",
-                   "help": "a matrix TOML file; default bench/matrix.toml (a custom matrix "
+                   "help": "a matrix TOML file; default the packaged full.toml (a custom matrix "
                    "writes to results/<platform>-<name>/ unless --out)"},
         "only": {"metavar": "PATTERN",
                  "help": "run only the cells whose id matches (glob or substring) and cache "
@@ -976,6 +968,8 @@ PATH_OPTIONS = ("data_dir", "dataset", "save", "params", "reference", "suspect",
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mlshift_jax.detection import FINGERPRINT, of_unit
+
     options = _options()
     parser = _Parser(prog="mlshift", description=__doc__.splitlines()[0],
                      formatter_class=_Help)
@@ -1022,7 +1016,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("poison", cmd_poison, "E4-E7: poison the training data, train, score clean and "
             "triggered", *DATA, *TRAIN_OPTIONS, "kind", "fraction", "patch", "target", "mode",
             "source", "sweep")
-    command("detect", cmd_detect, "has the suspect model changed from the reference, and how?",
+    command("detect", cmd_detect, "has the suspect model changed from the reference, and how? "
+            f"({FINGERPRINT.label} and categorizer)",
             *DATA, "reference", "suspect", "model", "alpha", "sample_size", "null_models",
             "seed",
             model={"default": None, "metavar": "PKG.MOD:ATTR",
@@ -1061,7 +1056,7 @@ def build_parser() -> argparse.ArgumentParser:
             seed={"help": "seed of the null's models, the images and the search: "
                   f"{rules.describe('seed')}"})
     command("scan-data", cmd_scan_data, "which training samples look poisoned? "
-            "activation clustering, spectral signatures and SPECTRE on the training set of a "
+            f"{', '.join(d.label for d in of_unit('sample'))} on the training set of a "
             "trained model", *DATA, "params", "model", "train_size", "seed", "eps", "method",
             "top", "out",
             model={"default": None, "metavar": "PKG.MOD:ATTR",

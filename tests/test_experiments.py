@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -20,12 +19,10 @@ from mlshift_jax.core.errors import ConfigError
 from tests.test_report import _records
 from tests.test_runner import TINY
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
 # computed on main at 2a0a46e, before the bench was sliced by experiment: one cell of each
 # block of each committed matrix; a cached cell is found by its hash, so these must not move
 PINNED = {
-    "matrix.toml": {
+    "full": {
         "mnist/seed-mlp-numpy/none/0/seed0": "ab18c15a4b7f",
         "e1/mnist/seed-mlp/none/0/seed0": "cb5b14aa0dff",
         "e2/mnist/seed-mlp/stability/seed0": "4eb3e7c7646c",
@@ -35,7 +32,7 @@ PINNED = {
         "detect/mnist/seed0/detectors": "e5c88272714b",
         "defense/mnist/seed-mlp/none/seed0": "0c5063e15b16",
     },
-    "matrix-quick.toml": {
+    "quick": {
         "mnist/seed-mlp-numpy/none/0/seed0": "d7ffcd6d2012",
         "e1/mnist/seed-mlp/none/0/seed0": "44e0a1ab786b",
         "e2/mnist/seed-mlp/stability/seed0": "785c3c47560a",
@@ -50,7 +47,8 @@ PINNED = {
 
 @pytest.mark.parametrize("name", sorted(PINNED))
 def test_committed_matrices_keep_their_cell_hashes(name):
-    hashes = {c.id: c.hash for c in matrix.cells(matrix.load(BENCH / name))}
+    path = {"full": runner.DEFAULT_MATRIX, "quick": runner.QUICK_MATRIX}[name]
+    hashes = {c.id: c.hash for c in matrix.cells(matrix.load(path))}
     assert {i: hashes.get(i) for i in PINNED[name]} == PINNED[name]
 
 

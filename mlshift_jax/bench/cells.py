@@ -19,11 +19,12 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
-from mlshift_jax.attacks.evasion import get_attack
+from mlshift_jax.attacks import get_attack
 from mlshift_jax.core import rules
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.core.files import config_hash
-from mlshift_jax.models.recipes import TrainConfig, get_recipe, resolve
+from mlshift_jax.models.recipes import TrainConfig, resolve
+from mlshift_jax.models.registry import get_recipe
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -320,7 +321,7 @@ class Checker:
 
 def is_model_ref(value: Any) -> bool:
     """Whether value is spelled as a user model reference "pkg.module:attr" (identifiers;
-    the module is imported only when the matrix expands, by `recipes.get_recipe`)."""
+    the module is imported only when the matrix expands, by `registry.get_recipe`)."""
     if not isinstance(value, str):
         return False
     module, sep, attr = value.partition(":")

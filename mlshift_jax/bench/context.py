@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 from collections.abc import Callable
 from dataclasses import replace
@@ -26,12 +25,11 @@ import numpy as np
 
 from mlshift_jax.bench.cells import Cell, TrainSpec
 from mlshift_jax.core import sharding
-from mlshift_jax.core.errors import DataError
-from mlshift_jax.core.files import load_params, save_params, write_text
+from mlshift_jax.core.files import cached_npz, check_arrays
 from mlshift_jax.core.provenance import code_digest, git_commit, relative_source
 from mlshift_jax.core.timing import Timing, time_call, time_once
 from mlshift_jax.data import datasets
-from mlshift_jax.models.recipes import fit, model_for
+from mlshift_jax.models.registry import fit, model_for
 from mlshift_jax.models.weights import flatten, unflatten
 from mlshift_jax.models.zoo import Model
 
@@ -153,6 +151,9 @@ def on_device(memo: Memo, loaded: Loaded, split: str, n: int | None):
     return memo.arrays[key]
 
 
+_TRAIN_S, _N_TRAIN = "__train_s__", "__n_train__"  # a params entry's timing and data size
+
+
 def trained(spec: TrainSpec, loaded: Loaded, memo: Memo, cache: Path,
             force: bool) -> tuple[str, Trained]:
     """Params for `spec` on `loaded`: from this run, from the cache, or trained (timed once)."""
@@ -162,25 +163,22 @@ def trained(spec: TrainSpec, loaded: Loaded, memo: Memo, cache: Path,
     if key in memo.trained:
         return key, memo.trained[key]
     path = cache / "params" / f"{key}.npz"
-    meta_path = path.with_suffix(".json")
-    params = None
-    if not force and (path.exists() or meta_path.exists()):
-        try:  # diverged params are cached as they are: the record flags them (params_finite)
-            params = unflatten(load_params(path, finite=False))  # nested for user models
-            meta = json.loads(meta_path.read_text())
-            meta = {"train_s": float(meta["train_s"]), "n_train": int(meta["n_train"])}
-        except (DataError, OSError, ValueError, KeyError, TypeError):
-            memo.damaged.append(f"params/{path.name}")
-            params = None
-    if params is None:
+
+    def compute():  # "a/b/0" names: any pytree (flax, equinox); the timing beside them
         ds = capped(loaded.ds, spec.n_train, None)
         timing, params = once(partial(fit, spec.model, spec.train_config(), spec=ds.spec),
                               ds.x_train, ds.y_train)
-        params = jax.tree.map(np.asarray, params)
-        meta = {"train_s": timing.median_s, "n_train": len(ds.y_train)}
-        if jax.process_index() == 0:
-            save_params(path, flatten(params))  # "a/b/0" names: any pytree (flax, equinox)
-            write_text(meta_path, json.dumps(meta))
+        return {**flatten(jax.tree.map(np.asarray, params)),
+                _TRAIN_S: np.array([timing.median_s]), _N_TRAIN: np.array([len(ds.y_train)])}
+
+    # diverged params are cached as they are: the record flags them (params_finite)
+    arrays = cached_npz(path, compute, what="a .npz of params", read=not force,
+                        write=jax.process_index() == 0,
+                        check=lambda a: (check_arrays(str(path), a, finite=False),
+                                         a[_TRAIN_S], a[_N_TRAIN]),
+                        on_damaged=lambda p: memo.damaged.append(f"params/{p.name}"))
+    meta = {"train_s": float(arrays.pop(_TRAIN_S)[0]), "n_train": int(arrays.pop(_N_TRAIN)[0])}
+    params = unflatten(arrays)  # nested for user models
     finite = all(bool(np.all(np.isfinite(v))) for v in jax.tree.leaves(params))
     out = Trained(model_for(spec.model, loaded.ds.spec, spec.train_config()),
                   jax.device_put(params), meta["train_s"], meta["n_train"], finite)

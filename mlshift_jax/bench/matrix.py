@@ -1,6 +1,6 @@
 """The experiment matrix as data: a TOML file -> frozen dataclasses -> cells.
 
-A matrix file (see `bench/matrix.toml`) has these tables; every key not listed is an error:
+A matrix file (see `matrices/full.toml`) has these tables; every key not listed is an error:
 
     [matrix]      datasets, models, attacks, eps, seeds = [0], hidden = 200, n_train, n_test
     [datasets.<name>]         a dataset by path, usable wherever a dataset name is:
@@ -44,7 +44,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from mlshift_jax.attacks.evasion import ATTACKS
+from mlshift_jax.attacks import ATTACKS
 from mlshift_jax.bench.cells import (
     TINY_HIDDEN,
     TINY_TEST,

@@ -41,7 +41,6 @@ from mlshift_jax.core.files import atomic_path, write_text
 from mlshift_jax.core.provenance import code_digest, git_commit, relative_source
 
 SCORED_KINDS = ("attack", "stability")  # the kinds whose records carry model scores
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PLACED = tuple(sorted(EXPERIMENTS, key=lambda e: e.place))  # tables.md's order
 
 
@@ -77,8 +76,8 @@ def platform_name(device: Any = None) -> str:
     return platform_for(device.platform, device.device_kind)
 
 
-def default_out_dir(root: str | Path = REPO_ROOT) -> Path:
-    """results/<platform_name()>/ under `root` (the repository by default)."""
+def default_out_dir(root: str | Path = ".") -> Path:
+    """results/<platform_name()>/ under `root` (the working folder by default)."""
     return Path(root) / "results" / platform_name()
 
 
@@ -436,11 +435,11 @@ def write(records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     """Write tables.md, records.csv, run.json and figures/ into out_dir (atomically, each),
     listed in its manifest (`core.outdir`); figures an earlier run listed and this one did not
     draw are removed, so the folder holds one run. ConfigError for a folder holding files
-    mlshift did not write, the filesystem root, the home folder or the repository root.
+    mlshift did not write, the filesystem root, the home folder or the folder holding the package.
 
     records: what `runner.run` returns. Returns the paths written.
     """
-    out_dir = outdir.claim(out_dir, protected=[REPO_ROOT])
+    out_dir = outdir.claim(out_dir)
     paths = [out_dir / "tables.md", out_dir / "records.csv", out_dir / "run.json"]
     outdir.record(out_dir, files=paths, folders=["figures"])  # listed before they exist
     info = run_info(records)

@@ -39,6 +39,7 @@ import time
 import warnings
 from dataclasses import replace
 from datetime import datetime, timezone
+from importlib import resources
 from pathlib import Path
 
 import jax
@@ -174,19 +175,39 @@ def _warn_damaged(cache: Path, damaged: list) -> None:
                       f"in {cache} treated as missing and rebuilt: {shown}", stacklevel=3)
 
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+MATRICES = Path(str(resources.files("mlshift_jax.bench") / "matrices"))  # package data
+DEFAULT_MATRIX = MATRICES / "full.toml"  # `mlshift bench`
+QUICK_MATRIX = MATRICES / "quick.toml"  # `mlshift bench --quick`
+# how run.json names the default matrix: now, and before it moved into the package
+_DEFAULT_NAMES = (relative_source(str(DEFAULT_MATRIX)), "bench/matrix.toml")
 
 
-DEFAULT_MATRIX = REPO_ROOT / "bench" / "matrix.toml"
+def _holds_default_run(out_dir: str | Path) -> bool:
+    """Whether `out_dir` holds a full-data run of the default matrix (what the committed
+    results/<platform>/ holds): told by its run.json (the matrix it names, not tiny, no
+    dataset from the bundled sample), wherever the folder is."""
+    path = Path(out_dir) / "run.json"
+    try:
+        if not path.is_file() or path.stat().st_size > outdir.MAX_BYTES:
+            return False
+        info = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError, UnicodeDecodeError):
+        return False
+    if not isinstance(info, dict) or not isinstance(info.get("matrix"), str):
+        return False
+    named = info["matrix"]
+    default = any(named == n or named.endswith("/" + n) for n in _DEFAULT_NAMES)
+    datasets = info.get("datasets")
+    full = isinstance(datasets, dict) and all(
+        isinstance(d, dict) and d.get("is_sample") is False for d in datasets.values())
+    return default and full and not info.get("tiny")
 
 
 def _check_committed(out_dir, matrix_path, dataset, sample: bool) -> None:
-    """The repository's committed results/<platform>/ holds only the default matrix's run on
-    the full data: ConfigError for another matrix, --dataset or the bundled sample there."""
-    from mlshift_jax.bench.report import default_out_dir
-
-    committed = default_out_dir(REPO_ROOT).resolve()
-    if Path(out_dir).resolve() != committed:
+    """A folder holding the default matrix's run on the full data (the committed
+    results/<platform>/, recognised by its run.json) takes only that run again: ConfigError
+    for another matrix, --dataset or the bundled sample there."""
+    if not _holds_default_run(out_dir):
         return
     same = Path(matrix_path).resolve() == DEFAULT_MATRIX.resolve() and dataset is None
     if same and sample:
@@ -266,7 +287,7 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
         out_dir = sample_out_dir
     _check_committed(out_dir, matrix_path, dataset,
                      any(d.ds.is_sample for d in loaded.values()))
-    outdir.claim(out_dir, protected=[REPO_ROOT])  # only a folder mlshift wrote, or a new one
+    outdir.claim(out_dir)  # only a folder mlshift wrote, or a new one
     outdir.record(out_dir, folders=[CACHE_DIR])
     cache = Path(out_dir) / CACHE_DIR
     outdir.clean_temps(out_dir)  # what a hard-killed run left half-written

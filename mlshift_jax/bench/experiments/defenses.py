@@ -1,5 +1,6 @@
-"""Defenses ([defenses]): each defense on each model, attacked by every column (FGSM, PGD,
-the defense's adaptive attack, Square, transfer, AutoAttack) at every eps, with the
+"""Defenses ([defenses]): each defense on each model, attacked by every column (by default
+FGSM, PGD, the defense's adaptive attack, Square, transfer, AutoAttack; any of
+`defense_columns()`) at every eps, with the
 worst case per image, the obfuscated-gradient probe and flags (Athalye et al. 2018) and a
 verdict per defense.
 
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from mlshift_jax.attacks import autoattack, defenses, evasion, obfuscation
+from mlshift_jax.attacks import ATTACKS, autoattack, defenses, evasion, get_attack, obfuscation
 from mlshift_jax.attacks.defenses import DEFENSES, resolve_options
 from mlshift_jax.bench.cells import (
     BlockData,
@@ -51,7 +52,13 @@ from mlshift_jax.bench.markdown import finite, fmt_time, md, records_of
 from mlshift_jax.models.metrics import evaluate, predict_keyed
 from mlshift_jax.models.zoo import Model
 
-DEFENSE_COLUMNS = ("fgsm", "pgd", "adaptive", "square", "transfer", "autoattack")
+DEFENSE_COLUMNS = ("fgsm", "pgd", "adaptive", "square", "transfer", "autoattack")  # default
+
+
+def defense_columns() -> set[str]:
+    """The columns a defense table may have: "adaptive" (the defense's own adaptive attack)
+    and every untargeted attack (the table gives no target)."""
+    return {"adaptive"} | {a.name for a in ATTACKS.values() if not a.targeted}
 
 
 @dataclass(frozen=True)
@@ -98,7 +105,7 @@ def schema(p: Parsers) -> dict:
         **{k: p.common[k] for k in ("seed", "n_train", "n_test")}, "dataset": p.dataset,
         "models": p.models,
         "defenses": lambda v, w: chk.names(v, w, set(DEFENSES), "defense"),
-        "attacks": lambda v, w: chk.names(v, w, set(DEFENSE_COLUMNS), "attack column"),
+        "attacks": lambda v, w: chk.names(v, w, defense_columns(), "attack column"),
         "eps": chk.eps_list, "steps": chk.int_, "restarts": chk.int_,
         "samples": chk.int_, "queries": chk.int_,
         "adv_eps": lambda v, w: chk.float_(v, w, positive=True),
@@ -205,18 +212,15 @@ def compute(cell: Cell, loaded: Loaded, memo: Memo, cache: Path, force: bool) ->
             _column_rows(model, params, x_adv, y, cfg.eps, column, name, timing, eval_key,
                          rows, accuracy, correct)
             continue
+        attack = get_attack(name)
         kw: dict[str, Any] = {"key": key, "lo": lo, "hi": hi}
-        if name in ("pgd", "eot-pgd", "bpda-pgd", "transfer"):
-            kw["steps"] = cfg.steps
-        if column in ("adaptive", "transfer"):
+        kw.update({k: v for k, v in (("steps", cfg.steps), ("samples", cfg.samples),
+                                     ("queries", cfg.queries)) if attack.accepts(k)})
+        if attack.accepts("steps") and attack.accepts("restarts"):  # the PGD attacks' restarts
             kw["restarts"] = cfg.restarts
-        if name in ("eot-pgd", "bpda-pgd"):
-            kw["samples"] = cfg.samples
-        if name == "square":
-            kw["queries"] = cfg.queries
-        if name == "transfer" and cfg.defense == "adv-train":
+        if attack.surrogate and defenses.get_defense(cfg.defense).kind == "training":
             kw["source_params"] = base.params  # crafted on the undefended weights
-        fn = partial(evasion.sweep, evasion.get_attack(name), model, params, **kw)
+        fn = partial(evasion.sweep, attack, model, params, **kw)
         timing, x_adv = measure(fn, x, y, eps_values, rounds=cfg.rounds,
                                 max_seconds=cfg.max_seconds)
         _column_rows(model, params, x_adv, y, cfg.eps, column, name, timing, eval_key, rows,
@@ -277,8 +281,10 @@ def _column_rows(model, params, x_adv, y, eps_list, column, name, timing, eval_k
 # --- tables.md and the figure ----------------------------------------------------------------
 
 
-COLUMN_TITLES = {"fgsm": "FGSM", "pgd": "PGD", "adaptive": "adaptive", "square": "Square",
-                 "transfer": "transfer", "autoattack": "AutoAttack", "worst": "worst"}
+def column_title(column: str) -> str:
+    """A defense-table column's title: the attack's `Attack.label`; "adaptive" and "worst"
+    as they are."""
+    return ATTACKS[column].label if column in ATTACKS else column
 
 
 def defense_table(records: pd.DataFrame) -> pd.DataFrame:
@@ -332,7 +338,7 @@ def _markdown(records: pd.DataFrame) -> str:
     if not len(table):
         return "Not in this run (add a `[defenses]` block to the matrix).\n"
     out = []
-    cols = [c for c in COLUMN_TITLES if c in set(table["column"])]
+    cols = list(dict.fromkeys(table["column"]))  # the matrix's order, "worst" last
     for eps in sorted(set(table["eps"])):
         rows = []
         for (model, defense), sub in table[table["eps"] == eps].groupby(
@@ -344,7 +350,7 @@ def _markdown(records: pd.DataFrame) -> str:
                 if c == "worst" and c in by.index:
                     row["worst"] = f"{by.loc[c, 'accuracy']:.3f}"
                 elif c in by.index:
-                    label = COLUMN_TITLES[c] if c != "adaptive" else "adaptive"
+                    label = column_title(c)
                     name = f" {by.loc[c, 'attack']}" if c == "adaptive" else ""
                     row[label] = (f"{by.loc[c, 'accuracy']:.3f}{name} "
                                   f"({fmt_time(by.loc[c, 'median_s'])})")

@@ -22,7 +22,7 @@ from mlshift_jax.bench.cells import Cell, Experiment, Matrix, Parsers, ReportCon
 from mlshift_jax.bench.context import Loaded, Memo, base_record
 from mlshift_jax.bench.markdown import fmt_time, md, records_of
 from mlshift_jax.core.timing import PeakMemory
-from mlshift_jax.detection import categorize
+from mlshift_jax.detection import FINGERPRINT, categorize, of_unit
 
 
 @dataclass(frozen=True)
@@ -252,13 +252,14 @@ def finding(records: pd.DataFrame) -> str | None:
             parts.append(f"{what}: {name} (mean ROC-AUC {means[name]:.3f} over "
                          f"{len(columns)} change kinds)")
 
-    per_input = [r for r in auc.index if r in ("confidence", "margin", "entropy", "squeezing")]
-    per_data = [r for r in auc.index
-                if r in ("activation clustering", "spectral signatures", "SPECTRE")]
+    def rows(unit):  # the rows of the registry's detectors of one unit
+        return [d.label for d in of_unit(unit) if d.label in auc.index]
+
+    per_input, per_data = rows("input"), rows("sample")
     if inputs:
         best(per_input, inputs, "best per-input detector")
-    if "fingerprint test" in auc.index:
-        best(["fingerprint test"], list(auc.columns), "model-level change test")
+    if FINGERPRINT.label in auc.index:
+        best([FINGERPRINT.label], list(auc.columns), "model-level change test")
     if poisons:
         best(per_data, poisons, "best training-data detector")
     if "confusion" in t:

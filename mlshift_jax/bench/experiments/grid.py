@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from mlshift_jax.attacks import evasion
+from mlshift_jax.attacks import evasion, get_attack
 from mlshift_jax.bench.cells import (
     AttackConfig,
     Cell,
@@ -50,7 +50,6 @@ from mlshift_jax.models.zoo import Model, predict
 N_EXAMPLES = 6  # images kept per clean / FGSM cell for the report's digit grid
 
 
-GRADIENT_ATTACKS = frozenset({"fgsm", "pgd", "fgsm-targeted", "pgd-targeted"})
 
 
 def encode_images(x: np.ndarray, input_range: tuple[float, float] = (0.01, 1.0)) -> str:
@@ -87,7 +86,7 @@ def _per_test(key: str, fitted: Trained, x, y, attack: str, memo: Memo) -> dict:
     slot = memo.per_test.setdefault((key, x.shape[0]), {})
     if "clean" not in slot:
         slot["clean"] = evaluate(fitted.arch, fitted.params, x, y)
-    if attack in GRADIENT_ATTACKS and "zero_grad_frac" not in slot:
+    if get_attack(attack).uses_gradient and "zero_grad_frac" not in slot:
         slot["zero_grad_frac"] = float(_zero_grad_frac(fitted.arch, fitted.params, x, y))
     return slot
 
@@ -100,7 +99,7 @@ def compute(cell: Cell, loaded: Loaded, memo: Memo, cache: Path, force: bool) ->
     key, fitted = trained(spec, loaded, memo, cache, force)
     x, y = on_device(memo, loaded, "test", cfg.n_test)
     per_test = _per_test(key, fitted, x, y, cfg.attack, memo)
-    attack = evasion.get_attack(cfg.attack)
+    attack = get_attack(cfg.attack)
     options = dict(cfg.options)
     if attack.targeted:
         # the study's target class 3, or the last class of data with fewer classes
@@ -128,7 +127,7 @@ def compute(cell: Cell, loaded: Loaded, memo: Memo, cache: Path, force: bool) ->
         "n_test": int(x.shape[0]), "hidden": spec.hidden, "lr": spec.lr,
         "epochs": spec.epochs, **scores, "clean_accuracy": per_test["clean"]["accuracy"],
         **timing_fields(timing), "train_s": fitted.train_s, "params_finite": fitted.finite,
-        "zero_grad_frac": per_test.get("zero_grad_frac") if cfg.attack in GRADIENT_ATTACKS
+        "zero_grad_frac": per_test.get("zero_grad_frac") if attack.uses_gradient
         else None, **{k: float(v) for k, v in _perturbation(x, x_adv).items()},
         "detail": detail,
     }

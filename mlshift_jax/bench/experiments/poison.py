@@ -35,7 +35,8 @@ from mlshift_jax.bench.context import Loaded, Memo, base_record, capped
 from mlshift_jax.bench.markdown import delta, records_of
 from mlshift_jax.bench.sweeps import EXTRA_SWEEPS, STUDY_SWEEPS
 from mlshift_jax.data import datasets
-from mlshift_jax.models.recipes import TrainConfig, model_for
+from mlshift_jax.models.recipes import TrainConfig
+from mlshift_jax.models.registry import model_for
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,8 @@ from mlshift_jax.core.timing import NOISY, RERUNS, Timing, interleaved, spread
 from mlshift_jax.data import datasets
 from mlshift_jax.models import baseline, population, zoo
 from mlshift_jax.models.metrics import SCORE_NAMES, evaluate_arrays
-from mlshift_jax.models.recipes import TrainConfig, get_recipe, resolve
+from mlshift_jax.models.recipes import TrainConfig, resolve
+from mlshift_jax.models.registry import get_recipe
 from mlshift_jax.models.train import (
     SEED_SGD_BLOCK,
     init_population,
