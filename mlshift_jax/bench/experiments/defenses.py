@@ -1,8 +1,7 @@
 """Defenses ([defenses]): each defense on each model, attacked by every column (by default
 FGSM, PGD, the defense's adaptive attack, Square, transfer, AutoAttack; any of
-`defense_columns()`) at every eps, with the
-worst case per image, the obfuscated-gradient probe and flags (Athalye et al. 2018) and a
-verdict per defense.
+`defense_columns()`) at every eps, with the worst case per image, the obfuscated-gradient
+probe and flags (Athalye et al. 2018) and a verdict per defense.
 
 One `DefenseConfig` cell per (model, defense), a row of the defense x attack table; the
 section is that table per eps, the defenses' fit times, the flags and the verdicts, the
