@@ -305,3 +305,62 @@ def test_docs_api_lists_every_public_name():
     for name in listed:
         getattr(mlshift_jax, name)  # each imports
 
+
+
+def _extending_records() -> dict[str, object]:
+    """Every name the README's "Extending" blocks define, each block run in its own namespace."""
+    text = README.read_text()
+    section = text[text.index("## Extending"):text.index("## Headline results")]
+    found: dict[str, object] = {}
+    for lang, body in FENCE.findall(section):
+        if lang == "python":
+            namespace: dict = {}
+            exec(compile(body, "README Extending", "exec"), namespace)
+            for name, value in namespace.items():  # a RECORDS tuple counts as its records
+                for i, v in enumerate(value if type(value) is tuple else (value,)):
+                    found[f"{name}[{i}]"] = v
+    return found
+
+
+def test_each_extending_example_plugs_in_with_one_registry_entry(monkeypatch, mnist, capsys):
+    """Each record of the Extending section, added to its registry (the one line the README
+    names), is picked up where the README says: the attack by `mlshift attack`'s choices and
+    runs within the range; the defense builds a model whose outputs change; the detector is
+    scored by `detect.input_scores`; the recipe trains through `models.fit_model`."""
+    import jax
+    import jax.numpy as jnp
+
+    from mlshift_jax import attacks, cli
+    from mlshift_jax.attacks import defenses
+    from mlshift_jax.detection import detect
+    from mlshift_jax.models import fit_model, recipes, zoo
+    from mlshift_jax.models.recipes import TrainConfig
+
+    found = _extending_records()
+    attack = next(v for v in found.values() if isinstance(v, attacks.Attack))
+    defense = next(v for v in found.values() if isinstance(v, attacks.Defense))
+    detector = next(v for v in found.values() if type(v).__name__ == "Detector")
+    recipe = next(v for v in found.values() if isinstance(v, recipes.Recipe))
+
+    monkeypatch.setitem(attacks.ATTACKS, attack.name, attack)
+    monkeypatch.setitem(defenses.DEFENSES, defense.name, defense)
+    monkeypatch.setattr(detect, "DETECTORS", (*detect.DETECTORS, detector))
+    monkeypatch.setitem(recipes.RECIPES, recipe.name, recipe)
+
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["attack", "--help"])
+    assert attack.name in capsys.readouterr().out
+    model, x, y = zoo.build("mlp-ce"), jnp.asarray(mnist.x_test[:8]), jnp.asarray(mnist.y_test[:8])
+    params = model.init(jax.random.key(0))
+    x_adv = attacks.get_attack(attack.name).fn(model, params, x, y, eps=1.0)
+    assert x_adv.shape == x.shape and float(jnp.abs(x_adv - x).max()) > 0
+    lo, hi = np.float32(model.input_range[0]), np.float32(model.input_range[1])
+    assert float(x_adv.min()) >= lo and float(x_adv.max()) <= hi
+    defended = defenses.build(defense.name, model)
+    assert defended is not model
+    assert not np.allclose(jax.vmap(lambda xi: defended.apply(params, xi))(x),
+                           jax.vmap(lambda xi: model.apply(params, xi))(x))
+    assert detector.name in detect.input_scores(model, params, x)
+    _, trained = fit_model(recipe.name, TrainConfig(hidden=8, epochs=1),
+                           mnist.x_train[:512], mnist.y_train[:512], mnist.spec)
+    assert set(trained) == set(params)

@@ -14,7 +14,7 @@ for the full MNIST in float32). `chunk_size` picks it:
 
 - Every backend: the whole population in one `vmap`, capped so the poisoned copies take at
   most a quarter of the memory (the device's; on CPU the machine's RAM). Measured on this
-  project's 2-core CPU (`bench/test_bench_population.py`, 7-model E7 sweep on 10,000 images,
+  project's 2-core CPU (`benchmarks/test_bench_population.py`, 7-model E7 sweep on 10,000 images,
   one run on a quiet machine): seed-mlp one vmap 2.05 s, one model at a time (`lax.map`)
   2.06 s, a Python loop of single trainings 2.08 s; mlp-ce 0.95 s, 1.10 s and 1.02 s. So one
   vmap is at least as fast as the loop on CPU too; on GPU and TPU it is what fills the device
