@@ -228,7 +228,7 @@ def test_other_python_blocks_run(tmp_path, monkeypatch):
     namespace in an empty working folder."""
     monkeypatch.chdir(tmp_path)
     for page, index, body in _of("python"):
-        exec(compile(body, f"{page.name} block {index}", "exec"), {})
+        exec(compile(body, f"{page.name} block {index}", "exec", dont_inherit=True), {})
 
 
 TOML = _of("toml")
@@ -315,7 +315,7 @@ def _extending_records() -> dict[str, object]:
     for lang, body in FENCE.findall(section):
         if lang == "python":
             namespace: dict = {}
-            exec(compile(body, "README Extending", "exec"), namespace)
+            exec(compile(body, "README Extending", "exec", dont_inherit=True), namespace)
             for name, value in namespace.items():  # a RECORDS tuple counts as its records
                 for i, v in enumerate(value if type(value) is tuple else (value,)):
                     found[f"{name}[{i}]"] = v
@@ -326,12 +326,15 @@ def test_each_extending_example_plugs_in_with_one_registry_entry(monkeypatch, mn
     """Each record of the Extending section, added to its registry (the one line the README
     names), is picked up where the README says: the attack by `mlshift attack`'s choices and
     runs within the range; the defense builds a model whose outputs change; the detector is
-    scored by `detect.input_scores`; the recipe trains through `models.fit_model`."""
+    scored by `detect.input_scores`; the recipe trains through `models.fit_model`; the
+    experiment's block is a matrix table that yields its cells."""
     import jax
     import jax.numpy as jnp
 
     from mlshift_jax import attacks, cli
     from mlshift_jax.attacks import defenses
+    from mlshift_jax.bench import matrix
+    from mlshift_jax.bench.cells import Experiment
     from mlshift_jax.detection import detect
     from mlshift_jax.models import fit_model, recipes, zoo
     from mlshift_jax.models.recipes import TrainConfig
@@ -341,11 +344,13 @@ def test_each_extending_example_plugs_in_with_one_registry_entry(monkeypatch, mn
     defense = next(v for v in found.values() if isinstance(v, attacks.Defense))
     detector = next(v for v in found.values() if type(v).__name__ == "Detector")
     recipe = next(v for v in found.values() if isinstance(v, recipes.Recipe))
+    experiment = next(v for v in found.values() if isinstance(v, Experiment))
 
     monkeypatch.setitem(attacks.ATTACKS, attack.name, attack)
     monkeypatch.setitem(defenses.DEFENSES, defense.name, defense)
     monkeypatch.setattr(detect, "DETECTORS", (*detect.DETECTORS, detector))
     monkeypatch.setitem(recipes.RECIPES, recipe.name, recipe)
+    monkeypatch.setattr(matrix, "EXPERIMENTS", (*matrix.EXPERIMENTS, experiment))
 
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["attack", "--help"])
@@ -364,3 +369,8 @@ def test_each_extending_example_plugs_in_with_one_registry_entry(monkeypatch, mn
     _, trained = fit_model(recipe.name, TrainConfig(hidden=8, epochs=1),
                            mnist.x_train[:512], mnist.y_train[:512], mnist.spec)
     assert set(trained) == set(params)
+    grid = ('[matrix]\ndatasets = ["mnist"]\nmodels = ["seed-mlp"]\nattacks = ["none"]\n'
+            "eps = [0.1]\n")
+    parsed = matrix.parse(f"{grid}\n[{experiment.block}]\nn = 3\n", "extending.toml")
+    cells = [c for c in matrix.cells(parsed) if c.block == experiment.block]
+    assert [experiment.compute(c) for c in cells] == [{"seed": i} for i in range(3)]
