@@ -1,18 +1,26 @@
-"""The public Python API in a few calls (re-exported by `mlshift_jax`):
+"""The public Python API in a few calls (re-exported by `mlshift_jax`); every `mlshift`
+command is one or two of them:
 
     ds = load_dataset("mnist" or "data.npz")          -> datasets.Dataset
     model, params = fit(Net(), ds, epochs=2)           built-in name, "pkg.mod:attr", a flax /
                                                        equinox / Model / Recipe object, or a Model
+    model, params = adv_fit("mlp-ce", ds, eps=0.1, steps=7)   PGD adversarial training
     x_adv = attack("fgsm", model, params, x, y, eps=0.1)
     evaluate(model, params, x, y)                      accuracy, P/R/F1 (macro), confidence
-    poisoned, mask = poison_dataset(ds, "mixture", fraction=0.1, patch=4, target=3)
+    defended, params = defend("median", model, params, ds, key=key)
+    attack_table(model, params, x, y, ["fgsm", "pgd"], [0.1, 0.3])   rows + obfuscation flags
+    poison_dataset(ds, "mixture", fraction=0.1, patch=4, target=3) -> (Dataset, mask)
+    poison_and_fit(ds, "mixture", ...) / poison_sweeps(ds)           one poisoned model / E4-E7
     detect_inputs(model, params, x)                    per-input detector scores
     detect_change(model, reference, suspect, ds)       changed? how? (model-level test)
+    scan_model(model, params, ds) / scan_data(model, params, x, y, eps=0.1)   backdoor scans
+    stability(ds, samples=10)                          E2: models on random training samples
     save_weights(path, params, metadata(model, ...)); load_model(path)
     run_matrix("bench/matrix.toml", out_dir="results/mine")
 
 Every function takes the model's input shape, classes and range from the `Model`, so none
-assumes MNIST. Errors are `ConfigError` / `DataError` in one line.
+assumes MNIST. Errors are `ConfigError` / `DataError` in one line. The heavier subpackages
+(bench, detection) are imported on first use, so `mlshift --help` stays fast.
 """
 
 from __future__ import annotations
@@ -24,16 +32,24 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from mlshift_jax.attacks import defenses
+from mlshift_jax.attacks.evaluate import Column, evaluate_under_attack, obfuscation_flags, timed
+from mlshift_jax.attacks.evasion import (
+    GRADIENT_ATTACKS,
+    attack_key,
+    get_attack,
+    gradient_report,
+)
+from mlshift_jax.data import datasets
 from mlshift_jax.models import recipes, usermodels
 from mlshift_jax.models.recipes import Recipe, TrainConfig
 from mlshift_jax.models.zoo import Model, Params
+from mlshift_jax.poisoning import poison as _poison
 
 
 def load_dataset(name: str = "mnist", data_dir=None, **kw):
     """`datasets.load`: a built-in dataset name, or a path to a keras-style .npz, an IDX
     folder or CSVs. Returns a `datasets.Dataset`."""
-    from mlshift_jax.data import datasets
-
     return datasets.load(name, data_dir, **kw)
 
 
@@ -90,8 +106,6 @@ def adv_fit(model: str, ds, cfg: TrainConfig | None = None, *, eps: float, steps
     L∞ `eps` on every batch, eps ramped up over the first `warmup` share of training
     (`defenses.adv_fit`; Madry et al., ICLR 2018). Epochs left None take twice the recipe's.
     -> (the architecture, params)."""
-    from mlshift_jax.attacks import defenses
-
     cfg = dataclasses.replace(cfg or TrainConfig(), **settings)
     params = defenses.adv_fit(model, cfg, ds.x_train, ds.y_train, eps=eps, steps=steps,
                               warmup=warmup, spec=ds.spec)
@@ -103,8 +117,6 @@ def attack(name: str, model: Model, params: Params, x, y, *, eps: float, seed: i
     """Attack `name` ("fgsm", "pgd", "noise-sign", ...; `attacks.ATTACKS`) at L∞ budget eps,
     clipped to the model's input range; random attacks draw from `attacks.attack_key(seed)`.
     x: [n, D], y: [n] -> x_adv: [n, D]."""
-    from mlshift_jax.attacks.evasion import attack_key, get_attack
-
     lo, hi = model.input_range
     kw.setdefault("lo", lo)
     kw.setdefault("hi", hi)
@@ -121,8 +133,6 @@ def defend(name: str, model: Model, params: Params, ds, *, key: jax.Array,
     preprocessing defense wraps the model (`denoise-ae` first fits its denoiser on
     ds.x_train with `key`); adv-train retrains built-in recipe `recipe` with `cfg` on ds's
     training split at L∞ `eps` (`defenses.adv_fit`). ConfigError for an unknown name."""
-    from mlshift_jax.attacks import defenses
-
     defense = defenses.get_defense(name)
     if defense.kind == "training":
         params = defenses.adv_fit(recipe, cfg or TrainConfig(), ds.x_train, ds.y_train,
@@ -160,22 +170,13 @@ def attack_table(model: Model, params: Params, x, y, attacks: Sequence[str],
     gradient_flag}], "flags": [one line per warning]}. The gradient report warns
     (`evasion.GradientMaskingWarning`) when most input gradients are zero.
     """
-    from mlshift_jax.attacks.evaluate import (
-        Column,
-        evaluate_under_attack,
-        obfuscation_flags,
-        timed,
-    )
-    from mlshift_jax.attacks.evasion import GRADIENT_ATTACKS, attack_key, get_attack
-    from mlshift_jax.models.metrics import evaluate as _evaluate
+    from mlshift_jax.models.metrics import evaluate as _evaluate  # pandas: on first use
 
     options = dict(options or {})
     chosen = [get_attack(name) for name in attacks]
     key = attack_key(seed)
     grads = None
     if any(a.name in GRADIENT_ATTACKS for a in chosen):  # warns in one line when flagged
-        from mlshift_jax.attacks.evasion import gradient_report
-
         grads = gradient_report(model, params, x, y, key=jax.random.fold_in(key, 5))
     columns = [Column(a.name, a, attack_options(a, options)) for a in chosen]
     eval_key = jax.random.fold_in(key, 7)
@@ -215,8 +216,6 @@ def evaluate(model: Model, params: Params, x, y, *, clip: bool = False) -> dict[
 def poison_dataset(ds, kind: str, *, seed: int = 0, **settings):
     """ds with its training split poisoned: (Dataset, mask: bool [n]) (`poison.make_config`
     settings: fraction, patch, target, mode, ...). The test split is left clean."""
-    from mlshift_jax.poisoning import poison as _poison
-
     config = _poison.make_config(kind, **settings)
     x, y, mask = _poison.apply(jax.random.key(seed), ds.x_train, ds.y_train, config)
     x, y = np.asarray(x), np.asarray(y)
@@ -296,7 +295,6 @@ def scan_data(model: Model, params: Params, x, y, *, eps: float, seed: int = 0,
     poisoned? {method: Detection(score [n], flag [n], classes)} of every training-data
     detector in `methods` (`detect_data.scan`; eps: the assumed poisoned fraction;
     reference: a clean (x, y) for the detectors that take one)."""
-    from mlshift_jax.attacks.evasion import attack_key
     from mlshift_jax.detection import detect_data
 
     kw = {} if methods is None else {"methods": list(methods)}
