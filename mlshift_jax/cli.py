@@ -259,6 +259,12 @@ def _check_fits(model, ds: datasets.Dataset) -> None:
                           "the model was trained on")
 
 
+def _trained_with(meta: dict, *fields: str) -> TrainConfig:
+    """The TrainConfig of `fields` a weights file's metadata records (the rest: defaults)."""
+    trained = meta.get("train") or {}
+    return TrainConfig(**{k: trained[k] for k in fields if trained.get(k) is not None})
+
+
 def _load_weights(path: str, model: str | None = None):
     """(model, params, meta) of a weights file: the architecture from its metadata, else from
     the arrays' layout (before the data loads: a bad file is one line). model: --model, the
@@ -472,9 +478,7 @@ def cmd_detect(args) -> None:
     rules.check_at_most(size, len(ds.y_train), "--sample-size",
                         f"training images of {ds.name}")
     if user:  # retrain as the reference was trained (its metadata's settings)
-        trained = meta.get("train") or {}
-        kw["train"] = TrainConfig(**{k: trained.get(k) for k in (
-            "lr", "epochs", "batch_size", "optimizer") if trained.get(k) is not None})
+        kw["train"] = _trained_with(meta, "lr", "epochs", "batch_size", "optimizer")
     config = CalibrationConfig(sample_size=size, n_null=args.null_models)
     result = api.detect_change(kw.pop("model", None), reference, suspect, ds, seed=args.seed,
                                alpha=args.alpha, config=config, log=_log, **kw)
@@ -516,13 +520,9 @@ def cmd_scan_model(args) -> None:
         outdir.claim(args.out, protected=[REPO_ROOT])
     model, params, meta = _load_weights(args.params, args.model)  # before the data loads
     if ":" in model.name:  # a user model: its null retrains as it was trained
-        trained = meta.get("train") or {}
-        train = TrainConfig(**{k: trained.get(k) for k in (
-            "hidden", "lr", "epochs", "batch_size", "optimizer") if trained.get(k) is not None})
+        train = _trained_with(meta, "hidden", "lr", "epochs", "batch_size", "optimizer")
     else:  # built-ins: the recipe's trainer; the epochs and lr the file was trained with
-        trained = meta.get("train") or {}
-        train = TrainConfig(**{k: trained.get(k) for k in ("lr", "epochs")
-                               if trained.get(k) is not None})
+        train = _trained_with(meta, "lr", "epochs")
     ds = _load(args, meta)
     if not meta.get("model"):  # a metadata-free file: place it on this data
         model = infer_model(params, ds.spec)
