@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_dataset": ("mlshift_jax.api", "load_dataset"),
     "build": ("mlshift_jax.api", "build"),
-    "recipe_of": ("mlshift_jax.api", "recipe_of"),
+    "train_config": ("mlshift_jax.api", "train_config"),
     "fit": ("mlshift_jax.api", "fit"),
     "adv_fit": ("mlshift_jax.api", "adv_fit"),
     "attack": ("mlshift_jax.api", "attack"),

@@ -53,7 +53,7 @@ def load_dataset(name: str = "mnist", data_dir=None, **kw):
     return datasets.load(name, data_dir, **kw)
 
 
-def recipe_of(model) -> Recipe:
+def _recipe_for(model) -> Recipe:
     """The recipe that builds and trains `model`: a built-in name or "pkg.module:attr"
     (`usermodels.get_recipe`); a Recipe as it is; a `Model` by its name: a built-in
     architecture is trained by the recipe of its name ("seed-mlp", "mlp-ce", "cnn"; pass
@@ -75,12 +75,20 @@ def recipe_of(model) -> Recipe:
     return usermodels.wrap(model)
 
 
+def train_config(model, cfg: TrainConfig | None = None, **settings) -> TrainConfig:
+    """The TrainConfig `fit(model, ...)` trains with: cfg and settings, their None fields
+    filled with the recipe's defaults (`recipes.resolve`). ConfigError for an unknown model
+    or a bad setting."""
+    return recipes.resolve(_recipe_for(model),
+                           dataclasses.replace(cfg or TrainConfig(), **settings))
+
+
 def build(model, ds, cfg: TrainConfig | None = None) -> Model:
     """The Model of `model` (a name, ref, object or Recipe; a Model is returned as it is)
     for dataset `ds`'s shape, with cfg's settings (hidden; None: TrainConfig())."""
     if isinstance(model, Model):
         return model
-    recipe = recipe_of(model)
+    recipe = _recipe_for(model)
     return recipe.build(usermodels.spec_of(ds), recipes.resolve(recipe, cfg or TrainConfig()))
 
 
@@ -89,12 +97,12 @@ def fit(model, ds, cfg: TrainConfig | None = None, **settings) -> tuple[Model, P
 
     model: a built-in name ("mlp-ce"), "pkg.module:attr", a flax linen Module instance, an
     nnx class, an equinox factory, a models.Model, a Recipe, or a Model returned earlier
-    (retrained by `recipe_of(model)`). cfg / settings: TrainConfig fields (epochs, lr,
+    (retrained by `_recipe_for(model)`). cfg / settings: TrainConfig fields (epochs, lr,
     batch_size, optimizer, seed, hidden); None fields take the recipe's defaults
     (`recipes.resolve`). ConfigError for a bad setting.
     """
-    recipe = recipe_of(model)
-    cfg = recipes.resolve(recipe, dataclasses.replace(cfg or TrainConfig(), **settings))
+    recipe = _recipe_for(model)
+    cfg = train_config(recipe, cfg, **settings)
     built = build(model, ds, cfg)
     params = recipe.fit(built, cfg, ds.x_train, ds.y_train)
     return built, jax.block_until_ready(params)

@@ -36,7 +36,7 @@ from mlshift_jax.core.sharding import describe_devices, initialize_distributed
 from mlshift_jax.data import datasets
 from mlshift_jax.models import weights
 from mlshift_jax.models.population import poison_key
-from mlshift_jax.models.recipes import RECIPES, TrainConfig, resolve
+from mlshift_jax.models.recipes import RECIPES, TrainConfig
 from mlshift_jax.models.train import OPTIMIZERS
 from mlshift_jax.models.zoo import infer_model
 from mlshift_jax.poisoning.poison import MODES, POISONINGS, check_for
@@ -180,10 +180,10 @@ def _train_config(args) -> TrainConfig:
                        batch_size=args.batch_size, optimizer=args.optimizer, seed=args.seed)
 
 
-def _check_recipe(args):
-    """The recipe --model names and the resolved TrainConfig: checked before data loads."""
-    recipe = api.recipe_of(args.model)
-    return recipe, resolve(recipe, _train_config(args))
+def _check_recipe(args) -> TrainConfig:
+    """The TrainConfig --model trains with (its recipe's defaults filled): checked before
+    the data loads."""
+    return api.train_config(args.model, _train_config(args))
 
 
 def _check_train_memory(x: np.ndarray, hidden: int, what: str) -> None:
@@ -278,7 +278,7 @@ def _load_weights(path: str, model: str | None = None):
 
 
 def cmd_train(args) -> None:
-    _, cfg = _check_recipe(args)
+    cfg = _check_recipe(args)
     if args.defense not in (None, "adv-train"):
         raise ConfigError(f"train --defense: expected adv-train (the training-time defense), "
                           f"found {args.defense!r}; wrap a trained model with attack --defense")

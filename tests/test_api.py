@@ -47,7 +47,7 @@ def test_entry_points_on_a_builtin_model(mnist):
     assert np.asarray(again["w1"]).shape == np.asarray(params["w1"]).shape
 
 
-def test_recipe_of_reads_a_model_by_its_name_and_api_keeps_no_table(mnist):
+def test_a_model_is_retrained_by_its_name_s_recipe_and_api_keeps_no_table(mnist):
     from mlshift_jax import api
     from mlshift_jax.models.zoo import Model
 
@@ -55,12 +55,15 @@ def test_recipe_of_reads_a_model_by_its_name_and_api_keeps_no_table(mnist):
                        mnist.x_test[:50], mnist.y_test[:50], mnist.source)
     model, params = ms.fit("mlp-ce", small, hidden=16, epochs=1)
     assert 16 in np.asarray(params["w1"]).shape  # cfg's hidden builds the model
-    assert ms.recipe_of(model).name == "mlp-ce" and ms.recipe_of("mlp-sgd").name == "mlp-sgd"
+    assert api._recipe_for(model).name == "mlp-ce"
+    assert api.train_config("mlp-sgd").optimizer == "sgd"
+    assert api.train_config(model, epochs=3) == ms.TrainConfig(
+        lr=1e-3, epochs=3, batch_size=64, optimizer="adam")
     record = model._replace(name="mine")
-    assert ms.recipe_of(record).build(small.spec, ms.TrainConfig()).name == "mine"
+    assert api._recipe_for(record).build(small.spec, ms.TrainConfig()).name == "mine"
     assert ms.build(record, small) is record  # a Model is used as it is
     with pytest.raises(ms.ConfigError, match="resnet"):
-        ms.recipe_of("resnet")
+        api.train_config("resnet")
     tables = [k for k, v in vars(api).items() if isinstance(v, dict) and not k.startswith("__")]
     assert tables == [] and not any(isinstance(v, Model) for v in vars(api).values())
 
