@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test bench bench-quick bench-micro bench-peers bench-gpu lint sample clean
+.PHONY: test test-all bench bench-quick bench-micro bench-peers bench-gpu lint sample clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "Python >= 3.10 is needed"'
@@ -13,7 +13,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,plots]'
 	touch $(STAMP)
 
+# The fast tier: every test but the end-to-end runs marked slow (pyproject's markers).
 test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+# Everything, the slow end-to-end runs included (what CI runs).
+test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
@@ -23,7 +28,7 @@ bench-quick: $(STAMP)
 	$(PY) -m mlshift_jax bench --quick
 
 bench-micro: $(STAMP)
-	$(PY) -m pytest bench -q --benchmark-only --benchmark-autosave
+	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-autosave
 
 # The speed table with torch beside JAX and numpy: install the peers extra (torch, CPU
 # build), retime the speed cells, then rewrite the tables (every other cell from the cache).
@@ -40,7 +45,7 @@ bench-gpu: $(STAMP)
 	scripts/bench_gpu.sh $(PY)
 
 lint: $(STAMP)
-	$(PY) -m ruff check mlshift_jax tests bench scripts
+	$(PY) -m ruff check mlshift_jax tests benchmarks scripts
 
 # Rebuild the bundled sample from a full MNIST (MLSHIFT_DATA_DIR or the cache).
 sample: $(STAMP)

@@ -26,24 +26,25 @@ assumes MNIST. Errors are `ConfigError` / `DataError` in one line. The heavier s
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 
-from mlshift_jax.attacks import defenses
+from mlshift_jax.attacks import attack_key, defenses, get_attack, gradient_report
 from mlshift_jax.attacks.evaluate import Column, evaluate_under_attack, obfuscation_flags, timed
-from mlshift_jax.attacks.evasion import (
-    GRADIENT_ATTACKS,
-    attack_key,
-    get_attack,
-    gradient_report,
-)
 from mlshift_jax.data import datasets
-from mlshift_jax.models import recipes, usermodels
-from mlshift_jax.models.recipes import Recipe, TrainConfig
-from mlshift_jax.models.zoo import Model, Params
+from mlshift_jax.models import (
+    Model,
+    Params,
+    Recipe,
+    TrainConfig,
+    builtin_recipe,
+    get_recipe,
+    model_for,
+    usermodels,
+)
+from mlshift_jax.models.recipes import fill
 from mlshift_jax.poisoning import poison as _poison
 
 
@@ -55,7 +56,7 @@ def load_dataset(name: str = "mnist", data_dir=None, **kw):
 
 def _recipe_for(model) -> Recipe:
     """The recipe that builds and trains `model`: a built-in name or "pkg.module:attr"
-    (`usermodels.get_recipe`); a Recipe as it is; a `Model` by its name: a built-in
+    (`models.get_recipe`); a Recipe as it is; a `Model` by its name: a built-in
     architecture is trained by the recipe of its name ("seed-mlp", "mlp-ce", "cnn"; pass
     "mlp-sgd" or "seed-mlp-numpy" to train the seed MLP their way), a "pkg.module:attr"
     model by that reference's recipe (already imported when the Model was built), any other
@@ -63,10 +64,11 @@ def _recipe_for(model) -> Recipe:
     `usermodels.wrap(obj)`. ConfigError for an unknown name or an object of no accepted type.
     """
     if isinstance(model, str):
-        return usermodels.get_recipe(model)
+        return get_recipe(model)
     if isinstance(model, Model):
-        if model.name in recipes.RECIPES:
-            return recipes.RECIPES[model.name]
+        builtin = builtin_recipe(model.name)
+        if builtin is not None:
+            return builtin
         if ":" in model.name:
             return usermodels.recipe(model.name, dict(model.hparams))
         return usermodels.wrap(model, name=model.name)
@@ -77,10 +79,11 @@ def _recipe_for(model) -> Recipe:
 
 def train_config(model, cfg: TrainConfig | None = None, **settings) -> TrainConfig:
     """The TrainConfig `fit(model, ...)` trains with: cfg and settings, their None fields
-    filled with the recipe's defaults (`recipes.resolve`). ConfigError for an unknown model
+    filled with the recipe's defaults (`recipes.fill`). ConfigError for an unknown model
     or a bad setting."""
-    return recipes.resolve(_recipe_for(model),
-                           dataclasses.replace(cfg or TrainConfig(), **settings))
+    recipe = _recipe_for(model)
+    return fill(getattr(recipe, "defaults", None) or {},
+                dataclasses.replace(cfg or TrainConfig(), **settings))
 
 
 def build(model, ds, cfg: TrainConfig | None = None) -> Model:
@@ -89,7 +92,7 @@ def build(model, ds, cfg: TrainConfig | None = None) -> Model:
     if isinstance(model, Model):
         return model
     recipe = _recipe_for(model)
-    return recipe.build(usermodels.spec_of(ds), recipes.resolve(recipe, cfg or TrainConfig()))
+    return recipe.build(usermodels.spec_of(ds), train_config(recipe, cfg))
 
 
 def fit(model, ds, cfg: TrainConfig | None = None, **settings) -> tuple[Model, Params]:
@@ -99,7 +102,7 @@ def fit(model, ds, cfg: TrainConfig | None = None, **settings) -> tuple[Model, P
     nnx class, an equinox factory, a models.Model, a Recipe, or a Model returned earlier
     (retrained by `_recipe_for(model)`). cfg / settings: TrainConfig fields (epochs, lr,
     batch_size, optimizer, seed, hidden); None fields take the recipe's defaults
-    (`recipes.resolve`). ConfigError for a bad setting.
+    (`recipes.fill`). ConfigError for a bad setting.
     """
     recipe = _recipe_for(model)
     cfg = train_config(recipe, cfg, **settings)
@@ -117,7 +120,7 @@ def adv_fit(model: str, ds, cfg: TrainConfig | None = None, *, eps: float, steps
     cfg = dataclasses.replace(cfg or TrainConfig(), **settings)
     params = defenses.adv_fit(model, cfg, ds.x_train, ds.y_train, eps=eps, steps=steps,
                               warmup=warmup, spec=ds.spec)
-    return recipes.model_for(model, ds.spec, cfg), jax.block_until_ready(params)
+    return model_for(model, ds.spec, cfg), jax.block_until_ready(params)
 
 
 def attack(name: str, model: Model, params: Params, x, y, *, eps: float, seed: int = 0,
@@ -153,10 +156,9 @@ def defend(name: str, model: Model, params: Params, ds, *, key: jax.Array,
 def attack_options(attack, options: dict) -> dict:
     """The keywords of `options` (steps, restarts, queries, loss; None: the attack's own)
     that attack `attack` takes (APGD's iterations are `steps`)."""
-    accepted = inspect.signature(attack.fn).parameters
     given = {k: v for k, v in options.items() if v is not None}
-    kw = {k: v for k, v in given.items() if k in accepted and k != "target"}
-    if "steps" in given and "iterations" in accepted:
+    kw = {k: v for k, v in given.items() if attack.accepts(k) and k != "target"}
+    if "steps" in given and attack.accepts("iterations"):
         kw["iterations"] = given["steps"]
     if attack.targeted and "target" in given:
         kw["target"] = given["target"]
@@ -184,7 +186,7 @@ def attack_table(model: Model, params: Params, x, y, attacks: Sequence[str],
     chosen = [get_attack(name) for name in attacks]
     key = attack_key(seed)
     grads = None
-    if any(a.name in GRADIENT_ATTACKS for a in chosen):  # warns in one line when flagged
+    if any(a.uses_gradient for a in chosen):  # warns in one line when flagged
         grads = gradient_report(model, params, x, y, key=jax.random.fold_in(key, 5))
     columns = [Column(a.name, a, attack_options(a, options)) for a in chosen]
     eval_key = jax.random.fold_in(key, 7)
@@ -201,7 +203,7 @@ def attack_table(model: Model, params: Params, x, y, attacks: Sequence[str],
                    "column", "attack", "eps", "median_s", "compile_s", "rounds")},
                "attack_seconds": r["median_s"], "compile_seconds": r["compile_s"],
                "n_images": n}
-        if grads is not None and r["attack"] in GRADIENT_ATTACKS:
+        if grads is not None and get_attack(r["attack"]).uses_gradient:
             row.update(zero_grad_frac=grads["zero_grad_frac"],
                        gradient_flag=grads["gradient_flag"])
         rows.append(row)

@@ -26,27 +26,23 @@ import numpy as np
 from tabulate import tabulate
 
 from mlshift_jax import __version__, api
-from mlshift_jax.attacks.defenses import ADV_EPOCH_FACTOR, DEFENSES, get_defense
-from mlshift_jax.attacks.evasion import ATTACKS, attack_key, get_attack
+from mlshift_jax.attacks import ATTACKS, DEFENSES, attack_key, get_attack, get_defense
+from mlshift_jax.attacks.defenses import ADV_EPOCH_FACTOR
 from mlshift_jax.attacks.losses import LOSSES
 from mlshift_jax.core import compile_cache, outdir, rules
 from mlshift_jax.core.errors import ConfigError, Interrupted, MlshiftError
 from mlshift_jax.core.files import atomic_path, clean_stale_temps, file_kind
 from mlshift_jax.core.sharding import describe_devices, initialize_distributed
 from mlshift_jax.data import datasets
-from mlshift_jax.models import weights
+from mlshift_jax.detection import FINGERPRINT, of_unit
+from mlshift_jax.models import RECIPES, TrainConfig, infer_model, load_model, weights
 from mlshift_jax.models.population import poison_key
-from mlshift_jax.models.recipes import RECIPES, TrainConfig
 from mlshift_jax.models.train import OPTIMIZERS
-from mlshift_jax.models.zoo import infer_model
 from mlshift_jax.poisoning.poison import MODES, POISONINGS, check_for
 from mlshift_jax.poisoning.poison import apply as apply_poison
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
-DATA_METHODS = ("activation-clustering", "spectral-signatures", "spectre",  # detect_data.METHODS
-                "mahalanobis")
 TRAIN_OPTIONS = ("model", "hidden", "lr", "epochs", "batch_size", "optimizer", "seed",
                  "train_size", "save")
 
@@ -270,7 +266,7 @@ def _load_weights(path: str, model: str | None = None):
     the arrays' layout (before the data loads: a bad file is one line). model: --model, the
     user's own "pkg.module:attr" the file must name (a file's reference alone is never
     imported)."""
-    model, params, meta = weights.load_model(path, model=model)
+    model, params, meta = load_model(path, model=model)
     return model, params, meta or {}
 
 
@@ -515,9 +511,7 @@ def cmd_scan_model(args) -> None:
     scan_cfg = ScanConfig(**({"steps": args.steps} if args.steps is not None else {}))
     scan_cfg.validate()
     if args.out is not None:
-        from mlshift_jax.bench.report import REPO_ROOT
-
-        outdir.claim(args.out, protected=[REPO_ROOT])
+        outdir.claim(args.out)
     model, params, meta = _load_weights(args.params, args.model)  # before the data loads
     if ":" in model.name:  # a user model: its null retrains as it was trained
         train = _trained_with(meta, "hidden", "lr", "epochs", "batch_size", "optimizer")
@@ -706,8 +700,8 @@ def cmd_bench(args) -> None:
 
     if args.distributed:  # before any other JAX call (platform names, devices)
         initialize_distributed()
-    matrix = Path(args.matrix) if args.matrix else BENCH_DIR / (
-        "matrix-quick.toml" if args.quick else "matrix.toml")
+    matrix = Path(args.matrix) if args.matrix else (
+        runner.QUICK_MATRIX if args.quick else runner.DEFAULT_MATRIX)
     if not matrix.is_file():
         found = "a folder" if matrix.is_dir() else "nothing"
         raise ConfigError(f"{matrix}: expected a matrix TOML file, found {found}; pass "
@@ -717,7 +711,7 @@ def cmd_bench(args) -> None:
     if args.dataset is not None:
         with_dataset(mx, args.dataset)
     out, sample_out, why = _bench_out(args, matrix)
-    outdir.claim(out, protected=[report.REPO_ROOT])
+    outdir.claim(out)
     runner._check_committed(out, matrix, args.dataset, sample=False)
     if why:
         print(f"mlshift: {why}: results go to {out}, not {report.default_out_dir()} "
@@ -758,6 +752,8 @@ def _names(mapping) -> str:
 
 def _options():
     """Every option, defined once: flag -> add_argument keywords (shared by every command)."""
+    data_methods = [d.name for d in of_unit("sample")]
+
     def num(name, default, text):
         return {"type": rules.argtype(name), "default": default, "metavar": name.upper(),
                 "help": f"{text}: {rules.describe(name)}"}
@@ -829,13 +825,13 @@ def _options():
         "null_models": num("null_models", 24, "clean retrains in the null: the smallest "
                            "p-value is 1/(N+1): N >= 19 for alpha 0.05, 99 for 0.01; fewer "
                            "is faster"),
-        "method": {"nargs": "+", "default": list(DATA_METHODS), "choices": DATA_METHODS,
-                   "metavar": "METHOD", "help": f"one or more of: {', '.join(DATA_METHODS)}"},
+        "method": {"nargs": "+", "default": data_methods, "choices": data_methods,
+                   "metavar": "METHOD", "help": f"one or more of: {', '.join(data_methods)}"},
         "top": {"type": _count("--top", "samples listed per method"), "default": 20,
                 "metavar": "N", "help": "list the N highest-scoring samples of each method"},
         "quick": {"action": "store_true", "help": "the CI-sized matrix"},
         "matrix": {"metavar": "FILE.toml",
-                   "help": "a matrix TOML file; default bench/matrix.toml (a custom matrix "
+                   "help": "a matrix TOML file; default the packaged full.toml (a custom matrix "
                    "writes to results/<platform>-<name>/ unless --out)"},
         "only": {"metavar": "PATTERN",
                  "help": "run only the cells whose id matches (glob or substring) and cache "
@@ -917,7 +913,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("poison", cmd_poison, "E4-E7: poison the training data, train, score clean and "
             "triggered", *DATA, *TRAIN_OPTIONS, "kind", "fraction", "patch", "target", "mode",
             "source", "sweep")
-    command("detect", cmd_detect, "has the suspect model changed from the reference, and how?",
+    command("detect", cmd_detect, "has the suspect model changed from the reference, and how? "
+            f"({FINGERPRINT.label} and categorizer)",
             *DATA, "reference", "suspect", "model", "alpha", "sample_size", "null_models",
             "seed",
             model={"default": None, "metavar": "PKG.MOD:ATTR",
@@ -956,7 +953,7 @@ def build_parser() -> argparse.ArgumentParser:
             seed={"help": "seed of the null's models, the images and the search: "
                   f"{rules.describe('seed')}"})
     command("scan-data", cmd_scan_data, "which training samples look poisoned? "
-            "activation clustering, spectral signatures and SPECTRE on the training set of a "
+            f"{', '.join(d.label for d in of_unit('sample'))} on the training set of a "
             "trained model", *DATA, "params", "model", "train_size", "seed", "eps", "method",
             "top", "out",
             model={"default": None, "metavar": "PKG.MOD:ATTR",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole accelerator check in one run: bench/floor.py (FGSM vs the machine's floor, a
+# The whole accelerator check in one run: benchmarks/floor.py (FGSM vs the machine's floor, a
 # 1,000-model population, the population chunk rule), then the full matrix, into
 # results/<platform>/ named from the device (e.g. gpu-h200, gpu-h100).
 # Usage: scripts/bench_gpu.sh [PYTHON]   (default .venv/bin/python, else python3)
@@ -56,7 +56,7 @@ else
 fi
 start=$(date +%s)
 echo "bench-gpu: [1/3] floor: matmul rate, bandwidth, FGSM vs its floor, a population and its chunk rule" >&2
-"$PY" bench/floor.py ${floor[@]+"${floor[@]}"} --out "$out" >/dev/null
+"$PY" benchmarks/floor.py ${floor[@]+"${floor[@]}"} --out "$out" >/dev/null
 echo "bench-gpu: [2/3] the full matrix ($(( $(date +%s) - start )) s so far)" >&2
 "$PY" -m mlshift_jax bench --force ${bench[@]+"${bench[@]}"} --out "$out"
 echo "bench-gpu: [3/3] the results folder" >&2

@@ -1,4 +1,4 @@
-"""Time and score the detection bench's training-data table on its own (issue 12.5 / 14.3).
+"""Time and score the detection bench's training-data table on its own.
 
 Trains the detection bench's population (FULL settings: seed-mlp, hidden 200, 10,000-image
 samples) for `seeds` seeds with the FULL poisonings plus a 10% BadNets mixture, then runs

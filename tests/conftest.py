@@ -36,6 +36,40 @@ def full_mnist(mnist):
     return mnist
 
 
+# --- trained models, one per session: any test file may take them instead of training its own
+
+@pytest.fixture(scope="session")
+def trained_seed_mlp(mnist):
+    """The study's numpy MLP (784-100-10, lr 0.1, seed 0) after one epoch on the first 3,000
+    training images: (the float64 `baseline.neuralNetwork`, its params as float32 JAX arrays,
+    the first 500 test images as float32 [500, 784], their labels as int32 [500])."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mlshift_jax.models import baseline
+
+    net = baseline.neuralNetwork(784, 100, 10, 0.1, rng=np.random.default_rng(0))
+    net.train_epoch(np.asarray(mnist.x_train[:3000], np.float64), mnist.y_train[:3000])
+    params = {k: jnp.asarray(v, jnp.float32) for k, v in net.params().items()}
+    x = np.asarray(mnist.x_test[:500], np.float32)
+    y = np.asarray(mnist.y_test[:500], np.int32)
+    return net, params, x, y
+
+
+@pytest.fixture(scope="session")
+def trained_mlp_ce(mnist):
+    """An mlp-ce of 64 hidden units after 3 epochs on the first 2,000 training images:
+    (params, the first 200 test images and labels as JAX arrays, the 2,000 training images)."""
+    import jax.numpy as jnp
+
+    from mlshift_jax.models.recipes import TrainConfig
+    from mlshift_jax.models.registry import fit
+
+    x, y = mnist.x_train[:2000], mnist.y_train[:2000]
+    params = fit("mlp-ce", TrainConfig(hidden=64, epochs=3), x, y)
+    xt, yt = jnp.asarray(mnist.x_test[:200]), jnp.asarray(mnist.y_test[:200])
+    return params, xt, yt, x
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_programs():

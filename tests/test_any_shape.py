@@ -12,12 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlshift_jax.attacks import evasion
+from mlshift_jax.attacks import ATTACKS, evasion
 from mlshift_jax.core.errors import ConfigError, DataError
 from mlshift_jax.data import datasets
 from mlshift_jax.models import zoo
 from mlshift_jax.models.metrics import evaluate
-from mlshift_jax.models.recipes import TrainConfig, fit_model, model_for
+from mlshift_jax.models.recipes import TrainConfig
+from mlshift_jax.models.registry import fit_model, model_for
 from mlshift_jax.poisoning import poison
 
 KEY = jax.random.key(0)
@@ -226,7 +227,7 @@ def test_attacks_clip_to_the_datasets_own_range(tmp_path):
     model, params = fit_model("seed-mlp", TrainConfig(hidden=8), ds.x_train, ds.y_train, ds)
     assert model.input_range == (-1.0, 1.0)
     x, y = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
-    for name, attack in evasion.ATTACKS.items():
+    for name, attack in ATTACKS.items():
         kw = {"key": KEY} if attack.needs_key else {}
         if attack.targeted:
             kw["target"] = 0

@@ -16,7 +16,8 @@ from mlshift_jax.data.spec import Spec
 from mlshift_jax.detection.detect import roc_auc
 from mlshift_jax.detection.strip import strip_scores
 from mlshift_jax.models.population import member
-from mlshift_jax.models.recipes import TrainConfig, model_for
+from mlshift_jax.models.recipes import TrainConfig
+from mlshift_jax.models.registry import model_for
 from mlshift_jax.poisoning import poison, triggers
 
 KEY = jax.random.key(0)

@@ -82,7 +82,7 @@ esac
     assert done.returncode == 0, done.stderr
     calls = log.read_text().splitlines()
     out = tmp_path / "dry" / "results" / "gpu-h200"
-    assert len(calls) == 2 and "bench/floor.py" in calls[0] and "--images 2000" in calls[0]
+    assert len(calls) == 2 and "benchmarks/floor.py" in calls[0] and "--images 2000" in calls[0]
     assert f"--out {out}" in calls[0]
     assert calls[1].startswith("-m mlshift_jax bench --force --tiny") and str(out) in calls[1]
     assert "results/gpu-h200 written" in done.stdout and "DRY RUN" in done.stderr
@@ -100,6 +100,7 @@ def test_dry_run_fails_when_a_step_leaves_a_file_out(tmp_path):
     assert done.returncode == 1 and "lacks floor.json" in done.stderr
 
 
+@pytest.mark.slow
 def test_floor_lists_its_files_so_the_bench_may_write_beside_them(tmp_path):
     """bench-gpu writes floor.py's files, then the bench's, into one results folder: floor
     must list its two files in the folder's manifest, or the bench refuses the folder as
@@ -107,7 +108,7 @@ def test_floor_lists_its_files_so_the_bench_may_write_beside_them(tmp_path):
     from mlshift_jax.core import outdir
 
     out = tmp_path / "results" / "gpu-test"
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "floor.py"), "--images", "200",
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "floor.py"), "--images", "200",
                            "--population", "2", "--population-size", "100", "--gemm", "64",
                            "--out", str(out)], capture_output=True, text=True, timeout=300,
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})

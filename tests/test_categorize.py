@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from mlshift_jax.attacks.evasion import ATTACKS
+from mlshift_jax.attacks import ATTACKS
 from mlshift_jax.bench import detection_bench
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.detection import categorize, change_generator
 from mlshift_jax.detection.categorize import CATEGORIES
-from mlshift_jax.detection.fingerprint import FEATURES, Null
+from mlshift_jax.detection.fingerprint import FEATURES, FeatureNull
 from mlshift_jax.poisoning.poison import POISONINGS
 
 
@@ -71,7 +71,7 @@ def test_confusion_table_matches_sklearn():
 
 def test_categorizer_inputs_are_null_zscores():
     rng = np.random.default_rng(3)
-    null = Null(rng.normal(2.0, 0.5, size=(30, len(FEATURES))))
+    null = FeatureNull(rng.normal(2.0, 0.5, size=(30, len(FEATURES))))
     z = null.zscores(null.features)
     np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-12)
     x = categorize.categorizer_inputs(null.features, null)
@@ -93,7 +93,7 @@ def test_detection_bench_tables(mnist):
     attack_cols = [detection_bench.attack_label(k, e) for k, e in TINY.attacks]
     poison_cols = [detection_bench.poison_label(k, f) for k, f in TINY.poisonings]
     assert list(auc.columns) == attack_cols + poison_cols
-    image_rows = list(detection_bench.INPUT_ROWS)
+    image_rows = [d.label for d in detection_bench.INPUT]
     assert auc.loc[image_rows, poison_cols].isna().all().all()
     assert auc.loc[image_rows, attack_cols].notna().all().all()
     assert auc.loc["fingerprint test"].notna().all()

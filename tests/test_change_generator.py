@@ -235,6 +235,7 @@ TRAIN_FAMILIES = ("square", "checkerboard", "per-class-square", "uniform-labels"
                   "noise-sign", "noise-gauss", "fgsm", "pgd")
 
 
+@pytest.mark.slow
 def test_unseen_trigger_families_are_detected_and_abstained_on_or_named_right(full_mnist):
     """Train the categorizer on families without sparse or blended triggers, then plant
     sparse and blended backdoors (strong ones, 100 pixels or alpha 0.3 on half the images,

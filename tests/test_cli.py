@@ -116,6 +116,7 @@ def test_poison_bad_arguments_are_one_line(capsys, argv, fragment):
     assert code == 2 and err.count("\n") == 1 and fragment in err, err
 
 
+@pytest.mark.slow
 def test_detect_flags_a_planted_change_and_not_the_model_itself(capsys, tmp_path,
                                                                 monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # its own calibration

@@ -88,3 +88,38 @@ def test_the_readme_headline_quotes_only_numbers_in_tables_md():
 def test_the_number_extraction_reads_scores_not_versions():
     text = "accuracy 0.9736, AUC 0.993-1.000, torch 2.13 and 1.58×, 0.05, 10,000 images"
     assert _numbers(text) == ["0.9736", "0.993", "1.000"]
+
+
+def test_the_committed_results_are_recognised_by_their_run_json():
+    """results/cpu/ is the committed run of the default matrix because its run.json says so
+    (not because of where it is): the runner refuses another matrix, --dataset or the
+    bundled sample there, and accepts the default matrix on the full data."""
+    from mlshift_jax.bench import runner
+    from mlshift_jax.core.errors import ConfigError
+
+    _info()
+    assert runner._holds_default_run(RESULTS)
+    runner._check_committed(RESULTS, runner.DEFAULT_MATRIX, None, sample=False)
+    for matrix, dataset, sample in [(runner.QUICK_MATRIX, None, False),
+                                    (runner.DEFAULT_MATRIX, "fashion-mnist", False),
+                                    (runner.DEFAULT_MATRIX, None, True)]:
+        with pytest.raises(ConfigError, match="refusing"):
+            runner._check_committed(RESULTS, matrix, dataset, sample=sample)
+
+
+@pytest.mark.parametrize("matrix, is_sample, tiny, held", [
+    ("mlshift_jax/bench/matrices/full.toml", False, False, True),
+    ("/elsewhere/bench/matrix.toml", False, False, True),  # written before the move
+    ("mlshift_jax/bench/matrices/quick.toml", False, False, False),
+    ("mlshift_jax/bench/matrices/full.toml", True, False, False),
+    ("mlshift_jax/bench/matrices/full.toml", False, True, False),
+])
+def test_a_default_run_is_told_by_content_anywhere(tmp_path, matrix, is_sample, tiny, held):
+    from mlshift_jax.bench import runner
+
+    info = {"matrix": matrix, "tiny": tiny, "datasets": {"mnist": {"is_sample": is_sample}}}
+    (tmp_path / "run.json").write_text(json.dumps(info))
+    assert runner._holds_default_run(tmp_path) is held
+    assert not runner._holds_default_run(tmp_path / "missing")
+    (tmp_path / "run.json").write_text("{not json")
+    assert not runner._holds_default_run(tmp_path)

@@ -11,28 +11,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlshift_jax.attacks import adaptive, defenses, evasion, obfuscation
+from mlshift_jax.attacks import adaptive, defenses, evasion, get_attack, obfuscation
 from mlshift_jax.bench import matrix, report, runner
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.models import metrics
-from mlshift_jax.models.recipes import TrainConfig, fit
+from mlshift_jax.models.recipes import TrainConfig
 from mlshift_jax.models.zoo import MLP_CE, Model
 
-N_TRAIN, N_TEST, HIDDEN = 2000, 200, 64
+N_TRAIN, N_TEST, HIDDEN = 2000, 200, 64  # the sizes of conftest's trained_mlp_ce
 KEY = jax.random.key(0)
 
 
 @pytest.fixture(scope="module")
-def trained(mnist):
-    x, y = mnist.x_train[:N_TRAIN], mnist.y_train[:N_TRAIN]
-    params = fit("mlp-ce", TrainConfig(hidden=HIDDEN, epochs=3), x, y)
-    xt, yt = jnp.asarray(mnist.x_test[:N_TEST]), jnp.asarray(mnist.y_test[:N_TEST])
-    return params, xt, yt, x
-
-
-@pytest.fixture(scope="module")
-def dae(trained):
-    return defenses.fit_state("denoise-ae", MLP_CE, trained[3], key=KEY, steps=200, hidden=64)
+def dae(trained_mlp_ce):
+    return defenses.fit_state("denoise-ae", MLP_CE, trained_mlp_ce[3], key=KEY, steps=200,
+                              hidden=64)
 
 
 def _built(name, dae_state):
@@ -48,8 +41,8 @@ def _acc(model, params, x, y, key=KEY):
 
 
 @pytest.mark.parametrize("name", sorted(defenses.DEFENSES))
-def test_each_defense_is_a_model(name, trained, dae):
-    params, x, y, _ = trained
+def test_each_defense_is_a_model(name, trained_mlp_ce, dae):
+    params, x, y, _ = trained_mlp_ce
     model = _built(name, dae)
     assert isinstance(model, Model)
     assert model.input_shape == MLP_CE.input_shape and model.input_range == MLP_CE.input_range
@@ -70,8 +63,8 @@ def test_each_defense_is_a_model(name, trained, dae):
     assert model.stochastic == (name == "randomize")
 
 
-def test_randomize_draws_fresh_randomness_per_key_and_needs_one(trained):
-    params, x, y, _ = trained
+def test_randomize_draws_fresh_randomness_per_key_and_needs_one(trained_mlp_ce):
+    params, x, y, _ = trained_mlp_ce
     model = defenses.build("randomize", MLP_CE)
     a = metrics.predict_keyed(model, params, x, jax.random.key(1))
     b = metrics.predict_keyed(model, params, x, jax.random.key(2))
@@ -115,8 +108,8 @@ def test_preprocessors_take_the_shape_from_the_model():
     assert x_adv.shape == x.shape
 
 
-def test_quantize_masks_the_gradient_and_median_of_a_constant_is_the_constant(trained):
-    params, x, y, _ = trained
+def test_quantize_masks_the_gradient_and_median_of_a_constant_is_the_constant(trained_mlp_ce):
+    params, x, y, _ = trained_mlp_ce
     q = defenses.build("quantize", MLP_CE, bits=1)
     assert float(jnp.max(jnp.abs(evasion.input_grad(q, params, x, y)))) == 0.0
     pre = defenses.info(q).pre
@@ -139,8 +132,8 @@ def test_bad_options_raise():
 # --- adaptive attacks ---------------------------------------------------------------------------
 
 
-def test_eot_reduces_to_pgd_when_the_randomness_is_off(trained):
-    params, x, y, _ = trained
+def test_eot_reduces_to_pgd_when_the_randomness_is_off(trained_mlp_ce):
+    params, x, y, _ = trained_mlp_ce
     want = evasion.pgd(MLP_CE, params, x, y, eps=0.1, key=KEY, steps=5)
     got = adaptive.eot_pgd(MLP_CE, params, x, y, eps=0.1, key=KEY, steps=5, samples=4)
     np.testing.assert_array_equal(got, want)
@@ -151,8 +144,8 @@ def test_eot_reduces_to_pgd_when_the_randomness_is_off(trained):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
-def test_bpda_equals_pgd_on_a_differentiable_identity_preprocessor(trained):
-    params, x, y, _ = trained
+def test_bpda_equals_pgd_on_a_differentiable_identity_preprocessor(trained_mlp_ce):
+    params, x, y, _ = trained_mlp_ce
     ident = defenses.preprocessed(MLP_CE, lambda v, key: v, defense="identity")
     want = evasion.pgd(ident, params, x, y, eps=0.1, key=KEY, steps=5)
     got = adaptive.bpda_pgd(ident, params, x, y, eps=0.1, key=KEY, steps=5)
@@ -162,11 +155,11 @@ def test_bpda_equals_pgd_on_a_differentiable_identity_preprocessor(trained):
 
 
 @pytest.mark.parametrize("name", ["eot-pgd", "bpda-pgd", "square", "transfer"])
-def test_adaptive_attacks_stay_in_the_ball_and_are_deterministic(name, trained):
-    params, x, y, _ = trained
+def test_adaptive_attacks_stay_in_the_ball_and_are_deterministic(name, trained_mlp_ce):
+    params, x, y, _ = trained_mlp_ce
     model = defenses.build("quantize", MLP_CE)
     kw = {"queries": 20} if name == "square" else {"steps": 3}
-    fn = evasion.get_attack(name).fn
+    fn = get_attack(name).fn
     a = fn(model, params, x, y, eps=0.2, key=KEY, **kw)
     b = fn(model, params, x, y, eps=0.2, key=KEY, **kw)
     np.testing.assert_array_equal(a, b)
@@ -178,27 +171,27 @@ def test_adaptive_attacks_stay_in_the_ball_and_are_deterministic(name, trained):
         fn(model, params, x, y, eps=0.2, key=None, **kw)
 
 
-def test_adaptive_attacks_are_at_least_as_strong_as_the_naive_ones(trained, dae):
+def test_adaptive_attacks_are_at_least_as_strong_as_the_naive_ones(trained_mlp_ce, dae):
     """On every defense, its adaptive attack leaves at most the accuracy FGSM and PGD leave
     (within 0.05: a stochastic model's accuracy is itself a random draw)."""
-    params, x, y, _ = trained
+    params, x, y, _ = trained_mlp_ce
     for name in sorted(defenses.DEFENSES):
         if name == "adv-train":  # the same functions as `none`; its weights differ only
             continue
         model = _built(name, dae)
         adaptive_name = defenses.get_defense(name).adaptive
         xs, ys = x[:100], y[:100]
-        naive = min(_acc(model, params, evasion.get_attack(a).fn(
+        naive = min(_acc(model, params, get_attack(a).fn(
             model, params, xs, ys, eps=0.15, key=KEY, **({"steps": 5} if a == "pgd" else {})),
             ys) for a in ("fgsm", "pgd"))
-        strong = _acc(model, params, evasion.get_attack(adaptive_name).fn(
+        strong = _acc(model, params, get_attack(adaptive_name).fn(
             model, params, xs, ys, eps=0.15, key=KEY, steps=5, restarts=2, samples=2), ys)
         assert strong <= naive + 0.05, (name, adaptive_name, strong, naive)
 
 
-def test_square_attack_runs_in_a_sweep(trained):
-    params, x, y, _ = trained
-    out = evasion.sweep(evasion.get_attack("square"), MLP_CE, params, x[:50], y[:50],
+def test_square_attack_runs_in_a_sweep(trained_mlp_ce):
+    params, x, y, _ = trained_mlp_ce
+    out = evasion.sweep(get_attack("square"), MLP_CE, params, x[:50], y[:50],
                         [0.0, 0.3], key=KEY, queries=30)
     np.testing.assert_array_equal(out[0], x[:50])
     assert _acc(MLP_CE, params, out[1], y[:50]) < _acc(MLP_CE, params, x[:50], y[:50])
@@ -212,13 +205,13 @@ def _table(model, params, x, y, eps_values=(0.1, 0.3)):
     for name, kw in (("fgsm", {}), ("pgd", {"steps": 10}), ("square", {"queries": 60}),
                      ("transfer", {"steps": 10})):
         for eps in eps_values:
-            x_adv = evasion.get_attack(name).fn(model, params, x, y, eps=eps, key=KEY, **kw)
+            x_adv = get_attack(name).fn(model, params, x, y, eps=eps, key=KEY, **kw)
             acc[(name, eps)] = _acc(model, params, x_adv, y)
     return acc
 
 
-def test_flags_fire_on_a_planted_masked_model_and_stay_quiet_on_an_undefended_one(trained):
-    params, x, y, _ = trained
+def test_flags_fire_on_a_planted_masked_model_and_stay_quiet_on_an_undefended_one(trained_mlp_ce):
+    params, x, y, _ = trained_mlp_ce
     masked = defenses.preprocessed(MLP_CE, lambda v, key: jax.lax.stop_gradient(v),
                                    defense="planted-mask")
     raised = obfuscation.flags(_table(masked, params, x, y),
@@ -241,8 +234,8 @@ def test_flags_see_accuracy_growing_with_eps():
 # --- adversarial training -----------------------------------------------------------------------
 
 
-def test_adversarial_training_raises_pgd_robustness(trained, mnist):
-    params, x, y, _ = trained
+def test_adversarial_training_raises_pgd_robustness(trained_mlp_ce, mnist):
+    params, x, y, _ = trained_mlp_ce
     xs, ys = mnist.x_train[:N_TRAIN], mnist.y_train[:N_TRAIN]
     adv = defenses.adv_fit("mlp-ce", TrainConfig(hidden=HIDDEN, epochs=10), xs, ys, eps=0.1,
                            steps=3)
@@ -360,8 +353,7 @@ def test_cli_adv_train_records_defense_eps_and_resolved_epochs(tmp_path, capsys)
 
     from mlshift_jax.attacks.defenses import ADV_EPOCH_FACTOR
     from mlshift_jax.cli import main
-    from mlshift_jax.models import weights
-    from mlshift_jax.models.recipes import get_recipe
+    from mlshift_jax.models.registry import get_recipe, load_model
 
     path = tmp_path / "adv.safetensors"
     code = main(["train", "--model", "mlp-ce", "--hidden", "8", "--train-size", "200",
@@ -370,7 +362,7 @@ def test_cli_adv_train_records_defense_eps_and_resolved_epochs(tmp_path, capsys)
     assert code == 0
     epochs = ADV_EPOCH_FACTOR * int(get_recipe("mlp-ce").defaults["epochs"])
     assert json.loads(capsys.readouterr().out)["epochs"] == epochs
-    meta = weights.load_model(str(path))[2]
+    meta = load_model(str(path))[2]
     assert meta["defense"] == {"name": "adv-train", "eps": 0.1, "steps": 1, "warmup": 0.0,
                                "epochs": epochs}
     assert meta["train"]["epochs"] == epochs

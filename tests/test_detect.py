@@ -110,11 +110,11 @@ def test_input_scores_shapes_jit_and_definitions(small_mlp):
     params, x, _ = small_mlp
     jitted = detect.input_scores(SEED_MLP, params, x)
     plain = jax.vmap(lambda xi: detect._one(SEED_MLP, params, xi, detect.SQUEEZERS))(x)
-    assert set(jitted) == set(detect.INPUT_DETECTORS)
+    assert set(jitted) == {d.name for d in detect.DETECTORS}
     out = predict(SEED_MLP, params, x)
     top = jnp.sort(out, axis=-1)
     d = out / out.sum(-1, keepdims=True)
-    for name in detect.INPUT_DETECTORS:
+    for name in jitted:
         assert jitted[name].shape == (500,)
         np.testing.assert_allclose(jitted[name], plain[name], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(jitted["confidence"], -top[:, -1], rtol=1e-6)

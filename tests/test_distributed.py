@@ -30,6 +30,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::mlshift_jax.data.datasets.SampleDataWarning")
 def test_two_processes_train_one_population_as_one_process_does(tmp_path):
     port = _free_port()

@@ -18,7 +18,7 @@ from scipy import stats
 
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.detection import change, fingerprint, neural_cleanse
-from mlshift_jax.detection.fingerprint import FEATURES, Null, Responses, change_test
+from mlshift_jax.detection.fingerprint import FEATURES, FeatureNull, Responses, change_test
 from mlshift_jax.models.population import member, plan_for
 from mlshift_jax.models.recipes import TrainConfig
 from mlshift_jax.models.retrain import train_sampled
@@ -136,7 +136,7 @@ def test_change_test_is_exact_under_exchangeability():
     for _ in range(trials):
         common = rng.normal(size=(n_null + 1, 1))
         draws = common + 0.5 * rng.normal(size=(n_null + 1, f))
-        p = change_test(draws[-1], Null(draws[:-1])).p_value[0]
+        p = change_test(draws[-1], FeatureNull(draws[:-1])).p_value[0]
         hits += p <= ALPHA
     lo, hi = stats.binom.ppf([1e-3, 1 - 1e-3], trials, ALPHA)
     assert lo <= hits <= hi
@@ -144,7 +144,7 @@ def test_change_test_is_exact_under_exchangeability():
 
 def test_change_test_values():
     rng = np.random.default_rng(1)
-    null = Null(rng.normal(size=(24, len(FEATURES))))
+    null = FeatureNull(rng.normal(size=(24, len(FEATURES))))
     far = np.full(len(FEATURES), 100.0)
     result = change_test(np.stack([far, -far]), null)
     assert result.p_value[0] == pytest.approx(1 / 25)
@@ -155,13 +155,13 @@ def test_change_test_values():
     want = (1 + (null.features >= mid).sum(0)) / 25
     np.testing.assert_allclose(change_test(mid, null).feature_p[0], want)
     with pytest.raises(ConfigError):
-        Null(np.zeros((1, len(FEATURES))))
+        FeatureNull(np.zeros((1, len(FEATURES))))
     with pytest.raises(ConfigError, match="expected test features"):
         change_test(far, null, ("nope",))
     assert result.resolution == pytest.approx(1 / 25)
 
 
-def _max_z_p(observed, null: Null, cols) -> float:
+def _max_z_p(observed, null: FeatureNull, cols) -> float:
     """The max-z combination this test replaced (pooled standardization, largest z)."""
     pool = np.concatenate([null.features[:, cols], np.asarray(observed)[None, cols]])
     z = (pool - pool.mean(0)) / np.where(pool.std(0) > 0, pool.std(0), 1.0)
@@ -179,7 +179,7 @@ def test_one_extreme_feature_is_not_diluted():
     flip = FEATURES.index("trigger_flip")
     features[:, flip] = 0.0
     features[7, flip] = 0.3  # one clean retrain that happens to answer the trigger search
-    null = Null(features)
+    null = FeatureNull(features)
     suspect = rng.normal(size=len(FEATURES))
     suspect[flip] = 0.0
     suspect[FEATURES.index("disagreement")] = 40.0
@@ -196,7 +196,7 @@ def test_p_values_sit_on_their_resolution():
     never 0, whatever the features (ties, constants, huge values)."""
     rng = np.random.default_rng(4)
     for n in (2, 5, 24):
-        null = Null(np.round(rng.standard_t(2, size=(n, len(FEATURES))), 1))
+        null = FeatureNull(np.round(rng.standard_t(2, size=(n, len(FEATURES))), 1))
         obs = np.concatenate([np.round(rng.standard_t(2, size=(30, len(FEATURES))), 1),
                               np.full((1, len(FEATURES)), 1e30), null.features[:2]])
         result = change_test(obs, null)
@@ -255,7 +255,7 @@ def trials(mnist):
 
     p_clean, p_backdoor = [], []
     for t in range(N_TRIALS):
-        null = Null(features(N_NULL + t, np.arange(N_NULL)))
+        null = FeatureNull(features(N_NULL + t, np.arange(N_NULL)))
         rows = [N_NULL + N_TRIALS + t] + ([N_NULL + 2 * N_TRIALS + t] if t < N_BACKDOOR else [])
         p = change_test(features(N_NULL + t, rows), null).p_value
         p_clean.append(p[0])
@@ -348,7 +348,7 @@ def test_a_scattered_pixel_trigger_raises_the_trigger_features(mnist):
         **fingerprint.fingerprints(take(resp, ref_i), take(resp, rows), probes.y),
         **fingerprint.trigger_features(SEED_MLP, member(pop, ref_i), take(found, ref_i),
                                        take(found, rows), probes)})
-    null, suspect = Null(f[:-1]), f[-1]
+    null, suspect = FeatureNull(f[:-1]), f[-1]
     flip, norm = (FEATURES.index(k) for k in fingerprint.TRIGGER_FEATURES)
     print(f"\ntrigger_flip null max {null.features[:, flip].max():.3f} suspect "
           f"{suspect[flip]:.3f}; trigger_norm null max {null.features[:, norm].max():.3f} "

@@ -22,7 +22,7 @@ pytest.importorskip("equinox")
 
 import mlshift_jax as ms  # noqa: E402
 from mlshift_jax import cli  # noqa: E402
-from mlshift_jax.models import weights  # noqa: E402
+from mlshift_jax.models import registry, weights  # noqa: E402
 
 USER_MODULE = """
 import math
@@ -96,6 +96,7 @@ def run_cli(capsys, *argv) -> dict | list:
 CASES = [("net", "rgb"), ("mlp", "digits")]  # the API test takes the other two pairs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attr,data", CASES)
 def test_shell_chain_train_attack_poison_detect(user_module, tmp_path, capsys, attr, data):
     write_npz(tmp_path / f"{data}.npz", SHAPES[data])
@@ -122,7 +123,7 @@ def test_shell_chain_train_attack_poison_detect(user_module, tmp_path, capsys, a
     assert poisoned["model"] == ref and poisoned["poisoned_count"] > 0
     assert "hidden" not in poisoned  # a user model has its own widths
     assert poisoned["params_finite"] and poisoned["saved"] == "suspect.safetensors"
-    model, params, meta = weights.load_model("suspect.safetensors", model=ref)
+    model, params, meta = registry.load_model("suspect.safetensors", model=ref)
     assert model.name == ref and meta["poison"]["target"] == 3
     assert meta["poison"]["fraction"] == pytest.approx(0.2)
     result = run_cli(capsys, "detect", "--reference", "clean.safetensors", "--suspect",
@@ -146,11 +147,13 @@ def test_detect_refuses_models_of_different_kinds(user_module, tmp_path, capsys)
     assert code == 2 and f"its model is '{user_module}:mlp', not" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attr,data", [("net", "digits"), ("mlp", "rgb")])
 def test_python_api_chain(user_module, tmp_path, attr, data):
     from mlshift_jax.bench.sweeps import poison_one
     from mlshift_jax.detection.change import CalibrationConfig, detect_pair
-    from mlshift_jax.models.recipes import TrainConfig, get_recipe
+    from mlshift_jax.models.recipes import TrainConfig
+    from mlshift_jax.models.registry import get_recipe
 
     write_npz(tmp_path / f"{data}.npz", SHAPES[data])
     ref = f"{user_module}:{attr}"
@@ -167,7 +170,7 @@ def test_python_api_chain(user_module, tmp_path, attr, data):
     suspect = result["params"]
     assert type(suspect) is type(params)
     ms.save_weights("suspect.safetensors", suspect, ms.metadata(model, dataset=ds))
-    loaded, reference, _ = weights.load_model("clean.safetensors", model=ref)
+    loaded, reference, _ = registry.load_model("clean.safetensors", model=ref)
     assert loaded is recipe.build(ds.spec, cfg)  # the same cached Model
     out = detect_pair(reference, suspect, ds, model=loaded, train=cfg,
                       config=CalibrationConfig(n_null=4, sample_size=128), alpha=0.2)
@@ -186,7 +189,7 @@ def test_a_population_of_user_models_is_one_vmap_of_the_user_trainer(user_module
     pop = population.train_poisoned(ref, [make_config("clean")] * 2, ds.x_train, ds.y_train,
                                     train=recipes.TrainConfig(epochs=2), seeds=[0, 1],
                                     spec=ds.spec)
-    model = recipes.model_for(ref, ds.spec)
+    model = registry.model_for(ref, ds.spec)
     for i, seed in enumerate((0, 1)):  # member i == usermodels.fit with that seed
         alone = usermodels.fit(model, recipes.TrainConfig(epochs=2, seed=seed),
                                ds.x_train, ds.y_train)

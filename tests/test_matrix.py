@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 
 from mlshift_jax.bench import matrix
+from mlshift_jax.bench.runner import DEFAULT_MATRIX, QUICK_MATRIX
 from mlshift_jax.core.errors import ConfigError
 from tests.test_runner import TINY
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def _parse(text: str = TINY) -> matrix.Matrix:
     return matrix.parse(text, "tiny.toml")
 
 
-@pytest.mark.parametrize("name", ["matrix.toml", "matrix-quick.toml"])
-def test_bench_matrices_parse(name):
-    m = matrix.load(BENCH / name)
+@pytest.mark.parametrize("path", [DEFAULT_MATRIX, QUICK_MATRIX], ids=["full", "quick"])
+def test_bench_matrices_parse(path):
+    m = matrix.load(path)
     cells = matrix.cells(m)
     ids = [c.id for c in cells]
     assert len(ids) == len(set(ids))
@@ -33,7 +31,7 @@ def test_bench_matrices_parse(name):
 
 
 def test_full_matrix_has_the_issue_grid():
-    m = matrix.load(BENCH / "matrix.toml")
+    m = matrix.load(DEFAULT_MATRIX)
     assert m.datasets == ("mnist", "fashion-mnist")
     assert set(m.models) == {"seed-mlp-numpy", "seed-mlp", "mlp-sgd", "mlp-ce", "cnn"}
     assert m.attacks == ("none", "noise-sign", "fgsm", "pgd")
@@ -47,7 +45,7 @@ def test_full_matrix_has_the_issue_grid():
 
 
 def test_quick_matrix_is_capped():
-    m = matrix.load(BENCH / "matrix-quick.toml")
+    m = matrix.load(QUICK_MATRIX)
     assert m.models == ("seed-mlp-numpy", "seed-mlp", "mlp-ce")
     assert (m.n_train, m.n_test) == (5000, 1000)
 
@@ -260,9 +258,8 @@ target = 5
 def test_tiny_keeps_every_cell_of_the_full_matrix_at_a_smoke_tests_size():
     """`bench --tiny` (scripts/bench_gpu.sh --dry-run): the same cells, block by block and
     part by part, every size capped."""
-    from pathlib import Path
 
-    full = matrix.load(Path(__file__).resolve().parents[1] / "bench" / "matrix.toml")
+    full = matrix.load(DEFAULT_MATRIX)
     small = matrix.tiny(full)
     before, after = matrix.cells(full), matrix.cells(small)
     assert [(c.kind, c.block) for c in before] == [(c.kind, c.block) for c in after]
@@ -284,9 +281,8 @@ def test_tiny_keeps_every_cell_of_the_full_matrix_at_a_smoke_tests_size():
 def test_with_dataset_moves_every_block_the_defenses_included():
     """`bench --dataset X`: no block stays on the matrix's own dataset (the defense cells
     once ran on the MNIST sample and landed, unlabelled, in X's report)."""
-    from pathlib import Path
 
-    full = matrix.load(Path(__file__).resolve().parents[1] / "bench" / "matrix.toml")
+    full = matrix.load(DEFAULT_MATRIX)
     moved = matrix.with_dataset(full, "tiny.npz")
     kinds = {c.kind for c in matrix.cells(moved)}
     assert {"attack", "stability", "speed", "poison", "detect", "defense"} <= kinds

@@ -5,14 +5,14 @@ import pytest
 
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.models.baseline import neuralNetwork
-from mlshift_jax.models.zoo import MODELS, SEED_MLP, get_model, infer_model, predict, study_targets
+from mlshift_jax.models.zoo import MODELS, SEED_MLP, build, infer_model, predict, study_targets
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_init_and_apply_shapes(name):
     model = MODELS[name]
     params = model.init(jax.random.key(0), n_in=784, n_hidden=32, n_out=10)
-    assert infer_model(params) is get_model(name, model.spec, hidden=32)
+    assert infer_model(params) is build(name, model.spec, hidden=32)
     x = jnp.full((5, 784), 0.5)
     assert predict(model, params, x).shape == (5, 10)
     assert jax.jit(model.apply)(params, x[0]).shape == (10,)
@@ -63,4 +63,4 @@ def test_study_targets():
 
 def test_unknown_model_names_the_known_ones():
     with pytest.raises(ConfigError, match="seed-mlp"):
-        get_model("resnet")
+        build("resnet")

@@ -9,7 +9,8 @@ import pytest
 
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.models import population
-from mlshift_jax.models.recipes import TrainConfig, fit
+from mlshift_jax.models.recipes import TrainConfig
+from mlshift_jax.models.registry import fit
 from mlshift_jax.poisoning import poison
 from mlshift_jax.poisoning.poison import Clean, Mixture, Patch, Trigger, WrongLabel
 

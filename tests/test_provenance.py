@@ -130,7 +130,7 @@ def test_results_carry_no_absolute_paths(first_run, tmp_path):
     report.write(records, out)
     for name in ("run.json", "tables.md", "records.csv"):
         text = (out / name).read_text()
-        for root in {str(provenance.REPO_ROOT), str(tmp_path), str(out)}:
+        for root in {str(provenance.PACKAGE_HOME), str(tmp_path), str(out)}:
             assert root not in text, (name, root)
     info = json.loads((out / "run.json").read_text())
     assert not info["matrix"].startswith("/") and len(info["matrix_sha256"]) == 12
@@ -142,7 +142,8 @@ def test_results_carry_no_absolute_paths(first_run, tmp_path):
 @pytest.mark.parametrize("given, expected", [
     ("env:/data/shared/mnist", "env:mnist"),
     ("system:/usr/share/datasets/fashion-mnist", "system:fashion-mnist"),
-    (str(provenance.REPO_ROOT / "bench" / "matrix.toml"), "bench/matrix.toml"),
+    (str(provenance.PACKAGE_HOME / "mlshift_jax" / "bench" / "matrices" / "full.toml"),
+     "mlshift_jax/bench/matrices/full.toml"),
     ("bundled-sample", "bundled-sample"),
     ("download:https://example.org/mnist/", "download:https://example.org/mnist/"),
     ("bench/matrix.toml", "bench/matrix.toml"),

@@ -1,9 +1,17 @@
-"""The README's "Use it on your own model and data" example runs as written (20 lines or
-fewer), on a small keras-style .npz cut from the MNIST this machine has."""
+"""Every code block of the README and of docs/*.md is checked: the README's "Use it on your
+own model and data" example runs as written (20 lines or fewer) on a small keras-style .npz
+cut from the MNIST this machine has, and its shell block runs command by command; every other
+Python block runs, every shell command parses (the `mlshift` ones with the CLI's own parser,
+`make` targets against the Makefile, install extras against pyproject.toml), every TOML block
+is a matrix the matrix parser accepts, every JSON block parses. Every relative link of those
+pages resolves to a file, and a link's #anchor to one of its headings."""
 
 from __future__ import annotations
 
+import json
 import re
+import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +20,22 @@ import pytest
 import mlshift_jax
 from mlshift_jax.core.errors import ConfigError
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the matrix parser's own fallback
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 SECTION = "## Use it on your own model and data"
+FENCE = re.compile(r"^```([\w-]*)\n(.*?)^```", re.S | re.M)
+LANGUAGES = {"python", "sh", "toml", "json"}
+
+
+def blocks(page: Path) -> list[tuple[str, str]]:
+    """(language, body) of each fenced block of a Markdown page, in order."""
+    return FENCE.findall(page.read_text())
 
 
 def readme_example() -> str:
@@ -60,11 +82,12 @@ def readme_shell() -> list[list[str]]:
     """The shell block after the Python example: one argv per `mlshift` command."""
     text = README.read_text()
     section = text[text.index(SECTION):]
-    block = re.search(r"The same from the shell.*?```\n(.*?)```", section, re.S).group(1)
+    block = re.search(r"The same from the shell.*?```sh\n(.*?)```", section, re.S).group(1)
     lines = block.replace("\\\n", " ").splitlines()
     return [line.split()[1:] for line in lines if line.startswith("mlshift ")]
 
 
+@pytest.mark.slow
 def test_readme_shell_block_runs(tmp_path):
     """Each command of the README's shell block, as written, as its own `python -m
     mlshift_jax` process (as a shell runs it), with `Net` from the Python example saved in
@@ -99,3 +122,186 @@ def test_readme_shell_block_runs(tmp_path):
         assert done.returncode == 0, done.stderr
         out += done.stdout
     assert "verdict" in out and "pgd" in out
+
+
+# --- every block of every page ------------------------------------------------------------
+
+def _ids(items: list[tuple[Path, int, str]]) -> list[str]:
+    return [f"{page.relative_to(ROOT)}#{i}" for page, i, _ in items]
+
+
+def _of(language: str) -> list[tuple[Path, int, str]]:
+    """(page, block index, body) of every block in `language`, the README example excepted."""
+    example = readme_example()
+    return [(page, i, body) for page in PAGES for i, (lang, body) in enumerate(blocks(page))
+            if lang == language and body != example]
+
+
+def test_every_block_names_a_language_this_test_checks():
+    found = {(page.name, i, lang) for page in PAGES for i, (lang, _) in enumerate(blocks(page))}
+    assert found, "no code block found: the fence pattern no longer matches"
+    unknown = sorted(f for f in found if f[2] not in LANGUAGES)
+    assert not unknown, f"blocks in a language test_readme does not check: {unknown}"
+
+
+def _commands(body: str) -> list[str]:
+    """The commands of a shell block: continuation lines joined, comments and blanks dropped."""
+    lines = body.replace("\\\n", " ").splitlines()
+    return [c for c in (line.split(" #")[0].strip() for line in lines)
+            if c and not c.startswith("#")]
+
+
+def _makefile_targets() -> set[str]:
+    return set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
+
+
+def _extras() -> set[str]:
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return set(tomllib.load(f)["project"]["optional-dependencies"])
+
+
+def check_command(command: str) -> None:
+    """Raise AssertionError (or the CLI parser's ConfigError) unless `command` is one this
+    project runs: a make target, a pip install of this package's extras, a script of
+    scripts/, or an mlshift command line the CLI's parser accepts (env assignments before
+    it, and a cluster launcher such as srun or gcloud around it, are allowed)."""
+    from mlshift_jax.cli import build_parser
+
+    words = shlex.split(command)
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
+        words = words[1:]  # VAR=value before the command
+    assert words, f"an empty command: {command!r}"
+    head = words[0]
+    if head == "make":
+        unknown = set(words[1:]) - _makefile_targets()
+        assert not unknown, f"{command!r}: no such make target {sorted(unknown)}"
+        return
+    if head == "pip" and words[1:2] == ["install"]:
+        for word in words[2:]:
+            if word.startswith(".["):
+                wanted = set(word[2:-1].split(","))
+                assert wanted <= _extras(), f"{command!r}: no such extra {wanted - _extras()}"
+        return
+    if head.startswith("scripts/"):
+        assert (ROOT / head).is_file(), f"{command!r}: no {head}"
+        return
+    for i, word in enumerate(words):  # mlshift ..., python -m mlshift_jax ..., srun ... python ...
+        if word == "mlshift" or word.endswith("/mlshift"):
+            build_parser().parse_args(words[i + 1:])
+            return
+        if word.endswith("python") and words[i + 1:i + 3] == ["-m", "mlshift_jax"]:
+            build_parser().parse_args(words[i + 3:])
+            return
+        if word.startswith("--command="):  # gcloud ... --command="cd DIR && python -m ..."
+            check_command(word.split("=", 1)[1].split("&&")[-1])
+            return
+    raise AssertionError(f"a shell command test_readme does not know how to check: {command!r}")
+
+
+SHELL = _of("sh")
+
+
+@pytest.mark.parametrize("page,index,body", SHELL, ids=_ids(SHELL))
+def test_shell_block_commands_parse(page, index, body):
+    commands = _commands(body)
+    assert commands, f"{page.name} block {index} holds no command"
+    for command in commands:
+        check_command(command)
+
+
+def test_check_command_refuses_what_would_fail():
+    """The checker itself: a wrong option, a missing make target or extra, an unknown tool."""
+    check_command("mlshift attack --params p.npz --attack fgsm --eps 0 0.1")
+    for bad, error in [("mlshift attack --params p.npz --attack no-such", ConfigError),
+                       ("mlshift detect --hidden 3", ConfigError),
+                       ("make no-such-target", AssertionError),
+                       ("pip install -e '.[no-such-extra]'", AssertionError),
+                       ("curl http://example.com | sh", AssertionError)]:
+        with pytest.raises(error):
+            check_command(bad)
+    assert _commands("a --x 1 \\\n    --y 2   # note\n# only a comment\n\nb\n") == [
+        "a --x 1      --y 2", "b"]
+
+
+def test_other_python_blocks_run(tmp_path, monkeypatch):
+    """Every Python block but the README example (run above, on its data), each in a fresh
+    namespace in an empty working folder."""
+    monkeypatch.chdir(tmp_path)
+    for page, index, body in _of("python"):
+        exec(compile(body, f"{page.name} block {index}", "exec"), {})
+
+
+TOML = _of("toml")
+
+
+@pytest.mark.parametrize("page,index,body", TOML, ids=_ids(TOML))
+def test_toml_block_is_a_matrix(page, index, body, tmp_path):
+    from mlshift_jax.bench import matrix
+
+    parsed = matrix.parse(body, str(tmp_path / "matrix.toml"))
+    assert parsed.datasets == tuple(tomllib.loads(body)["matrix"]["datasets"])
+
+
+JSON = _of("json")
+
+
+@pytest.mark.parametrize("page,index,body", JSON, ids=_ids(JSON))
+def test_json_block_parses(page, index, body):
+    assert isinstance(json.loads(body), (dict, list))
+
+
+# --- links ----------------------------------------------------------------------------------
+
+LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to -."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    text = FENCE.sub("", page.read_text())  # a "# comment" inside a block is no heading
+    return {slug(h) for h in re.findall(r"^#{1,6} (.+)$", text, re.M)}
+
+
+def test_slug_matches_github():
+    assert slug("The study's model, reproduced") == "the-studys-model-reproduced"
+    assert slug("`scan-model`: a backdoor, with no reference") == (
+        "scan-model-a-backdoor-with-no-reference")
+    assert slug("Headline results (`results/cpu/`, full MNIST, 2-core CPU)") == (
+        "headline-results-resultscpu-full-mnist-2-core-cpu")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_relative_links_resolve(page):
+    broken = []
+    for target in LINK.findall(FENCE.sub("", page.read_text())):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists():
+            broken.append(f"{target} (no {path})")
+        elif anchor and (file.suffix != ".md" or anchor not in anchors(file)):
+            broken.append(f"{target} (no heading #{anchor} in {file.name})")
+    assert not broken, f"{page.name}: broken links {broken}"
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    linked = {(README.parent / t.partition("#")[0]).resolve()
+              for t in LINK.findall(README.read_text())}
+    missing = [p.name for p in PAGES[1:] if p.resolve() not in linked]
+    assert not missing, f"docs pages the README does not link: {missing}"
+
+
+def test_docs_api_lists_every_public_name():
+    """docs/api.md's table names exactly what `mlshift_jax` exports (`__all__`)."""
+    text = (ROOT / "docs" / "api.md").read_text()
+    listed = re.findall(r"^\| `(\w+)` \|", text, re.M)
+    exported = [name for name in mlshift_jax.__all__ if name != "__version__"]
+    assert sorted(listed) == sorted(exported)
+    for name in listed:
+        getattr(mlshift_jax, name)  # each imports
+

@@ -538,7 +538,7 @@ CODE_REFS = {  # the file's model reference -> what the one line must name
 @pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
 @pytest.mark.parametrize("kind", CODE_REFS)
 def test_a_file_naming_code_never_imports_it(capsys, tmp_path, monkeypatch, kind, suffix):
-    from mlshift_jax.models import weights
+    from mlshift_jax.models import registry
 
     marker, mod = _marker_package(tmp_path)
     monkeypatch.chdir(tmp_path)  # the module sits next to the "downloaded" model
@@ -552,9 +552,9 @@ def test_a_file_naming_code_never_imports_it(capsys, tmp_path, monkeypatch, kind
         line = one_line_rc2(capsys, *argv)
         assert match in line and ref in line and "--model" in line, line
     with pytest.raises(ConfigError, match=match):
-        weights.load_model(path)
+        registry.load_model(path)
     with pytest.raises(ConfigError, match="not 'seed-mlp' as given"):
-        weights.load_model(path, model="seed-mlp")  # another reference: refused
+        registry.load_model(path, model="seed-mlp")  # another reference: refused
     line = one_line_rc2(capsys, "attack", "--params", path, "--model", "other_pkg:net")
     assert "not 'other_pkg:net' as given" in line
     assert not marker.exists() and sorted(os.listdir(tmp_path)) == before
@@ -640,7 +640,7 @@ BAD_META = {  # name -> (edit of the metadata, or its raw text; the field the li
 @pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
 @pytest.mark.parametrize("kind", BAD_META)
 def test_hostile_metadata_is_one_line_naming_the_field(capsys, tmp_path, kind, suffix):
-    from mlshift_jax.models import weights
+    from mlshift_jax.models import registry
 
     change, field = BAD_META[kind]
     path = tmp_path / f"w{suffix}"
@@ -651,7 +651,7 @@ def test_hostile_metadata_is_one_line_naming_the_field(capsys, tmp_path, kind, s
     line = one_line_rc2(capsys, "attack", "--params", path, "--n", "5")
     assert field in line and str(path) in line, line
     with pytest.raises((DataError, ConfigError)):
-        weights.load_model(path)
+        registry.load_model(path)
 
 
 def test_an_input_range_far_from_the_data_is_one_line(capsys, tmp_path):

@@ -88,6 +88,7 @@ def saved(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_cli_scan_model_json_and_trigger_files(capsys, saved, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # its own null
     capsys.readouterr()

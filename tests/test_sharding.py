@@ -7,10 +7,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mlshift_jax.core import sharding
 
 
+@pytest.mark.slow
 def test_four_forced_host_devices_give_the_one_device_results():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "JAX_PLATFORMS": "cpu", "MLSHIFT_NO_DOWNLOAD": "1"}

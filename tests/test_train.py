@@ -153,6 +153,7 @@ def _check_reproduction(scores):
         assert abs(scores[k] - study) <= 0.006, (k, scores[k], study)
 
 
+@pytest.mark.slow
 def test_reproduces_study_e1_in_jax(full_mnist):
     """hidden=200, lr=0.1, 1 epoch, file order, full MNIST -> the study's clean row."""
     params = train_seed_sgd(SEED_MLP.init(jax.random.key(0), n_hidden=200),
@@ -161,6 +162,7 @@ def test_reproduces_study_e1_in_jax(full_mnist):
     _check_reproduction(evaluate(SEED_MLP, params, full_mnist.x_test, full_mnist.y_test))
 
 
+@pytest.mark.slow
 def test_reproduces_study_e1_in_numpy(full_mnist):
     net = _numpy_net(200, seed=0)
     net.train_epoch(full_mnist.x_train.astype(np.float64), full_mnist.y_train)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlshift_jax.attacks import defenses
+from mlshift_jax.attacks import attack_key, defenses, get_attack, sweep
 from mlshift_jax.attacks.evaluate import (
     Column,
     correct_scorer,
@@ -18,8 +18,7 @@ from mlshift_jax.attacks.evaluate import (
     obfuscation_flags,
     worst_case,
 )
-from mlshift_jax.attacks.evasion import attack_key, get_attack, sweep
-from mlshift_jax.models.recipes import TrainConfig, fit_model
+from mlshift_jax.models import TrainConfig, fit_model
 
 EPS = (0.0, 0.1, 0.3)
 

@@ -14,7 +14,7 @@ import pytest
 
 from mlshift_jax.attacks import evasion
 from mlshift_jax.core.errors import ConfigError
-from mlshift_jax.models import usermodels, weights
+from mlshift_jax.models import registry, usermodels, weights
 from mlshift_jax.models.metrics import evaluate
 from mlshift_jax.models.recipes import TrainConfig
 
@@ -137,8 +137,8 @@ def test_user_model_build_fit_save_load_attack_evaluate(user_module, tmp_path, a
     meta = weights.metadata(model, train=CFG)
     weights.save(tmp_path / suffix, params, meta)
     with pytest.raises(ConfigError, match=f"never imported.*--model {ref}"):
-        weights.load_model(tmp_path / suffix)  # the file alone: not imported, one line
-    loaded_model, loaded, got = weights.load_model(tmp_path / suffix, model=ref)
+        registry.load_model(tmp_path / suffix)  # the file alone: not imported, one line
+    loaded_model, loaded, got = registry.load_model(tmp_path / suffix, model=ref)
     assert loaded_model is model and got["model"]["ref"] == ref
     assert got["input_shape"] == list(SHAPE) and got["train"]["lr"] == CFG.lr
     assert evaluate(loaded_model, loaded, x_test, y_test, n_classes=K) == clean
@@ -165,7 +165,7 @@ def test_hyper_parameters_reach_the_factory_and_the_metadata(user_module, tmp_pa
     params = model.init(jax.random.key(0))
     assert params["mlp"]["layers"][0]["weight"].shape == (7, 4 * 8 * 8)
     weights.save(tmp_path / "w.safetensors", params, weights.metadata(model))
-    loaded_model, _, meta = weights.load_model(tmp_path / "w.safetensors", model=ref)
+    loaded_model, _, meta = registry.load_model(tmp_path / "w.safetensors", model=ref)
     assert meta["model"]["hparams"] == {"width": 7} and loaded_model is model
     linen = usermodels.recipe(f"{user_module}:linen", {"width": 5}).build(SPEC)
     assert linen.init(jax.random.key(0))["params"]["Dense_0"]["kernel"].shape[1] == 5

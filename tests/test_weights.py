@@ -13,7 +13,7 @@ import pytest
 
 from mlshift_jax.core.errors import ConfigError, DataError
 from mlshift_jax.core.files import save_params
-from mlshift_jax.models import weights
+from mlshift_jax.models import registry, weights
 from mlshift_jax.models.zoo import MODELS, STUDY_SPEC, build
 
 SUFFIXES = ("w.safetensors", "w.npz")
@@ -41,7 +41,7 @@ def test_builtin_params_round_trip_with_metadata(tmp_path, suffix, name):
     assert got["input_range"] == [0.01, 1.0] and got["seed"] == 3
     assert got["poison"]["kind"] == "mixture" and got["finite"] is True
     assert got["format"] == weights.FORMAT and "mlshift_version" in got
-    m2, p2, _ = weights.load_model(path)
+    m2, p2, _ = registry.load_model(path)
     assert m2 is model
     _same(p2, loaded)
 
@@ -97,12 +97,12 @@ def test_non_finite_weights_are_refused_unless_asked_for(tmp_path):
 def test_metadata_free_npz_falls_back_to_the_builtin_layouts(tmp_path):
     params = MODELS["mlp-ce"].init(jax.random.key(0), n_hidden=8)
     save_params(tmp_path / "old.npz", {k: np.asarray(v) for k, v in params.items()})
-    model, loaded, meta = weights.load_model(tmp_path / "old.npz")
+    model, loaded, meta = registry.load_model(tmp_path / "old.npz")
     assert model.name == "mlp-ce" and meta == {"finite": True}
     from safetensors.numpy import save_file
 
     save_file({k: np.asarray(v) for k, v in params.items()}, str(tmp_path / "bare.st"))
-    model, _, meta = weights.load_model(tmp_path / "bare.st")
+    model, _, meta = registry.load_model(tmp_path / "bare.st")
     assert model.name == "mlp-ce" and meta == {"finite": True}
 
 
@@ -160,7 +160,7 @@ def test_weights_that_do_not_fit_their_model_are_a_data_error(tmp_path):
     params["w2"] = params["w2"][:, :3]
     weights.save(tmp_path / "w.safetensors", params, weights.metadata(MODELS["mlp-ce"]))
     with pytest.raises(DataError, match="do not fit"):
-        weights.load_model(tmp_path / "w.safetensors")
+        registry.load_model(tmp_path / "w.safetensors")
 
 
 def test_a_reference_that_cannot_be_built_asks_for_the_model(tmp_path):
@@ -168,6 +168,57 @@ def test_a_reference_that_cannot_be_built_asks_for_the_model(tmp_path):
     params = model.init(jax.random.key(0), n_hidden=8)
     weights.save(tmp_path / "w.safetensors", params, weights.metadata(model))
     with pytest.raises(ConfigError, match=r"'MyNet' is neither .*load_model\(path, model="):
-        weights.load_model(tmp_path / "w.safetensors")
-    got, _, meta = weights.load_model(tmp_path / "w.safetensors", model=model)
+        registry.load_model(tmp_path / "w.safetensors")
+    got, _, meta = registry.load_model(tmp_path / "w.safetensors", model=model)
     assert got is model and meta["model"]["ref"] == "MyNet"
+
+
+def test_a_weights_files_dataset_hash_is_the_runners_for_any_shape(tmp_path):
+    """The metadata's dataset hash is `datasets.content_hash`, the runner's `data_hash`: for
+    32x32x3 data too (the spec is part of the hash there, not for MNIST)."""
+    from mlshift_jax.bench.runner import data_hash
+    from mlshift_jax.data.datasets import Dataset, content_hash
+    from mlshift_jax.models import zoo
+
+    rng = np.random.default_rng(0)
+    d = 32 * 32 * 3
+    ds = Dataset("colour", rng.random((200, d), np.float32), rng.integers(0, 4, 200),
+                 rng.random((50, d), np.float32), rng.integers(0, 4, 50), "test",
+                 image_shape=(32, 32, 3), n_classes=4, input_range=(0.0, 1.0))
+    model = zoo.build("mlp-ce", ds.spec, 8)
+    weights.save(tmp_path / "w.safetensors", model.init(jax.random.key(0)),
+                 weights.metadata(model, dataset=ds))
+    _, meta = weights.load(tmp_path / "w.safetensors")
+    assert meta["dataset"]["hash"] == data_hash(ds) == content_hash(ds)
+    same_arrays = Dataset("grey", ds.x_train, ds.y_train, ds.x_test, ds.y_test, "test",
+                          image_shape=(64, 48, 1), n_classes=4, input_range=(0.0, 1.0))
+    assert content_hash(same_arrays) != content_hash(ds)  # the spec is hashed
+
+
+def test_tree_digest_and_cached_npz(tmp_path):
+    from mlshift_jax.core.files import cached_npz, tree_digest
+
+    a = {"w": np.arange(6, dtype=np.float32)}
+    assert tree_digest(a) == tree_digest({"w": np.arange(6, dtype=np.float32)})
+    assert len(tree_digest(a)) == 16 and len(tree_digest(a, length=12)) == 12
+    assert tree_digest(a) != tree_digest({"w": np.arange(6, dtype=np.float64)})
+    assert tree_digest(a) != tree_digest(a, tail=b"x")
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"x": np.arange(3)}
+
+    path = tmp_path / "c" / "e.npz"
+    assert cached_npz(path, compute, what="an entry")["x"].tolist() == [0, 1, 2]
+    assert cached_npz(path, compute, what="an entry")["x"].tolist() == [0, 1, 2]
+    assert len(calls) == 1  # the second read the file
+    path.write_bytes(b"PK damaged")
+    with pytest.warns(UserWarning, match="damaged cache entry"):
+        assert cached_npz(path, compute, what="an entry")["x"].tolist() == [0, 1, 2]
+    assert len(calls) == 2
+    seen = []
+    cached_npz(path, compute, what="an entry", check=lambda f: f["y"], on_damaged=seen.append)
+    assert seen == [path] and len(calls) == 3
+    cached_npz(path, compute, what="an entry", read=False)
+    assert len(calls) == 4

@@ -1,6 +1,6 @@
 """Adaptive attacks: the attacks a defense must survive before its robustness is believed.
 
-Same signature as `attacks.py` (and registered in its `ATTACKS`):
+Same signature as `evasion.py` (`RECORDS`, assembled into `attacks.ATTACKS`):
 
     attack(model, params, x, y, *, eps, key, lo, hi, steps, restarts, ...) -> x_adv
 
@@ -27,20 +27,21 @@ one), `bpda-pgd` is too.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from mlshift_jax.attacks import defenses, evasion, losses
-from mlshift_jax.attacks.evasion import (
+from mlshift_jax.attacks import defenses, losses
+from mlshift_jax.attacks._common import (
     PGD_STEP_FACTOR,
     PGD_STEPS,
     Attack,
-    _check_key,
-    _check_steps,
-    _input_grad,
-    _prepare,
+    batch_input_grad,
+    check_count,
+    check_key,
+    check_steps,
+    concrete,
+    prepare,
 )
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.models.zoo import Model, Params
@@ -48,12 +49,6 @@ from mlshift_jax.models.zoo import Model, Params
 EOT_SAMPLES = 8
 SQUARE_QUERIES = 1000
 SQUARE_P_INIT = 0.3  # Andriushchenko et al.'s value for MNIST
-
-
-def _check_count(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}: expected an int >= 1, found {value!r}")
-    return value
 
 
 # --- BPDA: the preprocessing, identity on the way back ---------------------------------------
@@ -80,7 +75,7 @@ def bpda_model(model: Model) -> Model:
     """`model` with its defense's preprocessing replaced by the identity on the backward
     pass (forward unchanged). A model that is not a `defenses` wrapper is returned as is."""
     d = defenses.info(model)
-    if d is None or d.defense == "adv-train":
+    if d is None or d.pre is None:  # undefended, or a defense in the weights
         return model
     base = bpda_model(d.base)
     approx = functools.partial(_straight_through, d.pre)
@@ -95,11 +90,11 @@ def bpda_model(model: Model) -> Model:
 
 def _eot_grad(model, params, x, y, key, samples):
     """Mean over `samples` draws of the per-example input gradient (one draw, exactly
-    `evasion._input_grad`, for a model without randomness)."""
+    `_common.batch_input_grad`, for a model without randomness)."""
     if not model.stochastic:
-        return _input_grad(model, params, x, y)
+        return batch_input_grad(model, params, x, y)
     keys = jax.random.split(key, samples)
-    grads = jax.vmap(lambda k: _input_grad(model, params, x, y, k))(keys)
+    grads = jax.vmap(lambda k: batch_input_grad(model, params, x, y, k))(keys)
     return jnp.mean(grads, axis=0)
 
 
@@ -163,11 +158,11 @@ def _pgd_engine(grad_model, eval_model, steps, restarts, samples, random_start, 
 
 def _run_pgd(name, grad_model, eval_model, params, eval_params, x, y, *, eps, key, lo, hi,
              steps, step_size, restarts, samples, random_start):
-    _check_steps(steps, step_size)
-    _check_count(restarts, "restarts")
-    _check_count(samples, "samples")
-    _check_key(key, name)
-    x, y, eps, lo, hi = _prepare(eval_model, x, y, eps, lo, hi)
+    check_steps(steps, step_size)
+    check_count(restarts, "restarts")
+    check_count(samples, "samples")
+    check_key(key, name)
+    x, y, eps, lo, hi = prepare(eval_model, x, y, eps, lo, hi)
     if step_size is not None:
         step_size = jnp.asarray(step_size, x.dtype)
     return _pgd_engine(grad_model, eval_model, int(steps), int(restarts), int(samples),
@@ -242,7 +237,7 @@ def _p_schedule(p_init, i, queries):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "queries", "restarts"))
-def _square_kernel(model, queries, restarts, params, x, y, eps, key, lo, hi, p_init):
+def square_kernel(model, queries, restarts, params, x, y, eps, key, lo, hi, p_init):
     h, w, c = model.input_shape
     b = x.shape[0]
     rows = jnp.arange(h)[None, :, None, None]
@@ -302,22 +297,34 @@ def square(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=Non
     "Square Attack: a query-efficient black-box adversarial attack via random search",
     ECCV 2020. x: [batch, D], y: [batch] -> [batch, D].
     """
-    _check_key(key, "square")
-    _check_count(queries, "queries")
-    _check_count(restarts, "restarts")
-    p_value = evasion._concrete(p_init)
+    check_key(key, "square")
+    check_count(queries, "queries")
+    check_count(restarts, "restarts")
+    p_value = concrete(p_init)
     if p_value is not None and not (p_value.ndim == 0 and p_value.dtype.kind in "fiu"
                                     and 0 < float(p_value) <= 1):
         raise ConfigError(f"p_init: expected a number in (0, 1], found {p_init!r}")
-    x, y, eps, lo, hi = _prepare(model, x, y, eps, lo, hi)
-    return _square_kernel(model, int(queries), int(restarts), params, x, y, eps, key, lo, hi,
+    x, y, eps, lo, hi = prepare(model, x, y, eps, lo, hi)
+    return square_kernel(model, int(queries), int(restarts), params, x, y, eps, key, lo, hi,
                           jnp.asarray(p_init, x.dtype))
 
 
-ADAPTIVE: dict[str, Attack] = {a.name: a for a in (
-    Attack("eot-pgd", eot_pgd, True, False),
-    Attack("bpda-pgd", bpda_pgd, True, False),
-    Attack("square", square, True, False),
-    Attack("transfer", transfer, True, False),
-)}
-evasion.ATTACKS.update(ADAPTIVE)
+_ATHALYE = ("Athalye, Carlini & Wagner, \"Obfuscated Gradients Give a False Sense of "
+            "Security\", ICML 2018")
+
+RECORDS: tuple[Attack, ...] = (
+    Attack("eot-pgd", eot_pgd, "EOT-PGD",
+           "Athalye, Engstrom, Ilyas & Kwok, \"Synthesizing Robust Adversarial Examples\", "
+           "ICML 2018; " + _ATHALYE, needs_key=True, uses_gradient=True,
+           static=("steps", "restarts", "samples", "random_start")),
+    Attack("bpda-pgd", bpda_pgd, "BPDA-PGD", _ATHALYE, needs_key=True,
+           static=("steps", "restarts", "samples", "random_start")),
+    Attack("square", square, "Square",
+           "Andriushchenko, Croce, Flammarion & Hein, \"Square Attack: a query-efficient "
+           "black-box adversarial attack via random search\", ECCV 2020", needs_key=True,
+           box="black", static=("queries", "restarts")),
+    Attack("transfer", transfer, "transfer",
+           "Papernot, McDaniel, Goodfellow, Jha, Celik & Swami, \"Practical Black-Box Attacks "
+           "against Machine Learning\", AsiaCCS 2017; " + _ATHALYE, needs_key=True,
+           box="black", static=("steps", "restarts", "random_start"), surrogate=True),
+)

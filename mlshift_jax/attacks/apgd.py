@@ -36,17 +36,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlshift_jax.attacks import losses
+from mlshift_jax.attacks._common import (
+    Attack,
+    check_int,
+    check_key,
+    check_model_key,
+    concrete,
+    prepare,
+)
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.models.zoo import Model, Params
-
-
-def _evasion():
-    """evasion.py, imported when first needed: it imports this module's registry entries
-    (through autoattack.py) at its end, so importing it here at the top would be circular."""
-    from mlshift_jax.attacks import evasion
-
-    return evasion
-
 
 ITERATIONS = 100  # Croce & Hein's n_iter
 TARGETS = 9  # APGD-T's target classes (AutoAttack standard)
@@ -70,16 +69,6 @@ def checkpoints(iterations: int) -> list[int]:
         out.append(at)
         k = max(k - decr, shortest)
     return out
-
-
-def _check_int(value: Any, name: str, low: int = 1, high: int | None = None) -> int:
-    ok = not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= low
-    if ok and high is not None:
-        ok = value <= high
-    if not ok:
-        span = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ConfigError(f"{name}: expected an int {span}, found {value!r}")
-    return int(value)
 
 
 def _one_image(model, loss, iterations, eot, params, x, y, t, eps, lo, hi, key):
@@ -167,7 +156,7 @@ def _kernel(model, loss, iterations, eot, params, x, y, t, eps, lo, hi, key):
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _clean_logits(model, params, x, key):
+def clean_logits(model, params, x, key):
     keys = jax.random.split(key, x.shape[0])
     return jax.vmap(lambda xi, ki: losses.logits(model, params, xi,
                                                  ki if model.stochastic else None))(x, keys)
@@ -176,17 +165,17 @@ def _clean_logits(model, params, x, key):
 def ranked_targets(model: Model, params: Params, x, key, n: int) -> jax.Array:
     """APGD-T's targets: per image the classes ranked 2nd .. (n+1)-th by the clean logits.
     x: [b, D] -> [n, b] ints."""
-    z = _clean_logits(model, params, x, key)
+    z = clean_logits(model, params, x, key)
     order = jnp.argsort(-z, axis=1)
     return order[:, 1:n + 1].T
 
 
 def check_common(name: str, model: Model, key: Any, iterations: Any, eot: Any) -> None:
     """The checks every APGD variant shares (key, iterations >= 1, eot >= 1)."""
-    _evasion()._check_key(key, name)
-    _evasion().check_model_key(model, key, name)
-    _check_int(iterations, "iterations")
-    _check_int(eot, "eot")
+    check_key(key, name)
+    check_model_key(model, key, name)
+    check_int(iterations, "iterations")
+    check_int(eot, "eot")
 
 
 def run(model: Model, params: Params, x, y, t, *, loss: str, eps, key, lo, hi,
@@ -197,11 +186,11 @@ def run(model: Model, params: Params, x, y, t, *, loss: str, eps, key, lo, hi,
 
 def _apgd(name, loss, model, params, x, y, *, eps, key, lo, hi, iterations, eot, restarts):
     check_common(name, model, key, iterations, eot)
-    _check_int(restarts, "restarts")
+    check_int(restarts, "restarts")
     if model.n_classes < 3 and loss == "dlr":
         raise ConfigError(f"{name}: expected a model with at least 3 classes (DLR), found "
                           f"{model.n_classes}")
-    x, y, eps, lo, hi = _evasion()._prepare(model, x, y, eps, lo, hi)
+    x, y, eps, lo, hi = prepare(model, x, y, eps, lo, hi)
     best, fooled = run(model, params, x, y, y, loss=loss, eps=eps, key=key, lo=lo, hi=hi,
                        iterations=iterations, eot=eot)
     for r in range(1, restarts):
@@ -245,8 +234,8 @@ def apgd_t(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=Non
     if model.n_classes < 4:
         raise ConfigError(f"apgd-t: expected a model with at least 4 classes (targeted DLR), "
                           f"found {model.n_classes}")
-    targets = _check_int(targets, "targets", 1, model.n_classes - 1)
-    x, y, eps, lo, hi = _evasion()._prepare(model, x, y, eps, lo, hi)
+    targets = check_int(targets, "targets", 1, model.n_classes - 1)
+    x, y, eps, lo, hi = prepare(model, x, y, eps, lo, hi)
     best, _ = targeted(model, params, x, y, eps=eps, key=key, lo=lo, hi=hi,
                        iterations=iterations, targets=targets, eot=eot)
     return best
@@ -260,10 +249,10 @@ def targeted(model, params, x, y, *, eps, key, lo, hi, iterations, targets, eot,
     best = x
     fooled = jnp.zeros(x.shape[0], bool)
     active = jnp.ones(x.shape[0], bool) if active is None else active
-    concrete = _evasion()._concrete(eps) is not None and _evasion()._concrete(x) is not None
+    on_host = concrete(eps) is not None and concrete(x) is not None
     for r in range(targets):
         k = jax.random.fold_in(key, r)
-        if concrete:
+        if on_host:
             todo = np.flatnonzero(np.asarray(active & ~fooled))
             if todo.size == 0:
                 break
@@ -303,3 +292,17 @@ def on_subset(fn, idx: np.ndarray, key, *arrays):
     pad = np.concatenate([idx, np.full(size - m, idx[0], idx.dtype)])
     out = fn(*(a[pad] for a in arrays), key)
     return tuple(o[:m] for o in out)
+
+
+CROCE_HEIN = ("Croce & Hein, \"Reliable evaluation of adversarial robustness with an ensemble "
+               "of diverse parameter-free attacks\", ICML 2020")
+_STATIC = ("iterations", "restarts", "eot")
+
+RECORDS: tuple[Attack, ...] = (
+    Attack("apgd-ce", apgd_ce, "APGD-CE", CROCE_HEIN, needs_key=True, uses_gradient=True,
+           static=_STATIC),
+    Attack("apgd-dlr", apgd_dlr, "APGD-DLR", CROCE_HEIN, needs_key=True, uses_gradient=True,
+           static=_STATIC, min_classes=3),
+    Attack("apgd-t", apgd_t, "APGD-T", CROCE_HEIN, needs_key=True, uses_gradient=True,
+           static=("iterations", "targets", "eot"), min_classes=4),
+)

@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlshift_jax.attacks import adaptive, apgd, evasion
-from mlshift_jax.attacks.evasion import Attack, _concrete, _prepare
+from mlshift_jax.attacks import adaptive, apgd
+from mlshift_jax.attacks._common import Attack, check_count, check_int, concrete, prepare
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.models.zoo import Model, Params
 
@@ -67,19 +67,19 @@ def _check(model, key, version, iterations, targets, queries, eot):
     if not isinstance(version, str) or version not in VERSIONS:
         raise ConfigError(f"version: expected one of {sorted(VERSIONS)}, found {version!r}")
     apgd.check_common("autoattack", model, key, iterations, eot)
-    adaptive._check_count(queries, "queries")
+    check_count(queries, "queries")
     if version == "standard":
         if model.n_classes < 4:
             raise ConfigError("autoattack: expected a model with at least 4 classes "
                               f"(APGD-T's targeted DLR), found {model.n_classes}")
-        apgd._check_int(targets, "targets", 1, model.n_classes - 1)
+        check_int(targets, "targets", 1, model.n_classes - 1)
     elif model.n_classes < 3:
         raise ConfigError("autoattack: expected a model with at least 3 classes (DLR), "
                           f"found {model.n_classes}")
 
 
 def _wrong(model, params, x, y, key):
-    z = apgd._clean_logits(model, params, x, key)
+    z = apgd.clean_logits(model, params, x, key)
     return jnp.argmax(z, -1) != y
 
 
@@ -97,9 +97,9 @@ def report(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=Non
     """
     eot = (apgd.EOT_ITER if version == "rand" else 1) if eot is None else eot
     _check(model, key, version, iterations, targets, queries, eot)
-    x, y, eps, lo, hi = _prepare(model, x, y, eps, lo, hi)
+    x, y, eps, lo, hi = prepare(model, x, y, eps, lo, hi)
     names = VERSIONS[version]
-    concrete = _concrete(eps) is not None and _concrete(x) is not None
+    on_host = concrete(eps) is not None and concrete(x) is not None
     wrong = _wrong(model, params, x, y, jax.random.fold_in(key, 99))
     best = x
     code = jnp.where(wrong, CLEAN, ROBUST)
@@ -113,14 +113,14 @@ def report(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=Non
         else:
             def attack(xs, ys, kk, name=name):
                 if name == "square":
-                    xa = adaptive._square_kernel(model, int(queries), 1, params, xs, ys, eps,
+                    xa = adaptive.square_kernel(model, int(queries), 1, params, xs, ys, eps,
                                                  kk, lo, hi,
                                                  jnp.asarray(SQUARE_P_INIT, xs.dtype))
                     return xa, _wrong(model, params, xa, ys, jax.random.fold_in(kk, 5))
                 loss = "ce" if name == "apgd-ce" else "dlr"
                 return apgd.run(model, params, xs, ys, ys, loss=loss, eps=eps, key=kk,
                                 lo=lo, hi=hi, iterations=iterations, eot=eot)
-            if concrete:
+            if on_host:
                 todo = np.flatnonzero(np.asarray(active))
                 if todo.size == 0:
                     break
@@ -132,7 +132,7 @@ def report(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=Non
         f = f & active
         best = jnp.where(f[:, None], cand, best)
         code = jnp.where(f, i, code)
-    return Report(best, np.asarray(code) if concrete else code, names)
+    return Report(best, np.asarray(code) if on_host else code, names)
 
 
 def autoattack(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=None,
@@ -147,17 +147,6 @@ def autoattack(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi
                   iterations=iterations, targets=targets, queries=queries, eot=eot).x_adv
 
 
-def _register(attacks: dict[str, Attack]) -> None:
-    for a in (Attack("apgd-ce", apgd.apgd_ce, True, False),
-              Attack("apgd-dlr", apgd.apgd_dlr, True, False, min_classes=3),
-              Attack("apgd-t", apgd.apgd_t, True, False, min_classes=4),
-              Attack("autoattack", autoattack, True, False, min_classes=4)):
-        attacks[a.name] = a
-
-
-_register(evasion.ATTACKS)
-
-
 def robust_per_image(accurate: dict[str, Any]) -> np.ndarray:
     """Images robust to every attack: the AND of per-attack [b] bool arrays (correctly
     classified after that attack). The worst case taken per image, never the minimum of
@@ -166,3 +155,10 @@ def robust_per_image(accurate: dict[str, Any]) -> np.ndarray:
     if not arrays:
         raise ConfigError("robust_per_image: expected at least one attack's results")
     return np.logical_and.reduce(arrays)
+
+
+RECORDS: tuple[Attack, ...] = (
+    Attack("autoattack", autoattack, "AutoAttack", apgd.CROCE_HEIN, needs_key=True,
+           uses_gradient=True, box="ensemble",
+           static=("version", "iterations", "targets", "queries", "eot"), min_classes=4),
+)

@@ -26,7 +26,7 @@ over, and the defense reads them from the model (nothing here assumes 28x28 or 7
 Its params are the base model's params (the denoiser's weights are part of the defense, so
 `denoise-ae` takes them as `state`). A randomized defense is `stochastic=True`: its apply
 and loss take a keyword `key` and draw fresh randomness from it; callers split one key per
-example (`metrics.predict_keyed`, `evasion._input_grad`).
+example (`metrics.predict_keyed`, `_common.batch_input_grad`).
 
 Every defended model exposes what the adaptive attacks need (`info(model)`): the undefended
 base model, and the preprocessing `pre(x: [D], key) -> [D]` on one flat example, so BPDA
@@ -36,7 +36,6 @@ base model, and the preprocessing `pre(x: [D], key) -> [D]` on one flat example,
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, NamedTuple
@@ -46,8 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mlshift_jax.attacks import evasion
+from mlshift_jax.attacks._common import pgd_kernel
 from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.core.files import tree_digest
 from mlshift_jax.models.zoo import Model, Params
 
 Preprocess = Callable[[jax.Array, Any], jax.Array]  # pre(x: [D], key or None) -> [D]
@@ -57,13 +57,13 @@ class Defended(NamedTuple):
     """What the adaptive attacks need to know of a defended model.
 
     defense: its name; base: the model it wraps (undefended); pre: the preprocessing on one
-    flat example, pre(x: [D], key) -> [D] (identity for adv-train); pre_stochastic: pre
-    draws randomness; options: ((name, value), ...).
+    flat example, pre(x: [D], key) -> [D], None for a defense in the weights (adv-train);
+    pre_stochastic: pre draws randomness; options: ((name, value), ...).
     """
 
     defense: str
     base: Model
-    pre: Preprocess
+    pre: Preprocess | None
     pre_stochastic: bool
     options: tuple
 
@@ -320,7 +320,7 @@ class PGDPerturb(NamedTuple):
         eps = jnp.asarray(self.eps, dt)
         if self.warmup > 0:
             eps = eps * jnp.minimum(1.0, jnp.asarray(progress, dt) / self.warmup)
-        return evasion._pgd_kernel(self.model, False, self.steps, True, params, xb, yb,
+        return pgd_kernel(self.model, False, self.steps, True, params, xb, yb,
                                    eps, None, key,
                                    jnp.asarray(self.lo, dt), jnp.asarray(self.hi, dt),
                                    "train")  # Madry et al.: the inner max of the training loss
@@ -373,7 +373,8 @@ def adv_fit(recipe_name: str, cfg: Any, x: Any, y: Any, *, eps: float = ADV_EPS,
     Dataset's `.spec`), guessed from x and y when None (`models.guess_spec`); PGD clips to its
     input range. Madry et al., ICLR 2018.
     """
-    from mlshift_jax.models.recipes import get_recipe, resolve
+    from mlshift_jax.models.recipes import resolve
+    from mlshift_jax.models.registry import get_recipe
     from mlshift_jax.models.train import train_minibatch
     from mlshift_jax.models.zoo import guess_spec
 
@@ -405,13 +406,44 @@ def adv_fit(recipe_name: str, cfg: Any, x: Any, y: Any, *, eps: float = ADV_EPS,
 # --- the registry ------------------------------------------------------------------------------
 
 
+def _check_randomize(o: dict) -> None:
+    if not 0 < o["min_scale"] <= 1:
+        raise ConfigError(f"randomize: min_scale expected in (0, 1], found {o['min_scale']}")
+
+
+def _check_quantize(o: dict) -> None:
+    if int(o["bits"]) != o["bits"] or not 1 <= o["bits"] <= 16:
+        raise ConfigError(f"quantize: bits expected an integer in [1, 16], found {o['bits']}")
+
+
+def _check_median(o: dict) -> None:
+    if int(o["size"]) != o["size"] or o["size"] % 2 == 0:
+        raise ConfigError(f"median: size expected an odd integer, found {o['size']}")
+
+
+def _fit_denoise(key: jax.Array, model: Model, x: Any, o: dict) -> Params:
+    return fit_denoiser(key, model, x, steps=int(o["steps"]), n_hidden=int(o["hidden"]),
+                        noise=float(o["noise"]))
+
+
+def _no_check(o: dict) -> None:
+    """Options that need no check beyond "a number >= 0"."""
+
+
 class Defense(NamedTuple):
-    """A registered defense.
+    """A registered defense: what it is and how it is built, checked and fitted.
 
     name; kind: "preprocess" (wraps any trained model) or "training" (changes the weights:
-    train with `adv_fit`); defaults: its options and their default values; needs_state: it
-    takes a fitted `state` (the denoiser's weights); adaptive: the attack that adapts to it
-    (the table's "adaptive" column); about: one line.
+    train with `adv_fit`; the model is renamed, its functions unchanged); defaults: its
+    options and their default values; needs_state: it takes a fitted `state` (the
+    denoiser's weights); adaptive: the attack that adapts to it (the table's "adaptive"
+    column); about: one line with its paper.
+    make_pre(model, options: dict, state) -> pre(x: [D], key) -> [D], the preprocessing on
+    one flat example; None where the defense touches no input ("none", a training defense).
+    pre_stochastic: pre draws fresh randomness at every call (the model becomes stochastic).
+    check(options: dict): ConfigError for a value outside the option's own range (every
+    option is first checked to be a number >= 0).
+    fit(key, model, x: [n, D], options: dict) -> state, for a defense that needs_state.
     """
 
     name: str
@@ -420,19 +452,31 @@ class Defense(NamedTuple):
     needs_state: bool
     adaptive: str
     about: str
+    make_pre: Callable[[Model, dict, Any], Preprocess] | None = None
+    pre_stochastic: bool = False
+    check: Callable[[dict], None] = _no_check
+    fit: Callable[[jax.Array, Model, Any, dict], Any] | None = None
 
 
 DEFENSES: dict[str, Defense] = {d.name: d for d in (
     Defense("none", "preprocess", (), False, "eot-pgd", "the undefended model"),
     Defense("randomize", "preprocess", (("min_scale", 0.9), ("noise", 0.05)), False, "eot-pgd",
-            "random resize + pad (Xie et al. 2018) and a Gaussian noise layer, fresh per call"),
+            "random resize + pad (Xie et al. 2018) and a Gaussian noise layer, fresh per call",
+            make_pre=lambda m, o, state: _randomize_pre(m, float(o["min_scale"]),
+                                                        float(o["noise"])),
+            pre_stochastic=True, check=_check_randomize),
     Defense("quantize", "preprocess", (("bits", 1),), False, "bpda-pgd",
-            "bit-depth reduction (Buckman et al. 2018; Xu et al. 2018): zero gradient"),
+            "bit-depth reduction (Buckman et al. 2018; Xu et al. 2018): zero gradient",
+            make_pre=lambda m, o, state: _quantize_pre(m, int(o["bits"])),
+            check=_check_quantize),
     Defense("median", "preprocess", (("size", 3),), False, "eot-pgd",
-            "median filter (spatial smoothing, Xu et al. 2018)"),
+            "median filter (spatial smoothing, Xu et al. 2018)",
+            make_pre=lambda m, o, state: _median_pre(m, int(o["size"])), check=_check_median),
     Defense("denoise-ae", "preprocess", (("hidden", 256), ("steps", 2000), ("noise", 0.3)),
             True, "eot-pgd",
-            "denoising autoencoder trained on clean + noisy images (after Liao et al. 2018)"),
+            "denoising autoencoder trained on clean + noisy images (after Liao et al. 2018)",
+            make_pre=lambda m, o, state: _denoise_pre(m, jax.tree.map(jnp.asarray, state)),
+            fit=_fit_denoise),
     Defense("adv-train", "training", (("eps", ADV_EPS), ("steps", ADV_STEPS), ("warmup", 0.0)),
             False,
             "eot-pgd", "PGD adversarial training (Madry et al. 2018)"),
@@ -461,24 +505,8 @@ def resolve_options(name: str, options: dict | None = None) -> tuple:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ConfigError(f"defense {name}: option {key} expected a number >= 0, "
                               f"found {value!r}")
-    if name == "randomize" and not 0 < out["min_scale"] <= 1:
-        raise ConfigError(f"randomize: min_scale expected in (0, 1], found {out['min_scale']}")
-    if name == "quantize" and (int(out["bits"]) != out["bits"] or not 1 <= out["bits"] <= 16):
-        raise ConfigError(f"quantize: bits expected an integer in [1, 16], found {out['bits']}")
-    if name == "median" and (int(out["size"]) != out["size"] or out["size"] % 2 == 0):
-        raise ConfigError(f"median: size expected an odd integer, found {out['size']}")
+    d.check(out)
     return tuple(sorted(out.items()))
-
-
-def _digest(state: Any) -> str | None:
-    if state is None:
-        return None
-    h = hashlib.sha256()
-    for leaf in jax.tree.leaves(state):
-        a = np.ascontiguousarray(np.asarray(leaf))
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
 
 
 def build(name: str, model: Model, *, state: Any = None, **options) -> Model:
@@ -486,37 +514,27 @@ def build(name: str, model: Model, *, state: Any = None, **options) -> Model:
     give the same Model (jit then reuses its compiled code).
 
     state: the denoiser's weights for `denoise-ae` (`fit_denoiser`); ConfigError when a
-    defense that needs it gets none. `none` returns the model itself; `adv-train` returns
-    the architecture renamed (its robustness is in the weights: train them with `adv_fit`).
+    defense that needs it gets none. A defense with no preprocessing returns the model
+    itself ("none") or, for a training defense (`adv-train`), the architecture renamed (its
+    robustness is in the weights: train them with `adv_fit`).
     """
     d = get_defense(name)
     opts = resolve_options(name, options)
     if d.needs_state and state is None:
         raise ConfigError(f"defense {name}: expected its fitted state (state=fit_denoiser(...)),"
                           " found None")
-    if name == "none":
+    if d.make_pre is None and d.kind != "training":
         return model
-    key = (name, model, opts, _digest(state))
+    key = (name, model, opts, None if state is None else tree_digest(state))
     if key in _BUILT:
         return _BUILT[key]
-    o = dict(opts)
-    if name == "randomize":
-        wrapped = preprocessed(model, _randomize_pre(model, float(o["min_scale"]),
-                                                     float(o["noise"])),
-                               defense=name, stochastic=True, options=opts)
-    elif name == "quantize":
-        wrapped = preprocessed(model, _quantize_pre(model, int(o["bits"])), defense=name,
-                               options=opts)
-    elif name == "median":
-        wrapped = preprocessed(model, _median_pre(model, int(o["size"])), defense=name,
-                               options=opts)
-    elif name == "denoise-ae":
-        dae = jax.tree.map(jnp.asarray, state)
-        wrapped = preprocessed(model, _denoise_pre(model, dae), defense=name, options=opts)
-    else:  # adv-train: same functions, new name; the weights carry the defense
+    if d.make_pre is not None:
+        wrapped = preprocessed(model, d.make_pre(model, dict(opts), state), defense=name,
+                               stochastic=d.pre_stochastic, options=opts)
+    else:  # same functions, new name; the weights carry the defense
         wrapped = model._replace(name=f"{model.name}+{name}",
                                  hparams=tuple(model.hparams) + (("defense", name),) + opts)
-        _INFO[wrapped] = Defended(name, model, lambda x, key=None: x, False, opts)
+        _INFO[wrapped] = Defended(name, model, None, False, opts)
     _BUILT[key] = wrapped
     return wrapped
 
@@ -525,7 +543,5 @@ def fit_state(name: str, model: Model, x: Any, *, key: jax.Array, **options) -> 
     """The fitted state defense `name` needs (the denoiser's weights for `denoise-ae`,
     trained on x: [n, D] with the defense's options); None for the others."""
     opts = dict(resolve_options(name, options))
-    if not get_defense(name).needs_state:
-        return None
-    return fit_denoiser(key, model, x, steps=int(opts["steps"]), n_hidden=int(opts["hidden"]),
-                        noise=float(opts["noise"]))
+    d = get_defense(name)
+    return None if d.fit is None else d.fit(key, model, x, opts)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlshift_jax.attacks import autoattack, evasion
+from mlshift_jax.attacks._common import Attack
 from mlshift_jax.core.timing import Timing, time_call, time_once
 from mlshift_jax.models.zoo import Model, Params
 
@@ -35,7 +36,7 @@ class Column(NamedTuple):
     runs with besides eps / key / lo / hi (steps, restarts, samples, queries, loss, target)."""
 
     label: str
-    attack: evasion.Attack
+    attack: Attack
     options: dict
 
 
@@ -137,7 +138,7 @@ def evaluate_under_attack(model: Model, params: Params, x, y, columns: Sequence[
     for column in columns:
         attack = column.attack
         kw: dict[str, Any] = {"key": key, "lo": lo, "hi": hi, **column.options}
-        if attack.name == "transfer" and source_params is not None:
+        if attack.surrogate and source_params is not None:
             kw["source_params"] = source_params
         if sweep and attack.name == "autoattack":  # one call (minutes on a robust model)
             run = partial(_autoattack_sweep, model, params, key=key, lo=lo, hi=hi)

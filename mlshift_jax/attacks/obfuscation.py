@@ -6,7 +6,8 @@ After Athalye, Carlini & Wagner, "Obfuscated Gradients Give a False Sense of Sec
 `flags_doc.md`). `probe` measures what one defended model shows; `flags` turns a probe and
 a table of robust accuracies into one line per warning:
 
-- `black-box`: a black-box (gradient-free) or transfer attack beats white-box PGD, or
+- `black-box`: a black-box (gradient-free) or transfer attack (`Attack.box == "black"`)
+  beats the untargeted white-box ones (`box == "white"`: FGSM, PGD, ...), or
   AutoAttack's Square (5,000 queries) fools images its white-box APGD-CE and APGD-T left
   standing (AutoAttack's own flag);
 - `not-monotone`: accuracy grows with eps (per attack) or with PGD's steps;
@@ -29,13 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlshift_jax.attacks import evasion
+from mlshift_jax.attacks import ATTACKS, evasion
+from mlshift_jax.attacks._common import batch_input_grad
 from mlshift_jax.models.metrics import predict_keyed
 from mlshift_jax.models.zoo import Model, Params
 
 FLAG_NAMES = ("black-box", "not-monotone", "randomized", "zero-gradient", "unbounded")
-WHITE_BOX = ("fgsm", "pgd")
-BLACK_BOX = ("square", "transfer")
 VANISHING = 1e-10
 
 
@@ -46,7 +46,7 @@ def tolerance(n: int) -> float:
 
 @functools.partial(jax.jit, static_argnames="model")
 def _gradient_stats(model: Model, params: Params, x, y, key):
-    g = evasion._input_grad(model, params, x, y, key if model.stochastic else None)
+    g = batch_input_grad(model, params, x, y, key if model.stochastic else None)
     per_example = jnp.max(jnp.abs(g), axis=1)
     return {"zero_grad_frac": jnp.mean(g == 0),
             "vanishing_frac": jnp.mean(per_example < VANISHING)}
@@ -115,11 +115,14 @@ def flags(accuracy: dict[tuple[str, float], float], probed: dict[str, Any] | Non
                        f"and APGD-T left standing at eps {eps:g}")
     eps_values = sorted({e for _, e in accuracy})
     for eps in eps_values:
-        white = [accuracy[(a, eps)] for a in WHITE_BOX if (a, eps) in accuracy]
-        for b in BLACK_BOX:
-            if white and (b, eps) in accuracy and accuracy[(b, eps)] < min(white) - tol:
-                out.append(f"black-box: {b} beats white-box FGSM/PGD at eps {eps:g} "
-                           f"({accuracy[(b, eps)]:.3f} < {min(white):.3f})")
+        here = [a for a in ATTACKS.values() if (a.name, eps) in accuracy]
+        white = [a for a in here if a.box == "white" and not a.targeted]
+        best = min((accuracy[(a.name, eps)] for a in white), default=None)
+        labels = "/".join(a.label for a in white)
+        for b in (a.name for a in here if a.box == "black"):
+            if white and accuracy[(b, eps)] < best - tol:
+                out.append(f"black-box: {b} beats white-box {labels} at eps {eps:g} "
+                           f"({accuracy[(b, eps)]:.3f} < {best:.3f})")
     for attack in dict.fromkeys(a for a, _ in accuracy):
         series = [(e, accuracy[(attack, e)]) for e in eps_values if (attack, e) in accuracy]
         for (e0, a0), (e1, a1) in zip(series, series[1:], strict=False):

@@ -10,15 +10,16 @@ system "reference model behind a changed input channel", see `fingerprint`).
 
 Tables (`run` returns them by name):
 
-- "auc": ROC-AUC, detector x change kind. Image-level detectors (confidence, margin, entropy,
-  squeezing) on the test images attacked vs clean, with the first seed's reference; the
-  fingerprint test on systems (changed systems vs clean retrains, statistic = -log of the
-  smallest per-feature tail, `fingerprint.change_test`); the training-data detectors
-  (activation clustering, spectral signatures, SPECTRE) on training samples (poisoned vs
-  not, mean over the first `data_seeds` seeds); STRIP on attacked vs clean test images (the
-  first seed's reference) and on triggered vs clean test images (the first seed's model
-  backdoored with that trigger). NaN where a detector does not apply. The poisonings include
-  the trigger-array backdoors (blended, sparse, sig, warp; `poison.py`).
+- "auc": ROC-AUC, detector x change kind, one row per detector of `ROWS`. Image-level
+  detectors (`INPUT`: confidence, margin, entropy, squeezing) on the test images attacked
+  vs clean, with the first seed's reference; the fingerprint test on systems (changed
+  systems vs clean retrains, statistic = -log of the smallest per-feature tail,
+  `fingerprint.change_test`); the training-data detectors (`DATA`: every "sample" detector
+  of `detection.DETECTORS`) on training samples (poisoned vs not, mean over the first
+  `data_seeds` seeds); STRIP on attacked vs clean test images (the first seed's reference)
+  and on triggered vs clean test images (the first seed's model backdoored with that
+  trigger). NaN where a detector does not apply. The poisonings include the trigger-array
+  backdoors (blended, sparse, sig, warp; `poison.py`).
 - "input_detectors": per attack, eps and detector: ROC-AUC and TPR at `fpr` FPR.
 - "change_test": per change kind: ROC-AUC, detection rate at `alpha`, mean p-value and the
   cross-entropy of the "changed" probability (`fingerprint.changed_probability`), as NIST
@@ -31,12 +32,11 @@ Tables (`run` returns them by name):
   each of `lofo_refs` references of this configuration's recipe and width, every family
   decided by a categorizer trained without its group; rows the held-out family, columns its
   decisions (the categories and "uncertain"). Absent when lofo_refs is 0.
-- "training_data": per training-data detector (activation clustering, spectral signatures,
-  SPECTRE) and poisoning: precision, recall, ROC-AUC over all samples and ROC-AUC within the
-  class holding the poison ("auc_in_class"), means over the first `data_seeds` seeds,
-  against the poison mask. The spectral methods get the member's true poisoned fraction as
-  eps (they remove 1.5 * eps of each class; the papers assume a known bound), and TPR at
-  `fpr`.
+- "training_data": per training-data detector (`DATA`) and poisoning: precision, recall,
+  ROC-AUC over all samples and ROC-AUC within the class holding the poison
+  ("auc_in_class"), means over the first `data_seeds` seeds, against the poison mask. The
+  spectral methods get the member's true poisoned fraction as eps (they remove 1.5 * eps of
+  each class; the papers assume a known bound), and TPR at `fpr`.
 - "detector_by_attack": detector x attack kind, two rows per detector (metric "auc" and
   "tpr@<fpr>fpr"), one column per change: the input detectors and STRIP on input attacks
   (attacked vs clean test images, the first seed's reference) and STRIP on triggers
@@ -47,7 +47,8 @@ Tables (`run` returns them by name):
 - "strip": STRIP (Gao et al., ACSAC 2019) per change: ROC-AUC and TPR at `fpr`.
 - "cells": every (seed, change) cell of the change test: its p-value, statistic, category,
   the categorizer's held-out prediction and its fingerprint features.
-- "detectors": what each detector scores, its unit and its source.
+- "detectors": every detector of `detection.DETECTORS` (the scan-model part's too): what it
+  scores, its unit and its source.
 - "timing": wall seconds per stage (and the population's size, and its members per vmap).
 - "scan_model", "scan_model_summary": the reference-free backdoor scan (Neural Cleanse with
   a calibrated threshold) on its own population, `scan_bench.scan_table` with the config's
@@ -55,24 +56,20 @@ Tables (`run` returns them by name):
 
 `run` has three parts (`PARTS`), each with its own population, and the bench runs each as its
 own cell: "scan-model" ("scan_model", "scan_model_summary"), "categorizer-lofo"
-("categorizer_lofo") and "detectors" (every other table above). FULL's sizes (6 seeds, a null
-of 24 clean retrains, the training-data detectors on 3 seeds) keep the "detectors" cell near
-two minutes on 2 CPU cores; the timing table of each cell says where its time went.
+("categorizer_lofo") and "detectors" (every other table above). The timing table of each
+cell says where its time went.
 
 Memory: the population trains `population_chunk` members per vmap, so that their training
 data (the shared training set, and each member's gathered sample and poisoned copy, float32)
-fits in `memory_cap` bytes (default 1 GiB). Measured with `/usr/bin/time -v` on this
-project's 2-core CPU (bundled sample, a loaded machine): peak 7.8 GB before the cap, when
-`population.chunk_size` let 94 of the 129 members (a quarter of the machine's RAM) train in
-one vmap, 188 MB of copies each. The cap changes how many members train at once, not what
-they train on or what is measured.
+fits in `memory_cap` bytes (default 1 GiB): without it, `population.chunk_size` would size
+the vmap by the machine's RAM alone, and each member's copies of its sample come on top. The
+cap changes how many members train at once, not what they train on or what is measured.
 
 Time: `run` holds the BLAS libraries (OpenBLAS, which jaxlib's CPU `eigh` calls through
 scipy's LAPACK) to one thread (threadpoolctl). Their worker threads otherwise compete with
-XLA's own thread pool for the cores: on this project's 2-core CPU (loaded), ten 200 x 200
-`jnp.linalg.eigh` took 1.4-7 s with the default two BLAS threads and 0.06-0.13 s with one,
-and activation clustering and spectral signatures each take one such batch per poisoned
-member (30 of them in FULL). XLA's own kernels do not use these libraries.
+XLA's own thread pool for the cores, which slows the batched `jnp.linalg.eigh` that activation
+clustering and spectral signatures each take per poisoned member by an order of magnitude
+on a busy 2-core machine. XLA's own kernels do not use these libraries.
 """
 
 from __future__ import annotations
@@ -87,11 +84,20 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
-from mlshift_jax.attacks.evasion import attack_key, get_attack
+from mlshift_jax.attacks import attack_key, get_attack
 from mlshift_jax.bench import scan_bench
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.data.datasets import Dataset
-from mlshift_jax.detection import categorize, change_generator, detect, detect_data, fingerprint
+from mlshift_jax.detection import DETECTORS as DETECTORS_BY_NAME
+from mlshift_jax.detection import (
+    categorize,
+    change_generator,
+    detect,
+    detect_data,
+    fingerprint,
+    of_unit,
+    scan,
+)
 from mlshift_jax.detection.change import changed_inputs
 from mlshift_jax.detection.strip import strip_scores
 from mlshift_jax.models.population import member, plan_for
@@ -101,31 +107,16 @@ from mlshift_jax.models.zoo import predict
 from mlshift_jax.poisoning.poison import has_trigger, make_config, triggered
 
 CLEAN = "clean"
-INPUT_ROWS = detect.INPUT_DETECTORS
-STRIP = "strip"
-ROWS = (*INPUT_ROWS, STRIP, "fingerprint test", "activation clustering",
-        "spectral signatures", "SPECTRE", "Mahalanobis")
+UNIT_TITLES = {"input": "image", "sample": "training sample", "model": "model"}
+STRIP = DETECTORS_BY_NAME["strip"].label
+FINGERPRINT = DETECTORS_BY_NAME["fingerprint"].label
+INPUT = tuple(d for d in of_unit("input") if d.name != "strip")  # `detect.input_scores`
+DATA = of_unit("sample")  # `detect_data.scan`
+ROWS = tuple(d.label for d in DETECTORS_BY_NAME.values() if d.name not in scan.DETECTORS)
+# the rows of the "auc" and "detector_by_attack" tables: every detector but the scan-model
+# part's (Neural Cleanse and MM-BD: `scan_bench`'s tables)
 DETECTORS = pd.DataFrame(
-    [
-        ("confidence", "image", "-max output", "Hendrycks & Gimpel, ICLR 2017"),
-        ("margin", "image", "-(top1 - top2) output", "margin of the top two outputs"),
-        ("entropy", "image", "entropy of the output distribution", "-"),
-        ("squeezing", "image", "max L1(f(x), f(squeeze(x))), bit-1 / median 2x2, 3x3",
-         "Xu, Evans & Qi, NDSS 2018"),
-        (STRIP, "image", "-mean entropy of the outputs on the image superimposed on "
-         "32 clean images", "Gao et al., ACSAC 2019"),
-        ("fingerprint test", "model", "min-p of rank tails of disagreement, KL, KS, reversed-"
-         "trigger flip and norm vs clean retrains", "this harness (see fingerprint.py)"),
-        ("activation clustering", "training sample", "1 - relative size of the sample's "
-         "2-means cluster (PCA 10) in a predicted class judged poisoned (smaller cluster < "
-         "35%, silhouette > 0.1), else 0", "Chen et al., arXiv:1811.03728"),
-        ("spectral signatures", "training sample", "squared projection on the top singular "
-         "vector of its class", "Tran, Li & Madry, NeurIPS 2018"),
-        ("SPECTRE", "training sample", "QUE score after robust (MCD) whitening of its class's "
-         "top 32 principal directions", "Hayase et al., ICML 2021"),
-        ("Mahalanobis", "training sample", "squared Mahalanobis distance to the clean test "
-         "images' mean of its label (shared covariance)", "Lee et al., NeurIPS 2018"),
-    ],
+    [(d.label, UNIT_TITLES[d.unit], d.summary, d.source) for d in DETECTORS_BY_NAME.values()],
     columns=["detector", "unit", "score", "source"]).set_index("detector")
 
 
@@ -266,24 +257,19 @@ def _input_detector_table(cfg: BenchConfig, ds: Dataset, model, params, key) -> 
         changed = jax.device_get(detect.input_scores(model, params, x_adv))
         accuracy = float(jnp.mean(jnp.argmax(predict(model, params, x_adv), -1) == y))
         labels = np.r_[np.zeros(n, bool), np.ones(n, bool)]
-        for name in INPUT_ROWS:
-            scores = np.r_[clean[name], changed[name]]
-            rows.append({"attack": kind, "eps": eps, "detector": name,
+        for d in INPUT:
+            scores = np.r_[clean[d.name], changed[d.name]]
+            rows.append({"attack": kind, "eps": eps, "detector": d.label,
                          "auc": detect.roc_auc(scores, labels),
                          f"tpr@{cfg.fpr:g}fpr": detect.tpr_at_fpr(scores, labels, cfg.fpr),
                          "accuracy_under_attack": accuracy})
     return pd.DataFrame(rows)
 
 
-DATA_DETECTORS = {"activation clustering": "activation-clustering",
-                  "spectral signatures": "spectral-signatures", "SPECTRE": "spectre",
-                  "Mahalanobis": "mahalanobis"}
-
-
 def _training_data_table(cfg: BenchConfig, ds: Dataset, members: _Members, pop, idx,
                          key) -> pd.DataFrame:
-    """Activation clustering, spectral signatures, SPECTRE and Mahalanobis (against the first
-    `n_images` clean test images) on each poisoned member's data.
+    """Every training-data detector (`DATA`; Mahalanobis against the first `n_images` clean
+    test images) on each poisoned member's data.
 
     The detectors are told the member's true poisoned fraction as eps (their removal counts:
     1.5 * eps * class size). One class-block size for every member (the largest class, by
@@ -316,10 +302,10 @@ def _training_data_table(cfg: BenchConfig, ds: Dataset, members: _Members, pop, 
                                  eps=float(mask.mean()), key=jax.random.fold_in(key, i),
                                  block=block, reference=reference)
         tpr = f"tpr@{cfg.fpr:g}fpr"
-        for name, method in DATA_DETECTORS.items():
-            scores = detect_data.precision_recall_auc(found[method], mask, y_p)
-            scores[tpr] = _tpr(found[method].score, mask, cfg.fpr)
-            rows.append({"detector": name, "change": members.table.at[i, "label"],
+        for d in DATA:
+            scores = detect_data.precision_recall_auc(found[d.name], mask, y_p)
+            scores[tpr] = _tpr(found[d.name].score, mask, cfg.fpr)
+            rows.append({"detector": d.label, "change": members.table.at[i, "label"],
                          "seed": int(members.table.at[i, "seed"]), **scores})
     table = pd.DataFrame(rows)
     return (table.groupby(["detector", "change"], sort=False)
@@ -407,8 +393,8 @@ def _detector_by_attack(cfg: BenchConfig, columns: list[str], input_table: pd.Da
         stat = group["statistic"].to_numpy(np.float64)
         both = np.r_[clean, stat]
         truth = np.r_[np.zeros(len(clean), bool), np.ones(len(stat), bool)]
-        out[("fingerprint test", "auc")][label] = detect.roc_auc(both, truth)
-        out[("fingerprint test", tpr)][label] = detect.tpr_at_fpr(both, truth, cfg.fpr)
+        out[(FINGERPRINT, "auc")][label] = detect.roc_auc(both, truth)
+        out[(FINGERPRINT, tpr)][label] = detect.tpr_at_fpr(both, truth, cfg.fpr)
     rows = [{"detector": d, "metric": m, **{c: vals.get(c, np.nan) for c in columns}}
             for (d, m), vals in out.items()]
     return pd.DataFrame(rows, columns=["detector", "metric", *columns])
@@ -499,7 +485,7 @@ def _detectors(cfg: BenchConfig, ds: Dataset, seed: int,
     for s in range(cfg.seeds):
         ref_i = int(members.rows("reference", s)[0])
         ref, ref_p, ref_t = _take(resp, ref_i), member(pop.params, ref_i), _take(found, ref_i)
-        null = fingerprint.Null(fingerprint.feature_matrix({
+        null = fingerprint.FeatureNull(fingerprint.feature_matrix({
             **fingerprint.fingerprints(ref, null_resp, probes.y),
             **fingerprint.trigger_features(model, ref_p, ref_t,
                                            _take(found, members.rows("null")), probes)}))
@@ -556,7 +542,7 @@ def _detectors(cfg: BenchConfig, ds: Dataset, seed: int,
     for _, r in input_table.iterrows():
         auc.loc[r["detector"], attack_label(r["attack"], r["eps"])] = r["auc"]
     for label, r in change_table.drop(index=CLEAN).iterrows():
-        auc.loc["fingerprint test", label] = r["auc"]
+        auc.loc[FINGERPRINT, label] = r["auc"]
     for _, r in data_table.iterrows():
         auc.loc[r["detector"], r["change"]] = r["auc"]
     for _, r in strip_table.iterrows():

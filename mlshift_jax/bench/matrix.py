@@ -24,7 +24,8 @@ A matrix file (see `bench/matrix.toml`) has these tables; every key not listed i
     [detect]      the detection benchmark: dataset, quick = false, seed; three cells, one per
                   part (detection_bench.PARTS: detectors, scan-model, categorizer-lofo)
     [defenses]    defense x attack (defenses.py, adaptive.py): dataset, models, defenses,
-                  attacks (columns: fgsm, pgd, adaptive, square, transfer, autoattack), eps, seed,
+                  attacks (columns: `defense_columns()`, default fgsm, pgd, adaptive, square,
+                  transfer, autoattack), eps, seed,
                   n_train, n_test, steps, restarts, samples, queries, adv_eps, adv_steps,
                   probe_n (images the obfuscation probe uses)
 
@@ -59,8 +60,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from mlshift_jax.attacks import ATTACKS, get_attack
 from mlshift_jax.attacks.defenses import DEFENSES, resolve_options
-from mlshift_jax.attacks.evasion import ATTACKS, get_attack
 from mlshift_jax.bench.detection_bench import PARTS as DETECT_PARTS
 from mlshift_jax.bench.sweeps import EXTRA_SWEEPS
 from mlshift_jax.bench.sweeps import STUDY_SWEEPS as POISON_SWEEPS
@@ -72,7 +73,8 @@ from mlshift_jax.core.files import (  # noqa: F401  (HASH_LEN: cell ids)
     file_kind,
 )
 from mlshift_jax.data.datasets import DATASETS
-from mlshift_jax.models.recipes import RECIPES, TrainConfig, get_recipe, resolve
+from mlshift_jax.models.recipes import RECIPES, TrainConfig, resolve
+from mlshift_jax.models.registry import get_recipe
 from mlshift_jax.models.train import OPTIMIZERS
 
 MAX_MATRIX_BYTES = 1 << 20
@@ -341,7 +343,13 @@ class Detect:
     seed: int = 0
 
 
-DEFENSE_COLUMNS = ("fgsm", "pgd", "adaptive", "square", "transfer", "autoattack")
+DEFENSE_COLUMNS = ("fgsm", "pgd", "adaptive", "square", "transfer", "autoattack")  # default
+
+
+def defense_columns() -> set[str]:
+    """The columns a defense table may have: "adaptive" (the defense's own adaptive attack)
+    and every untargeted attack (the table gives no target)."""
+    return {"adaptive"} | {a.name for a in ATTACKS.values() if not a.targeted}
 
 
 @dataclass(frozen=True)
@@ -487,7 +495,7 @@ class _Checker:
 
 def is_model_ref(value: Any) -> bool:
     """Whether value is spelled as a user model reference "pkg.module:attr" (identifiers;
-    the module is imported only when the matrix expands, by `recipes.get_recipe`)."""
+    the module is imported only when the matrix expands, by `registry.get_recipe`)."""
     if not isinstance(value, str):
         return False
     module, sep, attr = value.partition(":")
@@ -619,7 +627,7 @@ def parse(text: str, path: str = "<matrix>", *, allow_code: Iterable[str] = ()) 
         "defenses": (Defenses, {
             **common, "dataset": dataset, "models": names["models"],
             "defenses": lambda v, w: chk.names(v, w, set(DEFENSES), "defense"),
-            "attacks": lambda v, w: chk.names(v, w, set(DEFENSE_COLUMNS), "attack column"),
+            "attacks": lambda v, w: chk.names(v, w, defense_columns(), "attack column"),
             "eps": chk.eps_list, "steps": chk.int_, "restarts": chk.int_,
             "samples": chk.int_, "queries": chk.int_, "adv_eps": pos_float,
             "adv_steps": chk.int_, "probe_n": chk.int_}),

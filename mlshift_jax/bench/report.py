@@ -39,6 +39,7 @@ import jax
 import numpy as np
 import pandas as pd
 
+from mlshift_jax.attacks import ATTACKS
 from mlshift_jax.bench import detection_bench, sweeps
 from mlshift_jax.bench.torch_peer import NOT_INSTALLED
 from mlshift_jax.core import fmt, outdir, study
@@ -46,12 +47,11 @@ from mlshift_jax.core.files import atomic_path, write_text
 from mlshift_jax.core.provenance import code_digest, git_commit, relative_source
 from mlshift_jax.core.timing import NOISY, RERUNS
 from mlshift_jax.data import datasets
-from mlshift_jax.detection import categorize
+from mlshift_jax.detection import FINGERPRINT, categorize, of_unit
 
 MEASURES = ("accuracy", "precision", "recall", "f1", "confidence")
 PRF = ("precision", "recall", "f1", "confidence")
 SCORED_KINDS = ("attack", "stability")  # the kinds whose records carry model scores
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # --- where and on what -------------------------------------------------------------------------
@@ -86,8 +86,8 @@ def platform_name(device: Any = None) -> str:
     return platform_for(device.platform, device.device_kind)
 
 
-def default_out_dir(root: str | Path = REPO_ROOT) -> Path:
-    """results/<platform_name()>/ under `root` (the repository by default)."""
+def default_out_dir(root: str | Path = ".") -> Path:
+    """results/<platform_name()>/ under `root` (the working folder by default)."""
     return Path(root) / "results" / platform_name()
 
 
@@ -635,8 +635,10 @@ def _detector_by_attack(t: dict[str, pd.DataFrame]) -> str:
 
 # --- defenses: the defense x attack table ---------------------------------------------------
 
-COLUMN_TITLES = {"fgsm": "FGSM", "pgd": "PGD", "adaptive": "adaptive", "square": "Square",
-                 "transfer": "transfer", "autoattack": "AutoAttack", "worst": "worst"}
+def column_title(column: str) -> str:
+    """A defense-table column's title: the attack's `Attack.label`; "adaptive" and "worst"
+    as they are."""
+    return ATTACKS[column].label if column in ATTACKS else column
 
 
 def defense_table(records: pd.DataFrame) -> pd.DataFrame:
@@ -690,7 +692,7 @@ def _defenses(records: pd.DataFrame) -> str:
     if not len(table):
         return "Not in this run (add a `[defenses]` block to the matrix).\n"
     out = []
-    cols = [c for c in COLUMN_TITLES if c in set(table["column"])]
+    cols = list(dict.fromkeys(table["column"]))  # the matrix's order, "worst" last
     for eps in sorted(set(table["eps"])):
         rows = []
         for (model, defense), sub in table[table["eps"] == eps].groupby(
@@ -702,7 +704,7 @@ def _defenses(records: pd.DataFrame) -> str:
                 if c == "worst" and c in by.index:
                     row["worst"] = f"{by.loc[c, 'accuracy']:.3f}"
                 elif c in by.index:
-                    label = COLUMN_TITLES[c] if c != "adaptive" else "adaptive"
+                    label = column_title(c)
                     name = f" {by.loc[c, 'attack']}" if c == "adaptive" else ""
                     row[label] = (f"{by.loc[c, 'accuracy']:.3f}{name} "
                                   f"({fmt_time(by.loc[c, 'median_s'])})")
@@ -859,13 +861,14 @@ def _detect_finding(records: pd.DataFrame) -> str | None:
             parts.append(f"{what}: {name} (mean ROC-AUC {means[name]:.3f} over "
                          f"{len(columns)} change kinds)")
 
-    per_input = [r for r in auc.index if r in ("confidence", "margin", "entropy", "squeezing")]
-    per_data = [r for r in auc.index
-                if r in ("activation clustering", "spectral signatures", "SPECTRE")]
+    def rows(unit):  # the rows of the registry's detectors of one unit
+        return [d.label for d in of_unit(unit) if d.label in auc.index]
+
+    per_input, per_data = rows("input"), rows("sample")
     if inputs:
         best(per_input, inputs, "best per-input detector")
-    if "fingerprint test" in auc.index:
-        best(["fingerprint test"], list(auc.columns), "model-level change test")
+    if FINGERPRINT.label in auc.index:
+        best([FINGERPRINT.label], list(auc.columns), "model-level change test")
     if poisons:
         best(per_data, poisons, "best training-data detector")
     if "confusion" in t:
@@ -1238,11 +1241,11 @@ def write(records: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     """Write tables.md, records.csv, run.json and figures/ into out_dir (atomically, each),
     listed in its manifest (`core.outdir`); figures an earlier run listed and this one did not
     draw are removed, so the folder holds one run. ConfigError for a folder holding files
-    mlshift did not write, the filesystem root, the home folder or the repository root.
+    mlshift did not write, the filesystem root, the home folder or the folder holding the package.
 
     records: what `runner.run` returns. Returns the paths written.
     """
-    out_dir = outdir.claim(out_dir, protected=[REPO_ROOT])
+    out_dir = outdir.claim(out_dir)
     paths = [out_dir / "tables.md", out_dir / "records.csv", out_dir / "run.json"]
     outdir.record(out_dir, files=paths, folders=["figures"])  # listed before they exist
     info = run_info(records)

@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timezone
 from functools import partial
+from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -52,7 +53,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from mlshift_jax.attacks import autoattack, defenses, evasion, obfuscation
+from mlshift_jax.attacks import autoattack, defenses, evasion, get_attack, obfuscation
 from mlshift_jax.bench import detection_bench, stability, sweeps, torch_peer
 from mlshift_jax.bench.matrix import (
     AttackConfig,
@@ -72,7 +73,7 @@ from mlshift_jax.bench.matrix import (
 from mlshift_jax.bench.matrix import tiny as tiny_matrix
 from mlshift_jax.core import memory_maps, outdir, sharding, study
 from mlshift_jax.core.errors import ConfigError, DataError, Interrupted
-from mlshift_jax.core.files import load_params, save_params, write_text
+from mlshift_jax.core.files import cached_npz, check_arrays, write_text
 from mlshift_jax.core.provenance import code_digest, git_commit, relative_source
 from mlshift_jax.core.timing import (
     NOISY,
@@ -87,7 +88,8 @@ from mlshift_jax.core.timing import (
 from mlshift_jax.data import datasets
 from mlshift_jax.models import baseline, population, zoo
 from mlshift_jax.models.metrics import SCORE_NAMES, evaluate, evaluate_arrays, predict_keyed
-from mlshift_jax.models.recipes import TrainConfig, fit, get_recipe, model_for, resolve
+from mlshift_jax.models.recipes import TrainConfig, resolve
+from mlshift_jax.models.registry import fit, get_recipe, model_for
 from mlshift_jax.models.train import (
     SEED_SGD_BLOCK,
     init_population,
@@ -100,7 +102,6 @@ from mlshift_jax.models.zoo import Model, predict
 
 CACHE_DIR = ".cache"
 N_EXAMPLES = 6  # images kept per clean / FGSM cell for the report's digit grid
-GRADIENT_ATTACKS = frozenset({"fgsm", "pgd", "fgsm-targeted", "pgd-targeted"})
 TIMING_FIELDS = ("compile_s", "median_s", "min_s", "max_s", "iqr_s", "rounds")
 
 
@@ -300,6 +301,9 @@ def _device(memo: _Memo, loaded: Loaded, split: str, n: int | None):
     return memo.arrays[key]
 
 
+_TRAIN_S, _N_TRAIN = "__train_s__", "__n_train__"  # a params entry's timing and data size
+
+
 def _trained(spec: TrainSpec, loaded: Loaded, memo: _Memo, cache: Path,
              force: bool) -> tuple[str, _Trained]:
     """Params for `spec` on `loaded`: from this run, from the cache, or trained (timed once)."""
@@ -309,25 +313,22 @@ def _trained(spec: TrainSpec, loaded: Loaded, memo: _Memo, cache: Path,
     if key in memo.trained:
         return key, memo.trained[key]
     path = cache / "params" / f"{key}.npz"
-    meta_path = path.with_suffix(".json")
-    params = None
-    if not force and (path.exists() or meta_path.exists()):
-        try:  # diverged params are cached as they are: the record flags them (params_finite)
-            params = unflatten(load_params(path, finite=False))  # nested for user models
-            meta = json.loads(meta_path.read_text())
-            meta = {"train_s": float(meta["train_s"]), "n_train": int(meta["n_train"])}
-        except (DataError, OSError, ValueError, KeyError, TypeError):
-            memo.damaged.append(f"params/{path.name}")
-            params = None
-    if params is None:
+
+    def compute():  # "a/b/0" names: any pytree (flax, equinox); the timing beside them
         ds = capped(loaded.ds, spec.n_train, None)
         timing, params = _once(partial(fit, spec.model, spec.train_config(), spec=ds.spec),
                                ds.x_train, ds.y_train)
-        params = jax.tree.map(np.asarray, params)
-        meta = {"train_s": timing.median_s, "n_train": len(ds.y_train)}
-        if jax.process_index() == 0:
-            save_params(path, flatten(params))  # "a/b/0" names: any pytree (flax, equinox)
-            write_text(meta_path, json.dumps(meta))
+        return {**flatten(jax.tree.map(np.asarray, params)),
+                _TRAIN_S: np.array([timing.median_s]), _N_TRAIN: np.array([len(ds.y_train)])}
+
+    # diverged params are cached as they are: the record flags them (params_finite)
+    arrays = cached_npz(path, compute, what="a .npz of params", read=not force,
+                        write=jax.process_index() == 0,
+                        check=lambda a: (check_arrays(str(path), a, finite=False),
+                                         a[_TRAIN_S], a[_N_TRAIN]),
+                        on_damaged=lambda p: memo.damaged.append(f"params/{p.name}"))
+    meta = {"train_s": float(arrays.pop(_TRAIN_S)[0]), "n_train": int(arrays.pop(_N_TRAIN)[0])}
+    params = unflatten(arrays)  # nested for user models
     finite = all(bool(np.all(np.isfinite(v))) for v in jax.tree.leaves(params))
     trained = _Trained(model_for(spec.model, loaded.ds.spec, spec.train_config()),
                        jax.device_put(params), meta["train_s"], meta["n_train"], finite)
@@ -351,7 +352,7 @@ def _per_test(key: str, trained: _Trained, x, y, attack: str, memo: _Memo) -> di
     slot = memo.per_test.setdefault((key, x.shape[0]), {})
     if "clean" not in slot:
         slot["clean"] = evaluate(trained.arch, trained.params, x, y)
-    if attack in GRADIENT_ATTACKS and "zero_grad_frac" not in slot:
+    if get_attack(attack).uses_gradient and "zero_grad_frac" not in slot:
         slot["zero_grad_frac"] = float(_zero_grad_frac(trained.arch, trained.params, x, y))
     return slot
 
@@ -381,7 +382,7 @@ def _attack_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bo
     key, trained = _trained(spec, loaded, memo, cache, force)
     x, y = _device(memo, loaded, "test", cfg.n_test)
     per_test = _per_test(key, trained, x, y, cfg.attack, memo)
-    attack = evasion.get_attack(cfg.attack)
+    attack = get_attack(cfg.attack)
     options = dict(cfg.options)
     if attack.targeted:
         # the study's target class 3, or the last class of data with fewer classes
@@ -409,7 +410,7 @@ def _attack_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: bo
         "n_test": int(x.shape[0]), "hidden": spec.hidden, "lr": spec.lr,
         "epochs": spec.epochs, **scores, "clean_accuracy": per_test["clean"]["accuracy"],
         **_timing_fields(timing), "train_s": trained.train_s, "params_finite": trained.finite,
-        "zero_grad_frac": per_test.get("zero_grad_frac") if cfg.attack in GRADIENT_ATTACKS
+        "zero_grad_frac": per_test.get("zero_grad_frac") if attack.uses_gradient
         else None, **{k: float(v) for k, v in _perturbation(x, x_adv).items()},
         "detail": detail,
     }
@@ -1071,18 +1072,15 @@ def _defense_cell(cell: Cell, loaded: Loaded, memo: _Memo, cache: Path, force: b
             _column_rows(model, params, x_adv, y, cfg.eps, column, name, timing, eval_key,
                          rows, accuracy, correct)
             continue
+        attack = get_attack(name)
         kw: dict[str, Any] = {"key": key, "lo": lo, "hi": hi}
-        if name in ("pgd", "eot-pgd", "bpda-pgd", "transfer"):
-            kw["steps"] = cfg.steps
-        if column in ("adaptive", "transfer"):
+        kw.update({k: v for k, v in (("steps", cfg.steps), ("samples", cfg.samples),
+                                     ("queries", cfg.queries)) if attack.accepts(k)})
+        if attack.accepts("steps") and attack.accepts("restarts"):  # the PGD attacks' restarts
             kw["restarts"] = cfg.restarts
-        if name in ("eot-pgd", "bpda-pgd"):
-            kw["samples"] = cfg.samples
-        if name == "square":
-            kw["queries"] = cfg.queries
-        if name == "transfer" and cfg.defense == "adv-train":
+        if attack.surrogate and defenses.get_defense(cfg.defense).kind == "training":
             kw["source_params"] = base.params  # crafted on the undefended weights
-        fn = partial(evasion.sweep, evasion.get_attack(name), model, params, **kw)
+        fn = partial(evasion.sweep, attack, model, params, **kw)
         timing, x_adv = measure(fn, x, y, eps_values, rounds=cfg.rounds,
                                 max_seconds=cfg.max_seconds)
         _column_rows(model, params, x_adv, y, cfg.eps, column, name, timing, eval_key, rows,
@@ -1245,17 +1243,39 @@ def _warn_damaged(cache: Path, damaged: list) -> None:
                       f"in {cache} treated as missing and rebuilt: {shown}", stacklevel=3)
 
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MATRIX = REPO_ROOT / "bench" / "matrix.toml"
+MATRICES = Path(str(resources.files("mlshift_jax.bench") / "matrices"))  # package data
+DEFAULT_MATRIX = MATRICES / "full.toml"  # `mlshift bench`
+QUICK_MATRIX = MATRICES / "quick.toml"  # `mlshift bench --quick`
+# how run.json names the default matrix: now, and before it moved into the package
+_DEFAULT_NAMES = (relative_source(str(DEFAULT_MATRIX)), "bench/matrix.toml")
+
+
+def _holds_default_run(out_dir: str | Path) -> bool:
+    """Whether `out_dir` holds a full-data run of the default matrix (what the committed
+    results/<platform>/ holds): told by its run.json (the matrix it names, not tiny, no
+    dataset from the bundled sample), wherever the folder is."""
+    path = Path(out_dir) / "run.json"
+    try:
+        if not path.is_file() or path.stat().st_size > outdir.MAX_BYTES:
+            return False
+        info = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError, UnicodeDecodeError):
+        return False
+    if not isinstance(info, dict) or not isinstance(info.get("matrix"), str):
+        return False
+    named = info["matrix"]
+    default = any(named == n or named.endswith("/" + n) for n in _DEFAULT_NAMES)
+    datasets = info.get("datasets")
+    full = isinstance(datasets, dict) and all(
+        isinstance(d, dict) and d.get("is_sample") is False for d in datasets.values())
+    return default and full and not info.get("tiny")
 
 
 def _check_committed(out_dir, matrix_path, dataset, sample: bool) -> None:
-    """The repository's committed results/<platform>/ holds only the default matrix's run on
-    the full data: ConfigError for another matrix, --dataset or the bundled sample there."""
-    from mlshift_jax.bench.report import default_out_dir
-
-    committed = default_out_dir(REPO_ROOT).resolve()
-    if Path(out_dir).resolve() != committed:
+    """A folder holding the default matrix's run on the full data (the committed
+    results/<platform>/, recognised by its run.json) takes only that run again: ConfigError
+    for another matrix, --dataset or the bundled sample there."""
+    if not _holds_default_run(out_dir):
         return
     same = Path(matrix_path).resolve() == DEFAULT_MATRIX.resolve() and dataset is None
     if same and sample:
@@ -1335,7 +1355,7 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
         out_dir = sample_out_dir
     _check_committed(out_dir, matrix_path, dataset,
                      any(d.ds.is_sample for d in loaded.values()))
-    outdir.claim(out_dir, protected=[REPO_ROOT])  # only a folder mlshift wrote, or a new one
+    outdir.claim(out_dir)  # only a folder mlshift wrote, or a new one
     outdir.record(out_dir, folders=[CACHE_DIR])
     cache = Path(out_dir) / CACHE_DIR
     outdir.clean_temps(out_dir)  # what a hard-killed run left half-written

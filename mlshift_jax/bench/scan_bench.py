@@ -31,19 +31,7 @@ test images (`images`) and key for all. `scan_table` returns two tables:
   median of `rounds`), and per model within the whole population's one scan (compile
   excluded), plus the compile and training times.
 
-Measured once (full MNIST, FULL, this project's 2-core CPU shared with five other jobs, load
-~15, so every time is several times a quiet machine's): 36 models, threshold 2.00 (the
-floor: the 12 null indices had mean 1.07, max 1.53), leave-one-out FPR 0.00, yet 1 of 4
-fresh clean models was flagged (a null of 12 cannot see a 1-in-4 tail: the LOO estimate is
-coarse); benign models 0 of 4 flagged; every 5% backdoor (patch, checkerboard, blended,
-sparse; 2 each) flagged with the right target; at 1%: checkerboard and sparse 1 of 2, patch
-and blended 0 of 2 (the index of the log norms: checkerboard 2 of 2, the others 1 of 2; it
-flagged the same 1 of 4 fresh clean models). 538 s in all; 11.5 s per
-model alone, 10.6 s per model within the population scan (150 steps, batch 128, 200 images,
-hidden 200). QUICK on the bundled sample: 52 s wall, 15 s of CPU, most of it compiling.
-Since then the search stamps triggers on flat images and maps over unbatched models
-(`neural_cleanse`): FULL on full MNIST, the machine otherwise idle, took 46 s in all, 0.85 s
-per model alone and 0.80 s per model within the population scan, with the same detections.
+What a run measured is in its results folder (tables.md, the scan-model section).
 """
 
 from __future__ import annotations
@@ -63,7 +51,8 @@ from mlshift_jax.data.datasets import Dataset, subsample
 from mlshift_jax.detection import neural_cleanse as nc
 from mlshift_jax.detection.scan import log_norms, scan_images, scan_key
 from mlshift_jax.models.population import fit_group, init_members, member, plan_for
-from mlshift_jax.models.recipes import TrainConfig, get_recipe, resolve
+from mlshift_jax.models.recipes import TrainConfig, resolve
+from mlshift_jax.models.registry import get_recipe
 from mlshift_jax.models.train import map_chunks
 from mlshift_jax.poisoning import triggers
 

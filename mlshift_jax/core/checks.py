@@ -5,7 +5,7 @@ turn a whole FGSM image into NaN, count as class 0 in `metrics.evaluate`, and lo
 least suspicious input to the entropy detector). `inputs_in_range(where, x, lo, hi)` refuses
 values outside a model's input range (an attack clips into the range, so inputs scaled
 otherwise would move at eps 0), or clips and counts them with `clip=True`: the one check the
-attacks (`attacks.evasion._check_inputs`), the input detectors and `metrics.evaluate` share.
+attacks (`attacks._common.check_inputs`), the input detectors and `metrics.evaluate` share.
 Both run only on concrete arrays (never inside jit) and remember the last few arrays they
 passed, so a timed loop that feeds the same array again pays for the check once.
 """

@@ -25,14 +25,15 @@ import re
 import stat
 import tempfile
 import time
+import warnings
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from mlshift_jax.core.errors import DataError
+from mlshift_jax.core.errors import ConfigError, DataError
 
 HASH_LEN = 12  # hex digits of a config hash (cache keys, cell ids)
 
@@ -397,3 +398,52 @@ def config_hash(payload) -> str:
     """sha256 of the canonical JSON of `payload` (sorted keys, no spaces), short hex."""
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()[:HASH_LEN]
+
+
+def tree_digest(tree, *, length: int = 16, tail: bytes = b"") -> str:
+    """sha256 (`length` hex digits) of a pytree's array leaves (dtypes, shapes and bytes, in
+    leaf order), then `tail`. The same arrays give the same digest on every machine."""
+    import jax
+
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    h.update(tail)
+    return h.hexdigest()[:length]
+
+
+def cached_npz(path: str | os.PathLike, compute: Callable[[], dict], *, what: str,
+               read: bool = True, write: bool = True,
+               check: Callable[[dict], object] | None = None,
+               on_damaged: Callable[[Path], None] | None = None) -> dict[str, np.ndarray]:
+    """The arrays `compute()` returns (a dict of arrays), from the .npz cache entry at `path`.
+
+    read: use the entry when it is there (`read_npz`, `what` names it in errors); an entry
+    that fails to read, or that `check(arrays)` rejects (DataError, ConfigError, KeyError,
+    TypeError, ValueError), is damaged: `on_damaged(path)` is called (default: a warning
+    "damaged cache entry ... treated as missing and rebuilt") and the arrays are recomputed.
+    write: save computed arrays there atomically; an unwritable cache (OSError) costs time,
+    not correctness. -> {name: np.ndarray}."""
+    path = Path(path)
+    if read and path.exists():
+        try:
+            arrays = {k: np.asarray(v) for k, v in read_npz(path, what=what).items()}
+            if check is not None:
+                check(arrays)
+            return arrays
+        except (DataError, ConfigError, KeyError, TypeError, ValueError):
+            if on_damaged is None:
+                warnings.warn(f"damaged cache entry {path} treated as missing and rebuilt",
+                              stacklevel=2)
+            else:
+                on_damaged(path)
+    arrays = {k: np.asarray(v) for k, v in compute().items()}
+    if write:
+        try:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+        except OSError:
+            pass
+    return arrays

@@ -5,10 +5,11 @@ files the tool wrote there (paths relative to the folder) and the subfolders it 
 (`figures`, `.cache`). The rules:
 
 - `claim(folder)` before anything is written: refused in one `ConfigError` when the folder is
-  the filesystem root, the home folder, a folder above either, or one of `protected` (the
-  repository root); when it is a file, FIFO or device; or when it holds an entry that its
-  manifest does not list (a non-empty folder without a manifest holds only foreign files,
-  unless it is provably a results folder of an earlier version: `adopt_legacy`).
+  the filesystem root, the home folder, the folder holding the package (the checkout, or
+  site-packages), a folder above any of them, or one of `protected`; when it is a file, FIFO
+  or device; or when it holds an entry that its manifest does not list (a non-empty folder
+  without a manifest holds only foreign files, unless it is provably a results folder of an
+  earlier version: `adopt_legacy`).
 - `record(folder, files, folders)` adds to the manifest, atomically, before or right after
   the files are written.
 - `remove_listed(folder, keep, under)` removes files the manifest lists (under one listed
@@ -32,6 +33,7 @@ from pathlib import Path, PurePosixPath
 
 from mlshift_jax.core.errors import ConfigError, DataError
 from mlshift_jax.core.files import clean_stale_temps, file_kind, write_text
+from mlshift_jax.core.provenance import PACKAGE_HOME
 
 MANIFEST = ".mlshift-manifest.json"
 FORMAT = "mlshift-output-manifest"
@@ -96,8 +98,9 @@ def _is_temp_of(name: str, listed: set[str]) -> bool:
 
 
 def _protected(resolved: Path, protected: Iterable[Path]) -> str | None:
-    places = [(Path("/"), "the filesystem root"), (Path.home(), "your home folder")]
-    places += [(Path(p), "the repository root") for p in protected]
+    places = [(Path("/"), "the filesystem root"), (Path.home(), "your home folder"),
+              (PACKAGE_HOME, "the folder holding mlshift_jax")]
+    places += [(Path(p), "a protected folder") for p in protected]
     for place, name in places:
         try:
             place = place.resolve()

@@ -8,13 +8,14 @@ attack, a detector or the runner reruns every cell. The digest is the whole pack
 than per experiment because a per-module digest would have to follow every import, and a
 missed one would silently reuse numbers computed by old code.
 
-`git_commit()` is the HEAD commit of the checkout the package lives in ("unknown" outside
-git), with "-dirty" appended when the package's source differs from that commit: the commit
-alone then does not say which code ran, the digest does.
+`git_commit()` is the HEAD commit of the checkout the package lives in ("unknown" for an
+installed package or outside git), with "-dirty" appended when the package's source differs
+from that commit: the commit alone then does not say which code ran, the digest does.
 
-`relative_source(text)` turns a machine path into one relative to the repository, or, for a
-path outside it, its last folder name: results carry no absolute paths of the machine that
-ran them (datasets carry their content hash beside it).
+`relative_source(text)` turns a machine path into one relative to `PACKAGE_HOME` (the folder
+holding the package: the checkout, or site-packages for an installed package), or, for a path
+outside it, its last folder name: results carry no absolute paths of the machine that ran
+them (datasets carry their content hash beside it).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import subprocess
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1]
-REPO_ROOT = PACKAGE.parent
+PACKAGE_HOME = PACKAGE.parent  # the checkout in a clone, site-packages in an install
 DATA_GLOBS = ("data/_sample/*.npz",)  # package data (pyproject's package-data)
 DIGEST_CHARS = 12
 
@@ -60,7 +61,7 @@ def code_digest() -> str:
 
 def _git(*args: str) -> subprocess.CompletedProcess | None:
     try:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+        return subprocess.run(["git", *args], cwd=PACKAGE_HOME, capture_output=True, text=True,
                               timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
@@ -68,12 +69,14 @@ def _git(*args: str) -> subprocess.CompletedProcess | None:
 
 @functools.cache
 def git_commit() -> str:
-    """HEAD of the repository the package is in, "-dirty" appended when the package's files
-    differ from it; "unknown" outside a git checkout."""
-    head = _git("rev-parse", "HEAD")
-    if head is None or head.returncode != 0 or not head.stdout.strip():
+    """HEAD of the checkout whose top folder holds the package, "-dirty" appended when the
+    package's files differ from it; "unknown" for an installed package (a site-packages inside
+    some other checkout included) or outside git."""
+    top = _git("rev-parse", "--show-toplevel", "HEAD")
+    lines = top.stdout.split() if top is not None and top.returncode == 0 else []
+    if len(lines) != 2 or Path(lines[0]).resolve() != PACKAGE_HOME:
         return "unknown"
-    commit = head.stdout.strip()
+    commit = lines[1]
     status = _git("status", "--porcelain", "--untracked-files=normal", "--", PACKAGE.name)
     if status is not None and status.returncode == 0 and any(
             line.endswith(".py") or line.endswith(".npz")
@@ -85,8 +88,9 @@ def git_commit() -> str:
 def relative_source(text: str) -> str:
     """A data source or file name without the machine's absolute path.
 
-    "env:/data/mnist" -> "env:mnist"; "/repo/bench/matrix.toml" -> "bench/matrix.toml" (inside
-    the repository: relative to it); "download:https://..." and other non-paths unchanged.
+    "env:/data/mnist" -> "env:mnist"; "/repo/mlshift_jax/bench/matrices/full.toml" ->
+    "mlshift_jax/bench/matrices/full.toml" (inside PACKAGE_HOME: relative to it);
+    "download:https://..." and other non-paths unchanged.
     """
     prefix, sep, rest = text.partition(":")
     if sep and not prefix.startswith("/") and rest.startswith("/"):
@@ -95,6 +99,6 @@ def relative_source(text: str) -> str:
         return text
     path = Path(os.path.normpath(text))
     try:
-        return path.relative_to(REPO_ROOT).as_posix()
+        return path.relative_to(PACKAGE_HOME).as_posix()
     except ValueError:
         return path.name or text

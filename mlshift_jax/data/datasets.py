@@ -326,15 +326,10 @@ def content_hash(ds: Dataset) -> str:
     """sha256 (12 hex) of the shapes, every label and every 97th image of each split; for
     a dataset that is not 28x28x1 with 10 classes in [0.01, 1], its image shape, classes and
     input range too. Names a dataset's content (the runner's cache, weights metadata)."""
-    h = hashlib.sha256()
-    for a in (ds.y_train, ds.y_test, ds.x_train[::97], ds.x_test[::97]):
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(a.tobytes())
     spec = (tuple(ds.image_shape), int(ds.n_classes), tuple(ds.input_range))
-    if spec != (_BUILTIN_SHAPE, _BUILTIN_CLASSES, INPUT_RANGE):
-        h.update(repr(spec).encode())
-    return h.hexdigest()[:12]
+    tail = b"" if spec == (_BUILTIN_SHAPE, _BUILTIN_CLASSES, INPUT_RANGE) else repr(spec).encode()
+    return files.tree_digest((ds.y_train, ds.y_test, ds.x_train[::97], ds.x_test[::97]),
+                             length=12, tail=tail)
 
 
 def cache_dir(name: str = "mnist") -> Path:

@@ -1,8 +1,8 @@
 """The categorizer: from a fingerprint, name the change.
 
 Categories (`CATEGORIES`): none / input-noise / adversarial-input / wrong-label /
-trigger-only / backdoor (trigger + relabel). `CATEGORY_OF` maps the harness's change kinds
-(attack names, poisoning names) onto them.
+trigger-only / backdoor (trigger + relabel). An attack names its own (`Attack.category`);
+`CATEGORY_OF` maps the other change kinds (clean, the poisoning names) onto them.
 
 Inputs (`categorizer_inputs`): the fingerprint's scalar features (`fingerprint.FEATURES`) as
 z-scores against the reference's own null distribution (clean retrains), so that features of
@@ -52,24 +52,17 @@ import numpy as np
 import optax
 import pandas as pd
 
+from mlshift_jax.attacks import ATTACKS
 from mlshift_jax.core.errors import ConfigError
-from mlshift_jax.detection.fingerprint import FEATURES, Null
+from mlshift_jax.detection.fingerprint import FEATURES, FeatureNull
 
 CATEGORIES = ("none", "input-noise", "adversarial-input", "wrong-label", "trigger-only",
               "backdoor")
 UNCERTAIN = "uncertain"  # "changed, kind uncertain": the categorizer abstains
 DECISIONS = (*CATEGORIES, UNCERTAIN)
 RISK = 0.1  # the held-out error rate of named categories that sets the threshold
-CATEGORY_OF = {
-    "clean": "none", "none": "none",
-    "noise-sign": "input-noise", "noise-uniform": "input-noise", "noise-gauss": "input-noise",
-    "fgsm": "adversarial-input", "pgd": "adversarial-input",
-    "fgsm-targeted": "adversarial-input", "pgd-targeted": "adversarial-input",
-    "eot-pgd": "adversarial-input", "bpda-pgd": "adversarial-input",
-    "square": "adversarial-input", "transfer": "adversarial-input",
-    "apgd-ce": "adversarial-input", "apgd-dlr": "adversarial-input",
-    "apgd-t": "adversarial-input",
-    "autoattack": "adversarial-input",
+CATEGORY_OF = {  # the change kinds that are not attacks (an Attack carries its category)
+    "clean": "none",
     "wrong-label": "wrong-label", "trigger": "trigger-only", "mixture": "backdoor",
     "blended": "backdoor", "sparse": "backdoor", "sig": "backdoor", "warp": "backdoor",
 }
@@ -79,15 +72,19 @@ LEARNING_RATE = 0.05
 
 
 def category_of(kind: str) -> str:
-    """The category of a change kind (an attack or poisoning name)."""
+    """The category of a change kind: an attack's `Attack.category`, or `CATEGORY_OF`'s for
+    clean and the poisoning names. ConfigError naming the known kinds otherwise."""
+    if isinstance(kind, str) and kind in ATTACKS:
+        return ATTACKS[kind].category
     try:
         return CATEGORY_OF[kind]
-    except KeyError:
-        raise ConfigError(f"categorize: expected a change kind among {sorted(CATEGORY_OF)}, "
+    except (KeyError, TypeError):
+        kinds = sorted({*ATTACKS, *CATEGORY_OF})
+        raise ConfigError(f"categorize: expected a change kind among {kinds}, "
                           f"found {kind!r}") from None
 
 
-def categorizer_inputs(features, null: Null) -> np.ndarray:
+def categorizer_inputs(features, null: FeatureNull) -> np.ndarray:
     """sign(z) log(1 + |z|) of the null z-scores. features: [m, F] in `null.names` order."""
     z = null.zscores(features)
     return np.sign(z) * np.log1p(np.abs(z))

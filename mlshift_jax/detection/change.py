@@ -5,7 +5,7 @@
 
 1. The **calibration set** (`calibrate`): one population (`retrain.train_sampled`, one jit) of
    `n_null` clean retrains of the reference's architecture (its recipe's trainer, its hidden
-   size; a user model "pkg.module:attr" retrains its own Model, the one `weights.load_model`
+   size; a user model "pkg.module:attr" retrains its own Model, the one `registry.load_model`
    rebuilt, with the harness's minibatch trainer and the reference's training settings),
    each on its own random sample of `sample_size` training images with its own seed, plus
    a few models trained on poisoned data (`poisonings` x `poison_seeds`), all answering
@@ -33,10 +33,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -45,20 +43,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlshift_jax.attacks.evasion import attack_key, get_attack
+from mlshift_jax.attacks import attack_key, get_attack
 from mlshift_jax.core.errors import ConfigError, DataError
-from mlshift_jax.core.files import atomic_path, config_hash, read_npz
+from mlshift_jax.core.files import cached_npz, config_hash, tree_digest
 from mlshift_jax.data.datasets import Dataset, cache_dir, content_hash
 from mlshift_jax.detection import categorize, fingerprint
 from mlshift_jax.models.population import plan_for
 from mlshift_jax.models.recipes import TrainConfig
+from mlshift_jax.models.registry import recipe_of
 from mlshift_jax.models.retrain import train_sampled
-from mlshift_jax.models.zoo import STUDY_SPEC, Model, Params, build, check_spec, infer_model
+from mlshift_jax.models.zoo import STUDY_SPEC, Model, Params, arch_of, check_spec, infer_model
 from mlshift_jax.poisoning.poison import make_config
 
-RECIPE_OF = {"seed-mlp": "seed-mlp", "mlp-ce": "mlp-ce", "cnn": "cnn"}  # arch -> trainer
-CACHE_VERSION = 2  # bump when the calibration's meaning changes: old caches are ignored
-NULL_STREAM = 0xC0FFEE  # member seeds of a calibration start here (+ seed * 10,000)
+CALIBRATION_CACHE_VERSION = 2  # bump when a calibration's meaning changes: old caches ignored
+CALIBRATION_STREAM = 0xC0FFEE  # member seeds of a calibration start here (+ seed * 10,000)
 TRIGGER_STREAM = 0x7217  # the trigger search's key: fold_in(key(seed), this)
 
 
@@ -131,14 +129,6 @@ class Calibration:
                 "probes": self.probes.size, "n_changed_models": len(self.changed_kinds)}
 
 
-def hidden_size(model: Model, params: Params) -> int:
-    """The width of the penultimate layer of `params` (what `model.features` returns)."""
-    if model.features is None:
-        raise ConfigError(f"detect: expected a model with features, found {model.name}")
-    x = jax.ShapeDtypeStruct((model.n_inputs,), jnp.float32)
-    return int(jax.eval_shape(model.features, params, x).shape[-1])
-
-
 def changed_inputs(model: Model, params: Params, probes: fingerprint.ProbeSet,
                    attacks: tuple[tuple[str, float], ...], key: jax.Array) -> jax.Array:
     """Each input change (attack, eps) of `attacks` applied to the probes, against `params`,
@@ -156,7 +146,7 @@ def _cache_key(recipe: str, hidden: int, ds: Dataset, cfg: CalibrationConfig,
     """sha256 (12 hex digits) of the canonical JSON of everything a calibration depends on
     (a user model adds its name and hyper-parameters, a given TrainConfig its fields; the
     user's code itself is not hashed: clear the cache after editing it)."""
-    payload = {"version": CACHE_VERSION, "recipe": recipe, "hidden": hidden,
+    payload = {"version": CALIBRATION_CACHE_VERSION, "recipe": recipe, "hidden": hidden,
                "dataset": ds.name, "source": ds.source, "n_train": len(ds.y_train),
                "n_test": len(ds.y_test), "config": asdict(cfg)}
     if model is not None:
@@ -186,43 +176,13 @@ def _trigger_key(seed):  # one program rather than four eager ones
     return jax.random.fold_in(jax.random.key(seed), TRIGGER_STREAM)
 
 
-def _digest(params: Params) -> str:
-    """sha256 (16 hex digits) of a pytree's arrays: dtypes, shapes and bytes, in leaf order."""
-    h = hashlib.sha256()
-    for leaf in jax.tree.leaves(params):
-        a = np.ascontiguousarray(np.asarray(leaf))
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
-
-
-def _cached_arrays(path: Path, what: str, compute, *, cache: bool) -> dict[str, np.ndarray]:
-    """The arrays `compute()` returns (a dict of arrays), read from the .npz at `path` when
-    `cache` and it is there (a damaged file is recomputed, with a warning), else computed and
-    written there atomically (an unwritable cache costs time, not correctness)."""
-    if cache and path.exists():
-        try:
-            f = read_npz(path, what=what)
-            return {k: np.asarray(v) for k, v in f.items()}
-        except (DataError, KeyError, TypeError):
-            warnings.warn(f"damaged cache entry {path} treated as missing and rebuilt",
-                          stacklevel=3)
-    arrays = {k: np.asarray(v) for k, v in compute().items()}
-    if cache:
-        try:
-            with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-        except OSError:
-            pass
-    return arrays
-
-
 def _reference_payload(model: Model, params: Params, null: Calibration) -> dict:
     """What a per-model cache entry depends on: the model, its weights, the probes, the
     trigger search and the calibration's seed."""
     cfg = null.config
-    return {"version": CACHE_VERSION, "model": model.name, "params": _digest(params),
-            "probes": _digest(null.probes.index), "n_patched": null.probes.n_patched,
+    return {"version": CALIBRATION_CACHE_VERSION, "model": model.name,
+            "params": tree_digest(params),
+            "probes": tree_digest(null.probes.index), "n_patched": null.probes.n_patched,
             "scan": list(cfg.trigger_scan), "seed": cfg.seed}
 
 
@@ -244,7 +204,7 @@ def model_triggers(model: Model, params: Params, null: Calibration, *, cache: bo
 
     key = config_hash(_reference_payload(model, params, null))
     path = _folder(cache_path) / f"triggers-{key}.npz"
-    found = _cached_arrays(path, "cached reversed triggers", search, cache=cache)
+    found = cached_npz(path, search, what="cached reversed triggers", read=cache, write=cache)
     return fingerprint.TriggerSummary(**{k: found[k] for k in fingerprint.TriggerSummary._fields})
 
 
@@ -271,8 +231,8 @@ def input_change_features(model: Model, reference: Params, null: Calibration, *,
     payload = {**_reference_payload(model, reference, null), "attack_seed": seed,
                "attacks": [list(a) for a in null.config.attacks]}
     path = _folder(cache_path) / f"input-changes-{config_hash(payload)}.npz"
-    return _cached_arrays(path, "cached input-change fingerprints", compute,
-                          cache=cache)["features"]
+    return cached_npz(path, compute, what="cached input-change fingerprints", read=cache,
+                      write=cache)["features"]
 
 
 def _one(tree):
@@ -305,7 +265,7 @@ def calibrate(recipe: str | None, hidden: int, ds: Dataset,
     None for a user's Model without a ref (then `model` is required and the calibration's
     recipe is its name); model: the Model to retrain (None: the one the recipe builds for
     `ds`), e.g. the
-    reference's from `weights.load_model`, so its hyper-parameters carry over; train: the
+    reference's from `registry.load_model`, so its hyper-parameters carry over; train: the
     TrainConfig the retrains use (lr, batch size, optimizer, epochs; None: the recipe's
     defaults; `config.epochs`, when set, wins). cache: read and write the cache; cache_path:
     its folder (default `data.cache_dir("detect")`); log: called with one line before a
@@ -322,46 +282,41 @@ def calibrate(recipe: str | None, hidden: int, ds: Dataset,
     kinds = tuple([f"{k} {f:g}" for k, f in cfg.poisonings] * cfg.poison_seeds)
     key = _cache_key(recipe, hidden, ds, cfg, model, train)
     path = _folder(cache_path) / f"calibration-{key}.npz"
-    if cache and path.exists():
-        try:
-            f = read_npz(path, what="a cached calibration")
-            parts = [record(*(np.asarray(f[f"{what}_{k}"]) for k in record._fields))
-                     for what, record in _CACHED]
-            return Calibration(probes, *parts, kinds, name, hidden, cfg)
-        except (DataError, KeyError, TypeError):  # a damaged cache is rebuilt below
-            warnings.warn(f"damaged cache entry {path} treated as missing and rebuilt",
-                          stacklevel=2)
-    configs = [make_config("clean")] * cfg.n_null + [
-        _within(make_config(k, fraction=f), ds.n_classes)
-        for k, f in cfg.poisonings] * cfg.poison_seeds
-    seeds = NULL_STREAM + cfg.seed * 10_000 + np.arange(len(configs))
-    size = min(cfg.sample_size, len(ds.y_train))
-    if log is not None:
-        log(f"calibrating: training {cfg.n_null} clean retrains and {len(configs) - cfg.n_null}"
-            f" changed models on {size:,} images each, once for this architecture and data "
-            f"(cached in {path.parent})")
-    base = train if train is not None else TrainConfig()
-    epochs = cfg.epochs if cfg.epochs is not None else base.epochs
-    plan = plan_for(recipe, replace(base, hidden=hidden, epochs=epochs, seed=0), ds.spec,
-                    model=model)
-    pop, _ = train_sampled(plan, configs, ds.x_train, ds.y_train, seeds=seeds.tolist(),
-                           size=size)
-    resp = fingerprint.model_responses(plan.arch, pop.params, probes)
-    found = fingerprint.reverse(plan.arch, pop.params, probes, key=trigger_key(cfg.seed),
-                                config=cfg.trigger_scan)
-    parts = [jax.tree.map(lambda a: a[:cfg.n_null], resp),
-             jax.tree.map(lambda a: a[cfg.n_null:], resp),
-             jax.tree.map(lambda a: a[:cfg.n_null], found),
-             jax.tree.map(lambda a: a[cfg.n_null:], found)]
-    if cache:
-        arrays = {f"{what}_{k}": np.asarray(v) for (what, _), part in zip(_CACHED, parts,
-                                                                          strict=True)
-                  for k, v in part._asdict().items()}
-        try:
-            with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-        except OSError:
-            pass  # an unwritable cache costs time, not correctness
+
+    def parts_of(arrays):
+        return [record(*(arrays[f"{what}_{k}"] for k in record._fields))
+                for what, record in _CACHED]
+
+    def compute():
+        configs = [make_config("clean")] * cfg.n_null + [
+            _within(make_config(k, fraction=f), ds.n_classes)
+            for k, f in cfg.poisonings] * cfg.poison_seeds
+        seeds = CALIBRATION_STREAM + cfg.seed * 10_000 + np.arange(len(configs))
+        size = min(cfg.sample_size, len(ds.y_train))
+        if log is not None:
+            log(f"calibrating: training {cfg.n_null} clean retrains and "
+                f"{len(configs) - cfg.n_null} changed models on {size:,} images each, once "
+                f"for this architecture and data (cached in {path.parent})")
+        base = train if train is not None else TrainConfig()
+        epochs = cfg.epochs if cfg.epochs is not None else base.epochs
+        plan = plan_for(recipe, replace(base, hidden=hidden, epochs=epochs, seed=0), ds.spec,
+                        model=model)
+        pop, _ = train_sampled(plan, configs, ds.x_train, ds.y_train, seeds=seeds.tolist(),
+                               size=size)
+        resp = fingerprint.model_responses(plan.arch, pop.params, probes)
+        found = fingerprint.reverse(plan.arch, pop.params, probes, key=trigger_key(cfg.seed),
+                                    config=cfg.trigger_scan)
+        parts = [jax.tree.map(lambda a: a[:cfg.n_null], resp),
+                 jax.tree.map(lambda a: a[cfg.n_null:], resp),
+                 jax.tree.map(lambda a: a[:cfg.n_null], found),
+                 jax.tree.map(lambda a: a[cfg.n_null:], found)]
+        return {f"{what}_{k}": np.asarray(v)
+                for (what, _), part in zip(_CACHED, parts, strict=True)
+                for k, v in part._asdict().items()}
+
+    arrays = cached_npz(path, compute, what="a cached calibration", read=cache, write=cache,
+                        check=parts_of)
+    parts = parts_of(arrays)
     return Calibration(probes, *parts, kinds, name, hidden, cfg)
 
 
@@ -371,7 +326,7 @@ def check_pair(reference: Params, suspect: Params, spec=None, *, model: Model | 
     same model. spec (a models.Spec or Dataset): the data's, checked against the params'
     shapes; None checks the params alone (before the data is loaded).
 
-    model, suspect_model: the Models the files name (`weights.load_model`; suspect_model
+    model, suspect_model: the Models the files name (`registry.load_model`; suspect_model
     defaults to model). Given, params of any pytree (flax, equinox) are compared by their
     structure and shapes, and the models by name and input spec; None infers a built-in
     architecture from the arrays' names (`models.infer_model`).
@@ -429,17 +384,18 @@ def _shapes(params: Params) -> dict:
 
 
 def _arch(params: Params, spec) -> str:
-    """The built-in architecture of params; without a spec, by array names alone."""
+    """The built-in architecture of params; without a spec, by array names alone (shapes
+    the params alone cannot place, e.g. a CNN's image size, are checked once data is
+    given)."""
     if spec is not None:
         return infer_model(params, spec).name
     try:
         return infer_model(params).name
     except ConfigError:
-        for name in RECIPE_OF:  # shapes the params alone cannot place (a CNN's image size)
-            probe = build(name, STUDY_SPEC, 8)
-            if set(jax.eval_shape(lambda m=probe: m.init(jax.random.key(0)))) == set(params):
-                return name
-        raise
+        name = arch_of(params)
+        if name is None:
+            raise
+        return name
 
 
 def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *,
@@ -452,14 +408,14 @@ def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *
     """Test whether `suspect_params` behaves as a changed version of `reference_params`.
 
     reference_params, suspect_params: params of the same architecture (e.g. from
-    `weights.load_model`); ds: the dataset they were trained on (training images for the
+    `registry.load_model`); ds: the dataset they were trained on (training images for the
     clean retrains, test images for the probes); null: a `Calibration` (None: `calibrate`
     one, cached); seed: of the calibration set and of the random input changes; alpha: the
     test's level, its false-positive rate on clean retrains (None: `fingerprint.ALPHA`,
     0.05); ConfigError when the null is too small for it (alpha < 1 / (n_null + 1),
     `fingerprint.check_alpha`), before any training.
 
-    model: the reference's Model (`weights.load_model`); None infers a built-in from the
+    model: the reference's Model (`registry.load_model`); None infers a built-in from the
     arrays' names. recipe: the recipe its retrains use (default: the model's name for a user
     model "pkg.module:attr", the built-in trainer of its architecture otherwise); train: the
     reference's TrainConfig, for the retrains (see `calibrate`); suspect_model: the suspect's
@@ -483,12 +439,8 @@ def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *
     check_pair(reference, suspect, ds.spec, model=model, suspect_model=suspect_model)
     if model is None:
         model = infer_model(reference, ds.spec)
-    user = model.name not in RECIPE_OF  # a user's model: retrain the Model itself
-    if recipe is None and not user:
-        recipe = RECIPE_OF[model.name]
-    elif recipe is None and ":" in model.name:
-        recipe = model.name
-    hidden = (hidden_size(model, reference) if not user else (train or TrainConfig()).hidden)
+    own, hidden, user = recipe_of(model, reference, train)  # a user's: retrain the Model
+    recipe = own if recipe is None else recipe
     if null is None:
         cfg = config or CalibrationConfig(seed=seed)
         null = calibrate(recipe, hidden, ds, cfg, cache=cache, cache_path=cache_path,
@@ -511,7 +463,7 @@ def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *
     fp.update(fingerprint.trigger_features(model, reference, ref_t, _rows(
         null.null_triggers, null.changed_triggers, _one(sus_t)), probes))
     every = fingerprint.feature_matrix(fp)
-    null_fp = fingerprint.Null(every[:n])
+    null_fp = fingerprint.FeatureNull(every[:n])
     observed = every[n + k:]
     test = fingerprint.change_test(observed, null_fp)
     p_value = float(test.p_value[0])

@@ -574,7 +574,7 @@ def realise(changes: list[Change], ds: Dataset, config: GeneratorConfig | None =
     for r in range(n_refs):
         ref = jax.tree.map(lambda a, r=r: a[r], resp)
         ref_t = jax.tree.map(lambda a, r=r: a[r], found)
-        null = fingerprint.Null(fingerprint.feature_matrix({
+        null = fingerprint.FeatureNull(fingerprint.feature_matrix({
             **fingerprint.fingerprints(ref, null_resp, probes.y),
             **fingerprint.trigger_features(model, refs[r], ref_t, jax.tree.map(
                 lambda a: a[n_refs:n_refs + cfg.n_null], found), probes)}))

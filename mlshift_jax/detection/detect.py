@@ -33,6 +33,7 @@ import numpy as np
 from mlshift_jax.attacks.defenses import kth_smallest
 from mlshift_jax.core.checks import finite_inputs, inputs_in_range
 from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.detection.detector import Detector
 from mlshift_jax.models.zoo import Model, Params, square_shape
 
 # --- squeezers (Xu et al. 2018) ----------------------------------------------------------------
@@ -132,29 +133,47 @@ def squeeze_distance(model: Model, params: Params, x: jax.Array, d: jax.Array,
         for s in squeezers]))
 
 
+def _confidence(model, params, x, p, squeezers):
+    return -_top2(p)[0]
+
+
+def _margin(model, params, x, p, squeezers):
+    top1, top2 = _top2(p)
+    return -(top1 - top2)
+
+
+def _entropy(model, params, x, p, squeezers):
+    return entropy(p / jnp.sum(p))
+
+
+def _squeezing(model, params, x, p, squeezers):
+    return squeeze_distance(model, params, x, p / jnp.sum(p), squeezers)
+
+
+DETECTORS: tuple[Detector, ...] = (
+    Detector("confidence", "input", _confidence, "confidence",
+             "Hendrycks & Gimpel, ICLR 2017", "-max output"),
+    Detector("margin", "input", _margin, "margin", "margin of the top two outputs",
+             "-(top1 - top2) output"),
+    Detector("entropy", "input", _entropy, "entropy", "-",
+             "entropy of the output distribution"),
+    Detector("squeezing", "input", _squeezing, "squeezing", "Xu, Evans & Qi, NDSS 2018",
+             "max L1(f(x), f(squeeze(x))), bit-1 / median 2x2, 3x3"),
+)  # the input detectors `input_scores` computes, in its output's order
+
+
 def _one(model: Model, params: Params, x: jax.Array,
          squeezers: tuple[Squeezer, ...]) -> dict[str, jax.Array]:
-    """The four detector scores of ONE example x: [D] (higher = more suspicious)."""
-    out = model.apply(params, x)
-    p = model.probs(out)
-    top1, top2 = _top2(p)
-    d = p / jnp.sum(p)
-    return {
-        "confidence": -top1,
-        "margin": -(top1 - top2),
-        "entropy": entropy(d),
-        "squeezing": squeeze_distance(model, params, x, d, squeezers),
-    }
-
-
-INPUT_DETECTORS = ("confidence", "margin", "entropy", "squeezing")
+    """Every score of `DETECTORS` for ONE example x: [D] (higher = more suspicious)."""
+    p = model.probs(model.apply(params, x))
+    return {d.name: d.score(model, params, x, p, squeezers) for d in DETECTORS}
 
 
 def input_scores(model: Model, params: Params, x: jax.Array,
                  squeezers: tuple[Squeezer, ...] = SQUEEZERS) -> dict[str, jax.Array]:
     """Every input-level detector's score for every example, in one jitted call.
 
-    x: [batch, n_in] -> {name: [batch]} for the names in `INPUT_DETECTORS`, each oriented so
+    x: [batch, n_in] -> {name: [batch]} for the names in `DETECTORS`, each oriented so
     that a higher score means "more likely adversarial or noisy". `model` and `squeezers` are
     static (hashable NamedTuples of functions). ConfigError for NaN / inf in x (entropy would
     call such an input the least suspicious one) and for values outside model.input_range.

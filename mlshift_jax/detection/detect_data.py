@@ -53,6 +53,7 @@ import numpy as np
 
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.detection.detect import roc_auc
+from mlshift_jax.detection.detector import Detector
 from mlshift_jax.models.zoo import Model, Params, predict
 
 AC_DIMS = 10
@@ -66,7 +67,6 @@ SPECTRAL_FACTOR = 1.5
 SPECTRE_DIMS = 32
 SPECTRE_ALPHA = 4.0
 SPECTRE_STEPS = 8
-METHODS = ("activation-clustering", "spectral-signatures", "spectre", "mahalanobis")
 MAHALANOBIS_SHRINK = 1e-3  # ridge on the shared covariance, relative to its mean variance
 
 
@@ -509,38 +509,33 @@ def spectre(h, y, *, eps: float, dims: int = SPECTRE_DIMS, alpha: float = SPECTR
 
 
 def scan(model: Model, params: Params, x, y, *, eps: float, key: jax.Array,
-         methods=METHODS, block: int | None = None,
+         methods=None, block: int | None = None,
          reference: tuple | None = None) -> dict[str, Detection]:
-    """Every method of `methods` on one training set: {method: Detection}.
+    """Every method of `methods` (names of `DETECTORS`; None: all) on one training set:
+    {method: Detection}, in the order of `DETECTORS`.
 
     x: [n, D] the (possibly poisoned) training images, y: [n] their labels, params: the
     model trained on them. Activation clustering splits by the model's predicted class, the
     spectral methods by the label. eps: the assumed poisoned fraction (removal counts).
     reference: (x_ref [m, D], y_ref [m]) images known to be clean, which "mahalanobis" needs
     (left out without one). ConfigError for an unknown method."""
-    unknown = sorted(set(methods) - set(METHODS))
+    names = [d.name for d in DETECTORS]
+    methods = names if methods is None else methods
+    unknown = sorted(set(methods) - set(names))
     if unknown:
-        raise ConfigError(f"training-data detectors: expected methods among {list(METHODS)}, "
+        raise ConfigError(f"training-data detectors: expected methods among {names}, "
                           f"found {unknown}")
     _check_eps(eps)
     x = jnp.asarray(x)
     h = activations(model, params, x)
     y = np.asarray(y, np.int32)
-    k = model.n_classes
     out = {}
-    if "activation-clustering" in methods:
-        predicted = np.asarray(jnp.argmax(predict(model, params, x), -1), np.int32)
-        out["activation-clustering"] = activation_clustering(h, predicted, key=key,
-                                                             n_classes=k, block=block)
-    if "spectral-signatures" in methods:
-        out["spectral-signatures"] = spectral_signatures(h, y, eps=eps, n_classes=k,
-                                                         block=block)
-    if "spectre" in methods:
-        out["spectre"] = spectre(h, y, eps=eps, n_classes=k, block=block)
-    if "mahalanobis" in methods and reference is not None:
-        x_ref, y_ref = reference
-        out["mahalanobis"] = mahalanobis(h, y, activations(model, params, jnp.asarray(x_ref)),
-                                         y_ref, eps=eps, n_classes=k)
+    for d in DETECTORS:
+        if d.name in methods:
+            found = d.score(model, params, x, y, h, eps=eps, key=key,
+                            n_classes=model.n_classes, block=block, reference=reference)
+            if found is not None:
+                out[d.name] = found
     return out
 
 
@@ -622,3 +617,45 @@ def precision_recall_auc(detection: Detection, mask, labels=None) -> dict[str, f
             if 0 < truth[inside].sum() < inside.sum():
                 out["auc_in_class"] = roc_auc(score[inside], truth[inside])
     return out
+
+
+# --- the registry's records (`Detector`; assembled in detection/__init__.py) ------------------
+
+
+def _ac(model, params, x, y, h, *, eps, key, n_classes, block, reference):
+    predicted = np.asarray(jnp.argmax(predict(model, params, x), -1), np.int32)
+    return activation_clustering(h, predicted, key=key, n_classes=n_classes, block=block)
+
+
+def _spectral(model, params, x, y, h, *, eps, key, n_classes, block, reference):
+    return spectral_signatures(h, y, eps=eps, n_classes=n_classes, block=block)
+
+
+def _spectre(model, params, x, y, h, *, eps, key, n_classes, block, reference):
+    return spectre(h, y, eps=eps, n_classes=n_classes, block=block)
+
+
+def _mahalanobis(model, params, x, y, h, *, eps, key, n_classes, block, reference):
+    if reference is None:
+        return None
+    x_ref, y_ref = reference
+    return mahalanobis(h, y, activations(model, params, jnp.asarray(x_ref)), y_ref, eps=eps,
+                       n_classes=n_classes)
+
+
+DETECTORS: tuple[Detector, ...] = (
+    Detector("activation-clustering", "sample", _ac, "activation clustering",
+             "Chen et al., arXiv:1811.03728",
+             "1 - relative size of the sample's 2-means cluster (PCA 10) in a predicted class "
+             "judged poisoned (smaller cluster < 35%, silhouette > 0.1), else 0"),
+    Detector("spectral-signatures", "sample", _spectral, "spectral signatures",
+             "Tran, Li & Madry, NeurIPS 2018",
+             "squared projection on the top singular vector of its class"),
+    Detector("spectre", "sample", _spectre, "SPECTRE", "Hayase et al., ICML 2021",
+             "QUE score after robust (MCD) whitening of its class's top 32 principal "
+             "directions"),
+    Detector("mahalanobis", "sample", _mahalanobis, "Mahalanobis", "Lee et al., NeurIPS 2018",
+             "squared Mahalanobis distance to the clean test images' mean of its label "
+             "(shared covariance)"),
+)  # the training-data detectors `scan` runs, in its output's order
+

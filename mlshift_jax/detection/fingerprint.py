@@ -456,7 +456,7 @@ def to_json(fp: dict[str, jax.Array]) -> dict:
 
 
 @dataclass(frozen=True, eq=False)
-class Null:
+class FeatureNull:
     """The null distribution of a reference: features: float64 [n_null, F], the fingerprints
     of the reference against n_null clean retrains, columns named by `names`."""
 
@@ -539,7 +539,7 @@ def _tails(pool: np.ndarray) -> np.ndarray:
     return np.where(excess > 0, np.exp(-np.clip(excess, 0.0, 700.0)) / n, count / n)
 
 
-def change_test(observed, null: Null, test_features: tuple[str, ...] = TEST_FEATURES
+def change_test(observed, null: FeatureNull, test_features: tuple[str, ...] = TEST_FEATURES
                 ) -> TestResult:
     """Calibrated p-values of suspects' fingerprints against a null (module docstring).
 

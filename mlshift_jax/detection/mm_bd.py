@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.detection.detector import Detector
 from mlshift_jax.models.zoo import Model, Params
 
 _TINY = 1e-12
@@ -161,3 +162,10 @@ def score(margins) -> tuple[np.ndarray, np.ndarray]:
     """(-log10 p, target) of `p_value` (p floored at 1e-300): larger = more suspicious."""
     p, target = p_value(margins)
     return -np.log10(np.maximum(p, 1e-300)), target
+
+
+DETECTORS: tuple[Detector, ...] = (
+    Detector("mm-bd", "model", score, "MM-BD", "Wang, Mahmood, Yang & Kesidis, IEEE S&P 2024",
+             "-log10 p of the largest per-class maximum margin under a Gamma null fitted "
+             "to the other classes"),
+)

@@ -49,7 +49,6 @@ their target: patch, checkerboard and sparse 3 of 3 each, blended 0 of 3.
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -59,16 +58,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlshift_jax.core.errors import ConfigError, DataError
-from mlshift_jax.core.files import atomic_path, config_hash, read_npz
+from mlshift_jax.core.files import atomic_path, cached_npz, config_hash
 from mlshift_jax.data.datasets import Dataset, cache_dir, content_hash, subsample
 from mlshift_jax.detection import benign, mm_bd
 from mlshift_jax.detection import neural_cleanse as nc
-from mlshift_jax.detection.change import RECIPE_OF, hidden_size
 from mlshift_jax.models.population import plan_for
 from mlshift_jax.models.recipes import TrainConfig
+from mlshift_jax.models.registry import recipe_of
 from mlshift_jax.models.zoo import Model, Params
 
-CACHE_VERSION = 3  # bump when the null's meaning changes: old caches are ignored
+NULL_CACHE_VERSION = 3  # bump when the null's meaning changes: old caches are ignored
 NULL_STREAM = 0x5CA7  # member seeds of a null start here (+ seed * 10,000)
 SCAN_STREAM = 0x5CA8  # fold_in(key(seed), SCAN_STREAM): the trigger search's key
 MARGIN_STREAM = 0x5CA9  # fold_in(key(seed), MARGIN_STREAM): MM-BD's random starts
@@ -211,7 +210,7 @@ def _cache_key(recipe: str | None, hidden: int, ds: Dataset, cfg: NullConfig,
                margin: mm_bd.MarginConfig = mm_bd.DEFAULT) -> str:
     """sha256 (12 hex) of everything the null depends on (a user model adds its name and
     hyper-parameters; the user's code itself is not hashed: clear the cache after editing)."""
-    payload = {"version": CACHE_VERSION, "recipe": recipe, "hidden": hidden,
+    payload = {"version": NULL_CACHE_VERSION, "recipe": recipe, "hidden": hidden,
                "dataset": ds.name, "data": content_hash(ds), "null": asdict(cfg),
                "scan": scan._asdict(), "margin": margin._asdict(),
                "train": None if train is None else asdict(train)}
@@ -355,66 +354,52 @@ def calibrate_null(recipe: str | None, hidden: int, ds: Dataset,
     name = recipe if recipe is not None else getattr(model, "name", None)
     folder = Path(cache_path) if cache_path is not None else cache_dir("scan")
     path = folder / f"null-{_cache_key(recipe, hidden, ds, cfg, scan, model, train, margin)}.npz"
-    if cache and path.exists():
-        try:
-            f = read_npz(path, what="a cached scan null")
-            return _null(f["norms"], f["rates"], name, hidden, cfg, scan,
-                         {"train_s": 0.0, "scan_s": 0.0, "cached": True},
-                         [benign.VARIANTS[int(i)] for i in f["variants"]], f["margins"],
-                         margin)
-        except (DataError, KeyError, TypeError, ConfigError):  # rebuilt below
-            warnings.warn(f"damaged cache entry {path} treated as missing and rebuilt",
-                          stacklevel=2)
-    base = train if train is not None else TrainConfig()
-    epochs = cfg.epochs if cfg.epochs is not None else base.epochs
-    plan = plan_for(recipe, replace(base, hidden=hidden, epochs=epochs, seed=0), ds.spec,
-                    model=model)
-    seeds = NULL_STREAM + cfg.seed * 10_000 + np.arange(cfg.n_null)
-    variants = benign.VARIANTS if cfg.benign else ("retrain",)
-    if log is not None:
-        log(f"calibrating: training and scanning {cfg.n_null} clean models on {size:,} images "
-            f"each ({len(variants)} benign variants in turn), once for this recipe and data "
-            f"(cached in {folder})")
-    start = time.perf_counter()
-    chunk = train_chunk(cfg.n_null, size, ds.spec.n_inputs)
-    params, names = benign.benign_null(plan, ds.x_train, ds.y_train, seeds=seeds.tolist(),
-                                       size=size, chunk=chunk, variants=variants, log=log)
-    train_s = time.perf_counter() - start
-    start = time.perf_counter()
-    found = nc.scan_in_groups(plan.arch, params, x, y, key=scan_key(cfg.seed),
-                              config=scan, group=SCAN_GROUP, progress=_progress(log, "scanned"))
-    start_mm = time.perf_counter()
-    margins = (np.asarray(jax.block_until_ready(mm_bd.margins_population(
-        plan.arch, params, key=margin_key(cfg.seed), config=margin)))
-        if plan.arch.n_classes >= 3 else np.zeros((cfg.n_null, plan.arch.n_classes)))
-    scan_s = time.perf_counter() - start
-    mm_s = time.perf_counter() - start_mm
-    norms, rates = np.asarray(found.norms), np.asarray(found.rates)
-    if cache:
-        try:
-            with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                np.savez(f, norms=norms, rates=rates, margins=margins, variants=np.asarray(
-                    [benign.VARIANTS.index(v) for v in names], np.int64))
-        except OSError:
-            pass  # an unwritable cache costs time, not correctness
-    if log is not None:
-        log(f"null: {cfg.n_null} models trained in {train_s:.0f} s and scanned in "
-            f"{scan_s:.0f} s (MM-BD {mm_s:.0f} s of it)")
-    return _null(norms, rates, name, hidden, cfg, scan,
-                 {"train_s": train_s, "scan_s": scan_s, "mm_bd_s": mm_s, "cached": False},
-                 names, margins, margin)
+    seconds = {"train_s": 0.0, "scan_s": 0.0, "cached": True}
+    made = []
 
+    def null_of(f) -> Null:  # ConfigError / KeyError for a damaged entry
+        made.append(_null(f["norms"], f["rates"], name, hidden, cfg, scan, seconds,
+                          [benign.VARIANTS[int(i)] for i in f["variants"]], f["margins"],
+                          margin))
+        return made[-1]
 
-def recipe_of(model: Model, params: Params,
-              train: TrainConfig | None = None) -> tuple[str | None, int, bool]:
-    """(recipe, hidden, user) of a model as `calibrate_null` retrains it: a built-in
-    architecture's own trainer and penultimate width; a user model "pkg.module:attr" its
-    ref and the TrainConfig's hidden (unused by the model); user True for a user's model."""
-    user = model.name not in RECIPE_OF
-    if not user:
-        return RECIPE_OF[model.name], hidden_size(model, params), False
-    recipe = model.name if ":" in model.name else None
-    return recipe, (train or TrainConfig()).hidden, True
+    def compute() -> dict:
+        base = train if train is not None else TrainConfig()
+        epochs = cfg.epochs if cfg.epochs is not None else base.epochs
+        plan = plan_for(recipe, replace(base, hidden=hidden, epochs=epochs, seed=0), ds.spec,
+                        model=model)
+        seeds = NULL_STREAM + cfg.seed * 10_000 + np.arange(cfg.n_null)
+        variants = benign.VARIANTS if cfg.benign else ("retrain",)
+        if log is not None:
+            log(f"calibrating: training and scanning {cfg.n_null} clean models on {size:,} "
+                f"images each ({len(variants)} benign variants in turn), once for this recipe "
+                f"and data (cached in {folder})")
+        start = time.perf_counter()
+        chunk = train_chunk(cfg.n_null, size, ds.spec.n_inputs)
+        params, names = benign.benign_null(plan, ds.x_train, ds.y_train, seeds=seeds.tolist(),
+                                           size=size, chunk=chunk, variants=variants, log=log)
+        train_s = time.perf_counter() - start
+        start = time.perf_counter()
+        found = nc.scan_in_groups(plan.arch, params, x, y, key=scan_key(cfg.seed),
+                                  config=scan, group=SCAN_GROUP,
+                                  progress=_progress(log, "scanned"))
+        start_mm = time.perf_counter()
+        margins = (np.asarray(jax.block_until_ready(mm_bd.margins_population(
+            plan.arch, params, key=margin_key(cfg.seed), config=margin)))
+            if plan.arch.n_classes >= 3 else np.zeros((cfg.n_null, plan.arch.n_classes)))
+        scan_s = time.perf_counter() - start
+        mm_s = time.perf_counter() - start_mm
+        seconds.update(train_s=train_s, scan_s=scan_s, mm_bd_s=mm_s, cached=False)
+        if log is not None:
+            log(f"null: {cfg.n_null} models trained in {train_s:.0f} s and scanned in "
+                f"{scan_s:.0f} s (MM-BD {mm_s:.0f} s of it)")
+        return {"norms": np.asarray(found.norms), "rates": np.asarray(found.rates),
+                "margins": margins,
+                "variants": np.asarray([benign.VARIANTS.index(v) for v in names], np.int64)}
+
+    arrays = cached_npz(path, compute, what="a cached scan null", read=cache, write=cache,
+                        check=null_of)
+    return made[-1] if made and seconds["cached"] else null_of(arrays)
 
 
 def _check_params(model: Model, params: Params, ds: Dataset) -> Params:
@@ -434,7 +419,7 @@ def scan_model(model: Model, params: Params, ds: Dataset, *, null: Null | None =
                cache_path=None, log: Callable[[str], None] | None = None) -> dict:
     """Scan one model for a backdoor, with no reference model (module docstring).
 
-    model: its `models.Model` (e.g. from `weights.load_model`); params: its weights; ds: the
+    model: its `models.Model` (e.g. from `registry.load_model`); params: its weights; ds: the
     dataset it was trained on (test images for the search, training images for the null);
     null: a `Null` (None: `calibrate_null` for the model's recipe, cached); config: the
     trigger search's settings; null_config: the null's (n_null, images, alpha, seed, ...);

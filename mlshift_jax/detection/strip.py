@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.detection.detector import Detector
 from mlshift_jax.models.zoo import Model, Params
 
 N_BLENDS = 32  # blends per input (the paper uses N = 100; 32 keeps the ranking, at 1/3 the cost)
@@ -80,3 +81,10 @@ def strip_scores(model: Model, params: Params, x, clean, *, key: jax.Array,
         return jnp.zeros((0,), x.dtype)
     return _scores(model, params, x, clean.astype(x.dtype), key, n_blends,
                    max(1, min(int(batch), x.shape[0])))
+
+
+DETECTORS: tuple[Detector, ...] = (
+    Detector("strip", "input", strip_scores, "strip", "Gao et al., ACSAC 2019",
+             f"-mean entropy of the outputs on the image superimposed on {N_BLENDS} clean "
+             "images"),
+)

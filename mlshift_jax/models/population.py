@@ -1,6 +1,6 @@
 """A whole poisoning sweep trained as one population: one jit, `vmap` over the model axis.
 
-Member i is the model `recipes.fit(recipe, TrainConfig(seed=seeds[i]), x_i, y_i)` would train
+Member i is the model `registry.fit(recipe, TrainConfig(seed=seeds[i]), x_i, y_i)` would train
 on `(x_i, y_i, _) = poison.apply(poison_key(seeds[i]), x, y, configs[i])`; `train_poisoned`
 trains them all in one compiled call. Only the CLEAN training set goes in (one copy, shared
 by every member); each member's poisoned copy is built inside the jit from it and the
@@ -35,7 +35,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlshift_jax.core.errors import ConfigError
-from mlshift_jax.models.recipes import TrainConfig, get_recipe, resolve
+from mlshift_jax.models import usermodels
+from mlshift_jax.models.recipes import (
+    MINIBATCH,
+    NUMPY,
+    OWN_FIT,
+    SEED_SGD,
+    Recipe,
+    TrainConfig,
+    resolve,
+)
+from mlshift_jax.models.registry import get_recipe
 from mlshift_jax.models.train import (
     init_population,
     map_chunks,
@@ -48,7 +58,6 @@ from mlshift_jax.poisoning.poison import PoisonConfig, poison_arrays, stack_arra
 POISON_STREAM = 0x9015  # fold_in(key(seed), POISON_STREAM) draws a member's poisoning
 DEFAULT_DEVICE_BYTES = 16 * 2**30  # assumed when a device does not report its memory
 MEMORY_SHARE = 0.25  # share of device memory the poisoned copies may take
-OWN_FIT = "own-fit"
 
 
 class Plan(NamedTuple):
@@ -95,20 +104,18 @@ def plan_for(recipe: str | None, train: TrainConfig | None = None, spec=None, *,
     "pkg.module:attr" that the harness trains (a flax / nnx / equinox module or a
     models.Model record: `train.train_minibatch` on its Model, so a population is a vmap of
     that over members, each initialised by the Model's `init(key)`). model: the Model to
-    train (e.g. the one `weights.load_model` rebuilt, with its hyper-parameters) instead of
+    train (e.g. the one `registry.load_model` rebuilt, with its hyper-parameters) instead of
     the one the recipe builds; it must take the spec's images and classes. recipe None: a
     user's Model with no ref (`usermodels.wrap` of a Python object), trained as user models
     are (`usermodels.DEFAULTS`); model is then required. ConfigError for the numpy baseline
     and for a user Recipe with a trainer of its own (it cannot be vmapped).
     """
     if recipe is None:
-        from mlshift_jax.models import usermodels
-        from mlshift_jax.models.recipes import Recipe
-
         if model is None:
             raise ConfigError("population: expected a recipe name or a model, found neither")
         r = Recipe(model.name, lambda spec, cfg: model, usermodels.fit,
-                   dict(usermodels.DEFAULTS), "a user's Model, trained as user models are")
+                   dict(usermodels.DEFAULTS), "a user's Model, trained as user models are",
+                   trainer=MINIBATCH)
     else:
         r = get_recipe(recipe)
     cfg = resolve(r, train or TrainConfig())
@@ -119,23 +126,16 @@ def plan_for(recipe: str | None, train: TrainConfig | None = None, spec=None, *,
         raise ConfigError(f"population: model {arch.name} takes images "
                           f"{tuple(arch.input_shape)} with {arch.n_classes} classes; the data "
                           f"has {tuple(spec.input_shape)} with {spec.n_classes}")
-    if recipe is not None and ":" in r.name and not _harness_trained(r):
+    if r.trainer == OWN_FIT:
         return Plan(r.name, OWN_FIT, arch, cfg.hidden, float(cfg.lr), cfg.epochs,
                     fit=r.fit, train=cfg)
-    if recipe is not None and r.name == "seed-mlp":
-        return Plan(r.name, "seed-sgd", arch, cfg.hidden, float(cfg.lr), cfg.epochs)
-    if cfg.batch_size is None or cfg.optimizer is None:
+    if r.trainer == SEED_SGD:
+        return Plan(r.name, SEED_SGD, arch, cfg.hidden, float(cfg.lr), cfg.epochs)
+    if r.trainer == NUMPY or cfg.batch_size is None or cfg.optimizer is None:
         raise ConfigError(f"population: expected a JAX recipe (seed-mlp or a minibatch one), "
                           f"found {recipe!r}")
     return Plan(r.name, "minibatch", arch, cfg.hidden, float(cfg.lr), cfg.epochs,
                 cfg.optimizer, cfg.batch_size)
-
-
-def _harness_trained(recipe) -> bool:
-    """Whether a user recipe trains with the harness's minibatch trainer (usermodels.fit)."""
-    from mlshift_jax.models import usermodels
-
-    return recipe.fit is usermodels.fit
 
 
 def check_data(plan: Plan, x, y) -> None:
@@ -157,9 +157,9 @@ def poison_key(seed: int) -> jax.Array:
 
 
 def init_members(plan: Plan, seeds: Sequence[int], n_in: int) -> tuple[Params, jax.Array]:
-    """(params [m, ...], shuffle keys [m]) exactly as `recipes.fit` draws them for each seed."""
+    """(params [m, ...], shuffle keys [m]) exactly as `registry.fit` draws them for each seed."""
     roots = jnp.stack([jax.random.key(int(s)) for s in seeds])
-    if plan.kind == "seed-sgd":
+    if plan.kind == SEED_SGD:
         init_keys, shuffle_keys = roots, roots  # seed-mlp trains in file order: no shuffle
     else:
         pairs = jax.vmap(jax.random.split)(roots)
@@ -227,7 +227,7 @@ def chunk_size(m: int, n_train: int, n_inputs: int, *, backend: str | None = Non
 def fit_group(plan: Plan, group: dict, xs: jax.Array, ys: jax.Array) -> Params:
     """Train one group of members on their own (already poisoned) data with the plan's
     trainer. group: {"params", "shuffle_key", ...} with leading axis g; xs: [g, n, D]."""
-    if plan.kind == "seed-sgd":
+    if plan.kind == SEED_SGD:
         return train_seed_sgd_population(group["params"], xs, ys, lr=plan.lr,
                                          epochs=plan.epochs)
     return train_minibatch_population(

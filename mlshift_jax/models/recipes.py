@@ -1,15 +1,15 @@
-"""The registry of trainable models: an architecture plus the way it is trained.
+"""The built-in recipes: an architecture plus the way it is trained.
 
-`RECIPES` drives the CLI, the runner and the parametrized tests: adding a model to the
-harness is adding one `Recipe` here. A recipe builds its Model for the data's `zoo.Spec`
-(input shape, classes, input range) and trains params for it; the numpy baseline's params
-fit the JAX seed-mlp, so the JAX attacks and metrics work on them too. A ref with ":" names
-a user's recipe ("pkg.module:attr"), resolved by `mlshift_jax.models.usermodels`.
+`RECIPES` drives the CLI, the runner and the parametrized tests. A recipe builds its Model
+for the data's `zoo.Spec` (input shape, classes, input range) and trains params for it; the
+numpy baseline's params fit the JAX seed-mlp, so the JAX attacks and metrics work on them
+too. Adding a built-in model is one `zoo.Builtin` (the architecture, and how its
+metadata-free weights are placed) plus one `Recipe` here named after it (its default
+trainer); `registry` resolves every reference (a name or a user's "pkg.module:attr").
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import NamedTuple
@@ -22,7 +22,7 @@ from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.models import zoo
 from mlshift_jax.models.baseline import neuralNetwork
 from mlshift_jax.models.train import train_minibatch, train_seed_sgd
-from mlshift_jax.models.zoo import Model, Params, Spec, check_spec, guess_spec
+from mlshift_jax.models.zoo import Model, Params, Spec
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,23 @@ class TrainConfig:
         return self
 
 
+# what a recipe's fit is, so a population can train many in one jit (`population.plan_for`)
+SEED_SGD = "seed-sgd"  # the study's per-sample rule, `train.train_seed_sgd`
+MINIBATCH = "minibatch"  # `train.train_minibatch` on the Model's loss
+NUMPY = "numpy"  # the numpy baseline: no population
+OWN_FIT = "own-fit"  # a user Recipe's own fit: members train one after another
+TRAINERS = (SEED_SGD, MINIBATCH, NUMPY, OWN_FIT)
+
+
 class Recipe(NamedTuple):
     """How a model is built for a dataset and trained.
 
     name: "seed-mlp" or a user ref "pkg.module:attr"; build(spec, cfg) -> the Model for data
     of that `zoo.Spec` (built-ins: cached, so the same object comes back); fit(model, cfg,
     x: [n, D], y: int [n]) -> params; defaults: the TrainConfig fields it fills in when the
-    user leaves them None; about: one line.
+    user leaves them None; about: one line; arch: the `zoo.BUILTINS` architecture it builds
+    (None: a user's model); trainer: what fit is, one of TRAINERS (a population trains
+    SEED_SGD and MINIBATCH recipes in one jit, OWN_FIT one member at a time).
     """
 
     name: str
@@ -61,6 +71,16 @@ class Recipe(NamedTuple):
     fit: Callable[[Model, TrainConfig, np.ndarray, np.ndarray], Params]
     defaults: dict
     about: str
+    arch: str | None = None
+    trainer: str = OWN_FIT
+
+    def place(self, params: Params) -> Spec:
+        """The Spec of metadata-free `params` of this recipe's architecture
+        (`zoo.Builtin.place`). ConfigError for a user's model or params it cannot place."""
+        if self.arch is None:
+            raise ConfigError(f"model {self.name!r}: a user's model; expected metadata "
+                              "naming its input shape")
+        return zoo.BUILTINS[self.arch].place(params)
 
 
 def _builder(arch: str) -> Callable[[Spec, TrainConfig], Model]:
@@ -92,76 +112,39 @@ def _fit_minibatch(model: Model, cfg: TrainConfig, x, y) -> Params:
         epochs=cfg.epochs)
 
 
+def builtin(name: str, arch: str, trainer: str, defaults: dict, about: str) -> Recipe:
+    """A built-in Recipe: zoo architecture `arch` trained by `trainer` (SEED_SGD, MINIBATCH
+    or NUMPY)."""
+    fit = {SEED_SGD: _fit_seed_sgd, MINIBATCH: _fit_minibatch, NUMPY: _fit_numpy}[trainer]
+    return Recipe(name, _builder(arch), fit, defaults, about, arch=arch, trainer=trainer)
+
+
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
-    Recipe("seed-mlp-numpy", _builder("seed-mlp"), _fit_numpy, {"lr": 0.1, "epochs": 1},
-           "the study's numpy neuralNetwork, per-sample SGD (float64, the baseline)"),
-    Recipe("seed-mlp", _builder("seed-mlp"), _fit_seed_sgd, {"lr": 0.1, "epochs": 1},
-           "the study's MLP and per-sample rule in JAX, one lax.scan per epoch"),
-    Recipe("mlp-sgd", _builder("seed-mlp"), _fit_minibatch,
-           {"lr": 1.0, "epochs": 5, "optimizer": "sgd", "batch_size": 16},
-           "the study's sigmoid MLP, minibatch SGD on the mean squared error (optax)"),
-    Recipe("mlp-ce", _builder("mlp-ce"), _fit_minibatch,
-           {"lr": 1e-3, "epochs": 5, "optimizer": "adam", "batch_size": 64},
-           "ReLU MLP with biases, softmax cross-entropy, Adam (optax)"),
-    Recipe("cnn", _builder("cnn"), _fit_minibatch,
-           {"lr": 1e-3, "epochs": 2, "optimizer": "adam", "batch_size": 64},
-           "two strided 3x3 convolutions (8, 16 channels) + dense, cross-entropy, Adam"),
+    builtin("seed-mlp-numpy", "seed-mlp", NUMPY, {"lr": 0.1, "epochs": 1},
+            "the study's numpy neuralNetwork, per-sample SGD (float64, the baseline)"),
+    builtin("seed-mlp", "seed-mlp", SEED_SGD, {"lr": 0.1, "epochs": 1},
+            "the study's MLP and per-sample rule in JAX, one lax.scan per epoch"),
+    builtin("mlp-sgd", "seed-mlp", MINIBATCH,
+            {"lr": 1.0, "epochs": 5, "optimizer": "sgd", "batch_size": 16},
+            "the study's sigmoid MLP, minibatch SGD on the mean squared error (optax)"),
+    builtin("mlp-ce", "mlp-ce", MINIBATCH,
+            {"lr": 1e-3, "epochs": 5, "optimizer": "adam", "batch_size": 64},
+            "ReLU MLP with biases, softmax cross-entropy, Adam (optax)"),
+    builtin("cnn", "cnn", MINIBATCH,
+            {"lr": 1e-3, "epochs": 2, "optimizer": "adam", "batch_size": 64},
+            "two strided 3x3 convolutions (8, 16 channels) + dense, cross-entropy, Adam"),
 )}
 
 
-def get_recipe(ref: str) -> Recipe:
-    """The recipe `ref`: a built-in name, or a user ref "pkg.module:attr" (handed to
-    `usermodels.recipe`). ConfigError naming the known ones otherwise."""
-    if isinstance(ref, str) and ":" in ref:
-        try:
-            usermodels = importlib.import_module("mlshift_jax.models.usermodels")
-        except ModuleNotFoundError as e:
-            if e.name != "mlshift_jax.models.usermodels":
-                raise
-            raise ConfigError(f"model {ref!r}: user models (pkg.module:attr) need "
-                              "mlshift_jax.models.usermodels, which this install lacks") from None
-        return usermodels.recipe(ref)
-    try:
-        return RECIPES[ref]
-    except (KeyError, TypeError):
-        raise ConfigError(f"unknown model {ref!r}; expected one of {sorted(RECIPES)} or "
-                          "pkg.module:attr") from None
-
-
-def resolve(recipe: Recipe, cfg: TrainConfig) -> TrainConfig:
-    """cfg with the recipe's defaults filled in where cfg left None, validated."""
-    filled = {k: v for k, v in recipe.defaults.items() if getattr(cfg, k) is None}
+def fill(defaults: dict, cfg: TrainConfig | None) -> TrainConfig:
+    """cfg (None: TrainConfig()) with `defaults` where it left None, validated (a default
+    naming no TrainConfig field is not used). The one place that fills defaults."""
+    cfg = cfg if cfg is not None else TrainConfig()
+    filled = {k: v for k, v in defaults.items() if hasattr(cfg, k) and getattr(cfg, k) is None}
     return replace(cfg, **filled).validate()
 
 
-def model_for(ref: str, spec, cfg: TrainConfig | None = None) -> Model:
-    """The Model recipe `ref` builds for data of `spec` (a zoo.Spec, Dataset or Model)
-    with `cfg`'s settings (recipe defaults filled)."""
-    recipe = get_recipe(ref)
-    return recipe.build(check_spec(spec), resolve(recipe, cfg or TrainConfig()))
+def resolve(recipe: Recipe, cfg: TrainConfig | None) -> TrainConfig:
+    """cfg with the recipe's defaults filled in where cfg left None (`fill`), validated."""
+    return fill(recipe.defaults, cfg)
 
-
-def fit_model(ref: str, cfg: TrainConfig, x: np.ndarray, y: np.ndarray,
-              spec=None) -> tuple[Model, Params]:
-    """Build and train recipe `ref` on x: [n, D], y: int [n] -> (model, params).
-
-    spec: the data's zoo.Spec (or its Dataset); None guesses it from the arrays
-    (`zoo.guess_spec`: square single-channel images, K = max(y) + 1). ConfigError when
-    x does not have the spec's D values per example or y holds a label outside 0..K-1."""
-    recipe = get_recipe(ref)
-    spec = guess_spec(x, y) if spec is None else check_spec(spec)
-    y = np.asarray(y)
-    if len(np.shape(x)) != 2 or np.shape(x)[1] != spec.n_inputs:
-        raise ConfigError(f"train: expected x [n, {spec.n_inputs}] (images "
-                          f"{spec.input_shape}), found shape {tuple(np.shape(x))}")
-    if y.size and (y.min() < 0 or y.max() >= spec.n_classes):
-        raise ConfigError(f"train: expected labels 0..{spec.n_classes - 1}, found "
-                          f"{int(y.min())}..{int(y.max())}")
-    cfg = resolve(recipe, cfg)
-    model = recipe.build(spec, cfg)
-    return model, recipe.fit(model, cfg, x, y)
-
-
-def fit(name: str, cfg: TrainConfig, x: np.ndarray, y: np.ndarray, spec=None) -> Params:
-    """Train recipe `name` on x: [n, D], y: int [n] (see `fit_model`) -> params."""
-    return fit_model(name, cfg, x, y, spec)[1]

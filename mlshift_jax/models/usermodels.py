@@ -54,9 +54,9 @@ import jax.numpy as jnp
 
 from mlshift_jax.core.errors import ConfigError, DataError
 from mlshift_jax.data.spec import Spec
-from mlshift_jax.models import recipes
-from mlshift_jax.models.recipes import Recipe
-from mlshift_jax.models.weights import check_hparams, path_name, unflatten
+from mlshift_jax.models.recipes import MINIBATCH, OWN_FIT, Recipe, fill
+from mlshift_jax.models.train import train_minibatch
+from mlshift_jax.models.weights import path_name, unflatten
 from mlshift_jax.models.zoo import Model, Params
 
 # the recipe defaults of a user model trained by the harness (Adam on the mean cross-entropy)
@@ -371,7 +371,8 @@ def wrap(obj: Any, *, name: str | None = None, loss: Callable | None = None,
         return _build(_spec_key(spec))
 
     about = about or f"user model {name} ({kind}), softmax cross-entropy, Adam (optax)"
-    return Recipe(name=name, build=build, fit=fit, defaults=dict(DEFAULTS), about=about)
+    return Recipe(name=name, build=build, fit=fit, defaults=dict(DEFAULTS), about=about,
+                  trainer=MINIBATCH)
 
 
 def _spec_key(spec) -> tuple:
@@ -392,7 +393,8 @@ def _user_recipe(obj, name: str) -> Recipe:
 
     return Recipe(name=name, build=build, fit=obj.fit,
                   defaults=dict(getattr(obj, "defaults", {}) or {}),
-                  about=getattr(obj, "about", "") or f"user recipe {name}")
+                  about=getattr(obj, "about", "") or f"user recipe {name}",
+                  trainer=MINIBATCH if obj.fit is fit else OWN_FIT)
 
 
 def check_output(model: Model) -> None:
@@ -431,17 +433,6 @@ def fit_check(model: Model, params: Params, *, where: str) -> None:
 # --- training -------------------------------------------------------------------------------
 
 
-def _resolved(cfg, defaults: dict):
-    """cfg (a TrainConfig, or None) with `defaults` where it left None."""
-    import dataclasses
-
-    cfg = cfg if cfg is not None else recipes.TrainConfig()
-    filled = {k: v for k, v in defaults.items()
-              if hasattr(cfg, k) and getattr(cfg, k) is None}
-    cfg = dataclasses.replace(cfg, **filled)
-    return cfg.validate() if hasattr(cfg, "validate") else cfg
-
-
 def fit(model: Model, cfg, x, y) -> Params:
     """Train a user model: Adam (or cfg.optimizer) on the mean of model.loss over minibatches
     (`train.train_minibatch`, one compiled run), from model.init(key(seed) split 0).
@@ -449,9 +440,7 @@ def fit(model: Model, cfg, x, y) -> Params:
     x: [n, D] flat inputs, D = prod(model.input_shape); y: int [n] in 0..n_classes-1;
     cfg: a TrainConfig (None fields: DEFAULTS). ConfigError for data of another width.
     """
-    from mlshift_jax.models.train import train_minibatch
-
-    cfg = _resolved(cfg, DEFAULTS)
+    cfg = fill(DEFAULTS, cfg)
     d = math.prod(model.input_shape)
     if jnp.ndim(x) != 2 or x.shape[1] != d:
         raise ConfigError(f"model {model.name!r}: expected inputs [n, {d}] (input shape "
@@ -461,34 +450,3 @@ def fit(model: Model, cfg, x, y) -> Params:
     return train_minibatch(key_shuffle, params, jnp.asarray(x), jnp.asarray(y), model=model,
                            optimizer=cfg.optimizer, lr=float(cfg.lr),
                            batch_size=int(cfg.batch_size), epochs=int(cfg.epochs))
-
-
-# --- any reference: built-in name or pkg.module:attr ------------------------------------------
-
-
-def get_recipe(ref: str, hparams=None):
-    """A built-in recipe by name, or `recipe(ref)` when ref is "pkg.module:attr"."""
-    if ":" in ref:
-        return recipe(ref, hparams)
-    return recipes.get_recipe(ref)
-
-
-def build_model(ref: str, *, input_shape=None, n_classes=None, input_range=None,
-                hparams=None) -> Model:
-    """The Model a weights file's metadata names: built-in or "pkg.module:attr", for the
-    stored input shape, classes, range and hyper-parameters (None: MNIST's)."""
-    spec = Spec(tuple(input_shape or (28, 28, 1)), int(n_classes or 10),
-                tuple(input_range or (0.01, 1.0)))
-    hparams = check_hparams(ref, dict(hparams or {}), f"model {ref!r}")
-    r = get_recipe(ref, hparams if ":" in ref else None)
-    if hasattr(r, "build"):
-        hidden = hparams.get("hidden") if ":" not in ref else None
-        cfg = recipes.TrainConfig(**({"hidden": int(hidden)} if hidden else {}))
-        return r.build(spec, cfg)
-    model = r.arch  # a built-in recipe before the contract's build(spec, cfg)
-    if _spec_key(spec) != _spec_key(Spec(model.input_shape, model.n_classes,
-                                         model.input_range)):
-        raise ConfigError(f"model {ref!r} is built for {model.input_shape}, {model.n_classes} "
-                          f"classes; the weights are for {spec.input_shape}, "
-                          f"{spec.n_classes} classes")
-    return model

@@ -2,7 +2,8 @@
 
     save(path, params, meta)   -> writes path atomically
     load(path)                 -> (params, meta)
-    load_model(path)           -> (Model, params, meta): the architecture from the metadata
+
+(`registry.load_model(path)` builds the Model the metadata names.)
 
 Format (safetensors, https://github.com/huggingface/safetensors): one tensor per leaf of the
 params pytree, named by its path, the keys of nested dicts / indices of lists, tuples and
@@ -16,7 +17,7 @@ holding the metadata JSON as a uint8 array (never a pickle).
 
 Reading rebuilds the nesting from the names (a level whose keys are exactly 0..n-1 comes back
 as a list); a file without metadata (a plain .npz of arrays, `files.save_params`) loads with
-`meta == {"finite": ...}` and `load_model` then matches its arrays against the built-in
+`meta == {"finite": ...}` and `registry.load_model` then matches its arrays against the built-in
 layouts (`models.infer_model`). Nothing on load runs code or unpickles. Every damaged file is
 one `DataError` naming the file.
 """
@@ -24,7 +25,6 @@ one `DataError` naming the file.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -37,6 +37,7 @@ import jax
 import numpy as np
 
 from mlshift_jax.core.errors import ConfigError, DataError
+from mlshift_jax.data.datasets import content_hash
 
 FORMAT = "mlshift-weights"
 FORMAT_VERSION = 1
@@ -128,17 +129,6 @@ def all_finite(flat: dict[str, np.ndarray]) -> bool:
 # --- metadata -----------------------------------------------------------------------------------
 
 
-def dataset_hash(ds) -> str:
-    """sha256 (12 hex) of a Dataset's shapes, every label and every 97th image of each split
-    (the runner's `data_hash`: the same data gives the same hash on every machine)."""
-    h = hashlib.sha256()
-    for a in (ds.y_train, ds.y_test, ds.x_train[::97], ds.x_test[::97]):
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:12]
-
-
 def _plain(value: Any) -> Any:
     """value as JSON-able data (dataclasses -> dicts with their class, tuples -> lists)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -177,7 +167,7 @@ def metadata(model, *, train=None, dataset=None, poison=None, seed: int | None =
         "seed": seed,
         "dataset": None if dataset is None else {
             "name": dataset.name, "source": getattr(dataset, "source", None),
-            "hash": dataset_hash(dataset)},
+            "hash": content_hash(dataset)},
         "poison": _plain(poison) if poison is not None else None,
     }
     meta.update(_plain(extra))
@@ -552,89 +542,3 @@ def _check(shown: str, flat: dict, finite: bool) -> dict[str, np.ndarray]:
     from mlshift_jax.core.files import check_arrays
 
     return check_arrays(shown, flat, finite=finite, scalars=True)
-
-
-# --- model from a weights file ----------------------------------------------------------------
-
-
-def load_model(path: str | os.PathLike, model=None):
-    """(Model, params, meta) from a weights file. Nothing the file holds is imported or called.
-
-    model: None, a "pkg.module:attr" reference, or a built `models.Model` (e.g. from
-    `wrap(obj).build(spec)`). The metadata's model reference is a string only: a built-in
-    name is built from it (for the stored input shape, range, classes and hidden width); a
-    "pkg.module:attr" reference is user code, used only when the caller passes that same
-    reference as `model` (a different one is refused) - the file alone never makes the tool
-    import a module. A built Model is used as it is. A metadata-free file is matched against
-    the built-in layouts (`models.infer_model`). Hyper-parameters from the file are checked as
-    data (`check_hparams`) before anything is built, and the arrays must have exactly the
-    shapes the model built from the metadata initialises (a hidden width that disagrees with
-    the arrays is refused).
-
-    DataError when the file, its metadata or its arrays are bad (one line naming the field);
-    ConfigError when the reference is user code not passed as `model`, differs from the
-    one passed, or cannot be resolved.
-    """
-    from mlshift_jax.models.usermodels import build_model, fit_check
-
-    if model is not None and not isinstance(model, str) and not hasattr(model, "apply"):
-        raise ConfigError(f"load_model: expected model=None, a 'pkg.module:attr' string or a "
-                          f"built Model, found {type(model).__name__}")
-    shown = str(path)
-    params, meta = load(path)
-    ref = (meta.get("model") or {}).get("ref")
-    if isinstance(model, str):
-        given = model
-        if ref is None:
-            raise ConfigError(f"{shown}: the model {given!r} was given, but the file's "
-                              "metadata names no model; load it without the option")
-        if given != ref:
-            raise ConfigError(f"{shown}: its model is {ref!r}, not {given!r} as given; pass "
-                              f"the reference the file was saved with, or another file")
-        if ":" not in given:
-            model = None  # a built-in name: built below, as without the option
-    if model is None and ref is None:
-        from mlshift_jax.models.zoo import infer_model
-
-        if not isinstance(params, dict):
-            raise DataError(f"{shown}: expected metadata naming the model, or the arrays of a "
-                            "built-in model; found neither")
-        return infer_model(params), params, meta
-    if model is None or isinstance(model, str):
-        from mlshift_jax.models.recipes import RECIPES
-
-        if model is None and ":" in ref:
-            raise ConfigError(f"{shown}: its model is {ref!r}, user code that is never "
-                              "imported because a file names it; to run it, pass it yourself: "
-                              f"--model {ref} (API: load_model(path, model={ref!r}))")
-        if ":" not in ref and ref not in RECIPES:
-            raise ConfigError(f"{shown}: its model {ref!r} is neither a built-in name "
-                              f"({', '.join(sorted(RECIPES))}) nor a pkg.module:attr "
-                              "reference; pass the model: load_model(path, model=...)")
-        hparams = check_hparams(ref, (meta.get("model") or {}).get("hparams"), shown)
-        model = build_model(ref, input_shape=meta.get("input_shape"),
-                            n_classes=meta.get("n_classes"),
-                            input_range=meta.get("input_range"), hparams=hparams)
-        _same_shapes(model, params, shown)
-    fit_check(model, params, where=shown)
-    return model, params, meta
-
-
-def _same_shapes(model, params, shown: str) -> None:
-    """DataError unless params have exactly the arrays (names, shapes) model.init makes."""
-    try:
-        expected = jax.eval_shape(model.init, jax.random.key(0))
-    except Exception:  # noqa: BLE001 - an init that needs more than a key: fit_check decides
-        return
-    want = {k: tuple(v.shape) for k, v in _shape_flat(expected).items()}
-    got = {k: tuple(np.shape(v)) for k, v in _shape_flat(params).items()}
-    if want != got:
-        diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))[:3]
-        shown_diff = ", ".join(f"{k}: metadata gives {want.get(k)}, arrays {got.get(k)}"
-                               for k in diff)
-        raise DataError(f"{shown}: the weights do not fit the model its metadata describes "
-                        f"(model.hparams / input_shape / n_classes): {shown_diff}")
-
-
-def _shape_flat(tree) -> dict:
-    return {path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}

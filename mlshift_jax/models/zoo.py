@@ -255,16 +255,45 @@ def _build_cnn(spec: Spec, hidden: int) -> Model:
                  hparams=(("hidden", hidden),))
 
 
-class _Builtin(NamedTuple):
+def _place_mlp(first: str, last: str) -> Callable[[Params], Spec]:
+    """place(params) for an MLP whose first weight is [hidden, D] and last [K, hidden]: the
+    study's MNIST for 784 inputs and 10 classes, else a square single-channel image in
+    [0, 1]."""
+    def place(params: Params) -> Spec:
+        n_in, k = int(np.shape(params[first])[1]), int(np.shape(params[last])[0])
+        if (n_in, k) == (STUDY_SPEC.n_inputs, STUDY_SPEC.n_classes):
+            return STUDY_SPEC
+        return check_spec((square_shape(n_in, "params"), k, (0.0, 1.0)))
+    return place
+
+
+def _place_cnn(params: Params) -> Spec:
+    """The study's MNIST when the CNN's params fit it; ConfigError otherwise (the image size
+    cannot be read off a CNN's weights)."""
+    k, channels = int(np.shape(params["w2"])[0]), int(np.shape(params["c1"])[1])
+    if channels == 1 and np.shape(params["w1"])[1] == cnn_flat_size(STUDY_SPEC.input_shape) \
+            and k == STUDY_SPEC.n_classes:
+        return STUDY_SPEC
+    raise ConfigError("cnn params: the image size cannot be read off the weights; "
+                      "expected the input shape to be given (a dataset or spec)")
+
+
+class Builtin(NamedTuple):
+    """A built-in architecture. build(spec, hidden) -> Model; hidden: the default hidden
+    size; width(params) -> the hidden size of a params pytree; place(params) -> the Spec of
+    metadata-free params (ConfigError when the arrays cannot tell it)."""
+
     build: Callable[[Spec, int], Model]
-    hidden: int  # the default hidden size
-    width: Callable[[Params], int]  # the hidden size of a params pytree
+    hidden: int
+    width: Callable[[Params], int]
+    place: Callable[[Params], Spec]
 
 
-BUILTINS: dict[str, _Builtin] = {
-    "seed-mlp": _Builtin(_build_seed_mlp, 200, lambda p: p["wih"].shape[0]),
-    "mlp-ce": _Builtin(_build_mlp_ce, 200, lambda p: p["w1"].shape[0]),
-    "cnn": _Builtin(_build_cnn, 128, lambda p: p["w1"].shape[0]),
+BUILTINS: dict[str, Builtin] = {
+    "seed-mlp": Builtin(_build_seed_mlp, 200, lambda p: p["wih"].shape[0],
+                        _place_mlp("wih", "who")),
+    "mlp-ce": Builtin(_build_mlp_ce, 200, lambda p: p["w1"].shape[0], _place_mlp("w1", "w2")),
+    "cnn": Builtin(_build_cnn, 128, lambda p: p["w1"].shape[0], _place_cnn),
 }
 
 
@@ -293,13 +322,20 @@ CNN = build("cnn")
 MODELS: dict[str, Model] = {m.name: m for m in (SEED_MLP, MLP_CE, CNN)}
 
 
-def get_model(name: str, spec: Any = STUDY_SPEC, hidden: int | None = None) -> Model:
-    """`build(name, spec, hidden)`: ConfigError naming the known models for another name."""
-    return build(name, spec, hidden)
-
-
 def _shapes(tree) -> dict:
     return {k: tuple(np.shape(v)) for k, v in tree.items()} if isinstance(tree, dict) else {}
+
+
+def arrays_of(name: str) -> set[str]:
+    """The top-level array names of built-in `name`'s params (whatever the spec)."""
+    probe = build(name, STUDY_SPEC, 8)
+    return set(jax.eval_shape(lambda m=probe: m.init(jax.random.key(0))))
+
+
+def arch_of(params: Params) -> str | None:
+    """The built-in whose params have exactly these array names, or None."""
+    names = set(params) if isinstance(params, dict) else None
+    return next((name for name in BUILTINS if arrays_of(name) == names), None)
 
 
 def infer_model(params: Params, spec: Any = None) -> Model:
@@ -307,43 +343,35 @@ def infer_model(params: Params, spec: Any = None) -> Model:
     for `spec` (a Spec, Dataset or Model) with the hidden size the params have.
 
     For metadata-free weights. spec None: the inputs and classes are read off the params
-    (the study's MNIST when they are 784 and 10, else a square single-channel image in
-    [0, 1]). ConfigError when no built-in matches, naming what was found."""
+    (`Builtin.place`: the study's MNIST when they are 784 and 10, else a square
+    single-channel image in [0, 1]). ConfigError when no built-in matches, naming what was
+    found."""
     if not isinstance(params, dict):
         raise ConfigError(f"params: expected a dict of arrays, found {type(params).__name__}")
-    names = set(params)
+    name = arch_of(params)
+    if name is None:
+        raise ConfigError(f"params with arrays {sorted(params)} match no model in "
+                          f"{sorted(BUILTINS)}")
+    entry = BUILTINS[name]
     shapes = _shapes(params)
-    for name, entry in BUILTINS.items():
-        probe = build(name, STUDY_SPEC, 8)
-        if set(jax.eval_shape(lambda m=probe: m.init(jax.random.key(0)))) != names:
-            continue
-        model_spec = check_spec(spec) if spec is not None else _spec_from_params(name, params)
-        model = build(name, model_spec, int(entry.width(params)))
-        expected = _shapes(jax.eval_shape(lambda m=model: m.init(jax.random.key(0))))
-        if expected != shapes:
-            raise ConfigError(
-                f"params for {name} with shapes {shapes} do not fit inputs "
-                f"{model_spec.input_shape} and {model_spec.n_classes} classes: expected "
-                f"{expected}")
-        return model
-    raise ConfigError(f"params with arrays {sorted(names)} match no model in "
-                      f"{sorted(BUILTINS)}")
+    model_spec = check_spec(spec) if spec is not None else entry.place(params)
+    model = build(name, model_spec, int(entry.width(params)))
+    expected = _shapes(jax.eval_shape(lambda m=model: m.init(jax.random.key(0))))
+    if expected != shapes:
+        raise ConfigError(
+            f"params for {name} with shapes {shapes} do not fit inputs "
+            f"{model_spec.input_shape} and {model_spec.n_classes} classes: expected "
+            f"{expected}")
+    return model
 
 
-def _spec_from_params(name: str, params: Params) -> Spec:
-    """A Spec read off metadata-free params (see `infer_model`)."""
-    if name == "cnn":
-        k, channels = int(np.shape(params["w2"])[0]), int(np.shape(params["c1"])[1])
-        if channels == 1 and np.shape(params["w1"])[1] == cnn_flat_size(STUDY_SPEC.input_shape) \
-                and k == STUDY_SPEC.n_classes:
-            return STUDY_SPEC
-        raise ConfigError("cnn params: the image size cannot be read off the weights; "
-                          "expected the input shape to be given (a dataset or spec)")
-    first, last = {"seed-mlp": ("wih", "who"), "mlp-ce": ("w1", "w2")}[name]
-    n_in, k = int(np.shape(params[first])[1]), int(np.shape(params[last])[0])
-    if (n_in, k) == (STUDY_SPEC.n_inputs, STUDY_SPEC.n_classes):
-        return STUDY_SPEC
-    return check_spec((square_shape(n_in, "params"), k, (0.0, 1.0)))
+def hidden_size(model: Model, params: Params) -> int:
+    """The width of the penultimate layer of `params` (what `model.features` returns).
+    ConfigError for a model without features."""
+    if model.features is None:
+        raise ConfigError(f"detect: expected a model with features, found {model.name}")
+    x = jax.ShapeDtypeStruct((model.n_inputs,), jnp.float32)
+    return int(jax.eval_shape(model.features, params, x).shape[-1])
 
 
 def predict(model: Model, params: Params, x: jax.Array) -> jax.Array:

@@ -1,6 +1,6 @@
 """FGSM over the test set: JAX against the numpy baselines and a GEMM "floor".
 
-Run by `make bench-micro` (`pytest bench -q --benchmark-only --benchmark-autosave`). All four
+Run by `make bench-micro` (`pytest benchmarks -q --benchmark-only --benchmark-autosave`). All four
 cases share one pytest-benchmark group, "fgsm", so the table compares them directly:
 
 - jax:            `evasion.fgsm` (one jit(vmap(grad))), inputs device-resident, compile

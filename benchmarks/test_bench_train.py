@@ -17,7 +17,8 @@ import pytest
 
 from mlshift_jax.data import datasets
 from mlshift_jax.models import baseline
-from mlshift_jax.models.recipes import TrainConfig, get_recipe, resolve
+from mlshift_jax.models.recipes import TrainConfig, resolve
+from mlshift_jax.models.registry import get_recipe
 from mlshift_jax.models.train import train_minibatch, train_seed_sgd
 from mlshift_jax.models.zoo import SEED_MLP, STUDY_SPEC
 

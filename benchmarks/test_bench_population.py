@@ -6,7 +6,7 @@ Run by `make bench-micro`. The sweep is the study's E7 (mixture, 4x4 patch -> 3,
 - population: `population.prepare(...)` compiled first (not timed), then its run timed by
   pytest-benchmark (the poisoning happens inside the jit, from the shared clean data), with
   the chunk `population.chunk_size` picks for this backend;
-- loop: `poison.apply` + `recipes.fit` per config, after one warm-up pass (compiles), timed
+- loop: `poison.apply` + `registry.fit` per config, after one warm-up pass (compiles), timed
   with `timing.time_call`, every call ended by `block_until_ready`;
 - full vmap: the same population with chunk = 7 (where the rule did not pick it already).
 
@@ -25,7 +25,8 @@ from mlshift_jax.bench import sweeps
 from mlshift_jax.core.timing import time_call
 from mlshift_jax.data import datasets
 from mlshift_jax.models import population
-from mlshift_jax.models.recipes import TrainConfig, fit
+from mlshift_jax.models.recipes import TrainConfig
+from mlshift_jax.models.registry import fit
 from mlshift_jax.poisoning import poison
 
 N_TRAIN = 10_000
