@@ -5,18 +5,13 @@ The public API (imported on first use, so `import mlshift_jax` stays light):
 
     load_dataset(name_or_path)                         -> Dataset
     wrap(obj) / recipe("pkg.mod:attr") / get_recipe     -> Recipe (build + fit)
-    fit(model, ds, epochs=...) / adv_fit(...)          -> (Model, params)
+    fit(model, ds, epochs=...)                         -> (Model, params)
     attack(name, model, params, x, y, eps=...)         -> x_adv
     evaluate(model, params, x, y)                      -> {accuracy, precision, ...}
-    defend(name, model, params, ds, key=...)           -> (defended Model, params)
-    attack_table(model, params, x, y, attacks, eps)    -> {rows, flags} (`mlshift attack`)
     poison_dataset(ds, kind, fraction=..., ...)        -> (Dataset, mask)
     detect_inputs(model, params, x) / detect_change(...) -> detector scores / verdict
-    scan_model(model, params, ds) / scan_data(...)     -> backdoor verdict / suspect samples
     save_weights / load_weights / load_model / metadata   safetensors with metadata
     run_matrix(path, out_dir=...)                      -> records (DataFrame)
-
-Every `mlshift` command is a call to one of these (`mlshift_jax.cli` parses and formats).
 
 (`fit`, `poison_dataset`, `detect_inputs`: the submodules `train`, `poison` and `detect`
 keep their names.) See the README section "Use it on your own model and data".
@@ -31,23 +26,13 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_dataset": ("mlshift_jax.api", "load_dataset"),
     "build": ("mlshift_jax.api", "build"),
-    "train_config": ("mlshift_jax.api", "train_config"),
     "fit": ("mlshift_jax.api", "fit"),
-    "adv_fit": ("mlshift_jax.api", "adv_fit"),
     "attack": ("mlshift_jax.api", "attack"),
     "evaluate": ("mlshift_jax.api", "evaluate"),
-    "defend": ("mlshift_jax.api", "defend"),
-    "attack_table": ("mlshift_jax.api", "attack_table"),
-    "evaluate_under_attack": ("mlshift_jax.attacks.evaluate", "evaluate_under_attack"),
     "poison_dataset": ("mlshift_jax.api", "poison_dataset"),
-    "poison_and_fit": ("mlshift_jax.api", "poison_and_fit"),
-    "poison_sweeps": ("mlshift_jax.api", "poison_sweeps"),
     "detect_inputs": ("mlshift_jax.api", "detect_inputs"),
     "detect_change": ("mlshift_jax.api", "detect_change"),
-    "scan_model": ("mlshift_jax.api", "scan_model"),
-    "scan_data": ("mlshift_jax.api", "scan_data"),
     "roc_auc": ("mlshift_jax.api", "roc_auc"),
-    "stability": ("mlshift_jax.api", "stability"),
     "run_matrix": ("mlshift_jax.api", "run_matrix"),
     "wrap": ("mlshift_jax.models.usermodels", "wrap"),
     "recipe": ("mlshift_jax.models.usermodels", "recipe"),

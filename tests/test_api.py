@@ -69,10 +69,12 @@ def test_a_model_is_retrained_by_its_name_s_recipe_and_api_keeps_no_table(mnist)
 
 
 def test_attack_table_rows_and_flags(mnist):
+    from mlshift_jax import api
+
     small = ms.Dataset("mnist-small", mnist.x_train[:300], mnist.y_train[:300],
                        mnist.x_test[:80], mnist.y_test[:80], mnist.source)
     model, params = ms.fit("mlp-ce", small, hidden=16, epochs=1)
-    table = ms.attack_table(model, params, small.x_test, small.y_test, ["fgsm", "noise-sign"],
+    table = api.attack_table(model, params, small.x_test, small.y_test, ["fgsm", "noise-sign"],
                             [0.0, 0.2], rounds=1)
     assert [(r["attack"], r["eps"]) for r in table["rows"]] == [
         ("fgsm", 0.0), ("fgsm", 0.2), ("noise-sign", 0.0), ("noise-sign", 0.2)]
@@ -81,11 +83,11 @@ def test_attack_table_rows_and_flags(mnist):
     assert {k: first[k] for k in clean} == clean and first["n_images"] == 80
     assert "zero_grad_frac" in first and "zero_grad_frac" not in table["rows"][2]
     assert table["rows"][1]["accuracy"] < clean["accuracy"] and table["flags"] == []
-    masked, same = ms.defend("quantize", model, params, small, key=None)
+    masked, same = api.defend("quantize", model, params, small, key=None)
     assert same is params
     from mlshift_jax.attacks.evasion import GradientMaskingWarning
 
     with pytest.warns(GradientMaskingWarning):
-        flagged = ms.attack_table(masked, params, small.x_test, small.y_test, ["fgsm"], [0.2],
+        flagged = api.attack_table(masked, params, small.x_test, small.y_test, ["fgsm"], [0.2],
                                   rounds=1, flags=True)
     assert any(line.startswith("zero-gradient") for line in flagged["flags"])
