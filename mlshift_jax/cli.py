@@ -12,21 +12,34 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
+import stat
 import sys
 import time
 import warnings
-from functools import partial
+from dataclasses import replace
 from pathlib import Path
 
 import jax
 import numpy as np
 from tabulate import tabulate
 
-from mlshift_jax import __version__
-from mlshift_jax.core import rules
+from mlshift_jax import __version__, api
+from mlshift_jax.attacks import ATTACKS, DEFENSES, attack_key, get_attack, get_defense
+from mlshift_jax.attacks.defenses import ADV_EPOCH_FACTOR
+from mlshift_jax.attacks.losses import LOSSES
+from mlshift_jax.core import compile_cache, outdir, rules
 from mlshift_jax.core.errors import ConfigError, Interrupted, MlshiftError
+from mlshift_jax.core.files import atomic_path, clean_stale_temps, file_kind
+from mlshift_jax.core.sharding import describe_devices, initialize_distributed
 from mlshift_jax.data import datasets
+from mlshift_jax.detection import FINGERPRINT, of_unit
+from mlshift_jax.models import RECIPES, TrainConfig, infer_model, load_model, weights
+from mlshift_jax.models.population import poison_key
+from mlshift_jax.models.train import OPTIMIZERS
+from mlshift_jax.poisoning.poison import MODES, POISONINGS, check_for
+from mlshift_jax.poisoning.poison import apply as apply_poison
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -134,8 +147,6 @@ def _load(args, meta: dict | None = None, scale=None) -> datasets.Dataset:
     """The dataset the arguments name (without --dataset: the one the weights' metadata
     `meta` names, else mnist), a path's images scaled to `scale` (None: 0..1); then one
     stderr line saying where the work runs."""
-    from mlshift_jax.core.sharding import describe_devices
-
     if args.dataset is None:
         args.dataset = _dataset_of(meta or {}) or "mnist"
         if meta and args.dataset != "mnist":
@@ -154,20 +165,21 @@ def _train_data(args, ds: datasets.Dataset):
     return ds.x_train[:n], ds.y_train[:n]
 
 
-def _train_config(args):
-    from mlshift_jax.models.recipes import TrainConfig
+def _train_split(args, ds: datasets.Dataset) -> datasets.Dataset:
+    """ds with its training split cut to the first --train-size images (`_train_data`)."""
+    x, y = _train_data(args, ds)
+    return replace(ds, x_train=x, y_train=y)
 
+
+def _train_config(args) -> TrainConfig:
     return TrainConfig(hidden=args.hidden, lr=args.lr, epochs=args.epochs,
                        batch_size=args.batch_size, optimizer=args.optimizer, seed=args.seed)
 
 
-def _check_recipe(args):
-    """The recipe --model names and the resolved TrainConfig: checked before data loads."""
-    from mlshift_jax.models.recipes import resolve
-    from mlshift_jax.models.registry import get_recipe
-
-    recipe = get_recipe(args.model)
-    return recipe, resolve(recipe, _train_config(args))
+def _check_recipe(args) -> TrainConfig:
+    """The TrainConfig --model trains with (its recipe's defaults filled): checked before
+    the data loads."""
+    return api.train_config(args.model, _train_config(args))
 
 
 def _check_train_memory(x: np.ndarray, hidden: int, what: str) -> None:
@@ -197,9 +209,6 @@ def _save(args, params, model, ds: datasets.Dataset, poison_config=None, *, defe
     seed, dataset name and content hash, poisoning; a training defense: its name, eps, PGD
     steps and the resolved epochs; and `extra` keys). train: the resolved TrainConfig
     (default: the options given)."""
-    from mlshift_jax.core.files import clean_stale_temps
-    from mlshift_jax.models import weights
-
     save = Path(args.save)  # only its own file and its own temp files are touched
     clean_stale_temps(save.parent, recursive=False, names={save.name})
     meta = weights.metadata(model, train=_train_config(args) if train is None else train,
@@ -220,8 +229,6 @@ def _save_poisoned_data(path: Path, x, y, ds: datasets.Dataset) -> None:
     (x_train, y_train: the poisoned images and labels; x_test, y_test: the clean test set),
     images as uint8 on 0..255 over the input range (a blended trigger's values round to
     1/255 of the range), atomically; `--dataset FILE` reads it back."""
-    from mlshift_jax.core.files import atomic_path
-
     lo, hi = (float(v) for v in ds.input_range)
     shape = tuple(ds.image_shape) if ds.image_shape[-1] != 1 else tuple(ds.image_shape[:2])
 
@@ -248,13 +255,17 @@ def _check_fits(model, ds: datasets.Dataset) -> None:
                           "the model was trained on")
 
 
+def _trained_with(meta: dict, *fields: str) -> TrainConfig:
+    """The TrainConfig of `fields` a weights file's metadata records (the rest: defaults)."""
+    trained = meta.get("train") or {}
+    return TrainConfig(**{k: trained[k] for k in fields if trained.get(k) is not None})
+
+
 def _load_weights(path: str, model: str | None = None):
     """(model, params, meta) of a weights file: the architecture from its metadata, else from
     the arrays' layout (before the data loads: a bad file is one line). model: --model, the
     user's own "pkg.module:attr" the file must name (a file's reference alone is never
     imported)."""
-    from mlshift_jax.models.registry import load_model
-
     model, params, meta = load_model(path, model=model)
     return model, params, meta or {}
 
@@ -263,49 +274,38 @@ def _load_weights(path: str, model: str | None = None):
 
 
 def cmd_train(args) -> None:
-    from mlshift_jax.models.metrics import evaluate
-    from mlshift_jax.models.registry import fit_model, model_for
-
-    _, cfg = _check_recipe(args)
+    cfg = _check_recipe(args)
     if args.defense not in (None, "adv-train"):
         raise ConfigError(f"train --defense: expected adv-train (the training-time defense), "
                           f"found {args.defense!r}; wrap a trained model with attack --defense")
     ds = _load(args)
-    x, y = _train_data(args, ds)
-    _check_train_memory(x, cfg.hidden, "train")
+    train = _train_split(args, ds)
+    _check_train_memory(train.x_train, cfg.hidden, "train")
     start = time.perf_counter()
     defense_meta = None
     if args.defense == "adv-train":
-        from dataclasses import replace
-
-        from mlshift_jax.attacks.defenses import ADV_EPOCH_FACTOR, adv_fit
-
         if args.epochs is None:  # adversarial training takes twice the recipe's epochs
             cfg = replace(cfg, epochs=ADV_EPOCH_FACTOR * int(cfg.epochs))
+        model, params = api.adv_fit(args.model, train, cfg, eps=args.eps, steps=args.steps,
+                                    warmup=args.warmup)
         defense_meta = {"name": "adv-train", "eps": float(args.eps), "steps": int(args.steps),
                         "warmup": float(args.warmup), "epochs": int(cfg.epochs)}
-        model = model_for(args.model, ds.spec, cfg)
-        params = jax.block_until_ready(adv_fit(args.model, cfg, x, y, eps=args.eps,
-                                               steps=args.steps, warmup=args.warmup,
-                                               spec=ds.spec))
     else:
-        model, params = fit_model(args.model, _train_config(args), x, y, ds.spec)
-        params = jax.block_until_ready(params)
+        model, params = api.fit(args.model, train, _train_config(args))
     train_seconds = time.perf_counter() - start
     params = jax.tree.map(np.asarray, params)
     _finite_or_fail(params, args)
-    scores = evaluate(model, params, ds.x_test, ds.y_test)
+    scores = api.evaluate(model, params, ds.x_test, ds.y_test)
     result = {"model": args.model, **scores, "train_seconds": train_seconds,
-              "train_size": int(len(y)), "data_source": ds.source,
+              "train_size": int(len(train.y_train)), "data_source": ds.source,
               "backend": jax.default_backend()}
     if args.defense == "adv-train":  # the robust accuracy it was trained for: PGD-40 at eps
-        from mlshift_jax.attacks.evasion import attack_key, pgd
-
-        x_adv = pgd(model, params, ds.x_test, ds.y_test, eps=args.eps, steps=40,
-                    key=attack_key(args.seed))
+        x_adv = api.attack("pgd", model, params, ds.x_test, ds.y_test, eps=args.eps, steps=40,
+                           seed=args.seed)
         result.update({"defense": "adv-train", "eps": args.eps, "train_steps": args.steps,
                        "warmup": args.warmup, "epochs": int(cfg.epochs),
-                       "pgd40_accuracy": evaluate(model, params, x_adv, ds.y_test)["accuracy"]})
+                       "pgd40_accuracy": api.evaluate(model, params, x_adv,
+                                                      ds.y_test)["accuracy"]})
     if args.save:
         _save(args, params, model, ds, defense=defense_meta,
               train=cfg if defense_meta else None)
@@ -317,14 +317,8 @@ def cmd_train(args) -> None:
 
 
 def cmd_stability(args) -> None:
-    from dataclasses import replace
-
-    from mlshift_jax.bench.stability import stability
-
-    ds = _load(args)
-    x, y = _train_data(args, ds)
-    ds = replace(ds, x_train=x, y_train=y)
-    table, seconds = stability(ds, samples=args.samples, size=args.size, hidden=args.hidden,
+    ds = _train_split(args, _load(args))
+    table, seconds = api.stability(ds, samples=args.samples, size=args.size, hidden=args.hidden,
                                lr=args.lr, epochs=args.epochs or 1, seed=args.seed)
     payload = {"samples": table.to_dict(orient="index"), "train_seconds": seconds,
                "data_source": ds.source}
@@ -343,12 +337,6 @@ def _check_attack_memory(n: int, d: int, hidden: int, attacks) -> None:
 
 
 def cmd_attack(args) -> None:
-    from mlshift_jax.attacks import attack_key, get_attack, get_defense, gradient_report
-    from mlshift_jax.core.timing import time_call
-    from mlshift_jax.models.metrics import evaluate
-    from mlshift_jax.models.registry import fit_model
-    from mlshift_jax.models.zoo import infer_model
-
     attacks = [get_attack(name) for name in args.attack]
     if args.defense is not None:
         get_defense(args.defense)  # a bad name fails before the data loads
@@ -374,9 +362,9 @@ def cmd_attack(args) -> None:
     hidden = dict(model.hparams).get("hidden", 200) if args.params else args.hidden
     _check_attack_memory(n, ds.x_test.shape[1], hidden, attacks)
     if not args.params:
-        x_train, y_train = _train_data(args, ds)
-        _check_train_memory(x_train, args.hidden, "attack --model")
-        model, params = fit_model(args.model, _train_config(args), x_train, y_train, ds.spec)
+        train = _train_split(args, ds)
+        _check_train_memory(train.x_train, args.hidden, "attack --model")
+        model, params = api.fit(args.model, train, _train_config(args))
         params = jax.tree.map(np.asarray, params)
         _finite_or_fail(params, args)
         if args.save:
@@ -385,31 +373,24 @@ def cmd_attack(args) -> None:
     params = jax.device_put(jax.tree.map(lambda v: jax.numpy.asarray(v, jax.numpy.float32),
                                          params))
     x, y = jax.device_put((ds.x_test[:n], ds.y_test[:n]))
-    key = attack_key(args.seed or 0)
     undefended = params
     if args.defense:
-        model, params = _defend(args, model, params, ds, key)
-    grads = None
-    if any(a.uses_gradient for a in attacks):  # warns in one line when flagged
-        grads = gradient_report(model, params, x, y, key=jax.random.fold_in(key, 5))
-    rows = []
-    for attack in attacks:
-        kw = {"key": key, **({"target": args.target} if attack.targeted else {}),
-              **_iterative_kw(args, attack.fn)}
-        if attack.surrogate and args.defense and get_defense(args.defense).kind == "training":
-            kw["source_params"] = undefended
-        for eps in args.eps:  # eps is traced: one compile per attack, not per eps
-            run = partial(attack.fn, model, params, x, y, eps=eps, **kw)
-            timing = time_call(run, rounds=args.rounds)
-            scores = evaluate(model, params, run(), y, key=jax.random.fold_in(key, 7))
-            row = {"attack": attack.name, "eps": eps, **scores,
-                   "attack_seconds": timing.median_s, "compile_seconds": timing.compile_s,
-                   "n_images": n}
-            if grads is not None and attack.uses_gradient:
-                row.update(zero_grad_frac=grads["zero_grad_frac"],
-                           gradient_flag=grads["gradient_flag"])
-            rows.append(row)
-    flags = _attack_flags(args, model, params, x, y, key, rows) if args.defense else []
+        if get_defense(args.defense).kind == "training" and (
+                args.model is None or args.params is not None):
+            raise ConfigError("attack --defense adv-train trains the model: give --model NAME "
+                              "(a saved adversarially trained model: --params without "
+                              "--defense)")
+        model, params = api.defend(
+            args.defense, model, params, ds, key=attack_key(args.seed or 0), recipe=args.model,
+            cfg=TrainConfig(hidden=args.hidden, seed=args.seed, epochs=args.epochs),
+            eps=max(args.eps))
+    table = api.attack_table(
+        model, params, x, y, args.attack, args.eps, seed=args.seed or 0, rounds=args.rounds,
+        options={"steps": args.steps, "restarts": args.restarts, "queries": args.queries,
+                 "loss": args.loss, "target": args.target},
+        undefended=undefended if args.defense == "adv-train" else None,
+        flags=bool(args.defense))
+    rows, flags = table["rows"], table["flags"]
     if args.format == "json":  # one shape with and without --defense (docs/json.md)
         print(strict_json({"model": model.name, "defense": args.defense, "n_images": n,
                            "rows": rows, "flags": flags}))
@@ -421,69 +402,18 @@ def cmd_attack(args) -> None:
             print(f"  - {line}")
 
 
-def _iterative_kw(args, fn) -> dict:
-    """--steps (APGD's iterations) / --restarts / --queries / --loss for the attacks that
-    take them."""
-    import inspect
-
-    accepted = inspect.signature(fn).parameters
-    kw = {}
-    if args.steps is not None and "steps" in accepted:
-        kw["steps"] = args.steps
-    if args.steps is not None and "iterations" in accepted:
-        kw["iterations"] = args.steps
-    if args.restarts is not None and "restarts" in accepted:
-        kw["restarts"] = args.restarts
-    if args.queries is not None and "queries" in accepted:
-        kw["queries"] = args.queries
-    if args.loss is not None and "loss" in accepted:
-        kw["loss"] = args.loss
-    return kw
-
-
-def _defend(args, model, params, ds, key):
-    """attack --defense NAME: the model wrapped by the defense (adv-train: retrained)."""
-    from mlshift_jax.attacks import defenses
-    from mlshift_jax.models.recipes import TrainConfig
-
-    defense = defenses.get_defense(args.defense)
-    if defense.kind == "training":
-        if args.model is None or args.params is not None:
-            raise ConfigError("attack --defense adv-train trains the model: give --model NAME "
-                              "(a saved adversarially trained model: --params without "
-                              "--defense)")
-        params = defenses.adv_fit(args.model, TrainConfig(hidden=args.hidden, seed=args.seed,
-                                                          epochs=args.epochs),
-                                  ds.x_train, ds.y_train, eps=max(args.eps), spec=ds.spec)
-        return defenses.build("adv-train", model), params
-    state = defenses.fit_state(args.defense, model, ds.x_train, key=key)
-    return defenses.build(args.defense, model, state=state), params
-
-
-def _attack_flags(args, model, params, x, y, key, rows) -> list[str]:
-    """The obfuscated-gradient flags (obfuscation.py) the defended model's rows raise."""
-    from mlshift_jax.attacks import obfuscation
-
-    accuracy = {(r["attack"], r["eps"]): r["accuracy"] for r in rows}
-    k = min(200, int(x.shape[0]))
-    probed = obfuscation.probe(model, params, x[:k], y[:k], key=jax.random.fold_in(key, 11),
-                               eps=max(args.eps), steps=args.steps or 10)
-    return list(obfuscation.flags(accuracy, probed, n=int(x.shape[0])))
-
-
 # --- poison -------------------------------------------------------------------------------
 
 
 def cmd_poison(args) -> None:
-    from mlshift_jax.bench import sweeps
-    from mlshift_jax.poisoning import poison
+    from mlshift_jax.bench import sweeps  # pandas: kept off `mlshift --help`
 
     config = sweeps.config_from(args.kind, {"fraction": args.fraction, "patch": args.patch,
                                             "target": args.target, "mode": args.mode,
                                             "source": args.source})  # checked
     spec = datasets.builtin_spec(args.dataset)
     if spec is not None:  # a built-in's shape and classes are known before it loads
-        poison.check_for(config, spec)
+        check_for(config, spec)
     _check_recipe(args)
     if args.sweep and args.save:
         raise ConfigError("--save: saves the one model `poison` trains; --sweep trains "
@@ -498,22 +428,18 @@ def cmd_poison(args) -> None:
     common = dict(model=args.model, seed=args.seed, hidden=args.hidden, epochs=args.epochs,
                   n_train=args.train_size)
     if not args.sweep:
-        result = sweeps.poison_one(ds, kind=args.kind, fraction=args.fraction,
-                                   patch=args.patch, target=args.target, mode=args.mode,
-                                   source=args.source, keep_params=True, lr=args.lr,
-                                   batch_size=args.batch_size, optimizer=args.optimizer,
-                                   **common)
+        result = api.poison_and_fit(ds, args.kind, fraction=args.fraction, patch=args.patch,
+                                    target=args.target, mode=args.mode, source=args.source,
+                                    lr=args.lr, batch_size=args.batch_size,
+                                    optimizer=args.optimizer, **common)
         params = result.pop("params")
         _finite_or_fail(params, args)
         if args.save:
-            from mlshift_jax.models.population import poison_key
-            from mlshift_jax.models.registry import model_for
-
             # the member's poisoning, redrawn exactly as the population drew it
-            xp, yp, _ = poison.apply(poison_key(args.seed), x, y, config, ds.spec)
+            xp, yp, _ = apply_poison(poison_key(args.seed), x, y, config, ds.spec)
             data = poisoned_data_path(args.save)
             _save_poisoned_data(data, xp, yp, ds)
-            _save(args, params, model_for(args.model, ds.spec, _train_config(args)), ds,
+            _save(args, params, api.build(args.model, ds, _train_config(args)), ds,
                   poison_config=config, poisoned_data={"file": data.name,
                                                        "kind": args.kind})
             result["saved"] = args.save
@@ -521,8 +447,7 @@ def cmd_poison(args) -> None:
         _emit(args.format, result, [[k, v] for k, v in result.items()], headers=["", "value"])
         return
 
-    tables = sweeps.run_all(ds, badnets_models=(args.model,), log=_log, **common)
-    found = sweeps.findings(tables)
+    tables, found = api.poison_sweeps(ds, log=_log, **common)
     if args.format == "json":
         payload = {name: json.loads(t.to_json(orient="records")) for name, t in tables.items()}
         payload["findings"] = json.loads(found.to_json(orient="records"))
@@ -535,9 +460,8 @@ def cmd_poison(args) -> None:
 
 
 def cmd_detect(args) -> None:
-    from mlshift_jax.detection.change import CalibrationConfig, check_pair, detect_pair
+    from mlshift_jax.detection.change import CalibrationConfig, check_pair  # scipy: lazy
     from mlshift_jax.detection.fingerprint import check_alpha
-    from mlshift_jax.models.recipes import TrainConfig
 
     (model, reference, meta), (other, suspect, _) = (_load_weights(p, args.model) for p in (
         args.reference, args.suspect))
@@ -550,12 +474,10 @@ def cmd_detect(args) -> None:
     rules.check_at_most(size, len(ds.y_train), "--sample-size",
                         f"training images of {ds.name}")
     if user:  # retrain as the reference was trained (its metadata's settings)
-        trained = meta.get("train") or {}
-        kw["train"] = TrainConfig(**{k: trained.get(k) for k in (
-            "lr", "epochs", "batch_size", "optimizer") if trained.get(k) is not None})
+        kw["train"] = _trained_with(meta, "lr", "epochs", "batch_size", "optimizer")
     config = CalibrationConfig(sample_size=size, n_null=args.null_models)
-    result = detect_pair(reference, suspect, ds, seed=args.seed, alpha=args.alpha,
-                         config=config, log=_log, **kw)
+    result = api.detect_change(kw.pop("model", None), reference, suspect, ds, seed=args.seed,
+                               alpha=args.alpha, config=config, log=_log, **kw)
     if args.format == "json":
         print(strict_json(result))
         return
@@ -581,39 +503,30 @@ def _p_text(p: float, resolution: float) -> str:
 
 
 def cmd_scan_model(args) -> None:
-    from mlshift_jax.detection.neural_cleanse import ScanConfig
-    from mlshift_jax.detection.scan import NullConfig, save_triggers, scan_model
-    from mlshift_jax.models.recipes import TrainConfig
+    from mlshift_jax.detection.neural_cleanse import ScanConfig  # scipy: lazy
+    from mlshift_jax.detection.scan import NullConfig, save_triggers
 
     null_cfg = NullConfig(n_null=args.null_models, sample_size=args.sample_size,
                           images=args.n, alpha=args.alpha, seed=args.seed).validate()
     scan_cfg = ScanConfig(**({"steps": args.steps} if args.steps is not None else {}))
     scan_cfg.validate()
     if args.out is not None:
-        from mlshift_jax.core import outdir
-
         outdir.claim(args.out)
     model, params, meta = _load_weights(args.params, args.model)  # before the data loads
     if ":" in model.name:  # a user model: its null retrains as it was trained
-        trained = meta.get("train") or {}
-        train = TrainConfig(**{k: trained.get(k) for k in (
-            "hidden", "lr", "epochs", "batch_size", "optimizer") if trained.get(k) is not None})
+        train = _trained_with(meta, "hidden", "lr", "epochs", "batch_size", "optimizer")
     else:  # built-ins: the recipe's trainer; the epochs and lr the file was trained with
-        trained = meta.get("train") or {}
-        train = TrainConfig(**{k: trained.get(k) for k in ("lr", "epochs")
-                               if trained.get(k) is not None})
+        train = _trained_with(meta, "lr", "epochs")
     ds = _load(args, meta)
     if not meta.get("model"):  # a metadata-free file: place it on this data
-        from mlshift_jax.models.zoo import infer_model
-
         model = infer_model(params, ds.spec)
     _check_fits(model, ds)
     rules.check_at_most(args.n, len(ds.y_test), "--n", f"test images of {ds.name}")
     if args.sample_size is not None:
         rules.check_at_most(args.sample_size, len(ds.y_train), "--sample-size",
                             f"training images of {ds.name}")
-    result = scan_model(model, params, ds, config=scan_cfg, null_config=null_cfg, train=train,
-                        log=_log)
+    result = api.scan_model(model, params, ds, config=scan_cfg, null_config=null_cfg,
+                            train=train, log=_log)
     trigger = result.pop("trigger")
     result["files"], note = [], ""
     if args.out is not None:
@@ -698,10 +611,6 @@ def _scan_data_dataset(args, meta: dict) -> bool:
 
 def cmd_scan_data(args) -> None:
     """Which training samples look poisoned? Every --method's scores on the training set."""
-    from mlshift_jax.attacks.evasion import attack_key
-    from mlshift_jax.core.files import atomic_path
-    from mlshift_jax.detection import detect_data
-
     if args.out is not None and not args.out.endswith(".csv"):
         raise ConfigError(f"--out: expected a FILE.csv, found {args.out!r}")
     model, params, meta = _load_weights(args.params, args.model)  # one line, before data
@@ -716,8 +625,8 @@ def cmd_scan_data(args) -> None:
     rules.check_memory(2 * x.shape[0] * (x.shape[1] + 4 * 1024) * 4,
                        f"scanning {x.shape[0]} training images", "lower --train-size")
     methods = list(dict.fromkeys(args.method))
-    found = detect_data.scan(model, params, x, y, eps=args.eps, key=attack_key(args.seed),
-                             methods=methods, reference=(ds.x_test, ds.y_test))  # clean
+    found = api.scan_data(model, params, x, y, eps=args.eps, seed=args.seed, methods=methods,
+                          reference=(ds.x_test, ds.y_test))  # clean
     y = np.asarray(y)
     scores = {m: np.asarray(found[m].score, np.float64) for m in methods}
     flags = {m: np.asarray(found[m].flag, bool) for m in methods}
@@ -765,7 +674,7 @@ def _bench_out(args, matrix: Path) -> tuple[Path, Path | None, str]:
     Only the default matrix on the full data writes the committed results/<platform>/; a
     custom matrix, --quick or the bundled sample each get their own folder unless --out says
     otherwise, so a results folder always holds one kind of run."""
-    from mlshift_jax.bench import report
+    from mlshift_jax.bench import report  # pandas: kept off `mlshift --help`
 
     if args.out is not None:
         if not args.out.strip():
@@ -785,10 +694,9 @@ def _bench_out(args, matrix: Path) -> tuple[Path, Path | None, str]:
 
 
 def cmd_bench(args) -> None:
-    from mlshift_jax.bench import report, runner
+    from mlshift_jax.bench import report, runner  # pandas: kept off `mlshift --help`
     from mlshift_jax.bench.matrix import load as load_matrix
     from mlshift_jax.bench.matrix import with_dataset
-    from mlshift_jax.core.sharding import describe_devices, initialize_distributed
 
     if args.distributed:  # before any other JAX call (platform names, devices)
         initialize_distributed()
@@ -803,8 +711,6 @@ def cmd_bench(args) -> None:
     if args.dataset is not None:
         with_dataset(mx, args.dataset)
     out, sample_out, why = _bench_out(args, matrix)
-    from mlshift_jax.core import outdir  # refused before any data loads (runner.run again)
-
     outdir.claim(out)
     runner._check_committed(out, matrix, args.dataset, sample=False)
     if why:
@@ -813,10 +719,10 @@ def cmd_bench(args) -> None:
     print(f"mlshift: bench {matrix} -> {out}; {describe_devices()}", file=sys.stderr)
     start = time.perf_counter()
     _interrupt.cells = out / runner.CACHE_DIR / "cells"  # Ctrl-C before run() knows its cells
-    records = runner.run(matrix, out_dir=out, only=args.only, force=args.force,
-                         data_dir=args.data_dir, dataset=args.dataset,
-                         sample_out_dir=sample_out, reuse_stale=args.reuse_stale,
-                         tiny=args.tiny, allow_code=allow)
+    records = api.run_matrix(matrix, out_dir=out, only=args.only, force=args.force,
+                             data_dir=args.data_dir, dataset=args.dataset,
+                             sample_out_dir=sample_out, reuse_stale=args.reuse_stale,
+                             tiny=args.tiny, allow_code=allow)
     out = Path(records.attrs["run"]["out_dir"])
     seconds = time.perf_counter() - start
     if args.only:  # a partial run: show its cells, leave the full tables as they are
@@ -846,13 +752,6 @@ def _names(mapping) -> str:
 
 def _options():
     """Every option, defined once: flag -> add_argument keywords (shared by every command)."""
-    from mlshift_jax.attacks import ATTACKS, DEFENSES
-    from mlshift_jax.attacks.losses import LOSSES
-    from mlshift_jax.detection import of_unit
-    from mlshift_jax.models.recipes import RECIPES
-    from mlshift_jax.models.train import OPTIMIZERS
-    from mlshift_jax.poisoning.poison import MODES, POISONINGS
-
     data_methods = [d.name for d in of_unit("sample")]
 
     def num(name, default, text):
@@ -968,8 +867,6 @@ PATH_OPTIONS = ("data_dir", "dataset", "save", "params", "reference", "suspect",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mlshift_jax.detection import FINGERPRINT, of_unit
-
     options = _options()
     parser = _Parser(prog="mlshift", description=__doc__.splitlines()[0],
                      formatter_class=_Help)
@@ -1091,11 +988,6 @@ INPUT_FILES = ("params", "reference", "suspect", "matrix")
 def _check_path(args, name: str, value: str) -> None:
     """Refuse up front a path option that names a FIFO, a device, a socket, or a folder where
     a file is expected (or a file where a folder is): nothing is opened before this."""
-    import os
-    import stat
-
-    from mlshift_jax.core.files import file_kind
-
     flag = f"--{name.replace('_', '-')}"
     try:
         mode = os.stat(value).st_mode
@@ -1142,8 +1034,6 @@ _interrupt.cells = None  # bench: the folder of cached cell records, once it is 
 
 def hard_exit(line: str, code: int = EXIT_INTERRUPTED) -> None:
     """Print `line` to stderr, flush both streams, and end the process with `code` now."""
-    import os
-
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -1191,8 +1081,6 @@ def main(argv: list[str] | None = None) -> int:
                     if value is not None:
                         _check_path(args, name, value)
                 if args.func is not cmd_bench:  # the bench reports compile times: no cache
-                    from mlshift_jax.core import compile_cache
-
                     compile_cache.enable(datasets.cache_dir("jax"))
                 args.func(args)
             except MlshiftError as e:

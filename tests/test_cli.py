@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 
+from mlshift_jax import api, cli
 from mlshift_jax.cli import main
 
 
@@ -180,3 +181,32 @@ def test_table_cells_print_floats_with_sensible_digits(value, text):
     from mlshift_jax.cli import _cell
 
     assert _cell(value) == text
+
+
+def test_the_cli_is_a_thin_face_over_the_api(capsys, monkeypatch):
+    import ast
+    from pathlib import Path
+
+    library = {"fit_model", "time_call", "gradient_report", "probe", "adv_fit", "fit_state",
+               "detect_pair", "run", "scan", "poison_one", "run_all", "stability",
+               "get_recipe", "evaluate_under_attack", "sweep"}
+    for node in ast.walk(ast.parse(Path(cli.__file__).read_text())):
+        if isinstance(node, ast.Call):
+            called = ast.unparse(node.func)
+            *owner, name = called.split(".")
+            assert name not in library or owner == ["api"], \
+                f"cli.py calls {called} itself: go through api.py"
+    calls = []
+
+    def table(*args, **kw):
+        calls.append((args, kw))
+        return {"rows": [{"attack": "fgsm", "eps": 0.1, "accuracy": 0.5}], "flags": []}
+
+    monkeypatch.setattr(api, "attack_table", table)
+    code, out, err = run_cli(capsys, "attack", "--model", "mlp-ce", "--hidden", "8",
+                             "--train-size", "200", "--epochs", "1", "--n", "20", "--eps",
+                             "0.1", "--format", "json")
+    assert code == 0, err
+    (args, kw), = calls
+    assert list(args[4]) == ["fgsm"] and list(args[5]) == [0.1] and kw["flags"] is False
+    assert json.loads(out)["rows"] == [{"attack": "fgsm", "eps": 0.1, "accuracy": 0.5}]
