@@ -16,12 +16,17 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from mlshift_jax.attacks import ATTACKS, autoattack, defenses, evasion, get_attack, obfuscation
+from mlshift_jax.attacks import ATTACKS, defenses, evasion, get_attack
 from mlshift_jax.attacks.defenses import DEFENSES, resolve_options
+from mlshift_jax.attacks.evaluate import (
+    Column,
+    evaluate_under_attack,
+    obfuscation_flags,
+    worst_case,
+)
 from mlshift_jax.bench.cells import (
     BlockData,
     Cell,
@@ -48,7 +53,7 @@ from mlshift_jax.bench.context import (
 )
 from mlshift_jax.bench.experiments.grid import save_figure
 from mlshift_jax.bench.markdown import finite, fmt_time, md, records_of
-from mlshift_jax.models.metrics import evaluate, predict_keyed
+from mlshift_jax.models.metrics import evaluate
 from mlshift_jax.models.zoo import Model
 
 DEFENSE_COLUMNS = ("fgsm", "pgd", "adaptive", "square", "transfer", "autoattack")  # default
@@ -164,26 +169,6 @@ def _defended(cfg: DefenseConfig, loaded: Loaded, base: Trained) -> tuple[Model,
     return defenses.build(cfg.defense, base.arch, **opts), base.params, 0.0
 
 
-def _correct(model: Model, params, x_adv, y, key) -> np.ndarray:
-    """[b] bool: which images the model still classifies correctly (one draw of a stochastic
-    model's randomness from key, as `evaluate` takes it)."""
-    return np.asarray(jnp.argmax(predict_keyed(model, params, x_adv, key), -1) == y)
-
-
-def _autoattack_sweep(model: Model, params, x, y, eps_values, *, key, lo, hi, queries=None):
-    """AutoAttack at every eps (standard; `rand` for a stochastic model), each call picking
-    the images still standing on the host. -> (x_adv [n_eps, b, D], per-eps counts)."""
-    version = "rand" if model.stochastic else "standard"
-    out, counts = [], []
-    for eps in eps_values:
-        kw = {} if queries is None else {"queries": queries}
-        r = autoattack.report(model, params, x, y, eps=float(eps), key=key, lo=lo, hi=hi,
-                              version=version, **kw)
-        out.append(r.x_adv)
-        counts.append({"version": version, **r.counts()})
-    return jnp.stack(out), counts
-
-
 def compute(cell: Cell, loaded: Loaded, memo: Memo, cache: Path, force: bool) -> dict:
     """One row of the defense x attack table: every column at every eps (one compiled eps
     sweep per column, timed; AutoAttack one call per eps, timed once with its compiles), the
@@ -200,45 +185,26 @@ def compute(cell: Cell, loaded: Loaded, memo: Memo, cache: Path, force: bool) ->
     eval_key = jax.random.fold_in(key, 7)
     clean = evaluate(model, params, x, y, key=eval_key)["accuracy"]
     adaptive_name = defenses.get_defense(cfg.defense).adaptive
-    eps_values = jnp.asarray(cfg.eps, x.dtype)
-    rows, accuracy, correct, aa_counts = [], {}, {}, None
+    columns = []
     for column in cfg.attacks:
-        name = adaptive_name if column == "adaptive" else column
-        if column == "autoattack":
-            fn = partial(_autoattack_sweep, model, params, key=key, lo=lo, hi=hi)
-            # one call (minutes on a robust model), its time including the compiles
-            timing, (x_adv, aa_counts) = once(fn, x, y, cfg.eps)
-            _column_rows(model, params, x_adv, y, cfg.eps, column, name, timing, eval_key,
-                         rows, accuracy, correct)
-            continue
-        attack = get_attack(name)
-        kw: dict[str, Any] = {"key": key, "lo": lo, "hi": hi}
-        kw.update({k: v for k, v in (("steps", cfg.steps), ("samples", cfg.samples),
-                                     ("queries", cfg.queries)) if attack.accepts(k)})
+        attack = get_attack(adaptive_name if column == "adaptive" else column)
+        kw = {k: v for k, v in (("steps", cfg.steps), ("samples", cfg.samples),
+                                ("queries", cfg.queries)) if attack.accepts(k)}
         if attack.accepts("steps") and attack.accepts("restarts"):  # the PGD attacks' restarts
             kw["restarts"] = cfg.restarts
-        if attack.surrogate and defenses.get_defense(cfg.defense).kind == "training":
-            kw["source_params"] = base.params  # crafted on the undefended weights
-        fn = partial(evasion.sweep, attack, model, params, **kw)
-        timing, x_adv = measure(fn, x, y, eps_values, rounds=cfg.rounds,
-                                max_seconds=cfg.max_seconds)
-        _column_rows(model, params, x_adv, y, cfg.eps, column, name, timing, eval_key, rows,
-                     accuracy, correct)
-    if correct:  # an image is robust only if it survived every column (never min of accuracies)
-        for eps in cfg.eps:
-            robust = autoattack.robust_per_image(
-                {c: v for (c, e), v in correct.items() if e == eps})
-            accuracy[("worst", eps)] = float(np.mean(robust))
-            rows.append({"column": "worst", "attack": "per image", "eps": eps,
-                         "accuracy": float(np.mean(robust)), "median_s": float("nan"),
-                         "compile_s": float("nan"), "rounds": 0})
-    n_probe = min(cfg.probe_n, int(x.shape[0]))
-    probed = obfuscation.probe(model, params, x[:n_probe], y[:n_probe],
-                               key=jax.random.fold_in(key, 11), eps=max(cfg.eps),
-                               steps=cfg.steps)
-    raised = obfuscation.flags({k: v for k, v in accuracy.items() if k[0] != "worst"}, probed,
-                               n=int(x.shape[0]), autoattack=None if aa_counts is None else
-                               dict(zip(cfg.eps, aa_counts, strict=True)))
+        columns.append(Column(column, attack, {} if column == "autoattack" else kw))
+    training = defenses.get_defense(cfg.defense).kind == "training"
+    result = evaluate_under_attack(
+        model, params, x, y, columns, cfg.eps, key=key,
+        timer=partial(measure, rounds=cfg.rounds, max_seconds=cfg.max_seconds),
+        source_params=base.params if training else None)  # crafted on the undefended weights
+    rows = list(result.rows)
+    for eps, robust in worst_case(result).items():  # per image, never min of accuracies
+        rows.append({"column": "worst", "attack": "per image", "eps": eps, "accuracy": robust,
+                     "median_s": float("nan"), "compile_s": float("nan"), "rounds": 0})
+    probed, raised = obfuscation_flags(model, params, x, y, result, key=key, eps=max(cfg.eps),
+                                       steps=cfg.steps, probe_n=cfg.probe_n)
+    aa_counts = result.autoattack
     pgd40 = {}
     if cfg.defense == "adv-train":  # Madry et al.'s yardstick: PGD-40 at the training eps
         adv_eps = float(dict(cfg.options)["eps"])
@@ -258,23 +224,9 @@ def compute(cell: Cell, loaded: Loaded, memo: Memo, cache: Path, force: bool) ->
                                            if k != "pgd_steps"},
                    "pgd_steps": {str(k): v for k, v in probed["pgd_steps"].items()},
                    "flags": raised,
-                   **({"autoattack": {str(e): c for e, c in zip(cfg.eps, aa_counts,
-                                                                strict=True)}}
+                   **({"autoattack": {str(e): c for e, c in aa_counts.items()}}
                       if aa_counts is not None else {})},
     }
-
-
-def _column_rows(model, params, x_adv, y, eps_list, column, name, timing, eval_key, rows,
-                 accuracy, correct) -> None:
-    """Score one column's x_adv [n_eps, b, D]: per-image correctness and accuracy per eps,
-    appended to rows / accuracy / correct (keyed (column, eps))."""
-    for i, eps in enumerate(eps_list):
-        ok = _correct(model, params, x_adv[i], y, jax.random.fold_in(eval_key, 1 + i))
-        correct[(column, eps)] = ok
-        accuracy[(column, eps)] = float(np.mean(ok))
-        rows.append({"column": column, "attack": name, "eps": eps, "accuracy": float(np.mean(ok)),
-                     "median_s": timing.median_s, "compile_s": timing.compile_s,
-                     "rounds": timing.rounds})
 
 
 # --- tables.md and the figure ----------------------------------------------------------------
