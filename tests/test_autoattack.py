@@ -159,7 +159,7 @@ def test_autoattack_report_is_consistent(small_ce):
     x, y = x[:200], y[:200]
     r = autoattack.report(model, params, x, y, eps=0.08, key=KEY, iterations=20, targets=3,
                           queries=300)
-    assert r.attacks == ("apgd-ce", "apgd-t", "square")
+    assert r.attacks == ("apgd-ce", "apgd-t", "fab-t", "square")
     x_adv = np.asarray(r.x_adv)
     assert np.abs(x_adv - x).max() <= 0.08 + 1e-6
     ok = np.asarray(jnp.argmax(predict(model, params, x_adv), -1) == y)
