@@ -42,25 +42,25 @@ def _linprog_linf(t, w, b, lo, hi):
 def test_projection_is_the_smallest_linf_move_in_the_box():
     pytest.importorskip("scipy")
     rng = np.random.default_rng(0)
-    lo, hi = 0.0, 1.0
-    feasible = 0
+    lo, hi, n, cases = 0.0, 1.0, 10, 200
+    ts = rng.uniform(lo, hi, (cases, n))
+    ws = rng.normal(0, 1, (cases, n)) * (rng.random((cases, n)) > 0.2)
+    bs = np.sum(ws * ts, 1) + rng.normal(0, 1.5, cases)
     with jax.enable_x64(True):
-        for _ in range(200):
-            n = int(rng.integers(2, 12))
-            t = rng.uniform(lo, hi, n)
-            w = rng.normal(0, 1, n) * (rng.random(n) > 0.2)
-            b = w @ t + rng.normal(0, 0.8)
-            d = np.asarray(fab.project(jnp.asarray(t), jnp.asarray(w), jnp.asarray(b), lo, hi))
-            assert np.all(t + d >= lo - 1e-12) and np.all(t + d <= hi + 1e-12)
-            assert np.all(d[w == 0] == 0)
-            best = _linprog_linf(t, w, b, lo, hi)
-            if best is None:  # out of reach: the corner closest to the hyperplane
-                corner = np.where(w * np.sign(w @ t - b) > 0, lo, hi)
-                np.testing.assert_allclose((t + d)[w != 0], corner[w != 0], atol=1e-12)
-                continue
-            feasible += 1
-            np.testing.assert_allclose(w @ (t + d), b, atol=1e-9)
-            np.testing.assert_allclose(np.abs(d).max(), best, atol=1e-9)
+        ds = np.asarray(jax.jit(jax.vmap(lambda t, w, b: fab.project(t, w, b, lo, hi)))(
+            jnp.asarray(ts), jnp.asarray(ws), jnp.asarray(bs)))
+    feasible = 0
+    for t, w, b, d in zip(ts, ws, bs, ds, strict=True):
+        assert np.all(t + d >= lo - 1e-12) and np.all(t + d <= hi + 1e-12)
+        assert np.all(d[w == 0] == 0)
+        best = _linprog_linf(t, w, b, lo, hi)
+        if best is None:  # out of reach: the corner closest to the hyperplane
+            corner = np.where(w * np.sign(w @ t - b) > 0, lo, hi)
+            np.testing.assert_allclose((t + d)[w != 0], corner[w != 0], atol=1e-12)
+            continue
+        feasible += 1
+        np.testing.assert_allclose(w @ (t + d), b, atol=1e-9)
+        np.testing.assert_allclose(np.abs(d).max(), best, atol=1e-9)
     assert 50 < feasible < 200  # both cases drawn
 
 
