@@ -159,7 +159,7 @@ def test_autoattack_report_is_consistent(small_ce):
     x, y = x[:200], y[:200]
     r = autoattack.report(model, params, x, y, eps=0.08, key=KEY, iterations=20, targets=3,
                           queries=300)
-    assert r.attacks == ("apgd-ce", "apgd-t", "square")
+    assert r.attacks == ("apgd-ce", "apgd-t", "fab-t", "square")
     x_adv = np.asarray(r.x_adv)
     assert np.abs(x_adv - x).max() <= 0.08 + 1e-6
     ok = np.asarray(jnp.argmax(predict(model, params, x_adv), -1) == y)
@@ -250,9 +250,9 @@ def test_agrees_with_torchattacks_autoattack(small_ce):
     iterations and Square at 5,000 queries, the settings of Croce & Hein's
     `AutoAttack(version='standard')`; torchattacks' own `AutoAttack` class runs 10) on the
     same weights, 200 images and box [0, 1]: robust accuracy within 0.005, and per-image
-    agreement on at least 97% of the images. FAB-T, which the harness lacks, is left out
-    here to keep the test CI-sized (torch's FAB-T is its slowest part); with it, on 1,000
-    full-MNIST images of three trained models, the two agreed on 99.8-100% of images."""
+    agreement on at least 97% of the images. The reference's FAB-T is left out here to keep
+    the test CI-sized (torch's FAB-T is its slowest part); tests/test_fab.py checks the
+    harness's FAB-T against it alone."""
     torch = pytest.importorskip("torch")
     torchattacks = pytest.importorskip("torchattacks")
     from mlshift_jax.bench import torch_peer

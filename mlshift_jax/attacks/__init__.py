@@ -6,7 +6,7 @@ obfuscated-gradient flags. Imports `core`, `data`, `poisoning`, `models`.
 adding an attack is one module with a `RECORDS` tuple, imported and listed below.
 """
 
-from mlshift_jax.attacks import adaptive, apgd, autoattack, evasion, mifgsm
+from mlshift_jax.attacks import adaptive, apgd, autoattack, evasion, fab, mifgsm
 from mlshift_jax.attacks._common import Attack
 from mlshift_jax.attacks.adaptive import bpda_pgd, eot_pgd, square, transfer
 from mlshift_jax.attacks.apgd import apgd_ce, apgd_dlr, apgd_t
@@ -32,6 +32,7 @@ ATTACKS: dict[str, Attack] = {a.name: a for a in (
     *apgd.RECORDS,
     *autoattack.RECORDS,
     *mifgsm.RECORDS,
+    *fab.RECORDS,
 )}
 
 
