@@ -32,7 +32,8 @@ def accuracy(params, x, y, model=SEED_MLP) -> float:
 # the APGD family and AutoAttack at a small budget: the properties hold at any budget
 CHEAP = {"apgd-ce": {"iterations": 10}, "apgd-dlr": {"iterations": 10},
          "apgd-t": {"iterations": 10, "targets": 2},
-         "autoattack": {"iterations": 10, "targets": 2, "queries": 50}}
+         "autoattack": {"iterations": 10, "targets": 2, "queries": 50},
+         "fab-t": {"steps": 20, "targets": 2}}
 # called directly, these pick the images still standing on the host (other random draws
 # than inside jit, where every image is attacked): same properties, not the same bits
 HOST_PICKED = {"apgd-t", "autoattack"}

@@ -245,6 +245,7 @@ def test_too_few_classes_for_dlr():
 # --- the reference: torchattacks at AutoAttack's standard settings ----------------------------
 
 
+@pytest.mark.slow
 def test_agrees_with_torchattacks_autoattack(small_ce):
     """The harness's AutoAttack and the reference's (torchattacks' APGD-CE and APGD-T at 100
     iterations and Square at 5,000 queries, the settings of Croce & Hein's

@@ -168,6 +168,7 @@ def test_fewer_classes_take_every_other_class():
 # --- the reference: torchattacks' FAB, multi-targeted, AutoAttack's settings -----------------
 
 
+@pytest.mark.slow
 def test_agrees_with_torchattacks_fab(trained_mlp_ce):
     """The harness's FAB-T and torchattacks' FAB (norm Linf, multi_targeted over 9 targets,
     100 steps, 1 restart, alpha_max 0.1, eta 1.05, beta 0.9: the settings of Croce & Hein's
