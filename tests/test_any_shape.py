@@ -187,6 +187,7 @@ def test_the_cnn_reads_its_images_in_hwc_order():
 # --- train -> attack -> poison -> detect ------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["colour", "grey784"])
 def test_train_attack_poison_detect(request, fixture):
     ds = request.getfixturevalue(fixture)
@@ -221,6 +222,7 @@ def test_train_attack_poison_detect(request, fixture):
     assert 0.0 <= result["p_value"] <= 1.0
 
 
+@pytest.mark.slow
 def test_attacks_clip_to_the_datasets_own_range(tmp_path):
     ds = datasets.load(write_npz(tmp_path / "wide.npz", (6, 6), 3, n_train=40, n_test=20),
                    scale=(-1.0, 1.0))
@@ -385,6 +387,7 @@ def test_check_pair_places_weights_without_the_data(colour):
                    zoo.build("mlp-ce", colour, 8).init(KEY))
 
 
+@pytest.mark.slow
 def test_detect_calibration_on_fewer_than_four_classes(tmp_path):
     """The calibration's poisonings aim at a class the data has (the study's target is 3)."""
     from mlshift_jax.detection import change

@@ -154,6 +154,7 @@ def test_square_standard_schedule():
 # --- AutoAttack --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_autoattack_report_is_consistent(small_ce):
     model, params, x, y = small_ce
     x, y = x[:200], y[:200]
@@ -174,6 +175,7 @@ def test_autoattack_report_is_consistent(small_ce):
     assert accuracy(model, params, again, y) == pytest.approx(r.robust.mean())
 
 
+@pytest.mark.slow
 def test_autoattack_inside_jit_agrees_with_the_host_picked_run(small_ce):
     model, params, x, y = small_ce
     x, y = x[:100], y[:100]
@@ -183,6 +185,7 @@ def test_autoattack_inside_jit_agrees_with_the_host_picked_run(small_ce):
     assert abs(accuracy(model, params, traced, y) - host) <= 0.03
 
 
+@pytest.mark.slow
 def test_autoattack_rand_version_on_a_randomized_defense(small_ce):
     from mlshift_jax.attacks import defenses
 

@@ -171,6 +171,7 @@ SMALL = detection_bench.BenchConfig(
     poisonings=(("wrong-label", 0.2), ("mixture", 0.2), ("sparse", 0.2)))
 
 
+@pytest.mark.slow
 def test_detector_by_attack_table(mnist):
     out = detection_bench.run(mnist, config=SMALL)
     t = out["detector_by_attack"]

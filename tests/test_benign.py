@@ -74,6 +74,7 @@ def test_heldout_fpr_judges_each_fold_by_the_others():
     assert floored["fpr"] == 0.0  # the textbook floor above every score
 
 
+@pytest.mark.slow
 def test_a_small_benign_null_trains_every_variant(mnist):
     plan = plan_for("seed-mlp", TrainConfig(hidden=8), mnist.spec)
     n = len(benign.VARIANTS)

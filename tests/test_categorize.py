@@ -83,6 +83,7 @@ TINY = detection_bench.BenchConfig(hidden=16, sample_size=1000, seeds=2, clean_p
                                    lofo_refs=1, lofo_per_family=1)
 
 
+@pytest.mark.slow
 def test_detection_bench_tables(mnist):
     out = detection_bench.run(mnist, config=TINY)
     assert {"auc", "input_detectors", "change_test", "confusion", "training_data",

@@ -80,6 +80,7 @@ def test_randomize_draws_fresh_randomness_per_key_and_needs_one(trained_mlp_ce):
     assert float(jnp.max(jnp.abs(x_adv - x))) <= 0.1 + 1e-6
 
 
+@pytest.mark.slow
 def test_preprocessors_take_the_shape_from_the_model():
     """A 6x5 RGB model in [0, 1]: nothing assumes 28x28, 784 or one channel."""
     shape, d = (6, 5, 3), 90
@@ -172,6 +173,7 @@ def test_adaptive_attacks_stay_in_the_ball_and_are_deterministic(name, trained_m
         fn(model, params, x, y, eps=0.2, key=None, **kw)
 
 
+@pytest.mark.slow
 def test_adaptive_attacks_are_at_least_as_strong_as_the_naive_ones(trained_mlp_ce, dae):
     """On every defense, its adaptive attack leaves at most the accuracy FGSM and PGD leave
     (within 0.05: a stochastic model's accuracy is itself a random draw)."""
@@ -211,6 +213,7 @@ def _table(model, params, x, y, eps_values=(0.1, 0.3)):
     return acc
 
 
+@pytest.mark.slow
 def test_flags_fire_on_a_planted_masked_model_and_stay_quiet_on_an_undefended_one(trained_mlp_ce):
     params, x, y, _ = trained_mlp_ce
     masked = defenses.preprocessed(MLP_CE, lambda v, key: jax.lax.stop_gradient(v),
@@ -298,6 +301,7 @@ probe_n = 50
 """
 
 
+@pytest.mark.slow
 def test_defense_cells_land_in_records_and_tables(tmp_path):
     path = tmp_path / "d.toml"
     path.write_text(DEFENSE_TOML)
@@ -326,6 +330,7 @@ def test_bad_defense_block_names_the_key(tmp_path):
 # --- the command line ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_train_adv_and_attack_defense_with_flags(capsys):
     import json
 
@@ -369,6 +374,7 @@ def test_cli_adv_train_records_defense_eps_and_resolved_epochs(tmp_path, capsys)
     assert meta["train"]["epochs"] == epochs
 
 
+@pytest.mark.slow
 def test_cli_attack_queries_and_loss_options(capsys):
     from mlshift_jax.cli import main
 

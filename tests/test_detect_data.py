@@ -56,6 +56,7 @@ def test_block_sizes_are_powers_of_two_and_a_fixed_block_is_checked():
         detect_data.class_blocks(y, n_classes=2)
 
 
+@pytest.mark.slow
 def test_detectors_compile_once_across_class_sizes():
     """Three data sets whose classes differ in size (largest 70, 100, 120 rows: one bucket),
     then two more with a fixed block: each kernel compiles once per block size."""
@@ -161,6 +162,7 @@ def planted(mnist):
     return plan.arch, member(pop.params, 0), x, np.asarray(y), np.asarray(mask, bool)
 
 
+@pytest.mark.slow
 def test_detectors_rank_planted_backdoor_samples_above_clean(planted):
     model, params, x, y, mask = planted
     assert 0.1 < detect_data.poisoned_share(y, mask) < 0.3
@@ -237,6 +239,7 @@ def poisoned_files(mnist, tmp_path_factory):
     return weights, data, np.asarray(mask, bool)
 
 
+@pytest.mark.slow
 def test_scan_data_json_lists_suspects_and_writes_every_score(capsys, poisoned_files,
                                                               tmp_path):
     weights, data, mask = poisoned_files

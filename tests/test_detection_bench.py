@@ -78,6 +78,7 @@ def test_parts_and_data_seeds_are_checked(mnist):
             detection_bench.with_overrides(TINY, data_seeds=bad)
 
 
+@pytest.mark.slow
 def test_training_data_detectors_scan_only_the_first_data_seeds(mnist, monkeypatch):
     """data_seeds=1 of 2 seeds: one scan per poisoning, every poisoning still in the table;
     the "detectors" part alone has no scan-model or leave-one-family-out table."""

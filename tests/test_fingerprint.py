@@ -264,6 +264,7 @@ def trials(mnist):
     return np.asarray(p_clean), np.asarray(p_backdoor)
 
 
+@pytest.mark.slow
 def test_false_positives_within_stated_rate(trials):
     """Clean retrains: the count of p <= alpha over 40 trials (each its own reference and
     suspect) is at most the 1 - 1e-3 quantile of Binomial(40, alpha)."""
@@ -275,6 +276,7 @@ def test_false_positives_within_stated_rate(trials):
     assert false_positives <= bound
 
 
+@pytest.mark.slow
 def test_power_on_planted_backdoors(trials):
     _, p_backdoor = trials
     detected = int(np.sum(p_backdoor <= ALPHA))
@@ -285,6 +287,7 @@ def test_power_on_planted_backdoors(trials):
 # --- detect_pair --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_detect_pair(mnist, tmp_path, monkeypatch):
     """End to end on small models: a backdoored suspect is "changed" and named a backdoor; a
     clean retrain is not flagged; the calibration is cached and reused."""
@@ -318,6 +321,7 @@ def test_detect_pair(mnist, tmp_path, monkeypatch):
         change.detect_pair(ref, clean, mnist, config=cfg, alpha=0.01, cache_path=tmp_path)
 
 
+@pytest.mark.slow
 def test_a_scattered_pixel_trigger_raises_the_trigger_features(mnist):
     """BadNets-style poisoning with `triggers.sparse` (10 pixels scattered over the image, no
     corner square): the suspect's reversed trigger flips it and not the reference, beyond

@@ -136,6 +136,7 @@ def test_shell_chain_train_attack_poison_detect(user_module, tmp_path, capsys, a
     assert result["calibration"]["sample_size"] == 128
 
 
+@pytest.mark.slow
 def test_detect_refuses_models_of_different_kinds(user_module, tmp_path, capsys):
     write_npz(tmp_path / "rgb.npz", SHAPES["rgb"])
     for attr in ("net", "mlp"):
@@ -177,6 +178,7 @@ def test_python_api_chain(user_module, tmp_path, attr, data):
     assert out["architecture"] == ref and out["verdict"] in ("changed", "unchanged")
 
 
+@pytest.mark.slow
 def test_a_population_of_user_models_is_one_vmap_of_the_user_trainer(user_module, tmp_path):
     import jax
 

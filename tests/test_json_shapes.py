@@ -43,6 +43,7 @@ def _documented(command: str) -> set[str]:
     raise AssertionError(f"docs/json.md has no row for {command}")
 
 
+@pytest.mark.slow
 def test_attack_has_one_shape_with_and_without_a_defense(capsys):
     common = ["attack", "--model", "seed-mlp", "--hidden", "16", "--train-size", "500",
               "--epochs", "1", "--n", "100", "--eps", "0.1", "--rounds", "1"]

@@ -89,6 +89,7 @@ def planted(mnist):
     return pop, jnp.asarray(mnist.x_test[:300]), jnp.asarray(mnist.y_test[:300])
 
 
+@pytest.mark.slow
 def test_reverse_triggers_finds_the_planted_target(planted):
     pop, x, y = planted
     clean, backdoor = (reverse_triggers(SEED_MLP, member(pop.params, i), x, y,
@@ -103,6 +104,7 @@ def test_reverse_triggers_finds_the_planted_target(planted):
     assert float(backdoor.patterns.min()) >= lo and float(backdoor.patterns.max()) <= hi
 
 
+@pytest.mark.slow
 def test_population_scan_equals_one_model_at_a_time(planted):
     pop, x, y = planted
     cfg = ScanConfig(steps=20, batch=64)

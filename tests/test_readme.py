@@ -57,6 +57,7 @@ def test_readme_example_is_short():
     assert len(readme_example().strip().splitlines()) <= 20
 
 
+@pytest.mark.slow
 def test_readme_example_runs(mnist, tmp_path, monkeypatch):
     from functools import partial
 

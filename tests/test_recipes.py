@@ -8,6 +8,7 @@ from mlshift_jax.models.recipes import RECIPES, TrainConfig, resolve
 from mlshift_jax.models.registry import fit, fit_model, get_recipe, model_for
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_every_recipe_trains_a_usable_model(mnist, name):
     model, params = fit_model(name, TrainConfig(hidden=32), mnist.x_train[:3000],

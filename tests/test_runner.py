@@ -176,6 +176,7 @@ def test_a_missing_dataset_is_skipped_and_reported(tiny, monkeypatch, tmp_path):
         runner.run(both, out_dir=tmp_path)
 
 
+@pytest.mark.slow
 def test_every_block_runs_tiny(tmp_path):
     path = tmp_path / "blocks.toml"
     path.write_text(TINY + BLOCKS)
@@ -434,6 +435,7 @@ def test_progress_on_a_terminal_is_a_live_bar():
     assert "4/4" in tty.getvalue() and tty.getvalue().endswith("\n")
 
 
+@pytest.mark.slow
 def test_detect_cell_lands_in_the_report(tmp_path, monkeypatch):
     """The detection benchmark as a matrix cell (a tiny configuration stands in for QUICK)."""
     from mlshift_jax.bench import detection_bench, scan_bench
