@@ -312,6 +312,7 @@ def test_per_class_positions_for_many_classes():
 # --- bench: a two-cell matrix on a dataset named by path --------------------------------------
 
 
+@pytest.mark.slow
 def test_two_cell_matrix_on_a_path_dataset(tmp_path, monkeypatch):
     from mlshift_jax.bench import matrix, report, runner
 
@@ -352,6 +353,7 @@ def test_matrix_dataset_tables_are_checked(table, match):
 # --- the command line on a path dataset -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_train_attack_poison_on_a_path_dataset(colour, tmp_path, capsys):
     import json
 

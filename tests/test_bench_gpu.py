@@ -58,6 +58,7 @@ def test_make_checks_before_installing():
     assert steps[0] == "scripts/bench_gpu.sh --check" and "cuda12" in steps[1]
 
 
+@pytest.mark.slow
 def test_dry_run_runs_every_step_at_a_tiny_size_into_a_folder_named_from_the_device(tmp_path):
     """The dry run's steps and layout, with a stand-in Python that runs `-c` snippets for real
     and records the two long steps (floor.py, bench), writing the files they would write.
@@ -90,6 +91,7 @@ esac
     assert not (ROOT / "results" / "gpu-h200").exists()  # the repository's results untouched
 
 
+@pytest.mark.slow
 def test_dry_run_fails_when_a_step_leaves_a_file_out(tmp_path):
     fake = tmp_path / "python"
     fake.write_text(f'#!/usr/bin/env bash\nif [ "$1" = -c ]; then exec {sys.executable} "$@"; fi\n'

@@ -70,6 +70,7 @@ def test_module_entry_point_runs():
     assert proc.returncode == 2 and "nope" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_bench_writes_the_report_and_only_leaves_it_alone(capsys, tmp_path):
     from tests.test_runner import TINY
 

@@ -404,6 +404,7 @@ class _Tty(io.StringIO):
         return True
 
 
+@pytest.mark.slow
 def test_progress_off_a_terminal_is_one_line_per_finished_cell(tmp_path):
     """A run of the tiny matrix with stderr a plain stream (a log, a pipe): one line per
     computed cell, in order, each with count, elapsed, ETA and the cell's id; no bar."""

@@ -144,6 +144,7 @@ def test_cli_scan_model_refuses_a_missing_file_and_an_out_that_is_a_file(capsys,
     assert code == 2 and err.count("\n") == 1 and "--out" in err, err
 
 
+@pytest.mark.slow
 def test_scan_table_rows_columns_and_report(mnist):
     from mlshift_jax.bench import scan_bench
     from mlshift_jax.bench.experiments import detect as report

@@ -83,6 +83,7 @@ def test_scan_data_refuses_to_guess_when_the_poisoned_set_is_missing(poisoned_ru
     assert "moved.train.npz" in err
 
 
+@pytest.mark.slow
 def test_a_grouped_null_trains_and_scans_as_the_one_jit_population(mnist):
     plan = plan_for("seed-mlp", TrainConfig(hidden=8), mnist.spec)
     seeds = [11, 12, 13]
