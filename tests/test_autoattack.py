@@ -15,6 +15,7 @@ from mlshift_jax.attacks import adaptive, apgd, autoattack, evasion, losses
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.models.train import train_minibatch
 from mlshift_jax.models.zoo import MLP_CE, SEED_MLP, build, predict
+from tests.torch_port import torch_mlp_ce
 
 KEY = jax.random.key(0)
 
@@ -257,24 +258,14 @@ def test_agrees_with_torchattacks_autoattack(small_ce):
     agreement on at least 97% of the images. The reference's FAB-T is left out here to keep
     the test CI-sized (torch's FAB-T is its slowest part); tests/test_fab.py checks the
     harness's FAB-T against it alone."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     torchattacks = pytest.importorskip("torchattacks")
     from mlshift_jax.bench import torch_peer
 
     torch_peer._torch()  # passive OpenMP waiting, as the peers run
     model, params, x, y = small_ce
     x, y = x[:200], y[:200]
-    p = {k: torch.tensor(np.asarray(v)) for k, v in params.items()}
-
-    class Net(torch.nn.Module):
-        def forward(self, v):
-            v = v.reshape(v.shape[0], -1)
-            return torch.relu(v @ p["w1"].T + p["b1"]) @ p["w2"].T + p["b2"]
-
-    net = Net().eval()
-    xt = torch.tensor(x).reshape(-1, 1, 28, 28)
-    yt = torch.tensor(y, dtype=torch.long)
-    np.testing.assert_allclose(net(xt).detach().numpy(), predict(model, params, x), atol=1e-4)
+    net, xt, yt = torch_mlp_ce(model, params, x, y)
     eps = 0.06
     ref = torchattacks.MultiAttack([
         torchattacks.APGD(net, eps=eps, steps=100, n_restarts=1, loss="ce", seed=0),

@@ -13,6 +13,7 @@ import pytest
 from mlshift_jax.attacks import fab
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.models.zoo import MLP_CE, build, predict
+from tests.torch_port import torch_mlp_ce
 
 KEY = jax.random.key(0)
 
@@ -174,24 +175,14 @@ def test_agrees_with_torchattacks_fab(trained_mlp_ce):
     100 steps, 1 restart, alpha_max 0.1, eta 1.05, beta 0.9: the settings of Croce & Hein's
     AutoAttack standard version) on the same weights, 200 images, box [0, 1]: robust accuracy
     within 0.01 and per-image agreement on at least 95% of the images."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     torchattacks = pytest.importorskip("torchattacks")
     from mlshift_jax.bench import torch_peer
 
     torch_peer._torch()  # passive OpenMP waiting, as the peers run
     params, x, y, _ = trained_mlp_ce
     x, y = np.asarray(x), np.asarray(y)
-    p = {k: torch.tensor(np.asarray(v)) for k, v in params.items()}
-
-    class Net(torch.nn.Module):
-        def forward(self, v):
-            v = v.reshape(v.shape[0], -1)
-            return torch.relu(v @ p["w1"].T + p["b1"]) @ p["w2"].T + p["b2"]
-
-    net = Net().eval()
-    xt = torch.tensor(x).reshape(-1, 1, 28, 28)
-    yt = torch.tensor(y, dtype=torch.long)
-    np.testing.assert_allclose(net(xt).detach().numpy(), predict(MLP_CE, params, x), atol=1e-4)
+    net, xt, yt = torch_mlp_ce(MLP_CE, params, x, y)
     eps = 0.06
     ref = torchattacks.FAB(net, norm="Linf", eps=eps, steps=100, n_restarts=1, alpha_max=0.1,
                            eta=1.05, beta=0.9, multi_targeted=True, n_classes=10, seed=0)

@@ -15,6 +15,7 @@ from mlshift_jax.attacks.mifgsm import mifgsm
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.models.train import train_minibatch
 from mlshift_jax.models.zoo import MLP_CE, build, predict
+from tests.torch_port import torch_mlp_ce
 
 EPS = 0.1
 
@@ -84,20 +85,10 @@ def test_bad_arguments(small_ce):
 def test_agrees_with_torchattacks_mifgsm(small_ce):
     """torchattacks.MIFGSM (eps, alpha = eps / 10, 10 steps, decay 1.0; box [0, 1]) on the
     same weights: the same adversarial images up to float rounding."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     torchattacks = pytest.importorskip("torchattacks")
     model, params, x, y = small_ce
-    p = {k: torch.tensor(np.asarray(v)) for k, v in params.items()}
-
-    class Net(torch.nn.Module):
-        def forward(self, v):
-            v = v.reshape(v.shape[0], -1)
-            return torch.relu(v @ p["w1"].T + p["b1"]) @ p["w2"].T + p["b2"]
-
-    net = Net().eval()
-    xt = torch.tensor(x).reshape(-1, 1, 28, 28)
-    yt = torch.tensor(y, dtype=torch.long)
-    np.testing.assert_allclose(net(xt).detach().numpy(), predict(model, params, x), atol=1e-4)
+    net, xt, yt = torch_mlp_ce(model, params, x, y)
     ref = torchattacks.MIFGSM(net, eps=EPS, alpha=EPS / 10, steps=10, decay=1.0)(xt, yt)
     theirs = ref.detach().numpy().reshape(len(x), -1)
     ours = np.asarray(mifgsm(model, params, x, y, eps=EPS, lo=0.0, hi=1.0))
