@@ -375,3 +375,32 @@ def test_each_extending_example_plugs_in_with_one_registry_entry(monkeypatch, mn
     parsed = matrix.parse(f"{grid}\n[{experiment.block}]\nn = 3\n", "extending.toml")
     cells = [c for c in matrix.cells(parsed) if c.block == experiment.block]
     assert [experiment.compute(c) for c in cells] == [{"seed": i} for i in range(3)]
+
+
+def test_the_extending_attack_is_one_module_and_its_registry_line(tmp_path):
+    """The README's attack example saved as a module of a copy of the package, named on
+    `attacks/__init__.py`'s import line and added to `ATTACKS` as the README says: the package
+    imports (no circular import) and `mlshift attack --help` offers it."""
+    import os
+    import shutil
+    import subprocess
+
+    text = README.read_text()
+    section = text[text.index("**An attack**"):text.index("**A defense**")]
+    body = FENCE.findall(section)[0][1]
+    pkg = tmp_path / "mlshift_jax"
+    shutil.copytree(ROOT / "mlshift_jax", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (pkg / "attacks" / "fgml2.py").write_text(body)
+    init = pkg / "attacks" / "__init__.py"
+    source = init.read_text()
+    line = re.search(r"^from mlshift_jax\.attacks import .*$", source, re.M).group(0)
+    source = source.replace(line, line + ", fgml2", 1)
+    source = source.replace("ATTACKS: dict[str, Attack] = {a.name: a for a in (\n",
+                            "ATTACKS: dict[str, Attack] = {a.name: a for a in (\n"
+                            "    *fgml2.RECORDS,\n", 1)
+    init.write_text(source)
+    done = subprocess.run([sys.executable, "-m", "mlshift_jax", "attack", "--help"],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "fgm-l2" in done.stdout
