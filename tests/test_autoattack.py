@@ -122,6 +122,28 @@ def test_targeted_apgd_moves_toward_its_target(small_ce):
     assert hit > np.mean(np.asarray(jnp.argmax(predict(model, params, x), -1) == t)) + 0.2
 
 
+@pytest.mark.parametrize("defense", [None, pytest.param("randomize", marks=pytest.mark.slow)])
+def test_dropping_fooled_images_keeps_each_images_outcome(small_ce, defense):
+    """`_on_host` (fooled images dropped every CHUNK steps, the batch re-cut) against
+    `_kernel` (every step on every image): the same images fooled, and where an image is not
+    fooled, the same point of highest loss."""
+    from mlshift_jax.attacks import defenses
+
+    model, params, x, y = small_ce
+    model = model if defense is None else defenses.build(defense, model)
+    eot = 1 if defense is None else 2
+    x, y = jnp.asarray(x[:120]), jnp.asarray(y[:120])
+    eps, lo, hi = (jnp.asarray(v, x.dtype) for v in (0.06, 0.01, 1.0))
+    a, fa = apgd._kernel(model, "ce", 30, eot, params, x, y, y, eps, lo, hi, KEY)
+    b, fb = apgd._on_host(model, "ce", 30, eot, params, x, y, y, eps, lo, hi, KEY)
+    fa, fb = np.asarray(fa), np.asarray(fb)
+    assert 0.2 < fa.mean() < 0.95  # some fooled early, some never: both paths exercised
+    np.testing.assert_array_equal(fa, fb)
+    np.testing.assert_allclose(np.asarray(a)[~fa], np.asarray(b)[~fa], atol=1e-5)
+    if defense is None:  # a deterministic model: every point reported fooled is wrong
+        assert np.all(np.asarray(jnp.argmax(predict(model, params, b[fb]), -1)) != y[fb])
+
+
 def test_apgd_compiles_once_per_model_across_eps(small_ce):
     model, params, x, y = small_ce
     x, y = x[:32], y[:32]

@@ -23,7 +23,9 @@ gradient over draws of a stochastic model's randomness (AutoAttack's `rand` vers
 Shapes: x: [batch, D], y: [batch] -> x_adv: [batch, D]. Each image has its own step size:
 the whole loop is written for one image and `jax.vmap`ped over the batch, inside one
 `jax.jit` per (model, loss, iterations, eot) with eps, lo, hi traced (a new eps does not
-recompile). Where an image is not fooled, x_adv is its point of highest loss.
+recompile). Where an image is not fooled, x_adv is its point of highest loss. With EOT the
+host drops the images already fooled every CHUNK steps (`run`); an image's outcome is the
+same, since each image's steps do not depend on the rest of its batch.
 """
 
 from __future__ import annotations
@@ -71,57 +73,66 @@ def checkpoints(iterations: int) -> list[int]:
     return out
 
 
-def _one_image(model, loss, iterations, eot, params, x, y, t, eps, lo, hi, key):
-    """APGD on one image x: [D] (label y, target t for "dlr-t"). -> (x_best_adv, fooled,
-    x_best, loss_best)."""
+def _value(model, loss, eot, params, y, t, k_model, xa, i):
+    """(mean gradient over eot draws, loss and logits of the last draw) at xa: [D]."""
+    def one(k):
+        def f(v):
+            z = losses.logits(model, params, v, k if model.stochastic else None)
+            if loss == "ce":
+                val = losses.ce(z, y)
+            elif loss == "dlr":
+                val = losses.dlr(z, y)
+            else:
+                val = losses.dlr_targeted(z, y, t)
+            return val, z
+        (val, z), g = jax.value_and_grad(f, has_aux=True)(xa)
+        return g, val, z
+
+    if eot == 1 or not model.stochastic:
+        return one(jax.random.fold_in(k_model, i))
+    g, val, z = jax.vmap(one)(jax.random.split(jax.random.fold_in(k_model, i), eot))
+    return jnp.mean(g, 0), val[-1], z[-1]
+
+
+def _start(model, loss, eot, params, x, y, t, eps, lo, hi, key) -> dict:
+    """One image's state before the first step: the random start x0 and its gradient."""
     k_start, k_model = jax.random.split(key)
-
-    def value(xa, i):
-        """(mean gradient over eot draws, loss and logits of the last draw) at xa."""
-        def one(k):
-            def f(v):
-                z = losses.logits(model, params, v, k if model.stochastic else None)
-                if loss == "ce":
-                    val = losses.ce(z, y)
-                elif loss == "dlr":
-                    val = losses.dlr(z, y)
-                else:
-                    val = losses.dlr_targeted(z, y, t)
-                return val, z
-            (val, z), g = jax.value_and_grad(f, has_aux=True)(xa)
-            return g, val, z
-
-        if eot == 1 or not model.stochastic:
-            return one(jax.random.fold_in(k_model, i))
-        g, val, z = jax.vmap(one)(jax.random.split(jax.random.fold_in(k_model, i), eot))
-        return jnp.mean(g, 0), val[-1], z[-1]
-
-    def project(v):
-        return jnp.clip(jnp.clip(v, x - eps, x + eps), lo, hi)
-
     u = jax.random.uniform(k_start, x.shape, x.dtype, minval=-1.0, maxval=1.0)
     x0 = jnp.clip(x + eps * u / jnp.max(jnp.abs(u)), lo, hi)
-    g0, l0, z0 = value(x0, 0)
+    g0, l0, z0 = _value(model, loss, eot, params, y, t, k_model, x0, 0)
+    return dict(
+        x=x0, x_old=x0, g=g0, x_best=x0, g_best=g0, l_best=l0, x_adv=x0,
+        fooled=jnp.argmax(z0) != y, step=jnp.asarray(2.0, x.dtype) * eps,
+        # the reference compares the first step's loss with 0 (its unfilled last row)
+        l_prev=jnp.zeros((), x.dtype), n_up=jnp.zeros((), jnp.int32),
+        l_best_check=l0, reduced=jnp.asarray(True), k_model=k_model)
+
+
+def _schedule(iterations: int) -> tuple[jax.Array, jax.Array]:
+    """(marks [iterations] bool: a checkpoint ends at step i + 1; windows [iterations]: the
+    steps since the previous checkpoint)."""
     marks = np.zeros(iterations, bool)
     windows = np.ones(iterations, np.int32)
     prev = 0
     for c in checkpoints(iterations):
         marks[c - 1], windows[c - 1] = True, c - prev
         prev = c
-    marks, windows = jnp.asarray(marks), jnp.asarray(windows)
-    dtype = x.dtype
-    state = dict(
-        x=x0, x_old=x0, g=g0, x_best=x0, g_best=g0, l_best=l0, x_adv=x0,
-        fooled=jnp.argmax(z0) != y, step=jnp.asarray(2.0, dtype) * eps,
-        # the reference compares the first step's loss with 0 (its unfilled last row)
-        l_prev=jnp.zeros((), dtype), n_up=jnp.zeros((), jnp.int32),
-        l_best_check=l0, reduced=jnp.asarray(True))
+    return jnp.asarray(marks), jnp.asarray(windows)
+
+
+def _steps(model, loss, iterations, eot, params, x, y, t, eps, lo, hi, state, start, stop):
+    """Steps start .. stop - 1 of APGD on one image x: [D] from `state` (`_start`'s, or a
+    previous call's). -> the state after them."""
+    marks, windows = _schedule(iterations)
+
+    def project(v):
+        return jnp.clip(jnp.clip(v, x - eps, x + eps), lo, hi)
 
     def body(i, s):
-        a = jnp.where(i > 0, MOMENTUM, 1.0).astype(dtype)
+        a = jnp.where(i > 0, MOMENTUM, 1.0).astype(x.dtype)
         z = project(s["x"] + s["step"] * jnp.sign(s["g"]))
         x_new = project(s["x"] + (z - s["x"]) * a + (s["x"] - s["x_old"]) * (1 - a))
-        g, val, logits = value(x_new, i + 1)
+        g, val, logits = _value(model, loss, eot, params, y, t, s["k_model"], x_new, i + 1)
         wrong = jnp.argmax(logits) != y
         up = val > s["l_best"]
         s = dict(s, x_old=s["x"], x=x_new, g=g,
@@ -141,18 +152,69 @@ def _one_image(model, loss, iterations, eot, params, x, y, t, eps, lo, hi, key):
 
         return jax.lax.cond(marks[i], check, lambda s: s, s)
 
-    s = jax.lax.fori_loop(0, iterations, body, state)
-    return s["x_adv"], s["fooled"], s["x_best"], s["l_best"]
+    return jax.lax.fori_loop(start, stop, body, state)
+
+
+def _result(s: dict) -> tuple[jax.Array, jax.Array]:
+    """(x_adv [b, D]: the last fooling iterate where an image was fooled, else its point of
+    highest loss; fooled [b])."""
+    return jnp.where(s["fooled"][:, None], s["x_adv"], s["x_best"]), s["fooled"]
 
 
 @functools.partial(jax.jit, static_argnames=("model", "loss", "iterations", "eot"))
 def _kernel(model, loss, iterations, eot, params, x, y, t, eps, lo, hi, key):
-    """APGD on a batch, vmapped over images. -> (x_adv [b, D], fooled [b])."""
+    """APGD on a batch, vmapped over images, every step on every image (the traced path).
+    -> (x_adv [b, D], fooled [b])."""
     keys = jax.random.split(key, x.shape[0])
-    x_adv, fooled, x_best, _ = jax.vmap(
-        lambda xi, yi, ti, ki: _one_image(model, loss, iterations, eot, params, xi, yi, ti,
-                                          eps, lo, hi, ki))(x, y, t, keys)
-    return jnp.where(fooled[:, None], x_adv, x_best), fooled
+
+    def one(xi, yi, ti, ki):
+        s = _start(model, loss, eot, params, xi, yi, ti, eps, lo, hi, ki)
+        return _steps(model, loss, iterations, eot, params, xi, yi, ti, eps, lo, hi, s, 0,
+                      iterations)
+
+    return _result(jax.vmap(one)(x, y, t, keys))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "loss", "eot"))
+def _start_batch(model, loss, eot, params, x, y, t, eps, lo, hi, keys):
+    return jax.vmap(lambda xi, yi, ti, ki: _start(model, loss, eot, params, xi, yi, ti, eps,
+                                                  lo, hi, ki))(x, y, t, keys)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "loss", "iterations", "eot"))
+def _steps_batch(model, loss, iterations, eot, params, x, y, t, eps, lo, hi, state, start,
+                 stop):
+    return jax.vmap(lambda xi, yi, ti, si: _steps(model, loss, iterations, eot, params, xi, yi,
+                                                  ti, eps, lo, hi, si, start, stop))(
+        x, y, t, state)
+
+
+CHUNK = 10  # steps between the host's looks at which images are still standing
+
+
+def _on_host(model, loss, iterations, eot, params, x, y, t, eps, lo, hi, key):
+    """The same steps per image as `_kernel` (the same keys, the same global step numbers),
+    but every CHUNK steps the host drops the images already fooled: an image's outcome
+    (fooled or not) and the points it visits up to being fooled do not depend on which
+    other images share its batch, and a fooled image stays fooled. The batch is re-cut only
+    where it halves (`bucket_size`), so at most log2(b / 16) + 1 shapes compile."""
+    n = int(x.shape[0])
+    keys = jax.random.split(key, n)
+    state = _start_batch(model, loss, eot, params, x, y, t, eps, lo, hi, keys)
+    alive = np.flatnonzero(~np.asarray(state["fooled"]))
+    idx, size = np.arange(n), n  # the batch the kernel runs on (padded) and its size
+    for start in range(0, iterations, CHUNK):
+        if alive.size == 0:
+            break
+        if bucket_size(alive.size, n) <= size // 2:
+            size = bucket_size(alive.size, n)
+            idx = np.concatenate([alive, np.full(size - alive.size, alive[0], alive.dtype)])
+        sub = jax.tree_util.tree_map(lambda a, i=idx: a[i], state)
+        sub = _steps_batch(model, loss, iterations, eot, params, x[idx], y[idx], t[idx], eps,
+                           lo, hi, sub, start, min(start + CHUNK, iterations))
+        state = jax.tree_util.tree_map(lambda a, b, i=idx: a.at[i].set(b), state, sub)
+        alive = np.flatnonzero(~np.asarray(state["fooled"]))
+    return _result(state)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -180,8 +242,17 @@ def check_common(name: str, model: Model, key: Any, iterations: Any, eot: Any) -
 
 def run(model: Model, params: Params, x, y, t, *, loss: str, eps, key, lo, hi,
         iterations: int = ITERATIONS, eot: int = 1):
-    """One APGD run (arrays already checked and cast). -> (x_adv [b, D], fooled [b])."""
-    return _kernel(model, loss, int(iterations), int(eot), params, x, y, t, eps, lo, hi, key)
+    """One APGD run (arrays already checked and cast). -> (x_adv [b, D], fooled [b]).
+    With EOT (eot > 1 on a stochastic model: every step costs eot gradients) and concrete
+    arrays, the host drops the fooled images every CHUNK steps (`_on_host`: the same
+    outcome per image); otherwise, and always inside jit or a sweep, every step runs on
+    every image in one compiled call (`_kernel`: one compile, where `_on_host` compiles a
+    few batch shapes, which only pays off when steps are expensive)."""
+    if (eot == 1 or not model.stochastic or concrete(eps) is None or concrete(x) is None
+            or concrete(t) is None):
+        return _kernel(model, loss, int(iterations), int(eot), params, x, y, t, eps, lo, hi,
+                       key)
+    return _on_host(model, loss, int(iterations), int(eot), params, x, y, t, eps, lo, hi, key)
 
 
 def _apgd(name, loss, model, params, x, y, *, eps, key, lo, hi, iterations, eot, restarts):
