@@ -71,3 +71,36 @@ def test_prepared_forms_run(small):
               torch_peer.prepared_pgd(wih, who, x, y, 0.1, 0.01, 1.0, steps=2),
               torch_peer.prepared_seed_epoch(wih, who, x[:20], y[:20], 0.1)):
         assert p.run().shape[-1] == 784 and p.name.startswith("torch:")
+
+
+@pytest.mark.parametrize("name", ["seed-mlp", "mlp-ce"])
+def test_port_gives_the_attack_logits(mnist, name):
+    """The one torch port: its logits are the harness's attack logits (seed-mlp: the logit
+    of the sigmoid scores), checked by `ported` itself and here in float32 on the images."""
+    from mlshift_jax.attacks.losses import logits
+    from mlshift_jax.models.zoo import build
+
+    model = build(name, mnist, 16)
+    params = model.init(jax.random.key(3))
+    x, y = np.asarray(mnist.x_test[:50]), np.asarray(mnist.y_test[:50])
+    net, xt, yt = torch_peer.ported(model, params, x, y)
+    assert tuple(xt.shape) == (50, 1, 28, 28) and yt.dtype == torch_peer._torch().int64
+    ours = jax.vmap(lambda v: logits(model, params, v))(jnp.asarray(x))
+    np.testing.assert_allclose(net(xt).detach().numpy(), np.asarray(ours), atol=1e-3)
+
+
+def test_port_refuses_a_wrong_port_and_other_models(mnist, monkeypatch):
+    from mlshift_jax.core.errors import ConfigError
+    from mlshift_jax.models.zoo import CNN, build
+
+    model = build("mlp-ce", mnist, 16)
+    params = model.init(jax.random.key(3))
+    x, y = np.asarray(mnist.x_test[:10]), np.asarray(mnist.y_test[:10])
+    with pytest.raises(ConfigError, match="no torch port of 'cnn'"):
+        torch_peer.torch_model(CNN, CNN.init(jax.random.key(0)))
+    shifted = dict(params, b2=np.asarray(params["b2"]) + 1e-3)  # the port sees other weights
+    real = torch_peer.torch_model
+    monkeypatch.setattr(torch_peer, "torch_model",
+                        lambda m, p, dtype=np.float32: real(m, shifted, dtype))
+    with pytest.raises(ConfigError, match="expected logits equal to 0.0001"):
+        torch_peer.ported(model, params, x, y)
