@@ -24,7 +24,8 @@ on MNIST, what the bench uses) or "both" (a row for each). Rows are written as t
         --models seed-mlp mlp-ce mlp-ce+adv --eps 0.1 0.3 --n 1000 --out agreement.md
 
 --out: one or more files, each a .md table or a .json of the rows (with each harness
-attack's count of images broken). Needs the `peers` extra (torch, torchattacks).
+attack's count of images broken). Needs torch and torchattacks (`make bench-peers`
+installs both: the `peers` extra, then torchattacks with --no-deps).
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def main(argv=None) -> int:
                          "attack's count of images broken)")
     args = ap.parse_args(argv)
     if not torch_peer.torchattacks_available():
-        print("needs torch and torchattacks: pip install -e '.[peers]'", file=sys.stderr)
+        print("needs torch and torchattacks: pip install -e '.[peers]' && "
+              "pip install --no-deps torchattacks==3.5.1 (make bench-peers)", file=sys.stderr)
         return 2
     ds = api.load_dataset(args.dataset)
     x, y = np.asarray(ds.x_test[:args.n]), np.asarray(ds.y_test[:args.n])

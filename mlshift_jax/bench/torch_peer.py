@@ -15,7 +15,9 @@ beside (same weights, same data, same update rules), in idiomatic eager PyTorch 
 Every function takes and returns numpy arrays (float32 or float64) so that tests compare it
 with the numpy baseline and the JAX code; the timed forms (`Prepared`) keep the tensors on the
 torch side between calls. torch is an optional extra (`pip install -e '.[peers]'`); importing
-this module without it raises `PeerMissing`.
+this module without it raises `PeerMissing`. torchattacks (the AutoAttack reference) is
+installed apart, without its declared but never imported torchvision:
+`pip install --no-deps torchattacks==3.5.1` (what `make bench-peers` runs).
 """
 
 from __future__ import annotations
@@ -292,7 +294,7 @@ def threads() -> int:
 
 
 def torchattacks_available() -> bool:
-    """Whether torch and torchattacks (the `peers` extra) can be imported."""
+    """Whether torch (the `peers` extra) and torchattacks (`make bench-peers`) import."""
     if not available():
         return False
     try:
