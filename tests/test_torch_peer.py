@@ -104,3 +104,27 @@ def test_port_refuses_a_wrong_port_and_other_models(mnist, monkeypatch):
                         lambda m, p, dtype=np.float32: real(m, shifted, dtype))
     with pytest.raises(ConfigError, match="expected logits equal to 0.0001"):
         torch_peer.ported(model, params, x, y)
+
+
+@pytest.mark.slow
+def test_agreement_script_writes_its_table(tmp_path):
+    """scripts/autoattack_agreement.py end to end on 10 images: a row per harness box, the
+    markdown table and the JSON rows (with the harness's per-attack counts)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    pytest.importorskip("torchattacks")
+    path = Path(__file__).parent.parent / "scripts" / "autoattack_agreement.py"
+    spec = importlib.util.spec_from_file_location("autoattack_agreement", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    md, js = tmp_path / "a.md", tmp_path / "a.json"
+    assert script.main(["--models", "mlp-ce", "--eps", "0.1", "--n", "10", "--box", "both",
+                        "--out", str(md), str(js)]) == 0
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["harness box"] for r in rows] == ["[0, 1]", "[0.01, 1]"]
+    for r in rows:
+        assert 0.0 <= r["harness AA"] <= r["clean acc"] and 0.0 <= r["agreement"] <= 1.0
+        assert sum(r["harness counts"].values()) == 10 and r["speed ratio"] > 0
+    assert md.read_text().count("| mlp-ce | 0.1 |") == 2
