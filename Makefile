@@ -31,9 +31,13 @@ bench-micro: $(STAMP)
 	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-autosave
 
 # The speed table with torch beside JAX and numpy: install the peers extra (torch, CPU
-# build), retime the speed cells, then rewrite the tables (every other cell from the cache).
+# build) and torchattacks without its declared dependencies (torchvision, requests: never
+# imported; pyproject's peers extra says why), retime the speed cells, then rewrite the
+# tables (every other cell from the cache).
+TORCHATTACKS := torchattacks==3.5.1
 bench-peers: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[peers]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps '$(TORCHATTACKS)'
 	$(PY) -m mlshift_jax bench --only 'speed/' --force
 	$(PY) -m mlshift_jax bench
 

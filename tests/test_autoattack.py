@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from mlshift_jax.attacks import adaptive, apgd, autoattack, evasion, losses
+from mlshift_jax.bench.torch_peer import ported
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.models.train import train_minibatch
 from mlshift_jax.models.zoo import MLP_CE, SEED_MLP, build, predict
-from tests.torch_port import torch_mlp_ce
 
 KEY = jax.random.key(0)
 
@@ -287,7 +287,7 @@ def test_agrees_with_torchattacks_autoattack(small_ce):
     torch_peer._torch()  # passive OpenMP waiting, as the peers run
     model, params, x, y = small_ce
     x, y = x[:200], y[:200]
-    net, xt, yt = torch_mlp_ce(model, params, x, y)
+    net, xt, yt = ported(model, params, x, y)
     eps = 0.06
     ref = torchattacks.MultiAttack([
         torchattacks.APGD(net, eps=eps, steps=100, n_restarts=1, loss="ce", seed=0),

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from mlshift_jax.attacks import fab
+from mlshift_jax.bench.torch_peer import ported
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.models.zoo import MLP_CE, build, predict
-from tests.torch_port import torch_mlp_ce
 
 KEY = jax.random.key(0)
 
@@ -182,7 +182,7 @@ def test_agrees_with_torchattacks_fab(trained_mlp_ce):
     torch_peer._torch()  # passive OpenMP waiting, as the peers run
     params, x, y, _ = trained_mlp_ce
     x, y = np.asarray(x), np.asarray(y)
-    net, xt, yt = torch_mlp_ce(MLP_CE, params, x, y)
+    net, xt, yt = ported(MLP_CE, params, x, y)
     eps = 0.06
     ref = torchattacks.FAB(net, norm="Linf", eps=eps, steps=100, n_restarts=1, alpha_max=0.1,
                            eta=1.05, beta=0.9, multi_targeted=True, n_classes=10, seed=0)

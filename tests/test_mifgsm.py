@@ -12,10 +12,10 @@ import pytest
 
 from mlshift_jax.attacks import evasion, get_attack
 from mlshift_jax.attacks.mifgsm import mifgsm
+from mlshift_jax.bench.torch_peer import ported
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.models.train import train_minibatch
 from mlshift_jax.models.zoo import MLP_CE, build, predict
-from tests.torch_port import torch_mlp_ce
 
 EPS = 0.1
 
@@ -88,7 +88,7 @@ def test_agrees_with_torchattacks_mifgsm(small_ce):
     pytest.importorskip("torch")
     torchattacks = pytest.importorskip("torchattacks")
     model, params, x, y = small_ce
-    net, xt, yt = torch_mlp_ce(model, params, x, y)
+    net, xt, yt = ported(model, params, x, y)
     ref = torchattacks.MIFGSM(net, eps=EPS, alpha=EPS / 10, steps=10, decay=1.0)(xt, yt)
     theirs = ref.detach().numpy().reshape(len(x), -1)
     ours = np.asarray(mifgsm(model, params, x, y, eps=EPS, lo=0.0, hi=1.0))

@@ -71,3 +71,60 @@ def test_prepared_forms_run(small):
               torch_peer.prepared_pgd(wih, who, x, y, 0.1, 0.01, 1.0, steps=2),
               torch_peer.prepared_seed_epoch(wih, who, x[:20], y[:20], 0.1)):
         assert p.run().shape[-1] == 784 and p.name.startswith("torch:")
+
+
+@pytest.mark.parametrize("name", ["seed-mlp", "mlp-ce"])
+def test_port_gives_the_attack_logits(mnist, name):
+    """The one torch port: its logits are the harness's attack logits (seed-mlp: the logit
+    of the sigmoid scores), checked by `ported` itself and here in float32 on the images."""
+    from mlshift_jax.attacks.losses import logits
+    from mlshift_jax.models.zoo import build
+
+    model = build(name, mnist, 16)
+    params = model.init(jax.random.key(3))
+    x, y = np.asarray(mnist.x_test[:50]), np.asarray(mnist.y_test[:50])
+    net, xt, yt = torch_peer.ported(model, params, x, y)
+    assert tuple(xt.shape) == (50, 1, 28, 28) and yt.dtype == torch_peer._torch().int64
+    ours = jax.vmap(lambda v: logits(model, params, v))(jnp.asarray(x))
+    np.testing.assert_allclose(net(xt).detach().numpy(), np.asarray(ours), atol=1e-3)
+
+
+def test_port_refuses_a_wrong_port_and_other_models(mnist, monkeypatch):
+    from mlshift_jax.core.errors import ConfigError
+    from mlshift_jax.models.zoo import CNN, build
+
+    model = build("mlp-ce", mnist, 16)
+    params = model.init(jax.random.key(3))
+    x, y = np.asarray(mnist.x_test[:10]), np.asarray(mnist.y_test[:10])
+    with pytest.raises(ConfigError, match="no torch port of 'cnn'"):
+        torch_peer.torch_model(CNN, CNN.init(jax.random.key(0)))
+    shifted = dict(params, b2=np.asarray(params["b2"]) + 1e-3)  # the port sees other weights
+    real = torch_peer.torch_model
+    monkeypatch.setattr(torch_peer, "torch_model",
+                        lambda m, p, dtype=np.float32: real(m, shifted, dtype))
+    with pytest.raises(ConfigError, match="expected logits equal to 0.0001"):
+        torch_peer.ported(model, params, x, y)
+
+
+@pytest.mark.slow
+def test_agreement_script_writes_its_table(tmp_path):
+    """scripts/autoattack_agreement.py end to end on 10 images: a row per harness box, the
+    markdown table and the JSON rows (with the harness's per-attack counts)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    pytest.importorskip("torchattacks")
+    path = Path(__file__).parent.parent / "scripts" / "autoattack_agreement.py"
+    spec = importlib.util.spec_from_file_location("autoattack_agreement", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    md, js = tmp_path / "a.md", tmp_path / "a.json"
+    assert script.main(["--models", "mlp-ce", "--eps", "0.1", "--n", "10", "--box", "both",
+                        "--out", str(md), str(js)]) == 0
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["harness box"] for r in rows] == ["[0, 1]", "[0.01, 1]"]
+    for r in rows:
+        assert 0.0 <= r["harness AA"] <= r["clean acc"] and 0.0 <= r["agreement"] <= 1.0
+        assert sum(r["harness counts"].values()) == 10 and r["speed ratio"] > 0
+    assert md.read_text().count("| mlp-ce | 0.1 |") == 2

@@ -15,7 +15,9 @@ beside (same weights, same data, same update rules), in idiomatic eager PyTorch 
 Every function takes and returns numpy arrays (float32 or float64) so that tests compare it
 with the numpy baseline and the JAX code; the timed forms (`Prepared`) keep the tensors on the
 torch side between calls. torch is an optional extra (`pip install -e '.[peers]'`); importing
-this module without it raises `PeerMissing`.
+this module without it raises `PeerMissing`. torchattacks (the AutoAttack reference) is
+installed apart, without its declared but never imported torchvision:
+`pip install --no-deps torchattacks==3.5.1` (what `make bench-peers` runs).
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from mlshift_jax.core.errors import MlshiftError
+from mlshift_jax.core.errors import ConfigError, MlshiftError
 from mlshift_jax.core.study import TARGET_HIGH, TARGET_LOW
 
 NOT_INSTALLED = "not installed"  # a speed row's note where torch is missing
@@ -290,7 +294,7 @@ def threads() -> int:
 
 
 def torchattacks_available() -> bool:
-    """Whether torch and torchattacks (the `peers` extra) can be imported."""
+    """Whether torch (the `peers` extra) and torchattacks (`make bench-peers`) import."""
     if not available():
         return False
     try:
@@ -300,46 +304,84 @@ def torchattacks_available() -> bool:
     return True
 
 
-def _logits_module(torch, params: dict, model: str, input_shape):
-    """The harness's `seed-mlp` (its pre-sigmoid logits) or `mlp-ce` as a torch Module on
-    images [n, C, H, W] (what torchattacks feeds), weights copied from params."""
-    p = {k: _as(torch, np.asarray(v, np.float32)) for k, v in params.items()}
+def torch_model(model, params: dict, dtype=np.float32):
+    """The harness's built-in `seed-mlp` or `mlp-ce` `model` (a `zoo.Model`) with weights
+    `params` (cast to dtype) as an eval-mode torch Module on images [n, C, H, W]
+    (torchattacks' layout, flattened in the harness's (H, W, C) order) -> [n, K] the logits
+    the harness's attacks climb (`attacks.losses.logits`): mlp-ce's logits; seed-mlp's
+    pre-sigmoid outputs, the logit of its sigmoid scores. The one torch port of the
+    harness's models (the tests' oracles, `prepared_autoattack`,
+    scripts/autoattack_agreement.py). ConfigError for another model; PeerMissing without
+    torch."""
+    torch = _torch()
+    if model.name not in ("seed-mlp", "mlp-ce"):
+        raise ConfigError(f"no torch port of {model.name!r}; expected seed-mlp or mlp-ce")
+    p = {k: _as(torch, np.asarray(v, dtype)) for k, v in params.items()}
 
     class Net(torch.nn.Module):
         def forward(self, v):
             v = v.permute(0, 2, 3, 1).reshape(v.shape[0], -1)  # (H, W, C) flattening
-            if model == "seed-mlp":
+            if model.name == "seed-mlp":
                 return torch.sigmoid(v @ p["wih"].T) @ p["who"].T
             return torch.relu(v @ p["w1"].T + p["b1"]) @ p["w2"].T + p["b2"]
 
-    if model not in ("seed-mlp", "mlp-ce"):
-        raise PeerMissing(f"no torch port of {model!r}; expected seed-mlp or mlp-ce")
     return Net().eval()
 
 
-def prepared_autoattack(params: dict, model: str, x, y, eps: float, input_shape,
-                        n_classes: int = 10) -> Prepared:
-    """torchattacks' ensemble at AutoAttack's standard settings (Croce & Hein 2020: APGD-CE
-    and APGD-T at 100 iterations, FAB-T at 100, Square at 5,000 queries; torchattacks' own
-    `AutoAttack` class runs 10 iterations) on the harness model `model` (seed-mlp or mlp-ce)
-    with weights `params`. x: [n, D] flat in (H, W, C) order; run() -> adversarial images
-    [n, C, H, W]; torchattacks searches the box [0, 1]."""
-    torch = _torch()
-    import torchattacks
+def _images(torch, model, x, dtype=np.float32):
+    h, w, c = model.input_shape
+    return _as(torch, np.asarray(x, dtype)).reshape(-1, h, w, c).permute(0, 3, 1, 2).contiguous()
 
-    h, w, c = input_shape
-    net = _logits_module(torch, params, model, input_shape)
-    tx = _as(torch, np.asarray(x, np.float32)).reshape(-1, h, w, c).permute(0, 3, 1, 2)
-    tx = tx.contiguous()
-    ty = _as(torch, np.asarray(y, np.int64))
-    ta = torchattacks
-    attack = ta.MultiAttack([
+
+def ported(model, params: dict, x, y, *, atol: float = 1e-4):
+    """(net, xt, yt): `torch_model(model, params)`, x: [n, D] as float32 images
+    [n, C, H, W] and y: [n] as int64, after checking that the port's logits on x equal the
+    harness's attack logits (`attacks.losses.logits`) to `atol`, both computed in float64
+    (in float32 the logit of seed-mlp's sigmoid scores is off by up to ~2e-4 where a score
+    nears 1: rounding, not the port). ConfigError where they differ (a wrong port);
+    PeerMissing without torch."""
+    from mlshift_jax.attacks.losses import logits
+
+    torch = _torch()
+    with torch.no_grad():
+        theirs = torch_model(model, params, np.float64)(_images(torch, model, x, np.float64))
+    with jax.enable_x64(True):
+        p64 = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), params)
+        ours = np.asarray(jax.vmap(lambda v: logits(model, p64, v))(
+            jnp.asarray(np.asarray(x, np.float64))))
+    worst = float(np.max(np.abs(theirs.numpy() - ours), initial=0.0))
+    if not worst <= atol:
+        raise ConfigError(f"torch port of {model.name}: expected logits equal to {atol:g}, "
+                          f"found a difference of {worst:.3g}")
+    return torch_model(model, params), _images(torch, model, x), _as(torch, np.asarray(y, np.int64))
+
+
+def reference_autoattack(net, eps: float, n_classes: int = 10):
+    """torchattacks' ensemble at AutoAttack's standard settings (Croce & Hein 2020): APGD-CE
+    (100 iterations), APGD-T (100 iterations, the top n_classes - 1 targets), FAB-T
+    (multi-targeted, 100 steps) and Square (5,000 queries), each on the images the earlier
+    ones left correctly classified (`torchattacks.MultiAttack`); torchattacks' own
+    `AutoAttack` class runs 10 iterations. L∞ budget eps, box [0, 1] (torchattacks clamps
+    there). net: a torch Module on [n, C, H, W] -> logits (`torch_model`)."""
+    _torch()
+    import torchattacks as ta
+
+    return ta.MultiAttack([
         ta.APGD(net, norm="Linf", eps=eps, steps=100, n_restarts=1, loss="ce", seed=0),
         ta.APGDT(net, norm="Linf", eps=eps, steps=100, n_restarts=1, n_classes=n_classes,
                  seed=0),
         ta.FAB(net, norm="Linf", eps=eps, steps=100, n_restarts=1, multi_targeted=True,
                n_classes=n_classes, seed=0),
         ta.Square(net, norm="Linf", eps=eps, n_queries=5000, n_restarts=1, seed=0)])
+
+
+def prepared_autoattack(model, params: dict, x, y, eps: float) -> Prepared:
+    """`reference_autoattack` on the harness's `model` (seed-mlp or mlp-ce, `torch_model`)
+    with weights `params`. x: [n, D], y: [n]; run() -> adversarial images [n, C, H, W];
+    run.robust(adv) -> [n] bool, the images still correctly classified."""
+    torch = _torch()
+    net, tx, ty = ported(model, params, x, y)
+    attack = reference_autoattack(net, eps, model.n_classes)
 
     def run():
         return attack(tx, ty)

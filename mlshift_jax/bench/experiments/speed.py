@@ -587,14 +587,13 @@ def _speed_autoattack(ds: datasets.Dataset, cfg: SpeedConfig) -> tuple[list, dic
                                          hi=1.0)
         return last["ours"].x_adv
 
-    impls = [_Impl("jax: AutoAttack (APGD-CE, APGD-T, Square 5000), vmap over images", ours,
-                   task="autoattack", note="box [0, 1] as torchattacks; no FAB-T")]
+    impls = [_Impl("jax: AutoAttack (APGD-CE, APGD-T, FAB-T, Square 5000), vmap over images",
+                   ours, task="autoattack", note="box [0, 1] as torchattacks")]
     missing_name = "torchattacks: AutoAttack (APGD-CE, APGD-T, FAB-T, Square 5000)"
     peers: list[_Impl] = []
     missing: list[dict] = []
     if torch_peer.torchattacks_available():
-        p = torch_peer.prepared_autoattack(params, "seed-mlp", ds.x_test[:n], ds.y_test[:n],
-                                           cfg.eps, model.input_shape, model.n_classes)
+        p = torch_peer.prepared_autoattack(model, params, ds.x_test[:n], ds.y_test[:n], cfg.eps)
         def theirs():
             last["theirs"] = p.run()
             return last["theirs"]
