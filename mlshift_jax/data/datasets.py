@@ -216,7 +216,7 @@ def _load_builtin(name: str, data_dir, *, download: bool, dtype: npt.DTypeLike,
         try:
             urls = _dl.fetch(name, cache)
         except _dl.DownloadUnavailable:
-            why = "a download was tried and no mirror answered (offline?)"
+            why = "a download was tried; no mirror answered"
         else:
             source = f"download:{urls[0].rsplit('/', 1)[0]}/" if urls else f"cache:{cache}"
             return _from_dir(name, cache, source, dtype, input_range)
