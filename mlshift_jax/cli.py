@@ -202,17 +202,18 @@ def _finite_or_fail(params: dict, args) -> None:
                           "nothing saved")
 
 
-def _save(args, params, model, ds: datasets.Dataset, poison_config=None, *, defense=None,
-          train=None, **extra) -> None:
+def _save(args, params, model, ds: datasets.Dataset, poison_config=None, *, train_size: int,
+          defense=None, train=None, **extra) -> None:
     """Write --save: safetensors (or .npz by its suffix) with the metadata readers need
     (model reference and hyper-parameters, input shape/range, classes, training config and
-    seed, dataset name and content hash, poisoning; a training defense: its name, eps, PGD
-    steps and the resolved epochs; and `extra` keys). train: the resolved TrainConfig
-    (default: the options given)."""
+    seed, `train_size` (the training images it saw: `detect`'s default --sample-size),
+    dataset name and content hash, poisoning; a training defense: its name, eps, PGD steps
+    and the resolved epochs; and `extra` keys). train: the resolved TrainConfig (default:
+    the options given)."""
     save = Path(args.save)  # only its own file and its own temp files are touched
     clean_stale_temps(save.parent, recursive=False, names={save.name})
     meta = weights.metadata(model, train=_train_config(args) if train is None else train,
-                            dataset=ds, poison=poison_config,
+                            dataset=ds, poison=poison_config, train_size=int(train_size),
                             **({"defense": defense} if defense is not None else {}), **extra)
     weights.save(args.save, params, meta)
 
@@ -308,7 +309,7 @@ def cmd_train(args) -> None:
                                                       ds.y_test)["accuracy"]})
     if args.save:
         _save(args, params, model, ds, defense=defense_meta,
-              train=cfg if defense_meta else None)
+              train=cfg if defense_meta else None, train_size=len(train.y_train))
         result["saved"] = args.save
     _emit(args.format, result, [[k, v] for k, v in result.items()], headers=["", "value"])
 
@@ -368,7 +369,7 @@ def cmd_attack(args) -> None:
         params = jax.tree.map(np.asarray, params)
         _finite_or_fail(params, args)
         if args.save:
-            _save(args, params, model, ds)
+            _save(args, params, model, ds, train_size=len(train.y_train))
     _check_fits(model, ds)
     params = jax.device_put(jax.tree.map(lambda v: jax.numpy.asarray(v, jax.numpy.float32),
                                          params))
@@ -441,7 +442,8 @@ def cmd_poison(args) -> None:
             _save_poisoned_data(data, xp, yp, ds)
             _save(args, params, api.build(args.model, ds, _train_config(args)), ds,
                   poison_config=config, poisoned_data={"file": data.name,
-                                                       "kind": args.kind})
+                                                       "kind": args.kind},
+                  train_size=len(y))
             result["saved"] = args.save
             result["saved_training_set"] = str(data)
         _emit(args.format, result, [[k, v] for k, v in result.items()], headers=["", "value"])
@@ -470,7 +472,7 @@ def cmd_detect(args) -> None:
     check_pair(reference, suspect, **kw)  # before the data loads: a mismatch is one line
     check_alpha(args.alpha, args.null_models, alpha_name="--alpha", null_name="--null-models")
     ds = _load(args, meta)
-    size = args.sample_size if args.sample_size is not None else min(10_000, len(ds.y_train))
+    size = args.sample_size if args.sample_size is not None else _reference_size(meta, ds)
     rules.check_at_most(size, len(ds.y_train), "--sample-size",
                         f"training images of {ds.name}")
     if user:  # retrain as the reference was trained (its metadata's settings)
@@ -489,6 +491,14 @@ def cmd_detect(args) -> None:
     rows += [[f"fingerprint {k}", v] for k, v in result["fingerprint"].items()
              if k != "transitions"]
     _emit("table", None, rows, headers=["", "value"])
+
+
+def _reference_size(meta: dict, ds: datasets.Dataset) -> int:
+    """detect's default --sample-size: the training images the reference saw (its metadata's
+    `train_size`), else 10,000; at most the training images ds has."""
+    trained = meta.get("train_size")
+    size = trained if isinstance(trained, int) and trained >= 1 else 10_000
+    return min(size, len(ds.y_train))
 
 
 def _p_text(p: float, resolution: float) -> str:
@@ -750,6 +760,12 @@ def _names(mapping) -> str:
     return ", ".join(mapping)
 
 
+def _eps_norms() -> str:
+    """What eps bounds, from the attack records: the L-inf norm, or each other's label."""
+    other = [f"{a.name}: {a.label}" for a in ATTACKS.values() if not a.linf_bounded]
+    return "the L-inf bound" + (f"; {', '.join(other)}" if other else "")
+
+
 def _options():
     """Every option, defined once: flag -> add_argument keywords (shared by every command)."""
     data_methods = [d.name for d in of_unit("sample")]
@@ -784,7 +800,8 @@ def _options():
         "attack": {"nargs": "+", "default": ["fgsm"], "choices": list(ATTACKS),
                    "metavar": "ATTACK", "help": f"one or more of: {_names(ATTACKS)}"},
         "eps": {"nargs": "+", "type": rules.argtype("eps"), "default": [0.1, 0.2, 0.3],
-                "help": f"perturbation sizes: {rules.describe('eps')}"},
+                "help": f"perturbation sizes, each in the attack's own norm ({_eps_norms()}): "
+                f"{rules.describe('eps')}"},
         "target": num("target", 3, "target class (targeted attacks; mixture and "
                       "wrong-label mode target relabel to it)"),
         "n": num("n", None, "attack the first N test images; default: all"),
@@ -820,8 +837,9 @@ def _options():
         "alpha": num("alpha", 0.05, "the test's level (its false-positive rate on clean "
                      "retrains); refused below 1/(null models + 1), the smallest p-value"),
         "sample_size": num("sample_size", None, "training images of each clean retrain in "
-                           "the null; match how the reference was trained; default: 10000, "
-                           "or all the training images when there are fewer"),
+                           "the null; match how the reference was trained; default: the "
+                           "reference's training-set size (its metadata's train_size), else "
+                           "10000; at most all the training images"),
         "null_models": num("null_models", 24, "clean retrains in the null: the smallest "
                            "p-value is 1/(N+1): N >= 19 for alpha 0.05, 99 for 0.01; fewer "
                            "is faster"),
@@ -884,7 +902,7 @@ def build_parser() -> argparse.ArgumentParser:
             defense={"choices": ["adv-train"], "default": None, "help": "adv-train: PGD "
                      "adversarial training (Madry et al. 2018); the other defenses wrap a "
                      "trained model: attack --defense"},
-            eps={"nargs": None, "default": 0.1, "help": "adv-train: the L-inf budget: "
+            eps={"nargs": None, "default": 0.1, "help": "adv-train: the PGD L-inf budget: "
                  f"{rules.describe('eps')}"},
             steps={"default": 7, "help": f"adv-train: PGD steps per batch: "
                    f"{rules.describe('steps')}"})

@@ -30,6 +30,7 @@ from mlshift_jax.bench.cells import (
     cap,
     inherit,
     shrink,
+    unfit_poisonings,
 )
 from mlshift_jax.bench.context import Loaded, Memo, base_record, capped
 from mlshift_jax.bench.markdown import delta, records_of
@@ -173,13 +174,18 @@ def figures(records: pd.DataFrame, figures_dir: Path, info: dict[str, Any]) -> l
     if not tables:
         return []
     name = records_of(records, kind="poison")["dataset"].iloc[0]
-    loaded = info.get("datasets", {}).get(name, {})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = datasets.load(**loaded.get("load", {"name": name}))
+        ds = datasets.load(**info.get("load", {}).get(name, {"name": name}))
     return sweeps.figures(tables, ds, figures_dir)
+
+
+def fits(cell: Cell, spec) -> str | None:
+    """Every poisoning of the sweep fits the data (its target class, its patch)."""
+    return unfit_poisonings(sweeps.sweep_configs(cell.config.sweep), spec)
 
 
 EXPERIMENT = Experiment(
     block="poison", Block=Poison, Config=PoisonSweepConfig, schema=schema, cells=cells,
-    tiny=tiny, compute=compute, section=section, place=40, finding=finding, figures=figures)
+    tiny=tiny, compute=compute, section=section, place=40, finding=finding, figures=figures,
+    fits=fits)
