@@ -38,7 +38,7 @@ from mlshift_jax.detection import FINGERPRINT, of_unit
 from mlshift_jax.models import RECIPES, TrainConfig, infer_model, load_model, weights
 from mlshift_jax.models.population import poison_key
 from mlshift_jax.models.train import OPTIMIZERS
-from mlshift_jax.poisoning.poison import MODES, POISONINGS, check_for
+from mlshift_jax.poisoning.poison import MODES, POISONINGS, check_for, eligible_classes
 from mlshift_jax.poisoning.poison import apply as apply_poison
 
 EXIT_USAGE = 2
@@ -108,6 +108,12 @@ def _emit(fmt: str, payload, table_rows=None, headers="keys") -> None:
                        disable_numparse=True))
     else:
         print(tabulate(payload, headers=headers, floatfmt=".4f"))
+
+
+def _given(result: dict) -> list[list]:
+    """A result's (key, value) rows for a text table, without the keys it has no value for
+    (null in the JSON, whose shape is one per command)."""
+    return [[k, v] for k, v in result.items() if v is not None]
 
 
 def _log(line: str) -> None:
@@ -297,13 +303,16 @@ def cmd_train(args) -> None:
     params = jax.tree.map(np.asarray, params)
     _finite_or_fail(params, args)
     scores = api.evaluate(model, params, ds.x_test, ds.y_test)
+    # one shape with and without --defense / --save (docs/json.md): absent facts are null
     result = {"model": args.model, **scores, "train_seconds": train_seconds,
               "train_size": int(len(train.y_train)), "data_source": ds.source,
-              "backend": jax.default_backend()}
+              "backend": jax.default_backend(), "defense": args.defense, "eps": None,
+              "train_steps": None, "warmup": None, "epochs": None, "pgd40_accuracy": None,
+              "saved": None}
     if args.defense == "adv-train":  # the robust accuracy it was trained for: PGD-40 at eps
         x_adv = api.attack("pgd", model, params, ds.x_test, ds.y_test, eps=args.eps, steps=40,
                            seed=args.seed)
-        result.update({"defense": "adv-train", "eps": args.eps, "train_steps": args.steps,
+        result.update({"eps": args.eps, "train_steps": args.steps,
                        "warmup": args.warmup, "epochs": int(cfg.epochs),
                        "pgd40_accuracy": api.evaluate(model, params, x_adv,
                                                       ds.y_test)["accuracy"]})
@@ -311,7 +320,7 @@ def cmd_train(args) -> None:
         _save(args, params, model, ds, defense=defense_meta,
               train=cfg if defense_meta else None, train_size=len(train.y_train))
         result["saved"] = args.save
-    _emit(args.format, result, [[k, v] for k, v in result.items()], headers=["", "value"])
+    _emit(args.format, result, _given(result), headers=["", "value"])
 
 
 # --- stability ----------------------------------------------------------------------------
@@ -435,6 +444,12 @@ def cmd_poison(args) -> None:
                                     optimizer=args.optimizer, **common)
         params = result.pop("params")
         _finite_or_fail(params, args)
+        # poisoned_count = round(fraction * eligible_count): the classes it may poison (a
+        # target class's own images are never relabelled to it)
+        eligible = eligible_classes(config, ds.n_classes)
+        result.update(eligible_classes=np.flatnonzero(eligible).tolist(),
+                      eligible_count=int(eligible[np.asarray(y)].sum()))
+        result.update(saved=None, saved_training_set=None)  # one shape with or without --save
         if args.save:
             # the member's poisoning, redrawn exactly as the population drew it
             xp, yp, _ = apply_poison(poison_key(args.seed), x, y, config, ds.spec)
@@ -446,7 +461,7 @@ def cmd_poison(args) -> None:
                   train_size=len(y))
             result["saved"] = args.save
             result["saved_training_set"] = str(data)
-        _emit(args.format, result, [[k, v] for k, v in result.items()], headers=["", "value"])
+        _emit(args.format, result, _given(result), headers=["", "value"])
         return
 
     tables, found = api.poison_sweeps(ds, log=_log, **common)
@@ -545,8 +560,7 @@ def cmd_scan_model(args) -> None:
             "target.png")])
         result["files"], note = save_triggers(trigger, args.out, target=result["target"],
                                               input_range=model.input_range)
-    if note:
-        result["note"] = "; ".join(n for n in (result.get("note"), note) if n)
+    result["note"] = "; ".join(n for n in (result.get("note"), note) if n) or None
     if args.format == "json":
         print(strict_json(result))
         return
@@ -654,15 +668,13 @@ def cmd_scan_data(args) -> None:
         top = np.argsort(-scores[m], kind="stable")[:args.top]
         entry = {"flagged": int(flags[m].sum()),
                  "top": [{"index": int(i), "label": int(y[i]), "score": float(scores[m][i]),
-                          "flagged": bool(flags[m][i])} for i in top]}
-        if found[m].classes is not None:
-            entry["suspect_classes"] = [int(c) for c in np.flatnonzero(
-                np.asarray(found[m].classes))]
+                          "flagged": bool(flags[m][i])} for i in top],
+                 "suspect_classes": None if found[m].classes is None else [
+                     int(c) for c in np.flatnonzero(np.asarray(found[m].classes))]}
         result["methods"][m] = entry
         rows += [[m, r + 1, t["index"], t["label"], t["score"], t["flagged"]]
                  for r, t in enumerate(entry["top"])]
-    if args.out is not None:
-        result["out"] = args.out
+    result["out"] = args.out  # null without --out: one shape (docs/json.md)
     if args.format == "json":
         print(strict_json(result))
         return
@@ -823,7 +835,9 @@ def _options():
                       "from 0 (0.5 lets the cnn train at eps 0.3)"),
         "kind": {"default": "mixture", "choices": list(POISONINGS),
                  "help": f"poisoning: {_names(POISONINGS)}"},
-        "fraction": num("fraction", 0.1, "share of the eligible training images poisoned"),
+        "fraction": num("fraction", 0.1, "share of the eligible training images poisoned (of "
+                        "--source when given; never those already of --target): "
+                        "poisoned_count = round(fraction x eligible_count)"),
         "patch": num("patch", 4, "trigger side"),
         "mode": {"default": "uniform", "choices": list(MODES),
                  "help": f"wrong-label mode: {_names(MODES)}"},

@@ -387,6 +387,22 @@ def any_data(cell: Cell, spec: Any) -> str | None:
     return None
 
 
+def unfit_study(spec: Any) -> str | None:
+    """Why a block that sets its numbers beside the study's (E1-E3) cannot run on data of
+    `spec`, None when it can: the study's images and classes (`data.STUDY_SPEC`), without
+    which every comparison it prints would be of unlike things."""
+    from mlshift_jax.data import STUDY_SPEC
+
+    want = (tuple(STUDY_SPEC.image_shape), STUDY_SPEC.n_classes)
+    found = (tuple(spec.image_shape), int(spec.n_classes))
+    if found == want:
+        return None
+    shape = "x".join(map(str, found[0]))
+    return (f"it compares with the study's MNIST numbers: expected "
+            f"{'x'.join(map(str, want[0]))} images of {want[1]} classes, found {shape} of "
+            f"{found[1]}")
+
+
 def unfit_attacks(names: Any, spec: Any) -> str | None:
     """Why attacks `names` cannot run on data of `spec` (a `models.Spec`: image_shape,
     n_classes), None when they all can: an attack's `min_classes` (the registry's record)."""

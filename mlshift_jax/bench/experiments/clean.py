@@ -24,6 +24,7 @@ from mlshift_jax.bench.cells import (
     shrink,
     train_spec,
     unfit_attacks,
+    unfit_study,
 )
 from mlshift_jax.bench.experiments.grid import compute as attack_compute
 from mlshift_jax.bench.markdown import MEASURES, delta, md, records_of
@@ -98,4 +99,4 @@ def section(records: pd.DataFrame, ctx: ReportContext) -> list[tuple[str, str]]:
 EXPERIMENT = Experiment(
     block=BLOCK, Block=Clean, Config=AttackConfig, schema=schema, cells=cells, tiny=tiny,
     compute=attack_compute, section=section, place=10, finding=finding,
-    fits=lambda cell, spec: unfit_attacks([cell.config.attack], spec))
+    fits=lambda cell, spec: unfit_study(spec) or unfit_attacks([cell.config.attack], spec))
