@@ -393,8 +393,8 @@ def unfit_study(spec: Any) -> str | None:
     which every comparison it prints would be of unlike things."""
     from mlshift_jax.data import STUDY_SPEC
 
-    want = (tuple(STUDY_SPEC.image_shape), STUDY_SPEC.n_classes)
-    found = (tuple(spec.image_shape), int(spec.n_classes))
+    want = (tuple(STUDY_SPEC.input_shape), STUDY_SPEC.n_classes)
+    found = (tuple(spec.input_shape), int(spec.n_classes))
     if found == want:
         return None
     shape = "x".join(map(str, found[0]))
@@ -404,7 +404,7 @@ def unfit_study(spec: Any) -> str | None:
 
 
 def unfit_attacks(names: Any, spec: Any) -> str | None:
-    """Why attacks `names` cannot run on data of `spec` (a `models.Spec`: image_shape,
+    """Why attacks `names` cannot run on data of `spec` (a `models.Spec`: input_shape,
     n_classes), None when they all can: an attack's `min_classes` (the registry's record)."""
     from mlshift_jax.attacks import ATTACKS
 
