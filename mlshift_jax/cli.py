@@ -1088,6 +1088,21 @@ def _interrupted_line() -> str:
     return f"mlshift: interrupted: {held} cells cached; rerun to resume"
 
 
+def _commands(parser: argparse.ArgumentParser) -> set[str]:
+    """The subcommand names of the parser."""
+    return {name for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+            for name in a.choices}
+
+
+def _error_line(command: str | None, message: str) -> str:
+    """The one line every error prints: "mlshift: error: COMMAND: message" (the command
+    once, where the message does not start with it already; none before one is parsed)."""
+    if command and not (message == command or message.startswith((f"{command}:",
+                                                                   f"{command} "))):
+        message = f"{command}: {message}"
+    return f"mlshift: error: {message}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
     _interrupt.seen, _interrupt.cells = False, None
@@ -1100,11 +1115,21 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGINT, _interrupt)
     except ValueError:  # not the main thread: leave signals alone
         previous = None
+    command = None  # every error line names it: "mlshift: error: detect: ..."
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
             try:
-                args = build_parser().parse_args(argv)
+                parser = build_parser()
+                given = sys.argv[1:] if argv is None else argv
+                command = next((a for a in given if not a.startswith("-")), None)
+                if command not in _commands(parser):  # a type check fails during parsing
+                    command = None
+                args, extra = parser.parse_known_args(argv)
+                command = args.command
+                if extra:
+                    raise ConfigError(f"unrecognized arguments: {' '.join(extra)} "
+                                      f"(`mlshift {command} --help` lists its options)")
                 for name in PATH_OPTIONS:
                     value = getattr(args, name, None)
                     if value is not None and not value.strip():
@@ -1116,11 +1141,12 @@ def main(argv: list[str] | None = None) -> int:
                     compile_cache.enable(datasets.cache_dir("jax"))
                 args.func(args)
             except MlshiftError as e:
-                print(f"mlshift: error: {_one_line(e)}", file=sys.stderr)
+                print(_error_line(command, _one_line(e)), file=sys.stderr)
                 return EXIT_USAGE
             except OSError as e:  # an unwritable --out / --save, a full disk
                 where = f"{e.filename}: " if e.filename else ""
-                print(f"mlshift: error: {where}{_one_line(e.strerror or e)}", file=sys.stderr)
+                print(_error_line(command, f"{where}{_one_line(e.strerror or e)}"),
+                      file=sys.stderr)
                 return EXIT_USAGE
             except SystemExit as e:  # --help, --version
                 return e.code if isinstance(e.code, int) else 0

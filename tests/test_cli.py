@@ -52,6 +52,19 @@ def test_bad_arguments_print_one_line_and_exit_2(capsys, argv, fragment):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv", [
+    ["detect", "--reference", "a.npz", "--suspect", "b.npz", "--hidden", "3"],  # not detect's
+    ["detect", "--hidden", "3"],
+    ["scan-data", "--params", "x.npz", "--eps", "2"],  # a type check during parsing
+    ["attack", "--params", "nope.npz", "--hidden", "3"],  # the command's own check
+    ["train", "--lr", "-1"],
+])
+def test_every_error_line_names_its_command_once(capsys, argv):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"mlshift: error: {argv[0]}: ") and err.count(argv[0] + ":") == 1
+
+
 def test_stability_json(capsys):
     code, out, err = run_cli(capsys, "stability", "--samples", "3", "--size", "400",
                              "--hidden", "16", "--format", "json")
