@@ -82,3 +82,26 @@ def test_a_run_lists_what_it_skipped(tmp_path):
     assert info["skipped_cells"] == 1 and "12x12x1 of 4" in info["skipped_blocks"][0]["reason"]
     tables = (tmp_path / "out" / "tables.md").read_text()
     assert "[e1] on " in tables and "SKIPPED" in tables and "10 classes)" not in tables
+
+
+@pytest.mark.slow
+def test_e3_lists_each_row_once_when_the_data_has_fewer_test_images(tmp_path):
+    """[e3] asks for 10,000 and 6,000 test images; a dataset with fewer (the bundled
+    sample's 2,000; here 60) gives both the same images: one table of all of them, each
+    (attack, eps) once."""
+    from mlshift_jax.bench import report, runner
+
+    (tmp_path / "m.toml").write_text(
+        '[matrix]\ndatasets = ["mnist"]\nmodels = ["seed-mlp"]\nattacks = ["none"]\n'
+        'eps = [0.0]\nhidden = 8\nn_train = 300\n\n[timing]\nrounds = 1\nmax_seconds = 1.0\n\n'
+        '[e3]\nattacks = ["fgsm"]\neps = [0.0, 0.1]\nn_test = [10000, 6000]\nhidden = 8\n'
+        'n_train = 300\n')
+    _npz(tmp_path / "digits.npz", 10, 28)
+    records = runner.run(tmp_path / "m.toml", out_dir=tmp_path / "out",
+                         dataset=str(tmp_path / "digits.npz"))
+    report.write(records, tmp_path / "out")
+    text = (tmp_path / "out" / "tables.md").read_text()
+    e3 = text[text.index("## E3"):text.index("## E4")]
+    assert e3.count("### E3 on") == 1 and "### E3 on all 60 " in e3
+    assert [line.split("|")[1].strip() for line in e3.splitlines()
+            if line.startswith("| fgsm")] == ["fgsm", "fgsm"]
