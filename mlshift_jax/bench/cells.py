@@ -398,7 +398,7 @@ def unfit_study(spec: Any) -> str | None:
     if found == want:
         return None
     shape = "x".join(map(str, found[0]))
-    return (f"it compares with the study's MNIST numbers: expected "
+    return (f"the study's numbers are of MNIST: expected "
             f"{'x'.join(map(str, want[0]))} images of {want[1]} classes, found {shape} of "
             f"{found[1]}")
 
