@@ -224,3 +224,20 @@ def test_the_cli_is_a_thin_face_over_the_api(capsys, monkeypatch):
     (args, kw), = calls
     assert list(args[4]) == ["fgsm"] and list(args[5]) == [0.1] and kw["flags"] is False
     assert json.loads(out)["rows"] == [{"attack": "fgsm", "eps": 0.1, "accuracy": 0.5}]
+
+
+def test_detect_samples_as_many_images_as_the_reference_was_trained_on(capsys, tmp_path):
+    """detect's default --sample-size: the reference's training-set size from its metadata
+    (train --save records it), else 10,000; never more than the data has."""
+    from mlshift_jax.data import datasets
+    from mlshift_jax.models import weights
+
+    path = tmp_path / "m.safetensors"
+    code, _, err = run_cli(capsys, "train", "--hidden", "8", "--train-size", "700",
+                           "--epochs", "1", "--save", str(path))
+    assert code == 0, err
+    meta = weights.load(path)[1]
+    assert meta["train_size"] == 700
+    ds = datasets.load()
+    assert cli._reference_size(meta, ds) == 700
+    assert cli._reference_size({}, ds) == min(10_000, len(ds.y_train))
