@@ -38,7 +38,7 @@ from mlshift_jax.detection import FINGERPRINT, of_unit
 from mlshift_jax.models import RECIPES, TrainConfig, infer_model, load_model, weights
 from mlshift_jax.models.population import poison_key
 from mlshift_jax.models.train import OPTIMIZERS
-from mlshift_jax.poisoning.poison import MODES, POISONINGS, check_for
+from mlshift_jax.poisoning.poison import MODES, POISONINGS, check_for, eligible_classes
 from mlshift_jax.poisoning.poison import apply as apply_poison
 
 EXIT_USAGE = 2
@@ -108,6 +108,12 @@ def _emit(fmt: str, payload, table_rows=None, headers="keys") -> None:
                        disable_numparse=True))
     else:
         print(tabulate(payload, headers=headers, floatfmt=".4f"))
+
+
+def _given(result: dict) -> list[list]:
+    """A result's (key, value) rows for a text table, without the keys it has no value for
+    (null in the JSON, whose shape is one per command)."""
+    return [[k, v] for k, v in result.items() if v is not None]
 
 
 def _log(line: str) -> None:
@@ -202,17 +208,18 @@ def _finite_or_fail(params: dict, args) -> None:
                           "nothing saved")
 
 
-def _save(args, params, model, ds: datasets.Dataset, poison_config=None, *, defense=None,
-          train=None, **extra) -> None:
+def _save(args, params, model, ds: datasets.Dataset, poison_config=None, *, train_size: int,
+          defense=None, train=None, **extra) -> None:
     """Write --save: safetensors (or .npz by its suffix) with the metadata readers need
     (model reference and hyper-parameters, input shape/range, classes, training config and
-    seed, dataset name and content hash, poisoning; a training defense: its name, eps, PGD
-    steps and the resolved epochs; and `extra` keys). train: the resolved TrainConfig
-    (default: the options given)."""
+    seed, `train_size` (the training images it saw: `detect`'s default --sample-size),
+    dataset name and content hash, poisoning; a training defense: its name, eps, PGD steps
+    and the resolved epochs; and `extra` keys). train: the resolved TrainConfig (default:
+    the options given)."""
     save = Path(args.save)  # only its own file and its own temp files are touched
     clean_stale_temps(save.parent, recursive=False, names={save.name})
     meta = weights.metadata(model, train=_train_config(args) if train is None else train,
-                            dataset=ds, poison=poison_config,
+                            dataset=ds, poison=poison_config, train_size=int(train_size),
                             **({"defense": defense} if defense is not None else {}), **extra)
     weights.save(args.save, params, meta)
 
@@ -296,21 +303,24 @@ def cmd_train(args) -> None:
     params = jax.tree.map(np.asarray, params)
     _finite_or_fail(params, args)
     scores = api.evaluate(model, params, ds.x_test, ds.y_test)
+    # one shape with and without --defense / --save (docs/json.md): absent facts are null
     result = {"model": args.model, **scores, "train_seconds": train_seconds,
               "train_size": int(len(train.y_train)), "data_source": ds.source,
-              "backend": jax.default_backend()}
+              "backend": jax.default_backend(), "defense": args.defense, "eps": None,
+              "train_steps": None, "warmup": None, "epochs": None, "pgd40_accuracy": None,
+              "saved": None}
     if args.defense == "adv-train":  # the robust accuracy it was trained for: PGD-40 at eps
         x_adv = api.attack("pgd", model, params, ds.x_test, ds.y_test, eps=args.eps, steps=40,
                            seed=args.seed)
-        result.update({"defense": "adv-train", "eps": args.eps, "train_steps": args.steps,
+        result.update({"eps": args.eps, "train_steps": args.steps,
                        "warmup": args.warmup, "epochs": int(cfg.epochs),
                        "pgd40_accuracy": api.evaluate(model, params, x_adv,
                                                       ds.y_test)["accuracy"]})
     if args.save:
         _save(args, params, model, ds, defense=defense_meta,
-              train=cfg if defense_meta else None)
+              train=cfg if defense_meta else None, train_size=len(train.y_train))
         result["saved"] = args.save
-    _emit(args.format, result, [[k, v] for k, v in result.items()], headers=["", "value"])
+    _emit(args.format, result, _given(result), headers=["", "value"])
 
 
 # --- stability ----------------------------------------------------------------------------
@@ -368,7 +378,7 @@ def cmd_attack(args) -> None:
         params = jax.tree.map(np.asarray, params)
         _finite_or_fail(params, args)
         if args.save:
-            _save(args, params, model, ds)
+            _save(args, params, model, ds, train_size=len(train.y_train))
     _check_fits(model, ds)
     params = jax.device_put(jax.tree.map(lambda v: jax.numpy.asarray(v, jax.numpy.float32),
                                          params))
@@ -434,6 +444,12 @@ def cmd_poison(args) -> None:
                                     optimizer=args.optimizer, **common)
         params = result.pop("params")
         _finite_or_fail(params, args)
+        # poisoned_count = round(fraction * eligible_count): the classes it may poison (a
+        # target class's own images are never relabelled to it)
+        eligible = eligible_classes(config, ds.n_classes)
+        result.update(eligible_classes=np.flatnonzero(eligible).tolist(),
+                      eligible_count=int(eligible[np.asarray(y)].sum()))
+        result.update(saved=None, saved_training_set=None)  # one shape with or without --save
         if args.save:
             # the member's poisoning, redrawn exactly as the population drew it
             xp, yp, _ = apply_poison(poison_key(args.seed), x, y, config, ds.spec)
@@ -441,10 +457,11 @@ def cmd_poison(args) -> None:
             _save_poisoned_data(data, xp, yp, ds)
             _save(args, params, api.build(args.model, ds, _train_config(args)), ds,
                   poison_config=config, poisoned_data={"file": data.name,
-                                                       "kind": args.kind})
+                                                       "kind": args.kind},
+                  train_size=len(y))
             result["saved"] = args.save
             result["saved_training_set"] = str(data)
-        _emit(args.format, result, [[k, v] for k, v in result.items()], headers=["", "value"])
+        _emit(args.format, result, _given(result), headers=["", "value"])
         return
 
     tables, found = api.poison_sweeps(ds, log=_log, **common)
@@ -470,7 +487,7 @@ def cmd_detect(args) -> None:
     check_pair(reference, suspect, **kw)  # before the data loads: a mismatch is one line
     check_alpha(args.alpha, args.null_models, alpha_name="--alpha", null_name="--null-models")
     ds = _load(args, meta)
-    size = args.sample_size if args.sample_size is not None else min(10_000, len(ds.y_train))
+    size = args.sample_size if args.sample_size is not None else _reference_size(meta, ds)
     rules.check_at_most(size, len(ds.y_train), "--sample-size",
                         f"training images of {ds.name}")
     if user:  # retrain as the reference was trained (its metadata's settings)
@@ -489,6 +506,14 @@ def cmd_detect(args) -> None:
     rows += [[f"fingerprint {k}", v] for k, v in result["fingerprint"].items()
              if k != "transitions"]
     _emit("table", None, rows, headers=["", "value"])
+
+
+def _reference_size(meta: dict, ds: datasets.Dataset) -> int:
+    """detect's default --sample-size: the training images the reference saw (its metadata's
+    `train_size`), else 10,000; at most the training images ds has."""
+    trained = meta.get("train_size")
+    size = trained if isinstance(trained, int) and trained >= 1 else 10_000
+    return min(size, len(ds.y_train))
 
 
 def _p_text(p: float, resolution: float) -> str:
@@ -535,8 +560,7 @@ def cmd_scan_model(args) -> None:
             "target.png")])
         result["files"], note = save_triggers(trigger, args.out, target=result["target"],
                                               input_range=model.input_range)
-    if note:
-        result["note"] = "; ".join(n for n in (result.get("note"), note) if n)
+    result["note"] = "; ".join(n for n in (result.get("note"), note) if n) or None
     if args.format == "json":
         print(strict_json(result))
         return
@@ -644,15 +668,13 @@ def cmd_scan_data(args) -> None:
         top = np.argsort(-scores[m], kind="stable")[:args.top]
         entry = {"flagged": int(flags[m].sum()),
                  "top": [{"index": int(i), "label": int(y[i]), "score": float(scores[m][i]),
-                          "flagged": bool(flags[m][i])} for i in top]}
-        if found[m].classes is not None:
-            entry["suspect_classes"] = [int(c) for c in np.flatnonzero(
-                np.asarray(found[m].classes))]
+                          "flagged": bool(flags[m][i])} for i in top],
+                 "suspect_classes": None if found[m].classes is None else [
+                     int(c) for c in np.flatnonzero(np.asarray(found[m].classes))]}
         result["methods"][m] = entry
         rows += [[m, r + 1, t["index"], t["label"], t["score"], t["flagged"]]
                  for r, t in enumerate(entry["top"])]
-    if args.out is not None:
-        result["out"] = args.out
+    result["out"] = args.out  # null without --out: one shape (docs/json.md)
     if args.format == "json":
         print(strict_json(result))
         return
@@ -750,6 +772,12 @@ def _names(mapping) -> str:
     return ", ".join(mapping)
 
 
+def _eps_norms() -> str:
+    """What eps bounds, from the attack records: the L-inf norm, or each other's label."""
+    other = [f"{a.name}: {a.label}" for a in ATTACKS.values() if not a.linf_bounded]
+    return "the L-inf bound" + (f"; {', '.join(other)}" if other else "")
+
+
 def _options():
     """Every option, defined once: flag -> add_argument keywords (shared by every command)."""
     data_methods = [d.name for d in of_unit("sample")]
@@ -784,7 +812,8 @@ def _options():
         "attack": {"nargs": "+", "default": ["fgsm"], "choices": list(ATTACKS),
                    "metavar": "ATTACK", "help": f"one or more of: {_names(ATTACKS)}"},
         "eps": {"nargs": "+", "type": rules.argtype("eps"), "default": [0.1, 0.2, 0.3],
-                "help": f"perturbation sizes: {rules.describe('eps')}"},
+                "help": f"perturbation sizes, each in the attack's own norm ({_eps_norms()}): "
+                f"{rules.describe('eps')}"},
         "target": num("target", 3, "target class (targeted attacks; mixture and "
                       "wrong-label mode target relabel to it)"),
         "n": num("n", None, "attack the first N test images; default: all"),
@@ -806,7 +835,9 @@ def _options():
                       "from 0 (0.5 lets the cnn train at eps 0.3)"),
         "kind": {"default": "mixture", "choices": list(POISONINGS),
                  "help": f"poisoning: {_names(POISONINGS)}"},
-        "fraction": num("fraction", 0.1, "share of the eligible training images poisoned"),
+        "fraction": num("fraction", 0.1, "share of the eligible training images poisoned (of "
+                        "--source when given; never those already of --target): "
+                        "poisoned_count = round(fraction x eligible_count)"),
         "patch": num("patch", 4, "trigger side"),
         "mode": {"default": "uniform", "choices": list(MODES),
                  "help": f"wrong-label mode: {_names(MODES)}"},
@@ -820,8 +851,9 @@ def _options():
         "alpha": num("alpha", 0.05, "the test's level (its false-positive rate on clean "
                      "retrains); refused below 1/(null models + 1), the smallest p-value"),
         "sample_size": num("sample_size", None, "training images of each clean retrain in "
-                           "the null; match how the reference was trained; default: 10000, "
-                           "or all the training images when there are fewer"),
+                           "the null; match how the reference was trained; default: the "
+                           "reference's training-set size (its metadata's train_size), else "
+                           "10000; at most all the training images"),
         "null_models": num("null_models", 24, "clean retrains in the null: the smallest "
                            "p-value is 1/(N+1): N >= 19 for alpha 0.05, 99 for 0.01; fewer "
                            "is faster"),
@@ -884,7 +916,7 @@ def build_parser() -> argparse.ArgumentParser:
             defense={"choices": ["adv-train"], "default": None, "help": "adv-train: PGD "
                      "adversarial training (Madry et al. 2018); the other defenses wrap a "
                      "trained model: attack --defense"},
-            eps={"nargs": None, "default": 0.1, "help": "adv-train: the L-inf budget: "
+            eps={"nargs": None, "default": 0.1, "help": "adv-train: the PGD L-inf budget: "
                  f"{rules.describe('eps')}"},
             steps={"default": 7, "help": f"adv-train: PGD steps per batch: "
                    f"{rules.describe('steps')}"})
@@ -1056,6 +1088,21 @@ def _interrupted_line() -> str:
     return f"mlshift: interrupted: {held} cells cached; rerun to resume"
 
 
+def _commands(parser: argparse.ArgumentParser) -> set[str]:
+    """The subcommand names of the parser."""
+    return {name for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+            for name in a.choices}
+
+
+def _error_line(command: str | None, message: str) -> str:
+    """The one line every error prints: "mlshift: error: COMMAND: message" (the command
+    once, where the message does not start with it already; none before one is parsed)."""
+    if command and not (message == command or message.startswith((f"{command}:",
+                                                                   f"{command} "))):
+        message = f"{command}: {message}"
+    return f"mlshift: error: {message}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
     _interrupt.seen, _interrupt.cells = False, None
@@ -1068,11 +1115,21 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGINT, _interrupt)
     except ValueError:  # not the main thread: leave signals alone
         previous = None
+    command = None  # every error line names it: "mlshift: error: detect: ..."
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
             try:
-                args = build_parser().parse_args(argv)
+                parser = build_parser()
+                given = sys.argv[1:] if argv is None else argv
+                command = next((a for a in given if not a.startswith("-")), None)
+                if command not in _commands(parser):  # a type check fails during parsing
+                    command = None
+                args, extra = parser.parse_known_args(argv)
+                command = args.command
+                if extra:
+                    raise ConfigError(f"unrecognized arguments: {' '.join(extra)} "
+                                      f"(`mlshift {command} --help` lists its options)")
                 for name in PATH_OPTIONS:
                     value = getattr(args, name, None)
                     if value is not None and not value.strip():
@@ -1084,11 +1141,12 @@ def main(argv: list[str] | None = None) -> int:
                     compile_cache.enable(datasets.cache_dir("jax"))
                 args.func(args)
             except MlshiftError as e:
-                print(f"mlshift: error: {_one_line(e)}", file=sys.stderr)
+                print(_error_line(command, _one_line(e)), file=sys.stderr)
                 return EXIT_USAGE
             except OSError as e:  # an unwritable --out / --save, a full disk
                 where = f"{e.filename}: " if e.filename else ""
-                print(f"mlshift: error: {where}{_one_line(e.strerror or e)}", file=sys.stderr)
+                print(_error_line(command, f"{where}{_one_line(e.strerror or e)}"),
+                      file=sys.stderr)
                 return EXIT_USAGE
             except SystemExit as e:  # --help, --version
                 return e.code if isinstance(e.code, int) else 0

@@ -52,6 +52,19 @@ def test_bad_arguments_print_one_line_and_exit_2(capsys, argv, fragment):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv", [
+    ["detect", "--reference", "a.npz", "--suspect", "b.npz", "--hidden", "3"],  # not detect's
+    ["detect", "--hidden", "3"],
+    ["scan-data", "--params", "x.npz", "--eps", "2"],  # a type check during parsing
+    ["attack", "--params", "nope.npz", "--hidden", "3"],  # the command's own check
+    ["train", "--lr", "-1"],
+])
+def test_every_error_line_names_its_command_once(capsys, argv):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"mlshift: error: {argv[0]}: ") and err.count(argv[0] + ":") == 1
+
+
 def test_stability_json(capsys):
     code, out, err = run_cli(capsys, "stability", "--samples", "3", "--size", "400",
                              "--hidden", "16", "--format", "json")
@@ -211,3 +224,20 @@ def test_the_cli_is_a_thin_face_over_the_api(capsys, monkeypatch):
     (args, kw), = calls
     assert list(args[4]) == ["fgsm"] and list(args[5]) == [0.1] and kw["flags"] is False
     assert json.loads(out)["rows"] == [{"attack": "fgsm", "eps": 0.1, "accuracy": 0.5}]
+
+
+def test_detect_samples_as_many_images_as_the_reference_was_trained_on(capsys, tmp_path):
+    """detect's default --sample-size: the reference's training-set size from its metadata
+    (train --save records it), else 10,000; never more than the data has."""
+    from mlshift_jax.data import datasets
+    from mlshift_jax.models import weights
+
+    path = tmp_path / "m.safetensors"
+    code, _, err = run_cli(capsys, "train", "--hidden", "8", "--train-size", "700",
+                           "--epochs", "1", "--save", str(path))
+    assert code == 0, err
+    meta = weights.load(path)[1]
+    assert meta["train_size"] == 700
+    ds = datasets.load()
+    assert cli._reference_size(meta, ds) == 700
+    assert cli._reference_size({}, ds) == min(10_000, len(ds.y_train))

@@ -70,3 +70,40 @@ def test_every_command_with_json_output_is_documented():
 def test_train_prints_what_docs_json_says(capsys):
     result = _json(capsys, "train", "--hidden", "16", "--train-size", "500", "--epochs", "1")
     assert _documented("train") <= set(result)
+
+
+TRAIN = ("--hidden", "16", "--train-size", "500", "--epochs", "1")
+
+
+def test_train_has_one_shape_with_and_without_save(capsys, tmp_path):
+    plain = _json(capsys, "train", *TRAIN)
+    saved = _json(capsys, "train", *TRAIN, "--save", str(tmp_path / "m.safetensors"))
+    assert set(plain) == set(saved) and _documented("train") <= set(plain)
+    assert plain["saved"] is None and plain["defense"] is None
+    assert plain["pgd40_accuracy"] is None and saved["saved"].endswith("m.safetensors")
+
+
+@pytest.mark.slow
+def test_poison_has_one_shape_with_and_without_save(capsys, tmp_path):
+    plain = _json(capsys, "poison", *TRAIN)
+    saved = _json(capsys, "poison", *TRAIN, "--save", str(tmp_path / "p.safetensors"))
+    assert set(plain) == set(saved) and _documented("poison") <= set(plain)
+    assert plain["saved"] is None and plain["saved_training_set"] is None
+    # the mixture never poisons the target class's own images: the count says of what
+    assert plain["target"] not in plain["eligible_classes"]
+    assert plain["poisoned_count"] == round(plain["fraction"] * plain["eligible_count"])
+    assert plain["eligible_count"] < 500
+
+
+@pytest.mark.slow
+def test_scan_data_has_one_shape_with_and_without_out(capsys, tmp_path):
+    params = str(tmp_path / "m.safetensors")
+    _json(capsys, "train", *TRAIN, "--save", params)
+    common = ("scan-data", "--params", params, "--train-size", "300", "--top", "2")
+    plain = _json(capsys, *common)
+    written = _json(capsys, *common, "--out", str(tmp_path / "s.csv"))
+    assert set(plain) == set(written) == _documented("scan-data")
+    assert plain["out"] is None and written["out"].endswith("s.csv")
+    for result in (plain, written):
+        for entry in result["methods"].values():
+            assert set(entry) == {"flagged", "top", "suspect_classes"}

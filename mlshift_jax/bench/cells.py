@@ -382,6 +382,64 @@ def no_figures(records: pd.DataFrame, figures_dir: Path, info: dict[str, Any]) -
     return []
 
 
+def any_data(cell: Cell, spec: Any) -> str | None:
+    """A cell that runs on any dataset (any image shape, any number of classes)."""
+    return None
+
+
+def unfit_study(spec: Any) -> str | None:
+    """Why a block that sets its numbers beside the study's (E1-E3) cannot run on data of
+    `spec`, None when it can: the study's images and classes (`data.STUDY_SPEC`), without
+    which every comparison it prints would be of unlike things."""
+    from mlshift_jax.data import STUDY_SPEC
+
+    want = (tuple(STUDY_SPEC.input_shape), STUDY_SPEC.n_classes)
+    found = (tuple(spec.input_shape), int(spec.n_classes))
+    if found == want:
+        return None
+    shape = "x".join(map(str, found[0]))
+    return (f"the study's numbers are of MNIST: expected "
+            f"{'x'.join(map(str, want[0]))} images of {want[1]} classes, found {shape} of "
+            f"{found[1]}")
+
+
+def unfit_attacks(names: Any, spec: Any) -> str | None:
+    """Why attacks `names` cannot run on data of `spec` (a `models.Spec`: input_shape,
+    n_classes), None when they all can: an attack's `min_classes` (the registry's record)."""
+    from mlshift_jax.attacks import ATTACKS
+
+    for name in names:
+        attack = ATTACKS.get(name)
+        if attack is not None and spec.n_classes < attack.min_classes:
+            return (f"attack {name} needs at least {attack.min_classes} classes, found "
+                    f"{spec.n_classes}")
+    return None
+
+
+def unfit_poisonings(configs: Any, spec: Any) -> str | None:
+    """Why poisonings `configs` cannot run on data of `spec`, None when they all can: each
+    config's target / source class below n_classes and its patch inside the image
+    (`poison.check_for`, the poisoning's own record)."""
+    from mlshift_jax.poisoning.poison import check_for
+
+    for config in configs:
+        try:
+            check_for(config, spec)
+        except ConfigError as e:
+            return str(e)
+    return None
+
+
+def unfit_calibration(spec: Any) -> str | None:
+    """Why `detect`'s calibration (its poisoned retrains, `change.CalibrationConfig`) cannot
+    run on data of `spec`, None when it can."""
+    from mlshift_jax.detection.change import CalibrationConfig
+    from mlshift_jax.poisoning.poison import make_config
+
+    return unfit_poisonings([make_config(k, fraction=f)
+                             for k, f in CalibrationConfig().poisonings], spec)
+
+
 def never(record: dict[str, Any]) -> bool:
     """A cached record that is always good to reuse."""
     return False
@@ -408,6 +466,9 @@ class Experiment:
     figures(records, figures_dir, info) -> [Path]: the PNG files it draws (matplotlib is
       installed when called).
     redo(record) -> bool: whether a cached record of its must be computed again anyway.
+    fits(cell, spec) -> str | None: why `cell` cannot run on data of `spec` (the dataset's
+      image shape and classes, `models.Spec`), None when it can: `runner.run` skips such a
+      cell and lists it, with this reason, as skipped (run.json, tables.md).
     """
 
     block: str
@@ -422,3 +483,4 @@ class Experiment:
     finding: Callable[[pd.DataFrame], str | None] = no_finding
     figures: Callable[[pd.DataFrame, Path, dict[str, Any]], list[Path]] = no_figures
     redo: Callable[[dict[str, Any]], bool] = never
+    fits: Callable[[Cell, Any], str | None] = any_data

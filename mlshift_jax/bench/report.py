@@ -241,6 +241,9 @@ def _header(info: dict[str, Any]) -> str:
                      f"{d.get('n_classes', '?')} classes)")
     for name, why in info.get("skipped", {}).items():
         lines.append(f"- data {name}: SKIPPED, with every cell of every block on it ({why})")
+    for b in info.get("skipped_blocks", []):
+        lines.append(f"- [{b['block']}] on {b['dataset']}: {b['cells']} cell(s) SKIPPED, its "
+                     f"settings do not fit the data ({b['reason']})")
     return "\n".join(lines) + "\n"
 
 
@@ -305,7 +308,8 @@ def write_figures(records: pd.DataFrame, out_dir: str | Path) -> tuple[list[Path
         import matplotlib  # noqa: F401
     except ImportError:
         return [], "matplotlib is not installed: no figures (pip install '.[plots]')."
-    info = records.attrs.get("run", {})  # the run's facts: how it loaded each dataset
+    info = {**records.attrs.get("run", {}),  # the run's facts, and how it loaded each dataset
+            "load": records.attrs.get("load", {})}
     folder = Path(out_dir) / "figures"
     return [path for e in PLACED for path in e.figures(records, folder, info)], ""
 

@@ -4,7 +4,10 @@
 per selected cell (all cells, or those whose id matches `only`), in matrix order. Its
 `attrs["run"]` holds the run's facts (wall time, data source per dataset, skipped datasets,
 cells computed / reused) for `report.write`. A dataset that fails to load (DataError, e.g.
-Fashion-MNIST not installed) is skipped with a note on stderr and in `attrs["run"]["skipped"]`.
+Fashion-MNIST not installed) is skipped with a note on stderr and in `attrs["run"]["skipped"]`;
+a cell whose block's settings do not fit its dataset (`Experiment.fits`: a target class the
+data lacks, a patch larger than its images, an attack needing more classes) is skipped with
+a note and listed in `attrs["run"]["skipped_blocks"]`; `skipped_cells` counts both.
 Each cell is computed by its experiment's `compute` (`experiments.BY_BLOCK[cell.block]`).
 
 The cache lives in `<out_dir>/.cache/` (git-ignored), so each results folder carries its own:
@@ -69,10 +72,7 @@ def _load_datasets(names: list[str], matrix: Matrix | None = None, data_dir: str
     loaded, skipped = {}, {}
     for name in names:
         try:
-            kw = matrix.load_kwargs(name) if matrix else {"name": name}
-            if data_dir is not None and kw == {"name": name}:
-                kw["data_dir"] = data_dir
-            ds = datasets.load(**kw)
+            ds = datasets.load(**_load_kwargs(matrix, name, data_dir))
             if ds.name != name:
                 ds = replace(ds, name=name)
         except DataError as e:
@@ -81,6 +81,14 @@ def _load_datasets(names: list[str], matrix: Matrix | None = None, data_dir: str
             continue
         loaded[name] = Loaded(ds, data_hash(ds))
     return loaded, skipped
+
+
+def _load_kwargs(matrix: Matrix | None, name: str, data_dir: str | None) -> dict:
+    """The `datasets.load` arguments of dataset `name` in this run."""
+    kw = matrix.load_kwargs(name) if matrix else {"name": name}
+    if data_dir is not None and kw == {"name": name}:
+        kw["data_dir"] = data_dir
+    return kw
 
 
 # --- progress --------------------------------------------------------------------------------
@@ -294,9 +302,14 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
     records: dict[str, dict] = {}
     todo = []
     memo = Memo({}, {}, {}, [])
+    unfit: dict[tuple[str, str, str], list[str]] = {}  # (block, dataset, why) -> cell ids
     for cell in selected:
         name = _dataset_of(cell)
         if name in skipped:
+            continue
+        why = BY_BLOCK[cell.block].fits(cell, loaded[name].ds.spec)
+        if why is not None:  # the block's settings do not fit this dataset: listed, not run
+            unfit.setdefault((cell.block, name, why), []).append(cell.id)
             continue
         record = None if force else _cached(cache, cell, loaded[name], memo.damaged,
                                             reuse_stale)
@@ -305,6 +318,9 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
         else:
             status = "reused" if record.get("code_digest") == code_digest() else "stale"
             records[cell.id] = {**record, "id": cell.id, "block": cell.block, "status": status}
+    for (block, name, why), ids in unfit.items():
+        print(f"mlshift: skipping {len(ids)} [{block}] cell(s) on {name}: {why}",
+              file=sys.stderr)
     by_hash: dict[str, dict] = {}
     shown = Progress(len(todo))
     try:
@@ -343,7 +359,12 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
         "cells": len(selected), "computed": len(todo),
         "reused": sum(r["status"] == "reused" for r in records.values()),
         "stale": sum(r["status"] == "stale" for r in records.values()),
-        "skipped_cells": sum(_dataset_of(c) in skipped for c in selected),
+        "skipped_cells": sum(_dataset_of(c) in skipped for c in selected)
+        + sum(len(ids) for ids in unfit.values()),
+        # cells whose block's settings do not fit their dataset (`Experiment.fits`)
+        "skipped_blocks": [{"block": block, "dataset": name, "cells": len(ids),
+                            "reason": _without_paths(why)}
+                           for (block, name, why), ids in unfit.items()],
         "compute_s": sum(float(r.get("compute_s") or 0.0) for r in computed.values()),
         "code_digest": code_digest(), "commit": git_commit(),
         "datasets": {n: {"source": relative_source(d.ds.source), "is_sample": d.ds.is_sample,
@@ -357,5 +378,7 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
         "out_dir": str(out_dir),  # report.run_info writes it relative (run.json)
         "determinism": determinism_key(),
     }
+    # how each dataset loaded, absolute paths kept (figures reload it; never written)
+    frame.attrs["load"] = {n: _load_kwargs(mx, n, data_dir) for n in loaded}
     return frame
 

@@ -74,7 +74,7 @@ RULES: dict[str, Rule] = {
     "target": Rule(int, 0, 1 << 20, "class index"),
     "source": Rule(int, 0, 1 << 20, "class index"),
     "lr": Rule(float, 0.0, 1e6, "step size", lo_open=True),
-    "eps": Rule(float, 0.0, 1e6, "input units (L-inf)"),
+    "eps": Rule(float, 0.0, 1e6, "input units"),
     "steps": Rule(int, 1, 100_000, "iterations"),
     "restarts": Rule(int, 1, 10_000, "random restarts"),
     "queries": Rule(int, 1, 10_000_000, "model queries"),

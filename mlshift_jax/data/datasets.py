@@ -209,14 +209,14 @@ def _load_builtin(name: str, data_dir, *, download: bool, dtype: npt.DTypeLike,
             return _from_dir(name, root / name, f"system:{root / name}", dtype, input_range)
 
     if not download or _env_flag("MLSHIFT_NO_DOWNLOAD"):
-        why = "download disabled"
+        why = "download disabled, none attempted"
     elif name not in _dl.SOURCES:
-        why = "no checksummed mirror known"
+        why = "no checksummed mirror known, none attempted"
     else:
         try:
             urls = _dl.fetch(name, cache)
         except _dl.DownloadUnavailable:
-            why = "download failed: mirrors unreachable"
+            why = "a download was tried; no mirror answered"
         else:
             source = f"download:{urls[0].rsplit('/', 1)[0]}/" if urls else f"cache:{cache}"
             return _from_dir(name, cache, source, dtype, input_range)
@@ -229,9 +229,11 @@ def _load_builtin(name: str, data_dir, *, download: bool, dtype: npt.DTypeLike,
         )
     dataset = _load_sample(name, dtype, input_range)
     warnings.warn(
-        f"no full {name} in {cache} ({why}): using the bundled sample of "
-        f"{len(dataset.y_train)} train / {len(dataset.y_test)} test images, so results will "
-        "differ from full-data tables; set MLSHIFT_DATA_DIR or pass data_dir",
+        f"using the bundled {name} sample ({len(dataset.y_train)} train / "
+        f"{len(dataset.y_test)} test images), not the full {name}: none found on disk ({why}); "
+        f"results will differ from full-data tables. For the full {name}: set "
+        "MLSHIFT_DATA_DIR=DIR (or pass --data-dir DIR / data_dir=) to a folder of its IDX "
+        "files",
         SampleDataWarning,
         stacklevel=3,
     )

@@ -23,6 +23,8 @@ from mlshift_jax.bench.cells import (
     inherit,
     shrink,
     train_spec,
+    unfit_attacks,
+    unfit_study,
 )
 from mlshift_jax.bench.experiments.grid import compute as attack_compute
 from mlshift_jax.bench.markdown import MEASURES, delta, md, records_of
@@ -96,4 +98,5 @@ def section(records: pd.DataFrame, ctx: ReportContext) -> list[tuple[str, str]]:
 
 EXPERIMENT = Experiment(
     block=BLOCK, Block=Clean, Config=AttackConfig, schema=schema, cells=cells, tiny=tiny,
-    compute=attack_compute, section=section, place=10, finding=finding)
+    compute=attack_compute, section=section, place=10, finding=finding,
+    fits=lambda cell, spec: unfit_study(spec) or unfit_attacks([cell.config.attack], spec))

@@ -39,6 +39,7 @@ from mlshift_jax.bench.cells import (
     inherit,
     shrink,
     train_spec,
+    unfit_attacks,
 )
 from mlshift_jax.bench.context import (
     Loaded,
@@ -404,4 +405,5 @@ def figures(records: pd.DataFrame, figures_dir: Path, info: dict[str, Any]) -> l
 
 EXPERIMENT = Experiment(
     block="defenses", Block=Defenses, Config=DefenseConfig, schema=schema, cells=cells,
-    tiny=tiny, compute=compute, section=section, place=60, figures=figures)
+    tiny=tiny, compute=compute, section=section, place=60, figures=figures,
+    fits=lambda cell, spec: unfit_attacks(cell.config.attacks, spec))

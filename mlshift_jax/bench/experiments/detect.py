@@ -18,7 +18,14 @@ import numpy as np
 import pandas as pd
 
 from mlshift_jax.bench import detection_bench
-from mlshift_jax.bench.cells import Cell, Experiment, Matrix, Parsers, ReportContext
+from mlshift_jax.bench.cells import (
+    Cell,
+    Experiment,
+    Matrix,
+    Parsers,
+    ReportContext,
+    unfit_poisonings,
+)
 from mlshift_jax.bench.context import Loaded, Memo, base_record
 from mlshift_jax.bench.markdown import fmt_time, md, records_of
 from mlshift_jax.core.timing import PeakMemory
@@ -274,6 +281,14 @@ def section(records: pd.DataFrame, ctx: ReportContext) -> list[tuple[str, str]]:
     return [("Detection: telling that, and how, a model changed", _markdown(records))]
 
 
+def fits(cell: Cell, spec) -> str | None:
+    """The benchmark's poisonings fit the data (their target class, their patch)."""
+    from mlshift_jax.poisoning.poison import make_config
+
+    cfg = detection_bench.QUICK if cell.config.quick else detection_bench.FULL
+    return unfit_poisonings([make_config(k, fraction=f) for k, f in cfg.poisonings], spec)
+
+
 EXPERIMENT = Experiment(
     block="detect", Block=Detect, Config=DetectConfig, schema=schema, cells=cells, tiny=tiny,
-    compute=compute, section=section, place=50, finding=finding)
+    compute=compute, section=section, place=50, finding=finding, fits=fits)

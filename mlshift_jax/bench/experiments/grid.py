@@ -28,6 +28,7 @@ from mlshift_jax.bench.cells import (
     ReportContext,
     attack_cell,
     train_spec,
+    unfit_attacks,
 )
 from mlshift_jax.bench.context import (
     Loaded,
@@ -260,4 +261,5 @@ def figures(records: pd.DataFrame, figures_dir: Path, info: dict[str, Any]) -> l
 
 EXPERIMENT = Experiment(
     block="matrix", Block=None, Config=AttackConfig, schema=None, cells=cells,
-    tiny=lambda block: block, compute=compute, section=section, place=90, figures=figures)
+    tiny=lambda block: block, compute=compute, section=section, place=90, figures=figures,
+    fits=lambda cell, spec: unfit_attacks([cell.config.attack], spec))

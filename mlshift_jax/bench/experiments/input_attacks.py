@@ -26,6 +26,8 @@ from mlshift_jax.bench.cells import (
     inherit,
     shrink,
     train_spec,
+    unfit_attacks,
+    unfit_study,
 )
 from mlshift_jax.bench.experiments.grid import compute as attack_compute
 from mlshift_jax.bench.markdown import PRF, delta, fmt_time, md, records_of
@@ -135,4 +137,5 @@ def section(records: pd.DataFrame, ctx: ReportContext) -> list[tuple[str, str]]:
 
 EXPERIMENT = Experiment(
     block=BLOCK, Block=InputAttacks, Config=AttackConfig, schema=schema, cells=cells,
-    tiny=tiny, compute=attack_compute, section=section, place=30, finding=finding)
+    tiny=tiny, compute=attack_compute, section=section, place=30, finding=finding,
+    fits=lambda cell, spec: unfit_study(spec) or unfit_attacks([cell.config.attack], spec))

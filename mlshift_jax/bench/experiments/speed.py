@@ -33,6 +33,7 @@ from mlshift_jax.bench.cells import (
     ReportContext,
     inherit,
     shrink,
+    unfit_calibration,
 )
 from mlshift_jax.bench.context import (
     TIMING_FIELDS,
@@ -862,4 +863,6 @@ def section(records: pd.DataFrame, ctx: ReportContext) -> list[tuple[str, str]]:
 
 EXPERIMENT = Experiment(
     block="speed", Block=Speed, Config=SpeedConfig, schema=schema, cells=cells, tiny=tiny,
-    compute=compute, section=section, place=70, finding=finding, redo=lacks_peer)
+    compute=compute, section=section, place=70, finding=finding, redo=lacks_peer,
+    fits=lambda cell, spec: (unfit_calibration(spec) if cell.config.workload == "detection"
+                             else None))

@@ -26,6 +26,7 @@ from mlshift_jax.bench.cells import (
     StudyTraining,
     inherit,
     shrink,
+    unfit_study,
 )
 from mlshift_jax.bench.context import Loaded, Memo, base_record, capped
 from mlshift_jax.bench.markdown import delta, fmt_time, md, records_of
@@ -127,4 +128,5 @@ def section(records: pd.DataFrame, ctx: ReportContext) -> list[tuple[str, str]]:
 
 EXPERIMENT = Experiment(
     block=BLOCK, Block=Stability, Config=StabilityConfig, schema=schema, cells=cells,
-    tiny=tiny, compute=compute, section=section, place=20)
+    tiny=tiny, compute=compute, section=section, place=20,
+    fits=lambda cell, spec: unfit_study(spec))
