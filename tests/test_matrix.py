@@ -285,7 +285,13 @@ def test_with_dataset_moves_every_block_the_defenses_included():
     once ran on the MNIST sample and landed, unlabelled, in X's report)."""
 
     full = matrix.load(DEFAULT_MATRIX)
-    moved = matrix.with_dataset(full, "tiny.npz")
+    moved = matrix.with_dataset(full, "/some/where/tiny.npz")
     kinds = {c.kind for c in matrix.cells(moved)}
     assert {"attack", "stability", "speed", "poison", "detect", "defense"} <= kinds
-    assert {c.config.dataset for c in matrix.cells(moved)} == {"tiny.npz"}
+    # a path is named by its stem (no machine path in a cell id) and loaded from the path
+    assert {c.config.dataset for c in matrix.cells(moved)} == {"tiny"}
+    assert not any("/some/where" in c.id for c in matrix.cells(moved))
+    assert dict(dict(moved.sources)["tiny"])["path"] == "/some/where/tiny.npz"
+    assert matrix.with_dataset(full, "mnist").sources == full.sources
+    with pytest.raises(ConfigError, match="other than the built-ins"):
+        matrix.with_dataset(full, "/data/mnist.npz")

@@ -226,10 +226,21 @@ def _parse_attack_options(chk: Checker, raw: Any, attacks: set[str]) -> tuple:
 
 def with_dataset(matrix: Matrix, name: str) -> Matrix:
     """`matrix` with every dataset it names (the grid's and each block's) replaced by `name`
-    (`bench --dataset`); the dataset itself is checked when it loads."""
+    (`bench --dataset`): a built-in, a `[datasets.<name>]` of the matrix, or a path (.npz
+    file or folder), then named by its file stem and loaded from there. The dataset itself
+    is checked when it loads."""
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"--dataset: expected a dataset name or path, found {name!r}")
-    return replace(matrix, datasets=(name,),
+    sources = matrix.sources
+    if name not in DATASETS and name not in dict(sources):  # a path: named by its file stem,
+        path = Path(name).expanduser()                     # so no machine path reaches a
+        name = path.stem if path.suffix == ".npz" else path.name  # cell id or a table
+        if name in DATASETS:
+            raise ConfigError(f"--dataset {str(path)!r}: expected a file or folder named "
+                              f"other than the built-ins {list(DATASETS)}")
+        sources = (*(s for s in sources if s[0] != name),
+                   (name, (("path", str(path.absolute())),)))
+    return replace(matrix, datasets=(name,), sources=sources,
                    blocks=tuple((k, replace(b, dataset=name)) for k, b in matrix.blocks))
 
 
