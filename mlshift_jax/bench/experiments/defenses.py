@@ -311,15 +311,19 @@ def _markdown(records: pd.DataFrame) -> str:
                                              if f})) or "—"
             rows.append(row)
         out.append(f"### eps {eps:g}\n")
-        out.append(md(pd.DataFrame(rows), "Robust accuracy on the first "
-                      f"{int(table['n_test'].iloc[0]):,} test images (time: the column's "
+        n = int(table["n_test"].iloc[0])
+        out.append(md(pd.DataFrame(rows), f"Robust accuracy on the first {n:,} test images "
+                      f"(standard error at most {0.5 / np.sqrt(n):.3f}: sqrt(p(1 - p) / n) at "
+                      "p = 0.5; time: the column's "
                       "whole eps sweep, one compiled call, median of the timed rounds). "
                       "adaptive: the defense's own adaptive attack (eot-pgd: EOT over the "
                       "randomness; bpda-pgd: BPDA through the preprocessing); Square: "
                       "gradient-free; transfer: PGD on the undefended model; AutoAttack: "
-                      "APGD-CE, APGD-T and Square (5,000 queries) on the images still "
-                      "standing (Croce & Hein 2020; the rand version, APGD-CE and APGD-DLR "
-                      "with EOT, on a randomized defense); worst: the images that survived "
+                      "APGD-CE, APGD-T, FAB-T and Square (5,000 queries) in turn on the "
+                      "images still standing (Croce & Hein 2020; the rand version, APGD-CE "
+                      "and APGD-DLR with EOT over 20 draws, on a randomized defense; its "
+                      "time: one call per eps, compiles included); worst: the images that "
+                      "survived "
                       "every column, counted per image.", index=False))
     times = table.drop_duplicates(["model", "defense"])[["model", "defense", "defense_s"]]
     times = times.assign(defense_s=[fmt_time(v) for v in times["defense_s"]])
