@@ -120,6 +120,24 @@ def test_quantize_masks_the_gradient_and_median_of_a_constant_is_the_constant(tr
     np.testing.assert_allclose(med(jnp.full((784,), 0.3), None), 0.3)
 
 
+@pytest.mark.parametrize("size", [3, 5])
+def test_median_defense_equals_scipys_median_filter_ties_and_channels_included(size):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(size)
+    imgs = rng.random((6, 12, 9, 2)).astype(np.float32)
+    imgs[:3] = np.round(imgs[:3] * 3) / 3  # many ties
+    toy = MLP_CE._replace(input_shape=(12, 9, 2), input_range=(0.0, 1.0))
+    pre = defenses.info(defenses.build("median", toy, size=size)).pre
+    got = jax.vmap(pre)(jnp.asarray(imgs.reshape(6, -1)))
+    want = ndimage.median_filter(imgs, size=(1, size, size, 1), mode="nearest")
+    np.testing.assert_array_equal(np.asarray(got), want.reshape(6, -1))
+    # its gradient routes each output pixel's cotangent to the pixel(s) holding the median
+    grads = np.asarray(jax.jacrev(lambda v: pre(v, None))(jnp.asarray(imgs[4].reshape(-1))))
+    assert grads.min() >= 0.0
+    np.testing.assert_allclose(grads.sum(axis=1), 1.0, atol=1e-6)
+
+
 def test_bad_options_raise():
     with pytest.raises(ConfigError, match="unknown defense"):
         defenses.get_defense("nope")

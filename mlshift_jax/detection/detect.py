@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlshift_jax.attacks.defenses import kth_smallest
+from mlshift_jax.attacks.defenses import window_median
 from mlshift_jax.core.checks import finite_inputs, inputs_in_range
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.detection.detector import Detector
@@ -65,8 +65,7 @@ def median_smooth(x: jax.Array, size: int,
     img = x.reshape(h, w, c)
     before, after = size // 2, size - 1 - size // 2
     padded = jnp.pad(img, ((before, after), (before, after), (0, 0)), mode="symmetric")
-    windows = [padded[i:i + h, j:j + w] for i in range(size) for j in range(size)]
-    return kth_smallest(windows, (size * size) // 2).reshape(x.shape)
+    return window_median(padded, size, h, w).reshape(x.shape)
 
 
 class Squeezer(NamedTuple):
