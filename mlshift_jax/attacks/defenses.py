@@ -276,16 +276,23 @@ def _fit_dae(key, x, *, steps, batch_size, n_hidden, lo, hi, noise):
         out = jax.vmap(dae_apply, in_axes=(None, 0, None, None))(p, noisy, lo, hi)
         return jnp.mean(jnp.sum((out - xb) ** 2, axis=-1))
 
-    def step(carry, i):
-        p, s, k = carry
-        k_perm, k_noise = jax.random.split(jax.random.fold_in(k_run, i))
-        idx = jax.random.choice(k_perm, x.shape[0], (batch_size,), replace=False)
-        grads = jax.grad(loss)(p, x[idx], k_noise)
-        updates, s = opt.update(grads, s, p)
-        return (optax.apply_updates(p, updates), s, k), None
+    # epochs of shuffled batches, drawn up front: one permutation per epoch (a
+    # `random.choice` without replacement per step permuted all n images 2,000 times, 32 ms
+    # each on full MNIST: the whole of the fit's 63 s)
+    k_order, k_noise = jax.random.split(k_run)
+    per_epoch = x.shape[0] // batch_size
+    epochs = -(-steps // per_epoch)
+    order = jax.vmap(lambda k: jax.random.permutation(k, x.shape[0])[:per_epoch * batch_size])(
+        jax.random.split(k_order, epochs)).reshape(-1, batch_size)[:steps]
 
-    (dae, _, _), _ = jax.lax.scan(step, (dae, opt.init(dae), k_run),
-                                  jnp.arange(steps))
+    def step(carry, item):
+        p, s = carry
+        i, idx = item
+        grads = jax.grad(loss)(p, x[idx], jax.random.fold_in(k_noise, i))
+        updates, s = opt.update(grads, s, p)
+        return (optax.apply_updates(p, updates), s), None
+
+    (dae, _), _ = jax.lax.scan(step, (dae, opt.init(dae)), (jnp.arange(steps), order))
     return dae
 
 
@@ -295,8 +302,8 @@ def fit_denoiser(key: jax.Array, model: Model, x: Any, *, steps: int = 2000,
 
     Each batch mixes clean images, images with Gaussian noise and images with random-sign
     noise, each image with its own strength ~ U[0, noise]; the loss is the squared error to
-    the clean image (Liao et al. 2018, pixel-guided). Adam 1e-3, `steps` random batches of
-    `batch_size`. Returns {"w1": [h, D], "b1", "w2": [D, h], "b2"}.
+    the clean image (Liao et al. 2018, pixel-guided). Adam 1e-3, `steps` batches of
+    `batch_size`, each epoch a fresh shuffle of x. Returns {"w1": [h, D], "b1", "w2": [D, h], "b2"}.
     """
     x = jnp.asarray(x, jnp.float32)
     if x.ndim != 2 or x.shape[1] != int(np.prod(model.input_shape)):
