@@ -295,3 +295,30 @@ def test_with_dataset_moves_every_block_the_defenses_included():
     assert matrix.with_dataset(full, "mnist").sources == full.sources
     with pytest.raises(ConfigError, match="other than the built-ins"):
         matrix.with_dataset(full, "/data/mnist.npz")
+
+
+def test_sample_tables_replace_a_blocks_keys_only_on_the_bundled_sample():
+    full = matrix.load(DEFAULT_MATRIX)
+    by_id = {c.id: c for c in matrix.cells(full)}
+    on = matrix.on_sample(full, ["mnist"])
+    changed = {c.id for c in matrix.cells(on) if c.hash != by_id[c.id].hash}
+    assert changed and {c.split("/")[0] for c in changed} == {"defense", "detect"}
+    assert {c.config.n_test for c in matrix.cells(on) if c.kind == "defense"} == {100}
+    assert {c.id for c in matrix.cells(on)} == set(by_id)  # the same cells, other settings
+    off = matrix.on_sample(full, ["fashion-mnist"])  # no block of the file runs on it
+    assert [c.hash for c in matrix.cells(off)] == [c.hash for c in matrix.cells(full)]
+    # --tiny is already smaller: the sample tables do not undo it
+    tiny = matrix.tiny(full)
+    assert matrix.on_sample(tiny, ["mnist"]) == tiny
+
+
+@pytest.mark.parametrize("table, key", [
+    ("[sample.defenses]\nn_test = 0\n", "[sample.defenses].n_test"),
+    ("[sample.defenses]\ndataset = 'mnist'\n", "[sample.defenses].dataset"),
+    ("[sample.defenses]\nnope = 1\n", "[sample.defenses].nope"),
+    ("[sample.nope]\nx = 1\n", "[sample].nope"),
+])
+def test_bad_sample_table_names_its_key(table, key):
+    text = open(DEFAULT_MATRIX).read().split("[sample.defenses]")[0] + table
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace(".", r"\.")):
+        matrix.parse(text, "full.toml")

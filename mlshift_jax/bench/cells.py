@@ -68,6 +68,9 @@ class Matrix:
     # [datasets.<name>]: ((name, ((key, value), ...)), ...), path made absolute
     sources: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
     blocks: tuple[tuple[str, Any], ...] = ()
+    # [sample.<block>]: the blocks as they run on the bundled sample (their keys replaced by
+    # the [sample.<block>] table's), ((block name, its parsed table, the keys replaced), ...)
+    sample_blocks: tuple[tuple[str, Any, tuple[tuple[str, Any], ...]], ...] = ()
 
     def block(self, name: str) -> Any | None:
         """The parsed [name] table (an experiment's `Block`), None when the file has none."""

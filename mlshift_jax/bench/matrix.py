@@ -114,7 +114,7 @@ def parse(text: str, path: str = "<matrix>", *, allow_code: Iterable[str] = ()) 
                           "imported because a file names it; to run it, name it yourself: "
                           f"bench --model {unnamed[0]}")
     chk.table(raw, "top level", {"matrix", "datasets", "timing", "train", "attack_options",
-                                 *(e.block for e in EXPERIMENTS if e.Block is not None)},
+                                 "sample", *(e.block for e in EXPERIMENTS if e.Block is not None)},
               {"matrix"})
     sources = _parse_sources(chk, raw.get("datasets", {}), Path(path).parent)
     models, attacks = Models(RECIPES), set(ATTACKS)
@@ -159,9 +159,35 @@ def parse(text: str, path: str = "<matrix>", *, allow_code: Iterable[str] = ()) 
     fields["blocks"] = tuple(
         (e.block, _parse_block(chk, raw[e.block], f"[{e.block}]", e.Block, e.schema(parsers)))
         for e in EXPERIMENTS if e.Block is not None and e.block in raw)
+    fields["sample_blocks"] = _parse_sample(chk, raw, parsers)
     matrix = Matrix(**fields)
     cells(matrix)  # resolves every recipe config: a bad value fails here, naming the file
     return matrix
+
+
+def _parse_sample(chk: Checker, raw: dict, parsers: Parsers) -> tuple:
+    """[sample.<block>] tables: keys of a block the file has, replaced when that block's
+    dataset is the bundled sample (`on_sample`); any key but `dataset`."""
+    sample = raw.get("sample", {})
+    blocks = {e.block: e for e in EXPERIMENTS if e.Block is not None and e.block in raw}
+    chk.table(sample, "[sample]", set(blocks))
+    out = []
+    for name, keys in sample.items():
+        where = f"[sample.{name}]"
+        schema = blocks[name].schema(parsers)
+        chk.table(keys, where, set(schema) - {"dataset"})
+        block = _parse_block(chk, {**raw[name], **keys}, where, blocks[name].Block, schema)
+        out.append((name, block, tuple((k, getattr(block, k)) for k in keys)))
+    return tuple(out)
+
+
+def on_sample(matrix: Matrix, sampled: Iterable[str]) -> Matrix:
+    """`matrix` with each block whose dataset is in `sampled` (datasets that loaded as the
+    bundled sample) as its [sample.<block>] table says; the others as they are."""
+    sampled = set(sampled)
+    swap = {name: block for name, block, _ in matrix.sample_blocks
+            if getattr(block, "dataset", None) in sampled}
+    return replace(matrix, blocks=tuple((k, swap.get(k, b)) for k, b in matrix.blocks))
 
 
 def _parse_sources(chk: Checker, raw: Any, base: Path) -> tuple:
@@ -241,7 +267,9 @@ def with_dataset(matrix: Matrix, name: str) -> Matrix:
         sources = (*(s for s in sources if s[0] != name),
                    (name, (("path", str(path.absolute())),)))
     return replace(matrix, datasets=(name,), sources=sources,
-                   blocks=tuple((k, replace(b, dataset=name)) for k, b in matrix.blocks))
+                   blocks=tuple((k, replace(b, dataset=name)) for k, b in matrix.blocks),
+                   sample_blocks=tuple((k, replace(b, dataset=name), keys)
+                                       for k, b, keys in matrix.sample_blocks))
 
 
 def tiny(matrix: Matrix) -> Matrix:
@@ -254,7 +282,8 @@ def tiny(matrix: Matrix) -> Matrix:
     blocks = tuple((k, tinier[k](b)) for k, b in matrix.blocks)
     return replace(matrix, hidden=TINY_HIDDEN, n_train=cap(matrix.n_train, TINY_TRAIN),
                    n_test=cap(matrix.n_test, TINY_TEST),
-                   timing=replace(matrix.timing, rounds=1, max_seconds=0.5), blocks=blocks)
+                   timing=replace(matrix.timing, rounds=1, max_seconds=0.5), blocks=blocks,
+                   sample_blocks=())  # already smaller than any [sample.<block>]
 
 
 def load(path: str | Path, *, allow_code: Iterable[str] = ()) -> Matrix:

@@ -239,6 +239,9 @@ def _header(info: dict[str, Any]) -> str:
         lines.append(f"- data {name}: {d['source']}, content {d.get('data_hash', '—')} "
                      f"({what}: {d['n_train']:,} train / {d['n_test']:,} test images, "
                      f"{d.get('n_classes', '?')} classes)")
+    for block, kv in (info.get("sample_settings") or {}).items():
+        lines.append(f"- [{block}] on the bundled sample, as the matrix's [sample.{block}] "
+                     "says: " + ", ".join(f"{k} = {v}" for k, v in kv.items()))
     for name, why in info.get("skipped", {}).items():
         lines.append(f"- data {name}: SKIPPED, with every cell of every block on it ({why})")
     for b in info.get("skipped_blocks", []):

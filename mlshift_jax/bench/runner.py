@@ -52,7 +52,7 @@ from tqdm import tqdm
 from mlshift_jax.bench.cells import Cell
 from mlshift_jax.bench.context import Loaded, Memo, data_hash, determinism_key, json_default
 from mlshift_jax.bench.experiments import BY_BLOCK
-from mlshift_jax.bench.matrix import Matrix, cells, load, select, with_dataset
+from mlshift_jax.bench.matrix import Matrix, cells, load, on_sample, select, with_dataset
 from mlshift_jax.bench.matrix import tiny as tiny_matrix
 from mlshift_jax.core import memory_maps, outdir
 from mlshift_jax.core.errors import ConfigError, DataError, Interrupted
@@ -289,6 +289,16 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
     if not loaded:
         raise DataError(f"{matrix_path}: no dataset of the matrix could be loaded: "
                         + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    sampled = [n for n, d in loaded.items() if d.ds.is_sample]
+    sample_settings = {name: dict(keys) for name, block, keys in mx.sample_blocks
+                       if getattr(block, "dataset", None) in sampled}
+    if sample_settings:  # the bundled sample: the blocks' [sample.<block>] settings
+        mx = on_sample(mx, sampled)
+        selected = select(cells(mx), only)
+        print("mlshift: the bundled sample: " + "; ".join(
+            f"[{b}] " + ", ".join(f"{k} = {v}" for k, v in kv.items())
+            for b, kv in sample_settings.items()) + " (the matrix's [sample.<block>] tables)",
+            file=sys.stderr)
     if sample_out_dir is not None and any(d.ds.is_sample for d in loaded.values()):
         print(f"mlshift: the bundled sample, not the full data: results go to "
               f"{sample_out_dir}, not {out_dir}", file=sys.stderr)
@@ -354,6 +364,7 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
     frame.attrs["run"] = {
         "matrix": relative_source(str(matrix_path)), "matrix_sha256": _file_hash(matrix_path),
         "only": only, "force": force, "reuse_stale": reuse_stale, "tiny": tiny,
+        "sample_settings": sample_settings,
         "started": started.isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - start,
         "cells": len(selected), "computed": len(todo),
