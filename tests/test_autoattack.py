@@ -198,6 +198,24 @@ def test_autoattack_report_is_consistent(small_ce):
     assert accuracy(model, params, again, y) == pytest.approx(r.robust.mean())
 
 
+def test_fab_runs_shared_across_eps_give_each_eps_its_own_result(small_ce):
+    """FAB-T reads no eps until its final test: a sweep over eps computes each image's runs
+    once (`fab_runs`), with the same per-image outcome as a fresh AutoAttack per eps."""
+    model, params, x, y = small_ce
+    x, y = x[:96], y[:96]
+    kw = {"key": KEY, "iterations": 3, "targets": 2, "queries": 20}
+    shared: dict = {}
+    fab_broke = 0
+    for eps in (0.03, 0.1, 0.05):
+        alone = autoattack.report(model, params, x, y, eps=eps, **kw)
+        swept = autoattack.report(model, params, x, y, eps=eps, fab_runs=shared, **kw)
+        np.testing.assert_array_equal(swept.broken_by, alone.broken_by)
+        # equal up to float rounding (other batch sizes vectorize differently)
+        np.testing.assert_allclose(np.asarray(swept.x_adv), np.asarray(alone.x_adv), atol=1e-6)
+        fab_broke += alone.counts()["fab-t"]
+    assert fab_broke > 0 and 0 < len(shared) <= 96  # FAB-T did fool images; each ran once
+
+
 @pytest.mark.slow
 def test_autoattack_inside_jit_agrees_with_the_host_picked_run(small_ce):
     model, params, x, y = small_ce

@@ -83,7 +83,7 @@ def _wrong(model, params, x, y, key):
 def report(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=None,
            version: str = "standard", iterations: int = apgd.ITERATIONS,
            targets: int = apgd.TARGETS, queries: int = SQUARE_QUERIES,
-           eot: int | None = None) -> Report:
+           eot: int | None = None, fab_runs: dict | None = None) -> Report:
     """AutoAttack with a per-image record of which attack broke each image.
 
     x: [b, D], y: [b]; eps: the L∞ budget; key: required (random starts, Square, a
@@ -91,6 +91,9 @@ def report(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=Non
     (APGD-CE, APGD-DLR with EOT); iterations: APGD's and FAB-T's steps; targets: APGD-T's
     and FAB-T's target classes;
     queries: Square's budget; eot: gradient draws per step (default 20 for "rand", else 1).
+    fab_runs: a dict shared by calls on the same model, params, x, y and key at several eps:
+    FAB-T's runs read no eps (`fab.runs`), so each image's are computed once and kept there
+    (image index -> its runs), the same result as computing them per eps.
     ConfigError for a bad argument (also a model with fewer classes than DLR needs).
     """
     eot = (apgd.EOT_ITER if version == "rand" else 1) if eot is None else eot
@@ -125,7 +128,11 @@ def report(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=Non
                 todo = np.flatnonzero(np.asarray(active))
                 if todo.size == 0:
                     break
-                sub, fs = apgd.on_subset(attack, todo, k, x, y)
+                if name == "fab-t" and fab_runs is not None:
+                    sub, fs = _fab_shared(fab_runs, model, params, x, y, todo, k, lo, hi, eps,
+                                          iterations, targets)
+                else:
+                    sub, fs = apgd.on_subset(attack, todo, k, x, y)
                 cand = best.at[todo].set(sub)
                 f = jnp.zeros_like(active).at[todo].set(fs)
             else:
@@ -134,6 +141,20 @@ def report(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=Non
         best = jnp.where(f[:, None], cand, best)
         code = jnp.where(f, i, code)
     return Report(best, np.asarray(code) if on_host else code, names)
+
+
+def _fab_shared(memo: dict, model, params, x, y, todo, key, lo, hi, eps, iterations, targets):
+    """FAB-T on the images `todo` at eps, each image's runs computed once into `memo`."""
+    new = np.array([i for i in todo if i not in memo], dtype=todo.dtype)
+    if new.size:
+        got = apgd.on_subset(lambda xs, ys, k: fab.runs(model, params, xs, ys, key=k, lo=lo,
+                                                          hi=hi, steps=iterations,
+                                                          targets=targets), new, key, x, y)
+        host = [np.asarray(a) for a in got]
+        memo.update({int(i): tuple(a[j] for a in host) for j, i in enumerate(new)})
+    advs, res, right = (jnp.asarray(np.stack([memo[int(i)][a] for i in todo]))
+                        for a in range(3))
+    return fab.pick(x[todo], advs, res, right, eps)
 
 
 def autoattack(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=None,

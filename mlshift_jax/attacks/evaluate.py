@@ -101,11 +101,11 @@ def _autoattack_sweep(model: Model, params: Params, x, y, eps_values, *, key, lo
     """AutoAttack at every eps (standard; `rand` for a stochastic model), each call picking
     the images still standing on the host. -> (x_adv [n_eps, b, D], per-eps counts)."""
     version = "rand" if model.stochastic else "standard"
-    out, counts = [], []
+    out, counts, fab_runs = [], [], {}  # FAB-T's runs read no eps: once per image
     for eps in eps_values:
         kw = {} if queries is None else {"queries": queries}
         r = autoattack.report(model, params, x, y, eps=float(eps), key=key, lo=lo, hi=hi,
-                              version=version, **kw)
+                              version=version, fab_runs=fab_runs, **kw)
         out.append(r.x_adv)
         counts.append({"version": version, **r.counts()})
     return jnp.stack(out), counts

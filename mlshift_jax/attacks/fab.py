@@ -126,8 +126,9 @@ def _one_run(model, steps, params, x0, y, t, start, lo, hi, alpha_max, eta, beta
 @functools.partial(jax.jit, static_argnames=("model", "steps", "restarts"))
 def _kernel(model, steps, restarts, params, x, y, targets, eps, lo, hi, alpha_max, eta, beta,
             key):
-    """Every (target, restart) run on every image. targets: [n, b] -> (x_adv [b, D],
-    fooled [b])."""
+    """Every (target, restart) run on every image. targets: [n, b] -> (closest adversarial
+    points [b, n * restarts, D], their L∞ distances [b, n * restarts] (inf: none found),
+    clean image classified right [b]); `pick` turns them into (x_adv, fooled) at an eps."""
     n, b = targets.shape
     k_start, k_model, k_clean = jax.random.split(key, 3)
     stochastic = model.stochastic
@@ -149,14 +150,37 @@ def _kernel(model, steps, restarts, params, x, y, targets, eps, lo, hi, alpha_ma
         ts = jnp.repeat(ti, restarts)
         rs = jnp.tile(jnp.arange(restarts), n)
         advs, res = jax.vmap(run)(ts, rs)  # [n * restarts, D], in the reference's order
-        ok = res <= eps
-        first = jnp.argmax(ok)
         kc = jax.random.fold_in(k_clean, i) if stochastic else None
         right = jnp.argmax(losses.logits(model, params, xi, kc)) == yi
-        fooled = ok[first] & right
-        return jnp.where(fooled, advs[first], xi), fooled
+        return advs, res, right
 
     return jax.vmap(image)(x, y, targets.T, jnp.arange(b))
+
+
+@jax.jit
+def pick(x, advs, res, right, eps):
+    """x_adv: the first run (in target, then restart order) whose closest adversarial point
+    is within eps, x where none is or the clean image is wrong; -> (x_adv [b, D], fooled
+    [b]). x: [b, D]; advs, res, right: `_kernel`'s."""
+    ok = res <= eps
+    first = jnp.argmax(ok, axis=1)
+    fooled = jnp.take_along_axis(ok, first[:, None], axis=1)[:, 0] & right
+    chosen = jnp.take_along_axis(advs, first[:, None, None], axis=1)[:, 0]
+    return jnp.where(fooled[:, None], chosen, x), fooled
+
+
+def runs(model: Model, params: Params, x, y, *, key, lo, hi, steps: int = STEPS,
+         targets: int = TARGETS, restarts: int = 1, alpha_max=ALPHA_MAX, eta=ETA, beta=BETA,
+         eps=0.0):
+    """Every FAB-T run on checked arrays, before any eps test: (closest adversarial points
+    [b, targets * restarts, D], their L∞ distances [b, targets * restarts], clean image right
+    [b]); `pick(x, *runs(...), eps)` is `targeted` at that eps. With restarts=1 nothing here
+    reads eps (restarts start within eps / 2), so one set of runs serves every eps."""
+    key = jax.random.key(0) if key is None else key
+    order = apgd.ranked_targets(model, params, x, jax.random.fold_in(key, 77), targets)
+    cast = functools.partial(jnp.asarray, dtype=x.dtype)
+    return _kernel(model, int(steps), int(restarts), params, x, y, order, cast(eps), lo, hi,
+                   cast(alpha_max), cast(eta), cast(beta), key)
 
 
 def targeted(model: Model, params: Params, x, y, *, eps, key, lo, hi, steps: int = STEPS,
@@ -164,11 +188,9 @@ def targeted(model: Model, params: Params, x, y, *, eps, key, lo, hi, steps: int
              beta=BETA):
     """FAB-T on checked arrays (`prepare`d; key a jax key, fixed or not). -> (x_adv [b, D],
     fooled [b] bool: misclassified within eps)."""
-    key = jax.random.key(0) if key is None else key
-    order = apgd.ranked_targets(model, params, x, jax.random.fold_in(key, 77), targets)
-    cast = functools.partial(jnp.asarray, dtype=x.dtype)
-    return _kernel(model, int(steps), int(restarts), params, x, y, order, eps, lo, hi,
-                   cast(alpha_max), cast(eta), cast(beta), key)
+    return pick(x, *runs(model, params, x, y, key=key, lo=lo, hi=hi, steps=steps,
+                         targets=targets, restarts=restarts, alpha_max=alpha_max, eta=eta,
+                         beta=beta, eps=eps), eps)
 
 
 def fab_t(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=None,
