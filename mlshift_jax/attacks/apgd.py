@@ -197,7 +197,7 @@ def _on_host(model, loss, iterations, eot, params, x, y, t, eps, lo, hi, key):
     but every CHUNK steps the host drops the images already fooled: an image's outcome
     (fooled or not) and the points it visits up to being fooled do not depend on which
     other images share its batch, and a fooled image stays fooled. The batch is re-cut only
-    where it halves (`bucket_size`), so at most log2(b / 16) + 1 shapes compile."""
+    where it halves (`bucket_size`), so at most log2(b / 64) + 2 shapes compile."""
     n = int(x.shape[0])
     keys = jax.random.split(key, n)
     state = _start_batch(model, loss, eot, params, x, y, t, eps, lo, hi, keys)
@@ -341,16 +341,18 @@ def targeted(model, params, x, y, *, eps, key, lo, hi, iterations, targets, eot,
     return best, fooled
 
 
-BUCKET = 16  # subsets are padded to 16 * 2^k or 24 * 2^k images: few shapes to compile, at
-# most a third of the padded batch wasted
+BUCKET = 64  # subsets are padded to 64 * 2^k images (or all n): each size is one compile of
+# every attack that runs on it (1-5 s on 2 cores), while a padded image costs little below 64
+# (a step's fixed cost dominates there); the defense table at n = 500 compiled a fresh
+# shape at nearly every eps with the finer 16 / 24 * 2^k sizes
 
 
 def bucket_size(m: int, n: int) -> int:
-    """The padded size of a subset of m images out of n: the smallest of 16, 24, 32, 48, 64,
-    96, ... (16 * 2^k and 24 * 2^k) that is >= m, at most n."""
+    """The padded size of a subset of m images out of n: the smallest of 64, 128, 256, ...
+    that is >= m, at most n."""
     size = BUCKET
     while size < m:
-        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+        size *= 2
     return min(size, n)
 
 
