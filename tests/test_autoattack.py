@@ -201,19 +201,30 @@ def test_autoattack_report_is_consistent(small_ce):
 def test_fab_runs_shared_across_eps_give_each_eps_its_own_result(small_ce):
     """FAB-T reads no eps until its final test: a sweep over eps computes each image's runs
     once (`fab_runs`), with the same per-image outcome as a fresh AutoAttack per eps."""
+    from mlshift_jax.attacks import fab
+
     model, params, x, y = small_ce
-    x, y = x[:96], y[:96]
+    x, y = jnp.asarray(x[:96]), jnp.asarray(y[:96])
+    lo, hi = model.input_range
+    runs = fab.runs(model, params, x, y, key=KEY, lo=lo, hi=hi, steps=10, targets=2)
+    fooled_any = 0
+    for eps in (0.03, 0.1):
+        want_x, want_f = fab.targeted(model, params, x, y, eps=eps, key=KEY, lo=lo, hi=hi,
+                                      steps=10, targets=2)
+        got_x, got_f = fab.pick(x, *runs, eps)
+        np.testing.assert_array_equal(np.asarray(got_f), np.asarray(want_f))
+        np.testing.assert_allclose(np.asarray(got_x), np.asarray(want_x), atol=1e-6)
+        fooled_any += int(np.sum(np.asarray(got_f)))
+    assert fooled_any > 0
     kw = {"key": KEY, "iterations": 3, "targets": 2, "queries": 20}
     shared: dict = {}
-    fab_broke = 0
     for eps in (0.03, 0.1, 0.05):
         alone = autoattack.report(model, params, x, y, eps=eps, **kw)
         swept = autoattack.report(model, params, x, y, eps=eps, fab_runs=shared, **kw)
         np.testing.assert_array_equal(swept.broken_by, alone.broken_by)
         # equal up to float rounding (other batch sizes vectorize differently)
         np.testing.assert_allclose(np.asarray(swept.x_adv), np.asarray(alone.x_adv), atol=1e-6)
-        fab_broke += alone.counts()["fab-t"]
-    assert fab_broke > 0 and 0 < len(shared) <= 96  # FAB-T did fool images; each ran once
+    assert 0 < len(shared) <= 96  # FAB-T ran, each image once
 
 
 @pytest.mark.slow
