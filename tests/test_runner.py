@@ -263,7 +263,7 @@ def _fake_interleaved(spreads):
 
     def fake(fns, *, rounds, warmup=1, sync=None):
         calls.append(rounds)
-        s = spreads[min(len(calls) - 2, len(spreads) - 1)] if warmup == 0 else 0.0
+        s = spreads[min(len(calls) - 2, len(spreads) - 1)] if len(calls) > 1 else 0.0
         times = [1.0] * rounds if rounds == 1 else [1.0 - s / 2, 1.0, 1.0 + s / 2]
         return {name: _stats(0.5 if warmup else None, times) for name in fns}
 
@@ -283,8 +283,9 @@ def test_compare_reruns_a_noisy_comparison(monkeypatch, spreads, attempts, noisy
     rows, facts = speed_exp._compare(impls, 10, rounds=3, max_seconds=60.0)
     assert (facts["attempts"], facts["noisy"]) == (attempts, noisy)
     assert facts["worst_spread"] == pytest.approx(min(spreads[:attempts]))
-    assert calls == [1] + [3] * attempts  # the warm pass, then the timed attempts
-    assert rows[0]["compile_s"] == 0.5 and rows[1]["compile_s"] is None
+    assert calls == [1] + [3] * attempts  # the first timed pass, then the timed attempts
+    # the JAX row's compiling call timed apart (none for numpy, which compiles nothing)
+    assert rows[0]["compile_s"] >= 0.0 and rows[1]["compile_s"] is None
     assert all(r["attempts"] == attempts and r["noisy"] == noisy for r in rows)
 
 

@@ -475,7 +475,9 @@ class Defense(NamedTuple):
     pre_stochastic: pre draws fresh randomness at every call (the model becomes stochastic).
     check(options: dict): ConfigError for a value outside the option's own range (every
     option is first checked to be a number >= 0).
-    fit(key, model, x: [n, D], options: dict) -> state, for a defense that needs_state.
+    fit(key, model, x: [n, D], options: dict) -> state, for a defense that needs_state; it
+    reads the model's input shape and range, never trained weights, so one state serves every
+    model of the same data, shape and range (the bench fits it once per run).
     """
 
     name: str

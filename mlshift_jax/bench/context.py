@@ -107,6 +107,7 @@ class Memo(NamedTuple):
     trained: dict  # params key -> Trained
     per_test: dict  # (params key, n_test) -> {"clean": scores, "zero_grad_frac": float}
     damaged: list  # cache entries found damaged (treated as missing, rebuilt)
+    fitted: dict  # (defense, options, data hash, n_train, seed) -> (fit seconds, its state)
 
 
 def determinism_key() -> str:

@@ -311,7 +311,7 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
     outdir.clean_temps(out_dir)  # what a hard-killed run left half-written
     records: dict[str, dict] = {}
     todo = []
-    memo = Memo({}, {}, {}, [])
+    memo = Memo({}, {}, {}, [], {})
     unfit: dict[tuple[str, str, str], list[str]] = {}  # (block, dataset, why) -> cell ids
     for cell in selected:
         name = _dataset_of(cell)

@@ -156,20 +156,22 @@ def _compare(impls: list[_Impl], n: int, *, rounds: int, max_seconds: float,
              min_rounds: int = MIN_ROUNDS) -> tuple[list[dict], dict]:
     """Time `impls` in the same interleaved rounds (`timing.interleaved`); -> (rows, facts).
 
-    After one compiling call and one warm call each, the round count is `rounds`, fewer
-    (down to `min_rounds`) where the slowest warm call times it would pass `max_seconds`.
+    After one compiling call of each JAX implementation (none for numpy and torch, which
+    compile nothing) and one timed call of each, the round count is `rounds`, fewer (down to
+    `min_rounds`) where the slowest call times it would pass `max_seconds`.
     When any row's spread exceeds NOISY the rounds are taken again (up to RERUNS times) and
     the least noisy attempt is kept; facts: rounds, attempts, worst spread, noisy (still
     above NOISY after the reruns)."""
     fns = {i.impl: i.fn for i in impls}
-    first = interleaved(fns, rounds=1, warmup=1)
+    compile_s = {i.impl: once(i.fn)[0].median_s for i in impls if i.compiled}
+    first = interleaved(fns, rounds=1, warmup=0)
     slowest = max(t.median_s for t in first.values())
     k = max(min_rounds, min(rounds, int(max_seconds / max(slowest, 1e-9))))
     best: tuple[float, dict[str, Timing]] | None = None
     attempts = 0
     for _ in range(1 + RERUNS):
         attempts += 1
-        # one round: the warm call above is that round (a torchattacks call takes 24 s)
+        # one round: the call above is that round (a torchattacks call takes 24 s)
         got = first if k == 1 and attempts == 1 else interleaved(fns, rounds=k, warmup=0)
         worst = max(spread(t) for t in got.values())
         if best is None or worst < best[0]:
@@ -179,7 +181,7 @@ def _compare(impls: list[_Impl], n: int, *, rounds: int, max_seconds: float,
     worst, got = best
     rows = []
     for i in impls:
-        t = got[i.impl]._replace(compile_s=first[i.impl].compile_s if i.compiled else None)
+        t = got[i.impl]._replace(compile_s=compile_s.get(i.impl))
         rows.append({**_row(i.impl, t, n, n_timed=i.n_timed, ref=i.ref, note=i.note,
                             peer=i.peer, task=i.task),
                      "attempts": attempts, "noisy": spread(t) > NOISY})
