@@ -834,7 +834,9 @@ def _table(records: pd.DataFrame) -> str:
                      "marked in the table): "
                      + ", ".join(f"{w} ({c} of its rows)" for w, c in counts.items()) + ".")
     note = ("Each workload's implementations run in the same interleaved rounds (round r "
-            "times each once, the order rotating), after one compiling and one warm call each; "
+            "times each once, the order rotating), after one compiling call of each JAX row "
+            "(numpy and torch compile nothing) and one call of each that sets the number of "
+            "rounds (itself the one round where a call is too slow for more); "
             "median, min – max and `rounds` are over those rounds, and spread = (max − min) / "
             f"median. A workload with a spread over {NOISY:.0%} is rerun (up to {RERUNS} times) "
             "and its least noisy attempt kept. Inputs are on the device, each call ended by "
