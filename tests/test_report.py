@@ -370,3 +370,13 @@ def test_speed_table_states_the_minibatch_floor():
     lines = _speed_lines([rec])
     floor = next(line for line in lines if line.startswith("- Minibatch floor"))
     assert "150 GFLOP/s" in floor and "3.50×" in floor and "1.25×" in floor
+
+
+def test_the_header_says_which_sample_settings_replaced_a_blocks_own():
+    assert report.settings_text({"models": ["mlp-ce"], "n_test": 100, "quick": True}) == \
+        "models = [mlp-ce], n_test = 100, quick = true"
+    info = {"date": "d", "git_commit": "c", "backend": "cpu", "device_kind": "cpu",
+            "device_count": 1, "cpu_count": 2, "versions": {"jax": "j", "numpy": "n"},
+            "sample_settings": {"defenses": {"n_test": 100}}}
+    assert "- [defenses] on the bundled sample, as the matrix's [sample.defenses] says: " \
+           "n_test = 100" in report._header(info)

@@ -219,6 +219,15 @@ def tables_markdown(records: pd.DataFrame, info: dict[str, Any] | None = None,
     return "\n".join(top) + "\n" + body
 
 
+def settings_text(kv: dict[str, Any]) -> str:
+    """Matrix keys as the TOML reads: "models = [mlp-ce], n_test = 100, quick = true"."""
+    def value(v):
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(map(str, v)) + "]"
+        return str(v).lower() if isinstance(v, bool) else str(v)
+    return ", ".join(f"{k} = {value(v)}" for k, v in kv.items())
+
+
 def _header(info: dict[str, Any]) -> str:
     lines = [f"- date {info['date']}, git commit {info['git_commit']}, code digest "
              f"{info.get('code_digest', '—')}, backend "
@@ -241,7 +250,7 @@ def _header(info: dict[str, Any]) -> str:
                      f"{d.get('n_classes', '?')} classes)")
     for block, kv in (info.get("sample_settings") or {}).items():
         lines.append(f"- [{block}] on the bundled sample, as the matrix's [sample.{block}] "
-                     "says: " + ", ".join(f"{k} = {v}" for k, v in kv.items()))
+                     f"says: {settings_text(kv)}")
     for name, why in info.get("skipped", {}).items():
         lines.append(f"- data {name}: SKIPPED, with every cell of every block on it ({why})")
     for b in info.get("skipped_blocks", []):

@@ -54,6 +54,7 @@ from mlshift_jax.bench.context import Loaded, Memo, data_hash, determinism_key, 
 from mlshift_jax.bench.experiments import BY_BLOCK
 from mlshift_jax.bench.matrix import Matrix, cells, load, on_sample, select, with_dataset
 from mlshift_jax.bench.matrix import tiny as tiny_matrix
+from mlshift_jax.bench.report import settings_text
 from mlshift_jax.core import memory_maps, outdir
 from mlshift_jax.core.errors import ConfigError, DataError, Interrupted
 from mlshift_jax.core.files import write_text
@@ -296,9 +297,8 @@ def run(matrix_path: str | Path, *, out_dir: str | Path, only: str | None = None
         mx = on_sample(mx, sampled)
         selected = select(cells(mx), only)
         print("mlshift: the bundled sample: " + "; ".join(
-            f"[{b}] " + ", ".join(f"{k} = {v}" for k, v in kv.items())
-            for b, kv in sample_settings.items()) + " (the matrix's [sample.<block>] tables)",
-            file=sys.stderr)
+            f"[{b}] {settings_text(kv)}" for b, kv in sample_settings.items())
+            + " (the matrix's [sample.<block>] tables)", file=sys.stderr)
     if sample_out_dir is not None and any(d.ds.is_sample for d in loaded.values()):
         print(f"mlshift: the bundled sample, not the full data: results go to "
               f"{sample_out_dir}, not {out_dir}", file=sys.stderr)
