@@ -337,6 +337,10 @@ def test_defense_cells_land_in_records_and_tables(tmp_path):
     assert set(q["detail"]["autoattack"]["0.1"]) >= {"apgd-ce", "apgd-t", "square", "robust"}
     text = report.tables_markdown(records)
     assert "## Defenses" in text and "bpda-pgd" in text and "### Verdicts" in text
+    # the note explains the columns the table has, each once
+    tables = text.count("Robust accuracy on the first")  # one table per eps
+    for title in ("Square: gradient-free", "AutoAttack: APGD-CE", "transfer: PGD", "worst: "):
+        assert text.count(title) == tables == 2
 
 
 def test_bad_defense_block_names_the_key(tmp_path):

@@ -241,6 +241,20 @@ def compute(cell: Cell, loaded: Loaded, memo: Memo, cache: Path, force: bool) ->
 # --- tables.md and the figure ----------------------------------------------------------------
 
 
+# what the table's note says of a column, where the table has it
+COLUMN_NOTES = {
+    "adaptive": "the defense's own adaptive attack (eot-pgd: EOT over the randomness; "
+                "bpda-pgd: BPDA through the preprocessing)",
+    "square": "gradient-free",
+    "transfer": "PGD on the undefended model",
+    "autoattack": "APGD-CE, APGD-T, FAB-T and Square (5,000 queries) in turn on the images "
+                  "still standing (Croce & Hein 2020; the rand version, APGD-CE and APGD-DLR "
+                  "with EOT over 20 draws, on a randomized defense; its time: one call per "
+                  "eps, compiles included)",
+    "worst": "the images that survived every column, counted per image",
+}
+
+
 def column_title(column: str) -> str:
     """A defense-table column's title: the attack's `Attack.label`; "adaptive" and "worst"
     as they are."""
@@ -324,15 +338,8 @@ def _markdown(records: pd.DataFrame) -> str:
                       f"(standard error at most {0.5 / np.sqrt(n):.3f}: sqrt(p(1 - p) / n) at "
                       "p = 0.5; time: the column's "
                       "whole eps sweep, one compiled call, median of the timed rounds). "
-                      "adaptive: the defense's own adaptive attack (eot-pgd: EOT over the "
-                      "randomness; bpda-pgd: BPDA through the preprocessing); Square: "
-                      "gradient-free; transfer: PGD on the undefended model; AutoAttack: "
-                      "APGD-CE, APGD-T, FAB-T and Square (5,000 queries) in turn on the "
-                      "images still standing (Croce & Hein 2020; the rand version, APGD-CE "
-                      "and APGD-DLR with EOT over 20 draws, on a randomized defense; its "
-                      "time: one call per eps, compiles included); worst: the images that "
-                      "survived "
-                      "every column, counted per image.", index=False))
+                      + "; ".join(f"{column_title(c)}: {COLUMN_NOTES[c]}" for c in cols
+                                  if c in COLUMN_NOTES) + ".", index=False))
     times = table.drop_duplicates(["model", "defense"])[["model", "defense", "defense_s"]]
     times = times.assign(defense_s=[fmt_time(v) for v in times["defense_s"]])
     adv = records_of(records, kind="defense")
