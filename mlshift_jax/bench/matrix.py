@@ -16,7 +16,9 @@ and one optional table per experiment of `experiments.EXPERIMENTS`: its `block` 
 table ([e1], [e2], [e3]: the study's E1-E3, as committed matrices spell them; [speed],
 [poison], [detect], [defenses]), its `schema` the keys the table accepts, its `Block`
 dataclass their defaults. The docstring of each module of `bench/experiments/` says what its
-table runs.
+table runs. `[sample.<block>]` (any such block's keys but `dataset`) replaces that block's keys
+when its dataset loads as the bundled sample (`on_sample`): full.toml previews every table on
+the sample in minutes; run.json's `sample_settings` and tables.md say which keys.
 
 n_train / n_test cap the data to its first n images (file order); absent means all of it (a
 block's own, else the [matrix] table's). A model is a built-in recipe name or a user model
