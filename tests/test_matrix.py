@@ -319,6 +319,7 @@ def test_sample_tables_replace_a_blocks_keys_only_on_the_bundled_sample():
     ("[sample.defenses]\ndataset = 'mnist'\n", "[sample.defenses].dataset"),
     ("[sample.defenses]\nnope = 1\n", "[sample.defenses].nope"),
     ("[sample.nope]\nx = 1\n", "[sample].nope"),
+    ("[sample.defenses]\n", "[sample.defenses]"),  # nothing to replace
 ])
 def test_bad_sample_table_names_its_key(table, key):
     text = open(DEFAULT_MATRIX).read().split("[sample.defenses]")[0] + table

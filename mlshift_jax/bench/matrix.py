@@ -11,14 +11,16 @@ A matrix file (see `matrices/full.toml`) has these tables; every key not listed 
     [train.<model>]           TrainConfig fields for one recipe: hidden, lr, epochs,
                               batch_size, optimizer (the rest take the recipe's defaults)
     [attack_options.<attack>] keyword options of one attack (e.g. pgd: steps, step_size)
+    [sample.<block>]          keys of a block table the file has (any but dataset), used in
+                              place of its own when its dataset is the bundled sample
+                              (`on_sample`; `--tiny` keeps its own tiny sizes instead)
 
 and one optional table per experiment of `experiments.EXPERIMENTS`: its `block` names the
 table ([e1], [e2], [e3]: the study's E1-E3, as committed matrices spell them; [speed],
 [poison], [detect], [defenses]), its `schema` the keys the table accepts, its `Block`
 dataclass their defaults. The docstring of each module of `bench/experiments/` says what its
-table runs. `[sample.<block>]` (any such block's keys but `dataset`) replaces that block's keys
-when its dataset loads as the bundled sample (`on_sample`): full.toml previews every table on
-the sample in minutes; run.json's `sample_settings` and tables.md say which keys.
+table runs. full.toml's `[sample.<block>]` tables preview every table on the bundled sample in
+minutes; run.json's `sample_settings` and tables.md's "This run" say which keys were replaced.
 
 n_train / n_test cap the data to its first n images (file order); absent means all of it (a
 block's own, else the [matrix] table's). A model is a built-in recipe name or a user model
@@ -167,16 +169,26 @@ def parse(text: str, path: str = "<matrix>", *, allow_code: Iterable[str] = ()) 
     return matrix
 
 
+BLOCKS = frozenset(e.block for e in EXPERIMENTS if e.Block is not None)
+
+
 def _parse_sample(chk: Checker, raw: dict, parsers: Parsers) -> tuple:
     """[sample.<block>] tables: keys of a block the file has, replaced when that block's
     dataset is the bundled sample (`on_sample`); any key but `dataset`."""
     sample = raw.get("sample", {})
     blocks = {e.block: e for e in EXPERIMENTS if e.Block is not None and e.block in raw}
+    for name in sample if isinstance(sample, dict) else ():
+        if name in BLOCKS and name not in blocks:
+            chk.fail(f"[sample].{name}", f"the file has no [{name}] table for it to change")
     chk.table(sample, "[sample]", set(blocks))
     out = []
     for name, keys in sample.items():
         where = f"[sample.{name}]"
         schema = blocks[name].schema(parsers)
+        if isinstance(keys, dict) and "dataset" in keys:
+            chk.fail(f"{where}.dataset", "a [sample] table cannot move a block to other data")
+        if keys == {}:
+            chk.fail(where, "expected at least one key to replace, found none")
         chk.table(keys, where, set(schema) - {"dataset"})
         block = _parse_block(chk, {**raw[name], **keys}, where, blocks[name].Block, schema)
         out.append((name, block, tuple((k, getattr(block, k)) for k in keys)))
@@ -285,7 +297,7 @@ def tiny(matrix: Matrix) -> Matrix:
     return replace(matrix, hidden=TINY_HIDDEN, n_train=cap(matrix.n_train, TINY_TRAIN),
                    n_test=cap(matrix.n_test, TINY_TEST),
                    timing=replace(matrix.timing, rounds=1, max_seconds=0.5), blocks=blocks,
-                   sample_blocks=())  # already smaller than any [sample.<block>]
+                   sample_blocks=())  # a rehearsal at its own tiny sizes, sample or not
 
 
 def load(path: str | Path, *, allow_code: Iterable[str] = ()) -> Matrix:
