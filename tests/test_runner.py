@@ -99,7 +99,8 @@ def test_tiny_matrix_end_to_end(tiny):
     assert records[SCORES].notna().all().all()
     assert ((records[SCORES] >= 0) & (records[SCORES] <= 1)).all().all()
     assert (records["rounds"] >= 1).all() and (records["median_s"] > 0).all()
-    assert (records["compile_s"] > 0).all() and (records["train_s"] > 0).all()
+    assert (records["compile_s"] >= 0).all() and (records["train_s"] > 0).all()
+    assert (records["compile_s"] > 0).any()  # JAX's own compile time: 0 once compiled
     clean = records.set_index("attack").loc["none"]
     assert clean["accuracy"] == clean["clean_accuracy"] and clean["linf"] == 0
     fgsm = records[records["attack"] == "fgsm"]
@@ -379,8 +380,8 @@ def test_measure_keeps_output_and_bounds_rounds():
         return a * 2
 
     timing, out = bench_context.measure(fn, 3, rounds=4, max_seconds=1e-12)
-    # first and warm; the warm call is the one round (a third call would time the same thing)
-    assert out == 6 and timing.rounds == 1 and len(calls) == 2
+    # one call: slower than max_seconds, the first call less its compile is the one round
+    assert out == 6 and timing.rounds == 1 and len(calls) == 1
     assert timing.compile_s is not None and timing.median_s >= 0
     timing, _ = bench_context.measure(fn, 3, rounds=4, max_seconds=60, compiled=False)
     assert timing.rounds == 4 and timing.compile_s is None

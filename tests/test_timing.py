@@ -1,4 +1,4 @@
-"""Structure of `time_call`, never speed: the machine is noisy."""
+"""Structure of `time_call`, `measure` and `compile_clock`, never speed: the machine is noisy."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mlshift_jax.bench.context import measure
 from mlshift_jax.core.errors import ConfigError
-from mlshift_jax.core.timing import Timing, time_call, time_once
+from mlshift_jax.core.timing import Timing, compile_clock, time_call, time_once
 
 
 @jax.jit
@@ -129,3 +130,44 @@ def test_peak_memory_sees_a_block_that_holds_memory():
         held = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
         time.sleep(0.05)  # a few samples while it is held
     assert mem.peak_bytes >= held.nbytes and mem.peak_bytes >= start * 0.99
+
+
+def test_compile_clock_counts_a_fresh_compile_and_nothing_once_compiled():
+    f = jax.jit(lambda v: jnp.tanh(v) @ v.T + 1.0)  # a fresh program: traced and compiled
+    v = jnp.ones((8, 8))
+    with compile_clock() as first:
+        jax.block_until_ready(f(v))
+    with compile_clock() as again:
+        jax.block_until_ready(f(v))
+    assert first.seconds > 0 and first.programs >= 1
+    assert again.seconds == 0.0 and again.programs == 0
+
+
+def _counting(fn, sleep_s):
+    calls = []
+
+    def call(*a):
+        calls.append(1)
+        time.sleep(sleep_s)
+        return fn(*a)
+    return call, calls
+
+
+def test_measure_runs_a_slow_call_once_and_times_its_compile_apart(x):
+    f = jax.jit(lambda v: jnp.sin(v) * 3.0 - v)
+    call, calls = _counting(f, 0.05)
+    timing, out = measure(call, x, rounds=5, max_seconds=0.01)
+    assert len(calls) == 1  # over max_seconds: the first call less its compile is the round
+    assert timing.rounds == 1 and timing.compile_s > 0
+    assert timing.median_s >= 0.05  # the sleep is in the round, the compile is not added
+    np.testing.assert_allclose(out, np.sin(x) * 3.0 - x, rtol=1e-6)
+
+
+def test_measure_times_fast_calls_in_rounds_after_the_first(x):
+    f = jax.jit(lambda v: jnp.cos(v) + 2.0 * v)
+    call, calls = _counting(f, 0.0)
+    timing, _ = measure(call, x, rounds=3, max_seconds=60.0)
+    assert timing.rounds == 3 and len(calls) == 1 + 3  # no extra warm call
+    call, calls = _counting(np.cos, 0.02)  # numpy: no compile, the first call is the round
+    timing, _ = measure(call, np.ones(4), rounds=3, max_seconds=0.001, compiled=False)
+    assert timing.compile_s is None and timing.rounds == 1 and len(calls) == 1

@@ -27,7 +27,7 @@ from mlshift_jax.bench.cells import Cell, TrainSpec
 from mlshift_jax.core import sharding
 from mlshift_jax.core.files import cached_npz, check_arrays
 from mlshift_jax.core.provenance import code_digest, git_commit, relative_source
-from mlshift_jax.core.timing import Timing, time_call, time_once
+from mlshift_jax.core.timing import Timing, compile_clock, time_call, time_once
 from mlshift_jax.data import datasets
 from mlshift_jax.models.registry import fit, model_for
 from mlshift_jax.models.weights import flatten, unflatten
@@ -54,18 +54,25 @@ def measure(fn: Callable[..., Any], *args: Any, rounds: int, max_seconds: float,
             compiled: bool = True) -> tuple[Timing, Any]:
     """Time fn(*args) as timing.py says; return (Timing, output of the first call).
 
-    The first call is `compile_s` (None when `compiled=False`, for numpy); then up to `rounds`
-    timed calls, fewer where one warm call shows they would take more than `max_seconds`; a
-    warm call over `max_seconds` is itself the one round (two calls in all, not three; one
-    for numpy).
+    compiled (JAX): `compile_s` is the time JAX reports tracing, lowering and compiling during
+    the first call (`compile_clock`; 0 where every program was already compiled), and the
+    rest of that call, run_s, tells how slow a call is. A call with run_s over `max_seconds`
+    is timed once: run_s is its one round (an upper bound of a warm call: it also holds the
+    first call's dispatch, milliseconds), so a slow attack runs once, not twice. Otherwise up
+    to `rounds` timed calls follow, as many as fit in `max_seconds`.
+    compiled=False (numpy): compile_s is None and the first call is the one round when it
+    takes over `max_seconds`.
     """
-    first, out = once(fn, *args)
-    warm = once(fn, *args)[0] if compiled else first
-    n = max(1, min(rounds, int(max_seconds / max(warm.median_s, 1e-9))))
-    # a call slower than max_seconds gets one round: the warm call already is that round
-    # (compiled, ended by block_until_ready; numpy's first call), so it is not run again
-    timing = warm if n == 1 else time_call(fn, *args, rounds=n, warmup=0)
-    return timing._replace(compile_s=first.median_s if compiled else None), out
+    with compile_clock() as clock:
+        first, out = once(fn, *args)
+    compile_s = min(clock.seconds, first.median_s) if compiled else None
+    run_s = first.median_s - (compile_s or 0.0)
+    if run_s > max_seconds:
+        timing = first._replace(median_s=run_s, min_s=run_s, max_s=run_s, times_s=(run_s,))
+    else:
+        n = max(1, min(rounds, int(max_seconds / max(run_s, 1e-9))))
+        timing = time_call(fn, *args, rounds=n, warmup=0)
+    return timing._replace(compile_s=compile_s), out
 
 
 def timing_fields(t: Timing, scale: float = 1.0) -> dict[str, Any]:

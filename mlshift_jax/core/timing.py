@@ -2,7 +2,9 @@
 
 - Inputs go on the device first (`jax.device_put`), so that host->device transfer is not
   timed; `time_call` does not move them.
-- The first call, which traces and compiles, is timed apart (`compile_s`).
+- The first call, which traces and compiles, is timed apart (`compile_s`). `compile_clock`
+  reads how much of a call JAX itself spent tracing, lowering and compiling (or loading a
+  compiled program from its cache), from the compile events JAX reports (`jax.monitoring`).
 - Every timed call ends with `jax.block_until_ready` on its output, since JAX dispatches
   asynchronously. It passes non-JAX leaves (numpy arrays, floats, None) through untouched,
   so numpy baselines are timed by the same function.
@@ -11,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -45,6 +48,46 @@ class Timing(NamedTuple):
         d = self._asdict()
         d["times_s"] = list(self.times_s)
         return d
+
+
+# The events JAX records around each compile (jax/_src/dispatch.py): tracing to a jaxpr,
+# lowering it to StableHLO, and the backend's compile (a persistent-cache read included).
+COMPILE_EVENTS = frozenset({"/jax/core/compile/jaxpr_trace_duration",
+                            "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                            "/jax/core/compile/backend_compile_duration"})
+_clocks: list[CompileClock] = []  # the clocks running now (nested ones each count)
+
+
+class CompileClock:
+    """Seconds JAX spent compiling while a `with compile_clock()` block ran: `seconds`,
+    the sum of its COMPILE_EVENTS durations, and `programs`, the backend compiles (or cache
+    loads) among them. Events of every thread count (the harness compiles on one)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.programs = 0
+
+
+def _on_event(event: str, seconds: float, **_) -> None:
+    if event in COMPILE_EVENTS:
+        for clock in _clocks:
+            clock.seconds += seconds
+            clock.programs += event.endswith("backend_compile_duration")
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+@contextlib.contextmanager
+def compile_clock():
+    """`with compile_clock() as c: f(x)`: c.seconds is the time JAX spent tracing, lowering
+    and compiling inside the block (0.0 when everything was already compiled)."""
+    clock = CompileClock()
+    _clocks.append(clock)
+    try:
+        yield clock
+    finally:
+        _clocks.remove(clock)
 
 
 def _timed(fn: Callable[..., Any], args: tuple, sync: Callable[[Any], Any]) -> float:

@@ -168,10 +168,12 @@ def _pairings(records: pd.DataFrame, dataset: str, warns: dict[str, str]) -> str
     head = (f"Trained on {int(r0['n_train']):,} images, attacked and scored on "
             f"{int(r0['n_test']):,} test images ({r0['data_source']}).\n\n")
     note = ("One row per model × attack@eps; `none` at eps 0 is the clean model. Attack time "
-            "is the median over rounds of one jitted call over the whole test set; compile is "
-            "the first call, which traces and compiles only the first time an attack meets a "
-            "model (the other eps reuse that compile); train is one timed training run (JAX "
-            "compile included).")
+            "is the median over rounds of one jitted call over the whole test set (a call "
+            "over [timing] max_seconds is timed once: its first call less the compile); "
+            "compile is the time JAX reports tracing and compiling in the first call, next "
+            "to nothing where the attack already met the model (the other eps reuse that "
+            "compile); train is "
+            "one timed training run (JAX compile included).")
     return head + md(table, note, index=False)
 
 
