@@ -168,12 +168,15 @@ def _pairings(records: pd.DataFrame, dataset: str, warns: dict[str, str]) -> str
     head = (f"Trained on {int(r0['n_train']):,} images, attacked and scored on "
             f"{int(r0['n_test']):,} test images ({r0['data_source']}).\n\n")
     note = ("One row per model × attack@eps; `none` at eps 0 is the clean model. Attack time "
-            "is the median over rounds of one jitted call over the whole test set (a call "
-            "over [timing] max_seconds is timed once: its first call less the compile); "
-            "compile is the time JAX reports tracing and compiling in the first call, next "
-            "to nothing where the attack already met the model (the other eps reuse that "
-            "compile); train is "
-            "one timed training run (JAX compile included).")
+            "is the median of one jitted call over the whole test set, timed in as many "
+            "rounds as fit in the matrix's [timing] max_seconds (at most its rounds); a call "
+            "slower than that is timed once: its first call less the compile. compile: the "
+            "time JAX reports tracing and compiling during the first call, 0 where every "
+            "program the call needs was already compiled in this run (at an earlier eps, or "
+            "for the same architecture on another dataset of the same shape). "
+            + ("seed-mlp-numpy is the model of the study's numpy code, attacked in JAX. "
+               if (rows["model"] == "seed-mlp-numpy").any() else "")
+            + "train is one timed training run (JAX compile included).")
     return head + md(table, note, index=False)
 
 
