@@ -12,7 +12,7 @@ import pytest
 
 from mlshift_jax.bench.context import measure
 from mlshift_jax.core.errors import ConfigError
-from mlshift_jax.core.timing import Timing, compile_clock, time_call, time_once
+from mlshift_jax.core.timing import Timing, compile_clock, first_call, time_call, time_once
 
 
 @jax.jit
@@ -141,6 +141,17 @@ def test_compile_clock_counts_a_fresh_compile_and_nothing_once_compiled():
         jax.block_until_ready(f(v))
     assert first.seconds > 0 and first.programs >= 1
     assert again.seconds == 0.0 and again.programs == 0
+
+
+def test_first_call_keeps_the_output_and_reads_compile_only_when_compiling():
+    f = jax.jit(lambda v: jnp.cos(v) @ v.T - 2.0)
+    v = jnp.ones((6, 6))
+    fresh, out = first_call(f, v)
+    again, out2 = first_call(f, v)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(f(v)))
+    np.testing.assert_allclose(np.asarray(out2), np.asarray(out))
+    assert 0 < fresh.compile_s <= fresh.median_s and fresh.rounds == 1
+    assert again.compile_s == 0.0
 
 
 def _counting(fn, sleep_s):

@@ -26,7 +26,7 @@ import numpy as np
 
 from mlshift_jax.attacks import autoattack, evasion
 from mlshift_jax.attacks._common import Attack
-from mlshift_jax.core.timing import Timing, compile_clock, time_call, time_once
+from mlshift_jax.core.timing import Timing, first_call, time_call
 from mlshift_jax.models.zoo import Model, Params
 
 
@@ -75,28 +75,11 @@ def correct_scorer(model: Model, params: Params, y, key: jax.Array) -> Callable:
 
 def timed(fn: Callable, *args, rounds: int = 3) -> tuple[Timing, Any]:
     """(Timing of fn(*args): compile_s the time JAX reports tracing and compiling during the
-    first call (`timing.compile_clock`, 0 where it was all compiled before), then the median
-    of `rounds` calls; the first call's output)."""
-    out = []
-
-    def keep(*a):
-        out.append(fn(*a))
-        return out[-1]
-
-    with compile_clock() as clock:
-        first = time_once(keep, *args)
-    timing = time_call(keep, *args, rounds=rounds, warmup=0)
-    return timing._replace(compile_s=min(clock.seconds, first.median_s)), out[0]
-
-
-def _once(fn: Callable, *args) -> tuple[Timing, Any]:
-    out = []
-
-    def keep(*a):
-        out.append(fn(*a))
-        return out[-1]
-
-    return time_once(keep, *args), out[0]
+    first call (`timing.first_call`), then the median of `rounds` calls; the first call's
+    output)."""
+    first, out = first_call(fn, *args)
+    timing = time_call(fn, *args, rounds=rounds, warmup=0)
+    return timing._replace(compile_s=first.compile_s), out
 
 
 def _autoattack_sweep(model: Model, params: Params, x, y, eps_values, *, key, lo, hi,
@@ -145,7 +128,7 @@ def evaluate_under_attack(model: Model, params: Params, x, y, columns: Sequence[
             kw["source_params"] = source_params
         if sweep and attack.name == "autoattack":  # one call (minutes on a robust model)
             run = partial(_autoattack_sweep, model, params, key=key, lo=lo, hi=hi)
-            timing, (x_adv, found) = _once(run, x, y, list(eps))
+            timing, (x_adv, found) = first_call(run, x, y, list(eps))
             counts = dict(zip(eps, found, strict=True))
             runs = [(timing, x_adv[i]) for i in range(len(eps))]
         elif sweep:

@@ -27,7 +27,7 @@ from mlshift_jax.bench.cells import Cell, TrainSpec
 from mlshift_jax.core import sharding
 from mlshift_jax.core.files import cached_npz, check_arrays
 from mlshift_jax.core.provenance import code_digest, git_commit, relative_source
-from mlshift_jax.core.timing import Timing, compile_clock, time_call, time_once
+from mlshift_jax.core.timing import Timing, first_call, time_call
 from mlshift_jax.data import datasets
 from mlshift_jax.models.registry import fit, model_for
 from mlshift_jax.models.weights import flatten, unflatten
@@ -37,17 +37,6 @@ TIMING_FIELDS = ("compile_s", "median_s", "min_s", "max_s", "iqr_s", "rounds")
 
 
 # --- timing with the output kept -----------------------------------------------------------
-
-
-def once(fn: Callable[..., Any], *args: Any) -> tuple[Timing, Any]:
-    """`time_once(fn, *args)` and the call's output."""
-    out = []
-
-    def keep(*a):
-        out.append(fn(*a))
-        return out[-1]
-
-    return time_once(keep, *args), out[0]
 
 
 def measure(fn: Callable[..., Any], *args: Any, rounds: int, max_seconds: float,
@@ -63,9 +52,8 @@ def measure(fn: Callable[..., Any], *args: Any, rounds: int, max_seconds: float,
     compiled=False (numpy): compile_s is None and the first call is the one round when it
     takes over `max_seconds`.
     """
-    with compile_clock() as clock:
-        first, out = once(fn, *args)
-    compile_s = min(clock.seconds, first.median_s) if compiled else None
+    first, out = first_call(fn, *args)
+    compile_s = first.compile_s if compiled else None
     run_s = first.median_s - (compile_s or 0.0)
     if run_s > max_seconds:
         timing = first._replace(median_s=run_s, min_s=run_s, max_s=run_s, times_s=(run_s,))
@@ -174,8 +162,8 @@ def trained(spec: TrainSpec, loaded: Loaded, memo: Memo, cache: Path,
 
     def compute():  # "a/b/0" names: any pytree (flax, equinox); the timing beside them
         ds = capped(loaded.ds, spec.n_train, None)
-        timing, params = once(partial(fit, spec.model, spec.train_config(), spec=ds.spec),
-                              ds.x_train, ds.y_train)
+        timing, params = first_call(partial(fit, spec.model, spec.train_config(), spec=ds.spec),
+                                    ds.x_train, ds.y_train)
         return {**flatten(jax.tree.map(np.asarray, params)),
                 _TRAIN_S: np.array([timing.median_s]), _N_TRAIN: np.array([len(ds.y_train)])}
 

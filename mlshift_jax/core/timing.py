@@ -192,6 +192,22 @@ def time_once(
     return time_call(fn, *args, rounds=1, warmup=0, sync=sync)
 
 
+def first_call(fn: Callable[..., Any], *args: Any) -> tuple[Timing, Any]:
+    """The first call of fn(*args), timed once and synced, with its output: (Timing whose
+    compile_s is the time JAX reported tracing, lowering and compiling during the call
+    (`compile_clock`; 0 where every program was compiled before, never above the call's
+    time) and median_s the whole call, output). The one place a first call is read."""
+    out = []
+
+    def keep(*a):
+        out.append(fn(*a))
+        return out[-1]
+
+    with compile_clock() as clock:
+        t = time_once(keep, *args)
+    return t._replace(compile_s=min(clock.seconds, t.median_s)), out[0]
+
+
 class PeakMemory:
     """The peak resident memory of this process while a `with` block runs, sampled.
 

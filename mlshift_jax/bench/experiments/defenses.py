@@ -49,11 +49,11 @@ from mlshift_jax.bench.context import (
     capped,
     measure,
     on_device,
-    once,
     trained,
 )
 from mlshift_jax.bench.experiments.grid import save_figure
 from mlshift_jax.bench.markdown import finite, fmt_time, md, records_of
+from mlshift_jax.core.timing import first_call
 from mlshift_jax.models.metrics import evaluate
 from mlshift_jax.models.zoo import Model
 
@@ -156,7 +156,7 @@ def _defended(cfg: DefenseConfig, loaded: Loaded, base: Trained,
         ds = capped(loaded.ds, spec.n_train, None)
         adv_cfg = replace(spec.train_config(),
                           epochs=spec.epochs * defenses.ADV_EPOCH_FACTOR)
-        timing, params = once(partial(defenses.adv_fit, spec.model, adv_cfg,
+        timing, params = first_call(partial(defenses.adv_fit, spec.model, adv_cfg,
                                       eps=float(opts["eps"]), steps=int(opts["steps"]),
                                       warmup=float(opts.get("warmup", 0.0)), spec=ds.spec),
                               ds.x_train, ds.y_train)
@@ -169,7 +169,7 @@ def _defended(cfg: DefenseConfig, loaded: Loaded, base: Trained,
         if at not in memo.fitted:
             ds = capped(loaded.ds, spec.n_train, None)
             key = jax.random.fold_in(jax.random.key(spec.seed), 0xDAE)
-            timing, state = once(partial(defenses.fit_state, cfg.defense, base.arch, key=key,
+            timing, state = first_call(partial(defenses.fit_state, cfg.defense, base.arch, key=key,
                                          **opts), ds.x_train)
             memo.fitted[at] = (timing.median_s, state)
         fit_s, state = memo.fitted[at]

@@ -41,13 +41,12 @@ from mlshift_jax.bench.context import (
     Memo,
     base_record,
     capped,
-    once,
     timing_fields,
 )
 from mlshift_jax.bench.experiments.detect import part_of
 from mlshift_jax.bench.markdown import finite, fmt_time, md, ratio, records_of
 from mlshift_jax.core import study
-from mlshift_jax.core.timing import NOISY, RERUNS, Timing, interleaved, spread
+from mlshift_jax.core.timing import NOISY, RERUNS, Timing, first_call, interleaved, spread
 from mlshift_jax.data import datasets
 from mlshift_jax.models import baseline, population, zoo
 from mlshift_jax.models.metrics import SCORE_NAMES, evaluate_arrays
@@ -163,7 +162,7 @@ def _compare(impls: list[_Impl], n: int, *, rounds: int, max_seconds: float,
     the least noisy attempt is kept; facts: rounds, attempts, worst spread, noisy (still
     above NOISY after the reruns)."""
     fns = {i.impl: i.fn for i in impls}
-    compile_s = {i.impl: once(i.fn)[0].median_s for i in impls if i.compiled}
+    compile_s = {i.impl: first_call(i.fn)[0].median_s for i in impls if i.compiled}
     first = interleaved(fns, rounds=1, warmup=0)
     slowest = max(t.median_s for t in first.values())
     k = max(min_rounds, min(rounds, int(max_seconds / max(slowest, 1e-9))))
@@ -524,7 +523,7 @@ def _speed_detection(ds: datasets.Dataset, cfg: SpeedConfig) -> tuple[list, dict
     calib = change.CalibrationConfig(n_null=cfg.detect_null, sample_size=size, seed=cfg.seed)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        t_cal, null = once(lambda: change.calibrate("seed-mlp", cfg.hidden, ds, calib,
+        t_cal, null = first_call(lambda: change.calibrate("seed-mlp", cfg.hidden, ds, calib,
                                                     cache_path=tmp))
         members = cfg.detect_null + len(null.changed_kinds)
         rows.append(_row(f"calibrate: {members} retrains on {size:,} images (one population), "
@@ -535,7 +534,7 @@ def _speed_detection(ds: datasets.Dataset, cfg: SpeedConfig) -> tuple[list, dict
         detect = partial(change.detect_pair, ref, sus, ds, config=calib, cache_path=tmp,
                          seed=cfg.seed, alpha=alpha)
         jax.clear_caches()  # as a fresh `mlshift detect` process: every program compiles
-        t_cold, _ = once(detect)
+        t_cold, _ = first_call(detect)
         rows.append(_row("detect_pair, cached calibration, first call", t_cold._replace(
             compile_s=None), 1, task="detect",
             note="traces and compiles; the CLI's compilation cache skips the compiling"))
