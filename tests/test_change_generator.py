@@ -16,7 +16,7 @@ from mlshift_jax.detection import change_generator as cg
 from mlshift_jax.detection.categorize import CATEGORIES, DECISIONS, UNCERTAIN
 from mlshift_jax.poisoning.poison import PoisonArrays
 
-POISONINGS = ("square", "checkerboard", "sparse", "blended")
+POISONINGS = ("square", "checkerboard", "sparse", "blended", "warp")
 
 
 # --- the generator -----------------------------------------------------------------------------
@@ -32,7 +32,9 @@ def test_generate_is_seeded_and_covers_every_family():
     assert {c.ref for c in a} == {0, 1, 2}
     for c in a:
         if c.family in POISONINGS:
-            assert 0.05 <= c.get("fraction") <= 0.3 and 0 <= c.get("target") < 10
+            assert 0.005 <= c.get("fraction") <= 0.2 and 0 <= c.get("target") < 10
+        if c.category == "wrong-label":
+            assert 0.05 <= c.get("fraction") <= 0.6
         if c.family in ("square", "checkerboard"):
             r, col = c.get("position")
             assert 0 <= r <= 28 - c.get("size") and 0 <= col <= 28 - c.get("size")
@@ -52,7 +54,8 @@ def test_trigger_groups_hold_out_every_family_of_a_shape():
     assert cg.FAMILIES["per-class-square"].group == "square"
     for f in cg.FAMILIES.values():
         assert f.category in CATEGORIES
-        assert f.realised_by in ("poison", "train", "weights", "input")
+        assert f.realised_by in ("poison", "train", "weights", "tune", "input")
+        assert not f.stamp or f.realised_by == "poison"
 
 
 def _poison(change, n=400, seed=0):
@@ -79,7 +82,7 @@ def test_backdoor_families_stamp_one_trigger_and_relabel_to_the_target(family):
     assert np.all((xp >= 0.01) & (xp <= 1.0))
     diff = xp[mask] != x[mask]
     assert diff.any(axis=1).all()  # every poisoned image carries the trigger
-    if family != "blended":  # the same pixels on every image
+    if family not in ("blended", "warp"):  # the same pixels on every image
         assert np.array_equal(diff.any(axis=0), diff.all(axis=0))
 
 
@@ -97,6 +100,11 @@ def test_label_families():
     assert np.all(y[mask] == 2) and np.all(yp[mask] == 7)
     assert mask.sum() == round(0.5 * (y == 2).sum())
     np.testing.assert_array_equal(xp, x)
+    targeted = cg.Change("targeted-labels", 0, 0, (("target", 4), ("fraction", 0.25)))
+    x, y, xp, yp, mask = _poison(targeted)
+    assert np.all(y[mask] != 4) and np.all(yp[mask] == 4)
+    assert mask.sum() == round(0.25 * (y != 4).sum())
+    np.testing.assert_array_equal(xp, x)
     shift = cg.Change("shift-labels", 0, 0, (("fraction", 0.3),))
     _, y, _, yp, mask = _poison(shift)
     np.testing.assert_array_equal(yp[mask], (y[mask] + 1) % 10)
@@ -104,24 +112,20 @@ def test_label_families():
     assert isinstance(clean.labels, PoisonArrays) and int(clean.labels.count) == 0
 
 
-def test_prune_and_quantize():
-    w = jax.random.normal(jax.random.key(0), (50, 40))
-    params = {"w": w, "b": jnp.ones(40)}
-    pruned = cg.prune(params, 0.3)
-    assert abs(float(jnp.mean(pruned["w"] == 0)) - 0.3) < 0.01
-    np.testing.assert_array_equal(pruned["b"], params["b"])
-    kept = pruned["w"] != 0
-    assert float(jnp.min(jnp.abs(w[kept]))) >= float(jnp.max(jnp.abs(w[~kept])))
-    q8 = cg.quantize(params, "int8")["w"]
-    step = float(jnp.max(jnp.abs(w))) / 127
-    assert float(jnp.max(jnp.abs(q8 - w))) <= step / 2 + 1e-6
-    assert len(np.unique(np.asarray(q8))) <= 255
-    q16 = cg.quantize(params, "float16")["w"]
-    assert q16.dtype == w.dtype and float(jnp.max(jnp.abs(q16 - w))) < 1e-2
-    with pytest.raises(ConfigError, match="dtype"):
-        cg.quantize(params, "int4")
-    with pytest.raises(ConfigError, match="fraction"):
-        cg.prune(params, 1.0)
+def test_weight_families_are_the_benign_transforms():
+    from mlshift_jax.detection import benign
+
+    params = {"w": jax.random.normal(jax.random.key(0), (50, 40)), "b": jnp.ones(40)}
+    for change, same in (
+            (cg.Change("prune", 0, 0, (("fraction", 0.3),)), benign.prune(params, 0.3)),
+            (cg.Change("quantize", 0, 0, (("dtype", "int4"),)), benign.quantize(params, 4)),
+            (cg.Change("quantize", 0, 0, (("dtype", "int8"),)), benign.quantize(params, 8)),
+            (cg.Change("quantize", 0, 0, (("dtype", "float16"),)), benign.to_float16(params))):
+        out = cg.weight_change(change, params)
+        for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(same), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ConfigError, match="prune or quantize"):
+        cg.weight_change(cg.Change("sample", 0, 0), params)
 
 
 # --- abstention and consistency ------------------------------------------------------------------

@@ -145,25 +145,42 @@ def test_cli_scan_model_refuses_a_missing_file_and_an_out_that_is_a_file(capsys,
 
 
 @pytest.mark.slow
-def test_scan_table_rows_columns_and_report(mnist):
+def test_scan_table_judges_heldout_models_with_the_clis_rule(mnist, monkeypatch):
     from mlshift_jax.bench import scan_bench
     from mlshift_jax.bench.experiments import detect as report
+    from mlshift_jax.detection import mm_bd, scan
 
-    tiny = scan_bench.ScanBenchConfig(hidden=8, sample_size=400, kinds=("patch", "sparse"),
-                                      rates=(0.1,), per_cell=1, n_null=2, n_clean=1,
-                                      n_benign=1, images=50, scan=ScanConfig(steps=10, batch=32),
-                                      rounds=1)
+    tiny = scan_bench.ScanBenchConfig(hidden=8, sample_size=400, n_null=8, alpha=0.7, folds=2,
+                                      per_variant=1, kinds=("patch", "sparse"), rates=(0.1,),
+                                      per_cell=2, images=50, scan=ScanConfig(steps=10, batch=32),
+                                      margin=mm_bd.MarginConfig(steps=5, starts=2), rounds=1)
+    judged = []
+    real = scan.judge
+    monkeypatch.setattr(scan, "judge", lambda *a: judged.append(real(*a)) or judged[-1])
     out = scan_bench.scan_table(mnist, config=tiny)
     table, summary = out["scan_model"], out["scan_model_summary"]["value"]
-    assert list(table.index) == ["clean", "benign: epochs x2 (2)", "benign: lr x0.5 (0.05)",
-                                 "patch 10%", "sparse 10%"]
-    for col in ("detected", "target_accuracy", "found", "detected_log"):
+    variants = [v for v in benign.VARIANTS if v != scan_bench.CLEAN_VARIANT]
+    assert list(table.index) == (["clean"] + [f"benign: {v}" for v in variants]
+                                 + ["patch 10%", "sparse 10%"])
+    n = len(benign.VARIANTS)
+    assert table["models"].tolist() == [1] * n + [2, 2]
+    (j,) = judged  # one verdict call, scan.judge, over every held-out model
+    assert j.flagged.shape == (n + 4,)
+    np.testing.assert_allclose(table["flagged"].to_numpy(),
+                               list(j.flagged[:n]) + [j.flagged[-4:-2].mean(),
+                                                      j.flagged[-2:].mean()])
+    for col in ("flagged", "found", "target_accuracy", "nc_flagged", "mm_bd_flagged"):
         values = table[col].dropna()
         assert ((values >= 0) & (values <= 1)).all(), col
-    assert table.loc["clean", "target_accuracy"] != table.loc["clean", "target_accuracy"]  # NaN
-    assert summary["threshold"] >= 2.0 and summary["null_models"] == 2
-    assert summary["models"] == 2 + 1 + 2 + 2 and summary["s_per_model_single"] > 0
+    assert np.isnan(table.loc["clean", "found"])
+    doors = table["found"].notna()
+    assert (table.loc[doors, "found"] <= table.loc[doors, "flagged"]).all()
+    assert summary["null_models"] == 8 and 0 <= summary["cut"] <= 1
+    assert summary["heldout_models"] == n + 4
+    assert summary["s_per_model_single"] > 0 and summary["null_train_s"] > 0
     text = report._scan_model(out)
-    assert "scan-model" in text and "patch 10%" in text and "benign" in text
+    assert "scan-model" in text and "patch 10%" in text and "benign: prune-30" in text
     with pytest.raises(ConfigError, match="families"):
         replace(tiny, kinds=("laser",)).validate()
+    with pytest.raises(ConfigError, match="at least 20"):
+        replace(tiny, n_null=8, alpha=0.25).validate()

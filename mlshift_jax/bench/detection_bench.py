@@ -50,9 +50,10 @@ Tables (`run` returns them by name):
 - "detectors": every detector of `detection.DETECTORS` (the scan-model part's too): what it
   scores, its unit and its source.
 - "timing": wall seconds per stage (and the population's size, and its members per vmap).
-- "scan_model", "scan_model_summary": the reference-free backdoor scan (Neural Cleanse with
-  a calibrated threshold) on its own population, `scan_bench.scan_table` with the config's
-  `scan_model` (FULL and QUICK have one; None leaves the tables out).
+- "scan_model", "scan_model_summary": the reference-free backdoor scan's verdict (Neural
+  Cleanse and MM-BD, calibrated on a benign null) on held-out clean, benign and backdoored
+  models, `scan_bench.scan_table` with the config's `scan_model` (FULL and QUICK have one;
+  None leaves the tables out).
 
 `run` has three parts (`PARTS`), each with its own population, and the bench runs each as its
 own cell: "scan-model" ("scan_model", "scan_model_summary"), "categorizer-lofo"

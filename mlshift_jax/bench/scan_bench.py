@@ -1,35 +1,38 @@
-"""The scan-model benchmark: how well the reference-free backdoor scan (`detection.scan`,
-Neural Cleanse, Wang et al. IEEE S&P 2019, with a threshold calibrated on clean models)
-finds backdoors and names their target, and how often it flags clean models.
+"""The held-out backdoor-scan benchmark: `mlshift scan-model`'s calibrated verdict (Neural
+Cleanse and MM-BD, one min-p rule: `detection.scan`) judged on models it never saw.
 
-One population of models of one recipe, each on its own random training sample
-(`sample_size` images) with its own seed:
+Two populations of one recipe (each model on its own random sample of `sample_size`
+training images, with its own seed):
 
-- the **null**: `n_null` clean models; the anomaly-index threshold is calibrated on them
-  (`neural_cleanse.calibrate_threshold`, at least 2, at most a share alpha of them above;
-  its leave-one-out false-positive rate is reported);
-- **clean**: `n_clean` more clean models of the same recipe (fresh negatives: their flagged
-  share is the false-positive rate on models the threshold never saw);
-- **benign**: clean models trained differently (`benign`: twice the recipe's epochs, half
-  its learning rate; `n_benign` each): false positives under a recipe mismatch;
-- **backdoored**: for each trigger family in `kinds` (`poisoning.triggers`) and poison rate
-  in `rates`, `per_cell` models whose sample has that share of its images, drawn from the
-  other classes, stamped with the trigger and relabelled to a target class (a different
-  target per model: (member index * 3 + 1) mod K). The stamping happens inside the jit.
+- the **null** (`scan.calibrate_null`, exactly as `scan-model` builds it, at the bench's
+  sample size and search settings): `n_null` clean models, each one of the 13 benign variants
+  of `detection.benign` in turn; the verdict's cut-off is set on it at `alpha`, and its
+  held-out false-positive rate over folds of the null is reported as the CLI reports it;
+- the **held-out** set, made apart (member seeds from `HELDOUT_STREAM`, never the null's):
+  `per_variant` more models of every benign variant (retrains with other seeds, samples,
+  epochs and learning rates; pruning 10/30/50%; 8- and 4-bit and float16 weights; a clean
+  fine-tune; distillation), and for each trigger family in `kinds` and poison rate in
+  `rates`, `per_cell` BadNets-style backdoors: that share of the sample, drawn from the other
+  classes, stamped with the family's trigger (`poisoning.triggers`; blended and sparse drawn
+  per model) and relabelled to a target class drawn per model. Stamping happens inside the
+  jit; every group of models is one vmap.
 
-Every model trains in one jit per training setting (`train.map_chunks` over groups of
-`chunk` members, each group a vmap), and every model is scanned in one jitted
-`scan_population` (vmap over classes inside, `lax.map` or vmap over models): the same clean
-test images (`images`) and key for all. `scan_table` returns two tables:
+Every held-out model is scanned as the null was (same images, keys and settings) and judged
+by `scan.judge`, the function `scan-model` calls, so this table and the CLI cannot drift.
+`scan_table` returns:
 
-- "scan_model": per change (row): models, detected (share flagged "backdoor"; for the
-  clean and benign rows the false-positive rate), target_accuracy (share whose most
-  anomalous class is the true target, flagged or not), found (flagged with the right
-  target), mean anomaly index and mean index of the log norms (a scale-free variant);
-- "scan_model_summary": the threshold, its leave-one-out FPR, the null's size, alpha, the
-  search's settings, and seconds per model: one model alone (`reverse_triggers`, compiled,
-  median of `rounds`), and per model within the whole population's one scan (compile
-  excluded), plus the compile and training times.
+- "scan_model": one row per held-out change: kind ("clean" for plain retrains, "benign",
+  or the trigger family), rate, models, flagged (share called "backdoor": the false-positive
+  rate on the clean and benign rows, the detection rate on backdoors), found (flagged with
+  the right target), target_accuracy (the verdict's target class right, flagged or not),
+  asr (the backdoors' attack success rate: the share of the first `asr_images` test images
+  not of the target class that the model's own trigger sends to the target),
+  nc_flagged / mm_bd_flagged (the share each detector's p-value alone is at or below the
+  cut-off), mean_min_p;
+- "scan_model_summary": the null's size and alpha, the cut-off, the null's held-out FPR
+  (and each detector's), the held-out set's clean + benign FPR, the search settings, and
+  seconds: null training and scanning, held-out training, per model within the held-out
+  scan, and one model alone (Neural Cleanse compiled, median of `rounds`, plus MM-BD).
 
 What a run measured is in its results folder (tables.md, the scan-model section).
 """
@@ -48,15 +51,15 @@ import pandas as pd
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.core.timing import time_call
 from mlshift_jax.data.datasets import Dataset, subsample
+from mlshift_jax.detection import benign, mm_bd, scan
 from mlshift_jax.detection import neural_cleanse as nc
-from mlshift_jax.detection.scan import log_norms, scan_images, scan_key
 from mlshift_jax.models.population import fit_group, init_members, member, plan_for
-from mlshift_jax.models.recipes import TrainConfig, resolve
-from mlshift_jax.models.registry import get_recipe
+from mlshift_jax.models.recipes import TrainConfig
 from mlshift_jax.models.train import map_chunks
 from mlshift_jax.poisoning import triggers
 
-CLEAN, NULL = "clean", "null"
+HELDOUT_STREAM = 0x6E1D0  # held-out member seeds: + seed * 10,000 (the null's: scan.NULL_STREAM)
+CLEAN_VARIANT = "retrain"  # the benign variant reported as the "clean" row
 
 
 @dataclass(frozen=True)
@@ -66,17 +69,25 @@ class ScanBenchConfig:
     recipe: str = "seed-mlp"
     hidden: int = 200
     sample_size: int = 10_000
+    n_null: int = 104
+    alpha: float = 0.05
+    folds: int = 5
+    per_variant: int = 2
     kinds: tuple[str, ...] = ("patch", "checkerboard", "blended", "sparse")
-    rates: tuple[float, ...] = (0.01, 0.05)
-    per_cell: int = 2
-    n_null: int = 12
-    n_clean: int = 4
-    n_benign: int = 2
+    rates: tuple[float, ...] = (0.01, 0.05, 0.10)
+    per_cell: int = 3
     images: int = 200
     scan: nc.ScanConfig = nc.ScanConfig(steps=150, batch=128)
-    alpha: float = 0.05
+    margin: mm_bd.MarginConfig = mm_bd.DEFAULT
     rounds: int = 2
+    asr_images: int = 1000  # test images each backdoor's attack success rate is read on
     chunk_bytes: int = 2**29  # members per training vmap: their data within this
+
+    def null_config(self, seed: int) -> scan.NullConfig:
+        """The null's settings (validated: an alpha its size cannot resolve is refused)."""
+        return scan.NullConfig(n_null=self.n_null, sample_size=self.sample_size,
+                               images=self.images, alpha=self.alpha, seed=seed,
+                               folds=self.folds).validate()
 
     def validate(self) -> ScanBenchConfig:
         """Raise ConfigError for settings the benchmark cannot run; return self."""
@@ -87,37 +98,38 @@ class ScanBenchConfig:
         if any(not 0.0 < r < 1.0 for r in self.rates):
             raise ConfigError(f"scan bench: expected poison rates in (0, 1), found "
                               f"{self.rates}")
-        if self.n_null < 2 or min(self.per_cell, self.n_clean, self.images) < 1 or (
-                self.n_benign < 0):
-            raise ConfigError(f"scan bench: expected n_null >= 2, per_cell, n_clean, "
-                              f"images >= 1 and n_benign >= 0, found {self.n_null}, "
-                              f"{self.per_cell}, {self.n_clean}, {self.images}, "
-                              f"{self.n_benign}")
+        if min(self.per_cell, self.per_variant, self.rounds) < 1:
+            raise ConfigError(f"scan bench: expected per_cell, per_variant and rounds >= 1, "
+                              f"found {self.per_cell}, {self.per_variant}, {self.rounds}")
+        self.null_config(0)
         self.scan.validate()
+        self.margin.validate()
         return self
 
 
 FULL = ScanBenchConfig()
-QUICK = ScanBenchConfig(hidden=32, sample_size=2000, rates=(0.05,), per_cell=1, n_null=4,
-                        n_clean=2, n_benign=0, images=100,
-                        scan=nc.ScanConfig(steps=40, batch=64), rounds=1)
+QUICK = ScanBenchConfig(hidden=32, sample_size=2000, n_null=20, alpha=0.25, folds=2,
+                        per_variant=1, rates=(0.05,), per_cell=1, images=100,
+                        scan=nc.ScanConfig(steps=40, batch=64),
+                        margin=mm_bd.MarginConfig(steps=50, starts=4), rounds=1)
 
 
-def _members(cfg: ScanBenchConfig, base: TrainConfig, n_classes: int, seed: int) -> pd.DataFrame:
-    """One row per model: role, change label, trigger kind, rate, target, its TrainConfig."""
-    rows = [(NULL, NULL, None, 0.0, -1, base)] * cfg.n_null
-    rows += [(CLEAN, "clean", None, 0.0, -1, base)] * cfg.n_clean
-    benign = {f"benign: epochs x2 ({base.epochs * 2})": replace(base, epochs=base.epochs * 2),
-              f"benign: lr x0.5 ({base.lr / 2:g})": replace(base, lr=base.lr / 2)}
-    for label, train in benign.items():
-        rows += [("benign", label, None, 0.0, -1, train)] * cfg.n_benign
-    for kind in cfg.kinds:
-        for rate in cfg.rates:
-            rows += [("backdoor", f"{kind} {rate:.0%}", kind, rate, 0, base)] * cfg.per_cell
-    table = pd.DataFrame(rows, columns=["role", "change", "kind", "rate", "target", "train"])
-    table["member_seed"] = seed * 100_000 + np.arange(len(table))
-    backdoor = table["role"] == "backdoor"
-    table.loc[backdoor, "target"] = (np.flatnonzero(backdoor) * 3 + 1) % n_classes
+def _base(cfg: ScanBenchConfig) -> TrainConfig:
+    """The recipe's settings, as `scan.calibrate_null` trains its null."""
+    return replace(TrainConfig(), hidden=cfg.hidden, seed=0)
+
+
+def _backdoors(cfg: ScanBenchConfig, n_classes: int, seed: int) -> pd.DataFrame:
+    """One row per held-out backdoored model: change label, trigger kind, rate, target (drawn
+    per model), member seed."""
+    rows = [(f"{kind} {rate:.0%}", kind, rate) for kind in cfg.kinds for rate in cfg.rates
+            for _ in range(cfg.per_cell)]
+    table = pd.DataFrame(rows, columns=["change", "kind", "rate"])
+    first = HELDOUT_STREAM + seed * 10_000 + 5_000
+    table["member_seed"] = first + np.arange(len(table))
+    table["target"] = np.random.default_rng([seed, HELDOUT_STREAM]).integers(
+        0, n_classes, len(table))
+    table["role"] = "backdoor"
     return table
 
 
@@ -154,8 +166,8 @@ def _train(members, x, y, *, plan, lo, hi, shape, chunk):
     return map_chunks(partial(_group, plan, lo, hi, shape, x, y), members, chunk)
 
 
-def _train_population(cfg: ScanBenchConfig, ds: Dataset, table: pd.DataFrame) -> tuple:
-    """Params of every member (stacked in table order) and the training seconds."""
+def _train_backdoors(cfg: ScanBenchConfig, ds: Dataset, table: pd.DataFrame):
+    """Params of every backdoored member (stacked in table order), the seconds."""
     size = min(cfg.sample_size, len(ds.y_train))
     y_host = np.asarray(ds.y_train)
     x = jax.device_put(jnp.asarray(ds.x_train, jnp.float32))
@@ -163,86 +175,136 @@ def _train_population(cfg: ScanBenchConfig, ds: Dataset, table: pd.DataFrame) ->
     d = int(x.shape[1])
     chunk = int(max(1, cfg.chunk_bytes // (3 * size * d * 4)))
     lo, hi = (float(v) for v in ds.input_range)
-    parts, order, seconds = [], [], 0.0
-    for _, rows in table.groupby(table["train"].map(repr), sort=False):
-        plan = plan_for(cfg.recipe, rows["train"].iloc[0], ds.spec)
-        planned = [_poison_plan(r, y_host, size, ds.n_classes, ds) for r in rows.itertuples()]
-        params, keys = init_members(plan, rows["member_seed"].tolist(), d)
-        members = {
-            "params": params, "shuffle_key": keys,
-            "idx": jnp.asarray(np.stack([p[0] for p in planned]), jnp.int32),
-            "mask": jnp.asarray(np.stack([p[1] for p in planned])),
-            "target": jnp.asarray([p[2] for p in planned], jnp.int32),
-            "trigger": jax.tree.map(lambda *a: jnp.asarray(np.stack(a)),
-                                    *[p[3] for p in planned]),
-        }
-        start = time.perf_counter()
-        parts.append(jax.block_until_ready(_train(
-            members, x, y, plan=plan, lo=lo, hi=hi, shape=tuple(ds.image_shape),
-            chunk=min(chunk, len(rows)))))
-        seconds += time.perf_counter() - start
-        order += list(rows.index)
-        model = plan.arch
-    stacked = jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
-    back = np.argsort(order)  # table order
-    return jax.tree.map(lambda a: a[back], stacked), model, seconds
+    plan = plan_for(cfg.recipe, _base(cfg), ds.spec)
+    planned = [_poison_plan(r, y_host, size, ds.n_classes, ds) for r in table.itertuples()]
+    params, keys = init_members(plan, table["member_seed"].tolist(), d)
+    members = {
+        "params": params, "shuffle_key": keys,
+        "idx": jnp.asarray(np.stack([p[0] for p in planned]), jnp.int32),
+        "mask": jnp.asarray(np.stack([p[1] for p in planned])),
+        "target": jnp.asarray([p[2] for p in planned], jnp.int32),
+        "trigger": jax.tree.map(lambda *a: jnp.asarray(np.stack(a)), *[p[3] for p in planned]),
+    }
+    start = time.perf_counter()
+    out = jax.block_until_ready(_train(members, x, y, plan=plan, lo=lo, hi=hi,
+                                       shape=tuple(ds.image_shape),
+                                       chunk=min(chunk, len(table))))
+    asr = _asr(plan.arch, out, members["trigger"], members["target"], ds, cfg.asr_images)
+    return out, plan, time.perf_counter() - start, asr
+
+
+@partial(jax.jit, static_argnames=("model", "shape", "lo", "hi"))
+def _asr_kernel(model, params, trig, target, x, y, *, shape, lo, hi):
+    def one(args):
+        p, t, c = args
+        stamped = jax.vmap(lambda v: triggers.stamp_one(v, t, shape, lo, hi))(x)
+        hit = jnp.argmax(jax.vmap(model.apply, in_axes=(None, 0))(p, stamped), -1) == c
+        other = y != c
+        return jnp.sum(hit & other) / jnp.maximum(jnp.sum(other), 1)
+    return jax.lax.map(one, (params, trig, target))
+
+
+def _asr(model, params, trig, target, ds: Dataset, n: int) -> np.ndarray:
+    """Attack success rate of each backdoored member [M]: the share of the first n test
+    images not of its target class that its own trigger sends to the target."""
+    n = min(n, len(ds.y_test))
+    lo, hi = (float(v) for v in ds.input_range)
+    return np.asarray(_asr_kernel(model, params, trig, target,
+                                  jnp.asarray(ds.x_test[:n], jnp.float32),
+                                  jnp.asarray(ds.y_test[:n], jnp.int32),
+                                  shape=tuple(ds.image_shape), lo=lo, hi=hi))
+
+
+def _heldout_benign(cfg: ScanBenchConfig, ds: Dataset, seed: int):
+    """per_variant models of every benign variant, with seeds the null never used: (params
+    stacked, variant names, seconds)."""
+    plan = plan_for(cfg.recipe, _base(cfg), ds.spec)
+    size = min(cfg.sample_size, len(ds.y_train))
+    n = cfg.per_variant * len(benign.VARIANTS)
+    seeds = (HELDOUT_STREAM + seed * 10_000 + np.arange(n)).tolist()
+    start = time.perf_counter()
+    params, names = benign.benign_null(plan, ds.x_train, ds.y_train, seeds=seeds, size=size,
+                                       chunk=scan.train_chunk(n, size, ds.spec.n_inputs))
+    return params, names, time.perf_counter() - start
+
+
+def _scan(model, params, x, y, cfg: ScanBenchConfig, seed: int):
+    """Neural Cleanse norms [M, K] and MM-BD margins [M, K] of stacked params, searched as
+    the null's were."""
+    found = nc.scan_in_groups(model, params, x, y, key=scan.scan_key(seed), config=cfg.scan,
+                              group=scan.SCAN_GROUP)
+    margins = np.asarray(jax.block_until_ready(mm_bd.margins_population(
+        model, params, key=scan.margin_key(seed), config=cfg.margin)))
+    return np.asarray(found.norms, np.float64), margins
 
 
 def scan_table(ds: Dataset, *, quick: bool = False, seed: int = 0,
                config: ScanBenchConfig | None = None) -> dict[str, pd.DataFrame]:
-    """Train the population, scan it, score the scan: {"scan_model", "scan_model_summary"}
-    (module docstring). quick: `QUICK` (seconds on 2 cores) instead of `FULL`; config
-    overrides both. Same seed, same tables (up to the timings)."""
+    """Calibrate the null, train and scan the held-out set, judge it: {"scan_model",
+    "scan_model_summary"} (module docstring). quick: `QUICK` (a minute on 2 cores) instead
+    of `FULL`; config overrides both. Same seed, same tables (up to the timings).
+    ConfigError for settings the benchmark cannot run (`ScanBenchConfig.validate`)."""
     cfg = (config or (QUICK if quick else FULL)).validate()
-    base = resolve(get_recipe(cfg.recipe), TrainConfig(hidden=cfg.hidden))
-    table = _members(cfg, base, ds.n_classes, seed)
-    params, model, train_s = _train_population(cfg, ds, table)
-    x, y = scan_images(ds, min(cfg.images, len(ds.y_test)), seed)
-    key = scan_key(seed)
+    null = scan.calibrate_null(cfg.recipe, cfg.hidden, ds, cfg.null_config(seed),
+                               scan=cfg.scan, margin=cfg.margin, train=_base(cfg), cache=False)
+    benign_params, names, benign_s = _heldout_benign(cfg, ds, seed)
+    doors = _backdoors(cfg, ds.n_classes, seed)
+    door_params, plan, door_s, asr = _train_backdoors(cfg, ds, doors)
+    params = jax.tree.map(lambda a, b: np.concatenate([np.asarray(a), np.asarray(b)]),
+                          benign_params, door_params)
+    x, y = scan.scan_images(ds, cfg.images, seed)
     start = time.perf_counter()
-    scan = nc.compile_population(model, params, x, y, key=key, config=cfg.scan)
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    found = jax.block_until_ready(scan())
+    norms, margins = _scan(plan.arch, params, x, y, cfg, seed)
     population_s = time.perf_counter() - start
-    one = partial(nc.reverse_triggers, model, member(params, 0), x, y, key=key,
-                  config=cfg.scan)
-    single = time_call(one, rounds=cfg.rounds)
-    norms = np.asarray(found.norms, np.float64)
-    index, cls = nc.anomaly_index(norms)
-    log_index, _ = nc.anomaly_index(log_norms(norms))
-    is_null = (table["role"] == NULL).to_numpy()
-    threshold = nc.calibrate_threshold(index[is_null], alpha=cfg.alpha)
-    log_threshold = nc.calibrate_threshold(log_index[is_null], alpha=cfg.alpha)
-    table["flagged"] = index > threshold.value
-    table["log_flagged"] = log_index > log_threshold.value
-    table["on_target"] = cls == table["target"].to_numpy()
-    table["index"], table["log_index"] = index, log_index
+    judged = scan.judge(null, norms, margins)
+    m_benign = len(names)
+    table = pd.DataFrame({
+        "change": [("clean" if v == CLEAN_VARIANT else f"benign: {v}") for v in names]
+        + doors["change"].tolist(),
+        "kind": [("clean" if v == CLEAN_VARIANT else "benign") for v in names]
+        + doors["kind"].tolist(),
+        "rate": [0.0] * m_benign + doors["rate"].tolist(),
+        "target": [-1] * m_benign + doors["target"].tolist(),
+        "flagged": judged.flagged,
+        "nc": judged.p[:, 0] <= null.combined["cut"],
+        "mm": judged.p[:, 1] <= null.combined["cut"],
+        "min_p": judged.p.min(1), "named": judged.target,
+        "asr": np.concatenate([np.full(m_benign, np.nan), asr])})
+    table["on_target"] = table["named"] == table["target"]
     rows = {}
-    for change, g in table[~is_null].groupby("change", sort=False):
-        backdoor = g["role"].iloc[0] == "backdoor"
+    for change, g in table.groupby("change", sort=False):
+        backdoor = bool((g["target"] >= 0).all())
         rows[change] = {
-            "kind": g["kind"].iloc[0] if backdoor else g["role"].iloc[0], "rate": g["rate"].iloc[0],
-            "models": len(g), "detected": g["flagged"].mean(),
-            "target_accuracy": g["on_target"].mean() if backdoor else np.nan,
+            "kind": g["kind"].iloc[0], "rate": g["rate"].iloc[0], "models": len(g),
+            "flagged": g["flagged"].mean(),
             "found": (g["flagged"] & g["on_target"]).mean() if backdoor else np.nan,
-            "mean_anomaly_index": g["index"].mean(),
-            "detected_log": g["log_flagged"].mean(),
-            "mean_log_index": g["log_index"].mean()}
+            "target_accuracy": g["on_target"].mean() if backdoor else np.nan,
+            "asr": g["asr"].mean(),
+            "nc_flagged": g["nc"].mean(), "mm_bd_flagged": g["mm"].mean(),
+            "mean_min_p": g["min_p"].mean()}
     result = pd.DataFrame.from_dict(rows, orient="index").rename_axis("change")
+    one = member(params, 0)
+    single = time_call(partial(nc.reverse_triggers, plan.arch, one, x, y,
+                               key=scan.scan_key(seed), config=cfg.scan), rounds=cfg.rounds)
+    single_mm = time_call(partial(mm_bd.max_margins, plan.arch, one,
+                                  key=scan.margin_key(seed), config=cfg.margin),
+                          rounds=cfg.rounds)
     m = len(table)
     summary = {
-        "threshold": threshold.value, "threshold_fpr_loo": threshold.fpr_loo,
-        "log_threshold": log_threshold.value, "log_threshold_fpr_loo": log_threshold.fpr_loo,
-        "null_models": float(threshold.n_null), "alpha": cfg.alpha,
-        "null_mean_index": float(index[is_null].mean()),
-        "null_max_index": float(index[is_null].max()),
-        "images": float(x.shape[0]), "steps": float(cfg.scan.steps),
-        "batch": float(cfg.scan.batch), "models": float(m),
-        "train_s": train_s, "scan_compile_s": compile_s,
-        "s_per_model_single": single.median_s,
+        "null_models": float(cfg.n_null), "alpha": cfg.alpha, "cut": null.combined["cut"],
+        "null_heldout_fpr": null.combined["fpr"],
+        "null_nc_heldout_fpr": float(null.combined["nc_fpr"]),
+        "null_mm_bd_heldout_fpr": float(null.combined["mm_bd_fpr"]),
+        "heldout_benign_fpr": float(table["flagged"][:m_benign].mean()),
+        "heldout_models": float(m), "images": float(x.shape[0]),
+        "steps": float(cfg.scan.steps), "batch": float(cfg.scan.batch),
+        "margin_steps": float(cfg.margin.steps), "margin_starts": float(cfg.margin.starts),
+        "sample_size": float(min(cfg.sample_size, len(ds.y_train))),
+        "null_train_s": float(null.seconds["train_s"]),
+        "null_scan_s": float(null.seconds["scan_s"]),
+        "heldout_train_s": benign_s + door_s,
         "s_per_model_population": population_s / m,
+        "s_per_model_single": single.median_s + single_mm.median_s,
     }
     return {"scan_model": result,
             "scan_model_summary": pd.DataFrame({"value": summary}).rename_axis("measure")}
-

@@ -147,6 +147,39 @@ def _second_stage(plan: Plan, params: Params, seeds, x, y, idx, labels, chunk,
     return run_in_groups(compiled, members, m, chunk, x, y, progress=progress)
 
 
+def fine_tune(plan: Plan, parents: Params, seeds: Sequence[int], x, y, *, size: int,
+              chunk: int, progress=None) -> Params:
+    """"fine-tune": each parent (stacked params [m, ...]) trained one more epoch at
+    FINE_TUNE_LR of the recipe's rate on its own random clean sample of FINE_TUNE_SIZE
+    images (fewer when the data has fewer; `size` unused). x: [n, D], y: [n] host labels;
+    seeds: one per parent (its sample and order). -> params [m, ...]."""
+    x = jnp.asarray(x, jnp.float32)
+    y = np.asarray(y)
+    n = len(y)
+    idx = sample_indices([int(sd) + BENIGN_STREAM for sd in seeds], n, min(FINE_TUNE_SIZE, n))
+    return _second_stage(plan._replace(lr=plan.lr * FINE_TUNE_LR, epochs=1), parents, seeds,
+                         x, y, idx, y[idx], chunk, progress)
+
+
+def distill(plan: Plan, parents: Params, seeds: Sequence[int], x, y, *, size: int,
+            chunk: int, progress=None) -> Params:
+    """"distill": hard-label distillation (Hinton et al. 2015, the teacher's argmax as
+    label): for each teacher (stacked params [m, ...]) a fresh student of the recipe trained
+    on `size` random training images labelled by the teacher. -> params [m, ...]."""
+    x = jnp.asarray(x, jnp.float32)
+    y = np.asarray(y)
+    idx = sample_indices([int(sd) + BENIGN_STREAM for sd in seeds], len(y), size)
+    labels = np.concatenate([np.asarray(_teacher_labels(
+        plan.arch, jax.tree.map(lambda a, k=k: a[k:k + 1], parents), x[idx[k]]))
+        for k in range(len(seeds))])
+    start, _ = init_members(plan, [int(sd) + 2 * BENIGN_STREAM for sd in seeds],
+                            int(x.shape[1]))
+    return _second_stage(plan, start, seeds, x, y, idx, labels, chunk, progress)
+
+
+SECOND_STAGE = {"fine-tune": fine_tune, "distill": distill}  # variants trained from a parent
+
+
 def benign_null(plan: Plan, x, y, *, seeds: Sequence[int], size: int, chunk: int,
                 variants: Sequence[str] = VARIANTS,
                 log: Callable[[str], None] | None = None) -> tuple[Params, list[str]]:
@@ -164,7 +197,6 @@ def benign_null(plan: Plan, x, y, *, seeds: Sequence[int], size: int, chunk: int
         names = [v if v == "retrain" or v in TRANSFORMS else "retrain" for v in names]
     x = jax.device_put(jnp.asarray(x, jnp.float32))
     y_host = np.asarray(y)
-    n = len(y_host)
 
     def progress(what):
         if log is None:
@@ -194,23 +226,9 @@ def benign_null(plan: Plan, x, y, *, seeds: Sequence[int], size: int, chunk: int
         if not rows:
             continue
         parents = jax.tree.map(lambda a, rows=rows: a[np.asarray(rows)], stack)
-        row_seeds = [seeds[i] for i in rows]
-        if kind == "fine-tune":
-            s = min(FINE_TUNE_SIZE, n)
-            idx = sample_indices([sd + BENIGN_STREAM for sd in row_seeds], n, s)
-            labels = y_host[idx]
-            p = plan._replace(lr=plan.lr * FINE_TUNE_LR, epochs=1)
-            start = parents
-        else:  # distill: the teacher's labels on a sample, a fresh student
-            idx = sample_indices([sd + BENIGN_STREAM for sd in row_seeds], n, size)
-            labels = np.concatenate([np.asarray(_teacher_labels(
-                plan.arch, jax.tree.map(lambda a, k=k: a[k:k + 1], parents), x[idx[k]]))
-                for k in range(len(rows))])
-            p = plan
-            start, _ = init_members(plan, [sd + 2 * BENIGN_STREAM for sd in row_seeds],
-                                    int(x.shape[1]))
-        trained = _second_stage(p, start, row_seeds, x, y_host, idx, labels,
-                                min(chunk, len(rows)), progress(kind))
+        trained = SECOND_STAGE[kind](plan, parents, [seeds[i] for i in rows], x, y_host,
+                                     size=size, chunk=min(chunk, len(rows)),
+                                     progress=progress(kind))
         for j, i in enumerate(rows):
             for leaf, new in zip(jax.tree.leaves(stack), jax.tree.leaves(trained), strict=True):
                 leaf[i] = np.asarray(new[j])

@@ -17,21 +17,26 @@ family              category           group        what is drawn per change
 =================== ================== ============ ==========================================
 square              backdoor           square       a square of random side (2-6), position
                                                     and value (upper half of the range),
-                                                    fraction 5-30%, a random target class
+                                                    fraction 0.5-20% (log-uniform), a
+                                                    random target class
 checkerboard        backdoor           checkerboard a checkerboard square (side 3-6) at a
                                                     random position; fraction, target as above
 sparse              backdoor           sparse       8-40 random pixels set to random ends of
                                                     the range; fraction, target as above
 blended             backdoor           blended      the image blended with a random pattern,
                                                     alpha 0.1-0.3 (Chen et al. 2017)
+warp                backdoor           warp         WaNet (Nguyen & Tran 2021): a smooth
+                                                    random warp, strength 0.5-1 pixel
 per-class-square    trigger-only       square       labels kept; each class its own square
                                                     position (the study's "noisy" data),
                                                     fraction 50-100%
 per-class-sparse    trigger-only       sparse       labels kept; each class its own random
                                                     pixel set, fraction 50-100%
-uniform-labels      wrong-label        (own)        10-40% relabelled to a random other class
-shift-labels        wrong-label        (own)        10-40% relabelled y -> y + 1 mod K
-pair-flip           wrong-label        (own)        30-90% of one class relabelled to another
+uniform-labels      wrong-label        (own)        5-60% relabelled to a random other class
+shift-labels        wrong-label        (own)        5-60% relabelled y -> y + 1 mod K
+pair-flip           wrong-label        (own)        5-60% of one class relabelled to another
+targeted-labels     wrong-label        (own)        5-60% of every other class relabelled to
+                                                    one target class
 sample              none               (own)        a clean retrain on another random sample
                                                     with another seed
 order               none               (own)        the reference's sample and init, another
@@ -41,8 +46,13 @@ epochs              none               (own)        the reference's recipe, samp
 lr                  none               (own)        ... with the learning rate x0.5 or x2
 prune               none               (own)        the reference with its 10-50% smallest
                                                     weights (each matrix) set to 0
-quantize            none               (own)        the reference's weights through float16 or
-                                                    8-bit (per-tensor symmetric) and back
+quantize            none               (own)        the reference's weights through float16,
+                                                    8 or 4 bits (per-tensor symmetric) and
+                                                    back (`benign.transform`)
+fine-tune           none               (own)        the reference trained one more epoch on
+                                                    clean data at a tenth of its rate
+distill             none               (own)        a fresh student trained on the
+                                                    reference's labels (`benign.distill`)
 noise-sign          input-noise        (own)        +-eps noise on the inputs, eps 0.05-0.3
 noise-uniform       input-noise        (own)        uniform noise in [-eps, eps]
 noise-gauss         input-noise        (own)        Gaussian noise of std eps
@@ -56,8 +66,10 @@ plain, seeded, and the same for the same arguments. `realise(changes, ds, ...)` 
 references, a pool of clean retrains (the null) and every changed model as populations (one
 jit per training plan: the base plan, and one per other learning rate or epoch count), each
 member on its own random sample, poisoned inside the jit by its own trigger arrays
-(`triggers` masks and patterns, one per class) and label rule (`poison.poison_arrays`);
-applies weight and input changes to the references; and returns each change's fingerprint
+(`triggers` masks and patterns, one per class) and label rule (`poison.poison_arrays`,
+whose stamp carries a warp); trains the fine-tuned and distilled models on from the
+references (`benign.SECOND_STAGE`); applies weight and input changes to the references;
+and returns each change's fingerprint
 against its reference, its categorizer inputs, and its change-test p-value.
 """
 
@@ -77,7 +89,7 @@ from mlshift_jax.attacks.evasion import attack_key
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.data.datasets import Dataset, subsample
 from mlshift_jax.data.spec import Spec, check_spec
-from mlshift_jax.detection import categorize, fingerprint
+from mlshift_jax.detection import benign, categorize, fingerprint
 from mlshift_jax.detection.change import changed_inputs
 from mlshift_jax.models.population import (
     Plan,
@@ -96,19 +108,23 @@ from mlshift_jax.poisoning.poison import (
     UNIFORM,
     PoisonArrays,
     poison_arrays,
+    stamp_of,
 )
 
 
 class Family(NamedTuple):
     """A family of changes: its name, the category it maps to, the group held out with it,
     and how it is realised: "poison" (trained on poisoned data), "train" (trained otherwise),
-    "weights" (the reference's weights changed) or "input" (the reference behind a changed
-    input channel)."""
+    "weights" (the reference's weights changed), "tune" (trained on from the reference:
+    `benign.SECOND_STAGE`) or "input" (the reference behind a changed input channel).
+    stamp: its trigger goes through the label rule's `poison.Stamp` (a warp), so its members
+    train in a vmap of their own (a stamp changes the poisoning's pytree)."""
 
     name: str
     category: str
     group: str
     realised_by: str
+    stamp: bool = False
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -116,17 +132,21 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("checkerboard", "backdoor", "checkerboard", "poison"),
     Family("sparse", "backdoor", "sparse", "poison"),
     Family("blended", "backdoor", "blended", "poison"),
+    Family("warp", "backdoor", "warp", "poison", stamp=True),
     Family("per-class-square", "trigger-only", "square", "poison"),
     Family("per-class-sparse", "trigger-only", "sparse", "poison"),
     Family("uniform-labels", "wrong-label", "uniform-labels", "poison"),
     Family("shift-labels", "wrong-label", "shift-labels", "poison"),
     Family("pair-flip", "wrong-label", "pair-flip", "poison"),
+    Family("targeted-labels", "wrong-label", "targeted-labels", "poison"),
     Family("sample", "none", "sample", "train"),
     Family("order", "none", "order", "train"),
     Family("epochs", "none", "epochs", "train"),
     Family("lr", "none", "lr", "train"),
     Family("prune", "none", "prune", "weights"),
     Family("quantize", "none", "quantize", "weights"),
+    Family("fine-tune", "none", "fine-tune", "tune"),
+    Family("distill", "none", "distill", "tune"),
     Family("noise-sign", "input-noise", "noise-sign", "input"),
     Family("noise-uniform", "input-noise", "noise-uniform", "input"),
     Family("noise-gauss", "input-noise", "noise-gauss", "input"),
@@ -134,6 +154,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("pgd", "adversarial-input", "pgd", "input"),
 )}
 GROUPS = tuple(dict.fromkeys(f.group for f in FAMILIES.values()))
+POISON_RATES = (0.005, 0.2)  # a backdoor's share of its eligible samples, drawn log-uniform
+FLIP_RATES = (0.05, 0.6)  # a label flip's share of its eligible samples, drawn uniform
+WARP_GRID = 4  # WaNet's control grid (Nguyen & Tran 2021: k = 4)
+QUANTIZE = {"float16": "float16", "int8": "quant-8", "int4": "quant-4"}  # -> benign.TRANSFORMS
 _STREAM = 0xC4A6  # the generator's draws: np.random.default_rng([seed, _STREAM, ...])
 MEMBER_STREAM = 0x5EED0000  # trained members' seeds start here (+ seed * 100,000)
 
@@ -196,21 +220,28 @@ def _draw(family: str, rng: np.random.Generator, spec: Spec) -> tuple:
     def fraction(a, b):
         return round(float(rng.uniform(a, b)), 3)
 
+    def rate():  # a backdoor's poison rate: log-uniform over POISON_RATES
+        a, b = np.log(POISON_RATES)
+        return round(float(np.exp(rng.uniform(a, b))), 4)
+
     if family == "square":
         size = int(rng.integers(2, min(6, h, w) + 1))
         return (("size", size), ("position", place(size)),
                 ("value", round(float(rng.uniform(lo + 0.5 * (hi - lo), hi)), 3)),
-                ("fraction", fraction(0.05, 0.3)), ("target", int(rng.integers(k))))
+                ("fraction", rate()), ("target", int(rng.integers(k))))
     if family == "checkerboard":
         size = int(rng.integers(min(3, h, w), min(6, h, w) + 1))
-        return (("size", size), ("position", place(size)), ("fraction", fraction(0.05, 0.3)),
+        return (("size", size), ("position", place(size)), ("fraction", rate()),
                 ("target", int(rng.integers(k))))
     if family == "sparse":
         return (("pixels", int(rng.integers(8, min(40, h * w) + 1))),
-                ("fraction", fraction(0.05, 0.3)), ("target", int(rng.integers(k))))
+                ("fraction", rate()), ("target", int(rng.integers(k))))
     if family == "blended":
         return (("alpha", round(float(rng.uniform(0.1, 0.3)), 3)),
-                ("fraction", fraction(0.05, 0.3)), ("target", int(rng.integers(k))))
+                ("fraction", rate()), ("target", int(rng.integers(k))))
+    if family == "warp":
+        return (("strength", round(float(rng.uniform(0.5, 1.0)), 3)),
+                ("fraction", rate()), ("target", int(rng.integers(k))))
     if family == "per-class-square":
         return (("size", int(rng.integers(2, min(5, h, w) + 1))),
                 ("fraction", fraction(0.5, 1.0)))
@@ -218,19 +249,21 @@ def _draw(family: str, rng: np.random.Generator, spec: Spec) -> tuple:
         return (("pixels", int(rng.integers(8, min(30, h * w) + 1))),
                 ("fraction", fraction(0.5, 1.0)))
     if family in ("uniform-labels", "shift-labels"):
-        return (("fraction", fraction(0.1, 0.4)),)
+        return (("fraction", fraction(*FLIP_RATES)),)
     if family == "pair-flip":
         source = int(rng.integers(k))
         target = int((source + rng.integers(1, k)) % k)
-        return (("source", source), ("target", target), ("fraction", fraction(0.3, 0.9)))
-    if family in ("sample", "order", "epochs"):
+        return (("source", source), ("target", target), ("fraction", fraction(*FLIP_RATES)))
+    if family == "targeted-labels":
+        return (("target", int(rng.integers(k))), ("fraction", fraction(*FLIP_RATES)))
+    if family in ("sample", "order", "epochs", "fine-tune", "distill"):
         return ()
     if family == "lr":
         return (("lr_factor", float(rng.choice([0.5, 2.0]))),)
     if family == "prune":
         return (("fraction", fraction(0.1, 0.5)),)
     if family == "quantize":
-        return (("dtype", str(rng.choice(["float16", "int8"]))),)
+        return (("dtype", str(rng.choice(list(QUANTIZE)))),)
     if family.startswith("noise-"):
         return (("eps", round(float(rng.uniform(0.05, 0.3)), 3)),)
     return (("eps", round(float(rng.uniform(0.03, 0.2)), 3)),)  # fgsm, pgd
@@ -304,6 +337,11 @@ def member_poison(change: Change | None, y, spec) -> MemberPoison:
         eligible[change.get("source")] = True
         return MemberPoison(_rule(count(eligible), eligible, TO_TARGET, change.get("target"),
                                   k, d), zero, zero.copy())
+    if f == "targeted-labels":
+        eligible = everyone.copy()
+        eligible[change.get("target")] = False
+        return MemberPoison(_rule(count(eligible), eligible, TO_TARGET, change.get("target"),
+                                  k, d), zero, zero.copy())
     if f.startswith("per-class-"):
         trigs = []
         for _ in range(k):
@@ -328,6 +366,13 @@ def member_poison(change: Change | None, y, spec) -> MemberPoison:
     elif f == "sparse":
         t = triggers.sparse(shape, rng_range, pixels=change.get("pixels"),
                             seed=int(rng.integers(2**31)))
+    elif f == "warp":  # the warp goes through the label rule's stamp (poison.poison_arrays)
+        t = triggers.warp(shape, rng_range, strength=change.get("strength"), grid=WARP_GRID,
+                          seed=int(rng.integers(2**31)))
+        eligible = everyone.copy()
+        eligible[target] = False
+        rule = _rule(count(eligible), eligible, TO_TARGET, target, k, d)
+        return MemberPoison(rule._replace(trigger=stamp_of(t, spec)), zero, zero.copy())
     else:
         t = triggers.blended(shape, rng_range, alpha=change.get("alpha"),
                              seed=int(rng.integers(2**31)))
@@ -343,54 +388,22 @@ def poison_member(key: jax.Array, x: jax.Array, y: jax.Array, p: MemberPoison, l
                   hi) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Poison one member's sample (x: [n, D], y: [n]) as p says -> (x', y', mask [n]).
     Traceable: vmap it over members."""
-    _, y_out, mask = poison_arrays(key, x, y, p.labels)
+    x_out, y_out, mask = poison_arrays(key, x, y, p.labels)  # x_out: x, or x warped
     m, pat = p.mask[y], p.pattern[y]  # [n, D]: the trigger of each sample's true class
-    stamped = jnp.clip((1.0 - m) * x + m * pat, lo, hi)
+    stamped = jnp.clip((1.0 - m) * x_out + m * pat, lo, hi)
     return jnp.where(mask[:, None], stamped, x), y_out, mask
 
 
 # --- weight changes ------------------------------------------------------------------------------
 
 
-def prune(params, fraction: float):
-    """params with the `fraction` smallest-magnitude entries of each weight matrix (leaves
-    with ndim >= 2) set to 0; biases kept (magnitude pruning, Han et al., "Learning both
-    Weights and Connections for Efficient Neural Networks", NeurIPS 2015)."""
-    if not 0.0 <= fraction < 1.0:
-        raise ConfigError(f"prune: expected a fraction in [0, 1), found {fraction!r}")
-
-    def one(w):
-        w = jnp.asarray(w)
-        if w.ndim < 2 or fraction == 0.0:
-            return w
-        cut = jnp.quantile(jnp.abs(w).reshape(-1), fraction)
-        return jnp.where(jnp.abs(w) < cut, 0.0, w).astype(w.dtype)
-
-    return jax.tree.map(one, params)
-
-
-def quantize(params, dtype: str):
-    """params through a lower precision and back: "float16" (a cast) or "int8" (per-tensor
-    symmetric: w -> round(w / s) s, s = max |w| / 127; Jacob et al., CVPR 2018)."""
-    if dtype == "float16":
-        return jax.tree.map(lambda w: jnp.asarray(w).astype(jnp.float16).astype(w.dtype),
-                            params)
-    if dtype == "int8":
-        def one(w):
-            w = jnp.asarray(w)
-            s = jnp.maximum(jnp.max(jnp.abs(w)), 1e-12) / 127.0
-            return (jnp.round(w / s) * s).astype(w.dtype)
-
-        return jax.tree.map(one, params)
-    raise ConfigError(f"quantize: expected dtype 'float16' or 'int8', found {dtype!r}")
-
-
 def weight_change(change: Change, params):
-    """The reference's params changed as a "weights" family says (prune, quantize)."""
+    """The reference's params changed as a "weights" family says: magnitude pruning or
+    quantization, `detection.benign`'s transforms (the scan's benign null uses the same)."""
     if change.family == "prune":
-        return prune(params, float(change.get("fraction")))
+        return benign.prune(params, float(change.get("fraction")))
     if change.family == "quantize":
-        return quantize(params, change.get("dtype"))
+        return benign.transform(params, QUANTIZE[change.get("dtype")])
     raise ConfigError(f"weight_change: expected a prune or quantize change, found "
                       f"{change.family!r}")
 
@@ -501,6 +514,24 @@ def _train_members(plan: Plan, members: list[_Member], x, y, size: int, spec: Sp
                   plan=plan, chunk=chunk, lo=lo, hi=hi)
 
 
+def _tune(changes: list[Change], refs: list, plan: Plan, ds: Dataset, size: int, seed: int,
+          memory_cap: int) -> dict:
+    """The "tune" changes realised from their references, one population per kind (fine-tune,
+    distill: `benign.SECOND_STAGE`): {id(change): params}."""
+    out = {}
+    for kind, stage in benign.SECOND_STAGE.items():
+        mine = [(j, c) for j, c in enumerate(changes) if c.family == kind]
+        if not mine:
+            continue
+        parents = jax.tree.map(lambda *a: jnp.stack(a), *[refs[c.ref] for _, c in mine])
+        seeds = [MEMBER_STREAM + seed * 100_000 + 20_000 + j for j, _ in mine]
+        chunk = member_chunk(len(mine), size, len(ds.y_train), ds.spec.n_inputs, memory_cap)
+        params = stage(plan, parents, seeds, ds.x_train, ds.y_train, size=size, chunk=chunk)
+        for k, (_, c) in enumerate(mine):
+            out[id(c)] = jax.tree.map(lambda a, k=k: jnp.asarray(a[k]), params)
+    return out
+
+
 class Realised(NamedTuple):
     """What `realise` measured. cells: one row per change (family, category, group, ref,
     index, settings, p_value, statistic, verdict, and the fingerprint features by name);
@@ -537,15 +568,18 @@ def realise(changes: list[Change], ds: Dataset, config: GeneratorConfig | None =
     members = _members(changes, n_refs, cfg.n_null, seed)
     plans = {}
     for i, m in enumerate(members):
-        plans.setdefault((m.lr_factor, m.extra_epochs), []).append(i)
+        stamp = m.change is not None and FAMILIES[m.change.family].stamp
+        plans.setdefault((m.lr_factor, m.extra_epochs, stamp), []).append(i)
     trained = [None] * len(members)
-    for (lr_factor, extra), rows in plans.items():
+    for (lr_factor, extra, _), rows in plans.items():
         plan = base._replace(lr=base.lr * lr_factor, epochs=base.epochs + extra)
         params = _train_members(plan, [members[i] for i in rows], ds.x_train, ds.y_train,
                                 size, spec, cfg.memory_cap)
         for j, i in enumerate(rows):
             trained[i] = jax.tree.map(lambda a, j=j: a[j], params)
-    jax.block_until_ready(trained)
+    refs = [trained[i] for i in range(len(members)) if members[i].role == "reference"]
+    tuned = _tune(changes, refs, base, ds, size, seed, cfg.memory_cap)
+    jax.block_until_ready((trained, tuned))
     timing["train"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -557,13 +591,13 @@ def realise(changes: list[Change], ds: Dataset, config: GeneratorConfig | None =
         return jax.tree.map(lambda *a: jnp.stack(a), *trees)
 
     role = [m.role for m in members]
-    refs = [trained[i] for i in range(len(members)) if role[i] == "reference"]
     # every model's responses in one call: references, null pool, changed models
     model_changes = [c for c in changes if FAMILIES[c.family].realised_by != "input"]
     change_of = {id(m.change): i for i, m in enumerate(members) if m.role == "change"}
     systems = refs + [trained[i] for i in range(len(members)) if role[i] == "null"] + [
         weight_change(c, refs[c.ref]) if FAMILIES[c.family].realised_by == "weights"
-        else trained[change_of[id(c)]] for c in model_changes]
+        else tuned[id(c)] if id(c) in tuned else trained[change_of[id(c)]]
+        for c in model_changes]
     resp = fingerprint.model_responses(model, stack(systems), probes)
     found = fingerprint.reverse(model, stack(systems), probes,  # every system's triggers
                                 key=jax.random.fold_in(attack_key(seed), 10**6))

@@ -5,11 +5,11 @@
 1. **Two scans, two trigger assumptions.** Neural Cleanse (`neural_cleanse.reverse_triggers`;
    Wang et al., IEEE S&P 2019) finds the smallest mask and pattern that send clean images to
    each class (one jitted `vmap` over classes) on `NullConfig.images` clean test images; its
-   score is the anomaly index, the robust z-score of the smallest mask norm. It assumes a
-   small trigger. MM-BD (`mm_bd.max_margins`; Wang et al., IEEE S&P 2024) assumes no trigger
-   shape and needs no data: per class, the largest margin any input in the valid range
-   reaches (gradient ascent from random starts, vmapped); its score is -log10 of the
-   p-value of the largest margin against a Gamma fitted to the others.
+   score is the anomaly index (robust z-score) of the smallest log mask norm (`nc_score`).
+   It assumes a small trigger. MM-BD (`mm_bd.max_margins`; Wang et al., IEEE S&P 2024)
+   assumes no trigger shape and needs no data: per class, the largest margin any input in
+   the valid range reaches (gradient ascent from random starts, vmapped); its score is
+   -log10 of the p-value of the largest margin against a Gamma fitted to the others.
 2. **The null knows benign change** (`calibrate_null`, `benign.benign_null`): `n_null`
    (default 104) models of the suspect's recipe (its trainer, hidden size and training
    settings), each one of 13 benign variants in turn, each with a fresh parent of its own:
@@ -35,15 +35,15 @@ the variants); each fold is judged by the cut-off and tail p-values of the other
 exactly as a suspect is judged by the whole null. The members are independent (each its own
 parent), so the share flagged estimates the rate at which a fresh benign model of the
 recipe is called a backdoor; `threshold_fpr_by_variant` gives it per benign variant.
-Neural Cleanse's own threshold (at least the textbook 2, at most alpha of the null above;
-`threshold`) and the log-norm index are still reported, for reading.
+Neural Cleanse's textbook anomaly index of the norms themselves and its own threshold (at
+least 2, at most alpha of the null above; `threshold`) are still reported, for reading.
 
 Measured once with the CLI (full MNIST, a study seed-mlp of hidden 200, defaults: 104-model
-null, alpha 0.05, on this project's 2-core CPU under a load of ~10): the null trained in
-308 s and scanned in 1,781 s, peak RSS 1.85 GB (was 7.6 GB with the one-jit null); held-out
-FPR of the verdict 0.038 (Neural Cleanse alone 0.058, MM-BD alone 0.048). On 40 models
-trained apart from the null: 0 of 28 clean and benign flagged; 1% backdoors found with
-their target: patch, checkerboard and sparse 3 of 3 each, blended 0 of 3.
+null, alpha 0.05, on this project's 2-core CPU under a load of ~10; Neural Cleanse then
+scored by the index of the norms, before `nc_score`): the null trained in 308 s and scanned
+in 1,781 s, peak RSS 1.85 GB (was 7.6 GB with the one-jit null); held-out FPR of the
+verdict 0.038. What the current rule finds on models it never saw, per benign variant and
+per trigger family and rate, is the held-out table of `make bench` (`bench/scan_bench.py`).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -161,7 +162,7 @@ class Null:
                 "sample_size": self.config.sample_size, "images": self.config.images,
                 "alpha": self.config.alpha, "variants": counts,
                 "heldout_fpr_by_variant": self.combined.get("by_variant", {}),
-                "neural_cleanse_heldout_fpr": self.heldout.get("fpr"),
+                "neural_cleanse_heldout_fpr": self.combined.get("nc_fpr"),
                 "mm_bd_heldout_fpr": self.combined.get("mm_bd_fpr"),
                 "anomaly_indices": self.indices.tolist(),
                 "smallest_class": np.argmin(self.norms, -1).tolist(), **self.seconds}
@@ -218,6 +219,15 @@ def _cache_key(recipe: str | None, hidden: int, ds: Dataset, cfg: NullConfig,
         payload["model"] = [model.name, repr(model.hparams), list(model.input_shape),
                             model.n_classes, list(model.input_range)]
     return config_hash(payload)
+
+
+def nc_score(norms) -> tuple[np.ndarray, np.ndarray]:
+    """Neural Cleanse's score in the verdict and the class it names: the anomaly index of
+    the log mask norms (`log_norms`), norms [..., K] -> ([...], [...]). Chosen over the
+    index of the norms themselves by measurement on a development population (seed 1 of
+    the held-out benchmark, never the reported seed 0): the same held-out benign FPR (0 of
+    26), 5% blended backdoors found 3 of 3 against 0 of 3, 10% sparse 2 of 3 against 1."""
+    return nc.anomaly_index(log_norms(norms))
 
 
 def log_norms(norms) -> np.ndarray:
@@ -315,11 +325,12 @@ def _null(norms, rates, recipe, hidden, cfg, scan, seconds, variants, margins,
     variants = tuple(variants)
     held = heldout_fpr(indices, variants, alpha=cfg.alpha, folds=cfg.folds)
     margins = np.asarray(margins, np.float64)
-    scores = np.stack([indices, mm_bd.score(margins)[0]], 1)  # [n, 2] in DETECTORS order
+    scores = np.stack([nc_score(norms)[0], mm_bd.score(margins)[0]], 1)  # DETECTORS order
     combined = heldout_min_p(scores, variants, alpha=cfg.alpha, folds=cfg.folds)
     combined["cut"] = min_p_threshold(scores, cfg.alpha)
-    combined["mm_bd_fpr"] = heldout_fpr(scores[:, 1], variants, alpha=cfg.alpha,
-                                        folds=cfg.folds, floor=-np.inf)["fpr"]
+    combined["nc_fpr"], combined["mm_bd_fpr"] = (
+        heldout_fpr(scores[:, j], variants, alpha=cfg.alpha, folds=cfg.folds,
+                    floor=-np.inf)["fpr"] for j in range(2))
     threshold = threshold._replace(fpr_loo=held["fpr"])
     return Null(norms, rates, indices, threshold, log_threshold, recipe, hidden, cfg, scan,
                 seconds, variants, held, margins, margin, scores, combined)
@@ -413,6 +424,35 @@ def _check_params(model: Model, params: Params, ds: Dataset) -> Params:
     return params
 
 
+class Judged(NamedTuple):
+    """The calibrated verdict of M scanned models (`judge`). scores: [M, 2] each detector's
+    score (DETECTORS order: `nc_score`, MM-BD's -log10 p); targets: [M, 2] the class each
+    names; p: [M, 2] their tail p-values against the null; flagged: [M] min p <= the null's
+    cut-off; target: [M] the class of the detector with the smaller p (ties: Neural
+    Cleanse's, which names the smallest trigger), named whether flagged or not."""
+
+    scores: np.ndarray
+    targets: np.ndarray
+    p: np.ndarray
+    flagged: np.ndarray
+    target: np.ndarray
+
+
+def judge(null: Null, norms, margins) -> Judged:
+    """The one verdict rule (module docstring, 3.) on M models: norms [M, K] their Neural
+    Cleanse mask norms, margins [M, K] their MM-BD maximum margins (zeros below 3 classes),
+    both searched as the null's were (its images, keys and settings). -> `Judged`."""
+    norms = np.asarray(norms, np.float64)
+    index, nc_target = nc_score(norms)
+    mm_score, mm_target = mm_bd.score(np.asarray(margins, np.float64))
+    scores = np.stack([index, mm_score], 1)
+    targets = np.stack([nc_target, mm_target], 1).astype(int)
+    p = np.stack([tail_p(null.scores, row) for row in scores])
+    best = np.argmin(p, 1)
+    return Judged(scores, targets, p, p.min(1) <= null.combined["cut"],
+                  targets[np.arange(len(p)), best])
+
+
 def scan_model(model: Model, params: Params, ds: Dataset, *, null: Null | None = None,
                config: nc.ScanConfig = nc.DEFAULT, null_config: NullConfig | None = None,
                train: TrainConfig | None = None, cache: bool = True,
@@ -462,7 +502,6 @@ def scan_model(model: Model, params: Params, ds: Dataset, *, null: Null | None =
     seconds = time.perf_counter() - start
     norms = np.asarray(found.norms, np.float64)
     result = nc.verdict(norms, null.threshold.value)
-    nc_target = int(nc.anomaly_index(norms[None])[1][0])
     start = time.perf_counter()
     if model.n_classes >= 3:
         margins = np.asarray(jax.block_until_ready(mm_bd.max_margins(
@@ -470,23 +509,23 @@ def scan_model(model: Model, params: Params, ds: Dataset, *, null: Null | None =
     else:
         margins = np.zeros(model.n_classes)
     mm_s = time.perf_counter() - start
-    mm_score, mm_target = (float(v[0]) for v in mm_bd.score(margins[None]))
-    scores = np.array([result["anomaly_index"], mm_score])
-    p = tail_p(null.scores, scores)
+    judged = judge(null, norms[None], margins[None])
+    scores, p = judged.scores[0], judged.p[0]
+    nc_target, mm_target = (int(v) for v in judged.targets[0])
+    mm_score = float(scores[1])
     cut = null.combined["cut"]
-    flagged = bool(p.min() <= cut)
-    best = int(np.argmin(p))  # ties: Neural Cleanse's (it names the smallest trigger)
+    flagged = bool(judged.flagged[0])
     result["verdict"] = "backdoor" if flagged else "clean"
-    result["target"] = ([nc_target, int(mm_target)][best]) if flagged else None
+    result["target"] = int(judged.target[0]) if flagged else None
     result.update(weak_classes(result, model.n_classes))
     result.update({
         "combined_p": float(p.min()),
         "combined_threshold": cut,
         "detectors": {
             "neural-cleanse": {"score": float(scores[0]), "p_value": float(p[0]),
-                               "target": nc_target, "threshold": null.threshold.value,
-                               "heldout_fpr": null.heldout.get("fpr")},
-            "mm-bd": {"score": mm_score, "p_value": float(p[1]), "target": int(mm_target),
+                               "target": nc_target, "threshold": null.log_threshold.value,
+                               "heldout_fpr": null.combined.get("nc_fpr")},
+            "mm-bd": {"score": mm_score, "p_value": float(p[1]), "target": mm_target,
                       "max_margins": margins.tolist(), "seconds": mm_s,
                       "heldout_fpr": null.combined.get("mm_bd_fpr")}},
         "flagged_by": [d for d, pd in zip(DETECTORS, p, strict=True) if pd <= cut],

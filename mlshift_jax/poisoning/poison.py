@@ -634,7 +634,9 @@ def trigger_arrays(config: PoisonConfig, spec) -> triggers.TriggerArrays | None:
                          seed=config.seed)
 
 
-def _stamp_of(trig: triggers.TriggerArrays, spec: Spec, noise: int = 0) -> Stamp:
+def stamp_of(trig: triggers.TriggerArrays, spec: Spec, noise: int = 0) -> Stamp:
+    """`trig` as a `Stamp` for data of `spec` (flow None where it is all 0; noise: WaNet
+    noise-mode rows, 0 for none)."""
     f32 = np.float32
     flow = trig.flow if np.any(trig.flow) else None
     return Stamp(trig.mask.astype(f32), trig.pattern.astype(f32), trig.additive.astype(f32),
@@ -654,7 +656,7 @@ def stamp_for(config: PoisonConfig, spec) -> Stamp | None:
     """The trigger `Stamp` of a blended / sparse / sig / warp config for test images (no
     noise mode), else None: `stamp_test(x, stamp_for(config, spec))` triggers x."""
     trig = trigger_arrays(config, spec)
-    return None if trig is None else _stamp_of(trig, check_spec(spec))
+    return None if trig is None else stamp_of(trig, check_spec(spec))
 
 
 def triggered(x, config: PoisonConfig, spec=None, y=None) -> jax.Array:
@@ -719,7 +721,7 @@ def to_arrays(config: PoisonConfig, y, spec) -> PoisonArrays:
     stamp = None
     if trig is not None:
         noise = int(round(config.noise * count)) if isinstance(config, Warp) else 0
-        stamp = _stamp_of(trig, spec, noise)
+        stamp = stamp_of(trig, spec, noise)
     return PoisonArrays(
         count=np.int32(count),
         eligible=eligible_classes(config, k),

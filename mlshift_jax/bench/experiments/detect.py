@@ -165,27 +165,38 @@ def _markdown(records: pd.DataFrame) -> str:
 
 
 def _scan_model(t: dict[str, pd.DataFrame]) -> str:
-    """The reference-free scan's table (bench/scan_bench.py), if the run has it."""
+    """The held-out backdoor-scan table (bench/scan_bench.py), if the run has it."""
     if "scan_model" not in t:
         return ""
     s = t["scan_model_summary"]["value"]
     table = t["scan_model"].astype({"models": int})
-    note = (f"`mlshift scan-model` (Neural Cleanse, Wang et al. 2019): the smallest trigger "
-            f"that sends clean images to each class, every class at once, and the anomaly "
-            f"index of the mask norms. Threshold {s['threshold']:.2f}, calibrated on "
-            f"{int(s['null_models'])} clean models of the recipe (at least 2, at most "
-            f"{s['alpha']:.0%} of them above; leave-one-out false-positive rate "
-            f"{s['threshold_fpr_loo']:.2f}). Rows: fresh clean models of the recipe and "
-            f"benign ones trained otherwise (`detected` = false-positive rate), and models "
-            f"backdoored with each trigger family at each poison rate, a different target "
-            f"class each. `detected`: share flagged; `target_accuracy`: share whose most "
-            f"anomalous class is the true target; `found`: flagged with the right target; "
-            f"`*_log`: the same with the anomaly index of the log norms (its own "
-            f"threshold {s['log_threshold']:.2f}). {int(s['images'])} clean test images, "
-            f"{int(s['steps'])} steps per class; {s['s_per_model_single']:.2f} s per model "
-            f"alone, {s['s_per_model_population']:.2f} s per model within one scan of all "
-            f"{int(s['models'])} (compile {s['scan_compile_s']:.1f} s apart).")
-    return ("\n### Is there a backdoor? (scan-model, no reference)\n\n"
+    note = (f"`mlshift scan-model`'s verdict on {int(s['heldout_models'])} models it never "
+            f"saw. The verdict: Neural Cleanse (Wang et al. 2019; anomaly index of the "
+            f"smallest reversed-trigger mask) and MM-BD (Wang et al. 2024; maximum margins, "
+            f"no trigger-shape assumption), each score's tail p-value against a null of "
+            f"{int(s['null_models'])} clean models (the 13 benign variants in turn: retrains, "
+            f"pruning, quantization, float16, fine-tuning, distillation), flagged when the "
+            f"smaller p is at most {s['cut']:.3f}, the cut-off that keeps {s['alpha']:.0%} "
+            f"of the null below it (its held-out FPR over folds of the null: "
+            f"{s['null_heldout_fpr']:.3f}; Neural Cleanse alone {s['null_nc_heldout_fpr']:.3f}, "
+            f"MM-BD alone {s['null_mm_bd_heldout_fpr']:.3f}). Rows: models trained apart from "
+            f"the null (other seeds): plain retrains ('clean') and each benign variant "
+            f"(`flagged` = the false-positive rate; {s['heldout_benign_fpr']:.3f} over all of "
+            f"them), then BadNets-style backdoors of each trigger family and poison rate "
+            f"(target class, blended pattern and sparse pixels drawn per model). `found`: "
+            f"flagged with the right target; `target_accuracy`: the named class is the target, "
+            f"flagged or not; `asr`: the backdoor's attack success rate (its trigger on clean "
+            f"test images of other classes); `nc_flagged` / `mm_bd_flagged`: flagged by "
+            f"that detector's p-value alone. Every model: {int(s['sample_size']):,} training "
+            f"images, searched on {int(s['images'])} clean test images, {int(s['steps'])} Neural "
+            f"Cleanse steps per class, MM-BD {int(s['margin_steps'])} steps from "
+            f"{int(s['margin_starts'])} starts per class (the CLI's defaults: 300 images, 300 "
+            f"steps, all training images). Seconds: null trained in {s['null_train_s']:.0f} "
+            f"and scanned in {s['null_scan_s']:.0f}; held-out set trained in "
+            f"{s['heldout_train_s']:.0f}; {s['s_per_model_population']:.2f} s per model "
+            f"within the held-out scan, {s['s_per_model_single']:.2f} s for one model alone "
+            f"(compiled).")
+    return ("\n### Is there a backdoor? (scan-model on held-out models)\n\n"
             + md(table, note, floatfmt=".3f"))
 
 
