@@ -306,3 +306,19 @@ def test_member_chunk_fits_the_memory_cap():
         if chunk < m:
             assert n * d * 4 + (chunk + 1) * cg.COPIES * size * d * 4 > cap
     assert cg.member_chunk(10, 60_000, 60_000, 784, mib) == 1
+
+
+def test_lofo_also_decides_known_families_with_the_reference_held_out(mnist):
+    small = cg.GeneratorConfig(hidden=16, sample_size=1000, n_null=6, probes=100,
+                               n_patched=50)
+    families = ("square", "uniform-labels", "sample", "prune")
+    table, r = cg.lofo(mnist, n_refs=3, per_family=1, config=small, seed=0,
+                       families=families)
+    assert list(table.index) == list(families)
+    cells = r.cells
+    assert len(cells) == 3 * len(families) and set(cells["ref"]) == {0, 1, 2}
+    assert set(cells["in_family"]) <= set(DECISIONS)
+    unchanged = (cells["verdict"] == "unchanged").to_numpy()
+    assert (cells["in_family"][unchanged] == "none").all()  # never contradicts the test
+    known = categorize.lofo_table(cells, cells["in_family"])
+    assert known["n"].tolist() == [3] * len(families)

@@ -26,6 +26,9 @@ Tables (`run` returns them by name):
   TrojAI scores its rounds; the "clean" row is the false-positive rate.
 - "confusion": the categorizer's confusion matrix (rows true, columns predicted), every cell
   predicted by a categorizer trained without its seed (`categorize.cross_validate`).
+- "categorizer_in_family": the same changes, each decided by a categorizer that knew every
+  family but not the change's reference (with lofo_refs >= 3): how often it names, abstains
+  and errs on the kinds of change it was trained on;
 - "categorizer_lofo": the categorizer on change families it never saw
   (`change_generator.lofo`): `lofo_per_family` changes of each of the generator's families
   (random triggers, label flips, benign retrains, pruning, quantization, input channels) for
@@ -447,7 +450,7 @@ def run(ds: Dataset, *, quick: bool = False, seed: int = 0,
         out.update(_detectors(cfg, ds, seed, timing))
     if "categorizer-lofo" in parts and cfg.lofo_refs:
         clock = time.perf_counter()
-        out["categorizer_lofo"] = _categorizer_lofo(cfg, ds, seed)
+        out.update(_categorizer_lofo(cfg, ds, seed))
         timing["categorizer leave-one-family-out"] = time.perf_counter() - clock
     if "scan-model" in parts and cfg.scan_model is not None:
         clock = time.perf_counter()  # the reference-free scan (scan_bench.py)
@@ -565,16 +568,23 @@ def _detectors(cfg: BenchConfig, ds: Dataset, seed: int,
 
 
 
-def _categorizer_lofo(cfg: BenchConfig, ds: Dataset, seed: int) -> pd.DataFrame:
+def _categorizer_lofo(cfg: BenchConfig, ds: Dataset, seed: int) -> dict[str, pd.DataFrame]:
     """The leave-one-family-out table (`change_generator.lofo`) for cfg's recipe, width,
-    sample size, null pool, probes and alpha."""
+    sample size, null pool, probes and alpha: {"categorizer_lofo"}, and with 3 references
+    or more "categorizer_in_family" (the same changes, each decided by a categorizer that
+    knew every family but not the change's reference)."""
     gen = change_generator.GeneratorConfig(
         recipe=cfg.recipe, hidden=cfg.hidden, sample_size=cfg.sample_size, n_null=cfg.n_null,
         probes=cfg.probes, n_patched=cfg.n_patched, alpha=cfg.alpha,
         memory_cap=cfg.memory_cap)
-    table, _ = change_generator.lofo(ds, n_refs=cfg.lofo_refs,
-                                     per_family=cfg.lofo_per_family, config=gen, seed=seed)
-    return table
+    table, realised = change_generator.lofo(ds, n_refs=cfg.lofo_refs,
+                                            per_family=cfg.lofo_per_family, config=gen,
+                                            seed=seed)
+    out = {"categorizer_lofo": table}
+    if "in_family" in realised.cells:
+        out["categorizer_in_family"] = categorize.lofo_table(realised.cells,
+                                                             realised.cells["in_family"])
+    return out
 
 
 def _change_table(cfg: BenchConfig, cells: pd.DataFrame) -> pd.DataFrame:

@@ -660,13 +660,21 @@ def lofo(ds: Dataset, *, n_refs: int, per_family: int,
     categorizer that never saw its group (`categorize.leave_one_family_out`, threshold at
     `risk`, trained on the benign changes and the flagged ones: `categorize.usable_rows`).
     Returns (`categorize.lofo_table`, the Realised cells with a "decision" and a "threshold"
-    column added)."""
+    column added, and with n_refs >= 3 an "in_family" column: each change decided by a
+    categorizer trained on every family but without the changes of its reference, its
+    threshold chosen the same way over the other references)."""
     changes = generate(n_refs, per_family, ds.spec, seed=seed, families=families)
     r = realise(changes, ds, config, seed=seed)
     clock = time.perf_counter()
+    usable = categorize.usable_rows(r.cells["category"], r.cells["verdict"])
     decisions, thresholds = categorize.leave_one_family_out(
         r.inputs, r.cells["category"], r.cells["group"], r.cells["verdict"], risk=risk,
-        train_rows=categorize.usable_rows(r.cells["category"], r.cells["verdict"]))
-    r.timing["categorizer"] = time.perf_counter() - clock
+        train_rows=usable)
     cells = r.cells.assign(decision=decisions, threshold=thresholds)
+    if n_refs >= 3:  # every family known, the change's reference held out
+        in_family, _ = categorize.leave_one_family_out(
+            r.inputs, r.cells["category"], r.cells["ref"], r.cells["verdict"], risk=risk,
+            train_rows=usable)
+        cells = cells.assign(in_family=in_family)
+    r.timing["categorizer"] = time.perf_counter() - clock
     return categorize.lofo_table(cells, decisions), r._replace(cells=cells)

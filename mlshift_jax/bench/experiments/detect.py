@@ -200,32 +200,59 @@ def _scan_model(t: dict[str, pd.DataFrame]) -> str:
             + md(table, note, floatfmt=".3f"))
 
 
-def _lofo_section(t: dict[str, pd.DataFrame]) -> str:
-    """The categorizer on change families it never saw (detection_bench "categorizer_lofo")."""
-    if "categorizer_lofo" not in t:
-        return ""
-    table = t["categorizer_lofo"]
+def _decided(table: pd.DataFrame) -> tuple[list[str], dict[str, int]]:
+    """A `categorize.lofo_table`'s decision columns and, over its non-benign families, the
+    count named right, abstained ("uncertain"), named wrong and undetected ("none")."""
     counts = [c for c in table.columns if c not in ("category", "n", "detected", "right")]
     changed = table[table["category"] != "none"]
     named = int(sum(changed.loc[f, changed.loc[f, "category"]] for f in changed.index))
     wrong = int(changed[counts].to_numpy().sum() - named - changed["uncertain"].sum()
                 - changed["none"].sum())
-    note = ("Each row is one change family, decided by a categorizer trained WITHOUT it (and "
-            "without every family of the same trigger shape): rows the held-out family and "
-            "its true category, `n` its changes (random settings, several references), "
-            "`detected` the share the change test calls changed, then how many were decided "
-            "as each category or `uncertain` (\"changed, kind uncertain\": the categorizer "
-            "abstains when no category reaches its threshold, chosen so that at most "
-            f"{categorize.RISK:.0%} of the categories it names on held-out families are "
-            "wrong, and whenever 'none' is "
-            "the most probable category of a changed verdict); an undetected change is "
-            "decided 'none' (and, like every change the test misses, left out of the "
-            "categorizer's training). `right`: the share decided as the family's category. "
-            f"Over the non-benign families: {named} named right, "
-            f"{int(changed['uncertain'].sum())} abstained, {wrong} named wrong, "
-            f"{int(changed['none'].sum())} undetected.")
-    return ("\n### Unseen change families (categorizer, leave one family out)\n\n"
-            + md(table.astype({c: int for c in counts + ["n"]}), note, floatfmt=".2f"))
+    return counts, {"right": named, "abstained": int(changed["uncertain"].sum()),
+                    "wrong": wrong, "undetected": int(changed["none"].sum())}
+
+
+def _summary(n: dict[str, int]) -> str:
+    detected = n["right"] + n["abstained"] + n["wrong"]
+    named = n["right"] + n["wrong"]
+    return (f"Over the non-benign families: {n['right']} named right, {n['abstained']} "
+            f"abstained, {n['wrong']} named wrong, {n['undetected']} undetected; of the "
+            f"{detected} detected, {n['abstained'] / max(detected, 1):.0%} abstained, and "
+            f"{n['right'] / max(named, 1):.0%} of those named were named right.")
+
+
+_DECISIONS_NOTE = (
+    "rows the family and its true category, `n` its changes (random settings, several "
+    "references), `detected` the share the change test calls changed, then how many were "
+    "decided as each category or `uncertain` (\"changed, kind uncertain\": the categorizer "
+    "abstains when no category reaches its threshold, chosen so that at most "
+    f"{categorize.RISK:.0%} of the categories it names on held-out groups are wrong, and "
+    "whenever 'none' is the most probable category of a changed verdict); an undetected "
+    "change is decided 'none' (and, like every change the test misses, left out of the "
+    "categorizer's training). `right`: the share decided as the family's category.")
+
+
+def _lofo_section(t: dict[str, pd.DataFrame]) -> str:
+    """The categorizer on the families it knows (held out by reference) and on families it
+    never saw (detection_bench "categorizer_in_family", "categorizer_lofo")."""
+    out = ""
+    known = t.get("categorizer_in_family")
+    if known is not None:
+        counts, n = _decided(known)
+        note = ("Each change decided by a categorizer trained on every family but without "
+                "the changes of its own reference (leave one reference out): " + _DECISIONS_NOTE
+                + " " + _summary(n))
+        out += ("\n### Known change families (categorizer, held out by reference)\n\n"
+                + md(known.astype({c: int for c in counts + ["n"]}), note, floatfmt=".2f"))
+    if "categorizer_lofo" in t:
+        table = t["categorizer_lofo"]
+        counts, n = _decided(table)
+        note = ("Each row is one change family, decided by a categorizer trained WITHOUT it "
+                "(and without every family of the same trigger shape): " + _DECISIONS_NOTE
+                + " " + _summary(n))
+        out += ("\n### Unseen change families (categorizer, leave one family out)\n\n"
+                + md(table.astype({c: int for c in counts + ["n"]}), note, floatfmt=".2f"))
+    return out
 
 
 def _detector_by_attack(t: dict[str, pd.DataFrame]) -> str:
