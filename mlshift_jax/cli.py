@@ -848,13 +848,14 @@ def _options():
                       "help": "params of the reference model"},
         "suspect": {"required": True, "metavar": "FILE.npz",
                     "help": "params of the model to test"},
-        "alpha": num("alpha", 0.05, "the test's level (its false-positive rate on clean "
-                     "retrains); refused below 1/(null models + 1), the smallest p-value"),
-        "sample_size": num("sample_size", None, "training images of each clean retrain in "
+        "alpha": num("alpha", 0.05, "the test's level (its false-positive rate on benign "
+                     "models); refused below 1/(null models + 1), the smallest p-value"),
+        "sample_size": num("sample_size", None, "training images of each benign model in "
                            "the null; match how the reference was trained; default: the "
                            "reference's training-set size (its metadata's train_size), else "
                            "10000; at most all the training images"),
-        "null_models": num("null_models", 24, "clean retrains in the null: the smallest "
+        "null_models": num("null_models", 104, "benign models in the null (retrains, "
+                           "pruned, quantized, fine-tuned, distilled; cached): the smallest "
                            "p-value is 1/(N+1): N >= 19 for alpha 0.05, 99 for 0.01; fewer "
                            "is faster"),
         "method": {"nargs": "+", "default": data_methods, "choices": data_methods,

@@ -166,9 +166,9 @@ def test_detect_refuses_mismatched_models_in_one_line(capsys, tmp_path):
 def test_detect_refuses_an_alpha_its_null_cannot_reach_in_one_line(capsys, tmp_path):
     np.savez(tmp_path / "a.npz", wih=np.zeros((8, 784)), who=np.zeros((10, 8)))
     code, _, err = run_cli(capsys, "detect", "--reference", str(tmp_path / "a.npz"),
-                           "--suspect", str(tmp_path / "a.npz"), "--alpha", "0.01")
+                           "--suspect", str(tmp_path / "a.npz"), "--alpha", "0.005")
     assert code == 2 and err.count("\n") == 1, err
-    assert "--null-models >= 99" in err and "found --null-models 24" in err
+    assert "--null-models >= 199" in err and "found --null-models 104" in err
 
 
 def test_unwritable_save_path_is_one_line(capsys, tmp_path):

@@ -13,7 +13,8 @@ from mlshift_jax.cli import main, poisoned_data_path
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.data import datasets
 from mlshift_jax.detection import neural_cleanse as nc
-from mlshift_jax.detection.scan import NullConfig, min_null, train_chunk, weak_classes
+from mlshift_jax.detection.benign import train_chunk
+from mlshift_jax.detection.scan import NullConfig, min_null, weak_classes
 from mlshift_jax.models import weights
 from mlshift_jax.models.population import plan_for
 from mlshift_jax.models.recipes import TrainConfig

@@ -224,7 +224,7 @@ def _heldout_benign(cfg: ScanBenchConfig, ds: Dataset, seed: int):
     seeds = (HELDOUT_STREAM + seed * 10_000 + np.arange(n)).tolist()
     start = time.perf_counter()
     params, names = benign.benign_null(plan, ds.x_train, ds.y_train, seeds=seeds, size=size,
-                                       chunk=scan.train_chunk(n, size, ds.spec.n_inputs))
+                                       chunk=benign.train_chunk(n, size, ds.spec.n_inputs))
     return params, names, time.perf_counter() - start
 
 

@@ -68,7 +68,7 @@ RULES: dict[str, Rule] = {
     "n_train": Rule(int, 1, 10**9, "images"),
     "n_test": Rule(int, 1, 10**9, "images"),
     "sample_size": Rule(int, 1, 10**9, "training images per clean retrain"),
-    "null_models": Rule(int, 2, 100_000, "clean retrains in the null"),
+    "null_models": Rule(int, 2, 100_000, "benign models in the null"),
     "rounds": Rule(int, 1, 10_000, "timed calls"),
     "patch": Rule(int, 1, 4096, "pixels per side"),
     "target": Rule(int, 0, 1 << 20, "class index"),

@@ -49,6 +49,7 @@ TRANSFORMS = {"prune-10": ("prune", 0.1), "prune-30": ("prune", 0.3), "prune-50"
 FINE_TUNE_SIZE = 10_000  # clean images a fine-tuned member sees (fewer when the data has fewer)
 FINE_TUNE_LR = 0.1  # the fine-tune's learning rate, as a share of the recipe's
 BENIGN_STREAM = 0xBE9  # seeds of the second stage (fine-tune sample, distilled student)
+TRAIN_BUDGET = 800 * 2**20  # bytes one group of null models may train on (`train_chunk`)
 
 
 def prune(params: Params, share: float) -> Params:
@@ -112,6 +113,15 @@ def variants_of(n: int, variants: Sequence[str] = VARIANTS) -> list[str]:
     if not variants:
         raise ConfigError("benign: expected at least one variant, found none")
     return [variants[i % len(variants)] for i in range(n)]
+
+
+def train_chunk(m: int, size: int, n_inputs: int, budget: int | None = None) -> int:
+    """Null models trained together: as many of m as keep one group's training copies (the
+    gathered sample and its poisoned copy, float32 [size, n_inputs] each) within `budget`
+    bytes (default TRAIN_BUDGET), at least 1. Full MNIST (60,000 x 784): 376 MB a model, so
+    2 at a time; the whole first scan then stays under 3 GB (measured: README)."""
+    per_member = 2 * size * n_inputs * 4
+    return int(max(1, min(m, (TRAIN_BUDGET if budget is None else budget) // per_member)))
 
 
 def _train(plan: Plan, seeds, x, y, size, chunk, progress) -> Params:
@@ -188,7 +198,7 @@ def benign_null(plan: Plan, x, y, *, seeds: Sequence[int], size: int, chunk: int
     plan: the recipe's `population.Plan` (a user recipe with its own trainer gets only the
     variants that need no trainer of the harness: its retrains and the weight transforms);
     x: [n, D], y: [n] the clean training set; size: training images of a "retrain" (each in
-    its own order, or sample); chunk: members trained together (`scan.train_chunk`); log:
+    its own order, or sample); chunk: members trained together (`train_chunk`); log:
     progress lines. Returns (params stacked [m, ...] in member order, the variant names).
     """
     seeds = [int(s) for s in seeds]

@@ -3,29 +3,33 @@
     detect_pair(reference_params, suspect_params, ds) -> {"verdict", "p_value", "category",
                                                           "fingerprint", ...}
 
-1. The **calibration set** (`calibrate`): one population (`retrain.train_sampled`, one jit) of
-   `n_null` clean retrains of the reference's architecture (its recipe's trainer, its hidden
-   size; a user model "pkg.module:attr" retrains its own Model, the one `registry.load_model`
-   rebuilt, with the harness's minibatch trainer and the reference's training settings),
-   each on its own random sample of `sample_size` training images with its own seed, plus
-   a few models trained on poisoned data (`poisonings` x `poison_seeds`), all answering
+1. The **calibration set** (`calibrate`): `n_null` (default 104) benign models of the
+   reference's architecture (its recipe's trainer, its hidden size; a user model
+   "pkg.module:attr" retrains its own Model, the one `registry.load_model` rebuilt, with the
+   harness's minibatch trainer and the reference's training settings), each one of the 13
+   benign variants of `benign.benign_null` in turn (retrains with other seeds, samples,
+   epochs and learning rates; magnitude pruning; 8- and 4-bit and float16 weights; a clean
+   fine-tune; distillation), each on its own random sample of `sample_size` training images
+   with its own seed and parent, so what users do to clean models every day is part of "no
+   change"; plus a few models trained on poisoned data (`poisonings` x `poison_seeds`,
+   one population: `retrain.train_sampled`), all answering
    the probe set (`fingerprint.make_probes`), and each with its triggers reversed by a short
    Neural Cleanse search (`fingerprint.reverse`). Only their responses on the probes and the
    summaries of their smallest reversed triggers are kept, and cached on disk (`cache_dir`,
    by default `data.cache_dir("detect")`), named by the hash of everything they depend on;
    a second call with the same architecture and data loads them.
 2. The **test** (`fingerprint.change_test`): the suspect's fingerprint against the reference,
-   compared with the fingerprints of the clean retrains against the same reference; verdict
+   compared with the fingerprints of the null's benign models against the same reference; verdict
    "changed" when the combined (min-p) p-value <= alpha. The reference's and the suspect's
    triggers are reversed here (`model_triggers`; the reference's are cached by its weights,
    the null's come with the calibration). An alpha the null cannot reach
    (alpha < 1 / (n_null + 1)) is refused before anything is trained.
 3. The **category** (`categorize`): a categorizer fitted, for this reference, on the
-   fingerprints of the calibration models (clean retrains = "none", poisoned models = their
+   fingerprints of the calibration models (benign models = "none", poisoned models = their
    kind) and of the reference behind input changes of the probes (`attacks`: noise and
    adversarial inputs; `input_change_features`, cached by the reference's weights), its
    abstention threshold chosen by leave-one-group-out over them
-   (the clean retrains in 4 groups, each poisoning and attack its own). The category agrees
+   (the benign models in 4 groups, each poisoning and attack its own). The category agrees
    with the verdict (`categorize.decide`): "unchanged" reports "none"; "changed" reports
    the most probable category, or "uncertain" (changed, kind uncertain) when that is "none"
    or below the threshold. `category_probabilities` has the full picture.
@@ -47,7 +51,7 @@ from mlshift_jax.attacks import attack_key, get_attack
 from mlshift_jax.core.errors import ConfigError, DataError
 from mlshift_jax.core.files import cached_npz, config_hash, tree_digest
 from mlshift_jax.data.datasets import Dataset, cache_dir, content_hash
-from mlshift_jax.detection import categorize, fingerprint
+from mlshift_jax.detection import benign, categorize, fingerprint
 from mlshift_jax.models.population import plan_for
 from mlshift_jax.models.recipes import TrainConfig
 from mlshift_jax.models.registry import recipe_of
@@ -55,20 +59,22 @@ from mlshift_jax.models.retrain import train_sampled
 from mlshift_jax.models.zoo import STUDY_SPEC, Model, Params, arch_of, check_spec, infer_model
 from mlshift_jax.poisoning.poison import make_config
 
-CALIBRATION_CACHE_VERSION = 2  # bump when a calibration's meaning changes: old caches ignored
+CALIBRATION_CACHE_VERSION = 3  # bump when a calibration's meaning changes: old caches ignored
 CALIBRATION_STREAM = 0xC0FFEE  # member seeds of a calibration start here (+ seed * 10,000)
 TRIGGER_STREAM = 0x7217  # the trigger search's key: fold_in(key(seed), this)
 
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    """How the calibration set is built. poisonings, attacks: (kind, fraction or eps);
+    """How the calibration set is built. n_null: the null's models; benign: they are the
+    benign variants of `benign.VARIANTS` in turn (retrains, pruned, quantized, fine-tuned,
+    distilled; False: clean retrains only); poisonings, attacks: (kind, fraction or eps);
     epochs: of every calibration model (None: the recipe's default); probes, n_patched: the
     probe set's size and how many of them the trigger search uses; trigger_steps,
     trigger_batch: the search's Adam steps per class and images per step (the suspect's
     search at detect time uses the same)."""
 
-    n_null: int = 24
+    n_null: int = 104
     sample_size: int = 10_000
     poisonings: tuple[tuple[str, float], ...] = (
         ("wrong-label", 0.1), ("wrong-label", 0.3), ("trigger", 0.1), ("trigger", 0.3),
@@ -83,6 +89,7 @@ class CalibrationConfig:
     seed: int = 0
     trigger_steps: int = fingerprint.TRIGGER_SCAN.steps
     trigger_batch: int = fingerprint.TRIGGER_SCAN.batch
+    benign: bool = True
 
     @property
     def trigger_scan(self):
@@ -107,7 +114,7 @@ class CalibrationConfig:
 
 @dataclass(frozen=True, eq=False)
 class Calibration:
-    """Responses on `probes` of the clean retrains (`null`, leading axis n_null) and of the
+    """Responses on `probes` of the null's benign models (`null`, leading axis n_null) and of the
     changed models (`changed`, leading axis m, kinds in `changed_kinds`), and the summaries
     of their smallest reversed triggers (`null_triggers`, `changed_triggers`); recipe and
     hidden: what they were trained as."""
@@ -288,23 +295,32 @@ def calibrate(recipe: str | None, hidden: int, ds: Dataset,
                 for what, record in _CACHED]
 
     def compute():
-        configs = [make_config("clean")] * cfg.n_null + [
-            _within(make_config(k, fraction=f), ds.n_classes)
-            for k, f in cfg.poisonings] * cfg.poison_seeds
-        seeds = CALIBRATION_STREAM + cfg.seed * 10_000 + np.arange(len(configs))
+        changed = [_within(make_config(k, fraction=f), ds.n_classes)
+                   for k, f in cfg.poisonings] * cfg.poison_seeds
+        seeds = (CALIBRATION_STREAM + cfg.seed * 10_000
+                 + np.arange(cfg.n_null + len(changed))).tolist()
         size = min(cfg.sample_size, len(ds.y_train))
+        variants = benign.VARIANTS if cfg.benign else ("retrain",)
         if log is not None:
-            log(f"calibrating: training {cfg.n_null} clean retrains and "
-                f"{len(configs) - cfg.n_null} changed models on {size:,} images each, once "
+            log(f"calibrating: training {cfg.n_null} benign models ({len(variants)} variants "
+                f"in turn) and {len(changed)} changed models on {size:,} images each, once "
                 f"for this architecture and data (cached in {path.parent})")
         base = train if train is not None else TrainConfig()
         epochs = cfg.epochs if cfg.epochs is not None else base.epochs
         plan = plan_for(recipe, replace(base, hidden=hidden, epochs=epochs, seed=0), ds.spec,
                         model=model)
-        pop, _ = train_sampled(plan, configs, ds.x_train, ds.y_train, seeds=seeds.tolist(),
-                               size=size)
-        resp = fingerprint.model_responses(plan.arch, pop.params, probes)
-        found = fingerprint.reverse(plan.arch, pop.params, probes, key=trigger_key(cfg.seed),
+        chunk = benign.train_chunk(cfg.n_null, size, ds.spec.n_inputs)
+        null_params, _ = benign.benign_null(plan, ds.x_train, ds.y_train,
+                                            seeds=seeds[:cfg.n_null], size=size, chunk=chunk,
+                                            variants=variants, log=log)
+        params = null_params
+        if changed:
+            pop, _ = train_sampled(plan, changed, ds.x_train, ds.y_train,
+                                   seeds=seeds[cfg.n_null:], size=size)
+            params = jax.tree.map(lambda a, b: jnp.concatenate([jnp.asarray(a), b]),
+                                  null_params, pop.params)
+        resp = fingerprint.model_responses(plan.arch, params, probes)
+        found = fingerprint.reverse(plan.arch, params, probes, key=trigger_key(cfg.seed),
                                     config=cfg.trigger_scan)
         parts = [jax.tree.map(lambda a: a[:cfg.n_null], resp),
                  jax.tree.map(lambda a: a[cfg.n_null:], resp),
@@ -411,7 +427,7 @@ def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *
     `registry.load_model`); ds: the dataset they were trained on (training images for the
     clean retrains, test images for the probes); null: a `Calibration` (None: `calibrate`
     one, cached); seed: of the calibration set and of the random input changes; alpha: the
-    test's level, its false-positive rate on clean retrains (None: `fingerprint.ALPHA`,
+    test's level, its false-positive rate on benign models (None: `fingerprint.ALPHA`,
     0.05); ConfigError when the null is too small for it (alpha < 1 / (n_null + 1),
     `fingerprint.check_alpha`), before any training.
 
@@ -457,7 +473,7 @@ def detect_pair(reference_params: Params, suspect_params: Params, ds: Dataset, *
     sus_t = model_triggers(model, suspect, null, cache=False)
 
     # every fingerprint against the reference in one call each (one program, not one per
-    # group): rows = the null's clean retrains, the calibration's changed models, the suspect
+    # group): rows = the null's benign models, the calibration's changed models, the suspect
     n, k = int(null.null.probs.shape[0]), len(null.changed_kinds)
     fp = fingerprint.fingerprints(ref, _rows(null.null, null.changed, _one(sus)), probes.y)
     fp.update(fingerprint.trigger_features(model, reference, ref_t, _rows(

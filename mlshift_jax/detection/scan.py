@@ -16,7 +16,7 @@
    retrains (other seeds and data orders, half samples, one epoch more, half and twice the
    learning rate), magnitude pruning 10/30/50%, weight quantization to 8 and 4 bits,
    float16, one epoch of fine-tuning on clean data, hard-label distillation. They train
-   group by group (`train_chunk`: one group's data within TRAIN_BUDGET, so the first scan
+   group by group (`benign.train_chunk`: one group's data within its budget, so the first scan
    of full MNIST stays under 3 GB) and are scanned group by group, each group a progress
    line on stderr. Both scores of every member are cached on disk (`data.cache_dir("scan")`,
    named by the hash of everything they depend on).
@@ -73,7 +73,6 @@ NULL_STREAM = 0x5CA7  # member seeds of a null start here (+ seed * 10,000)
 SCAN_STREAM = 0x5CA8  # fold_in(key(seed), SCAN_STREAM): the trigger search's key
 MARGIN_STREAM = 0x5CA9  # fold_in(key(seed), MARGIN_STREAM): MM-BD's random starts
 DETECTORS = ("neural-cleanse", "mm-bd")
-TRAIN_BUDGET = 800 * 2**20  # bytes one group of null models may train on (`train_chunk`)
 SCAN_GROUP = 4  # null models per compiled scan call (a progress line after each group)
 MIN_TAIL = 5  # null models allowed above the threshold at the least (`min_null`)
 MIN_CLASSES = 6  # below this the anomaly index has too few other classes: "inconclusive"
@@ -166,15 +165,6 @@ class Null:
                 "mm_bd_heldout_fpr": self.combined.get("mm_bd_fpr"),
                 "anomaly_indices": self.indices.tolist(),
                 "smallest_class": np.argmin(self.norms, -1).tolist(), **self.seconds}
-
-
-def train_chunk(m: int, size: int, n_inputs: int, budget: int | None = None) -> int:
-    """Null models trained together: as many of m as keep one group's training copies (the
-    gathered sample and its poisoned copy, float32 [size, n_inputs] each) within `budget`
-    bytes (default TRAIN_BUDGET), at least 1. Full MNIST (60,000 x 784): 376 MB a model, so
-    2 at a time; the whole first scan then stays under 3 GB (measured: README)."""
-    per_member = 2 * size * n_inputs * 4
-    return int(max(1, min(m, (TRAIN_BUDGET if budget is None else budget) // per_member)))
 
 
 def _progress(log, what: str):
@@ -386,7 +376,7 @@ def calibrate_null(recipe: str | None, hidden: int, ds: Dataset,
                 f"images each ({len(variants)} benign variants in turn), once for this recipe "
                 f"and data (cached in {folder})")
         start = time.perf_counter()
-        chunk = train_chunk(cfg.n_null, size, ds.spec.n_inputs)
+        chunk = benign.train_chunk(cfg.n_null, size, ds.spec.n_inputs)
         params, names = benign.benign_null(plan, ds.x_train, ds.y_train, seeds=seeds.tolist(),
                                            size=size, chunk=chunk, variants=variants, log=log)
         train_s = time.perf_counter() - start
