@@ -77,7 +77,7 @@ class ScanBenchConfig:
     rates: tuple[float, ...] = (0.01, 0.05, 0.10)
     per_cell: int = 3
     images: int = 200
-    scan: nc.ScanConfig = nc.ScanConfig(steps=150, batch=128)
+    scan: nc.ScanConfig = nc.ScanConfig(steps=150, batch=64)
     margin: mm_bd.MarginConfig = mm_bd.DEFAULT
     rounds: int = 2
     asr_images: int = 1000  # test images each backdoor's attack success rate is read on

@@ -30,6 +30,8 @@ from mlshift_jax.bench.context import Loaded, Memo, base_record
 from mlshift_jax.bench.markdown import fmt_time, md, records_of
 from mlshift_jax.core.timing import PeakMemory
 from mlshift_jax.detection import FINGERPRINT, categorize, of_unit
+from mlshift_jax.detection import neural_cleanse as nc
+from mlshift_jax.detection.scan import NullConfig
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,7 @@ def _scan_model(t: dict[str, pd.DataFrame]) -> str:
     """The held-out backdoor-scan table (bench/scan_bench.py), if the run has it."""
     if "scan_model" not in t:
         return ""
+    cli_null = NullConfig()
     s = t["scan_model_summary"]["value"]
     table = t["scan_model"].astype({"models": int})
     note = (f"`mlshift scan-model`'s verdict on {int(s['heldout_models'])} models it never "
@@ -189,10 +192,12 @@ def _scan_model(t: dict[str, pd.DataFrame]) -> str:
             f"test images of other classes); `nc_flagged` / `mm_bd_flagged`: flagged by "
             f"that detector's p-value alone. Every model: {int(s['sample_size']):,} training "
             f"images, searched on {int(s['images'])} clean test images, {int(s['steps'])} Neural "
-            f"Cleanse steps per class, MM-BD {int(s['margin_steps'])} steps from "
-            f"{int(s['margin_starts'])} starts per class (the CLI's defaults: 300 images, 300 "
-            f"steps, all training images). Seconds: null trained in {s['null_train_s']:.0f} "
-            f"and scanned in {s['null_scan_s']:.0f}; held-out set trained in "
+            f"Cleanse steps of {int(s['batch'])} images per class, MM-BD "
+            f"{int(s['margin_steps'])} steps from {int(s['margin_starts'])} starts per class "
+            f"(the CLI's defaults, for a cost the bench can pay: {cli_null.images} images, "
+            f"{nc.DEFAULT.steps} steps of {nc.DEFAULT.batch}, every training image). "
+            f"Seconds: null trained in {s['null_train_s']:.0f} and scanned in "
+            f"{s['null_scan_s']:.0f}; held-out set trained in "
             f"{s['heldout_train_s']:.0f}; {s['s_per_model_population']:.2f} s per model "
             f"within the held-out scan, {s['s_per_model_single']:.2f} s for one model alone "
             f"(compiled).")
