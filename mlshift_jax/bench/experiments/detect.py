@@ -29,7 +29,7 @@ from mlshift_jax.bench.cells import (
 from mlshift_jax.bench.context import Loaded, Memo, base_record
 from mlshift_jax.bench.markdown import fmt_time, md, records_of
 from mlshift_jax.core.timing import PeakMemory
-from mlshift_jax.detection import FINGERPRINT, categorize, of_unit
+from mlshift_jax.detection import FINGERPRINT, benign, categorize, of_unit
 from mlshift_jax.detection import neural_cleanse as nc
 from mlshift_jax.detection.scan import NullConfig
 
@@ -175,12 +175,12 @@ def _scan_model(t: dict[str, pd.DataFrame]) -> str:
     table = t["scan_model"].astype({"models": int})
     note = (f"`mlshift scan-model`'s verdict on {int(s['heldout_models'])} models it never "
             f"saw. The verdict: Neural Cleanse (Wang et al. 2019; anomaly index of the "
-            f"smallest reversed-trigger mask) and MM-BD (Wang et al. 2024; maximum margins, "
-            f"no trigger-shape assumption), each score's tail p-value against a null of "
-            f"{int(s['null_models'])} clean models (the 13 benign variants in turn: retrains, "
-            f"pruning, quantization, float16, fine-tuning, distillation), flagged when the "
-            f"smaller p is at most {s['cut']:.3f}, the cut-off that keeps {s['alpha']:.0%} "
-            f"of the null below it (its held-out FPR over folds of the null: "
+            f"smallest reversed-trigger mask's log norm) and MM-BD (Wang et al. 2024; maximum "
+            f"margins, no trigger-shape assumption), each score's tail p-value against a null "
+            f"of {int(s['null_models'])} benign models (the {len(benign.VARIANTS)} variants "
+            f"in turn: retrains, pruning, quantization, float16, fine-tuning, distillation), "
+            f"flagged when the smaller p is at most {s['cut']:.3f}, the cut-off that flags at "
+            f"most {s['alpha']:.0%} of the null (its held-out FPR over folds of the null: "
             f"{s['null_heldout_fpr']:.3f}; Neural Cleanse alone {s['null_nc_heldout_fpr']:.3f}, "
             f"MM-BD alone {s['null_mm_bd_heldout_fpr']:.3f}). Rows: models trained apart from "
             f"the null (other seeds): plain retrains ('clean') and each benign variant "
