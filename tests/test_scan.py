@@ -166,15 +166,15 @@ def test_scan_table_judges_heldout_models_with_the_clis_rule(mnist, monkeypatch)
     assert table["models"].tolist() == [1] * n + [2, 2]
     (j,) = judged  # one verdict call, scan.judge, over every held-out model
     assert j.flagged.shape == (n + 4,)
-    np.testing.assert_allclose(table["flagged"].to_numpy(),
+    np.testing.assert_allclose(table["detected"].to_numpy(),
                                list(j.flagged[:n]) + [j.flagged[-4:-2].mean(),
                                                       j.flagged[-2:].mean()])
-    for col in ("flagged", "found", "target_accuracy", "nc_flagged", "mm_bd_flagged"):
+    for col in ("detected", "found", "target_accuracy", "nc_flagged", "mm_bd_flagged"):
         values = table[col].dropna()
         assert ((values >= 0) & (values <= 1)).all(), col
     assert np.isnan(table.loc["clean", "found"])
     doors = table["found"].notna()
-    assert (table.loc[doors, "found"] <= table.loc[doors, "flagged"]).all()
+    assert (table.loc[doors, "found"] <= table.loc[doors, "detected"]).all()
     assert summary["null_models"] == 8 and 0 <= summary["cut"] <= 1
     assert summary["heldout_models"] == n + 4
     assert summary["s_per_model_single"] > 0 and summary["null_train_s"] > 0

@@ -22,7 +22,7 @@ by `scan.judge`, the function `scan-model` calls, so this table and the CLI cann
 `scan_table` returns:
 
 - "scan_model": one row per held-out change: kind ("clean" for plain retrains, "benign",
-  or the trigger family), rate, models, flagged (share called "backdoor": the false-positive
+  or the trigger family), rate, models, detected (share called "backdoor": the false-positive
   rate on the clean and benign rows, the detection rate on backdoors), found (flagged with
   the right target), target_accuracy (the verdict's target class right, flagged or not),
   asr (the backdoors' attack success rate: the share of the first `asr_images` test images
@@ -77,8 +77,8 @@ class ScanBenchConfig:
     rates: tuple[float, ...] = (0.01, 0.05, 0.10)
     per_cell: int = 3
     images: int = 200
-    scan: nc.ScanConfig = nc.ScanConfig(steps=150, batch=64)
-    margin: mm_bd.MarginConfig = mm_bd.DEFAULT
+    scan: nc.ScanConfig = nc.ScanConfig(steps=150, batch=32)
+    margin: mm_bd.MarginConfig = mm_bd.MarginConfig(steps=100, starts=4)
     rounds: int = 2
     asr_images: int = 1000  # test images each backdoor's attack success rate is read on
     chunk_bytes: int = 2**29  # members per training vmap: their data within this
@@ -276,7 +276,7 @@ def scan_table(ds: Dataset, *, quick: bool = False, seed: int = 0,
         backdoor = bool((g["target"] >= 0).all())
         rows[change] = {
             "kind": g["kind"].iloc[0], "rate": g["rate"].iloc[0], "models": len(g),
-            "flagged": g["flagged"].mean(),
+            "detected": g["flagged"].mean(),
             "found": (g["flagged"] & g["on_target"]).mean() if backdoor else np.nan,
             "target_accuracy": g["on_target"].mean() if backdoor else np.nan,
             "asr": g["asr"].mean(),

@@ -29,7 +29,7 @@ from mlshift_jax.bench.cells import (
 from mlshift_jax.bench.context import Loaded, Memo, base_record
 from mlshift_jax.bench.markdown import fmt_time, md, records_of
 from mlshift_jax.core.timing import PeakMemory
-from mlshift_jax.detection import FINGERPRINT, benign, categorize, of_unit
+from mlshift_jax.detection import FINGERPRINT, benign, categorize, mm_bd, of_unit
 from mlshift_jax.detection import neural_cleanse as nc
 from mlshift_jax.detection.scan import NullConfig
 
@@ -184,10 +184,10 @@ def _scan_model(t: dict[str, pd.DataFrame]) -> str:
             f"{s['null_heldout_fpr']:.3f}; Neural Cleanse alone {s['null_nc_heldout_fpr']:.3f}, "
             f"MM-BD alone {s['null_mm_bd_heldout_fpr']:.3f}). Rows: models trained apart from "
             f"the null (other seeds): plain retrains ('clean') and each benign variant "
-            f"(`flagged` = the false-positive rate; {s['heldout_benign_fpr']:.3f} over all of "
+            f"(`detected` = the false-positive rate; {s['heldout_benign_fpr']:.3f} over all of "
             f"them), then BadNets-style backdoors of each trigger family and poison rate "
             f"(target class, blended pattern and sparse pixels drawn per model). `found`: "
-            f"flagged with the right target; `target_accuracy`: the named class is the target, "
+            f"detected with the right target; `target_accuracy`: the named class is the target, "
             f"flagged or not; `asr`: the backdoor's attack success rate (its trigger on clean "
             f"test images of other classes); `nc_flagged` / `mm_bd_flagged`: flagged by "
             f"that detector's p-value alone. Every model: {int(s['sample_size']):,} training "
@@ -195,7 +195,8 @@ def _scan_model(t: dict[str, pd.DataFrame]) -> str:
             f"Cleanse steps of {int(s['batch'])} images per class, MM-BD "
             f"{int(s['margin_steps'])} steps from {int(s['margin_starts'])} starts per class "
             f"(the CLI's defaults, for a cost the bench can pay: {cli_null.images} images, "
-            f"{nc.DEFAULT.steps} steps of {nc.DEFAULT.batch}, every training image). "
+            f"{nc.DEFAULT.steps} steps of {nc.DEFAULT.batch}, MM-BD {mm_bd.DEFAULT.steps} "
+            f"steps from {mm_bd.DEFAULT.starts} starts, every training image). "
             f"Seconds: null trained in {s['null_train_s']:.0f} and scanned in "
             f"{s['null_scan_s']:.0f}; held-out set trained in "
             f"{s['heldout_train_s']:.0f}; {s['s_per_model_population']:.2f} s per model "
