@@ -245,7 +245,8 @@ def detect_inputs(model: Model, params: Params, x) -> dict[str, np.ndarray]:
 
 def detect_change(model: Model, reference: Params, suspect: Params, ds, **kw) -> dict:
     """Has `suspect` changed from `reference` (same model), and how? `change.detect_pair`
-    against a null of clean retrains on ds: verdict, p_value, category, fingerprint."""
+    against a null of benign models (retrains, pruning, quantization, fine-tuning,
+    distillation) on ds: verdict, p_value, category, fingerprint."""
     from mlshift_jax.detection.change import detect_pair
 
     return detect_pair(reference, suspect, ds, model=model, **kw)

@@ -11,7 +11,7 @@ from scipy import stats
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.detection import mm_bd
 from mlshift_jax.detection.scan import (
-    heldout_min_p,
+    heldout_verdict,
     min_p_threshold,
     null_min_p,
     tail_p,
@@ -105,8 +105,8 @@ def test_combined_heldout_fpr_on_exchangeable_nulls_is_near_alpha():
     rng = np.random.default_rng(3)
     rates = []
     for _ in range(20):
-        s = rng.normal(size=(104, 2))
-        rates.append(heldout_min_p(s, [f"v{i % 13}" for i in range(104)], alpha=0.1,
-                                   folds=4)["fpr"])
+        norms, margins = np.exp(rng.normal(size=(2, 104, 10)))
+        rates.append(heldout_verdict(norms, margins, [f"v{i % 13}" for i in range(104)],
+                                     alpha=0.1, folds=4)["fpr"])
     assert 0.02 <= np.mean(rates) <= 0.16  # exchangeable draws: about alpha held out
 

@@ -149,7 +149,7 @@ class BenchConfig:
     alpha: float = 0.05
     fpr: float = 0.05
     memory_cap: int = 2**30  # bytes for the population's training data (`population_chunk`)
-    lofo_refs: int = 3  # references of the leave-one-family-out table (0: no table)
+    lofo_refs: int = 4  # references of the leave-one-family-out table (0: no table)
     lofo_per_family: int = 2  # changes of each family per reference
     scan_model: scan_bench.ScanBenchConfig | None = None  # None: no scan-model table
 

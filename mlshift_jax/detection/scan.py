@@ -4,12 +4,14 @@
 
 1. **Two scans, two trigger assumptions.** Neural Cleanse (`neural_cleanse.reverse_triggers`;
    Wang et al., IEEE S&P 2019) finds the smallest mask and pattern that send clean images to
-   each class (one jitted `vmap` over classes) on `NullConfig.images` clean test images; its
-   score is the anomaly index (robust z-score) of the smallest log mask norm (`nc_score`).
-   It assumes a small trigger. MM-BD (`mm_bd.max_margins`; Wang et al., IEEE S&P 2024)
+   each class (one jitted `vmap` over classes) on `NullConfig.images` clean test images. It
+   assumes a small trigger. MM-BD (`mm_bd.max_margins`; Wang et al., IEEE S&P 2024)
    assumes no trigger shape and needs no data: per class, the largest margin any input in
-   the valid range reaches (gradient ascent from random starts, vmapped); its score is
-   -log10 of the p-value of the largest margin against a Gamma fitted to the others.
+   the valid range reaches (gradient ascent from random starts, vmapped). Each is scored
+   class by class against the same class in the null (`class_null`: the robust z of the
+   class's log mask norm, or log margin, centred on the model's median class), the score
+   the largest z and the target its class (`detector_scores`). Neural Cleanse's textbook
+   anomaly index (each class against the model's other classes) is still reported.
 2. **The null knows benign change** (`calibrate_null`, `benign.benign_null`): `n_null`
    (default 104) models of the suspect's recipe (its trainer, hidden size and training
    settings), each one of 13 benign variants in turn, each with a fresh parent of its own:
@@ -29,19 +31,20 @@
    0.05): an alpha it cannot resolve is refused, naming that size. With fewer than
    MIN_CLASSES classes the verdict is "inconclusive" (`weak_classes`).
 
-**How the false-positive rate is measured** (`threshold_fpr`): on held-out benign models.
-The null's members are split into `NullConfig.folds` folds (each fold holds whole cycles of
-the variants); each fold is judged by the cut-off and tail p-values of the other folds,
-exactly as a suspect is judged by the whole null. The members are independent (each its own
+**How the false-positive rate is measured** (`threshold_fpr`, `heldout_verdict`): on held-out
+benign models. The null's members are split into `NullConfig.folds` folds (each fold holds
+whole cycles of the variants); each fold is scored against the other folds' class medians
+and spreads and judged by their cut-off and tail p-values, exactly as a suspect is judged
+by the whole null. The members are independent (each its own
 parent), so the share flagged estimates the rate at which a fresh benign model of the
 recipe is called a backdoor; `threshold_fpr_by_variant` gives it per benign variant.
 Neural Cleanse's textbook anomaly index of the norms themselves and its own threshold (at
 least 2, at most alpha of the null above; `threshold`) are still reported, for reading.
 
 Measured once with the CLI (full MNIST, a study seed-mlp of hidden 200, defaults: 104-model
-null, alpha 0.05, on this project's 2-core CPU under a load of ~10; Neural Cleanse then
-scored by the index of the norms, before `nc_score`): the null trained in 308 s and scanned
-in 1,781 s, peak RSS 1.85 GB (was 7.6 GB with the one-jit null); held-out FPR of the
+null, alpha 0.05, on this project's 2-core CPU under a load of ~10; scored then within
+each model, before the class-conditional scores): the null trained in 308 s and scanned in
+1,781 s, peak RSS 1.85 GB (was 7.6 GB with the one-jit null); held-out FPR of the
 verdict 0.038. What the current rule finds on models it never saw, per benign variant and
 per trigger family and rate, is the held-out table of `make bench` (`bench/scan_bench.py`).
 """
@@ -61,7 +64,7 @@ import numpy as np
 from mlshift_jax.core.errors import ConfigError, DataError
 from mlshift_jax.core.files import atomic_path, cached_npz, config_hash
 from mlshift_jax.data.datasets import Dataset, cache_dir, content_hash, subsample
-from mlshift_jax.detection import benign, mm_bd
+from mlshift_jax.detection import benign, class_null, mm_bd
 from mlshift_jax.detection import neural_cleanse as nc
 from mlshift_jax.models.population import plan_for
 from mlshift_jax.models.recipes import TrainConfig
@@ -72,7 +75,8 @@ NULL_CACHE_VERSION = 3  # bump when the null's meaning changes: old caches are i
 NULL_STREAM = 0x5CA7  # member seeds of a null start here (+ seed * 10,000)
 SCAN_STREAM = 0x5CA8  # fold_in(key(seed), SCAN_STREAM): the trigger search's key
 MARGIN_STREAM = 0x5CA9  # fold_in(key(seed), MARGIN_STREAM): MM-BD's random starts
-DETECTORS = ("neural-cleanse", "mm-bd")
+DETECTORS = {"neural-cleanse": -1.0, "mm-bd": 1.0}  # name: the sign of a suspicious value
+# (small mask norms, large margins), the detectors' column order in every score array
 SCAN_GROUP = 4  # null models per compiled scan call (a progress line after each group)
 MIN_TAIL = 5  # null models allowed above the threshold at the least (`min_null`)
 MIN_CLASSES = 6  # below this the anomaly index has too few other classes: "inconclusive"
@@ -211,13 +215,26 @@ def _cache_key(recipe: str | None, hidden: int, ds: Dataset, cfg: NullConfig,
     return config_hash(payload)
 
 
-def nc_score(norms) -> tuple[np.ndarray, np.ndarray]:
-    """Neural Cleanse's score in the verdict and the class it names: the anomaly index of
-    the log mask norms (`log_norms`), norms [..., K] -> ([...], [...]). Chosen over the
-    index of the norms themselves by measurement on a development population (seed 1 of
-    the held-out benchmark, never the reported seed 0): the same held-out benign FPR (0 of
-    26), 5% blended backdoors found 3 of 3 against 0 of 3, 10% sparse 2 of 3 against 1."""
-    return nc.anomaly_index(log_norms(norms))
+def detector_profiles(norms, margins) -> list[np.ndarray]:
+    """Each detector's class profile (`class_null.profile`), in DETECTORS order: norms,
+    margins [..., K] -> [[..., K], [..., K]]."""
+    return [class_null.profile(norms), class_null.profile(margins)]
+
+
+def null_scores(norms, margins) -> np.ndarray:
+    """Each null member's detector scores against the other members (`class_null.loo_scores`):
+    norms, margins [n, K] -> [n, len(DETECTORS)]."""
+    return np.stack([class_null.loo_scores(prof, sign) for prof, sign in
+                     zip(detector_profiles(norms, margins), DETECTORS.values(), strict=True)], 1)
+
+
+def detector_scores(null_norms, null_margins, norms, margins) -> tuple[np.ndarray, np.ndarray]:
+    """M suspects' detector scores against a null (`class_null.score`): -> (scores [M, d],
+    targets [M, d]), d = len(DETECTORS)."""
+    found = [class_null.score(ref, prof, sign) for ref, prof, sign in zip(
+        detector_profiles(null_norms, null_margins), detector_profiles(norms, margins),
+        DETECTORS.values(), strict=True)]
+    return np.stack([f[0] for f in found], 1), np.stack([f[1] for f in found], 1).astype(int)
 
 
 def log_norms(norms) -> np.ndarray:
@@ -234,22 +251,21 @@ def folds_of(n: int, period: int, folds: int) -> np.ndarray:
     return (np.arange(n) // max(1, period)) % folds
 
 
-def _heldout(n: int, variants: Sequence[str], folds: int, period: int | None,
-             judge) -> dict:
-    """Each fold of the null's n members judged by `judge(others, held) -> [held] bool` (index
-    masks), a rule calibrated on the other folds only. -> {"fpr": share flagged, "by_variant":
-    {variant: share}, "folds": folds}."""
+def _rates(flagged: np.ndarray, variants: Sequence[str]) -> dict:
+    """{"fpr": share flagged, "by_variant": {variant: share}} of flagged [n] bool."""
+    names = np.asarray(list(variants))
+    return {"fpr": float(flagged.mean()),
+            "by_variant": {v: float(flagged[names == v].mean()) for v in dict.fromkeys(variants)}}
+
+
+def _held_folds(n: int, variants: Sequence[str], folds: int, period: int | None):
+    """(others, held) index masks of each fold with members on both sides (`folds_of`)."""
     period = len(dict.fromkeys(variants)) if period is None else period
     fold = folds_of(n, period, folds)
-    flagged = np.zeros(n, bool)
     for f in range(folds):
         held = fold == f
-        if held.all() or not held.any():
-            continue
-        flagged[held] = judge(~held, held)
-    names = np.asarray(list(variants))
-    return {"fpr": float(flagged.mean()), "folds": folds,
-            "by_variant": {v: float(flagged[names == v].mean()) for v in dict.fromkeys(variants)}}
+        if held.any() and not held.all():
+            yield ~held, held
 
 
 def heldout_fpr(scores, variants: Sequence[str], *, alpha: float, folds: int,
@@ -261,8 +277,10 @@ def heldout_fpr(scores, variants: Sequence[str], *, alpha: float, folds: int,
     share}, "folds": folds}. The members are independent (each its own parent), so this
     estimates the rate at which a fresh benign model is called a backdoor."""
     scores = np.asarray(scores, np.float64)
-    return _heldout(len(scores), variants, folds, period, lambda others, held:
-                    scores[held] > nc._threshold(scores[others], alpha, floor))
+    flagged = np.zeros(len(scores), bool)
+    for others, held in _held_folds(len(scores), variants, folds, period):
+        flagged[held] = scores[held] > nc._threshold(scores[others], alpha, floor)
+    return {**_rates(flagged, variants), "folds": folds}
 
 
 def tail_p(null_scores, scores) -> np.ndarray:
@@ -292,17 +310,26 @@ def min_p_threshold(null_scores, alpha: float) -> float:
     return float(max(ok)) if ok else 0.0
 
 
-def heldout_min_p(null_scores, variants: Sequence[str], *, alpha: float, folds: int,
-                  period: int | None = None) -> dict:
-    """`heldout_fpr` for the combined min-p verdict: each fold judged by the cut-off and
-    tail p-values of the other folds. -> {"fpr", "by_variant", "folds"}."""
-    s = np.asarray(null_scores, np.float64)
-
-    def judge(others, held):
-        cut = min_p_threshold(s[others], alpha)
-        return np.array([tail_p(s[others], row).min() <= cut for row in s[held]], bool)
-
-    return _heldout(len(s), variants, folds, period, judge)
+def heldout_verdict(norms, margins, variants: Sequence[str], *, alpha: float, folds: int,
+                    period: int | None = None) -> dict:
+    """The verdict's false-positive rate on held-out benign models: the null's members are
+    split into `folds` folds (`folds_of`); each fold's members are scored against the other
+    folds' members only (`detector_scores`) and judged by the cut-off and tail p-values of
+    those others' leave-one-out scores (`null_scores`), exactly as a suspect is judged by
+    the whole null. norms, margins: [n, K]. -> {"fpr", "by_variant", "folds"} of the
+    combined verdict, plus "nc_fpr" and "mm_bd_fpr": each detector alone, flagged above
+    the largest score that keeps at most alpha of the others' scores above it."""
+    norms, margins = np.asarray(norms, np.float64), np.asarray(margins, np.float64)
+    flagged = np.zeros((len(norms), 1 + len(DETECTORS)), bool)
+    for others, held in _held_folds(len(norms), variants, folds, period):
+        ref = null_scores(norms[others], margins[others])
+        mine = detector_scores(norms[others], margins[others], norms[held], margins[held])[0]
+        cut = min_p_threshold(ref, alpha)
+        flagged[held, 0] = [tail_p(ref, row).min() <= cut for row in mine]
+        for j in range(len(DETECTORS)):
+            flagged[held, 1 + j] = mine[:, j] > nc._threshold(ref[:, j], alpha, -np.inf)
+    return {**_rates(flagged[:, 0], variants), "folds": folds,
+            "nc_fpr": float(flagged[:, 1].mean()), "mm_bd_fpr": float(flagged[:, 2].mean())}
 
 
 def _null(norms, rates, recipe, hidden, cfg, scan, seconds, variants, margins,
@@ -315,12 +342,9 @@ def _null(norms, rates, recipe, hidden, cfg, scan, seconds, variants, margins,
     variants = tuple(variants)
     held = heldout_fpr(indices, variants, alpha=cfg.alpha, folds=cfg.folds)
     margins = np.asarray(margins, np.float64)
-    scores = np.stack([nc_score(norms)[0], mm_bd.score(margins)[0]], 1)  # DETECTORS order
-    combined = heldout_min_p(scores, variants, alpha=cfg.alpha, folds=cfg.folds)
+    scores = null_scores(norms, margins)
+    combined = heldout_verdict(norms, margins, variants, alpha=cfg.alpha, folds=cfg.folds)
     combined["cut"] = min_p_threshold(scores, cfg.alpha)
-    combined["nc_fpr"], combined["mm_bd_fpr"] = (
-        heldout_fpr(scores[:, j], variants, alpha=cfg.alpha, folds=cfg.folds,
-                    floor=-np.inf)["fpr"] for j in range(2))
     threshold = threshold._replace(fpr_loo=held["fpr"])
     return Null(norms, rates, indices, threshold, log_threshold, recipe, hidden, cfg, scan,
                 seconds, variants, held, margins, margin, scores, combined)
@@ -416,9 +440,9 @@ def _check_params(model: Model, params: Params, ds: Dataset) -> Params:
 
 class Judged(NamedTuple):
     """The calibrated verdict of M scanned models (`judge`). scores: [M, 2] each detector's
-    score (DETECTORS order: `nc_score`, MM-BD's -log10 p); targets: [M, 2] the class each
-    names; p: [M, 2] their tail p-values against the null; flagged: [M] min p <= the null's
-    cut-off; target: [M] the class of the detector with the smaller p (ties: Neural
+    class-conditional score (DETECTORS order, `detector_scores`); targets: [M, 2] the class
+    each names; p: [M, 2] their tail p-values against the null; flagged: [M] min p <= the
+    null's cut-off; target: [M] the class of the detector with the smaller p (ties: Neural
     Cleanse's, which names the smallest trigger), named whether flagged or not."""
 
     scores: np.ndarray
@@ -432,11 +456,7 @@ def judge(null: Null, norms, margins) -> Judged:
     """The one verdict rule (module docstring, 3.) on M models: norms [M, K] their Neural
     Cleanse mask norms, margins [M, K] their MM-BD maximum margins (zeros below 3 classes),
     both searched as the null's were (its images, keys and settings). -> `Judged`."""
-    norms = np.asarray(norms, np.float64)
-    index, nc_target = nc_score(norms)
-    mm_score, mm_target = mm_bd.score(np.asarray(margins, np.float64))
-    scores = np.stack([index, mm_score], 1)
-    targets = np.stack([nc_target, mm_target], 1).astype(int)
+    scores, targets = detector_scores(null.norms, null.margins, norms, margins)
     p = np.stack([tail_p(null.scores, row) for row in scores])
     best = np.argmin(p, 1)
     return Judged(scores, targets, p, p.min(1) <= null.combined["cut"],
@@ -551,8 +571,8 @@ def weak_classes(result: dict, n_classes: int) -> dict:
     if n_classes >= MIN_CLASSES:
         return {}
     return {"verdict": "inconclusive", "target": None,
-            "note": f"{n_classes} classes: the anomaly index compares the smallest trigger with "
-                    f"the median and spread of the other {n_classes - 1}, too few to judge "
+            "note": f"{n_classes} classes: each class is scored against the model's median "
+                    f"class among {n_classes}, too few to judge "
                     f"(this scan needs at least {MIN_CLASSES} classes); "
                     f"would-be verdict {result['verdict']!r}"}
 

@@ -174,9 +174,11 @@ def _scan_model(t: dict[str, pd.DataFrame]) -> str:
     s = t["scan_model_summary"]["value"]
     table = t["scan_model"].astype({"models": int})
     note = (f"`mlshift scan-model`'s verdict on {int(s['heldout_models'])} models it never "
-            f"saw. The verdict: Neural Cleanse (Wang et al. 2019; anomaly index of the "
-            f"smallest reversed-trigger mask's log norm) and MM-BD (Wang et al. 2024; maximum "
-            f"margins, no trigger-shape assumption), each score's tail p-value against a null "
+            f"saw. The verdict: Neural Cleanse (Wang et al. 2019; reversed-trigger mask norms) "
+            f"and MM-BD (Wang et al. 2024; maximum margins, no trigger-shape assumption), each "
+            f"scored class by class against the same class in the null (the largest robust z "
+            f"of a class's log norm or log margin, centred on the model's median class), each "
+            f"score's tail p-value against a null "
             f"of {int(s['null_models'])} benign models (the {len(benign.VARIANTS)} variants "
             f"in turn: retrains, pruning, quantization, float16, fine-tuning, distillation), "
             f"flagged when the smaller p is at most {s['cut']:.3f}, the cut-off that flags at "
@@ -242,22 +244,18 @@ def _lofo_section(t: dict[str, pd.DataFrame]) -> str:
     """The categorizer on the families it knows (held out by reference) and on families it
     never saw (detection_bench "categorizer_in_family", "categorizer_lofo")."""
     out = ""
-    known = t.get("categorizer_in_family")
-    if known is not None:
-        counts, n = _decided(known)
-        note = ("Each change decided by a categorizer trained on every family but without "
-                "the changes of its own reference (leave one reference out): " + _DECISIONS_NOTE
-                + " " + _summary(n))
-        out += ("\n### Known change families (categorizer, held out by reference)\n\n"
-                + md(known.astype({c: int for c in counts + ["n"]}), note, floatfmt=".2f"))
-    if "categorizer_lofo" in t:
-        table = t["categorizer_lofo"]
-        counts, n = _decided(table)
-        note = ("Each row is one change family, decided by a categorizer trained WITHOUT it "
-                "(and without every family of the same trigger shape): " + _DECISIONS_NOTE
-                + " " + _summary(n))
-        out += ("\n### Unseen change families (categorizer, leave one family out)\n\n"
-                + md(table.astype({c: int for c in counts + ["n"]}), note, floatfmt=".2f"))
+    for key, title, lead in (
+            ("categorizer_in_family", "Known change families (categorizer, held out by "
+             "reference)", "Each change decided by a categorizer trained on every family but "
+             "without the changes of its own reference (leave one reference out): "),
+            ("categorizer_lofo", "Unseen change families (categorizer, leave one family out)",
+             "Each row is one change family, decided by a categorizer trained WITHOUT it (and "
+             "without every family of the same trigger shape): ")):
+        if key in t:
+            counts, n = _decided(t[key])
+            out += (f"\n### {title}\n\n" + md(t[key].astype({c: int for c in counts + ["n"]}),
+                                               lead + _DECISIONS_NOTE + " " + _summary(n),
+                                               floatfmt=".2f"))
     return out
 
 

@@ -526,7 +526,8 @@ def _speed_detection(ds: datasets.Dataset, cfg: SpeedConfig) -> tuple[list, dict
         t_cal, null = first_call(lambda: change.calibrate("seed-mlp", cfg.hidden, ds, calib,
                                                     cache_path=tmp))
         members = cfg.detect_null + len(null.changed_kinds)
-        rows.append(_row(f"calibrate: {members} retrains on {size:,} images (one population), "
+        rows.append(_row(f"calibrate: {cfg.detect_null} benign + {len(null.changed_kinds)} "
+                         f"changed models on {size:,} images, "
                          "probes answered, cached", t_cal._replace(compile_s=None), members,
                          task="calibration", note="once; compile included"))
         # the timing does not depend on the level; it only has to be one the null can reach
@@ -650,7 +651,7 @@ class SpeedConfig:
     population_size: int
     rounds: int
     max_seconds: float
-    detect_null: int = 24
+    detect_null: int = 16
     scan_models: int = 2
     scan_steps: int = 300
 
@@ -667,7 +668,7 @@ class Speed(BlockData):
     numpy_epoch_samples: int = 2000
     population: int = 10
     population_size: int = 10_000
-    detect_null: int = 24        # clean retrains in the detection workload's calibration
+    detect_null: int = 16        # benign models in the detection workload's calibration
     scan_models: int = 2         # models in the detection workload's vmapped scan
     scan_steps: int = 300        # Adam steps per class of each scan (neural_cleanse default)
 
