@@ -32,7 +32,8 @@ Tables (`run` returns them by name):
 - "categorizer_lofo": the categorizer on change families it never saw
   (`change_generator.lofo`): `lofo_per_family` changes of each of the generator's families
   (random triggers, label flips, benign retrains, pruning, quantization, input channels) for
-  each of `lofo_refs` references of this configuration's recipe and width, every family
+  each of `lofo_refs` references of this configuration's recipe and width, each change tested
+  against a null of `lofo_null` benign models (as `detect`'s calibration), every family
   decided by a categorizer trained without its group; rows the held-out family, columns its
   decisions (the categories and "uncertain"). Absent when lofo_refs is 0.
 - "training_data": per training-data detector (`DATA`) and poisoning: precision, recall,
@@ -133,7 +134,7 @@ class BenchConfig:
     sample_size: int = 10_000
     seeds: int = 6
     clean_per_seed: int = 2
-    n_null: int = 24  # as many clean retrains as `detect`'s calibration (CalibrationConfig)
+    n_null: int = 24  # clean retrains of the detectors' null (the change-test tables)
     probes: int = 1000
     n_patched: int = 200
     n_images: int = 10_000
@@ -150,6 +151,7 @@ class BenchConfig:
     fpr: float = 0.05
     memory_cap: int = 2**30  # bytes for the population's training data (`population_chunk`)
     lofo_refs: int = 4  # references of the leave-one-family-out table (0: no table)
+    lofo_null: int = 104  # benign models of the generator's null (as `detect`'s calibration)
     lofo_per_family: int = 2  # changes of each family per reference
     scan_model: scan_bench.ScanBenchConfig | None = None  # None: no scan-model table
 
@@ -165,6 +167,9 @@ class BenchConfig:
             get_attack(kind)
         for kind, fraction in self.poisonings:
             make_config(kind, fraction=fraction)
+        if self.lofo_null < 2:
+            raise ConfigError(f"detection bench: expected lofo_null >= 2, found "
+                              f"{self.lofo_null}")
         if self.lofo_refs < 0 or self.lofo_per_family < 1:
             raise ConfigError(f"detection bench: expected lofo_refs >= 0 and lofo_per_family "
                               f">= 1, found {self.lofo_refs} and {self.lofo_per_family}")
@@ -187,7 +192,7 @@ FULL = BenchConfig(scan_model=scan_bench.FULL)
 # backdoors cost about what the second rates of wrong-label, trigger and mixture did.
 QUICK = BenchConfig(hidden=64, sample_size=3000, seeds=4, n_null=20, probes=500,
                     n_patched=100, n_images=2000, strip_images=200, lofo_refs=2,
-                    lofo_per_family=1, scan_model=scan_bench.QUICK,
+                    lofo_null=26, lofo_per_family=1, scan_model=scan_bench.QUICK,
                     poisonings=(("wrong-label", 0.1), ("trigger", 0.1), ("mixture", 0.05),
                                 ("blended", 0.1), ("sparse", 0.1), ("sig", 0.5),
                                 ("warp", 0.1)))
@@ -574,7 +579,8 @@ def _categorizer_lofo(cfg: BenchConfig, ds: Dataset, seed: int) -> dict[str, pd.
     or more "categorizer_in_family" (the same changes, each decided by a categorizer that
     knew every family but not the change's reference)."""
     gen = change_generator.GeneratorConfig(
-        recipe=cfg.recipe, hidden=cfg.hidden, sample_size=cfg.sample_size, n_null=cfg.n_null,
+        recipe=cfg.recipe, hidden=cfg.hidden, sample_size=cfg.sample_size,
+        n_null=cfg.lofo_null,
         probes=cfg.probes, n_patched=cfg.n_patched, alpha=cfg.alpha,
         memory_cap=cfg.memory_cap)
     table, realised = change_generator.lofo(ds, n_refs=cfg.lofo_refs,

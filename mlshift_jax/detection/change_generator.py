@@ -63,7 +63,9 @@ pgd                 adversarial-input  (own)        PGD (Madry et al. 2018), eps
 
 `generate(n_refs, per_family, spec, seed)` draws the change specifications (`Change`):
 plain, seeded, and the same for the same arguments. `realise(changes, ds, ...)` trains the
-references, a pool of clean retrains (the null) and every changed model as populations (one
+references, a null pool of benign models (`benign.benign_null`: retrains, pruning,
+quantization, fine-tuning and distillation in turn, as `detect`'s calibration) and every
+changed model as populations (one
 jit per training plan: the base plan, and one per other learning rate or epoch count), each
 member on its own random sample, poisoned inside the jit by its own trigger arrays
 (`triggers` masks and patterns, one per class) and label rule (`poison.poison_arrays`,
@@ -414,10 +416,11 @@ def weight_change(change: Change, params):
 @dataclass(frozen=True)
 class GeneratorConfig:
     """How `realise` builds its world: the recipe and width of every model; sample_size:
-    training images per model; n_null: clean retrains in the null pool (shared by all
-    references); probes / n_patched: of `fingerprint.make_probes`; alpha: the change test's
-    level (the verdict); memory_cap: bytes for the training data of the members that train
-    together (`member_chunk`)."""
+    training images per model; n_null: benign models in the null pool (shared by all
+    references; `benign.benign_null`, the benign variants in turn, as `detect`'s null);
+    probes / n_patched: of `fingerprint.make_probes`; alpha: the change test's level (the
+    verdict); memory_cap: bytes for the training data of the members that train together
+    (`member_chunk`)."""
 
     recipe: str = "seed-mlp"
     hidden: int = 200
@@ -441,7 +444,7 @@ def member_chunk(m: int, size: int, n: int, d: int, memory_cap: int) -> int:
 
 
 class _Member(NamedTuple):
-    role: str  # "reference", "null" or "change"
+    role: str  # "reference" or "change"
     change: Change | None
     seed: int  # init / order / poison draws
     sample_seed: int  # the sample: subsample(sample_seed, n, size)
@@ -450,11 +453,9 @@ class _Member(NamedTuple):
     extra_epochs: int
 
 
-def _members(changes: list[Change], n_refs: int, n_null: int, seed: int) -> list[_Member]:
+def _members(changes: list[Change], n_refs: int, seed: int) -> list[_Member]:
     base = MEMBER_STREAM + seed * 100_000
     out = [_Member("reference", None, base + r, base + r, False, 1.0, 0) for r in range(n_refs)]
-    out += [_Member("null", None, base + 1000 + i, base + 1000 + i, False, 1.0, 0)
-            for i in range(n_null)]
     for j, c in enumerate(changes):
         how = FAMILIES[c.family].realised_by
         ref_seed = base + c.ref
@@ -565,7 +566,7 @@ def realise(changes: list[Change], ds: Dataset, config: GeneratorConfig | None =
     n_refs = 1 + max(c.ref for c in changes)
     size = min(cfg.sample_size, len(ds.y_train))
     base = plan_for(cfg.recipe, TrainConfig(hidden=cfg.hidden), spec)
-    members = _members(changes, n_refs, cfg.n_null, seed)
+    members = _members(changes, n_refs, seed)
     plans = {}
     for i, m in enumerate(members):
         stamp = m.change is not None and FAMILIES[m.change.family].stamp
@@ -579,7 +580,11 @@ def realise(changes: list[Change], ds: Dataset, config: GeneratorConfig | None =
             trained[i] = jax.tree.map(lambda a, j=j: a[j], params)
     refs = [trained[i] for i in range(len(members)) if members[i].role == "reference"]
     tuned = _tune(changes, refs, base, ds, size, seed, cfg.memory_cap)
-    jax.block_until_ready((trained, tuned))
+    null_seeds = MEMBER_STREAM + seed * 100_000 + 1000 + np.arange(cfg.n_null)
+    null_pool, _ = benign.benign_null(base, ds.x_train, ds.y_train, seeds=null_seeds.tolist(),
+                                      size=size, chunk=benign.train_chunk(
+                                          cfg.n_null, size, spec.n_inputs))
+    jax.block_until_ready((trained, tuned, null_pool))
     timing["train"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -590,11 +595,11 @@ def realise(changes: list[Change], ds: Dataset, config: GeneratorConfig | None =
     def stack(trees):
         return jax.tree.map(lambda *a: jnp.stack(a), *trees)
 
-    role = [m.role for m in members]
     # every model's responses in one call: references, null pool, changed models
     model_changes = [c for c in changes if FAMILIES[c.family].realised_by != "input"]
     change_of = {id(m.change): i for i, m in enumerate(members) if m.role == "change"}
-    systems = refs + [trained[i] for i in range(len(members)) if role[i] == "null"] + [
+    pool = [jax.tree.map(lambda a, i=i: a[i], null_pool) for i in range(cfg.n_null)]
+    systems = refs + pool + [
         weight_change(c, refs[c.ref]) if FAMILIES[c.family].realised_by == "weights"
         else tuned[id(c)] if id(c) in tuned else trained[change_of[id(c)]]
         for c in model_changes]

@@ -231,7 +231,9 @@ def _summary(n: dict[str, int]) -> str:
 
 _DECISIONS_NOTE = (
     "rows the family and its true category, `n` its changes (random settings, several "
-    "references), `detected` the share the change test calls changed, then how many were "
+    "references), `detected` the share the change test calls changed (against a null of "
+    "benign models: retrains, pruning, quantization, fine-tuning and distillation, as "
+    "`detect` calibrates), then how many were "
     "decided as each category or `uncertain` (\"changed, kind uncertain\": the categorizer "
     "abstains when no category reaches its threshold, chosen so that at most "
     f"{categorize.RISK:.0%} of the categories it names on held-out groups are wrong, and "
