@@ -545,6 +545,8 @@ def cmd_scan_model(args) -> None:
     ds = _load(args, meta)
     if not meta.get("model"):  # a metadata-free file: place it on this data
         model = infer_model(params, ds.spec)
+        _log(f"scan-model: {args.params} carries no metadata: read as {model.name} from its "
+             f"array shapes; its null trains with that recipe's default settings")
     _check_fits(model, ds)
     rules.check_at_most(args.n, len(ds.y_test), "--n", f"test images of {ds.name}")
     if args.sample_size is not None:

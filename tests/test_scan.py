@@ -107,13 +107,21 @@ def test_cli_scan_model_json_and_trigger_files(capsys, saved, tmp_path, monkeypa
     names = sorted(p.name for p in out_dir.iterdir())  # no temporary files left
     assert "triggers.npz" in names and all(not n.startswith(".") for n in names
                                            if n != ".mlshift-manifest.json")
-    if not result["note"]:  # null: nothing to say (the plots were drawn)
+    if "matplotlib" not in (result["note"] or ""):  # the plots were drawn
         assert "triggers.png" in names
+    # a class whose search never reached the attack rate is named in the note
+    assert ("upper bounds" in (result["note"] or "")) == (not all(result["reached"]))
     with np.load(out_dir / "triggers.npz") as f:
         assert f["mask"].shape == (10, 28, 28) and f["pattern"].shape == (10, 28, 28, 1)
     code, out, err = run_cli(capsys, *argv)  # the null comes from the cache this time
     assert code == 0 and json.loads(out)["null"]["cached"] is True, err
     assert "calibrating" not in err
+    plain = tmp_path / "plain.npz"  # the same arrays, no metadata: placed by their shapes
+    with np.load(saved) as f:
+        np.savez(plain, **{k: f[k] for k in ("wih", "who")})
+    argv[argv.index(str(saved))] = str(plain)
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0 and "carries no metadata: read as seed-mlp" in err, err
 
 
 @pytest.mark.parametrize("extra,fragment", [

@@ -309,14 +309,17 @@ def calibrate(recipe: str | None, hidden: int, ds: Dataset,
         epochs = cfg.epochs if cfg.epochs is not None else base.epochs
         plan = plan_for(recipe, replace(base, hidden=hidden, epochs=epochs, seed=0), ds.spec,
                         model=model)
-        chunk = benign.train_chunk(cfg.n_null, size, ds.spec.n_inputs)
-        null_params, _ = benign.benign_null(plan, ds.x_train, ds.y_train,
-                                            seeds=seeds[:cfg.n_null], size=size, chunk=chunk,
-                                            variants=variants, log=log)
+        null_params, _ = benign.benign_null(
+            plan, ds.x_train, ds.y_train, seeds=seeds[:cfg.n_null], size=size,
+            chunk=benign.train_chunk(cfg.n_null, size, ds.spec.n_inputs), variants=variants,
+            log=log)
         params = null_params
-        if changed:
-            pop, _ = train_sampled(plan, changed, ds.x_train, ds.y_train,
-                                   seeds=seeds[cfg.n_null:], size=size)
+        if changed:  # group by group within the null's memory budget, as its members train
+            pop, _ = train_sampled(
+                plan, changed, ds.x_train, ds.y_train, seeds=seeds[cfg.n_null:], size=size,
+                chunk=benign.train_chunk(len(changed), size, ds.spec.n_inputs),
+                progress=None if log is None else lambda done, m, s: log(
+                    f"calibration: trained {done} of {m} changed models, {s:.0f} s"))
             params = jax.tree.map(lambda a, b: jnp.concatenate([jnp.asarray(a), b]),
                                   null_params, pop.params)
         resp = fingerprint.model_responses(plan.arch, params, probes)

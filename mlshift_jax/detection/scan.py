@@ -528,6 +528,11 @@ def scan_model(model: Model, params: Params, ds: Dataset, *, null: Null | None =
     result["verdict"] = "backdoor" if flagged else "clean"
     result["target"] = int(judged.target[0]) if flagged else None
     result.update(weak_classes(result, model.n_classes))
+    unreached = np.flatnonzero(~np.asarray(found.reached)).tolist()
+    if unreached:
+        result["note"] = "; ".join(n for n in (result.get("note"), (
+            f"Neural Cleanse's search did not reach its attack rate for class(es) {unreached}: "
+            f"their mask norms are upper bounds, not the smallest trigger")) if n)
     result.update({
         "combined_p": float(p.min()),
         "combined_threshold": cut,
