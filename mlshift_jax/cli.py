@@ -492,7 +492,7 @@ def cmd_detect(args) -> None:
                         f"training images of {ds.name}")
     if user:  # retrain as the reference was trained (its metadata's settings)
         kw["train"] = _trained_with(meta, "lr", "epochs", "batch_size", "optimizer")
-    config = CalibrationConfig(sample_size=size, n_null=args.null_models)
+    config = CalibrationConfig(sample_size=size, n_null=args.null_models, seed=args.seed)
     result = api.detect_change(kw.pop("model", None), reference, suspect, ds, seed=args.seed,
                                alpha=args.alpha, config=config, log=_log, **kw)
     if args.format == "json":

@@ -7,6 +7,7 @@ import pytest
 
 from mlshift_jax import api, cli
 from mlshift_jax.cli import main
+from mlshift_jax.core.errors import ConfigError
 
 
 def run_cli(capsys, *argv):
@@ -241,3 +242,23 @@ def test_detect_samples_as_many_images_as_the_reference_was_trained_on(capsys, t
     ds = datasets.load()
     assert cli._reference_size(meta, ds) == 700
     assert cli._reference_size({}, ds) == min(10_000, len(ds.y_train))
+
+
+def test_detect_seed_reaches_the_calibration(capsys, tmp_path, monkeypatch):
+    """`detect --seed` seeds the calibration set as well as the random input changes (it
+    once reached only the latter)."""
+    path = tmp_path / "m.safetensors"
+    code, _, err = run_cli(capsys, "train", "--hidden", "8", "--train-size", "300",
+                           "--epochs", "1", "--save", str(path))
+    assert code == 0, err
+    seen = {}
+
+    def fake(model, reference, suspect, ds, **kw):
+        seen.update(kw)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(api, "detect_change", fake)
+    code, _, err = run_cli(capsys, "detect", "--reference", str(path), "--suspect", str(path),
+                           "--seed", "3")
+    assert code == 2 and "stop here" in err
+    assert seen["seed"] == 3 and seen["config"].seed == 3

@@ -119,7 +119,7 @@ def train_chunk(m: int, size: int, n_inputs: int, budget: int | None = None) -> 
     """Null models trained together: as many of m as keep one group's training copies (the
     gathered sample and its poisoned copy, float32 [size, n_inputs] each) within `budget`
     bytes (default TRAIN_BUDGET), at least 1. Full MNIST (60,000 x 784): 376 MB a model, so
-    2 at a time; the whole first scan then stays under 3 GB (measured: README)."""
+    2 at a time; the whole first scan then stays under 3 GB (measured: docs/cli.md, Caches)."""
     per_member = 2 * size * n_inputs * 4
     return int(max(1, min(m, (TRAIN_BUDGET if budget is None else budget) // per_member)))
 
