@@ -241,17 +241,17 @@ TRAIN_FAMILIES = ("square", "checkerboard", "per-class-square", "uniform-labels"
 
 @pytest.mark.slow
 def test_unseen_trigger_families_are_detected_and_abstained_on_or_named_right(full_mnist):
-    """Train the categorizer on families without sparse or blended triggers, then plant
-    sparse and blended backdoors (strong ones, 100 pixels or alpha 0.3 on half the images,
-    so that models this small show them on clean probes; a 60-pixel one was missed in one of
-    two tries): the change test, against 19 benign models, flags at least 3 of the 4 (it
-    missed one sparse backdoor of this width-32 world, p 0.30), and the categorizer calls
-    the flagged ones 'backdoor' or abstains; it never names another kind of change. (In a world this small the
+    """Train the categorizer on families without sparse or blended triggers, then plant sparse and
+    blended backdoors (strong ones, 100 pixels or alpha 0.3 on half the images, so that models
+    this small show them on clean probes; a 60-pixel one was missed in one of two tries): the
+    change test, against 19 benign models, flags at least 3 of the 4 (it missed one sparse
+    backdoor of this width-32 world, p 0.30), and the categorizer calls the flagged ones
+    'backdoor' or abstains; it never names another kind of change. (In a world this small the
     threshold, chosen on held-out groups, may well be "always abstain": the property holds
     either way; the benchmark's larger world, `change_generator.lofo`, shows how often it
-    names.) Full MNIST only: on the bundled sample's 10,000 images the categorizer, trained
-    on 2 changes per family, named one sparse backdoor "wrong-label" (half the data relabelled
-    to one class also reads as a label change), which the benchmark's table reports."""
+    names.) Full MNIST only: on the bundled sample's 10,000 images the categorizer, trained on 2
+    changes per family, named one sparse backdoor "wrong-label" (half the data relabelled to one
+    class also reads as a label change), which the benchmark's table reports."""
     mnist = full_mnist
     assert not {cg.FAMILIES[f].group for f in TRAIN_FAMILIES} & set(HELD_OUT)
     changes = cg.generate(2, 2, mnist.spec, seed=0, families=TRAIN_FAMILIES)

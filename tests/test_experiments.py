@@ -28,7 +28,7 @@ PINNED = {
         "e1/mnist/seed-mlp/none/0/seed0": "fe5f65880abe",
         "e2/mnist/seed-mlp/stability/seed0": "4eb3e7c7646c",
         "e3/n10000/mnist/seed-mlp/fgsm/0/seed0": "1ca8552070a2",
-        "speed/mnist/fgsm": "d2937a3aa283",
+        "speed/mnist/fgsm": "0f7b83a01b5a",  # re-pinned: [speed] detect_null 24 -> 16
         "poison/mnist/seed-mlp/E4/seed0": "4b92f7257742",
         "detect/mnist/seed0/detectors": "e5c88272714b",
         "defense/mnist/seed-mlp/none/seed0": "d86e2f400493",

@@ -440,14 +440,16 @@ def test_progress_on_a_terminal_is_a_live_bar():
 
 @pytest.mark.slow
 def test_detect_cell_lands_in_the_report(tmp_path, monkeypatch):
-    """The detection benchmark as a matrix cell (a tiny configuration stands in for QUICK)."""
+    """The detection benchmark as a matrix cell (a tiny configuration stands in for QUICK;
+    its scan null of 8 leaves each held-out fold 4 others, the 3 a class-conditional
+    leave-one-out score needs and one more)."""
     from mlshift_jax.bench import detection_bench, scan_bench
     from mlshift_jax.detection.mm_bd import MarginConfig
     from mlshift_jax.detection.neural_cleanse import ScanConfig
     from tests.test_categorize import TINY as TINY_DETECT
 
     scan = scan_bench.ScanBenchConfig(hidden=8, sample_size=400, kinds=("patch",),
-                                      rates=(0.1,), per_cell=1, n_null=6, alpha=0.9, folds=2,
+                                      rates=(0.1,), per_cell=1, n_null=8, alpha=0.9, folds=2,
                                       per_variant=1, images=50,
                                       scan=ScanConfig(steps=5, batch=32),
                                       margin=MarginConfig(steps=5, starts=2), rounds=1)
