@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mlshift_jax.core.errors import ConfigError
-from mlshift_jax.detection import class_null
+from mlshift_jax.detection import DETECTORS, class_null, scan
 from mlshift_jax.detection import neural_cleanse as nc
 
 
@@ -23,7 +23,7 @@ def test_class_z_by_hand():
     ref = class_null.profile(_null())
     suspect = class_null.profile(_null(n=1, seed=9))
     centre = np.median(ref, 0)
-    spread = nc.MAD_SCALE * np.median(np.abs(ref - centre), 0)
+    spread = class_null.MAD_SCALE * np.median(np.abs(ref - centre), 0)
     np.testing.assert_allclose(class_null.class_z(ref, suspect, -1.0),
                                -(suspect - centre) / spread)
     assert np.allclose(class_null.profile([[1.0, 2.0, 4.0]]), np.log([[0.5, 1.0, 2.0]]))
@@ -53,6 +53,17 @@ def test_loo_scores_and_scale_freedom():
     b = class_null.score(ref, class_null.profile(7.5 * suspect), -1.0)  # uniformly harder
     np.testing.assert_allclose(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_the_registry_records_score_as_scan_model_does():
+    norms, margins = _null(n=30), _null(n=30, seed=1)
+    suspects = (_null(n=3, seed=7), _null(n=3, seed=8))
+    scores, targets = scan.detector_scores(norms, margins, *suspects)
+    for j, (name, null, suspect) in enumerate(zip(scan.DETECTORS, (norms, margins), suspects,
+                                                  strict=True)):
+        mine = DETECTORS[name].score(null, suspect)
+        np.testing.assert_allclose(mine[0], scores[:, j])
+        np.testing.assert_array_equal(mine[1], targets[:, j])
 
 
 def test_bad_reference_is_refused():

@@ -1,8 +1,9 @@
 """The held-out backdoor-scan benchmark: `mlshift scan-model`'s calibrated verdict (Neural
 Cleanse and MM-BD, one min-p rule: `detection.scan`) judged on models it never saw.
 
-Two populations of one recipe (each model on its own random sample of `sample_size`
-training images, with its own seed):
+Two populations of one recipe (each model on every training image in its own random order,
+as `scan-model`'s null by default, or on its own random sample of `sample_size` images;
+each with its own seed):
 
 - the **null** (`scan.calibrate_null`, exactly as `scan-model` builds it, at the bench's
   sample size and search settings): `n_null` clean models, each one of the 13 benign variants
@@ -68,7 +69,7 @@ class ScanBenchConfig:
 
     recipe: str = "seed-mlp"
     hidden: int = 200
-    sample_size: int = 10_000
+    sample_size: int | None = None  # training images of each model (None: all, as the CLI)
     n_null: int = 104
     alpha: float = 0.05
     folds: int = 5
@@ -112,6 +113,12 @@ QUICK = ScanBenchConfig(hidden=32, sample_size=2000, n_null=20, alpha=0.25, fold
                         per_variant=1, rates=(0.05,), per_cell=1, images=100,
                         scan=nc.ScanConfig(steps=40, batch=64),
                         margin=mm_bd.MarginConfig(steps=50, starts=4), rounds=1)
+
+
+def _size(cfg: ScanBenchConfig, ds: Dataset) -> int:
+    """Training images of each model: `sample_size`, at most the training set."""
+    n = len(ds.y_train)
+    return n if cfg.sample_size is None else min(cfg.sample_size, n)
 
 
 def _base(cfg: ScanBenchConfig) -> TrainConfig:
@@ -168,7 +175,7 @@ def _train(members, x, y, *, plan, lo, hi, shape, chunk):
 
 def _train_backdoors(cfg: ScanBenchConfig, ds: Dataset, table: pd.DataFrame):
     """Params of every backdoored member (stacked in table order), the seconds."""
-    size = min(cfg.sample_size, len(ds.y_train))
+    size = _size(cfg, ds)
     y_host = np.asarray(ds.y_train)
     x = jax.device_put(jnp.asarray(ds.x_train, jnp.float32))
     y = jax.device_put(jnp.asarray(y_host, jnp.int32))
@@ -219,7 +226,7 @@ def _heldout_benign(cfg: ScanBenchConfig, ds: Dataset, seed: int):
     """per_variant models of every benign variant, with seeds the null never used: (params
     stacked, variant names, seconds)."""
     plan = plan_for(cfg.recipe, _base(cfg), ds.spec)
-    size = min(cfg.sample_size, len(ds.y_train))
+    size = _size(cfg, ds)
     n = cfg.per_variant * len(benign.VARIANTS)
     seeds = (HELDOUT_STREAM + seed * 10_000 + np.arange(n)).tolist()
     start = time.perf_counter()
@@ -299,7 +306,7 @@ def scan_table(ds: Dataset, *, quick: bool = False, seed: int = 0,
         "heldout_models": float(m), "images": float(x.shape[0]),
         "steps": float(cfg.scan.steps), "batch": float(cfg.scan.batch),
         "margin_steps": float(cfg.margin.steps), "margin_starts": float(cfg.margin.starts),
-        "sample_size": float(min(cfg.sample_size, len(ds.y_train))),
+        "sample_size": float(_size(cfg, ds)),
         "null_train_s": float(null.seconds["train_s"]),
         "null_scan_s": float(null.seconds["scan_s"]),
         "heldout_train_s": benign_s + door_s,

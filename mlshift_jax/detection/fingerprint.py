@@ -96,6 +96,7 @@ import numpy as np
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.data.datasets import subsample
 from mlshift_jax.detection import neural_cleanse
+from mlshift_jax.detection.class_null import MAD_SCALE
 from mlshift_jax.detection.detect import SQUEEZERS, squeeze
 from mlshift_jax.models.zoo import Model, Params, check_spec, guess_spec
 
@@ -107,7 +108,6 @@ TEST_FEATURES = ("disagreement", "kl", "ks", "trigger_flip", "trigger_norm")
 TRIGGER_SCAN = neural_cleanse.ScanConfig(steps=100, batch=64)  # a short search: see `reverse`
 ALPHA = 0.05
 _EPS = 1e-7
-MAD_SCALE = 1.4826  # MAD of a normal sample times this estimates its standard deviation
 _TINY_NORM = 1e-3  # pixels: keeps the log-ratio of mask norms finite
 
 

@@ -40,11 +40,13 @@ import optax
 
 from mlshift_jax.core.checks import count_nonfinite
 from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.detection import class_null
+from mlshift_jax.detection.class_null import MAD_SCALE
 from mlshift_jax.detection.detector import Detector
 from mlshift_jax.models.train import map_chunks
 from mlshift_jax.models.zoo import Model, Params
 
-MAD_SCALE = 1.4826  # MAD of a normal sample times this estimates its standard deviation
+SIGN = -1.0  # a small mask norm is suspicious (`class_null`'s sign)
 TEXTBOOK_THRESHOLD = 2.0  # Wang et al.'s cut-off on the anomaly index
 _TINY = 1e-12
 
@@ -349,9 +351,19 @@ def verdict(norms, threshold: float) -> dict:
             "anomaly_index": index, "threshold": float(threshold)}
 
 
+def class_score(null_norms, norms) -> tuple[np.ndarray, np.ndarray]:
+    """`scan-model`'s Neural Cleanse score: each class's log mask norm against the same class
+    over a null of benign models (`class_null.score`, robust z, small = suspicious).
+    null_norms: [n, K] (n >= class_null.MIN_REFERENCE); norms: [m, K] -> (scores [m],
+    targets [m]), higher = more suspicious. ConfigError for a null too small or a class count
+    that differs."""
+    return class_null.score(class_null.profile(null_norms), class_null.profile(norms), SIGN)
+
+
 DETECTORS: tuple[Detector, ...] = (
-    Detector("neural-cleanse", "model", anomaly_index, "Neural Cleanse",
+    Detector("neural-cleanse", "model", class_score, "Neural Cleanse",
              "Wang et al., IEEE S&P 2019",
-             "anomaly index (robust z-score) of the smallest per-class reversed-trigger "
-             "mask norm"),
+             "largest robust z of a class's log reversed-trigger mask norm against the same "
+             "class in a null of benign models (the within-model anomaly index is reported "
+             "beside it)"),
 )

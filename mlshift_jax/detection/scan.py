@@ -75,7 +75,7 @@ NULL_CACHE_VERSION = 3  # bump when the null's meaning changes: old caches are i
 NULL_STREAM = 0x5CA7  # member seeds of a null start here (+ seed * 10,000)
 SCAN_STREAM = 0x5CA8  # fold_in(key(seed), SCAN_STREAM): the trigger search's key
 MARGIN_STREAM = 0x5CA9  # fold_in(key(seed), MARGIN_STREAM): MM-BD's random starts
-DETECTORS = {"neural-cleanse": -1.0, "mm-bd": 1.0}  # name: the sign of a suspicious value
+DETECTORS = {"neural-cleanse": nc.SIGN, "mm-bd": mm_bd.SIGN}  # name: sign of a suspicious value
 # (small mask norms, large margins), the detectors' column order in every score array
 SCAN_GROUP = 4  # null models per compiled scan call (a progress line after each group)
 MIN_TAIL = 5  # null models allowed above the threshold at the least (`min_null`)
@@ -127,6 +127,13 @@ class NullConfig:
                 2 <= self.folds <= self.n_null):
             raise ConfigError(f"scan: expected folds an integer in 2..n_null, found "
                               f"{self.folds!r}")
+        period = len(benign.VARIANTS) if self.benign else 1
+        others = self.n_null - int(np.bincount(folds_of(self.n_null, period, self.folds)).max())
+        if others < class_null.MIN_REFERENCE + 1:  # a held-out fold's others, scored LOO
+            raise ConfigError(f"scan: expected every held-out fold to leave at least "
+                              f"{class_null.MIN_REFERENCE + 1} other null models (folds "
+                              f"{self.folds} of a null of {self.n_null} leave {others}); "
+                              f"raise n_null or the folds")
         need = min_null(self.alpha)
         if self.n_null < need:
             raise ConfigError(f"scan: alpha {self.alpha:g} needs a null of at least {need} "

@@ -198,7 +198,7 @@ def _scan_model(t: dict[str, pd.DataFrame]) -> str:
             f"{int(s['margin_steps'])} steps from {int(s['margin_starts'])} starts per class "
             f"(the CLI's defaults, for a cost the bench can pay: {cli_null.images} images, "
             f"{nc.DEFAULT.steps} steps of {nc.DEFAULT.batch}, MM-BD {mm_bd.DEFAULT.steps} "
-            f"steps from {mm_bd.DEFAULT.starts} starts, every training image). "
+            f"steps from {mm_bd.DEFAULT.starts} starts). "
             f"Seconds: null trained in {s['null_train_s']:.0f} and scanned in "
             f"{s['null_scan_s']:.0f}; held-out set trained in "
             f"{s['heldout_train_s']:.0f}; {s['s_per_model_population']:.2f} s per model "
