@@ -124,6 +124,22 @@ def test_deterministic_and_keyed_restarts(trained_mlp_ce):
     assert _accuracy(params, r7, y) <= _accuracy(params, a, y)
 
 
+def test_stepping_images_in_groups_changes_no_run(trained_mlp_ce, monkeypatch):
+    params, x, y, _ = trained_mlp_ce
+    x, y = x[:24], y[:24]
+    kw = {"key": KEY, "lo": 0.0, "hi": 1.0, "steps": 15, "targets": 3}
+    assert fab.images_per_group(9, 784) == (
+        fab.LANE_BYTES // (4 * 784 * 9) if jax.default_backend() == "cpu" else 1 << 30)
+    monkeypatch.setattr(fab, "images_per_group", lambda runs, d: 1 << 30)
+    together = fab.runs(MLP_CE, params, x, y, **kw)
+    monkeypatch.setattr(fab, "images_per_group", lambda runs, d: 5)  # 4 groups and a rest of 4
+    grouped = fab.runs(MLP_CE, params, x, y, **kw)
+    np.testing.assert_array_equal(together[2], grouped[2])
+    # the same runs: only the matmuls' summation order differs between group sizes
+    np.testing.assert_allclose(together[1], grouped[1], atol=1e-4)
+    np.testing.assert_allclose(together[0], grouped[0], atol=1e-3)
+
+
 def test_compiles_once_across_eps(trained_mlp_ce):
     params, x, y, _ = trained_mlp_ce
     fab.fab_t(MLP_CE, params, x[:16], y[:16], eps=0.1, steps=5, targets=2)

@@ -46,12 +46,14 @@ from mlshift_jax.attacks._common import (
     prepare,
 )
 from mlshift_jax.core.errors import ConfigError
+from mlshift_jax.models.train import map_chunks
 from mlshift_jax.models.zoo import Model, Params
 
 STEPS = 100  # AutoAttack's FAB-T n_iter
 TARGETS = 9  # n_target_classes
 ALPHA_MAX, ETA, BETA = 0.1, 1.05, 0.9
 MIN_NORM = 1e-8  # the reference's floor on |d|∞ in alpha's ratio
+LANE_BYTES = 2**20  # CPU: runs stepped together hold about this much per [runs, D] array
 
 
 def project(t: jax.Array, w: jax.Array, b: jax.Array, lo, hi) -> jax.Array:
@@ -123,12 +125,23 @@ def _one_run(model, steps, params, x0, y, t, start, lo, hi, alpha_max, eta, beta
     return adv, res
 
 
-@functools.partial(jax.jit, static_argnames=("model", "steps", "restarts"))
+def images_per_group(n_runs: int, d: int) -> int:
+    """Images whose runs step together: on a CPU, as many as keep each [runs, D] array of
+    the step within LANE_BYTES (the projections' Newton passes then read it from cache:
+    FAB-T on 800 images took 10.4 s in groups of 37 against 17.5 s all at once, quiet 2
+    cores); on an accelerator, all at once."""
+    if jax.default_backend() != "cpu":
+        return 1 << 30
+    return max(1, LANE_BYTES // (4 * d * max(1, n_runs)))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "steps", "restarts", "group"))
 def _kernel(model, steps, restarts, params, x, y, targets, eps, lo, hi, alpha_max, eta, beta,
-            key):
-    """Every (target, restart) run on every image. targets: [n, b] -> (closest adversarial
-    points [b, n * restarts, D], their L∞ distances [b, n * restarts] (inf: none found),
-    clean image classified right [b]); `pick` turns them into (x_adv, fooled) at an eps."""
+            key, group):
+    """Every (target, restart) run on every image, `group` images at a time. targets: [n, b]
+    -> (closest adversarial points [b, n * restarts, D], their L∞ distances
+    [b, n * restarts] (inf: none found), clean image classified right [b]); `pick` turns them
+    into (x_adv, fooled) at an eps."""
     n, b = targets.shape
     k_start, k_model, k_clean = jax.random.split(key, 3)
     stochastic = model.stochastic
@@ -154,7 +167,7 @@ def _kernel(model, steps, restarts, params, x, y, targets, eps, lo, hi, alpha_ma
         right = jnp.argmax(losses.logits(model, params, xi, kc)) == yi
         return advs, res, right
 
-    return jax.vmap(image)(x, y, targets.T, jnp.arange(b))
+    return map_chunks(lambda g: jax.vmap(image)(*g), (x, y, targets.T, jnp.arange(b)), group)
 
 
 @jax.jit
@@ -179,8 +192,9 @@ def runs(model: Model, params: Params, x, y, *, key, lo, hi, steps: int = STEPS,
     key = jax.random.key(0) if key is None else key
     order = apgd.ranked_targets(model, params, x, jax.random.fold_in(key, 77), targets)
     cast = functools.partial(jnp.asarray, dtype=x.dtype)
+    group = images_per_group(int(order.shape[0]) * int(restarts), int(x.shape[-1]))
     return _kernel(model, int(steps), int(restarts), params, x, y, order, cast(eps), lo, hi,
-                   cast(alpha_max), cast(eta), cast(beta), key)
+                   cast(alpha_max), cast(eta), cast(beta), key, group)
 
 
 def targeted(model: Model, params: Params, x, y, *, eps, key, lo, hi, steps: int = STEPS,
