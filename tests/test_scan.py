@@ -193,3 +193,22 @@ def test_scan_table_judges_heldout_models_with_the_clis_rule(mnist, monkeypatch)
         replace(tiny, kinds=("laser",)).validate()
     with pytest.raises(ConfigError, match="at least 20"):
         replace(tiny, n_null=8, alpha=0.25).validate()
+
+
+@pytest.mark.slow
+def test_the_heldout_script_writes_the_table_for_a_recipe(tmp_path, monkeypatch):
+    """scripts/scan_heldout.py end to end at the QUICK settings: the bench's scan-model table,
+    for the recipe asked, in the file asked."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "scripts" / "scan_heldout.py"
+    spec = importlib.util.spec_from_file_location("scan_heldout", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "t.md"
+    assert script.main(["--recipe", "seed-mlp", "--quick", "--sample-size", "600",
+                        "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("seed-mlp, seed 0:") and "| patch 5%" in text
+    assert "Every model: 600 training images" in text
