@@ -70,7 +70,7 @@ def test_planted_backdoor_is_found_with_its_target_and_a_clean_model_is_not(smal
 def test_null_config_refuses_what_cannot_work():
     for bad, fragment in ((NullConfig(n_null=1), "n_null"), (NullConfig(alpha=1.0), "alpha"),
                           (NullConfig(images=1), "images"),
-                          (NullConfig(n_null=6, alpha=0.5, folds=2, benign=False), "leave 3")):
+                          (NullConfig(n_null=6, alpha=0.9, folds=2, benign=False), "leave 3")):
         with pytest.raises(ConfigError, match=fragment):
             bad.validate()
     # a fold of 4 leaves the other 4: each scored against the 3 beyond it, the fewest allowed

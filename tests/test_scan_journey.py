@@ -127,6 +127,9 @@ def test_an_alpha_the_null_cannot_reach_is_refused_with_the_size_it_needs(capsys
     assert min_null(0.05) >= 20 and min_null(0.01) >= 100
     with pytest.raises(ConfigError, match=f"at least {min_null(0.01)} models"):
         NullConfig(n_null=20, alpha=0.01).validate()
+    for tiny in (2, 3, 4):  # too small for alpha and for the folds: the size alpha needs first
+        with pytest.raises(ConfigError, match=f"at least {min_null(0.05)} models"):
+            NullConfig(n_null=tiny).validate()
     path = tmp_path / "m.npz"
     assert main(["train", "--hidden", "8", "--train-size", "300", "--save", str(path)]) == 0
     capsys.readouterr()

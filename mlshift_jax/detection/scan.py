@@ -123,6 +123,11 @@ class NullConfig:
                               f"{self.sample_size!r}")
         if not 0.0 < self.alpha < 1.0:
             raise ConfigError(f"scan: expected alpha in (0, 1), found {self.alpha!r}")
+        need = min_null(self.alpha)
+        if self.n_null < need:
+            raise ConfigError(f"scan: alpha {self.alpha:g} needs a null of at least {need} "
+                              f"models (--null-models / n_null >= {need}: at least "
+                              f"{MIN_TAIL} of them above its threshold), found {self.n_null}")
         if isinstance(self.folds, bool) or not isinstance(self.folds, int) or not (
                 2 <= self.folds <= self.n_null):
             raise ConfigError(f"scan: expected folds an integer in 2..n_null, found "
@@ -134,11 +139,6 @@ class NullConfig:
                               f"{class_null.MIN_REFERENCE + 1} other null models (folds "
                               f"{self.folds} of a null of {self.n_null} leave {others}); "
                               f"raise n_null or the folds")
-        need = min_null(self.alpha)
-        if self.n_null < need:
-            raise ConfigError(f"scan: alpha {self.alpha:g} needs a null of at least {need} "
-                              f"models (--null-models / n_null >= {need}: at least "
-                              f"{MIN_TAIL} of them above its threshold), found {self.n_null}")
         return self
 
 
