@@ -480,12 +480,17 @@ def cmd_detect(args) -> None:
     from mlshift_jax.detection.change import CalibrationConfig, check_pair  # scipy: lazy
     from mlshift_jax.detection.fingerprint import check_alpha
 
-    (model, reference, meta), (other, suspect, _) = (_load_weights(p, args.model) for p in (
-        args.reference, args.suspect))
+    (model, reference, meta), (other, suspect, meta_s) = (
+        _load_weights(p, args.model) for p in (args.reference, args.suspect))
     user = ":" in model.name or ":" in other.name  # built-ins: the arrays name the model
     kw = {"model": model, "suspect_model": other} if user else {}
-    check_pair(reference, suspect, **kw)  # before the data loads: a mismatch is one line
+    name = check_pair(reference, suspect, **kw,  # before the data loads: one line
+                      names=(f"--reference {args.reference}", f"--suspect {args.suspect}"))
     check_alpha(args.alpha, args.null_models, alpha_name="--alpha", null_name="--null-models")
+    for path, m in ((args.reference, meta), (args.suspect, meta_s)):
+        if not m.get("model"):
+            _log(f"detect: {path} carries no metadata: read as {name} from its array names "
+                 "and shapes")
     ds = _load(args, meta)
     size = args.sample_size if args.sample_size is not None else _reference_size(meta, ds)
     rules.check_at_most(size, len(ds.y_train), "--sample-size",
@@ -974,7 +979,8 @@ def build_parser() -> argparse.ArgumentParser:
             out={"metavar": "DIR", "help": "write the reversed triggers here (triggers.npz; "
                  "the target's .npy; PNGs with the plots extra); default: no files"},
             null_models={"default": 104, "help": "benign models of the recipe the threshold is "
-                         f"calibrated on (cached): {rules.describe('null_models')}"},
+                         "calibrated on (cached): at least ceil(5 / alpha), 100 at the default "
+                         "alpha"},
             alpha={"default": 0.05, "help": "share of the benign null allowed above the "
                    "threshold (the null needs ceil(5 / alpha) models): "
                    f"{rules.describe('alpha')}"},

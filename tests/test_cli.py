@@ -146,6 +146,8 @@ def test_detect_flags_a_planted_change_and_not_the_model_itself(capsys, tmp_path
                              str(tmp_path / "swapped.npz"), "--format", "json")
     assert code == 0, err
     assert "mlshift: calibrating: training 104 benign models" in err  # said before the wait
+    assert f"{tmp_path / 'swapped.npz'} carries no metadata: read as seed-mlp" in err, err
+    assert f"{ref} carries no metadata" not in err, err
     result = json.loads(out)
     assert result["verdict"] == "changed" and result["category"] != "none"
     assert {"p_value", "fingerprint", "category_probabilities"} <= set(result)
@@ -162,6 +164,9 @@ def test_detect_refuses_mismatched_models_in_one_line(capsys, tmp_path):
     code, _, err = run_cli(capsys, "detect", "--reference", str(tmp_path / "a.npz"),
                            "--suspect", str(tmp_path / "b.npz"))
     assert code == 2 and err.count("\n") == 1, err
+    # the options and files named, and only the arrays that differ
+    assert f"--suspect {tmp_path / 'b.npz'}'s arrays" in err, err
+    assert f"who (10, 16) (--reference {tmp_path / 'a.npz'} has (10, 8))" in err, err
 
 
 def test_detect_refuses_an_alpha_its_null_cannot_reach_in_one_line(capsys, tmp_path):

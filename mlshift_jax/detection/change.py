@@ -340,7 +340,8 @@ def calibrate(recipe: str | None, hidden: int, ds: Dataset,
 
 
 def check_pair(reference: Params, suspect: Params, spec=None, *, model: Model | None = None,
-               suspect_model: Model | None = None) -> str:
+               suspect_model: Model | None = None,
+               names: tuple[str, str] = ("the reference", "the suspect")) -> str:
     """The name of the architecture both params are for; ConfigError if they are not the
     same model. spec (a models.Spec or Dataset): the data's, checked against the params'
     shapes; None checks the params alone (before the data is loaded).
@@ -348,32 +349,31 @@ def check_pair(reference: Params, suspect: Params, spec=None, *, model: Model | 
     model, suspect_model: the Models the files name (`registry.load_model`; suspect_model
     defaults to model). Given, params of any pytree (flax, equinox) are compared by their
     structure and shapes, and the models by name and input spec; None infers a built-in
-    architecture from the arrays' names (`models.infer_model`).
+    architecture from the arrays' names (`models.infer_model`). names: how the messages
+    call the two (the CLI passes its options and paths).
     """
+    ref, sus = names
     if model is not None:
-        return _check_models(reference, suspect, spec, model, suspect_model or model)
+        return _check_models(reference, suspect, spec, model, suspect_model or model, names)
     model, other = (_arch(p, spec) for p in (reference, suspect))
     if other != model:
-        raise ConfigError(f"detect: expected the suspect to be a {model} like the "
-                          f"reference, found a {other}")
-    shapes_r = {k: tuple(np.shape(v)) for k, v in reference.items()}
-    shapes_s = {k: tuple(np.shape(v)) for k, v in suspect.items()}
-    if shapes_r != shapes_s:
-        raise ConfigError(f"detect: expected the suspect's arrays to have the reference's "
-                          f"shapes {shapes_r}, found {shapes_s}")
-    for name, params in (("reference", reference), ("suspect", suspect)):
-        if not all(np.all(np.isfinite(np.asarray(v))) for v in params.values()):
-            raise DataError(f"detect: expected finite weights in the {name}, found NaN or inf")
+        raise ConfigError(f"detect: expected {sus} to be a {model} like {ref}, found a "
+                          f"{other}")
+    if _shapes(reference) != _shapes(suspect):
+        raise ConfigError(f"detect: expected {sus}'s arrays to have {ref}'s shapes, found "
+                          f"{_differing(reference, suspect, ref)}")
+    _check_finite(reference, suspect, names)
     return model
 
 
 def _check_models(reference: Params, suspect: Params, spec, model: Model,
-                  other: Model) -> str:
+                  other: Model, names: tuple[str, str]) -> str:
     """check_pair for given Models: same name and spec, same pytree shapes, finite weights."""
+    ref, sus = names
     if (model.name, model.spec) != (other.name, other.spec):
-        raise ConfigError(f"detect: expected the suspect to be a {model.name} on images "
-                          f"{tuple(model.input_shape)} with {model.n_classes} classes like the "
-                          f"reference, found a {other.name} on {tuple(other.input_shape)} with "
+        raise ConfigError(f"detect: expected {sus} to be a {model.name} on images "
+                          f"{tuple(model.input_shape)} with {model.n_classes} classes like "
+                          f"{ref}, found a {other.name} on {tuple(other.input_shape)} with "
                           f"{other.n_classes}")
     if spec is not None:
         spec = check_spec(spec)
@@ -386,13 +386,24 @@ def _check_models(reference: Params, suspect: Params, spec, model: Model,
     shapes_r = jax.tree.map(np.shape, reference)
     shapes_s = jax.tree.map(np.shape, suspect)
     if jax.tree.structure(reference) != jax.tree.structure(suspect) or shapes_r != shapes_s:
-        raise ConfigError(f"detect: expected the suspect's arrays to have the reference's "
-                          f"structure and shapes, found {_shapes(suspect)} against "
-                          f"{_shapes(reference)}")
-    for name, params in (("reference", reference), ("suspect", suspect)):
-        if not all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(params)):
-            raise DataError(f"detect: expected finite weights in the {name}, found NaN or inf")
+        raise ConfigError(f"detect: expected {sus}'s arrays to have {ref}'s structure and "
+                          f"shapes, found {_differing(reference, suspect, ref)}")
+    _check_finite(reference, suspect, names)
     return model.name
+
+
+def _check_finite(reference: Params, suspect: Params, names: tuple[str, str]) -> None:
+    for name, params in zip(names, (reference, suspect), strict=True):
+        if not all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(params)):
+            raise DataError(f"detect: expected finite weights in {name}, found NaN or inf")
+
+
+def _differing(reference: Params, suspect: Params, ref: str) -> str:
+    """The suspect's arrays whose shapes differ from the reference's (or that one side
+    lacks): 'name (suspect's shape; ref has (its shape))' joined by ', '."""
+    r, s = _shapes(reference), _shapes(suspect)
+    return ", ".join(f"{k} {s.get(k, '(absent)')} ({ref} has {r.get(k, 'none')})"
+                     for k in sorted(set(r) | set(s)) if r.get(k) != s.get(k))
 
 
 def _shapes(params: Params) -> dict:
