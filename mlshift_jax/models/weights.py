@@ -310,10 +310,14 @@ def _safetensors_meta_text(blob: bytes, shown: str) -> str | None:
     if len(blob) < 8:
         raise DataError(f"{shown}: expected a safetensors or .npz weights file, found "
                         f"{len(blob)} bytes")
+    if blob[8:9] != b"{":  # a safetensors header is a JSON object right after its length
+        raise DataError(f"{shown}: expected a safetensors or .npz weights file, found "
+                        f"neither (it starts {blob[:12]!r})")
     (n,) = struct.unpack("<Q", blob[:8])
     if n > len(blob) - 8 or n > 100_000_000:  # the safetensors library's own header bound
-        raise DataError(f"{shown}: expected a safetensors or .npz weights file, found a "
-                        f"header of {n} bytes in a file of {len(blob)}")
+        raise DataError(f"{shown}: expected a safetensors header that fits in the file, "
+                        f"found one of {n} bytes in a file of {len(blob)}: truncated or "
+                        "damaged")
     try:
         header = _json_loads(blob[8:8 + n].decode())
     except (ValueError, UnicodeDecodeError) as e:
