@@ -76,6 +76,21 @@ def score(reference, profiles, sign: float) -> tuple[np.ndarray, np.ndarray]:
     return z.max(-1), z.argmax(-1)
 
 
+def scorer(sign: float, what: str, detector: str):
+    """A registry record's score function: (null_values [n, K], values [m, K]) -> (scores
+    [m], targets [m]), each class's log `what` (`profile`) against the same class over a null
+    of n >= MIN_REFERENCE benign models (`score`), higher = more suspicious. ConfigError for
+    a null too small or a class count that differs."""
+    def class_score(null_values, values) -> tuple[np.ndarray, np.ndarray]:
+        return score(profile(null_values), profile(values), sign)
+
+    class_score.__doc__ = (f"`scan-model`'s {detector} score: each class's log {what} against "
+                           f"the same class over a null of benign models (robust z, "
+                           f"{'large' if sign > 0 else 'small'} = suspicious): "
+                           "(null [n, K], values [m, K]) -> (scores [m], targets [m]).")
+    return class_score
+
+
 def loo_scores(reference, sign: float) -> np.ndarray:
     """Each reference model's score against the OTHER reference models: [n, K] -> [n]."""
     reference = np.asarray(reference, np.float64)

@@ -138,13 +138,7 @@ def compile_margins(model: Model, params: Params, *, key: jax.Array,
     return functools.partial(compiled, params, key)
 
 
-def class_score(null_margins, margins) -> tuple[np.ndarray, np.ndarray]:
-    """`scan-model`'s MM-BD score: each class's log maximum margin against the same class
-    over a null of benign models (`class_null.score`, robust z, large = suspicious).
-    null_margins: [n, K] (n >= class_null.MIN_REFERENCE); margins: [m, K] -> (scores [m],
-    targets [m]), higher = more suspicious. ConfigError for a null too small or a class count
-    that differs."""
-    return class_null.score(class_null.profile(null_margins), class_null.profile(margins), SIGN)
+class_score = class_null.scorer(SIGN, "maximum margin", "MM-BD")
 
 
 DETECTORS: tuple[Detector, ...] = (

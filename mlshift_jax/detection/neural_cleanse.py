@@ -351,13 +351,7 @@ def verdict(norms, threshold: float) -> dict:
             "anomaly_index": index, "threshold": float(threshold)}
 
 
-def class_score(null_norms, norms) -> tuple[np.ndarray, np.ndarray]:
-    """`scan-model`'s Neural Cleanse score: each class's log mask norm against the same class
-    over a null of benign models (`class_null.score`, robust z, small = suspicious).
-    null_norms: [n, K] (n >= class_null.MIN_REFERENCE); norms: [m, K] -> (scores [m],
-    targets [m]), higher = more suspicious. ConfigError for a null too small or a class count
-    that differs."""
-    return class_null.score(class_null.profile(null_norms), class_null.profile(norms), SIGN)
+class_score = class_null.scorer(SIGN, "reversed-trigger mask norm", "Neural Cleanse")
 
 
 DETECTORS: tuple[Detector, ...] = (
