@@ -168,10 +168,59 @@ def test_square_standard_stays_in_the_ball_and_range(small_ce, lo, hi):
     assert np.abs(x_adv - x).max() > 0
 
 
+@pytest.mark.parametrize("name", ["mlp-ce", "seed-mlp"])
+def test_square_updates_the_first_layer_in_place_as_the_full_forward_would(small_ce, name):
+    """The incremental Square (a square's pixels times their weight columns added to the
+    stored pre-activations) against the full forward pass on every query: the same squares
+    are drawn, so the same images are fooled and the final margins agree to float rounding
+    (a near-tie may send one image down another path; at most 1 in 50 here)."""
+    from mlshift_jax.models.zoo import affine_split
+
+    model, params, x, y = small_ce
+    if name == "seed-mlp":
+        model = build("seed-mlp", SEED_MLP.spec, 32)
+        params = model.init(jax.random.key(3))
+    assert affine_split(model) is not None
+    x, y = jnp.asarray(x[:100]), jnp.asarray(y[:100])
+    eps, lo, hi = jnp.float32(0.1), jnp.float32(0.01), jnp.float32(1.0)
+    sides = adaptive.square_sides(0.8, 300, 28, 28)
+    assert any(s * s <= adaptive.INCREMENTAL_SHARE * 784 for _, s in sides)  # both paths run
+    assert any(s * s > adaptive.INCREMENTAL_SHARE * 784 for _, s in sides)
+    fast, full = (adaptive.square_kernel(model, 300, 1, params, x, y, eps, KEY, lo, hi, 0.8,
+                                         incremental=inc) for inc in (True, False))
+    margins = [np.asarray(adaptive._margin(model, params, a, y, None)) for a in (fast, full)]
+    assert np.mean((margins[0] < 0) == (margins[1] < 0)) >= 0.98
+    same = np.all(np.abs(np.asarray(fast) - np.asarray(full)) < 1e-6, axis=1)
+    assert same.mean() >= 0.5  # most images took the very same squares
+    np.testing.assert_allclose(margins[0][same], margins[1][same], rtol=1e-4, atol=1e-4)
+    for a in (fast, full):
+        assert float(jnp.max(jnp.abs(a - x))) <= 0.1 + 1e-6
+        assert float(a.min()) >= np.float32(0.01) and float(a.max()) <= 1.0
+
+
+def test_square_never_updates_in_place_on_a_model_whose_first_layer_it_cannot_see():
+    """A defended model replaces `apply`: the affine split is keyed by apply itself, so a
+    wrapper (here a preprocessing defense) never inherits the undefended model's."""
+    from mlshift_jax.attacks import defenses
+    from mlshift_jax.models.zoo import affine_split
+
+    model = build("mlp-ce", MLP_CE.spec, 8)
+    assert affine_split(model) is not None
+    assert affine_split(build("cnn", MLP_CE.spec, 8)) is None
+    assert affine_split(defenses.build("quantize", model)) is None
+    assert affine_split(defenses.build("randomize", model)) is None
+    # adversarial training keeps the model's functions (its robustness is in the weights)
+    assert affine_split(defenses.build("adv-train", model)) is not None
+
+
 def test_square_standard_schedule():
-    # p halves at the reference's marks, rescaled to the query budget
-    ps = [float(adaptive._p_schedule(0.8, i, 5000)) for i in (0, 5, 6, 25, 26, 100, 101)]
-    assert ps == pytest.approx([0.8, 0.8, 0.4, 0.4, 0.2, 0.2, 0.1])
+    # p halves at the reference's marks, rescaled to the query budget: 0.8 for queries 0-5,
+    # 0.4 for 6-25, 0.2 for 26-100, 0.1 for 101-250, ...; side round(sqrt(p * 784))
+    sides = adaptive.square_sides(0.8, 5000, 28, 28)
+    assert sides[:4] == ((6, 25), (20, 18), (75, 13), (150, 9))
+    assert sum(n for n, _ in sides) == 5000 and sides[-1][1] == 1
+    # the cheap setting of 1,000 queries stretches the same marks over fewer iterations
+    assert adaptive.square_sides(0.3, 1000, 28, 28)[0] == (2, 15)
 
 
 # --- AutoAttack --------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mlshift_jax.attacks import defenses, losses
 from mlshift_jax.attacks._common import (
@@ -44,7 +45,7 @@ from mlshift_jax.attacks._common import (
     prepare,
 )
 from mlshift_jax.core.errors import ConfigError
-from mlshift_jax.models.zoo import Model, Params
+from mlshift_jax.models.zoo import Model, Params, affine_split
 
 EOT_SAMPLES = 8
 SQUARE_QUERIES = 1000
@@ -229,49 +230,118 @@ def _margin(model, params, x, y, key):
     return jax.vmap(losses.margin)(z, y)
 
 
-def _p_schedule(p_init, i, queries):
-    """Andriushchenko et al.'s piecewise-constant square share, rescaled to `queries`."""
-    it = (i * 10_000) // queries
-    marks = jnp.array([10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000])
-    return p_init / 2.0 ** jnp.sum(it > marks)
+SQUARE_MARKS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)  # p halves past each (of 10k)
+# squares of at most this share of the pixels update w @ x from their columns; larger ones
+# recompute it: on 2 CPU cores (800 images, hidden 200) gathering s^2 columns per image cost
+# 0.3-1.9 ms a query for s = 1..4 and as much as the whole product (about 4 ms) from s = 5
+INCREMENTAL_SHARE = 1 / 40
 
 
-@functools.partial(jax.jit, static_argnames=("model", "queries", "restarts"))
-def square_kernel(model, queries, restarts, params, x, y, eps, key, lo, hi, p_init):
+def square_sides(p_init: float, queries: int, h: int, w: int) -> tuple[tuple[int, int], ...]:
+    """Andriushchenko et al.'s piecewise-constant schedule as ((queries, side), ...) stretches
+    in order: p = p_init halving past each of SQUARE_MARKS on the iteration rescaled to
+    10,000 (the reference's `p_selection`), side = round(sqrt(p * h * w)) in 1..min(h, w)-1
+    (float32, as the reference computes it on the image's dtype)."""
+    stretches: list[list[int]] = []
+    for i in range(queries):
+        halvings = sum((i * 10_000) // queries > m for m in SQUARE_MARKS)
+        p = np.float32(p_init) / np.float32(2.0 ** halvings)
+        side = int(np.clip(np.round(np.sqrt(p * np.float32(h * w))), 1, min(h, w) - 1))
+        if stretches and stretches[-1][1] == side:
+            stretches[-1][0] += 1
+        else:
+            stretches.append([1, side])
+    return tuple((n, side) for n, side in stretches)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "queries", "restarts", "p_init",
+                                             "incremental"))
+def square_kernel(model, queries, restarts, params, x, y, eps, key, lo, hi, p_init,
+                  incremental=True):
+    """Square Attack on checked arrays (see `square`). With `incremental` (the default) and a
+    model whose first layer is affine (`zoo.affine_split`), a query's scores come from the
+    stored pre-activations plus the changed square's pixels times their columns of the
+    weights (s^2 columns, not all D; s^2 <= INCREMENTAL_SHARE * D), resynchronised at each
+    stretch of the schedule; the random draws and so the squares tried are the same either
+    way, the margins equal to float rounding."""
     h, w, c = model.input_shape
     b = x.shape[0]
-    rows = jnp.arange(h)[None, :, None, None]
-    cols = jnp.arange(w)[None, None, :, None]
+    img = x.reshape(b, h, w, c)
+    split = affine_split(model) if incremental and lo.ndim == hi.ndim == 0 else None
+
+    def cut(a, top, left, side):  # [b, h, w, ...] -> each image's square [b, side, side, ...]
+        return jax.vmap(lambda ai, r, q: jax.lax.dynamic_slice(
+            ai, (r, q) + (0,) * (ai.ndim - 2), (side, side) + ai.shape[2:]))(a, top, left)
+
+    put = jax.vmap(lambda a, v, r, q: jax.lax.dynamic_update_slice(a, v, (r, q, 0)))
+    if split is not None:
+        weights, bias, rest = split(params)
+        columns = weights.T.reshape(h, w, c, -1)  # [h, w, c, hidden]: each pixel's column
+
+        def pre_of(xb):  # [b, h, w, c] -> [b, hidden]
+            pre = xb.reshape(b, -1) @ weights.T
+            return pre if bias is None else pre + bias
+
+        def margin_of_pre(pre):
+            z = jax.vmap(lambda v: losses.to_logits(model, rest(v)))(pre)
+            return jax.vmap(losses.margin)(z, y)
+
+    def query(ki, side, x_best):
+        """One square per image: (new window, old window, top, left, margin key)."""
+        k_r, k_c, k_v, k_m = jax.random.split(ki, 4)
+        top = jax.random.randint(k_r, (b, 1, 1, 1), 0, h - side + 1).reshape(b)
+        left = jax.random.randint(k_c, (b, 1, 1, 1), 0, w - side + 1).reshape(b)
+        vals = eps * jax.random.rademacher(k_v, (b, 1, 1, c), x.dtype)
+        xw, old = cut(img, top, left, side), cut(x_best, top, left, side)
+        new = jnp.clip(xw + vals, lo, hi)
+        # a square that changes nothing wastes the query: as the reference does
+        # (resampling until the window changes), take the opposite sign there
+        same = ~jnp.any(jnp.abs(new - old) >= 1e-7, axis=(1, 2, 3))
+        new = jnp.where(same[:, None, None, None], jnp.clip(xw - vals, lo, hi), new)
+        return new, old, top, left, k_m
+
+    def full_step(side):
+        def body(i, carry):
+            x_best, m_best, k_loop = carry
+            new, _, top, left, k_m = query(jax.random.fold_in(k_loop, i), side, x_best)
+            x_new = put(x_best, new, top, left)
+            m_new = (margin_of_pre(pre_of(x_new)) if split is not None else
+                     _margin(model, params, x_new.reshape(b, -1), y, k_m))
+            better = m_new < m_best
+            return (jnp.where(better[:, None, None, None], x_new, x_best),
+                    jnp.where(better, m_new, m_best), k_loop)
+        return body
+
+    def incremental_step(side):
+        def body(i, carry):
+            x_best, m_best, pre_best, k_loop = carry
+            new, old, top, left, _ = query(jax.random.fold_in(k_loop, i), side, x_best)
+            cols = jax.vmap(lambda r, q: jax.lax.dynamic_slice(  # [b, side, side, c, hidden]
+                columns, (r, q, 0, 0), (side, side, c, columns.shape[-1])))(top, left)
+            pre_new = pre_best + jnp.einsum("bijc,bijch->bh", new - old, cols)
+            m_new = margin_of_pre(pre_new)
+            better = m_new < m_best
+            x_best = put(x_best, jnp.where(better[:, None, None, None], new, old), top, left)
+            return (x_best, jnp.where(better, m_new, m_best),
+                    jnp.where(better[:, None], pre_new, pre_best), k_loop)
+        return body
 
     def one_restart(k):
         k_init, k_loop = jax.random.split(k)
         stripes = eps * jax.random.rademacher(k_init, (b, 1, w, c), x.dtype)
-        x_best = jnp.clip(x + jnp.broadcast_to(stripes, (b, h, w, c)).reshape(b, -1), lo, hi)
-        m_best = _margin(model, params, x_best, y, jax.random.fold_in(k_init, 1))
-
-        def body(i, carry):
-            x_best, m_best = carry
-            ki = jax.random.fold_in(k_loop, i)
-            k_r, k_c, k_v, k_m = jax.random.split(ki, 4)
-            p = _p_schedule(p_init, i, queries)
-            s = jnp.clip(jnp.round(jnp.sqrt(p * h * w)).astype(jnp.int32), 1, min(h, w) - 1)
-            top = jax.random.randint(k_r, (b, 1, 1, 1), 0, h - s + 1)
-            left = jax.random.randint(k_c, (b, 1, 1, 1), 0, w - s + 1)
-            mask = (rows >= top) & (rows < top + s) & (cols >= left) & (cols < left + s)
-            vals = eps * jax.random.rademacher(k_v, (b, 1, 1, c), x.dtype)
-            delta = (x_best - x).reshape(b, h, w, c)
-            x_new = jnp.clip(x + jnp.where(mask, vals, delta).reshape(b, -1), lo, hi)
-            # a square that changes nothing wastes the query: as the reference does
-            # (resampling until the window changes), take the opposite sign there
-            window = jnp.broadcast_to(mask, (b, h, w, c)).reshape(b, -1)
-            same = ~jnp.any(window & (jnp.abs(x_new - x_best) >= 1e-7), axis=1)
-            x_new = jnp.where(same[:, None], jnp.clip(
-                x + jnp.where(mask, -vals, delta).reshape(b, -1), lo, hi), x_new)
-            m_new = _margin(model, params, x_new, y, k_m)
-            better = m_new < m_best
-            return (jnp.where(better[:, None], x_new, x_best), jnp.where(better, m_new, m_best))
-
-        return jax.lax.fori_loop(0, queries, body, (x_best, m_best))
+        x_best = jnp.clip(img + stripes, lo, hi)
+        m_best = _margin(model, params, x_best.reshape(b, -1), y, jax.random.fold_in(k_init, 1))
+        start = 0
+        for n, side in square_sides(p_init, queries, h, w):
+            if split is not None and side * side <= INCREMENTAL_SHARE * h * w:
+                x_best, m_best, _, _ = jax.lax.fori_loop(
+                    start, start + n, incremental_step(side),
+                    (x_best, m_best, pre_of(x_best), k_loop))
+            else:
+                x_best, m_best, _ = jax.lax.fori_loop(start, start + n, full_step(side),
+                                                      (x_best, m_best, k_loop))
+            start += n
+        return x_best.reshape(b, -1), m_best
 
     x_best, m_best = one_restart(key)
     for r in range(1, restarts):
@@ -306,7 +376,7 @@ def square(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=Non
         raise ConfigError(f"p_init: expected a number in (0, 1], found {p_init!r}")
     x, y, eps, lo, hi = prepare(model, x, y, eps, lo, hi)
     return square_kernel(model, int(queries), int(restarts), params, x, y, eps, key, lo, hi,
-                          jnp.asarray(p_init, x.dtype))
+                          float(p_init))
 
 
 _ATHALYE = ("Athalye, Carlini & Wagner, \"Obfuscated Gradients Give a False Sense of "
@@ -322,7 +392,7 @@ RECORDS: tuple[Attack, ...] = (
     Attack("square", square, "Square",
            "Andriushchenko, Croce, Flammarion & Hein, \"Square Attack: a query-efficient "
            "black-box adversarial attack via random search\", ECCV 2020", needs_key=True,
-           box="black", static=("queries", "restarts")),
+           box="black", static=("queries", "restarts", "p_init")),
     Attack("transfer", transfer, "transfer",
            "Papernot, McDaniel, Goodfellow, Jha, Celik & Swami, \"Practical Black-Box Attacks "
            "against Machine Learning\", AsiaCCS 2017; " + _ATHALYE, needs_key=True,

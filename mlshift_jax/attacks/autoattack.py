@@ -115,8 +115,7 @@ def report(model: Model, params: Params, x, y, *, eps, key=None, lo=None, hi=Non
             def attack(xs, ys, kk, name=name):
                 if name == "square":
                     xa = adaptive.square_kernel(model, int(queries), 1, params, xs, ys, eps,
-                                                 kk, lo, hi,
-                                                 jnp.asarray(SQUARE_P_INIT, xs.dtype))
+                                                 kk, lo, hi, SQUARE_P_INIT)
                     return xa, _wrong(model, params, xa, ys, jax.random.fold_in(kk, 5))
                 if name == "fab-t":
                     return fab.targeted(model, params, xs, ys, eps=eps, key=kk, lo=lo, hi=hi,

@@ -47,7 +47,7 @@ from mlshift_jax.attacks._common import (
 )
 from mlshift_jax.core.errors import ConfigError
 from mlshift_jax.models.train import map_chunks
-from mlshift_jax.models.zoo import Model, Params
+from mlshift_jax.models.zoo import Model, Params, affine_split
 
 STEPS = 100  # AutoAttack's FAB-T n_iter
 TARGETS = 9  # n_target_classes
@@ -92,19 +92,43 @@ def project(t: jax.Array, w: jax.Array, b: jax.Array, lo, hi) -> jax.Array:
 
 def _one_run(model, steps, params, x0, y, t, start, lo, hi, alpha_max, eta, beta, key):
     """FAB toward target t from `start` on one image x0: [D]. -> (closest adversarial
-    point [D], its L∞ distance to x0, inf where none was found)."""
-    def gap(v, k):  # z_t - z_y (>= 0 once v is classified t or beyond y)
-        z = losses.logits(model, params, v, k)
+    point [D], its L∞ distance to x0, inf where none was found).
+
+    On a deterministic model whose first layer is affine (`zoo.affine_split`), the
+    pre-activations of each new point are carried to the next step (the backward step is a
+    convex combination, and so are its pre-activations): two products with the first layer
+    per step (the point's, the gradient's) instead of three."""
+    split = None if key is not None else affine_split(model)
+    if split is not None:
+        weights, bias, rest = split(params)
+
+        def pre_of(v):
+            return weights @ v if bias is None else weights @ v + bias
+
+        def logits_of(pre, k):
+            return losses.to_logits(model, rest(pre))
+
+        def grad_of(x1, pre1, k):  # gap and its input gradient through the stored pre
+            f, g = jax.value_and_grad(lambda p_: gap_of(logits_of(p_, k)))(pre1)
+            return f, g @ weights
+    else:
+        def pre_of(v):
+            return v
+
+        def logits_of(v, k):
+            return losses.logits(model, params, v, k)
+
+        def grad_of(x1, pre1, k):
+            return jax.value_and_grad(lambda v: gap_of(logits_of(v, k)))(x1)
+
+    def gap_of(z):  # z_t - z_y (>= 0 once classified t or beyond y)
         return z[t] - z[y]
 
-    def predicted(v, k):
-        return jnp.argmax(losses.logits(model, params, v, k))
-
     def body(i, s):
-        x1, adv, res = s
+        x1, pre1, adv, res = s
         k1, k2 = ((None, None) if key is None
                   else jax.random.split(jax.random.fold_in(key, i)))
-        f, w = jax.value_and_grad(gap)(x1, k1)
+        f, w = grad_of(x1, pre1, k1)
         b = jnp.dot(w, x1) - f
         d1 = project(x1, w, b, lo, hi)
         d2 = project(x0, w, b, lo, hi)
@@ -112,16 +136,19 @@ def _one_run(model, steps, params, x0, y, t, start, lo, hi, alpha_max, eta, beta
         a2 = jnp.maximum(jnp.max(jnp.abs(d2)), MIN_NORM)
         alpha = jnp.clip(a1 / (a1 + a2), 0, alpha_max)
         x1 = jnp.clip((x1 + eta * d1) * (1 - alpha) + (x0 + eta * d2) * alpha, lo, hi)
-        fooled = predicted(x1, k2) != y
+        pre1 = pre_of(x1)
+        fooled = jnp.argmax(logits_of(pre1, k2)) != y
         norm = jnp.max(jnp.abs(x1 - x0))
         closer = fooled & (norm < res)
         adv = jnp.where(closer, x1, adv)
         res = jnp.where(closer, norm, res)
         x1 = jnp.where(fooled, x0 + beta * (x1 - x0), x1)
-        return x1, adv, res
+        pre1 = jnp.where(fooled, pre0 + beta * (pre1 - pre0), pre1)
+        return x1, pre1, adv, res
 
     inf = jnp.asarray(jnp.inf, x0.dtype)
-    _, adv, res = jax.lax.fori_loop(0, steps, body, (start, x0, inf))
+    pre0 = pre_of(x0)
+    _, _, adv, res = jax.lax.fori_loop(0, steps, body, (start, pre_of(start), x0, inf))
     return adv, res
 
 

@@ -207,6 +207,29 @@ def _identity(scores: jax.Array) -> jax.Array:
     return scores
 
 
+# --- the affine first layer, for attacks that change a few pixels at a time -------------------
+
+
+def _seed_mlp_split(params: Params):
+    return params["wih"], None, lambda pre: jax.nn.sigmoid(params["who"] @ jax.nn.sigmoid(pre))
+
+
+def _mlp_ce_split(params: Params):
+    return params["w1"], params["b1"], lambda pre: params["w2"] @ jax.nn.relu(pre) + params["b2"]
+
+
+_AFFINE_SPLITS = {seed_mlp_apply: _seed_mlp_split, mlp_ce_apply: _mlp_ce_split}
+
+
+def affine_split(model: Model) -> Callable[[Params], tuple] | None:
+    """split(params) -> (w [H, D], b [H] or None, rest) with model.apply(params, x) ==
+    rest(w @ x + b) for x: [D], where the model's first layer is affine in its input; None
+    otherwise (a CNN, a user's model, a defended model: any other `apply`). Keyed by `apply`
+    itself, so a wrapper that replaces apply (`attacks.defenses`) never inherits it. Square
+    Attack uses it to update w @ x for the few pixels a query changes (`adaptive.square`)."""
+    return _AFFINE_SPLITS.get(model.apply)
+
+
 def outputs_are_probabilities(model: Model) -> bool:
     """Whether `model.apply` gives probabilities (the seed MLP's sigmoid outputs: its `probs`
     is the identity) rather than logits (`probs` a softmax). The attacks' losses take the
