@@ -146,8 +146,7 @@ def test_detect_flags_a_planted_change_and_not_the_model_itself(capsys, tmp_path
                              str(tmp_path / "swapped.npz"), "--format", "json")
     assert code == 0, err
     assert "mlshift: calibrating: training 104 benign models" in err  # said before the wait
-    assert f"{tmp_path / 'swapped.npz'} carries no metadata: read as seed-mlp" in err, err
-    assert f"{ref} carries no metadata" not in err, err
+    assert "carries no metadata" not in err, err  # both files hold train --save's metadata
     result = json.loads(out)
     assert result["verdict"] == "changed" and result["category"] != "none"
     assert {"p_value", "fingerprint", "category_probabilities"} <= set(result)
@@ -167,6 +166,24 @@ def test_detect_refuses_mismatched_models_in_one_line(capsys, tmp_path):
     # the options and files named, and only the arrays that differ
     assert f"--suspect {tmp_path / 'b.npz'}'s arrays" in err, err
     assert f"who (10, 16) (--reference {tmp_path / 'a.npz'} has (10, 8))" in err, err
+
+
+def test_detect_says_how_it_read_a_metadata_free_file(capsys, tmp_path, monkeypatch):
+    np.savez(tmp_path / "a.npz", wih=np.zeros((8, 784)), who=np.zeros((10, 8)))
+    ref = tmp_path / "ref.safetensors"
+    assert main(["train", "--hidden", "8", "--train-size", "300", "--epochs", "1",
+                 "--save", str(ref)]) == 0
+
+    def stop(*args, **kw):
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(api, "detect_change", stop)
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "detect", "--reference", str(ref), "--suspect",
+                           str(tmp_path / "a.npz"))
+    assert code == 2 and "stop here" in err, err
+    assert f"{tmp_path / 'a.npz'} carries no metadata: read as seed-mlp" in err, err
+    assert f"{ref} carries no metadata" not in err, err
 
 
 def test_detect_refuses_an_alpha_its_null_cannot_reach_in_one_line(capsys, tmp_path):
