@@ -487,14 +487,14 @@ def cmd_detect(args) -> None:
     name = check_pair(reference, suspect, **kw,  # before the data loads: one line
                       names=(f"--reference {args.reference}", f"--suspect {args.suspect}"))
     check_alpha(args.alpha, args.null_models, alpha_name="--alpha", null_name="--null-models")
-    for path, m in ((args.reference, meta), (args.suspect, meta_s)):
-        if not m.get("model"):
-            _log(f"detect: {path} carries no metadata: read as {name} from its array names "
-                 "and shapes")
     ds = _load(args, meta)
     size = args.sample_size if args.sample_size is not None else _reference_size(meta, ds)
     rules.check_at_most(size, len(ds.y_train), "--sample-size",
                         f"training images of {ds.name}")
+    for path, m in ((args.reference, meta), (args.suspect, meta_s)):  # after every refusal
+        if not m.get("model"):
+            _log(f"detect: {path} carries no metadata: read as {name} from its array names "
+                 "and shapes")
     if user:  # retrain as the reference was trained (its metadata's settings)
         kw["train"] = _trained_with(meta, "lr", "epochs", "batch_size", "optimizer")
     config = CalibrationConfig(sample_size=size, n_null=args.null_models, seed=args.seed)
@@ -537,7 +537,9 @@ def cmd_scan_model(args) -> None:
     from mlshift_jax.detection.scan import NullConfig, save_triggers
 
     null_cfg = NullConfig(n_null=args.null_models, sample_size=args.sample_size,
-                          images=args.n, alpha=args.alpha, seed=args.seed).validate()
+                          images=args.n, alpha=args.alpha, seed=args.seed).validate(
+        "scan-model", {"n_null": "--null-models", "images": "--n", "alpha": "--alpha",
+                       "sample_size": "--sample-size"})
     scan_cfg = ScanConfig(**({"steps": args.steps} if args.steps is not None else {}))
     scan_cfg.validate()
     if args.out is not None:
@@ -550,13 +552,14 @@ def cmd_scan_model(args) -> None:
     ds = _load(args, meta)
     if not meta.get("model"):  # a metadata-free file: place it on this data
         model = infer_model(params, ds.spec)
-        _log(f"scan-model: {args.params} carries no metadata: read as {model.name} from its "
-             f"array shapes; its null trains with that recipe's default settings")
     _check_fits(model, ds)
     rules.check_at_most(args.n, len(ds.y_test), "--n", f"test images of {ds.name}")
     if args.sample_size is not None:
         rules.check_at_most(args.sample_size, len(ds.y_train), "--sample-size",
                             f"training images of {ds.name}")
+    if not meta.get("model"):  # after every refusal
+        _log(f"scan-model: {args.params} carries no metadata: read as {model.name} from its "
+             f"array shapes; its null trains with that recipe's default settings")
     result = api.scan_model(model, params, ds, config=scan_cfg, null_config=null_cfg,
                             train=train, log=_log)
     trigger = result.pop("trigger")
@@ -812,10 +815,12 @@ def _options():
         "seed": num("seed", 0, "seed of every random draw"),
         "train_size": num("train_size", None, "train on the first N training images "
                           "(more than there are is an error); default: all"),
-        "save": {"metavar": "FILE.npz", "help": "write the trained params here (atomically)"},
+        "save": {"metavar": "FILE", "help": "write the trained params here, atomically: .npz when "
+                 "FILE ends in .npz, else safetensors"},
         "samples": num("samples", 10, "models, one per random sample"),
         "size": num("size", 10_000, "training images per sample"),
-        "params": {"metavar": "FILE.npz", "help": "a trained model saved by --save"},
+        "params": {"metavar": "FILE", "help": "a trained model saved by --save (safetensors or "
+                   ".npz)"},
         "attack": {"nargs": "+", "default": ["fgsm"], "choices": list(ATTACKS),
                    "metavar": "ATTACK", "help": f"one or more of: {_names(ATTACKS)}"},
         "eps": {"nargs": "+", "type": rules.argtype("eps"), "default": [0.1, 0.2, 0.3],
@@ -851,10 +856,10 @@ def _options():
         "source": num("source", None, "poison only this class; default: every class"),
         "sweep": {"action": "store_true",
                   "help": "run the study's sweeps (E4-E7 + BadNets) instead of one cell"},
-        "reference": {"required": True, "metavar": "FILE.npz",
-                      "help": "params of the reference model"},
-        "suspect": {"required": True, "metavar": "FILE.npz",
-                    "help": "params of the model to test"},
+        "reference": {"required": True, "metavar": "FILE",
+                      "help": "params of the reference model (safetensors or .npz)"},
+        "suspect": {"required": True, "metavar": "FILE",
+                    "help": "params of the model to test (safetensors or .npz)"},
         "alpha": num("alpha", 0.05, "the test's level (its false-positive rate on benign "
                      "models); refused below 1/(null models + 1), the smallest p-value"),
         "sample_size": num("sample_size", None, "training images of each benign model in "

@@ -191,7 +191,8 @@ def test_detect_refuses_an_alpha_its_null_cannot_reach_in_one_line(capsys, tmp_p
     code, _, err = run_cli(capsys, "detect", "--reference", str(tmp_path / "a.npz"),
                            "--suspect", str(tmp_path / "a.npz"), "--alpha", "0.005")
     assert code == 2 and err.count("\n") == 1, err
-    assert "--null-models >= 199" in err and "found --null-models 104" in err
+    assert "at least 199 models" in err and "found --null-models 104" in err, err
+    assert "raise --null-models to 199" in err, err
 
 
 def test_unwritable_save_path_is_one_line(capsys, tmp_path):

@@ -209,7 +209,7 @@ def test_p_values_sit_on_their_resolution():
 def test_alpha_the_null_cannot_reach_is_refused():
     assert fingerprint.check_alpha(0.05, 19) == 0.05
     assert fingerprint.min_null_size(0.05) == 19 and fingerprint.min_null_size(0.01) == 99
-    with pytest.raises(ConfigError, match=r"n_null >= 99.*found n_null 24"):
+    with pytest.raises(ConfigError, match=r"least 99 models.*n_null 24.*raise n_null to 99"):
         fingerprint.check_alpha(0.01, 24)
     for bad in (0.0, 1.0, -0.1, float("nan"), True):
         with pytest.raises(ConfigError, match=r"alpha in \(0, 1\)"):
@@ -317,7 +317,7 @@ def test_detect_pair(mnist, tmp_path, monkeypatch):
         change.detect_pair(ref, wide, mnist, config=cfg, cache_path=tmp_path)
     assert result["p_resolution"] == pytest.approx(1 / 20)
     assert result["p_value"] >= result["p_resolution"]
-    with pytest.raises(ConfigError, match="n_null >= 99"):  # before any training
+    with pytest.raises(ConfigError, match="at least 99 models"):  # before any training
         change.detect_pair(ref, clean, mnist, config=cfg, alpha=0.01, cache_path=tmp_path)
 
 

@@ -129,6 +129,7 @@ def test_cli_scan_model_json_and_trigger_files(capsys, saved, tmp_path, monkeypa
 
 @pytest.mark.parametrize("extra,fragment", [
     (["--null-models", "1"], "--null-models"),
+    (["--null-models", "50"], "found --null-models 50: raise --null-models to 100"),
     (["--alpha", "0"], "--alpha"),
     (["--steps", "0"], "--steps"),
     (["--eps", "0.1"], "--eps"),  # an option scan-model does not use
@@ -140,7 +141,7 @@ def test_cli_scan_model_refusals_are_one_line(capsys, saved, extra, fragment):
     code, _, err = run_cli(capsys, "scan-model", "--params", str(saved), *extra)
     lines = [ln for ln in err.splitlines() if ln.startswith("mlshift: error:")]
     assert code == 2 and len(lines) == 1 and fragment in lines[0], err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "n_null" not in err and "scan-model: scan" not in err
 
 
 def test_cli_scan_model_refuses_a_missing_file_and_an_out_that_is_a_file(capsys, tmp_path,

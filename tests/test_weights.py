@@ -145,8 +145,11 @@ def test_damaged_files_are_one_data_error(tmp_path):
     # a file of another kind is named as neither format (its first bytes shown), not as a
     # safetensors file with an absurd header size; a cut safetensors header says so
     (tmp_path / "notes.txt").write_text("these are notes, not weights\n" * 4)
-    with pytest.raises(DataError, match=r"found neither \(it starts b'these are no'\)"):
+    with pytest.raises(DataError, match=r"found neither \(it starts b'these are no', 116 bytes\)"):
         weights.load(tmp_path / "notes.txt")
+    (tmp_path / "short.bin").write_bytes(b"abcdef")  # shorter than a safetensors length
+    with pytest.raises(DataError, match=r"found neither \(it starts b'abcdef', 6 bytes\)"):
+        weights.load(tmp_path / "short.bin")
     (tmp_path / "cut.safetensors").write_bytes(_damaged(tmp_path)[2][1])  # header-only
     with pytest.raises(DataError, match="header that fits in the file.*truncated"):
         weights.load(tmp_path / "cut.safetensors")

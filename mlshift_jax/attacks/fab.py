@@ -108,7 +108,7 @@ def _one_run(model, steps, params, x0, y, t, start, lo, hi, alpha_max, eta, beta
         def logits_of(pre, k):
             return losses.to_logits(model, rest(pre))
 
-        def grad_of(x1, pre1, k):  # gap and its input gradient through the stored pre
+        def grad_of(pre1, k):  # gap and its input gradient through the stored pre
             f, g = jax.value_and_grad(lambda p_: gap_of(logits_of(p_, k)))(pre1)
             return f, g @ weights
     else:
@@ -118,8 +118,8 @@ def _one_run(model, steps, params, x0, y, t, start, lo, hi, alpha_max, eta, beta
         def logits_of(v, k):
             return losses.logits(model, params, v, k)
 
-        def grad_of(x1, pre1, k):
-            return jax.value_and_grad(lambda v: gap_of(logits_of(v, k)))(x1)
+        def grad_of(pre1, k):  # here the pre-activations are the point itself
+            return jax.value_and_grad(lambda v: gap_of(logits_of(v, k)))(pre1)
 
     def gap_of(z):  # z_t - z_y (>= 0 once classified t or beyond y)
         return z[t] - z[y]
@@ -128,7 +128,7 @@ def _one_run(model, steps, params, x0, y, t, start, lo, hi, alpha_max, eta, beta
         x1, pre1, adv, res = s
         k1, k2 = ((None, None) if key is None
                   else jax.random.split(jax.random.fold_in(key, i)))
-        f, w = grad_of(x1, pre1, k1)
+        f, w = grad_of(pre1, k1)
         b = jnp.dot(w, x1) - f
         d1 = project(x1, w, b, lo, hi)
         d2 = project(x0, w, b, lo, hi)

@@ -509,10 +509,12 @@ def check_alpha(alpha, n_null: int, *, alpha_name: str = "alpha",
         raise ConfigError(f"{where}: expected {alpha_name} in (0, 1), found {alpha!r}")
     alpha = float(alpha)
     if 1.0 / (n_null + 1) > alpha * (1.0 + 1e-9):
+        need = min_null_size(alpha)
         raise ConfigError(
-            f"{where}: {alpha_name} {alpha:g} needs {null_name} >= {min_null_size(alpha)} (with "
-            f"N null models the smallest p-value is 1/(N+1)); found {null_name} {n_null}, "
-            f"whose smallest p-value is 1/{n_null + 1} = {1.0 / (n_null + 1):.3g}")
+            f"{where}: {alpha_name} {alpha:g} needs a null of at least {need} models, so that "
+            f"its smallest p-value 1/(N+1) is <= {alpha:g}; found {null_name} {n_null} "
+            f"(smallest p-value 1/{n_null + 1} = {1.0 / (n_null + 1):.3g}): raise {null_name} "
+            f"to {need}")
     return alpha
 
 

@@ -111,34 +111,41 @@ class NullConfig:
     benign: bool = True
     folds: int = 5
 
-    def validate(self) -> NullConfig:
-        """Raise ConfigError for settings that cannot work; return self."""
-        for name, lo in (("n_null", 2), ("images", 2)):
-            value = getattr(self, name)
+    def validate(self, where: str = "scan", flags: dict[str, str] | None = None) -> NullConfig:
+        """Raise ConfigError for settings that cannot work; return self. where: the message's
+        first word; flags: how the caller names a field (the CLI: {"n_null": "--null-models"});
+        unnamed fields go by their own name."""
+        name = {f: f for f in ("n_null", "images", "sample_size", "alpha", "folds")}
+        name.update(flags or {})
+        for f, lo in (("n_null", 2), ("images", 2)):
+            value = getattr(self, f)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-                raise ConfigError(f"scan: expected {name} an integer >= {lo}, found {value!r}")
+                raise ConfigError(f"{where}: expected {name[f]} an integer >= {lo}, found "
+                                  f"{value!r}")
         if self.sample_size is not None and (not isinstance(self.sample_size, (int, np.integer))
                                              or self.sample_size < 1):
-            raise ConfigError(f"scan: expected sample_size >= 1 or None, found "
+            raise ConfigError(f"{where}: expected {name['sample_size']} >= 1 or None, found "
                               f"{self.sample_size!r}")
         if not 0.0 < self.alpha < 1.0:
-            raise ConfigError(f"scan: expected alpha in (0, 1), found {self.alpha!r}")
+            raise ConfigError(f"{where}: expected {name['alpha']} in (0, 1), found "
+                              f"{self.alpha!r}")
         need = min_null(self.alpha)
         if self.n_null < need:
-            raise ConfigError(f"scan: alpha {self.alpha:g} needs a null of at least {need} "
-                              f"models (--null-models / n_null >= {need}: at least "
-                              f"{MIN_TAIL} of them above its threshold), found {self.n_null}")
+            raise ConfigError(f"{where}: {name['alpha']} {self.alpha:g} needs a null of at "
+                              f"least {need} models, so that {MIN_TAIL} of them can lie above "
+                              f"its threshold; found {name['n_null']} {self.n_null}: raise "
+                              f"{name['n_null']} to {need}")
         if isinstance(self.folds, bool) or not isinstance(self.folds, int) or not (
                 2 <= self.folds <= self.n_null):
-            raise ConfigError(f"scan: expected folds an integer in 2..n_null, found "
-                              f"{self.folds!r}")
+            raise ConfigError(f"{where}: expected {name['folds']} an integer in 2.."
+                              f"{name['n_null']}, found {self.folds!r}")
         period = len(benign.VARIANTS) if self.benign else 1
         others = self.n_null - int(np.bincount(folds_of(self.n_null, period, self.folds)).max())
         if others < class_null.MIN_REFERENCE + 1:  # a held-out fold's others, scored LOO
-            raise ConfigError(f"scan: expected every held-out fold to leave at least "
-                              f"{class_null.MIN_REFERENCE + 1} other null models (folds "
-                              f"{self.folds} of a null of {self.n_null} leave {others}); "
-                              f"raise n_null or the folds")
+            raise ConfigError(f"{where}: expected every held-out fold to leave at least "
+                              f"{class_null.MIN_REFERENCE + 1} other null models ({self.folds} "
+                              f"folds of a null of {self.n_null} leave {others}); raise "
+                              f"{name['n_null']}")
         return self
 
 

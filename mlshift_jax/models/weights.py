@@ -307,12 +307,10 @@ def _read_bounded(path, shown: str, size: int) -> bytes:
 
 def _safetensors_meta_text(blob: bytes, shown: str) -> str | None:
     """The "mlshift" metadata of a safetensors header, read before the tensors."""
-    if len(blob) < 8:
-        raise DataError(f"{shown}: expected a safetensors or .npz weights file, found "
-                        f"{len(blob)} bytes")
     if blob[8:9] != b"{":  # a safetensors header is a JSON object right after its length
+        start = f"it starts {blob[:12]!r}" if blob else "it is empty"
         raise DataError(f"{shown}: expected a safetensors or .npz weights file, found "
-                        f"neither (it starts {blob[:12]!r})")
+                        f"neither ({start}, {len(blob)} bytes)")
     (n,) = struct.unpack("<Q", blob[:8])
     if n > len(blob) - 8 or n > 100_000_000:  # the safetensors library's own header bound
         raise DataError(f"{shown}: expected a safetensors header that fits in the file, "
